@@ -1,0 +1,82 @@
+"""What a node has: resources, attributes and GPUs, discovered with psutil and nvidia-smi."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import psutil
+
+from shoal.model import NodeInfo, Resources, Usage
+
+_MIB = 1024 * 1024
+
+
+def discover(
+    name: str | None,
+    state_dir: Path,
+    labels: dict[str, str],
+    cpus: float | None = None,
+    mem: int | None = None,
+) -> NodeInfo:
+    """This node's description; `cpus` and `mem` override what the machine reports."""
+    gpus = gpu_models()
+    capacity = Resources(
+        cpus=cpus if cpus is not None else float(psutil.cpu_count() or 1),
+        mem=mem if mem is not None else psutil.virtual_memory().total // _MIB,
+        disk=shutil.disk_usage(state_dir).free // _MIB,
+        gpus=len(gpus),
+    )
+    uname = platform.uname()
+    attributes = {
+        "os": uname.system.lower(),
+        "arch": uname.machine,
+        "kernel": uname.release,
+        "cpu_model": _cpu_model(),
+    }
+    hostname = socket.gethostname()
+    return NodeInfo(
+        name=name or hostname,
+        hostname=hostname,
+        capacity=capacity,
+        labels=labels,
+        attributes=attributes,
+        gpu_models=gpus,
+    )
+
+
+def gpu_models() -> list[str]:
+    """One model name per GPU that nvidia-smi reports; none where it is absent or fails."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def measure() -> Usage:
+    """Live utilization: CPU % since the last call, memory in use, 1-minute load."""
+    return Usage(
+        cpu_percent=psutil.cpu_percent(interval=None),
+        mem_used=psutil.virtual_memory().used // _MIB,
+        load1=os.getloadavg()[0],
+    )

@@ -1,0 +1,134 @@
+"""Running tasks as processes: sandboxes, process groups, exit watching, logs.
+
+Each run gets a sandbox directory holding its `stdout` and `stderr` files, and runs as the
+leader of its own session (so of its own process group), so a kill reaches everything it
+started. A small sh wrapper writes the exit status into the sandbox: an agent restarted
+while the run went on can still learn how it ended, though it is no longer the parent.
+Exits are watched through pidfds, for children and adopted processes alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from shoal.wire import RunSpec
+
+# Runs argv, then records its status where a restarted agent can find it.
+_WRAPPER = '"$@"; rc=$?; printf %s "$rc" > "$SHOAL_SANDBOX/.exit.tmp" && mv "$SHOAL_SANDBOX/.exit.tmp" "$SHOAL_SANDBOX/.exit"; exit $rc'
+_BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME")
+
+ExitCallback = Callable[[str, int | None], None]
+
+
+class Runner:
+    """Starts, watches and signals the processes of one agent's runs."""
+
+    def __init__(self, sandboxes: Path, on_exit: ExitCallback) -> None:
+        self.sandboxes = sandboxes
+        self._on_exit = on_exit
+        self._watched: dict[str, int] = {}  # run id -> pidfd
+
+    def sandbox(self, run_id: str) -> Path:
+        return self.sandboxes / run_id
+
+    def spawn(self, spec: RunSpec) -> tuple[int, float]:
+        """Start `spec`; returns (pid, process start time). Raises OSError if it cannot."""
+        box = self.sandbox(spec.run_id)
+        box.mkdir(parents=True, exist_ok=True)
+        env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
+        env.update(spec.env)
+        env["SHOAL_SANDBOX"] = str(box)
+        with open(box / "stdout", "ab") as out, open(box / "stderr", "ab") as err:
+            proc = subprocess.Popen(
+                ["/bin/sh", "-c", _WRAPPER, "shoal-run", *spec.argv],
+                cwd=spec.workdir or box,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        # The pidfd watch reaps the child; telling Popen so keeps it from warning later.
+        proc.returncode = 0
+        start = start_time(proc.pid) or 0.0
+        self.watch(spec.run_id, proc.pid)
+        return proc.pid, start
+
+    def adopt(self, run_id: str, pid: int, pid_start: float | None) -> bool:
+        """Watch a run left by an earlier agent; False if its process is already gone."""
+        if pid_start is None or start_time(pid) != pid_start:
+            return False
+        self.watch(run_id, pid)
+        return True
+
+    def watch(self, run_id: str, pid: int) -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._exited(run_id, pid)
+            return
+        self._watched[run_id] = fd
+        asyncio.get_running_loop().add_reader(fd, self._readable, run_id, pid)
+
+    def _readable(self, run_id: str, pid: int) -> None:
+        fd = self._watched.pop(run_id)
+        asyncio.get_running_loop().remove_reader(fd)
+        os.close(fd)
+        self._exited(run_id, pid)
+
+    def _exited(self, run_id: str, pid: int) -> None:
+        self._on_exit(run_id, self._reap(run_id, pid))
+
+    def _reap(self, run_id: str, pid: int) -> int | None:
+        try:
+            _, status = os.waitpid(pid, 0)
+            return os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            return self.recorded_exit(run_id)  # adopted: not our child
+
+    def recorded_exit(self, run_id: str) -> int | None:
+        try:
+            return int((self.sandbox(run_id) / ".exit").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def signal(self, pid: int, sig: int) -> None:
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def read_log(self, run_id: str, stream: str, offset: int, limit: int) -> bytes:
+        """Up to `limit` bytes of a run's output from `offset`; FileNotFoundError if none."""
+        with open(self.sandbox(run_id) / stream, "rb") as f:
+            f.seek(offset)
+            return f.read(limit)
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for fd in self._watched.values():
+            loop.remove_reader(fd)
+            os.close(fd)
+        self._watched.clear()
+
+
+def start_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie is not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

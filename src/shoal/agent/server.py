@@ -1,0 +1,218 @@
+"""The agent's I/O shell: the WebSocket to the master, processes, the table on disk, a clock.
+
+It turns I/O into events for `AgentState` and the commands that come back into I/O. It
+dials the master and keeps redialling with a capped backoff; tasks keep running while the
+master is away, and a restarted agent re-adopts them from its saved table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import websockets
+from pydantic import TypeAdapter
+
+from shoal.agent.discovery import discover, measure
+from shoal.agent.runner import Runner, alive, start_time
+from shoal.agent.state import (
+    AgentState,
+    Command,
+    Connected,
+    Event,
+    Exited,
+    FromMaster,
+    RunEntry,
+    SaveTable,
+    SendToMaster,
+    Signal,
+    Spawn,
+    Spawned,
+    SpawnFailed,
+    Tick,
+)
+from shoal.config import AgentSettings
+from shoal.errors import ShoalError
+from shoal.model import TaskState
+from shoal.wire import LogChunk, LogRequest, decode, encode
+
+log = logging.getLogger("shoal.agent")
+_TABLE = TypeAdapter(list[RunEntry])
+_MAX_FRAME = 16 * 1024 * 1024
+_OUTBOX = 10_000
+
+
+class TokenRefused(ShoalError):
+    """The master does not accept this agent's cluster token."""
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.state_dir = settings.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        info = discover(settings.name, self.state_dir, settings.labels, settings.cpus, settings.mem)
+        self.state = AgentState(info, self._load_table())
+        self.runner = Runner(self.state_dir / "sandboxes", self._on_exit)
+        self._outbox: asyncio.Queue[bytes] | None = None
+
+    @property
+    def _table_path(self) -> Path:
+        return self.state_dir / "runs.json"
+
+    def _load_table(self) -> list[RunEntry]:
+        try:
+            return _TABLE.validate_json(self._table_path.read_bytes())
+        except FileNotFoundError:
+            return []
+
+    # --- events in, commands out --------------------------------------------------------
+
+    def dispatch(self, *events: Event) -> None:
+        for command in self.state.handle(*events):
+            self._execute(command)
+
+    def _execute(self, command: Command) -> None:
+        match command:
+            case SaveTable(entries=entries):
+                tmp = self._table_path.with_suffix(".tmp")
+                tmp.write_bytes(_TABLE.dump_json(list(entries)))
+                os.replace(tmp, self._table_path)
+            case Spawn(spec=spec):
+                try:
+                    pid, start = self.runner.spawn(spec)
+                except OSError as e:
+                    self.dispatch(SpawnFailed(spec.run_id, str(e), time.time()))
+                else:
+                    self.dispatch(Spawned(spec.run_id, pid, start, time.time()))
+            case Signal(pid=pid, signal=sig):
+                self.runner.signal(pid, sig)
+            case SendToMaster(frame=frame):
+                self._send(encode(frame))
+
+    def _send(self, data: bytes) -> None:
+        # While disconnected frames are dropped: reports are repeated until acknowledged.
+        if self._outbox is not None and self._outbox.qsize() < _OUTBOX:
+            self._outbox.put_nowait(data)
+
+    def _on_exit(self, run_id: str, code: int | None) -> None:
+        self.dispatch(Exited(run_id, code, time.time()))
+
+    def _adopt(self) -> None:
+        """Watch the runs a previous agent process left running; settle the rest."""
+        now = time.time()
+        for entry in list(self.state.runs.values()):
+            run = entry.spec.run_id
+            if entry.state is TaskState.ASSIGNED:
+                # Never confirmed started: report it failed rather than risk running it twice.
+                self.dispatch(SpawnFailed(run, "the agent restarted before it started", now))
+            elif entry.state is TaskState.RUNNING and entry.pid is not None:
+                if self.runner.adopt(run, entry.pid, entry.pid_start):
+                    log.info("re-adopted run %s (pid %d)", run, entry.pid)
+                else:
+                    self.dispatch(Exited(run, self.runner.recorded_exit(run), now))
+
+    # --- loops ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._adopt()
+        ticker = asyncio.create_task(self._tick_loop())
+        try:
+            await self._connect_loop()
+        finally:
+            ticker.cancel()
+            self.runner.close()
+
+    async def _tick_loop(self) -> None:
+        measure()  # the first CPU reading only starts the measurement
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            self.dispatch(Tick(time.time(), measure()))
+
+    async def _connect_loop(self) -> None:
+        url = _ws_url(self.settings.master)
+        headers = {"Authorization": f"Bearer {self.settings.cluster_token.get_secret_value()}"}
+        backoff = 0.1
+        while True:
+            try:
+                async with websockets.connect(
+                    url, additional_headers=headers, max_size=_MAX_FRAME, ping_interval=5, ping_timeout=10
+                ) as ws:
+                    log.info("connected to %s as %s", url, self.state.node.name)
+                    backoff = 0.1
+                    await self._session(ws)
+            except websockets.InvalidStatus as e:
+                if e.response.status_code in (401, 403):
+                    raise TokenRefused(
+                        f"the master at {self.settings.master} refused the cluster token; "
+                        "pass the one it printed with --token or SHOAL_CLUSTER_TOKEN"
+                    ) from e
+                log.warning("master answered %s; retrying", e.response.status_code)
+            except (OSError, websockets.ConnectionClosed, asyncio.TimeoutError) as e:
+                log.debug("connection to %s failed: %s", url, e)
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 3.0)
+
+    async def _session(self, ws: websockets.ClientConnection) -> None:
+        self._outbox = asyncio.Queue()
+        writer = asyncio.create_task(self._write(ws, self._outbox))
+        try:
+            self.dispatch(Connected(time.time()))
+            async for data in ws:
+                if isinstance(data, str):
+                    continue
+                frame = decode(data)
+                if isinstance(frame, LogRequest):
+                    self._send(encode(self._read_log(frame)))
+                else:
+                    self.dispatch(FromMaster(frame, time.time()))  # type: ignore[arg-type]
+        finally:
+            self._outbox = None
+            writer.cancel()
+
+    @staticmethod
+    async def _write(ws: websockets.ClientConnection, outbox: asyncio.Queue[bytes]) -> None:
+        while True:
+            await ws.send(await outbox.get())
+
+    def _read_log(self, req: LogRequest) -> LogChunk:
+        try:
+            data = self.runner.read_log(req.run_id, req.stream, req.offset, req.limit)
+        except FileNotFoundError:
+            return LogChunk(request=req.request, offset=req.offset, error=f"no output of run {req.run_id} here")
+        return LogChunk(request=req.request, data=data, offset=req.offset)
+
+
+def _ws_url(master: str) -> str:
+    base = master.rstrip("/")
+    for http, ws in (("https://", "wss://"), ("http://", "ws://")):
+        if base.startswith(http):
+            base = ws + base[len(http):]
+    return base + "/v1/agent"
+
+
+def stop_runs(state_dir: Path, grace: float = 3.0) -> int:
+    """Kill the process groups of every run an agent's table holds; returns how many.
+
+    For tearing a node down for good (`shoal dev` on exit): a stopped agent otherwise
+    leaves its runs going, for the next agent process to re-adopt.
+    """
+    try:
+        entries = _TABLE.validate_json((state_dir / "runs.json").read_bytes())
+    except FileNotFoundError:
+        return 0
+    pids = [e.pid for e in entries if e.pid is not None and start_time(e.pid) == e.pid_start]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+        deadline = time.monotonic() + grace
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return len(pids)

@@ -1,0 +1,270 @@
+"""The agent's state machine: its task table, changed only by events.
+
+`AgentState.handle(*events) -> list[Command]`. Events are frames from the master, what
+happened to processes (spawned, failed to spawn, exited) and ticks of the clock carrying
+the node's measured usage. Commands ask the shell to spawn or signal a process, send a
+frame, or save the table to disk. Nothing here touches a process, a file or a clock.
+
+Theory of operation
+- A run goes ASSIGNED (asked to start) -> RUNNING (spawned) -> an end state: FINISHED
+  (exit 0), FAILED (any other exit, or it could not start) or KILLED (the master asked).
+- Every state change is reported, and the report repeated every `resend_after` seconds
+  until the master acknowledges that run in that state; a run in an end state leaves the
+  table once acknowledged. On each (re)connection the agent registers with the whole table,
+  which is how the master reconciles after any reconnect or restart of either side.
+- A kill sends SIGTERM to the run's process group, then SIGKILL once its grace has passed.
+- The table is saved after every change, so a restarted agent re-adopts its runs.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from shoal.model import NodeInfo, TaskState, Usage, parse_run_id
+from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReport, RunReports, RunSpec
+
+
+class RunEntry(BaseModel):
+    """One run in the agent's table; saved to disk as is."""
+
+    spec: RunSpec
+    state: TaskState = TaskState.ASSIGNED
+    pid: int | None = None
+    pid_start: float | None = None
+    exit_code: int | None = None
+    message: str = ""
+    acked: bool = False
+    reported_at: float = 0.0
+    kill_requested: bool = False
+    kill_deadline: float | None = None
+
+    def report(self) -> RunReport:
+        return RunReport(
+            run_id=self.spec.run_id,
+            task_id=self.spec.task_id,
+            attempt=self.spec.attempt,
+            state=self.state,
+            exit_code=self.exit_code,
+            message=self.message,
+        )
+
+
+# --- events ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class FromMaster:
+    frame: Launch | Kill | Ack
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Spawned:
+    run_id: str
+    pid: int
+    pid_start: float
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnFailed:
+    run_id: str
+    message: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Exited:
+    """A run's process group leader ended; `exit_code` is None when it cannot be known,
+    negative for a signal (as in Python's subprocess)."""
+
+    run_id: str
+    exit_code: int | None
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    now: float
+    usage: Usage
+
+
+Event = Connected | FromMaster | Spawned | SpawnFailed | Exited | Tick
+
+# --- commands -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    spec: RunSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    run_id: str
+    pid: int
+    signal: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendToMaster:
+    frame: Register | Heartbeat | RunReports
+
+
+@dataclass(frozen=True, slots=True)
+class SaveTable:
+    entries: tuple[RunEntry, ...]
+
+
+Command = Spawn | Signal | SendToMaster | SaveTable
+
+
+@dataclass
+class _Out:
+    commands: list[Command] = field(default_factory=list)
+    reports: list[RunReport] = field(default_factory=list)
+    changed: bool = False
+
+
+class AgentState:
+    """The task table of one node and the rules that change it."""
+
+    def __init__(self, node: NodeInfo, entries: list[RunEntry] = (), resend_after: float = 2.0) -> None:
+        self.node = node
+        self.runs: dict[str, RunEntry] = {e.spec.run_id: e for e in entries}
+        self.resend_after = resend_after
+        self._o = _Out()
+
+    def handle(self, *events: Event) -> list[Command]:
+        self._o = _Out()
+        for event in events:
+            self._dispatch(event)
+        out = self._o
+        commands = list(out.commands)
+        if out.reports:
+            commands.append(SendToMaster(RunReports(reports=out.reports)))
+        if out.changed:
+            commands.insert(0, SaveTable(tuple(self.runs.values())))
+        return commands
+
+    def _dispatch(self, event: Event) -> None:
+        match event:
+            case Connected(now=now):
+                reports = [self._reported(e, now) for e in self.runs.values() if e.state is not TaskState.ASSIGNED]
+                self._o.commands.append(SendToMaster(Register(node=self.node, runs=reports)))
+            case FromMaster(frame=Launch(runs=runs)):
+                for spec in runs:
+                    self._launch(spec)
+            case FromMaster(frame=Kill(run_ids=run_ids), now=now):
+                for run in run_ids:
+                    self._kill(run, now)
+            case FromMaster(frame=Ack(reports=acks)):
+                self._ack(acks)
+            case Spawned():
+                self._spawned(event)
+            case SpawnFailed(run_id=run, message=message, now=now):
+                self._finish(run, None, now, message=f"could not start: {message}")
+            case Exited(run_id=run, exit_code=code, now=now):
+                self._finish(run, code, now)
+            case Tick(now=now, usage=usage):
+                self._tick(now, usage)
+
+    def _launch(self, spec: RunSpec) -> None:
+        if spec.run_id in self.runs:
+            return  # a repeated launch after a reconnect: already ours
+        self.runs[spec.run_id] = RunEntry(spec=spec)
+        self._o.changed = True
+        self._o.commands.append(Spawn(spec))
+
+    def _kill(self, run: str, now: float) -> None:
+        entry = self.runs.get(run)
+        if entry is None:
+            task_id, attempt = parse_run_id(run)
+            self._o.reports.append(
+                RunReport(run_id=run, task_id=task_id, attempt=attempt, state=TaskState.KILLED,
+                          message="not running on this node")
+            )
+            return
+        if entry.state.terminal or entry.kill_requested:
+            return
+        entry.kill_requested = True
+        self._o.changed = True
+        if entry.pid is not None:
+            self._signal(entry, signal.SIGTERM, now)
+
+    def _signal(self, entry: RunEntry, sig: int, now: float) -> None:
+        assert entry.pid is not None
+        if sig == signal.SIGTERM:
+            entry.kill_deadline = now + entry.spec.kill_grace
+        self._o.commands.append(Signal(entry.spec.run_id, entry.pid, sig))
+
+    def _spawned(self, event: Spawned) -> None:
+        entry = self.runs.get(event.run_id)
+        if entry is None or entry.state is not TaskState.ASSIGNED:
+            return
+        entry.state = TaskState.RUNNING
+        entry.pid = event.pid
+        entry.pid_start = event.pid_start
+        self._changed(entry, event.now)
+        if entry.kill_requested:
+            self._signal(entry, signal.SIGTERM, event.now)
+
+    def _finish(self, run: str, code: int | None, now: float, message: str = "") -> None:
+        entry = self.runs.get(run)
+        if entry is None or entry.state.terminal:
+            return
+        if entry.kill_requested:
+            entry.state = TaskState.KILLED
+        elif code == 0:
+            entry.state = TaskState.FINISHED
+        else:
+            entry.state = TaskState.FAILED
+        entry.exit_code = code
+        entry.message = message or _describe_exit(code)
+        entry.kill_deadline = None
+        self._changed(entry, now)
+
+    def _changed(self, entry: RunEntry, now: float) -> None:
+        entry.acked = False
+        self._o.changed = True
+        self._o.reports.append(self._reported(entry, now))
+
+    def _reported(self, entry: RunEntry, now: float) -> RunReport:
+        entry.reported_at = now
+        return entry.report()
+
+    def _ack(self, acks: list[tuple[str, TaskState]]) -> None:
+        for run, state in acks:
+            entry = self.runs.get(run)
+            if entry is None or entry.state is not state:
+                continue
+            entry.acked = True
+            self._o.changed = True
+            if entry.state.terminal:
+                del self.runs[run]
+
+    def _tick(self, now: float, usage: Usage) -> None:
+        self._o.commands.append(SendToMaster(Heartbeat(usage=usage)))
+        for entry in self.runs.values():
+            if entry.kill_deadline is not None and now >= entry.kill_deadline and entry.pid is not None:
+                entry.kill_deadline = None
+                self._o.commands.append(Signal(entry.spec.run_id, entry.pid, signal.SIGKILL))
+            due = not entry.acked and now - entry.reported_at >= self.resend_after
+            if due and entry.state is not TaskState.ASSIGNED:
+                self._o.reports.append(self._reported(entry, now))
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown: the process ended while the agent was away"
+    if code < 0:
+        return f"killed by signal {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"killed by signal {-code}"
+    return "" if code == 0 else f"exited with status {code}"

@@ -1,0 +1,200 @@
+"""Long-running commands: `shoal master`, `shoal agent`, and `shoal dev` (both at once)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+import uvicorn
+from rich.panel import Panel
+
+from shoal.agent.server import Agent, stop_runs
+from shoal.cli.errors import fail, friendly
+from shoal.cli.render import out
+from shoal.config import (
+    DEFAULT_PORT,
+    AgentSettings,
+    ClientConfig,
+    MasterSettings,
+    load_settings,
+    save_client_config,
+)
+from shoal.master.api import create_app
+from shoal.master.auth import new_token
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="a TOML file of settings", dir_okay=False)]
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@friendly
+def master(
+    host: Annotated[str | None, typer.Option(help="address to listen on [127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help=f"port to listen on [{DEFAULT_PORT}]")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="where the store and tokens live")] = None,
+    heartbeat_timeout: Annotated[float | None, typer.Option(help="seconds of silence before a node is down [10]")] = None,
+    config: ConfigOpt = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Run the master: the API, the ledger and the scheduler."""
+    _logging(verbose)
+    settings = load_settings(
+        MasterSettings, config, host=host, port=port, state_dir=state_dir, heartbeat_timeout=heartbeat_timeout
+    )
+    logging.getLogger("shoal.master").info(
+        "state in %s; the admin and cluster tokens are in admin.token and cluster.token there",
+        settings.state_dir,
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning", access_log=False)
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise fail(f"label {pair!r} is not KEY=VALUE", code=2)
+        labels[key] = value
+    return labels
+
+
+@friendly
+def agent(
+    master: Annotated[str | None, typer.Option(help="the master's URL")] = None,
+    token: Annotated[str | None, typer.Option(help="the cluster token (better: SHOAL_CLUSTER_TOKEN)")] = None,
+    name: Annotated[str | None, typer.Option(help="this node's name [hostname]")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="where the task table and sandboxes live")] = None,
+    label: Annotated[list[str], typer.Option(help="KEY=VALUE, repeatable")] = [],  # noqa: B006
+    cpus: Annotated[float | None, typer.Option(help="cpus to offer [all]")] = None,
+    mem: Annotated[int | None, typer.Option(help="MiB of memory to offer [all]")] = None,
+    heartbeat_interval: Annotated[float | None, typer.Option(help="seconds between heartbeats [1]")] = None,
+    config: ConfigOpt = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Run an agent: register this node with the master and run the tasks it is given."""
+    _logging(verbose)
+    settings = load_settings(
+        AgentSettings,
+        config,
+        master=master,
+        cluster_token=token,
+        name=name,
+        state_dir=state_dir,
+        labels=_labels(label) or None,
+        cpus=cpus,
+        mem=mem,
+        heartbeat_interval=heartbeat_interval,
+    )
+    try:
+        asyncio.run(Agent(settings).run())
+    except KeyboardInterrupt:
+        pass
+
+
+def _token_file(path: Path) -> str:
+    if not path.exists():
+        path.write_text(new_token() + "\n")
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _wait_for_master(url: str, token: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise fail(f"the master exited with status {proc.returncode}", "is the port already in use? try --port")
+        try:
+            if httpx.get(f"{url}/v1/whoami", headers={"Authorization": f"Bearer {token}"}, timeout=1).is_success:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise fail(f"the master did not answer at {url} within {timeout:g}s")
+
+
+@friendly
+def dev(
+    agents: Annotated[int, typer.Option(min=1, max=64, help="how many local agents")] = 3,
+    port: Annotated[int, typer.Option(help="the master's port")] = DEFAULT_PORT,
+    state_dir: Annotated[Path, typer.Option(help="where the dev cluster keeps its state")] = Path(".shoal-dev"),
+) -> None:
+    """A master and local agents in one command; Ctrl-C stops them all."""
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    admin = _token_file(state_dir / "admin.token")
+    env = {
+        **os.environ,
+        "SHOAL_ADMIN_TOKEN": admin,
+        "SHOAL_CLUSTER_TOKEN": _token_file(state_dir / "cluster.token"),
+    }
+    url = f"http://127.0.0.1:{port}"
+    shoal = [sys.executable, "-m", "shoal"]
+    procs = [
+        subprocess.Popen(
+            [*shoal, "master", "--port", str(port), "--state-dir", str(state_dir / "master")], env=env
+        )
+    ]
+    node_dirs = [state_dir / f"node{i}" for i in range(1, agents + 1)]
+    try:
+        _wait_for_master(url, admin, procs[0])
+        for node_dir in node_dirs:
+            procs.append(
+                subprocess.Popen(
+                    [*shoal, "agent", "--master", url, "--name", node_dir.name, "--state-dir", str(node_dir)],
+                    env=env,
+                )
+            )
+        config_path = save_client_config(ClientConfig(url=url, token=admin))
+        out.print(
+            Panel.fit(
+                f"API      {url}/v1\n"
+                f"docs     {url}/docs\n"
+                f"token    {admin}  (admin)\n"
+                f"client   {config_path}\n"
+                f"agents   {', '.join(d.name for d in node_dirs)}\n\n"
+                "try      shoal nodes · shoal run -- hostname · shoal submit job.toml · shoal jobs",
+                title="shoal dev",
+            )
+        )
+        _wait_any(procs)
+    finally:
+        _stop(procs, node_dirs)
+
+
+def _wait_any(procs: list[subprocess.Popen[bytes]]) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+        dead = next(p for p in procs if p.poll() is not None)
+        raise fail(f"`{' '.join(map(str, dead.args[2:4]))}` exited with status {dead.returncode}; stopping")
+    except KeyboardInterrupt:
+        out.print("stopping the dev cluster")
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], node_dirs: list[Path]) -> None:
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for node_dir in node_dirs:
+        stop_runs(node_dir)

@@ -1,0 +1,62 @@
+"""The one place that turns errors into what a person reads, and into exit codes."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import ParamSpec, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from shoal.client import ApiError, Unreachable
+from shoal.errors import ShoalError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+err = Console(stderr=True, highlight=False)
+
+_HINTS = {
+    401: "check the token: SHOAL_TOKEN, or the client file `shoal dev` writes",
+    403: "this needs another role or the job's owner",
+    404: "list what exists with `shoal jobs` or `shoal nodes`",
+    503: "the node holding it is away; try again when `shoal nodes` shows it up",
+}
+
+
+def fail(message: str, hint: str = "", code: int = 1, details: list[str] = ()) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    for line in details:
+        err.print(f"  {line}")
+    if hint:
+        err.print(f"[dim]hint: {hint}[/]")
+    return typer.Exit(code)
+
+
+def friendly(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run a command, turning shoal's errors into a message and an exit code."""
+
+    @wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except ApiError as e:
+            details = [f"[yellow]{f.field}[/]: {f.reason}" for f in e.fields if f.reason not in e.message]
+            code = EXIT_USAGE if e.status < 500 else 1
+            raise fail(e.message, _HINTS.get(e.status, ""), code, details) from None
+        except Unreachable as e:
+            raise fail(str(e), code=EXIT_UNAVAILABLE) from None
+        except ValidationError as e:
+            details = [f"[yellow]{'.'.join(map(str, p['loc']))}[/]: {p['msg']}" for p in e.errors()]
+            raise fail("invalid settings or spec", code=EXIT_USAGE, details=details) from None
+        except (ShoalError, OSError) as e:
+            raise fail(str(e)) from None
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return run

@@ -1,0 +1,182 @@
+"""Commands that talk to a running master through the client: run, submit, jobs, ..."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, BinaryIO
+
+import typer
+
+from shoal.cli.errors import friendly
+from shoal.cli.render import job_detail, jobs_table, nodes_table, out, print_json
+from shoal.client import Client
+from shoal.model import JobSpec, Resources, RestartPolicy, Role, TaskState
+from shoal.views import JobView
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+
+
+def _task_id(name: str) -> str:
+    """`7` names task 0 of job 7; `7.3` names task 3."""
+    return name if "." in name else f"{name}.0"
+
+
+@friendly
+def run(
+    command: Annotated[list[str], typer.Argument(help="the command and its arguments, after --")],
+    cpus: Annotated[float, typer.Option(help="cpus per task")] = 1.0,
+    mem: Annotated[int, typer.Option(help="MiB of memory per task")] = 256,
+    count: Annotated[int, typer.Option("-n", "--count", help="how many copies to run")] = 1,
+    name: Annotated[str, typer.Option(help="a name for the job")] = "",
+) -> None:
+    """Run a command on the cluster as if it were local: output back, exit code kept."""
+    spec = JobSpec(
+        name=name or Path(command[0]).name,
+        command=command,
+        count=count,
+        resources=Resources(cpus=cpus, mem=mem),
+        restart=RestartPolicy(attempts=0),
+    )
+    with Client.from_config() as client:
+        job_id = client.submit(spec)
+        try:
+            view = _stream_until_done(client, job_id, count)
+        except KeyboardInterrupt:
+            client.kill(job_id)
+            raise
+    raise typer.Exit(_exit_code(view))
+
+
+def _stream_until_done(client: Client, job_id: int, count: int) -> JobView:
+    streams: list[tuple[str, BinaryIO]] = [("stdout", sys.stdout.buffer), ("stderr", sys.stderr.buffer)]
+    with ThreadPoolExecutor(max_workers=2 * count) as pool:
+        futures = [
+            pool.submit(_copy, client, f"{job_id}.{i}", stream, sink, f"{i}: " if count > 1 else "")
+            for i in range(count)
+            for stream, sink in streams
+        ]
+        for f in futures:
+            f.result()
+    return client.wait(job_id, poll=0.05)
+
+
+def _copy(client: Client, task_id: str, stream: str, sink: BinaryIO, prefix: str) -> None:
+    pending = b""
+    for chunk in client.follow(task_id, stream):
+        if not prefix:
+            sink.write(chunk)
+            sink.flush()
+            continue
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        sink.write(b"".join(prefix.encode() + line + b"\n" for line in lines))
+        sink.flush()
+    if pending:
+        sink.write(prefix.encode() + pending + b"\n")
+        sink.flush()
+
+
+def _exit_code(job: JobView) -> int:
+    """The largest task exit code, as a shell reports it (128+N for signal N)."""
+    worst = 0
+    for task in job.tasks:
+        if task.state is TaskState.FINISHED:
+            code = 0
+        elif task.state is TaskState.FAILED and task.exit_code is not None:
+            code = task.exit_code if task.exit_code >= 0 else 128 - task.exit_code
+        else:
+            print(f"shoal: task {task.id} {task.state.value}: {task.message}", file=sys.stderr)
+            code = 137 if task.state is TaskState.KILLED else 1
+        worst = max(worst, code)
+    return worst
+
+
+@friendly
+def submit(
+    file: Annotated[Path, typer.Argument(help="a job spec, TOML or JSON", exists=True, dir_okay=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit a job described in a file."""
+    text = file.read_text()
+    spec = json.loads(text) if file.suffix == ".json" else tomllib.loads(text)
+    with Client.from_config() as client:
+        job_id = client.submit(spec)
+        if as_json:
+            print_json(client.job(job_id))
+        else:
+            out.print(f"submitted job [bold]{job_id}[/]; follow it with `shoal job {job_id}`")
+
+
+@friendly
+def jobs(as_json: JsonOpt = False) -> None:
+    """List jobs (a user sees their own; admins and readers see all)."""
+    with Client.from_config() as client:
+        views = client.jobs()
+    print_json(views) if as_json else out.print(jobs_table(views))
+
+
+@friendly
+def job(job_id: Annotated[int, typer.Argument(help="the job's id")], as_json: JsonOpt = False) -> None:
+    """Show one job and its tasks, with why pending tasks wait."""
+    with Client.from_config() as client:
+        view = client.job(job_id)
+    print_json(view) if as_json else out.print(job_detail(view))
+
+
+@friendly
+def logs(
+    task: Annotated[str, typer.Argument(help="TASK as JOB.INDEX; a bare JOB means its task 0")],
+    stderr: Annotated[bool, typer.Option("--stderr", help="the error stream instead of stdout")] = False,
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="keep printing until the task ends")] = False,
+    attempt: Annotated[int | None, typer.Option(help="an earlier attempt (default: the latest)")] = None,
+) -> None:
+    """Print a task's output."""
+    stream = "stderr" if stderr else "stdout"
+    with Client.from_config() as client:
+        if follow:
+            for chunk in client.follow(_task_id(task), stream, attempt):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+        else:
+            sys.stdout.buffer.write(client.logs(_task_id(task), stream, attempt=attempt))
+
+
+@friendly
+def kill(job_id: Annotated[int, typer.Argument(help="the job's id")], as_json: JsonOpt = False) -> None:
+    """Kill every task of a job (SIGTERM, then SIGKILL after its grace)."""
+    with Client.from_config() as client:
+        view = client.kill(job_id)
+    print_json(view) if as_json else out.print(f"killing job {job_id}")
+
+
+@friendly
+def nodes(as_json: JsonOpt = False) -> None:
+    """List nodes with their capacity, allocation and live load."""
+    with Client.from_config() as client:
+        records = client.nodes()
+    print_json(records) if as_json else out.print(nodes_table(records))
+
+
+token_app = typer.Typer(help="API tokens (admin only).", no_args_is_help=True)
+
+
+@token_app.command("create")
+@friendly
+def token_create(
+    name: Annotated[str, typer.Argument(help="who the token is for")],
+    role: Annotated[Role, typer.Option(help="admin, user or reader")] = Role.USER,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make an API token bound to a name and a role; it is shown only once."""
+    with Client.from_config() as client:
+        made = client.create_token(name, role)
+    if as_json:
+        print_json(made)
+    else:
+        out.print(f"token for {made.name} ({made.role.value}); it is shown only once:")
+        print(made.token)
+

@@ -1,0 +1,104 @@
+"""Tables and JSON for the CLI's answers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from shoal.model import NodeRecord, NodeStatus, TaskState
+from shoal.views import JobView
+
+out = Console(highlight=False)
+
+_STATE_STYLE = {
+    "pending": "yellow",
+    "assigned": "cyan",
+    "running": "cyan",
+    "complete": "green",
+    "finished": "green",
+    "failed": "red",
+    "lost": "red",
+    "killed": "magenta",
+    "up": "green",
+    "down": "red",
+}
+
+
+def print_json(value: BaseModel | Sequence[BaseModel]) -> None:
+    if isinstance(value, BaseModel):
+        data = value.model_dump(mode="json")
+    else:
+        data = [v.model_dump(mode="json") for v in value]
+    print(json.dumps(data, indent=2))
+
+
+def styled(state: str) -> str:
+    return f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+def ago(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    seconds = max(0, int(time.time() - ts))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def jobs_table(jobs: Sequence[JobView]) -> Table:
+    table = Table("ID", "NAME", "OWNER", "STATE", "TASKS", "SUBMITTED", box=None, header_style="bold")
+    for job in sorted(jobs, key=lambda j: j.id):
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(job.counts.items()))
+        table.add_row(str(job.id), job.name or "-", job.owner, styled(job.state.value), counts, ago(job.submitted_at))
+    return table
+
+
+def job_detail(job: JobView) -> Table:
+    head = Table.grid(padding=(0, 2))
+    cmd = job.spec.command if isinstance(job.spec.command, str) else " ".join(job.spec.command)
+    for key, value in (
+        ("job", f"{job.id} {job.name}".strip()),
+        ("owner", job.owner),
+        ("state", styled(job.state.value)),
+        ("command", cmd),
+        ("resources", f"{job.spec.resources.cpus:g} cpus, {job.spec.resources.mem} MiB"),
+        ("submitted", ago(job.submitted_at)),
+    ):
+        head.add_row(f"[bold]{key}[/]", value)
+    tasks = Table("TASK", "STATE", "NODE", "ATTEMPT", "EXIT", "NOTE", box=None, header_style="bold")
+    for t in job.tasks:
+        note = t.reason if t.state is TaskState.PENDING else t.message
+        exit_code = "-" if t.exit_code is None else str(t.exit_code)
+        tasks.add_row(t.id, styled(t.state.value), t.node or "-", str(t.attempt), exit_code, note)
+    grid = Table.grid()
+    grid.add_row(head)
+    grid.add_row("")
+    grid.add_row(tasks)
+    return grid
+
+
+def nodes_table(nodes: Sequence[NodeRecord]) -> Table:
+    table = Table(
+        "NODE", "STATUS", "CPUS", "MEM MiB", "GPUS", "CPU%", "LOAD", "SEEN", "LABELS", box=None, header_style="bold"
+    )
+    for n in nodes:
+        cap, used = n.info.capacity, n.allocated
+        up = n.status is NodeStatus.UP
+        table.add_row(
+            n.name,
+            styled(n.status.value),
+            f"{used.cpus:g}/{cap.cpus:g}",
+            f"{used.mem}/{cap.mem}",
+            f"{used.gpus}/{cap.gpus}",
+            f"{n.usage.cpu_percent:.0f}" if up else "-",
+            f"{n.usage.load1:.2f}" if up else "-",
+            ago(n.last_seen),
+            ",".join(f"{k}={v}" for k, v in sorted(n.info.labels.items())),
+        )
+    return table

@@ -1,0 +1,149 @@
+"""The Python SDK: everything the CLI does, it does through this client.
+
+    from shoal.client import Client
+    with Client.from_config() as shoal:
+        job = shoal.submit(JobSpec(command="hostname", count=3))
+        print(shoal.wait(job).state)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+from pydantic import TypeAdapter
+
+from shoal.config import ClientConfig, load_client_config
+from shoal.errors import ShoalError
+from shoal.model import Caller, JobSpec, NodeRecord, Role, TaskRecord
+from shoal.views import ErrorBody, FieldError, JobView, Submitted, TokenCreated
+
+_JOBS = TypeAdapter(list[JobView])
+_NODES = TypeAdapter(list[NodeRecord])
+_ENDED = ("complete", "failed", "killed")
+
+
+class ApiError(ShoalError):
+    """The master refused a call: the HTTP status, its message and the fields at fault."""
+
+    def __init__(self, status: int, message: str, fields: list[FieldError]) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.fields = fields
+
+
+class Unreachable(ShoalError):
+    """No master answered at the configured URL."""
+
+
+class Client:
+    def __init__(self, url: str, token: str, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+        )
+
+    @classmethod
+    def from_config(cls, config: ClientConfig | None = None) -> Client:
+        config = config or load_client_config()
+        return cls(config.url, config.token)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- calls ----------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec | dict[str, Any]) -> int:
+        body = spec.model_dump(mode="json") if isinstance(spec, JobSpec) else spec
+        return Submitted.model_validate(self._call("POST", "/v1/jobs", json=body)).id
+
+    def jobs(self) -> list[JobView]:
+        return _JOBS.validate_python(self._call("GET", "/v1/jobs"))
+
+    def job(self, job_id: int) -> JobView:
+        return JobView.model_validate(self._call("GET", f"/v1/jobs/{job_id}"))
+
+    def kill(self, job_id: int) -> JobView:
+        return JobView.model_validate(self._call("POST", f"/v1/jobs/{job_id}/kill"))
+
+    def task(self, task_id: str) -> TaskRecord:
+        return TaskRecord.model_validate(self._call("GET", f"/v1/tasks/{task_id}"))
+
+    def nodes(self) -> list[NodeRecord]:
+        return _NODES.validate_python(self._call("GET", "/v1/nodes"))
+
+    def whoami(self) -> Caller:
+        return Caller.model_validate(self._call("GET", "/v1/whoami"))
+
+    def create_token(self, name: str, role: Role) -> TokenCreated:
+        body = {"name": name, "role": role.value}
+        return TokenCreated.model_validate(self._call("POST", "/v1/tokens", json=body))
+
+    def logs(self, task_id: str, stream: str = "stdout", offset: int = 0, attempt: int | None = None) -> bytes:
+        response = self._request("GET", f"/v1/tasks/{task_id}/logs", params=_log_params(stream, offset, attempt))
+        return response.content
+
+    def follow(self, task_id: str, stream: str = "stdout", attempt: int | None = None) -> Iterator[bytes]:
+        """A task's output as it is written, until its attempt ends."""
+        params = {**_log_params(stream, 0, attempt), "follow": "true"}
+        try:
+            with self._http.stream(
+                "GET", f"/v1/tasks/{task_id}/logs", params=params, timeout=httpx.Timeout(30.0, read=None)
+            ) as response:
+                if response.is_error:
+                    response.read()
+                    raise _api_error(response)
+                yield from response.iter_bytes()
+        except httpx.TransportError as e:
+            raise Unreachable(f"lost the master at {self.url}: {e}") from e
+
+    def wait(self, job_id: int, poll: float = 0.2, timeout: float | None = None) -> JobView:
+        """Block until the job has ended; returns its final view."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            view = self.job(job_id)
+            if view.state.value in _ENDED:
+                return view
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {view.state.value} after {timeout}s")
+            time.sleep(poll)
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            raise Unreachable(
+                f"no master answers at {self.url} ({e}); start one with `shoal dev`, or set SHOAL_URL"
+            ) from e
+        if response.is_error:
+            raise _api_error(response)
+        return response
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._request(method, path, **kwargs).json()
+
+
+def _log_params(stream: str, offset: int, attempt: int | None) -> dict[str, str]:
+    params = {"stream": stream, "offset": str(offset)}
+    if attempt is not None:
+        params["attempt"] = str(attempt)
+    return params
+
+
+def _api_error(response: httpx.Response) -> ApiError:
+    try:
+        body = ErrorBody.model_validate(response.json())
+    except ValueError:
+        body = ErrorBody(error=response.text or response.reason_phrase)
+    return ApiError(response.status_code, body.error, body.fields)

@@ -1,0 +1,92 @@
+"""Settings of the master, the agent and the client.
+
+Each comes from, strongest first: command-line flags, `SHOAL_*` environment variables, a
+TOML file (`--config FILE`), then the defaults here.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
+
+DEFAULT_PORT = 8470
+
+
+def _data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "shoal"
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SHOAL_", extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_):  # type: ignore[no-untyped-def]
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+class MasterSettings(_Settings):
+    host: str = "127.0.0.1"
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+    state_dir: Path = Field(default_factory=lambda: _data_home() / "master")
+    heartbeat_timeout: float = Field(10.0, gt=0, description="seconds of silence before a node is down")
+    tick: float = Field(0.5, gt=0, description="seconds between checks of timeouts and delays")
+    admin_token: SecretStr | None = None
+    cluster_token: SecretStr | None = None
+
+
+class AgentSettings(_Settings):
+    master: str = f"http://127.0.0.1:{DEFAULT_PORT}"
+    cluster_token: SecretStr
+    name: str | None = None
+    state_dir: Path = Field(default_factory=lambda: _data_home() / "agent")
+    labels: dict[str, str] = Field(default_factory=dict)
+    cpus: float | None = Field(None, gt=0)
+    mem: int | None = Field(None, gt=0, description="MiB")
+    heartbeat_interval: float = Field(1.0, gt=0)
+
+
+S = TypeVar("S", bound=_Settings)
+
+
+def load_settings(cls: type[S], config_file: Path | None, **flags: Any) -> S:
+    """`cls` from flags (None means not given), the environment and `config_file`."""
+
+    class Configured(cls):  # type: ignore[valid-type,misc]
+        model_config = {**cls.model_config, "toml_file": config_file}
+
+    return Configured(**{k: v for k, v in flags.items() if v is not None})
+
+
+class ClientConfig(BaseModel):
+    """Where the API is and which token to present: the client's whole configuration."""
+
+    url: str = f"http://127.0.0.1:{DEFAULT_PORT}"
+    token: str = ""
+
+
+def client_config_path() -> Path:
+    default = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "shoal" / "client.toml"
+    return Path(os.environ.get("SHOAL_CONFIG", default))
+
+
+def load_client_config() -> ClientConfig:
+    """The client file, then SHOAL_URL and SHOAL_TOKEN over it."""
+    path = client_config_path()
+    values: dict[str, Any] = tomllib.loads(path.read_text()) if path.exists() else {}
+    for key in ("url", "token"):
+        if env := os.environ.get(f"SHOAL_{key.upper()}"):
+            values[key] = env
+    return ClientConfig(**values)
+
+
+def save_client_config(config: ClientConfig) -> Path:
+    path = client_config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'url = "{config.url}"\ntoken = "{config.token}"\n')
+    path.chmod(0o600)
+    return path

@@ -1,0 +1,223 @@
+"""The REST API (`/v1`) and the agents' WebSocket entrance: routes, auth, validation; thin.
+
+Every route authenticates: API tokens for people and programs, the cluster token for
+agents. Bad input answers 4xx with the field and the reason (`ErrorBody`), never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import Depends, FastAPI, Query, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from shoal.config import MasterSettings
+from shoal.errors import Forbidden, NotFound, ShoalError, SpecError
+from shoal.master.auth import Tokens, new_token
+from shoal.master.server import Master, Unavailable
+from shoal.master.state import KillJob, Submit
+from shoal.master.store.sqlite import SqliteStore
+from shoal.model import Caller, JobSpec, NodeRecord, Role, TaskRecord
+from shoal.views import ErrorBody, FieldError, JobView, Submitted, TokenCreated, TokenRequest
+
+log = logging.getLogger("shoal.master")
+
+
+class Unauthorized(ShoalError):
+    pass
+
+
+def _secret_file(path: Path, given: str | None) -> str:
+    """The token in `path`; made (or taken from `given`) and saved there, mode 0600."""
+    if given is None and path.exists():
+        return path.read_text().strip()
+    token = given or new_token()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def open_master(settings: MasterSettings) -> Master:
+    """The master over its state directory: store, tokens (made on first start), ledger."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    store = SqliteStore(settings.state_dir / "shoal.db")
+    secret = lambda s: s.get_secret_value() if s else None  # noqa: E731
+    cluster = _secret_file(settings.state_dir / "cluster.token", secret(settings.cluster_token))
+    tokens = Tokens(store, cluster)
+    tokens.add("admin", Role.ADMIN, _secret_file(settings.state_dir / "admin.token", secret(settings.admin_token)))
+    return Master(store, tokens, settings.heartbeat_timeout, settings.tick)
+
+
+def create_app(settings: MasterSettings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        master = open_master(settings)
+        app.state.master = master
+        ticker = asyncio.create_task(master.tick_loop())
+        yield
+        ticker.cancel()
+        master.store.close()
+
+    app = FastAPI(title="shoal", version="0.1.0", lifespan=lifespan)
+    _errors(app)
+    _routes(app)
+    return app
+
+
+async def _master(request: Request) -> Master:
+    return request.app.state.master
+
+
+async def _caller(request: Request) -> Caller:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    caller = request.app.state.master.tokens.caller(token) if scheme.lower() == "bearer" and token else None
+    if caller is None:
+        raise Unauthorized("a valid API token is required: Authorization: Bearer <token>")
+    return caller
+
+
+async def _writer(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
+    if caller.role is Role.READER:
+        raise Forbidden("read-only tokens cannot change anything")
+    return caller
+
+
+async def _admin(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
+    if caller.role is not Role.ADMIN:
+        raise Forbidden("this needs an admin token")
+    return caller
+
+
+MasterDep = Annotated[Master, Depends(_master)]
+CallerDep = Annotated[Caller, Depends(_caller)]
+
+
+def _job(master: Master, caller: Caller, job_id: int) -> JobView:
+    job = master.state.jobs.get(job_id)
+    if job is None or not caller.may_see(job.owner):
+        raise NotFound(f"no job {job_id}")
+    return JobView.of(job, master.state.tasks_of(job_id), master.state.unplaced)
+
+
+def _task(master: Master, caller: Caller, task_id: str) -> TaskRecord:
+    task = master.state.tasks.get(task_id)
+    if task is None or not caller.may_see(master.state.jobs[task.job_id].owner):
+        raise NotFound(f"no task {task_id}")
+    return task
+
+
+def _routes(app: FastAPI) -> None:
+    @app.post("/v1/jobs", status_code=201, response_model=Submitted, responses={422: {"model": ErrorBody}})
+    async def submit(spec: JobSpec, master: MasterDep, caller: Annotated[Caller, Depends(_writer)]) -> Submitted:
+        job_id = master.request(lambda req, now: Submit(req, caller.name, spec, now))
+        return Submitted(id=job_id)  # type: ignore[arg-type]
+
+    @app.get("/v1/jobs", response_model=list[JobView])
+    async def jobs(master: MasterDep, caller: CallerDep) -> list[JobView]:
+        state = master.state
+        return [
+            JobView.of(job, state.tasks_of(job.id))
+            for job in state.jobs.values()
+            if caller.may_see(job.owner)
+        ]
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobView)
+    async def job(job_id: int, master: MasterDep, caller: CallerDep) -> JobView:
+        return _job(master, caller, job_id)
+
+    @app.post("/v1/jobs/{job_id}/kill", response_model=JobView)
+    async def kill(job_id: int, master: MasterDep, caller: Annotated[Caller, Depends(_writer)]) -> JobView:
+        view = _job(master, caller, job_id)
+        if not caller.may_change(view.owner):
+            raise Forbidden(f"job {job_id} belongs to {view.owner}")
+        master.request(lambda req, now: KillJob(req, job_id, now))
+        return _job(master, caller, job_id)
+
+    @app.get("/v1/tasks/{task_id}", response_model=TaskRecord)
+    async def task(task_id: str, master: MasterDep, caller: CallerDep) -> TaskRecord:
+        return _task(master, caller, task_id)
+
+    @app.get("/v1/tasks/{task_id}/logs", response_class=Response)
+    async def logs(
+        task_id: str,
+        master: MasterDep,
+        caller: CallerDep,
+        stream: Literal["stdout", "stderr"] = "stdout",
+        offset: Annotated[int, Query(ge=0)] = 0,
+        follow: bool = False,
+        attempt: Annotated[int | None, Query(ge=0)] = None,
+    ) -> Response:
+        current = _task(master, caller, task_id)
+        attempt = current.attempt if attempt is None else attempt
+        if attempt > current.attempt:
+            raise SpecError("attempt", f"task {task_id} has had {current.attempt + 1} attempts", status=404)
+        if follow:
+            return StreamingResponse(
+                master.follow_log(task_id, attempt, stream, offset), media_type="application/octet-stream"
+            )
+        piece = await master.read_log(current, attempt, stream, offset)
+        return Response(piece.data, media_type="application/octet-stream")
+
+    @app.get("/v1/nodes", response_model=list[NodeRecord])
+    async def nodes(master: MasterDep, caller: CallerDep) -> list[NodeRecord]:
+        return sorted(master.state.nodes.values(), key=lambda n: n.name)
+
+    @app.post("/v1/tokens", status_code=201, response_model=TokenCreated)
+    async def create_token(body: TokenRequest, master: MasterDep, caller: Annotated[Caller, Depends(_admin)]) -> TokenCreated:
+        return TokenCreated(name=body.name, role=body.role, token=master.tokens.add(body.name, body.role))
+
+    @app.get("/v1/whoami", response_model=Caller)
+    async def whoami(caller: CallerDep) -> Caller:
+        return caller
+
+    @app.websocket("/v1/agent")
+    async def agent(ws: WebSocket) -> None:
+        master: Master = ws.app.state.master
+        scheme, _, token = ws.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not master.tokens.is_cluster(token):
+            await ws.close(code=1008, reason="a valid cluster token is required")
+            return
+        await master.agent_session(ws)
+
+
+def _body(status: int, error: str, fields: list[FieldError] | None = None, **headers: str) -> JSONResponse:
+    return JSONResponse(ErrorBody(error=error, fields=fields or []).model_dump(), status_code=status, headers=headers)
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = [
+            FieldError(field=".".join(str(p) for p in e["loc"] if p not in ("body",)) or "body", reason=e["msg"].removeprefix("Value error, "))
+            for e in exc.errors()
+        ]
+        summary = "; ".join(f"{f.field}: {f.reason}" for f in fields)
+        return _body(422, f"invalid request: {summary}", fields)
+
+    @app.exception_handler(SpecError)
+    async def spec(_: Request, exc: SpecError) -> JSONResponse:
+        return _body(exc.status, exc.reason, [FieldError(field=exc.field, reason=exc.reason)])
+
+    @app.exception_handler(Unauthorized)
+    async def unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
+        return _body(401, str(exc), **{"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(_: Request, exc: Forbidden) -> JSONResponse:
+        return _body(403, str(exc))
+
+    @app.exception_handler(NotFound)
+    async def not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return _body(404, str(exc))
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(_: Request, exc: Unavailable) -> JSONResponse:
+        return _body(503, str(exc))

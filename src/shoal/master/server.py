@@ -1,0 +1,221 @@
+"""The master's I/O shell: the store, the agents' WebSockets, the clock.
+
+`Master.dispatch` is the one door into the ledger: it hands events to `MasterState` and
+carries out the commands in the order they come back (persist first, so nothing is
+acknowledged or launched before it is stored). Everything runs on one event loop, so the
+state machine never sees two callers at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from shoal.errors import ShoalError
+from shoal.master.auth import Tokens
+from shoal.master.state import (
+    AgentGone,
+    Disconnect,
+    Event,
+    FromAgent,
+    MasterState,
+    Persist,
+    Reply,
+    Send,
+    Tick,
+)
+from shoal.master.store import Store
+from shoal.model import TaskRecord, run_id
+from shoal.wire import Heartbeat, LogChunk, LogRequest, Register, RunReports, decode, encode
+
+log = logging.getLogger("shoal.master")
+_OUTBOX = 10_000
+_LOG_TIMEOUT = 5.0
+
+
+class Unavailable(ShoalError):
+    """What was asked for lives on a node that is not connected now."""
+
+
+class _Link:
+    """The master's end of one agent's WebSocket, with a bounded outbox."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        self.ws = ws
+        self.outbox: asyncio.Queue[bytes] = asyncio.Queue(_OUTBOX)
+        self.writer = asyncio.create_task(self._write())
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.outbox.put_nowait(data)
+        except asyncio.QueueFull:
+            # A stuck agent: drop it; it re-registers and reconciliation repairs the rest.
+            log.warning("outbox full; dropping an agent connection")
+            self.close()
+
+    def close(self) -> None:
+        self.writer.cancel()
+        asyncio.ensure_future(self.ws.close())
+
+    async def _write(self) -> None:
+        while True:
+            await self.ws.send_bytes(await self.outbox.get())
+
+
+@dataclass(frozen=True, slots=True)
+class LogSlice:
+    data: bytes
+    done: bool
+
+
+class Master:
+    def __init__(self, store: Store, tokens: Tokens, heartbeat_timeout: float, tick: float) -> None:
+        snap = store.load()
+        self.store = store
+        self.tokens = tokens
+        self.tick = tick
+        self.state = MasterState(
+            heartbeat_timeout, jobs=snap.jobs, tasks=snap.tasks, nodes=snap.nodes, now=time.time()
+        )
+        self.links: dict[str, _Link] = {}
+        self._ids = itertools.count(1)
+        self._log_waiters: dict[int, asyncio.Future[LogChunk]] = {}
+
+    # --- the door into the ledger ---------------------------------------------------------
+
+    def dispatch(self, *events: Event) -> dict[int, Reply]:
+        replies: dict[int, Reply] = {}
+        for command in self.state.handle(*events):
+            match command:
+                case Persist():
+                    self.store.apply(command)
+                case Send(node=node, frame=frame):
+                    if (link := self.links.get(node)) is not None:
+                        link.send(encode(frame))
+                case Reply():
+                    replies[command.request] = command
+                case Disconnect(node=node):
+                    if (link := self.links.pop(node, None)) is not None:
+                        link.close()
+        return replies
+
+    def request(self, make: Callable[[int, float], Event]) -> object:
+        """Dispatch one request event and return its answer (or raise its error)."""
+        request = next(self._ids)
+        reply = self.dispatch(make(request, time.time()))[request]
+        if reply.error is not None:
+            raise reply.error
+        return reply.value
+
+    async def tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            self.dispatch(Tick(time.time()))
+
+    # --- agents ---------------------------------------------------------------------------
+
+    async def agent_session(self, ws: WebSocket) -> None:
+        """Serve one agent connection; the first frame must be its registration."""
+        await ws.accept()
+        try:
+            first = decode(await ws.receive_bytes())
+        except (WebSocketDisconnect, ValueError, KeyError, TypeError) as e:
+            log.warning("agent connection without a valid registration: %s", e)
+            await ws.close(code=1008)
+            return
+        if not isinstance(first, Register):
+            await ws.close(code=1008, reason="the first frame must be a registration")
+            return
+        name = first.node.name
+        if (old := self.links.pop(name, None)) is not None:
+            old.close()
+        link = self.links[name] = _Link(ws)
+        log.info("agent %s registered", name)
+        self.dispatch(FromAgent(name, first, time.time()))
+        try:
+            await self._serve(name, ws)
+        finally:
+            if self.links.get(name) is link:
+                del self.links[name]
+                self.dispatch(AgentGone(name, time.time()))
+            link.writer.cancel()
+
+    async def _serve(self, name: str, ws: WebSocket) -> None:
+        while True:
+            try:
+                frame = decode(await ws.receive_bytes())
+            except WebSocketDisconnect:
+                return
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("agent %s sent a bad frame (%s); closing its connection", name, e)
+                await ws.close(code=1003)
+                return
+            if isinstance(frame, LogChunk):
+                if (waiter := self._log_waiters.pop(frame.request, None)) is not None and not waiter.done():
+                    waiter.set_result(frame)
+            elif isinstance(frame, Register | Heartbeat | RunReports):
+                self.dispatch(FromAgent(name, frame, time.time()))
+
+    # --- logs -----------------------------------------------------------------------------
+
+    async def read_log(self, task: TaskRecord, attempt: int, stream: str, offset: int) -> LogSlice:
+        """Bytes of one attempt's output from `offset`, fetched from its node's agent."""
+        node, done = _where(task, attempt)
+        link = self.links.get(node or "")
+        if link is None:
+            if node is None:
+                return LogSlice(b"", done)
+            raise Unavailable(f"node {node} holds this output and is not connected; try again when it is up")
+        request = next(self._ids)
+        waiter: asyncio.Future[LogChunk] = asyncio.get_running_loop().create_future()
+        self._log_waiters[request] = waiter
+        link.send(encode(LogRequest(request=request, run_id=run_id(task.id, attempt), stream=stream, offset=offset)))
+        try:
+            chunk = await asyncio.wait_for(waiter, _LOG_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"node {node} did not answer for the output in time; try again") from None
+        finally:
+            self._log_waiters.pop(request, None)
+        if chunk.error:
+            raise Unavailable(chunk.error)
+        return LogSlice(chunk.data, done)
+
+    async def follow_log(self, task_id: str, attempt: int, stream: str, offset: int) -> AsyncIterator[bytes]:
+        """Output as it is written, until the attempt has ended and everything is read."""
+        delay = 0.02
+        while True:
+            task = self.state.tasks[task_id]
+            try:
+                piece = await self.read_log(task, attempt, stream, offset)
+            except Unavailable:
+                if _where(task, attempt)[1]:
+                    return
+                piece = LogSlice(b"", False)
+            if piece.data:
+                offset += len(piece.data)
+                delay = 0.02
+                yield piece.data
+                continue
+            if piece.done:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+def _where(task: TaskRecord, attempt: int) -> tuple[str | None, bool]:
+    """The node of one attempt of `task`, and whether that attempt has ended.
+
+    `done` is judged before the output is read, so an empty read after it means all of it.
+    """
+    if attempt == task.attempt:
+        return task.node, task.state.terminal
+    for past in task.history:
+        if past.attempt == attempt:
+            return past.node, True
+    return None, True

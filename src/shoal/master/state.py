@@ -1,0 +1,423 @@
+"""The master's state machine: the ledger, changed only by events.
+
+`MasterState.handle(*events) -> list[Command]` is the whole interface. Events are what
+happened (a submission, a frame from an agent, a tick of the clock); commands are what the
+I/O shell must do (persist records, send frames, answer a request, drop a connection).
+Time arrives inside events; nothing here reads a clock or touches a socket.
+
+Theory of operation
+- Commands come back in a fixed order: one `Persist` first (every record the events
+  changed), then frames and replies. The shell executes them in that order, so nothing is
+  acknowledged or launched before it is in the store.
+- A task moves only along `model.TRANSITIONS`. FAILED and LOST go back to PENDING when the
+  job's restart policy grants another attempt; each attempt has its own run id, so a report
+  from an old attempt can never be mistaken for the current one.
+- Agents own what actually runs. A `Register` carries an agent's whole task table: the
+  master adopts the runs it expects, kills those it does not, relaunches assigned runs the
+  agent never received, and marks running ones the agent no longer has as LOST.
+- A node that misses heartbeats for `heartbeat_timeout` seconds is DOWN, its tasks LOST, and
+  its connection dropped; it comes back only by registering again.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from shoal.core.scheduler import Ask, NodeView, apply_plan, never_fits, schedule
+from shoal.errors import ShoalError, SpecError
+from shoal.model import (
+    NO_RESOURCES,
+    TRANSITIONS,
+    Attempt,
+    JobRecord,
+    JobSpec,
+    NodeRecord,
+    NodeStatus,
+    TaskRecord,
+    TaskState,
+)
+from shoal.wire import (
+    Ack,
+    Heartbeat,
+    Kill,
+    Launch,
+    Register,
+    RunReport,
+    RunReports,
+    RunSpec,
+)
+
+# --- events -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    request: int
+    owner: str
+    spec: JobSpec
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class KillJob:
+    request: int
+    job_id: int
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class FromAgent:
+    node: str
+    frame: Register | Heartbeat | RunReports
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class AgentGone:
+    """The connection of `node` closed (the node is not down until its timeout)."""
+
+    node: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    now: float
+
+
+Event = Submit | KillJob | FromAgent | AgentGone | Tick
+
+# --- commands -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    jobs: tuple[JobRecord, ...] = ()
+    tasks: tuple[TaskRecord, ...] = ()
+    nodes: tuple[NodeRecord, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    node: str
+    frame: Launch | Kill | Ack
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    request: int
+    value: object = None
+    error: ShoalError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    node: str
+
+
+Command = Persist | Send | Reply | Disconnect
+
+
+@dataclass
+class _Changes:
+    jobs: dict[int, JobRecord] = field(default_factory=dict)
+    tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    out: list[Command] = field(default_factory=list)
+    launches: dict[str, list[RunSpec]] = field(default_factory=lambda: defaultdict(list))
+
+
+class MasterState:
+    """The ledger: jobs, tasks and nodes, and the rules that change them."""
+
+    def __init__(
+        self,
+        heartbeat_timeout: float = 10.0,
+        *,
+        jobs: Iterable[JobRecord] = (),
+        tasks: Iterable[TaskRecord] = (),
+        nodes: Iterable[NodeRecord] = (),
+        now: float = 0.0,
+    ) -> None:
+        self.heartbeat_timeout = heartbeat_timeout
+        self.jobs: dict[int, JobRecord] = {j.id: j for j in jobs}
+        self.tasks: dict[str, TaskRecord] = {t.id: t for t in tasks}
+        self.nodes: dict[str, NodeRecord] = {}
+        self.job_tasks: dict[int, list[str]] = defaultdict(list)
+        for task in sorted(self.tasks.values(), key=lambda t: (t.job_id, t.index)):
+            self.job_tasks[task.job_id].append(task.id)
+        for node in nodes:
+            # A restarted master gives every node a full timeout to reconnect.
+            self.nodes[node.name] = node.model_copy(update={"last_seen": now, "allocated": NO_RESOURCES})
+        for task in self.tasks.values():
+            if task.state.active and task.node in self.nodes:
+                self._hold(task.node, task, +1)
+        self.next_job_id = max(self.jobs, default=0) + 1
+        self.unplaced: dict[str, str] = {}
+        self._needs_schedule = True
+        self._c = _Changes()
+
+    # --- the interface ----------------------------------------------------------------
+
+    def handle(self, *events: Event) -> list[Command]:
+        self._c = _Changes()
+        now = 0.0
+        for event in events:
+            now = event.now
+            self._dispatch(event)
+        if self._needs_schedule:
+            self._schedule(now)
+        return self._commands()
+
+    def tasks_of(self, job_id: int) -> list[TaskRecord]:
+        return [self.tasks[t] for t in self.job_tasks.get(job_id, ())]
+
+    # --- events -------------------------------------------------------------------------
+
+    def _dispatch(self, event: Event) -> None:
+        match event:
+            case Submit():
+                self._submit(event)
+            case KillJob():
+                self._kill_job(event)
+            case FromAgent(frame=Register()):
+                self._register(event.node, event.frame, event.now)
+            case FromAgent(frame=Heartbeat()):
+                self._heartbeat(event.node, event.frame, event.now)
+            case FromAgent(frame=RunReports()):
+                self._reports(event.node, event.frame.reports, event.now)
+            case AgentGone():
+                pass  # the heartbeat timeout, not a closed socket, decides that a node is down
+            case Tick():
+                self._tick(event.now)
+
+    def _submit(self, event: Submit) -> None:
+        reason = never_fits((n.info.capacity for n in self.nodes.values()), event.spec.resources)
+        if reason is not None:
+            self._c.out.append(Reply(event.request, error=SpecError("resources", reason)))
+            return
+        job = JobRecord(id=self.next_job_id, owner=event.owner, spec=event.spec, submitted_at=event.now)
+        self.next_job_id += 1
+        self.jobs[job.id] = job
+        self._c.jobs[job.id] = job
+        for index in range(event.spec.count):
+            task = TaskRecord(id=f"{job.id}.{index}", job_id=job.id, index=index)
+            self.tasks[task.id] = task
+            self.job_tasks[job.id].append(task.id)
+            self._c.tasks[task.id] = task
+        self._needs_schedule = True
+        self._c.out.append(Reply(event.request, value=job.id))
+
+    def _kill_job(self, event: KillJob) -> None:
+        job = self.jobs[event.job_id]
+        job.killed = True
+        self._c.jobs[job.id] = job
+        for task in self.tasks_of(job.id):
+            if task.state is TaskState.PENDING:
+                self._move(task, TaskState.KILLED, event.now, message="killed before it started")
+            elif task.state.active and not task.kill_requested:
+                task.kill_requested = True
+                self._c.tasks[task.id] = task
+                self._send(task.node, Kill(run_ids=[task.run_id]))
+        self._c.out.append(Reply(event.request, value=job.id))
+
+    def _register(self, name: str, frame: Register, now: float) -> None:
+        node = self.nodes.get(name)
+        if node is None:
+            node = NodeRecord(info=frame.node, last_seen=now)
+            self.nodes[name] = node
+        node.info = frame.node
+        node.status = NodeStatus.UP
+        node.last_seen = now
+        self._c.nodes[name] = node
+        self._needs_schedule = True
+        self._reports(name, frame.runs, now)
+        self._reconcile_missing(name, {r.run_id for r in frame.runs}, now)
+
+    def _reconcile_missing(self, name: str, reported: set[str], now: float) -> None:
+        """Tasks the master placed on `name` that the agent did not report."""
+        for task in self.tasks.values():
+            if task.node != name or not task.state.active or task.run_id in reported:
+                continue
+            if task.state is TaskState.ASSIGNED:
+                self._c.launches[name].append(self._run_spec(task))
+            else:
+                self._end(task, TaskState.LOST, now, message=f"{name} restarted without it")
+
+    def _heartbeat(self, name: str, frame: Heartbeat, now: float) -> None:
+        node = self.nodes.get(name)
+        if node is not None and node.status is NodeStatus.UP:
+            node.last_seen = now
+            node.usage = frame.usage
+
+    def _reports(self, name: str, reports: list[RunReport], now: float) -> None:
+        node = self.nodes.get(name)
+        if node is None or node.status is not NodeStatus.UP:
+            return  # a node that is down must register again; its reports come with it
+        node.last_seen = now
+        for report in reports:
+            self._report(name, report, now)
+        if reports:
+            self._send(name, Ack(reports=[(r.run_id, r.state) for r in reports]))
+
+    def _report(self, name: str, r: RunReport, now: float) -> None:
+        task = self.tasks.get(r.task_id)
+        current = (
+            task is not None and task.attempt == r.attempt and task.node == name and task.state.active
+        )
+        if not current:
+            if r.state is TaskState.RUNNING:
+                self._send(name, Kill(run_ids=[r.run_id]))  # an orphan: not the live attempt
+            return
+        assert task is not None
+        if r.state is TaskState.RUNNING:
+            if task.state is TaskState.ASSIGNED:
+                self._move(task, TaskState.RUNNING, now)
+                task.started_at = now
+        elif r.state.terminal:
+            killed = task.kill_requested and r.state is not TaskState.FINISHED
+            self._end(task, TaskState.KILLED if killed else r.state, now, r.exit_code, r.message)
+
+    def _tick(self, now: float) -> None:
+        for node in self.nodes.values():
+            if node.status is NodeStatus.UP and now - node.last_seen > self.heartbeat_timeout:
+                self._node_down(node, now)
+        if any(t.state is TaskState.PENDING and 0 < t.not_before <= now for t in self._pending()):
+            self._needs_schedule = True
+
+    def _node_down(self, node: NodeRecord, now: float) -> None:
+        node.status = NodeStatus.DOWN
+        self._c.nodes[node.name] = node
+        self._c.out.append(Disconnect(node.name))
+        message = f"{node.name} missed heartbeats for {self.heartbeat_timeout:g}s"
+        for task in self.tasks.values():
+            if task.node == node.name and task.state.active:
+                self._end(task, TaskState.LOST, now, message=message)
+
+    # --- transitions --------------------------------------------------------------------
+
+    def _move(self, task: TaskRecord, to: TaskState, now: float, **fields: object) -> None:
+        if to not in TRANSITIONS[task.state]:
+            raise ShoalError(f"illegal transition of task {task.id}: {task.state.value} -> {to.value}")
+        if task.state.active and not to.active:
+            self._hold(task.node, task, -1)
+        task.state = to
+        for key, value in fields.items():
+            setattr(task, key, value)
+        if to.terminal:
+            task.finished_at = now
+        self._c.tasks[task.id] = task
+
+    def _end(
+        self, task: TaskRecord, to: TaskState, now: float, exit_code: int | None = None, message: str = ""
+    ) -> None:
+        """Move to an end state; then restart if the policy grants another attempt."""
+        if to is TaskState.LOST and task.kill_requested:
+            to = TaskState.KILLED
+        self._move(task, to, now, exit_code=exit_code, message=message)
+        self._needs_schedule = True
+        job = self.jobs[task.job_id]
+        if to in (TaskState.FAILED, TaskState.LOST) and not job.killed:
+            if task.attempt < job.spec.restart.attempts:
+                self._restart(task, now, now + job.spec.restart.delay)
+
+    def _restart(self, task: TaskRecord, now: float, not_before: float) -> None:
+        task.history.append(
+            Attempt(
+                attempt=task.attempt,
+                node=task.node,
+                state=task.state,
+                exit_code=task.exit_code,
+                message=task.message,
+                started_at=task.started_at,
+                finished_at=task.finished_at,
+            )
+        )
+        self._move(
+            task,
+            TaskState.PENDING,
+            now,
+            attempt=task.attempt + 1,
+            node=None,
+            exit_code=None,
+            message="",
+            started_at=None,
+            finished_at=None,
+            not_before=not_before,
+        )
+
+    def _hold(self, node_name: str | None, task: TaskRecord, sign: int) -> None:
+        node = self.nodes.get(node_name or "")
+        if node is None:
+            return
+        ask = self.jobs[task.job_id].spec.resources
+        node.allocated = node.allocated + ask if sign > 0 else node.allocated - ask
+
+    # --- scheduling ---------------------------------------------------------------------
+
+    def _pending(self) -> list[TaskRecord]:
+        pending = [t for t in self.tasks.values() if t.state is TaskState.PENDING]
+        pending.sort(key=lambda t: (t.job_id, t.index))
+        return pending
+
+    def node_views(self) -> dict[str, NodeView]:
+        return {
+            n.name: NodeView(n.name, n.info.capacity, n.allocated, n.status is NodeStatus.UP)
+            for n in self.nodes.values()
+        }
+
+    def _schedule(self, now: float) -> None:
+        self._needs_schedule = False
+        pending = self._pending()
+        if not pending:
+            self.unplaced = {}
+            return
+        asks = [Ask(t.id, self.jobs[t.job_id].spec.resources, t.not_before) for t in pending]
+        views = self.node_views()
+        plan = schedule(list(views.values()), asks, now)
+        verdict = apply_plan(views, plan)
+        self.unplaced = {**plan.unplaced, **verdict.rejected}
+        for placement in verdict.accepted:
+            task = self.tasks[placement.task_id]
+            self._move(task, TaskState.ASSIGNED, now, node=placement.node, message="")
+            self._hold(placement.node, task, +1)
+            self._c.launches[placement.node].append(self._run_spec(task))
+
+    def _run_spec(self, task: TaskRecord) -> RunSpec:
+        spec = self.jobs[task.job_id].spec
+        env = {
+            **spec.task_env(task.index),
+            "SHOAL_JOB_ID": str(task.job_id),
+            "SHOAL_TASK_ID": task.id,
+            "SHOAL_TASK_INDEX": str(task.index),
+            "SHOAL_ATTEMPT": str(task.attempt),
+        }
+        return RunSpec(
+            run_id=task.run_id,
+            task_id=task.id,
+            attempt=task.attempt,
+            argv=spec.argv(task.index),
+            env=env,
+            workdir=spec.workdir,
+            resources=spec.resources,
+            kill_grace=spec.kill_grace,
+        )
+
+    # --- output -------------------------------------------------------------------------
+
+    def _send(self, node: str | None, frame: Launch | Kill | Ack) -> None:
+        if node is not None:
+            self._c.out.append(Send(node, frame))
+
+    def _commands(self) -> list[Command]:
+        c = self._c
+        commands: list[Command] = []
+        if c.jobs or c.tasks or c.nodes:
+            commands.append(
+                Persist(tuple(c.jobs.values()), tuple(c.tasks.values()), tuple(c.nodes.values()))
+            )
+        commands.extend(Send(node, Launch(runs=runs)) for node, runs in c.launches.items())
+        commands.extend(c.out)
+        return commands

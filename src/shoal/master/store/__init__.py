@@ -1,0 +1,38 @@
+"""Where the master keeps what it has acknowledged: one small interface, several backends.
+
+SQLite (`SqliteStore`) is the embedded default. Every backend persists a whole `Persist`
+command atomically, so a batch of changes is either all there after a crash or not at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from shoal.master.state import Persist
+from shoal.model import JobRecord, NodeRecord, Role, TaskRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    jobs: list[JobRecord]
+    tasks: list[TaskRecord]
+    nodes: list[NodeRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEntry:
+    name: str
+    role: Role
+
+
+class Store(Protocol):
+    def load(self) -> Snapshot: ...
+
+    def apply(self, changes: Persist) -> None: ...
+
+    def token(self, digest: str) -> TokenEntry | None: ...
+
+    def put_token(self, digest: str, entry: TokenEntry) -> None: ...
+
+    def close(self) -> None: ...

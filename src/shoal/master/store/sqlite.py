@@ -1,0 +1,71 @@
+"""The embedded store: one SQLite file in write-ahead-log mode.
+
+Records are kept as JSON documents keyed by id: the ledger, not SQL, owns the schema, and
+a record's shape can grow without migrations. Each `apply` is one transaction.
+synchronous=NORMAL in WAL mode survives any crash of the process (SIGKILL included);
+only a power loss can take the last transactions.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from shoal.master.state import Persist
+from shoal.master.store import Snapshot, TokenEntry
+from shoal.model import JobRecord, NodeRecord, Role, TaskRecord
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, job_id INTEGER NOT NULL, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (digest TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL);
+"""
+
+
+class SqliteStore:
+    def __init__(self, path: Path | str) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def load(self) -> Snapshot:
+        return Snapshot(
+            jobs=[JobRecord.model_validate_json(d) for (d,) in self._db.execute("SELECT doc FROM jobs")],
+            tasks=[TaskRecord.model_validate_json(d) for (d,) in self._db.execute("SELECT doc FROM tasks")],
+            nodes=[NodeRecord.model_validate_json(d) for (d,) in self._db.execute("SELECT doc FROM nodes")],
+        )
+
+    def apply(self, changes: Persist) -> None:
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.executemany(
+                "INSERT OR REPLACE INTO jobs VALUES (?, ?)",
+                [(j.id, j.model_dump_json()) for j in changes.jobs],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?)",
+                [(t.id, t.job_id, t.model_dump_json()) for t in changes.tasks],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO nodes VALUES (?, ?)",
+                [(n.name, n.model_dump_json()) for n in changes.nodes],
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def token(self, digest: str) -> TokenEntry | None:
+        row = self._db.execute("SELECT name, role FROM tokens WHERE digest = ?", (digest,)).fetchone()
+        return TokenEntry(row[0], Role(row[1])) if row else None
+
+    def put_token(self, digest: str, entry: TokenEntry) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO tokens VALUES (?, ?, ?)", (digest, entry.name, entry.role.value)
+        )
+
+    def close(self) -> None:
+        self._db.close()

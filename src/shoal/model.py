@@ -1,0 +1,293 @@
+"""Domain types shared by the core, the master, the agent and the clients.
+
+Specs arrive from people and are validated here (pydantic gives every error a field
+path). Records are what the master's ledger holds and the store persists. Task states
+and their legal transitions live in one table, `TRANSITIONS`, which the master's state
+machine consults for every change.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_CPUS = 4096.0
+MAX_MEM_MB = 64 * 1024 * 1024  # 64 TiB
+MAX_COUNT = 100_000
+
+
+class Resources(BaseModel):
+    """A vector of countable resources: cpus (fractional), memory and disk in MiB, GPUs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpus: float = Field(1.0, ge=0, le=MAX_CPUS)
+    mem: int = Field(256, ge=0, le=MAX_MEM_MB, description="MiB")
+    disk: int = Field(0, ge=0, le=MAX_MEM_MB, description="MiB")
+    gpus: int = Field(0, ge=0, le=1024)
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(
+            cpus=round(self.cpus + other.cpus, 6),
+            mem=self.mem + other.mem,
+            disk=self.disk + other.disk,
+            gpus=self.gpus + other.gpus,
+        )
+
+    def __sub__(self, other: Resources) -> Resources:
+        return Resources.model_construct(
+            cpus=round(self.cpus - other.cpus, 6),
+            mem=self.mem - other.mem,
+            disk=self.disk - other.disk,
+            gpus=self.gpus - other.gpus,
+        )
+
+    def shortfall(self, free: Resources) -> str | None:
+        """The first dimension in which `free` cannot hold `self`, or None if it fits."""
+        for name in RESOURCE_NAMES:
+            if getattr(self, name) > getattr(free, name) + 1e-9:
+                return name
+        return None
+
+
+NO_RESOURCES = Resources(cpus=0, mem=0, disk=0, gpus=0)
+RESOURCE_NAMES = ("cpus", "mem", "disk", "gpus")
+
+
+class RestartPolicy(BaseModel):
+    """How often a failed or lost task runs again, and how long to wait first."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attempts: int = Field(0, ge=0, le=1000, description="re-runs after the first run")
+    delay: float = Field(1.0, ge=0, le=86_400, description="seconds before a re-run")
+
+
+Command = str | Annotated[list[str], Field(min_length=1)]
+
+
+class JobSpec(BaseModel):
+    """What a person submits: the same fields in TOML and in JSON over the API."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("", max_length=128)
+    command: Command = Field(description="a shell string, or an argv list run as is")
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = Field(None, description="absolute; default: the task's sandbox")
+    resources: Resources = Field(default_factory=Resources)
+    count: int = Field(1, ge=1, le=MAX_COUNT, description="tasks; {index} is substituted")
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)
+    kill_grace: float = Field(5.0, ge=0, le=3600, description="seconds from SIGTERM to SIGKILL")
+
+    @field_validator("command")
+    @classmethod
+    def _command_not_blank(cls, value: Command) -> Command:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir_absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must be an absolute path")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not key or "=" in key or "\0" in key:
+                raise ValueError(f"invalid variable name {key!r}")
+        return value
+
+    def argv(self, index: int) -> list[str]:
+        """The command line of task `index`: `{index}` substituted, strings run by sh."""
+        if isinstance(self.command, str):
+            return ["/bin/sh", "-c", _substitute(self.command, index)]
+        return [_substitute(arg, index) for arg in self.command]
+
+    def task_env(self, index: int) -> dict[str, str]:
+        return {k: _substitute(v, index) for k, v in self.env.items()}
+
+
+def _substitute(text: str, index: int) -> str:
+    # Plain replacement rather than str.format: shell commands are full of braces.
+    return text.replace("{index}", str(index))
+
+
+class TaskState(str, enum.Enum):
+    PENDING = "pending"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    KILLED = "killed"
+    LOST = "lost"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+    @property
+    def active(self) -> bool:
+        """Holds resources on a node."""
+        return self in (TaskState.ASSIGNED, TaskState.RUNNING)
+
+
+TERMINAL = frozenset({TaskState.FINISHED, TaskState.FAILED, TaskState.KILLED, TaskState.LOST})
+
+# Legal task transitions. FAILED and LOST go back to PENDING when the restart policy
+# grants another attempt; FINISHED and KILLED are final.
+TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.PENDING: frozenset({TaskState.ASSIGNED, TaskState.KILLED}),
+    TaskState.ASSIGNED: frozenset(
+        {TaskState.RUNNING, TaskState.FINISHED, TaskState.FAILED, TaskState.KILLED, TaskState.LOST}
+    ),
+    TaskState.RUNNING: frozenset(
+        {TaskState.FINISHED, TaskState.FAILED, TaskState.KILLED, TaskState.LOST}
+    ),
+    TaskState.FINISHED: frozenset(),
+    TaskState.KILLED: frozenset(),
+    TaskState.FAILED: frozenset({TaskState.PENDING}),
+    TaskState.LOST: frozenset({TaskState.PENDING}),
+}
+
+
+class NodeStatus(str, enum.Enum):
+    UP = "up"
+    DOWN = "down"
+
+
+class NodeInfo(BaseModel):
+    """What an agent reports about its node when it registers."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    hostname: str
+    capacity: Resources
+    labels: dict[str, str] = Field(default_factory=dict)
+    attributes: dict[str, str] = Field(default_factory=dict)
+    gpu_models: list[str] = Field(default_factory=list)
+
+
+class Usage(BaseModel):
+    """Live utilization of a node, measured by its agent."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cpu_percent: float = 0.0
+    mem_used: int = 0
+    load1: float = 0.0
+
+
+class NodeRecord(BaseModel):
+    """The ledger's view of one node: what it reported, whether it is alive, what it holds."""
+
+    info: NodeInfo
+    status: NodeStatus = NodeStatus.UP
+    last_seen: float = 0.0
+    usage: Usage = Field(default_factory=Usage)
+    allocated: Resources = NO_RESOURCES
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+class Attempt(BaseModel):
+    """One finished run of a task, kept in the task's history."""
+
+    attempt: int
+    node: str | None
+    state: TaskState
+    exit_code: int | None = None
+    message: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class TaskRecord(BaseModel):
+    """The ledger's view of one task of a job (the current attempt plus history)."""
+
+    id: str
+    job_id: int
+    index: int
+    state: TaskState = TaskState.PENDING
+    attempt: int = 0
+    node: str | None = None
+    exit_code: int | None = None
+    message: str = ""
+    kill_requested: bool = False
+    not_before: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    history: list[Attempt] = Field(default_factory=list)
+
+    @property
+    def run_id(self) -> str:
+        return run_id(self.id, self.attempt)
+
+
+def run_id(task_id: str, attempt: int) -> str:
+    """The agent-side name of one attempt of a task: unique across restarts."""
+    return f"{task_id}.{attempt}"
+
+
+def parse_run_id(run: str) -> tuple[str, int]:
+    """The task id and attempt named by a run id."""
+    task_id, _, attempt = run.rpartition(".")
+    return task_id, int(attempt)
+
+
+class JobState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    KILLED = "killed"
+
+
+class JobRecord(BaseModel):
+    id: int
+    owner: str
+    spec: JobSpec
+    submitted_at: float
+    killed: bool = False
+
+
+def job_state(job: JobRecord, tasks: list[TaskRecord]) -> JobState:
+    """A job's state, derived from its tasks' states (never stored)."""
+    states = {t.state for t in tasks}
+    if not states <= TERMINAL:
+        return JobState.RUNNING if states & {TaskState.ASSIGNED, TaskState.RUNNING} else JobState.PENDING
+    if job.killed or TaskState.KILLED in states:
+        return JobState.KILLED
+    if states == {TaskState.FINISHED}:
+        return JobState.COMPLETE
+    return JobState.FAILED
+
+
+class Role(str, enum.Enum):
+    ADMIN = "admin"
+    USER = "user"
+    READER = "reader"
+
+
+class Caller(BaseModel):
+    """Who is calling the API: the token's name and role."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    role: Role
+
+    def may_see(self, owner: str) -> bool:
+        return self.role is not Role.USER or owner == self.name
+
+    def may_change(self, owner: str) -> bool:
+        return self.role is Role.ADMIN or (self.role is Role.USER and owner == self.name)

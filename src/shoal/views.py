@@ -1,0 +1,68 @@
+"""What the REST API answers: the shapes the client parses back."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from shoal.model import JobRecord, JobSpec, JobState, Role, TaskRecord, job_state
+
+
+class TaskView(TaskRecord):
+    reason: str = Field("", description="why a pending task is not placed yet")
+
+
+class JobView(BaseModel):
+    id: int
+    name: str
+    owner: str
+    state: JobState
+    submitted_at: float
+    spec: JobSpec
+    counts: dict[str, int]
+    tasks: list[TaskView] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, job: JobRecord, tasks: list[TaskRecord], reasons: dict[str, str] | None = None) -> JobView:
+        counts: dict[str, int] = {}
+        for t in tasks:
+            counts[t.state.value] = counts.get(t.state.value, 0) + 1
+        views = (
+            [TaskView(**t.model_dump(), reason=reasons.get(t.id, "")) for t in tasks]
+            if reasons is not None
+            else []
+        )
+        return cls(
+            id=job.id,
+            name=job.spec.name,
+            owner=job.owner,
+            state=job_state(job, tasks),
+            submitted_at=job.submitted_at,
+            spec=job.spec,
+            counts=counts,
+            tasks=views,
+        )
+
+
+class Submitted(BaseModel):
+    id: int
+
+
+class TokenRequest(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
+    role: Role = Role.USER
+
+
+class TokenCreated(BaseModel):
+    name: str
+    role: Role
+    token: str
+
+
+class FieldError(BaseModel):
+    field: str
+    reason: str
+
+
+class ErrorBody(BaseModel):
+    error: str
+    fields: list[FieldError] = Field(default_factory=list)

@@ -1,0 +1,121 @@
+"""The frames exchanged between the master and its agents, and their encoding.
+
+One WebSocket per agent, dialled by the agent; every message is one msgpack frame whose
+`kind` names its type. `encode` and `decode` are the only way frames cross a link, in the
+live system and in SimCluster alike, so the simulated cluster exercises the real codec.
+
+Delivery: the agent reports every run state change in a `RunReports` frame and repeats
+unacknowledged reports until an `Ack` names them; `Register` carries the agent's whole
+task table so the master can reconcile after any reconnect.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from shoal.model import NodeInfo, Resources, TaskState, Usage
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class RunSpec(BaseModel):
+    """Everything an agent needs to start one attempt of a task."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    task_id: str
+    attempt: int
+    argv: list[str]
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = None
+    resources: Resources
+    kill_grace: float = 5.0
+
+
+class RunReport(BaseModel):
+    """The state of one run as its agent sees it (running or one of the end states)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    task_id: str
+    attempt: int
+    state: TaskState
+    exit_code: int | None = None
+    message: str = ""
+
+
+# agent -> master
+
+
+class Register(_Frame):
+    kind: Literal["register"] = "register"
+    node: NodeInfo
+    runs: list[RunReport] = Field(default_factory=list)
+
+
+class Heartbeat(_Frame):
+    kind: Literal["heartbeat"] = "heartbeat"
+    usage: Usage
+
+
+class RunReports(_Frame):
+    kind: Literal["reports"] = "reports"
+    reports: list[RunReport]
+
+
+class LogChunk(_Frame):
+    kind: Literal["log_chunk"] = "log_chunk"
+    request: int
+    data: bytes = b""
+    offset: int = 0
+    error: str = ""
+
+
+# master -> agent
+
+
+class Launch(_Frame):
+    kind: Literal["launch"] = "launch"
+    runs: list[RunSpec]
+
+
+class Kill(_Frame):
+    kind: Literal["kill"] = "kill"
+    run_ids: list[str]
+
+
+class Ack(_Frame):
+    kind: Literal["ack"] = "ack"
+    reports: list[tuple[str, TaskState]]
+
+
+class LogRequest(_Frame):
+    kind: Literal["log_request"] = "log_request"
+    request: int
+    run_id: str
+    stream: Literal["stdout", "stderr"] = "stdout"
+    offset: int = 0
+    limit: int = 65536
+
+
+Frame = Annotated[
+    Register | Heartbeat | RunReports | LogChunk | Launch | Kill | Ack | LogRequest,
+    Field(discriminator="kind"),
+]
+_FRAME = TypeAdapter(Frame)
+
+
+def encode(frame: _Frame) -> bytes:
+    return msgpack.packb(frame.model_dump(mode="python"), use_bin_type=True)
+
+
+def decode(data: bytes) -> Frame:
+    """Decode one frame; raises pydantic.ValidationError or msgpack errors on garbage."""
+    return _FRAME.validate_python(msgpack.unpackb(data, raw=False))
