@@ -28,6 +28,7 @@ from shoal.agent.state import (
     Event,
     Exited,
     FromMaster,
+    Recovered,
     RunEntry,
     SaveTable,
     SendToMaster,
@@ -39,7 +40,6 @@ from shoal.agent.state import (
 )
 from shoal.config import AgentSettings
 from shoal.errors import ShoalError
-from shoal.model import TaskState
 from shoal.wire import LogChunk, LogRequest, decode, encode
 
 log = logging.getLogger("shoal.agent")
@@ -105,18 +105,18 @@ class Agent:
         self.dispatch(Exited(run_id, code, time.time()))
 
     def _adopt(self) -> None:
-        """Watch the runs a previous agent process left running; settle the rest."""
-        now = time.time()
-        for entry in list(self.state.runs.values()):
-            run = entry.spec.run_id
-            if entry.state is TaskState.ASSIGNED:
-                # Never confirmed started: report it failed rather than risk running it twice.
-                self.dispatch(SpawnFailed(run, "the agent restarted before it started", now))
-            elif entry.state is TaskState.RUNNING and entry.pid is not None:
-                if self.runner.adopt(run, entry.pid, entry.pid_start):
-                    log.info("re-adopted run %s (pid %d)", run, entry.pid)
-                else:
-                    self.dispatch(Exited(run, self.runner.recorded_exit(run), now))
+        """Watch again the runs a previous agent process left running; settle the rest."""
+        alive = frozenset(
+            e.spec.run_id for e in self.state.running() if self.runner.adopt(e.spec.run_id, e.pid, e.pid_start)
+        )
+        exits = {
+            e.spec.run_id: self.runner.recorded_exit(e.spec.run_id)
+            for e in self.state.running()
+            if e.spec.run_id not in alive
+        }
+        if alive:
+            log.info("re-adopted runs %s", ", ".join(sorted(alive)))
+        self.dispatch(Recovered(alive, exits, time.time()))
 
     # --- loops ----------------------------------------------------------------------------
 

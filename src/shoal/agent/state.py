@@ -97,7 +97,17 @@ class Tick:
     usage: Usage
 
 
-Event = Connected | FromMaster | Spawned | SpawnFailed | Exited | Tick
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """A restarted agent looked for the processes of its saved runs: `alive` are still
+    running (and now watched again); the others ended, with `exit_codes` where recorded."""
+
+    alive: frozenset[str]
+    exit_codes: dict[str, int | None]
+    now: float
+
+
+Event = Connected | FromMaster | Spawned | SpawnFailed | Exited | Tick | Recovered
 
 # --- commands -------------------------------------------------------------------------
 
@@ -176,6 +186,8 @@ class AgentState:
                 self._finish(run, code, now)
             case Tick(now=now, usage=usage):
                 self._tick(now, usage)
+            case Recovered():
+                self._recover(event)
 
     def _launch(self, spec: RunSpec) -> None:
         if spec.run_id in self.runs:
@@ -250,6 +262,18 @@ class AgentState:
             self._o.changed = True
             if entry.state.terminal:
                 del self.runs[run]
+
+    def _recover(self, event: Recovered) -> None:
+        for run, entry in list(self.runs.items()):
+            if entry.state is TaskState.ASSIGNED:
+                # Never confirmed started: report it failed rather than risk running it twice.
+                self._finish(run, None, event.now, message="the agent restarted before it started")
+            elif entry.state is TaskState.RUNNING and run not in event.alive:
+                self._finish(run, event.exit_codes.get(run), event.now)
+
+    def running(self) -> list[RunEntry]:
+        """Runs whose processes were started and have not been seen to end."""
+        return [e for e in self.runs.values() if e.state is TaskState.RUNNING and e.pid is not None]
 
     def _tick(self, now: float, usage: Usage) -> None:
         self._o.commands.append(SendToMaster(Heartbeat(usage=usage)))

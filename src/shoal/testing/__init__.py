@@ -1,0 +1,2 @@
+"""Test tools shipped with shoal: SimCluster (in memory, virtual clock) and live clusters
+of real processes on loopback."""

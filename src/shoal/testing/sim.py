@@ -1,0 +1,335 @@
+"""SimCluster: the real master and agent state machines joined by in-memory links.
+
+Every frame goes through the real encoder (`wire.encode` / `wire.decode`) and arrives after
+a seeded random latency; time is virtual and moves only with `advance`. Processes are
+simulated: `runtime(spec)` says how long a run lasts and how it exits. Faults are methods:
+`kill_agent` (the machine dies with its processes), `restart_agent` (the agent process
+restarts; its runs go on), `partition` / `heal`, and `restart_master` (a new master state
+rebuilt from the store, as after a SIGKILL). After every delivery `check()` asserts the
+ledger's invariants, so a fault test fails at the first step that breaks one.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import re
+import signal
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shoal.agent import state as agent
+from shoal.master import state as master
+from shoal.master.store.sqlite import SqliteStore
+from shoal.model import NO_RESOURCES, JobSpec, NodeInfo, NodeStatus, Resources, Usage
+from shoal.wire import RunSpec, decode, encode
+
+Runtime = Callable[[RunSpec], tuple[float, int]]
+
+
+def shell_runtime(spec: RunSpec) -> tuple[float, int]:
+    """Reads `sleep N`, `exit K`, `true` and `false` from a command; anything else: 10 ms, 0."""
+    command = spec.argv[-1] if spec.argv[:2] == ["/bin/sh", "-c"] else " ".join(spec.argv)
+    if m := re.fullmatch(r"\s*sleep\s+([\d.]+)\s*", command):
+        return float(m.group(1)), 0
+    if m := re.fullmatch(r"\s*exit\s+(\d+)\s*", command):
+        return 0.01, int(m.group(1))
+    return 0.01, 1 if command.strip() == "false" else 0
+
+
+@dataclass
+class _Process:
+    run_id: str
+    task_id: str
+    ends_at: float
+    exit_code: int
+    alive: bool = True
+
+
+@dataclass
+class _Node:
+    info: NodeInfo
+    state: agent.AgentState | None = None
+    disk: tuple[agent.RunEntry, ...] = ()
+    processes: dict[str, _Process] = field(default_factory=dict)
+    connected: bool = False
+    partitioned: bool = False
+    epoch: int = 0  # bumped on every (re)connection: frames of an old connection are dropped
+
+
+def sim_node(name: str, cpus: float = 4, mem: int = 8192) -> NodeInfo:
+    return NodeInfo(name=name, hostname=name, capacity=Resources(cpus=cpus, mem=mem))
+
+
+class SimCluster:
+    def __init__(
+        self,
+        nodes: list[NodeInfo],
+        *,
+        seed: int = 0,
+        heartbeat_timeout: float = 5.0,
+        heartbeat_interval: float = 1.0,
+        master_tick: float = 0.5,
+        runtime: Runtime = shell_runtime,
+        check: bool = True,
+    ) -> None:
+        self.now = 0.0
+        self.rng = random.Random(seed)
+        self.runtime = runtime
+        self.heartbeat_timeout = heartbeat_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.master_tick = master_tick
+        self.checking = check
+        self.store = SqliteStore(":memory:")
+        self.master = master.MasterState(heartbeat_timeout, now=0.0)
+        self.master_up = True
+        self.nodes = {n.name: _Node(n) for n in nodes}
+        self.spawns: Counter[str] = Counter()  # task id -> processes ever started for it
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._requests = itertools.count(1)
+        self._at(master_tick, self._master_tick)
+        for name in self.nodes:
+            self.start_agent(name)
+
+    # --- the clock ------------------------------------------------------------------------
+
+    def _at(self, when: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), action))
+
+    def _latency(self) -> float:
+        return self.rng.uniform(0.001, 0.005)
+
+    def advance(self, seconds: float) -> None:
+        """Run everything due within the next `seconds` of virtual time."""
+        until = self.now + seconds
+        while self._heap and self._heap[0][0] <= until:
+            when, _, action = heapq.heappop(self._heap)
+            self.now = when
+            action()
+            if self.checking:
+                self.check()
+        self.now = until
+
+    def run_until(self, done: Callable[[], bool], limit: float = 120.0, step: float = 0.1) -> None:
+        waited = 0.0
+        while not done():
+            if waited >= limit:
+                raise AssertionError(f"condition not reached within {limit}s of virtual time")
+            self.advance(step)
+            waited += step
+
+    # --- the master side ------------------------------------------------------------------
+
+    def _master_handle(self, *events: master.Event) -> dict[int, master.Reply]:
+        replies = {}
+        for command in self.master.handle(*events):
+            match command:
+                case master.Persist():
+                    self.store.apply(command)
+                case master.Send(node=name, frame=frame):
+                    self._to_agent(name, encode(frame))
+                case master.Reply():
+                    replies[command.request] = command
+                case master.Disconnect(node=name):
+                    self._drop_connection(name)
+        return replies
+
+    def _master_tick(self) -> None:
+        if self.master_up:
+            self._master_handle(master.Tick(self.now))
+        self._at(self.now + self.master_tick, self._master_tick)
+
+    def submit(self, spec: JobSpec | dict, owner: str = "alice") -> int:
+        spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
+        request = next(self._requests)
+        reply = self._master_handle(master.Submit(request, owner, spec, self.now))[request]
+        if reply.error is not None:
+            raise reply.error
+        return reply.value  # type: ignore[return-value]
+
+    def kill_job(self, job_id: int) -> None:
+        self._master_handle(master.KillJob(next(self._requests), job_id, self.now))
+
+    def restart_master(self) -> None:
+        """The master dies (SIGKILL) and a new one starts from what the store holds."""
+        snap = self.store.load()
+        for node in self.nodes.values():
+            node.connected = False
+            node.epoch += 1
+        self.master = master.MasterState(
+            self.heartbeat_timeout, jobs=snap.jobs, tasks=snap.tasks, nodes=snap.nodes, now=self.now
+        )
+        for name in self.nodes:
+            self._schedule_reconnect(name)
+
+    # --- links ----------------------------------------------------------------------------
+
+    def _to_agent(self, name: str, data: bytes) -> None:
+        node = self.nodes[name]
+        if not node.connected or node.partitioned:
+            return
+        epoch = node.epoch
+        self._at(self.now + self._latency(), lambda: self._deliver_to_agent(name, data, epoch))
+
+    def _deliver_to_agent(self, name: str, data: bytes, epoch: int) -> None:
+        node = self.nodes[name]
+        if node.state is None or node.epoch != epoch or node.partitioned:
+            return
+        self._agent_handle(name, agent.FromMaster(decode(data), self.now))  # type: ignore[arg-type]
+
+    def _to_master(self, name: str, data: bytes) -> None:
+        node = self.nodes[name]
+        if not node.connected or node.partitioned:
+            return
+        epoch = node.epoch
+        self._at(self.now + self._latency(), lambda: self._deliver_to_master(name, data, epoch))
+
+    def _deliver_to_master(self, name: str, data: bytes, epoch: int) -> None:
+        node = self.nodes[name]
+        if node.epoch != epoch or node.partitioned or not self.master_up:
+            return
+        self._master_handle(master.FromAgent(name, decode(data), self.now))  # type: ignore[arg-type]
+
+    def _drop_connection(self, name: str) -> None:
+        node = self.nodes[name]
+        node.connected = False
+        node.epoch += 1
+        self._schedule_reconnect(name)
+
+    def _schedule_reconnect(self, name: str) -> None:
+        self._at(self.now + 0.1 + self._latency(), lambda: self._reconnect(name))
+
+    def _reconnect(self, name: str) -> None:
+        node = self.nodes[name]
+        if node.state is None or node.connected:
+            return
+        if node.partitioned:
+            self._schedule_reconnect(name)
+            return
+        node.connected = True
+        node.epoch += 1
+        self._agent_handle(name, agent.Connected(self.now))
+
+    def partition(self, name: str) -> None:
+        """Cut `name` off: frames both ways are lost until `heal`."""
+        self.nodes[name].partitioned = True
+
+    def heal(self, name: str) -> None:
+        """Reconnect `name`; its old connection is gone, as a real one would time out."""
+        node = self.nodes[name]
+        node.partitioned = False
+        node.connected = False
+        node.epoch += 1
+        self._schedule_reconnect(name)
+
+    # --- the agent side -------------------------------------------------------------------
+
+    def start_agent(self, name: str) -> None:
+        """Start an agent process on `name`, recovering its saved table if there is one."""
+        node = self.nodes[name]
+        node.state = agent.AgentState(node.info, [e.model_copy(deep=True) for e in node.disk])
+        alive = frozenset(r for r, p in node.processes.items() if p.alive)
+        exits = {r: p.exit_code for r, p in node.processes.items() if not p.alive}
+        self._agent_handle(name, agent.Recovered(alive, exits, self.now))
+        node.connected = False
+        self._schedule_reconnect(name)
+        self._at(self.now + self.heartbeat_interval, lambda: self._agent_tick(name, node.state))
+
+    def kill_agent(self, name: str) -> None:
+        """The machine dies: the agent and every process on it, with its disk."""
+        node = self.nodes[name]
+        node.state = None
+        node.connected = False
+        node.epoch += 1
+        node.disk = ()
+        for proc in node.processes.values():
+            proc.alive = False
+        node.processes.clear()
+
+    def stop_agent(self, name: str) -> None:
+        """Only the agent process dies (SIGKILL): its runs go on without it."""
+        node = self.nodes[name]
+        node.state = None
+        node.connected = False
+        node.epoch += 1
+
+    def restart_agent(self, name: str) -> None:
+        self.stop_agent(name)
+        self.start_agent(name)
+
+    def _agent_tick(self, name: str, state: agent.AgentState | None) -> None:
+        node = self.nodes[name]
+        if node.state is None or node.state is not state:
+            return  # that agent process is gone; its successor ticks on its own
+        self._agent_handle(name, agent.Tick(self.now, Usage()))
+        self._at(self.now + self.heartbeat_interval, lambda: self._agent_tick(name, state))
+
+    def _agent_handle(self, name: str, *events: agent.Event) -> None:
+        node = self.nodes[name]
+        assert node.state is not None
+        for command in node.state.handle(*events):
+            match command:
+                case agent.SaveTable(entries=entries):
+                    node.disk = tuple(e.model_copy(deep=True) for e in entries)
+                case agent.Spawn(spec=spec):
+                    self._spawn(name, spec)
+                case agent.Signal(run_id=run, signal=sig):
+                    self._signal(name, run, sig)
+                case agent.SendToMaster(frame=frame):
+                    self._to_master(name, encode(frame))
+
+    def _spawn(self, name: str, spec: RunSpec) -> None:
+        duration, code = self.runtime(spec)
+        proc = _Process(spec.run_id, spec.task_id, self.now + duration, code)
+        node = self.nodes[name]
+        node.processes[spec.run_id] = proc
+        self.spawns[spec.task_id] += 1
+        self._agent_handle(name, agent.Spawned(spec.run_id, pid=1000 + len(node.processes), pid_start=self.now, now=self.now))
+        self._at(proc.ends_at, lambda: self._process_ended(name, proc, None))
+
+    def _signal(self, name: str, run: str, sig: int) -> None:
+        proc = self.nodes[name].processes.get(run)
+        if proc is not None and proc.alive and sig in (signal.SIGTERM, signal.SIGKILL):
+            self._process_ended(name, proc, -sig)
+
+    def _process_ended(self, name: str, proc: _Process, code: int | None) -> None:
+        if not proc.alive:
+            return
+        proc.alive = False
+        if code is not None:
+            proc.exit_code = code
+        node = self.nodes[name]
+        if node.state is not None and node.processes.get(proc.run_id) is proc:
+            self._agent_handle(name, agent.Exited(proc.run_id, proc.exit_code, self.now))
+
+    # --- what tests look at ---------------------------------------------------------------
+
+    def live_processes(self, task_id: str) -> list[str]:
+        """The nodes where a process of `task_id` is alive now."""
+        return [
+            name
+            for name, node in self.nodes.items()
+            for p in node.processes.values()
+            if p.alive and p.task_id == task_id
+        ]
+
+    def check(self) -> None:
+        """The ledger's invariants: allocations add up and never exceed a node."""
+        held: dict[str, Resources] = {name: NO_RESOURCES for name in self.master.nodes}
+        for task in self.master.tasks.values():
+            if task.state.active:
+                assert task.node in self.master.nodes, f"task {task.id} is on unknown node {task.node}"
+                held[task.node] = held[task.node] + self.master.jobs[task.job_id].spec.resources
+        for name, record in self.master.nodes.items():
+            got, want = record.allocated, held[name]
+            assert _same(got, want), f"{name}: allocated {got} but its tasks hold {want}"
+            assert got.shortfall(record.info.capacity) is None, f"{name} is over-committed: {got}"
+            if record.status is NodeStatus.DOWN:
+                assert _same(want, NO_RESOURCES), f"{name} is down but still holds {want}"
+
+
+def _same(a: Resources, b: Resources) -> bool:
+    return abs(a.cpus - b.cpus) < 1e-6 and (a.mem, a.disk, a.gpus) == (b.mem, b.disk, b.gpus)

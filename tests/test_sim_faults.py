@@ -1,0 +1,150 @@
+"""Fault cases on SimCluster: the real state machines and codec, a virtual clock, many seeds."""
+
+from __future__ import annotations
+
+import pytest
+
+from shoal.errors import SpecError
+from shoal.model import JobState, NodeStatus, TaskState
+from shoal.testing.sim import SimCluster, sim_node
+
+SEEDS = range(25)
+
+
+def cluster(seed: int, n: int = 2, **kw) -> SimCluster:
+    sim = SimCluster([sim_node(f"node{i}") for i in range(1, n + 1)], seed=seed, **kw)
+    sim.advance(1.0)  # agents register
+    return sim
+
+
+def job_state(sim: SimCluster, job_id: int) -> JobState:
+    from shoal.model import job_state as derive
+
+    return derive(sim.master.jobs[job_id], sim.master.tasks_of(job_id))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_tasks_run_and_finish(seed: int) -> None:
+    sim = cluster(seed)
+    job = sim.submit({"command": "sleep 2", "count": 4, "resources": {"cpus": 1}})
+    sim.advance(0.5)
+    assert {t.state for t in sim.master.tasks_of(job)} == {TaskState.RUNNING}
+    sim.run_until(lambda: job_state(sim, job) is JobState.COMPLETE)
+    assert all(sim.spawns[t.id] == 1 for t in sim.master.tasks_of(job))
+    # acknowledged end states leave the agents' tables
+    sim.advance(1.0)
+    assert all(not n.state.runs for n in sim.nodes.values())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_exit_codes_are_kept(seed: int) -> None:
+    sim = cluster(seed)
+    job = sim.submit({"command": "exit 3"})
+    sim.run_until(lambda: job_state(sim, job) is JobState.FAILED)
+    (task,) = sim.master.tasks_of(job)
+    assert (task.state, task.exit_code) == (TaskState.FAILED, 3)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_kill_stops_every_process(seed: int) -> None:
+    sim = cluster(seed)
+    job = sim.submit({"command": "sleep 100", "count": 3, "resources": {"cpus": 1}})
+    sim.advance(1.0)
+    sim.kill_job(job)
+    sim.run_until(lambda: job_state(sim, job) is JobState.KILLED)
+    assert all(sim.live_processes(t.id) == [] for t in sim.master.tasks_of(job))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_lost_agent_tasks_rerun_elsewhere(seed: int) -> None:
+    sim = cluster(seed, heartbeat_timeout=3.0)
+    job = sim.submit({"command": "sleep 30", "count": 2, "resources": {"cpus": 3}, "restart": {"attempts": 1, "delay": 0}})
+    sim.advance(1.0)
+    victim = sim.master.tasks[f"{job}.0"].node
+    survivor = "node2" if victim == "node1" else "node1"
+    sim.kill_agent(victim)
+    sim.advance(3.0 + 1.0)  # within the heartbeat timeout plus one master tick
+    assert sim.master.nodes[victim].status is NodeStatus.DOWN
+    task = sim.master.tasks[f"{job}.0"]
+    assert task.history[0].state is TaskState.LOST
+    # the survivor is full (3 of 4 cpus in use) until the other task ends; then it reruns there
+    sim.run_until(lambda: sim.master.tasks[f"{job}.0"].state is TaskState.RUNNING, limit=60)
+    assert sim.master.tasks[f"{job}.0"].node == survivor
+    assert sim.master.tasks[f"{job}.0"].attempt == 1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_lost_without_attempts_left_stays_lost(seed: int) -> None:
+    sim = cluster(seed, heartbeat_timeout=3.0)
+    job = sim.submit({"command": "sleep 30"})
+    sim.advance(1.0)
+    sim.kill_agent(sim.master.tasks[f"{job}.0"].node)
+    sim.advance(5.0)
+    assert sim.master.tasks[f"{job}.0"].state is TaskState.LOST
+    assert job_state(sim, job) is JobState.FAILED
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_master_restart_keeps_jobs_and_readopts_tasks(seed: int) -> None:
+    sim = cluster(seed)
+    running = sim.submit({"command": "sleep 10", "count": 2, "resources": {"cpus": 1}})
+    sim.advance(1.0)
+    queued = sim.submit({"command": "sleep 1", "count": 20, "resources": {"cpus": 4}})
+    sim.restart_master()  # nothing in flight survives, only the store
+    assert set(sim.master.jobs) == {running, queued}
+    sim.run_until(lambda: job_state(sim, running) is JobState.COMPLETE, limit=30)
+    assert all(sim.spawns[t.id] == 1 for t in sim.master.tasks_of(running)), "a task ran twice"
+    sim.run_until(lambda: job_state(sim, queued) is JobState.COMPLETE, limit=60)
+    assert all(sim.spawns[t.id] == 1 for t in sim.master.tasks_of(queued))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_agent_restart_readopts_its_runs(seed: int) -> None:
+    sim = cluster(seed)
+    job = sim.submit({"command": "sleep 5", "resources": {"cpus": 1}})
+    sim.advance(1.0)
+    node = sim.master.tasks[f"{job}.0"].node
+    sim.restart_agent(node)
+    sim.advance(1.0)
+    assert sim.master.tasks[f"{job}.0"].state is TaskState.RUNNING
+    sim.run_until(lambda: job_state(sim, job) is JobState.COMPLETE)
+    assert sim.spawns[f"{job}.0"] == 1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_run_that_ends_while_its_agent_is_away_reports_its_exit(seed: int) -> None:
+    sim = SimCluster([sim_node("node1")], seed=seed, runtime=lambda spec: (2.0, 7))
+    job = sim.submit({"command": "work"})
+    sim.advance(1.0)
+    assert sim.master.tasks[f"{job}.0"].state is TaskState.RUNNING
+    sim.stop_agent("node1")
+    sim.advance(2.0)  # the process ends meanwhile; the node is not yet timed out
+    sim.start_agent("node1")
+    sim.run_until(lambda: sim.master.tasks[f"{job}.0"].state.terminal, limit=10)
+    task = sim.master.tasks[f"{job}.0"]
+    assert (task.state, task.exit_code) == (TaskState.FAILED, 7)
+    assert sim.spawns[f"{job}.0"] == 1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_partitioned_node_orphans_are_killed_after_heal(seed: int) -> None:
+    sim = cluster(seed, heartbeat_timeout=3.0)
+    job = sim.submit({"command": "sleep 60", "resources": {"cpus": 1}, "restart": {"attempts": 2, "delay": 0}})
+    sim.advance(1.0)
+    first = sim.master.tasks[f"{job}.0"].node
+    sim.partition(first)
+    sim.advance(5.0)
+    task = sim.master.tasks[f"{job}.0"]
+    assert task.attempt == 1 and task.node != first and task.state is TaskState.RUNNING
+    sim.heal(first)
+    sim.advance(2.0)
+    assert sim.live_processes(f"{job}.0") == [task.node], "the orphan on the healed node still runs"
+
+
+def test_unschedulable_spec_is_refused_with_the_reason() -> None:
+    sim = cluster(0)
+    with pytest.raises(SpecError) as info:
+        sim.submit({"command": "x", "resources": {"cpus": 64}})
+    assert info.value.field == "resources"
+    assert info.value.reason == "unschedulable: needs 64 cpus, the largest node has 4"
+    assert sim.master.jobs == {}
