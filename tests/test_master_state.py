@@ -1,0 +1,159 @@
+"""The master's state machine, event by event: exact commands back."""
+
+from __future__ import annotations
+
+import pytest
+
+from shoal.errors import ShoalError, SpecError
+from shoal.master.state import (
+    AgentGone,
+    Disconnect,
+    FromAgent,
+    KillJob,
+    MasterState,
+    Persist,
+    Reply,
+    Send,
+    Submit,
+    Tick,
+)
+from shoal.model import JobSpec, NodeStatus, TaskState
+from shoal.testing.sim import sim_node
+from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReport, RunReports
+
+
+def register(state: MasterState, name: str, now: float = 0.0, runs: list[RunReport] = ()) -> list:
+    return state.handle(FromAgent(name, Register(node=sim_node(name, cpus=2), runs=list(runs)), now))
+
+
+def submit(state: MasterState, now: float = 0.0, **spec) -> tuple[int, list]:
+    commands = state.handle(Submit(1, "alice", JobSpec(**{"command": "true", **spec}), now))
+    reply = next(c for c in commands if isinstance(c, Reply))
+    assert reply.error is None, reply.error
+    return reply.value, commands
+
+
+def report(task_id: str, state: TaskState, attempt: int = 0, exit_code: int | None = None) -> RunReport:
+    return RunReport(run_id=f"{task_id}.{attempt}", task_id=task_id, attempt=attempt, state=state, exit_code=exit_code)
+
+
+def test_submit_persists_before_it_replies_and_launches() -> None:
+    state = MasterState()
+    register(state, "n1")
+    job, commands = submit(state, count=2, resources={"cpus": 1})
+    kinds = [type(c) for c in commands]
+    assert kinds == [Persist, Send, Reply]
+    persist, send, reply = commands
+    assert {t.id for t in persist.tasks} == {"1.0", "1.1"} and persist.jobs[0].id == job == 1
+    assert isinstance(send.frame, Launch) and [r.run_id for r in send.frame.runs] == ["1.0.0", "1.1.0"]
+    assert send.frame.runs[0].env["SHOAL_TASK_INDEX"] == "0"
+
+
+def test_index_is_substituted_in_command_and_env() -> None:
+    state = MasterState()
+    register(state, "n1")
+    _, commands = submit(state, command="echo {index}", env={"SHARD": "part-{index}"}, count=2, resources={"cpus": 0.5})
+    runs = next(c for c in commands if isinstance(c, Send)).frame.runs
+    assert [r.argv for r in runs] == [["/bin/sh", "-c", "echo 0"], ["/bin/sh", "-c", "echo 1"]]
+    assert [r.env["SHARD"] for r in runs] == ["part-0", "part-1"]
+
+
+def test_unschedulable_submission_is_refused_and_changes_nothing() -> None:
+    state = MasterState()
+    register(state, "n1")
+    commands = state.handle(Submit(7, "alice", JobSpec(command="x", resources={"cpus": 3}), 0.0))
+    assert commands == [Reply(7, error=commands[0].error)]
+    assert isinstance(commands[0].error, SpecError) and "the largest node has 2" in commands[0].error.reason
+    assert state.jobs == {} and state.next_job_id == 1
+
+
+def test_reports_move_tasks_and_are_acknowledged() -> None:
+    state = MasterState()
+    register(state, "n1")
+    submit(state, resources={"cpus": 1})
+    commands = state.handle(FromAgent("n1", RunReports(reports=[report("1.0", TaskState.RUNNING)]), 1.0))
+    assert state.tasks["1.0"].state is TaskState.RUNNING
+    assert commands[-1] == Send("n1", Ack(reports=[("1.0.0", TaskState.RUNNING)]))
+    state.handle(FromAgent("n1", RunReports(reports=[report("1.0", TaskState.FINISHED, exit_code=0)]), 2.0))
+    assert state.tasks["1.0"].state is TaskState.FINISHED
+    assert state.nodes["n1"].allocated.cpus == 0
+
+
+def test_report_of_an_old_attempt_is_killed_not_adopted() -> None:
+    state = MasterState()
+    register(state, "n1")
+    submit(state, resources={"cpus": 1})
+    commands = state.handle(FromAgent("n1", RunReports(reports=[report("1.0", TaskState.RUNNING, attempt=5)]), 1.0))
+    assert Send("n1", Kill(run_ids=["1.0.5"])) in commands
+    assert state.tasks["1.0"].state is TaskState.ASSIGNED
+
+
+def test_heartbeat_timeout_loses_tasks_and_restarts_them_after_the_delay() -> None:
+    state = MasterState(heartbeat_timeout=3)
+    register(state, "n1")
+    register(state, "n2")
+    submit(state, resources={"cpus": 2}, restart={"attempts": 1, "delay": 10})
+    node = state.tasks["1.0"].node
+    other = "n2" if node == "n1" else "n1"
+    state.handle(FromAgent(other, Heartbeat(usage={}), 3.5))
+    commands = state.handle(Tick(3.5))
+    assert Disconnect(node) in commands and state.nodes[node].status is NodeStatus.DOWN
+    task = state.tasks["1.0"]
+    assert (task.state, task.attempt, task.history[0].state) == (TaskState.PENDING, 1, TaskState.LOST)
+    assert state.handle(Tick(5.0)) == [] and state.tasks["1.0"].state is TaskState.PENDING
+    state.handle(FromAgent(other, Heartbeat(usage={}), 13.0))
+    commands = state.handle(Tick(13.6))
+    assert any(isinstance(c, Send) and isinstance(c.frame, Launch) and c.node == other for c in commands)
+
+
+def test_register_reconciles_the_agent_table() -> None:
+    state = MasterState()
+    register(state, "n1")
+    submit(state, count=3, resources={"cpus": 0.5})
+    state.handle(FromAgent("n1", RunReports(reports=[report("1.0", TaskState.RUNNING), report("1.1", TaskState.RUNNING)]), 1.0))
+    # the agent comes back knowing 1.0 only, plus a stranger; 1.2 was never received
+    commands = register(state, "n1", 2.0, [report("1.0", TaskState.RUNNING), report("9.0", TaskState.RUNNING)])
+    assert state.tasks["1.0"].state is TaskState.RUNNING
+    assert state.tasks["1.1"].state is TaskState.LOST
+    relaunch = [c.frame for c in commands if isinstance(c, Send) and isinstance(c.frame, Launch)]
+    assert [r.run_id for r in relaunch[0].runs] == ["1.2.0"]
+    assert Send("n1", Kill(run_ids=["9.0.0"])) in commands
+
+
+def test_kill_pending_and_running_tasks() -> None:
+    state = MasterState()
+    register(state, "n1")
+    submit(state, count=3, resources={"cpus": 1})  # 2 fit on the 2-cpu node, 1 pends
+    commands = state.handle(KillJob(2, 1, 1.0))
+    assert state.tasks["1.2"].state is TaskState.KILLED
+    kills = [c.frame.run_ids for c in commands if isinstance(c, Send) and isinstance(c.frame, Kill)]
+    assert sorted(kills) == [["1.0.0"], ["1.1.0"]]
+    state.handle(FromAgent("n1", RunReports(reports=[report("1.0", TaskState.FAILED, exit_code=-15)]), 2.0))
+    assert state.tasks["1.0"].state is TaskState.KILLED  # a requested kill is a kill, not a failure
+
+
+def test_closed_connection_alone_does_not_take_a_node_down() -> None:
+    state = MasterState(heartbeat_timeout=10)
+    register(state, "n1")
+    state.handle(AgentGone("n1", 1.0))
+    state.handle(Tick(5.0))
+    assert state.nodes["n1"].status is NodeStatus.UP
+
+
+def test_restored_state_holds_the_same_allocations() -> None:
+    state = MasterState()
+    register(state, "n1")
+    submit(state, count=2, resources={"cpus": 0.5, "mem": 100})
+    restored = MasterState(jobs=state.jobs.values(), tasks=state.tasks.values(), nodes=state.nodes.values(), now=50.0)
+    assert restored.nodes["n1"].allocated == state.nodes["n1"].allocated
+    assert restored.nodes["n1"].last_seen == 50.0
+    assert restored.next_job_id == 2
+
+
+def test_an_illegal_transition_is_a_bug_not_a_silent_change() -> None:
+    state = MasterState()
+    register(state, "n1")
+    submit(state, resources={"cpus": 1})
+    state.handle(FromAgent("n1", RunReports(reports=[report("1.0", TaskState.FINISHED, exit_code=0)]), 1.0))
+    with pytest.raises(ShoalError, match="illegal transition"):
+        state._move(state.tasks["1.0"], TaskState.RUNNING, 2.0)

@@ -1,0 +1,59 @@
+"""Frames round-trip through the codec; specs refuse bad input with the field at fault."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from pydantic import ValidationError
+
+from shoal.model import JobSpec, Resources, TaskState
+from shoal.testing.sim import sim_node
+from shoal.wire import Ack, Kill, Launch, LogChunk, Register, RunReport, RunSpec, decode, encode
+
+FRAMES = [
+    Register(node=sim_node("n1"), runs=[RunReport(run_id="1.0.0", task_id="1.0", attempt=0, state=TaskState.RUNNING)]),
+    Launch(runs=[RunSpec(run_id="1.0.0", task_id="1.0", attempt=0, argv=["true"], resources=Resources())]),
+    Kill(run_ids=["1.0.0"]),
+    Ack(reports=[("1.0.0", TaskState.FINISHED)]),
+    LogChunk(request=3, data=b"\x00\xffbytes", offset=10),
+]
+
+
+@pytest.mark.parametrize("frame", FRAMES, ids=lambda f: f.kind)
+def test_frames_round_trip(frame) -> None:
+    assert decode(encode(frame)) == frame
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [msgpack.packb({"kind": "launch"}), msgpack.packb({"kind": "nope"}), msgpack.packb([1, 2])],
+)
+def test_garbage_frames_are_refused(garbage: bytes) -> None:
+    with pytest.raises(ValidationError):
+        decode(garbage)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"command": ""}, "command"),
+        ({"command": "x", "resources": {"cpus": -1}}, "resources.cpus"),
+        ({"command": "x", "resources": {"mem": 10**12}}, "resources.mem"),
+        ({"command": "x", "count": 0}, "count"),
+        ({"command": "x", "workdir": "relative/dir"}, "workdir"),
+        ({"command": "x", "colour": "blue"}, "colour"),
+        ({"command": "x", "restart": {"attempts": -2}}, "restart.attempts"),
+        ({"command": "x", "env": {"A=B": "c"}}, "env"),
+        ({}, "command"),
+    ],
+)
+def test_bad_specs_name_the_field(spec: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        JobSpec.model_validate(spec)
+    locations = {".".join(str(p) for p in e["loc"] if not str(p).startswith(("str", "list["))) for e in info.value.errors()}
+    assert any(loc == field or loc.startswith(field + ".") for loc in locations), locations
+
+
+def test_argv_of_a_list_command_is_not_run_by_a_shell() -> None:
+    spec = JobSpec(command=["echo", "{index}", "$HOME"])
+    assert spec.argv(4) == ["echo", "4", "$HOME"]
