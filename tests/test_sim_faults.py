@@ -99,6 +99,17 @@ def test_master_restart_keeps_jobs_and_readopts_tasks(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+def test_kill_while_agents_are_away_reaches_them_when_they_return(seed: int) -> None:
+    sim = cluster(seed)
+    job = sim.submit({"command": "sleep 100", "count": 2, "resources": {"cpus": 1}})
+    sim.advance(1.0)
+    sim.restart_master()
+    sim.kill_job(job)  # before any agent has reconnected: the kill frames go nowhere
+    sim.run_until(lambda: job_state(sim, job) is JobState.KILLED, limit=10)
+    assert all(sim.live_processes(t.id) == [] for t in sim.master.tasks_of(job))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_agent_restart_readopts_its_runs(seed: int) -> None:
     sim = cluster(seed)
     job = sim.submit({"command": "sleep 5", "resources": {"cpus": 1}})

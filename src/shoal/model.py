@@ -190,6 +190,7 @@ class NodeRecord(BaseModel):
 
     info: NodeInfo
     status: NodeStatus = NodeStatus.UP
+    connected: bool = True
     last_seen: float = 0.0
     usage: Usage = Field(default_factory=Usage)
     allocated: Resources = NO_RESOURCES

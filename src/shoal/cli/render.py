@@ -92,7 +92,7 @@ def nodes_table(nodes: Sequence[NodeRecord]) -> Table:
         up = n.status is NodeStatus.UP
         table.add_row(
             n.name,
-            styled(n.status.value),
+            styled(n.status.value) + ("" if n.connected or not up else " [dim](reconnecting)[/]"),
             f"{used.cpus:g}/{cap.cpus:g}",
             f"{used.mem}/{cap.mem}",
             f"{used.gpus}/{cap.gpus}",

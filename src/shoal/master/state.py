@@ -150,7 +150,9 @@ class MasterState:
             self.job_tasks[task.job_id].append(task.id)
         for node in nodes:
             # A restarted master gives every node a full timeout to reconnect.
-            self.nodes[node.name] = node.model_copy(update={"last_seen": now, "allocated": NO_RESOURCES})
+            self.nodes[node.name] = node.model_copy(
+                update={"last_seen": now, "allocated": NO_RESOURCES, "connected": False}
+            )
         for task in self.tasks.values():
             if task.state.active and task.node in self.nodes:
                 self._hold(task.node, task, +1)
@@ -188,8 +190,10 @@ class MasterState:
                 self._heartbeat(event.node, event.frame, event.now)
             case FromAgent(frame=RunReports()):
                 self._reports(event.node, event.frame.reports, event.now)
-            case AgentGone():
-                pass  # the heartbeat timeout, not a closed socket, decides that a node is down
+            case AgentGone(node=name):
+                # The heartbeat timeout, not a closed socket, decides that a node is down.
+                if (node := self.nodes.get(name)) is not None:
+                    node.connected = False
             case Tick():
                 self._tick(event.now)
 
@@ -230,6 +234,7 @@ class MasterState:
             self.nodes[name] = node
         node.info = frame.node
         node.status = NodeStatus.UP
+        node.connected = True
         node.last_seen = now
         self._c.nodes[name] = node
         self._needs_schedule = True
@@ -276,6 +281,8 @@ class MasterState:
             if task.state is TaskState.ASSIGNED:
                 self._move(task, TaskState.RUNNING, now)
                 task.started_at = now
+            if task.kill_requested:
+                self._send(name, Kill(run_ids=[r.run_id]))  # the first may have been lost
         elif r.state.terminal:
             killed = task.kill_requested and r.state is not TaskState.FINISHED
             self._end(task, TaskState.KILLED if killed else r.state, now, r.exit_code, r.message)
@@ -289,6 +296,7 @@ class MasterState:
 
     def _node_down(self, node: NodeRecord, now: float) -> None:
         node.status = NodeStatus.DOWN
+        node.connected = False
         self._c.nodes[node.name] = node
         self._c.out.append(Disconnect(node.name))
         message = f"{node.name} missed heartbeats for {self.heartbeat_timeout:g}s"

@@ -1,0 +1,146 @@
+"""A live cluster for tests and benchmarks: a real master and real agents on 127.0.0.1.
+
+    with live_cluster(tmp_path, agents=2) as cluster:
+        client = cluster.client()
+        ...
+        cluster.kill_agent("node1")      # SIGKILL, as a crashed machine's agent
+        cluster.restart_master()         # SIGKILL, then start again on the same store
+
+Each process logs to a file in the cluster's directory; `stop` leaves no process behind,
+tasks included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from shoal.agent.server import stop_runs
+from shoal.client import Client, Unreachable
+from shoal.master.auth import new_token
+from shoal.model import NodeStatus
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(done: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Unreachable):
+            if value := done():
+                return value
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not reached within {timeout}s")
+
+
+class LiveCluster:
+    def __init__(self, root: Path, agents: int, heartbeat_timeout: float, heartbeat_interval: float) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_token = new_token()
+        self.cluster_token = new_token()
+        self.heartbeat_timeout = heartbeat_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.agent_names = [f"node{i}" for i in range(1, agents + 1)]
+        self.master: subprocess.Popen[bytes] | None = None
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SHOAL_ADMIN_TOKEN": self.admin_token, "SHOAL_CLUSTER_TOKEN": self.cluster_token}
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
+        with log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "shoal", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def client(self, token: str | None = None) -> Client:
+        return Client(self.url, token or self.admin_token)
+
+    # --- the master -----------------------------------------------------------------------
+
+    def start_master(self) -> None:
+        self.master = self._spawn(
+            "master", "master", "--port", str(self.port), "--state-dir", str(self.root / "master"),
+            "--heartbeat-timeout", str(self.heartbeat_timeout),
+        )
+        with self.client() as c:
+            wait_for(c.whoami, what="the master answering")
+
+    def kill_master(self, sig: int = signal.SIGKILL) -> None:
+        assert self.master is not None
+        self.master.send_signal(sig)
+        self.master.wait(10)
+
+    def restart_master(self) -> None:
+        self.kill_master()
+        self.start_master()
+
+    # --- agents ---------------------------------------------------------------------------
+
+    def agent_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def start_agent(self, name: str) -> None:
+        self.agents[name] = self._spawn(
+            name, "agent", "--master", self.url, "--name", name, "--state-dir", str(self.agent_dir(name)),
+            "--heartbeat-interval", str(self.heartbeat_interval), "--cpus", "2", "--mem", "2048",
+        )
+
+    def kill_agent(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.agents.pop(name)
+        proc.send_signal(sig)
+        proc.wait(10)
+
+    def wait_nodes_up(self, names: list[str] | None = None, timeout: float = 15.0) -> None:
+        want = set(names or self.agents)
+        with self.client() as c:
+            wait_for(
+                lambda: want <= {n.name for n in c.nodes() if n.status is NodeStatus.UP and n.connected},
+                timeout,
+                f"nodes {sorted(want)} up",
+            )
+
+    # --- all ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.start_master()
+        for name in self.agent_names:
+            self.start_agent(name)
+        self.wait_nodes_up()
+
+    def stop(self) -> None:
+        procs = [*self.agents.values(), *([self.master] if self.master else [])]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in procs:
+            proc.wait(10)
+        for name in self.agent_names:
+            stop_runs(self.agent_dir(name))
+
+
+@contextlib.contextmanager
+def live_cluster(
+    root: Path, agents: int = 2, heartbeat_timeout: float = 2.0, heartbeat_interval: float = 0.3
+) -> Iterator[LiveCluster]:
+    cluster = LiveCluster(root, agents, heartbeat_timeout, heartbeat_interval)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
