@@ -3,10 +3,13 @@ PY      := python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# Debian packages the tests use (procps for ps/pkill in debugging, iproute2 for netns tests).
+TEST_DEBS := procps iproute2
 
-.PHONY: run test install clean
+.PHONY: run test install test-deps clean
 
 $(BIN)/python:
+	@$(PY) -c 'import venv, ensurepip' 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3-venv; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
@@ -16,10 +19,14 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+test-deps:
+	@missing=$$(for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing; fi
+
 run: install
 	$(BIN)/shoal dev
 
-test: install
+test: install test-deps
 	$(BIN)/python -m pytest -q
 
 clean:
