@@ -3,8 +3,8 @@ PY      := python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-# Debian packages the tests use (procps for ps/pkill in debugging, iproute2 for netns tests).
-TEST_DEBS := procps iproute2
+# Debian packages the tests need beyond Python; installed with apt-get when missing.
+TEST_DEBS :=
 
 .PHONY: run test install test-deps clean
 

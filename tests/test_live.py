@@ -50,6 +50,16 @@ def test_run_streams_output_and_propagates_exit_codes(cluster: LiveCluster) -> N
     assert sorted(many.stdout.splitlines()) == ["0: task 0", "1: task 1", "2: task 2"]
 
 
+def test_nodes_report_resources_labels_and_live_usage(cluster: LiveCluster) -> None:
+    with cluster.client() as client:
+        wait_for(lambda: all(n.usage.mem_used > 0 for n in client.nodes()), what="a heartbeat with usage")
+        for node in client.nodes():
+            assert node.info.labels == {"agent": node.name}
+            assert (node.info.capacity.cpus, node.info.capacity.mem) == (2, 2048)
+            assert node.info.attributes["os"] == "linux" and node.info.attributes["arch"]
+            assert node.info.capacity.disk > 0
+
+
 def test_job_tasks_spread_over_agents_and_logs_come_back(cluster: LiveCluster) -> None:
     with cluster.client() as client:
         job = client.submit(JobSpec(command="echo part-{index} $SHOAL_JOB_ID", count=4, resources={"cpus": 1}))

@@ -99,6 +99,7 @@ class LiveCluster:
         self.agents[name] = self._spawn(
             name, "agent", "--master", self.url, "--name", name, "--state-dir", str(self.agent_dir(name)),
             "--heartbeat-interval", str(self.heartbeat_interval), "--cpus", "2", "--mem", "2048",
+            "--label", f"agent={name}",
         )
 
     def kill_agent(self, name: str, sig: int = signal.SIGKILL) -> None:

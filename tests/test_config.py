@@ -1,0 +1,44 @@
+"""Settings: flags beat SHOAL_* variables, which beat the TOML file, which beats defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from shoal.config import AgentSettings, MasterSettings, load_settings
+
+
+def test_precedence_flags_env_file_defaults(tmp_path: Path, monkeypatch) -> None:
+    file = tmp_path / "master.toml"
+    file.write_text('port = 9001\nheartbeat_timeout = 4.0\nhost = "0.0.0.0"\n')
+    monkeypatch.setenv("SHOAL_HEARTBEAT_TIMEOUT", "6")
+    monkeypatch.setenv("SHOAL_HOST", "10.0.0.1")
+    settings = load_settings(MasterSettings, file, host="127.0.0.2", port=None)
+    assert settings.host == "127.0.0.2"  # flag
+    assert settings.heartbeat_timeout == 6.0  # environment over file
+    assert settings.port == 9001  # file over default
+    assert settings.tick == 0.5  # default
+
+
+def test_agent_labels_from_file_and_token_from_env(tmp_path: Path, monkeypatch) -> None:
+    file = tmp_path / "agent.toml"
+    file.write_text('name = "gpu7"\n[labels]\nrack = "r1"\nzone = "b"\n')
+    monkeypatch.setenv("SHOAL_CLUSTER_TOKEN", "secret")
+    settings = load_settings(AgentSettings, file)
+    assert settings.name == "gpu7" and settings.labels == {"rack": "r1", "zone": "b"}
+    assert settings.cluster_token.get_secret_value() == "secret"
+    assert "secret" not in repr(settings)
+
+
+def test_unknown_or_bad_settings_are_refused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("SHOAL_CLUSTER_TOKEN", raising=False)
+    file = tmp_path / "master.toml"
+    file.write_text("prot = 9001\n")
+    with pytest.raises(ValidationError, match="prot"):
+        load_settings(MasterSettings, file)
+    with pytest.raises(ValidationError, match="heartbeat_timeout"):
+        load_settings(MasterSettings, None, heartbeat_timeout=-1)
+    with pytest.raises(ValidationError, match="cluster_token"):
+        load_settings(AgentSettings, None)

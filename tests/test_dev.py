@@ -1,0 +1,50 @@
+"""`shoal dev`: one command up, `shoal run` works from another shell, Ctrl-C leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from shoal.client import Client
+from shoal.config import ClientConfig, load_client_config
+from shoal.model import JobSpec, NodeStatus, TaskState
+from shoal.testing.live import free_port, wait_for
+
+
+def test_dev_cluster_up_run_and_clean_stop(tmp_path: Path, monkeypatch) -> None:
+    config = tmp_path / "client.toml"
+    env = {**os.environ, "SHOAL_CONFIG": str(config)}
+    for var in ("SHOAL_URL", "SHOAL_TOKEN"):
+        env.pop(var, None)
+    port = free_port()
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "dev", "--agents", "2", "--port", str(port), "--state-dir", str(tmp_path / "dev")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        wait_for(config.exists, what="the client file")
+        monkeypatch.setenv("SHOAL_CONFIG", str(config))
+        settings: ClientConfig = load_client_config()
+        assert settings.url == f"http://127.0.0.1:{port}"
+        with Client.from_config() as client:
+            wait_for(lambda: len([n for n in client.nodes() if n.status is NodeStatus.UP]) == 2, what="2 agents")
+            hi = subprocess.run([sys.executable, "-m", "shoal", "run", "--", "echo", "hi"], env=env,
+                                capture_output=True, text=True, timeout=60)
+            assert (hi.returncode, hi.stdout) == (0, "hi\n")
+            job = client.submit(JobSpec(command="sleep 300", count=2, resources={"cpus": 0.5}))
+            wait_for(lambda: all(t.state is TaskState.RUNNING for t in client.job(job).tasks))
+        family = psutil.Process(dev.pid).children(recursive=True)
+        assert len(family) >= 3 + 2  # master, 2 agents, and the tasks' processes
+        dev.send_signal(signal.SIGINT)
+        output, _ = dev.communicate(timeout=30)
+        assert "token" in output and "/docs" in output
+        survivors = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert survivors == []
+    finally:
+        if dev.poll() is None:
+            dev.kill()
