@@ -144,9 +144,15 @@ def test_bad_input_auth_and_ownership(cluster: LiveCluster) -> None:
     with cluster.client(alice) as a, cluster.client(bob) as b, cluster.client(reader) as r:
         job = a.submit(JobSpec(command="sleep 60", resources={"cpus": 0.1}))
         assert [j.id for j in b.jobs()] == []
-        with pytest.raises(ApiError) as hidden:
+        with pytest.raises(ApiError) as not_his:
             b.kill(job)
-        assert hidden.value.status == 404  # bob cannot even see it
+        assert not_his.value.status == 403
+        with pytest.raises(ApiError) as not_his_either:
+            b.logs(f"{job}.0")
+        assert not_his_either.value.status == 403
+        with pytest.raises(ApiError) as missing:
+            b.kill(job + 100)
+        assert missing.value.status == 404
         assert [j.id for j in r.jobs()] == [job]
         with pytest.raises(ApiError) as refused:
             r.kill(job)
@@ -158,7 +164,7 @@ def test_bad_input_auth_and_ownership(cluster: LiveCluster) -> None:
         assert a.wait(job, timeout=15).state is JobState.KILLED
 
     cli = shoal_cli(cluster, "kill", str(job), token=bob)
-    assert cli.returncode == 2 and "no job" in cli.stderr
+    assert cli.returncode == 2 and "belongs to another user" in cli.stderr
 
 
 def test_agent_with_a_wrong_token_is_refused(cluster: LiveCluster, tmp_path: Path) -> None:

@@ -22,15 +22,11 @@ class JobView(BaseModel):
     tasks: list[TaskView] = Field(default_factory=list)
 
     @classmethod
-    def of(cls, job: JobRecord, tasks: list[TaskRecord], reasons: dict[str, str] | None = None) -> JobView:
+    def summary(cls, job: JobRecord, tasks: list[TaskRecord]) -> JobView:
+        """The job with counts of its tasks per state, without the tasks themselves."""
         counts: dict[str, int] = {}
         for t in tasks:
             counts[t.state.value] = counts.get(t.state.value, 0) + 1
-        views = (
-            [TaskView(**t.model_dump(), reason=reasons.get(t.id, "")) for t in tasks]
-            if reasons is not None
-            else []
-        )
         return cls(
             id=job.id,
             name=job.spec.name,
@@ -39,8 +35,14 @@ class JobView(BaseModel):
             submitted_at=job.submitted_at,
             spec=job.spec,
             counts=counts,
-            tasks=views,
         )
+
+    @classmethod
+    def detail(cls, job: JobRecord, tasks: list[TaskRecord], reasons: dict[str, str]) -> JobView:
+        """The job with every task, and why each pending one waits."""
+        view = cls.summary(job, tasks)
+        view.tasks = [TaskView(**t.model_dump(), reason=reasons.get(t.id, "")) for t in tasks]
+        return view
 
 
 class Submitted(BaseModel):

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import SecretStr
 
 from shoal.config import MasterSettings
 from shoal.errors import Forbidden, NotFound, ShoalError, SpecError
@@ -45,14 +46,17 @@ def _secret_file(path: Path, given: str | None) -> str:
     return token
 
 
+def _reveal(secret: SecretStr | None) -> str | None:
+    return secret.get_secret_value() if secret is not None else None
+
+
 def open_master(settings: MasterSettings) -> Master:
     """The master over its state directory: store, tokens (made on first start), ledger."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     store = SqliteStore(settings.state_dir / "shoal.db")
-    secret = lambda s: s.get_secret_value() if s else None  # noqa: E731
-    cluster = _secret_file(settings.state_dir / "cluster.token", secret(settings.cluster_token))
+    cluster = _secret_file(settings.state_dir / "cluster.token", _reveal(settings.cluster_token))
     tokens = Tokens(store, cluster)
-    tokens.add("admin", Role.ADMIN, _secret_file(settings.state_dir / "admin.token", secret(settings.admin_token)))
+    tokens.add("admin", Role.ADMIN, _secret_file(settings.state_dir / "admin.token", _reveal(settings.admin_token)))
     return Master(store, tokens, settings.heartbeat_timeout, settings.tick)
 
 
@@ -102,15 +106,19 @@ CallerDep = Annotated[Caller, Depends(_caller)]
 
 def _job(master: Master, caller: Caller, job_id: int) -> JobView:
     job = master.state.jobs.get(job_id)
-    if job is None or not caller.may_see(job.owner):
+    if job is None:
         raise NotFound(f"no job {job_id}")
-    return JobView.of(job, master.state.tasks_of(job_id), master.state.unplaced)
+    if not caller.may_see(job.owner):
+        raise Forbidden(f"job {job_id} belongs to another user")
+    return JobView.detail(job, master.state.tasks_of(job_id), master.state.unplaced)
 
 
 def _task(master: Master, caller: Caller, task_id: str) -> TaskRecord:
     task = master.state.tasks.get(task_id)
-    if task is None or not caller.may_see(master.state.jobs[task.job_id].owner):
+    if task is None:
         raise NotFound(f"no task {task_id}")
+    if not caller.may_see(master.state.jobs[task.job_id].owner):
+        raise Forbidden(f"task {task_id} belongs to another user")
     return task
 
 
@@ -123,11 +131,7 @@ def _routes(app: FastAPI) -> None:
     @app.get("/v1/jobs", response_model=list[JobView])
     async def jobs(master: MasterDep, caller: CallerDep) -> list[JobView]:
         state = master.state
-        return [
-            JobView.of(job, state.tasks_of(job.id))
-            for job in state.jobs.values()
-            if caller.may_see(job.owner)
-        ]
+        return [JobView.summary(job, state.tasks_of(job.id)) for job in state.jobs.values() if caller.may_see(job.owner)]
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView)
     async def job(job_id: int, master: MasterDep, caller: CallerDep) -> JobView:
@@ -137,7 +141,7 @@ def _routes(app: FastAPI) -> None:
     async def kill(job_id: int, master: MasterDep, caller: Annotated[Caller, Depends(_writer)]) -> JobView:
         view = _job(master, caller, job_id)
         if not caller.may_change(view.owner):
-            raise Forbidden(f"job {job_id} belongs to {view.owner}")
+            raise Forbidden(f"a {caller.role.value} token cannot kill job {job_id}")
         master.request(lambda req, now: KillJob(req, job_id, now))
         return _job(master, caller, job_id)
 
