@@ -84,7 +84,6 @@ class SimCluster:
         self.checking = check
         self.store = SqliteStore(":memory:")
         self.master = master.MasterState(heartbeat_timeout, now=0.0)
-        self.master_up = True
         self.nodes = {n.name: _Node(n) for n in nodes}
         self.spawns: Counter[str] = Counter()  # task id -> processes ever started for it
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
@@ -138,8 +137,7 @@ class SimCluster:
         return replies
 
     def _master_tick(self) -> None:
-        if self.master_up:
-            self._master_handle(master.Tick(self.now))
+        self._master_handle(master.Tick(self.now))
         self._at(self.now + self.master_tick, self._master_tick)
 
     def submit(self, spec: JobSpec | dict, owner: str = "alice") -> int:
@@ -167,12 +165,15 @@ class SimCluster:
 
     # --- links ----------------------------------------------------------------------------
 
-    def _to_agent(self, name: str, data: bytes) -> None:
+    def _carry(self, name: str, deliver: Callable[[int], None]) -> None:
+        """Put a frame on `name`'s link: it arrives after a latency, if the link still holds."""
         node = self.nodes[name]
-        if not node.connected or node.partitioned:
-            return
-        epoch = node.epoch
-        self._at(self.now + self._latency(), lambda: self._deliver_to_agent(name, data, epoch))
+        if node.connected and not node.partitioned:
+            epoch = node.epoch
+            self._at(self.now + self._latency(), lambda: deliver(epoch))
+
+    def _to_agent(self, name: str, data: bytes) -> None:
+        self._carry(name, lambda epoch: self._deliver_to_agent(name, data, epoch))
 
     def _deliver_to_agent(self, name: str, data: bytes, epoch: int) -> None:
         node = self.nodes[name]
@@ -181,15 +182,11 @@ class SimCluster:
         self._agent_handle(name, agent.FromMaster(decode(data), self.now))  # type: ignore[arg-type]
 
     def _to_master(self, name: str, data: bytes) -> None:
-        node = self.nodes[name]
-        if not node.connected or node.partitioned:
-            return
-        epoch = node.epoch
-        self._at(self.now + self._latency(), lambda: self._deliver_to_master(name, data, epoch))
+        self._carry(name, lambda epoch: self._deliver_to_master(name, data, epoch))
 
     def _deliver_to_master(self, name: str, data: bytes, epoch: int) -> None:
         node = self.nodes[name]
-        if node.epoch != epoch or node.partitioned or not self.master_up:
+        if node.epoch != epoch or node.partitioned:
             return
         self._master_handle(master.FromAgent(name, decode(data), self.now))  # type: ignore[arg-type]
 
