@@ -76,7 +76,7 @@ def test_reports_move_tasks_and_are_acknowledged() -> None:
     assert commands[-1] == Send("n1", Ack(reports=[("1.0.0", TaskState.RUNNING)]))
     state.handle(FromAgent("n1", RunReports(reports=[report("1.0", TaskState.FINISHED, exit_code=0)]), 2.0))
     assert state.tasks["1.0"].state is TaskState.FINISHED
-    assert state.nodes["n1"].allocated.cpus == 0
+    assert state.allocated("n1").cpus == 0
 
 
 def test_report_of_an_old_attempt_is_killed_not_adopted() -> None:
@@ -145,7 +145,7 @@ def test_restored_state_holds_the_same_allocations() -> None:
     register(state, "n1")
     submit(state, count=2, resources={"cpus": 0.5, "mem": 100})
     restored = MasterState(jobs=state.jobs.values(), tasks=state.tasks.values(), nodes=state.nodes.values(), now=50.0)
-    assert restored.nodes["n1"].allocated == state.nodes["n1"].allocated
+    assert restored.allocated("n1") == state.allocated("n1")
     assert restored.nodes["n1"].last_seen == 50.0
     assert restored.next_job_id == 2
 

@@ -17,11 +17,11 @@ from pydantic import TypeAdapter
 
 from shoal.config import ClientConfig, load_client_config
 from shoal.errors import ShoalError
-from shoal.model import Caller, JobSpec, NodeRecord, Role, TaskRecord
-from shoal.views import ErrorBody, FieldError, JobView, Submitted, TokenCreated
+from shoal.model import Caller, JobSpec, Role, TaskRecord
+from shoal.views import ErrorBody, FieldError, JobView, NodeView, Submitted, TokenCreated
 
 _JOBS = TypeAdapter(list[JobView])
-_NODES = TypeAdapter(list[NodeRecord])
+_NODES = TypeAdapter(list[NodeView])
 _ENDED = ("complete", "failed", "killed")
 
 
@@ -78,7 +78,7 @@ class Client:
     def task(self, task_id: str) -> TaskRecord:
         return TaskRecord.model_validate(self._call("GET", f"/v1/tasks/{task_id}"))
 
-    def nodes(self) -> list[NodeRecord]:
+    def nodes(self) -> list[NodeView]:
         return _NODES.validate_python(self._call("GET", "/v1/nodes"))
 
     def whoami(self) -> Caller:

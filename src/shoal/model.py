@@ -9,9 +9,12 @@ machine consults for every change.
 from __future__ import annotations
 
 import enum
+import re
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shoal.core.expressions import parse
 
 MAX_CPUS = 4096.0
 MAX_MEM_MB = 64 * 1024 * 1024  # 64 TiB
@@ -19,7 +22,8 @@ MAX_COUNT = 100_000
 
 
 class Resources(BaseModel):
-    """A vector of countable resources: cpus (fractional), memory and disk in MiB, GPUs."""
+    """A vector of countable resources: cpus (fractional), memory and disk in MiB, GPUs, and
+    custom scalars a node declares (`licenses = 4`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -27,33 +31,50 @@ class Resources(BaseModel):
     mem: int = Field(256, ge=0, le=MAX_MEM_MB, description="MiB")
     disk: int = Field(0, ge=0, le=MAX_MEM_MB, description="MiB")
     gpus: int = Field(0, ge=0, le=1024)
+    custom: dict[str, float] = Field(default_factory=dict, description="custom scalar resources")
+
+    @field_validator("custom")
+    @classmethod
+    def _custom_names(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if not _CUSTOM_NAME.fullmatch(name) or name in RESOURCE_NAMES:
+                raise ValueError(f"{name!r} is not a custom resource name (lowercase, digits, _)")
+            if not 0 <= amount <= 1e12:
+                raise ValueError(f"{name} must be between 0 and 1e12")
+        return value
 
     def __add__(self, other: Resources) -> Resources:
-        return Resources(
-            cpus=round(self.cpus + other.cpus, 6),
-            mem=self.mem + other.mem,
-            disk=self.disk + other.disk,
-            gpus=self.gpus + other.gpus,
-        )
+        return self._combine(other, 1)
 
     def __sub__(self, other: Resources) -> Resources:
+        return self._combine(other, -1)
+
+    def _combine(self, other: Resources, sign: int) -> Resources:
+        custom = dict(self.custom)
+        for name, amount in other.custom.items():
+            custom[name] = round(custom.get(name, 0.0) + sign * amount, 6)
         return Resources.model_construct(
-            cpus=round(self.cpus - other.cpus, 6),
-            mem=self.mem - other.mem,
-            disk=self.disk - other.disk,
-            gpus=self.gpus - other.gpus,
+            cpus=round(self.cpus + sign * other.cpus, 6),
+            mem=self.mem + sign * other.mem,
+            disk=self.disk + sign * other.disk,
+            gpus=self.gpus + sign * other.gpus,
+            custom={k: v for k, v in custom.items() if v},
         )
+
+    def amount(self, name: str) -> float:
+        return getattr(self, name) if name in RESOURCE_NAMES else self.custom.get(name, 0.0)
 
     def shortfall(self, free: Resources) -> str | None:
         """The first dimension in which `free` cannot hold `self`, or None if it fits."""
-        for name in RESOURCE_NAMES:
-            if getattr(self, name) > getattr(free, name) + 1e-9:
+        for name in (*RESOURCE_NAMES, *self.custom):
+            if self.amount(name) > free.amount(name) + 1e-9:
                 return name
         return None
 
 
-NO_RESOURCES = Resources(cpus=0, mem=0, disk=0, gpus=0)
+_CUSTOM_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 RESOURCE_NAMES = ("cpus", "mem", "disk", "gpus")
+NO_RESOURCES = Resources(cpus=0, mem=0, disk=0, gpus=0)
 
 
 class RestartPolicy(BaseModel):
@@ -66,6 +87,49 @@ class RestartPolicy(BaseModel):
 
 
 Command = str | Annotated[list[str], Field(min_length=1)]
+
+
+class Strategy(str, enum.Enum):
+    """Where tasks go among the nodes that can take them."""
+
+    BINPACK = "binpack"  # the fullest node: keeps whole nodes free for big work
+    SPREAD = "spread"  # the emptiest node: fewer tasks share a failure
+    LEAST_LOADED = "least-loaded"  # the node with the lowest live CPU utilization
+
+
+_QUEUE_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
+
+
+class Affinity(BaseModel):
+    """A soft preference: nodes matching `expr` gain (or, negative, lose) `weight` in score."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    expr: str
+    weight: int = Field(50, ge=-100, le=100)
+
+    @field_validator("expr")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        parse(value)
+        return value
+
+
+class Spread(BaseModel):
+    """Spread a job's tasks over the values of an attribute, with target percentages
+    (values not named share what is left; none named: an even spread)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attribute: str = Field(min_length=1, max_length=64)
+    targets: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("targets")
+    @classmethod
+    def _percentages(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(v < 0 for v in value.values()) or sum(value.values()) > 100 + 1e-9:
+            raise ValueError("targets are percentages: each >= 0, together <= 100")
+        return value
 
 
 class JobSpec(BaseModel):
@@ -81,12 +145,37 @@ class JobSpec(BaseModel):
     count: int = Field(1, ge=1, le=MAX_COUNT, description="tasks; {index} is substituted")
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     kill_grace: float = Field(5.0, ge=0, le=3600, description="seconds from SIGTERM to SIGKILL")
+    queue: str = Field("default", pattern=_QUEUE_NAME)
+    priority: int = Field(0, ge=0, le=1000, description="higher runs first and may preempt lower")
+    preemptible: bool = True
+    strategy: Strategy | None = Field(None, description="default: the cluster's")
+    constraints: list[str] = Field(default_factory=list, description="e.g. 'rack == r1', 'kernel >= 5.10'")
+    nodes: str | None = Field(None, description="a node set: node[1-20], @group")
+    max_per_node: int | None = Field(None, ge=1)
+    max_per: dict[str, int] = Field(default_factory=dict, description="attribute -> most tasks per value")
+    affinities: list[Affinity] = Field(default_factory=list)
+    spread: Spread | None = None
+    gang: bool = Field(False, description="start all tasks together or none")
 
     @field_validator("command")
     @classmethod
     def _command_not_blank(cls, value: Command) -> Command:
         if isinstance(value, str) and not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("constraints")
+    @classmethod
+    def _constraints_parse(cls, value: list[str]) -> list[str]:
+        for expr in value:
+            parse(expr)
+        return value
+
+    @field_validator("max_per")
+    @classmethod
+    def _max_per_positive(cls, value: dict[str, int]) -> dict[str, int]:
+        if any(v < 1 for v in value.values()):
+            raise ValueError("each limit must be at least 1")
         return value
 
     @field_validator("workdir")
@@ -127,6 +216,7 @@ class TaskState(str, enum.Enum):
     FAILED = "failed"
     KILLED = "killed"
     LOST = "lost"
+    PREEMPTED = "preempted"
 
     @property
     def terminal(self) -> bool:
@@ -138,22 +228,21 @@ class TaskState(str, enum.Enum):
         return self in (TaskState.ASSIGNED, TaskState.RUNNING)
 
 
-TERMINAL = frozenset({TaskState.FINISHED, TaskState.FAILED, TaskState.KILLED, TaskState.LOST})
+TERMINAL = frozenset(
+    {TaskState.FINISHED, TaskState.FAILED, TaskState.KILLED, TaskState.LOST, TaskState.PREEMPTED}
+)
 
 # Legal task transitions. FAILED and LOST go back to PENDING when the restart policy
-# grants another attempt; FINISHED and KILLED are final.
+# grants another attempt, PREEMPTED always does; FINISHED and KILLED are final.
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.PENDING: frozenset({TaskState.ASSIGNED, TaskState.KILLED}),
-    TaskState.ASSIGNED: frozenset(
-        {TaskState.RUNNING, TaskState.FINISHED, TaskState.FAILED, TaskState.KILLED, TaskState.LOST}
-    ),
-    TaskState.RUNNING: frozenset(
-        {TaskState.FINISHED, TaskState.FAILED, TaskState.KILLED, TaskState.LOST}
-    ),
+    TaskState.ASSIGNED: TERMINAL | {TaskState.RUNNING},
+    TaskState.RUNNING: TERMINAL,
     TaskState.FINISHED: frozenset(),
     TaskState.KILLED: frozenset(),
     TaskState.FAILED: frozenset({TaskState.PENDING}),
     TaskState.LOST: frozenset({TaskState.PENDING}),
+    TaskState.PREEMPTED: frozenset({TaskState.PENDING}),
 }
 
 
@@ -193,7 +282,6 @@ class NodeRecord(BaseModel):
     connected: bool = True
     last_seen: float = 0.0
     usage: Usage = Field(default_factory=Usage)
-    allocated: Resources = NO_RESOURCES
 
     @property
     def name(self) -> str:
@@ -224,6 +312,7 @@ class TaskRecord(BaseModel):
     exit_code: int | None = None
     message: str = ""
     kill_requested: bool = False
+    evicted_by: int | None = Field(None, description="the job this task is being preempted for")
     not_before: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
@@ -259,6 +348,7 @@ class JobRecord(BaseModel):
     spec: JobSpec
     submitted_at: float
     killed: bool = False
+    node_names: list[str] | None = None  # `spec.nodes` as resolved when it was submitted
 
 
 def job_state(job: JobRecord, tasks: list[TaskRecord]) -> JobState:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from shoal.model import JobRecord, JobSpec, JobState, Role, TaskRecord, job_state
+from shoal.model import JobRecord, JobSpec, JobState, NodeRecord, Resources, Role, TaskRecord, TaskState, job_state
 
 
 class TaskView(TaskRecord):
     reason: str = Field("", description="why a pending task is not placed yet")
+
+
+class NodeView(NodeRecord):
+    allocated: Resources = Field(description="what the tasks placed on the node hold")
 
 
 class JobView(BaseModel):
@@ -19,6 +23,7 @@ class JobView(BaseModel):
     submitted_at: float
     spec: JobSpec
     counts: dict[str, int]
+    waiting: str = Field("", description="why the job's pending tasks wait")
     tasks: list[TaskView] = Field(default_factory=list)
 
     @classmethod
@@ -38,10 +43,13 @@ class JobView(BaseModel):
         )
 
     @classmethod
-    def detail(cls, job: JobRecord, tasks: list[TaskRecord], reasons: dict[str, str]) -> JobView:
-        """The job with every task, and why each pending one waits."""
+    def detail(cls, job: JobRecord, tasks: list[TaskRecord], waiting: str) -> JobView:
+        """The job with every task, and why its pending ones wait."""
         view = cls.summary(job, tasks)
-        view.tasks = [TaskView(**t.model_dump(), reason=reasons.get(t.id, "")) for t in tasks]
+        view.waiting = waiting
+        view.tasks = [
+            TaskView(**t.model_dump(), reason=waiting if t.state is TaskState.PENDING else "") for t in tasks
+        ]
         return view
 
 

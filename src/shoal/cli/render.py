@@ -10,8 +10,8 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from shoal.model import NodeRecord, NodeStatus, TaskState
-from shoal.views import JobView
+from shoal.model import NodeStatus, TaskState
+from shoal.views import JobView, NodeView
 
 out = Console(highlight=False)
 
@@ -83,7 +83,7 @@ def job_detail(job: JobView) -> Table:
     return grid
 
 
-def nodes_table(nodes: Sequence[NodeRecord]) -> Table:
+def nodes_table(nodes: Sequence[NodeView]) -> Table:
     table = Table(
         "NODE", "STATUS", "CPUS", "MEM MiB", "GPUS", "CPU%", "LOAD", "SEEN", "LABELS", box=None, header_style="bold"
     )

@@ -1,127 +1,160 @@
-"""The native scheduler: a pure function from a snapshot to a plan.
+"""The native scheduler: a pure function from the cluster and its queues to a plan.
 
-`schedule(nodes, asks, now)` places pending asks in submission (FIFO) order, each on the
-feasible node with the most free cpus, skipping asks that fit nowhere right now so a large
-task does not block small ones behind it. `apply_plan` is the only writer of allocations:
-it re-checks every placement against the current free capacity and rejects stale parts
-with a reason, so a plan computed on an old snapshot can never over-commit a node.
+    plan = schedule(table, masks, groups, running, policy, now)
 
-No I/O, no clock (time is `now`), no randomness: the same inputs give the same plan.
+Order of service, one cycle:
+1. Queues take turns by weighted Dominant Resource Fairness: the queue whose usage, as a
+   share of the cluster in its dominant resource and divided by its weight, is lowest goes
+   next. Inside a queue, `fifo` serves jobs in submission order, `priority` highest first,
+   and `fair` the user with the lowest weighted dominant share (so users interleave task by
+   task).
+2. Each turn places a slice of one job through `Placer` (masks, fit, strategy score). A job
+   that cannot place its slice is set aside with the reason, and the jobs behind it go on.
+3. Gangs place all their tasks or none.
+4. Jobs set aside with a priority above some running preemptible work get evictions:
+   `preemption.choose` picks the node needing the fewest, strictly lower-priority victims.
+
+`apply_plan` then re-checks every placement against the table as it is now, accepts what
+still fits (allocating it), and rejects stale parts with a reason. No I/O, no clock, no
+randomness: the same inputs give the same plan.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
-from shoal.model import RESOURCE_NAMES, Resources
+import numpy as np
 
-# Reasons a task is not placed, shown to users as "why is my job pending?".
-NO_NODES = "no nodes are up"
-NOT_BEFORE = "waiting for its restart delay"
+from shoal.core import preemption
+from shoal.core.cluster import MaskCache, NodeTable
+from shoal.core.placement import Group, Placer
+from shoal.core.plan import Eviction, Placement, Plan, Running
+from shoal.model import Resources, Strategy
 
-
-@dataclass(frozen=True, slots=True)
-class NodeView:
-    """One node as the scheduler sees it."""
-
-    name: str
-    capacity: Resources
-    allocated: Resources
-    schedulable: bool = True
-
-    @property
-    def free(self) -> Resources:
-        return self.capacity - self.allocated
+STALE = "node no longer has room (stale plan)"
+UNKNOWN_NODE = "node is not schedulable"
+SLICE = 32  # tasks a job places per turn while other queues or users wait
 
 
 @dataclass(frozen=True, slots=True)
-class Ask:
-    """One task waiting for a place."""
-
-    task_id: str
-    resources: Resources
-    not_before: float = 0.0
+class QueuePolicy:
+    order: Literal["fifo", "priority", "fair"] = "fifo"
+    weight: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
-class Placement:
-    task_id: str
-    node: str
-    resources: Resources
+class Policy:
+    queues: Mapping[str, QueuePolicy] = field(default_factory=lambda: {"default": QueuePolicy()})
+    user_weights: Mapping[str, float] = field(default_factory=dict)
+    strategy: Strategy = Strategy.SPREAD
+    preemption: bool = True
+    window: int = 4096  # candidate rows scored per turn on large clusters
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
-    placements: tuple[Placement, ...] = ()
-    unplaced: dict[str, str] = field(default_factory=dict)
+class _Shares:
+    """Usage per queue and per user, as weighted dominant shares of the cluster."""
+
+    def __init__(self, table: NodeTable, running: Iterable[Running], policy: Policy) -> None:
+        total = (table.capacity * table.schedulable[:, None]).sum(axis=0)
+        self._inverse_total = np.divide(1.0, total, out=np.zeros_like(total), where=total > 0)
+        self.policy = policy
+        self.table = table
+        self.queue: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(len(table.dims)))
+        self.user: dict[tuple[str, str], np.ndarray] = defaultdict(lambda: np.zeros(len(table.dims)))
+        for r in running:
+            self.add(r.queue, r.user, table.vector(r.ask))
+
+    def add(self, queue: str, user: str, amount: np.ndarray) -> None:
+        self.queue[queue][: len(amount)] += amount
+        self.user[(queue, user)][: len(amount)] += amount
+
+    def of_queue(self, queue: str) -> float:
+        weight = self.policy.queues[queue].weight if queue in self.policy.queues else 1.0
+        return float(np.max(self.queue[queue][: len(self._inverse_total)] * self._inverse_total, initial=0)) / weight
+
+    def of_user(self, queue: str, user: str) -> float:
+        weight = self.policy.user_weights.get(user, 1.0)
+        return float(np.max(self.user[(queue, user)][: len(self._inverse_total)] * self._inverse_total, initial=0)) / weight
 
 
-def schedule(nodes: Sequence[NodeView], asks: Iterable[Ask], now: float) -> Plan:
-    """Place `asks` (already in queue order) on `nodes`; explain every ask left over."""
-    free = {n.name: n.free for n in nodes if n.schedulable}
-    placements: list[Placement] = []
-    unplaced: dict[str, str] = {}
-    for ask in asks:
-        if ask.not_before > now:
-            unplaced[ask.task_id] = NOT_BEFORE
-            continue
-        chosen = _best_fit(free, ask.resources)
-        if chosen is None:
-            unplaced[ask.task_id] = explain(free, ask.resources)
-            continue
-        free[chosen] = free[chosen] - ask.resources
-        placements.append(Placement(ask.task_id, chosen, ask.resources))
-    return Plan(tuple(placements), unplaced)
+class _Queue:
+    """The groups of one queue, in its order; `fair` queues keep a line per user."""
+
+    def __init__(self, name: str, order: str, groups: list[Group]) -> None:
+        self.name = name
+        self.fair = order == "fair"
+        key = (lambda g: g.job_id) if order == "fifo" else (lambda g: (-g.priority, g.job_id))
+        self.lines: dict[str, list[Group]] = defaultdict(list)
+        for g in sorted(groups, key=key):
+            self.lines[g.user if self.fair else ""].append(g)
+
+    def __bool__(self) -> bool:
+        return any(self.lines.values())
+
+    def head(self, shares: _Shares) -> Group:
+        if not self.fair:
+            return self.lines[""][0]
+        live = [u for u, line in self.lines.items() if line]
+        user = min(live, key=lambda u: (shares.of_user(self.name, u), u))
+        return self.lines[user][0]
+
+    def drop(self, g: Group) -> None:
+        self.lines[g.user if self.fair else ""].remove(g)
 
 
-def _best_fit(free: dict[str, Resources], ask: Resources) -> str | None:
-    """The node with the most free cpus that holds `ask` (ties: the first name)."""
-    best: str | None = None
-    for name in sorted(free):
-        room = free[name]
-        if ask.shortfall(room) is None and (best is None or room.cpus > free[best].cpus):
-            best = name
-    return best
-
-
-def explain(free: dict[str, Resources], ask: Resources) -> str:
-    """Why `ask` fits on none of the nodes: counts of nodes per missing resource."""
-    if not free:
-        return NO_NODES
-    lacking: dict[str, int] = {}
-    for room in free.values():
-        short = ask.shortfall(room)
-        if short is not None:
-            lacking[short] = lacking.get(short, 0) + 1
-    parts = [
-        f"{count} node{'s' if count > 1 else ''} lack{'' if count > 1 else 's'} free {_NOUN[what]}"
-        for what, count in lacking.items()
+def schedule(
+    table: NodeTable,
+    masks: MaskCache,
+    groups: Sequence[Group],
+    running: Sequence[Running],
+    policy: Policy,
+    now: float,
+) -> Plan:
+    """Decide where pending tasks go (and what to evict for them) on this cycle."""
+    del now  # the plan does not depend on the time yet; it is part of the contract
+    placer = Placer(table, masks, table.free().copy(), policy.window)
+    shares = _Shares(table, running, policy)
+    by_queue: dict[str, list[Group]] = defaultdict(list)
+    for g in groups:
+        by_queue[g.queue].append(g)
+    queues = [
+        _Queue(name, policy.queues.get(name, QueuePolicy()).order, gs) for name, gs in sorted(by_queue.items())
     ]
-    return ", ".join(parts)
-
-
-def never_fits(capacities: Iterable[Resources], ask: Resources) -> str | None:
-    """A reason if no node, even empty, could ever hold `ask`; None if one could."""
-    capacities = list(capacities)
-    if not capacities or any(ask.shortfall(c) is None for c in capacities):
-        return None  # with no node registered yet the ask waits for one
-    for dim in RESOURCE_NAMES:
-        most = max(getattr(c, dim) for c in capacities)
-        if getattr(ask, dim) > most:
-            return (
-                f"unschedulable: needs {_fmt(getattr(ask, dim))} {_UNIT[dim]}, "
-                f"the largest node has {_fmt(most)}"
-            )
-    return "unschedulable: no single node has all of the resources asked for"
-
-
-_NOUN = {"cpus": "cpus", "mem": "memory", "disk": "disk", "gpus": "gpus"}
-_UNIT = {"cpus": "cpus", "mem": "MiB of memory", "disk": "MiB of disk", "gpus": "gpus"}
-
-
-def _fmt(value: float) -> str:
-    return f"{value:g}"
+    remaining = {g.job_id: list(g.tasks) for g in groups}
+    placements: list[Placement] = []
+    waiting: dict[int, str] = {}
+    blocked: list[Group] = []
+    while live := [q for q in queues if q]:
+        queue = min(live, key=lambda q: (shares.of_queue(q.name), q.name))
+        g = queue.head(shares)
+        ask = table.vector(g.ask)
+        todo = remaining[g.job_id]
+        want = len(todo) if g.gang or (len(live) == 1 and not queue.fair) else min(len(todo), 1 if queue.fair else SLICE)
+        got = placer.place(g, want, g.strategy or policy.strategy, ask)
+        placed = sum(k for _, k in got)
+        if g.gang and placed < len(todo):
+            placer.undo(got, g, ask)
+            waiting[g.job_id] = f"gang: {placed} of {len(todo)} tasks fit now; {placer.explain(g, ask)}"
+            queue.drop(g)
+            continue
+        for row, k in got:
+            node = table.names[row]
+            placements.extend(Placement(t, node, g.ask) for t in todo[:k])
+            del todo[:k]
+            shares.add(g.queue, g.user, k * ask)
+        if not todo:
+            queue.drop(g)
+        elif placed < want:
+            waiting[g.job_id] = placer.explain(g, ask)
+            blocked.append(g)
+            queue.drop(g)
+    evictions: list[Eviction] = []
+    if policy.preemption and blocked:
+        evictions = preemption.plan(placer, blocked, remaining, running, waiting)
+    return Plan(tuple(placements), tuple(evictions), waiting)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,22 +163,34 @@ class Verdict:
     rejected: dict[str, str]
 
 
-STALE = "node no longer has room (stale plan)"
-UNKNOWN_NODE = "node is not schedulable"
-
-
-def apply_plan(nodes: dict[str, NodeView], plan: Plan) -> Verdict:
-    """Check every placement of `plan` against `nodes` now; accept those that still fit."""
-    free = {name: n.free for name, n in nodes.items() if n.schedulable}
+def apply_plan(table: NodeTable, plan: Plan) -> Verdict:
+    """Allocate every placement of `plan` that still fits the table now; reject the rest."""
     accepted: list[Placement] = []
     rejected: dict[str, str] = {}
     for p in plan.placements:
-        room = free.get(p.node)
-        if room is None:
+        row = table.index.get(p.node)
+        if row is None or not table.schedulable[row]:
             rejected[p.task_id] = UNKNOWN_NODE
-        elif p.resources.shortfall(room) is not None:
+            continue
+        vec = table.vector(p.resources)
+        if np.any(table.capacity[row] - table.allocated[row] + 1e-9 < vec):
             rejected[p.task_id] = STALE
-        else:
-            free[p.node] = room - p.resources
-            accepted.append(p)
+            continue
+        table.allocate(row, vec)
+        accepted.append(p)
     return Verdict(tuple(accepted), rejected)
+
+
+def never_fits(capacities: Iterable[Resources], ask: Resources) -> str | None:
+    """A reason if no node, even empty, could ever hold `ask`; None if one could."""
+    capacities = list(capacities)
+    if not capacities or any(ask.shortfall(c) is None for c in capacities):
+        return None  # with no node registered yet the ask waits for one
+    for dim in (*("cpus", "mem", "disk", "gpus"), *ask.custom):
+        most = max(c.amount(dim) for c in capacities)
+        if ask.amount(dim) > most:
+            return f"unschedulable: needs {ask.amount(dim):g} {_UNIT.get(dim, dim)}, the largest node has {most:g}"
+    return "unschedulable: no single node has all of the resources asked for"
+
+
+_UNIT = {"cpus": "cpus", "mem": "MiB of memory", "disk": "MiB of disk", "gpus": "gpus"}

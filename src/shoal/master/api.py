@@ -25,8 +25,8 @@ from shoal.master.auth import Tokens, new_token
 from shoal.master.server import Master, Unavailable
 from shoal.master.state import KillJob, Submit
 from shoal.master.store.sqlite import SqliteStore
-from shoal.model import Caller, JobSpec, NodeRecord, Role, TaskRecord
-from shoal.views import ErrorBody, FieldError, JobView, Submitted, TokenCreated, TokenRequest
+from shoal.model import Caller, JobSpec, Role, TaskRecord
+from shoal.views import ErrorBody, FieldError, JobView, NodeView, Submitted, TokenCreated, TokenRequest
 
 log = logging.getLogger("shoal.master")
 
@@ -110,7 +110,7 @@ def _job(master: Master, caller: Caller, job_id: int) -> JobView:
         raise NotFound(f"no job {job_id}")
     if not caller.may_see(job.owner):
         raise Forbidden(f"job {job_id} belongs to another user")
-    return JobView.detail(job, master.state.tasks_of(job_id), master.state.unplaced)
+    return JobView.detail(job, master.state.tasks_of(job_id), master.state.waiting.get(job_id, ""))
 
 
 def _task(master: Master, caller: Caller, task_id: str) -> TaskRecord:
@@ -170,9 +170,12 @@ def _routes(app: FastAPI) -> None:
         piece = await master.read_log(current, attempt, stream, offset)
         return Response(piece.data, media_type="application/octet-stream")
 
-    @app.get("/v1/nodes", response_model=list[NodeRecord])
-    async def nodes(master: MasterDep, caller: CallerDep) -> list[NodeRecord]:
-        return sorted(master.state.nodes.values(), key=lambda n: n.name)
+    @app.get("/v1/nodes", response_model=list[NodeView])
+    async def nodes(master: MasterDep, caller: CallerDep) -> list[NodeView]:
+        state = master.state
+        return [
+            NodeView(**node.model_dump(), allocated=state.allocated(name)) for name, node in sorted(state.nodes.items())
+        ]
 
     @app.post("/v1/tokens", status_code=201, response_model=TokenCreated)
     async def create_token(body: TokenRequest, master: MasterDep, caller: Annotated[Caller, Depends(_admin)]) -> TokenCreated:

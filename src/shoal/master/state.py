@@ -25,16 +25,20 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from shoal.core.scheduler import Ask, NodeView, apply_plan, never_fits, schedule
+from shoal.core.cluster import MaskCache, NodeTable
+from shoal.core.expressions import parse
+from shoal.core.placement import Group, SpreadTarget
+from shoal.core.plan import Running
+from shoal.core.scheduler import Policy, apply_plan, never_fits, schedule
 from shoal.errors import ShoalError, SpecError
 from shoal.model import (
-    NO_RESOURCES,
     TRANSITIONS,
     Attempt,
     JobRecord,
     JobSpec,
     NodeRecord,
     NodeStatus,
+    Resources,
     TaskRecord,
     TaskState,
 )
@@ -54,10 +58,13 @@ from shoal.wire import (
 
 @dataclass(frozen=True, slots=True)
 class Submit:
+    """A job to queue; `node_names` is its node set, resolved by the shell (groups need I/O)."""
+
     request: int
     owner: str
     spec: JobSpec
     now: float
+    node_names: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,12 +143,16 @@ class MasterState:
         self,
         heartbeat_timeout: float = 10.0,
         *,
+        policy: Policy | None = None,
         jobs: Iterable[JobRecord] = (),
         tasks: Iterable[TaskRecord] = (),
         nodes: Iterable[NodeRecord] = (),
         now: float = 0.0,
     ) -> None:
         self.heartbeat_timeout = heartbeat_timeout
+        self.policy = policy or Policy()
+        self.table = NodeTable()
+        self.masks = MaskCache(self.table)
         self.jobs: dict[int, JobRecord] = {j.id: j for j in jobs}
         self.tasks: dict[str, TaskRecord] = {t.id: t for t in tasks}
         self.nodes: dict[str, NodeRecord] = {}
@@ -150,14 +161,13 @@ class MasterState:
             self.job_tasks[task.job_id].append(task.id)
         for node in nodes:
             # A restarted master gives every node a full timeout to reconnect.
-            self.nodes[node.name] = node.model_copy(
-                update={"last_seen": now, "allocated": NO_RESOURCES, "connected": False}
-            )
+            self.nodes[node.name] = node.model_copy(update={"last_seen": now, "connected": False})
+            self._index(self.nodes[node.name])
         for task in self.tasks.values():
             if task.state.active and task.node in self.nodes:
-                self._hold(task.node, task, +1)
+                self.table.allocate(self.table.index[task.node], self._vector(task))
         self.next_job_id = max(self.jobs, default=0) + 1
-        self.unplaced: dict[str, str] = {}
+        self.waiting: dict[int, str] = {}  # job id -> why its pending tasks wait
         self._needs_schedule = True
         self._c = _Changes()
 
@@ -175,6 +185,12 @@ class MasterState:
 
     def tasks_of(self, job_id: int) -> list[TaskRecord]:
         return [self.tasks[t] for t in self.job_tasks.get(job_id, ())]
+
+    def allocated(self, node: str) -> Resources:
+        """What the tasks placed on `node` hold, as the scheduler counts it."""
+        row = self.table.allocated[self.table.index[node]]
+        custom = {d: float(v) for d, v in zip(self.table.dims[4:], row[4:], strict=True) if v}
+        return Resources(cpus=round(float(row[0]), 6), mem=int(row[1]), disk=int(row[2]), gpus=int(row[3]), custom=custom)
 
     # --- events -------------------------------------------------------------------------
 
@@ -198,11 +214,14 @@ class MasterState:
                 self._tick(event.now)
 
     def _submit(self, event: Submit) -> None:
-        reason = never_fits((n.info.capacity for n in self.nodes.values()), event.spec.resources)
-        if reason is not None:
-            self._c.out.append(Reply(event.request, error=SpecError("resources", reason)))
+        error = self._refuse(event)
+        if error is not None:
+            self._c.out.append(Reply(event.request, error=error))
             return
-        job = JobRecord(id=self.next_job_id, owner=event.owner, spec=event.spec, submitted_at=event.now)
+        names = sorted(event.node_names) if event.node_names is not None else None
+        job = JobRecord(
+            id=self.next_job_id, owner=event.owner, spec=event.spec, submitted_at=event.now, node_names=names
+        )
         self.next_job_id += 1
         self.jobs[job.id] = job
         self._c.jobs[job.id] = job
@@ -213,6 +232,16 @@ class MasterState:
             self._c.tasks[task.id] = task
         self._needs_schedule = True
         self._c.out.append(Reply(event.request, value=job.id))
+
+    def _refuse(self, event: Submit) -> SpecError | None:
+        spec = event.spec
+        if spec.queue not in self.policy.queues:
+            known = ", ".join(sorted(self.policy.queues))
+            return SpecError("queue", f"no queue named {spec.queue!r}; the queues are: {known}")
+        if event.node_names is not None and not event.node_names:
+            return SpecError("nodes", f"{spec.nodes!r} names no node")
+        reason = never_fits((n.info.capacity for n in self.nodes.values()), spec.resources)
+        return SpecError("resources", reason) if reason is not None else None
 
     def _kill_job(self, event: KillJob) -> None:
         job = self.jobs[event.job_id]
@@ -236,6 +265,7 @@ class MasterState:
         node.status = NodeStatus.UP
         node.connected = True
         node.last_seen = now
+        self._index(node)
         self._c.nodes[name] = node
         self._needs_schedule = True
         self._reports(name, frame.runs, now)
@@ -256,6 +286,7 @@ class MasterState:
         if node is not None and node.status is NodeStatus.UP:
             node.last_seen = now
             node.usage = frame.usage
+            self.table.set_utilization(name, frame.usage.cpu_percent / 100.0)
 
     def _reports(self, name: str, reports: list[RunReport], now: float) -> None:
         node = self.nodes.get(name)
@@ -291,12 +322,15 @@ class MasterState:
         for node in self.nodes.values():
             if node.status is NodeStatus.UP and now - node.last_seen > self.heartbeat_timeout:
                 self._node_down(node, now)
-        if any(t.state is TaskState.PENDING and 0 < t.not_before <= now for t in self._pending()):
+        if self.waiting and any(
+            t.state is TaskState.PENDING and 0 < t.not_before <= now for t in self.tasks.values()
+        ):
             self._needs_schedule = True
 
     def _node_down(self, node: NodeRecord, now: float) -> None:
         node.status = NodeStatus.DOWN
         node.connected = False
+        self.table.set_schedulable(node.name, False)
         self._c.nodes[node.name] = node
         self._c.out.append(Disconnect(node.name))
         message = f"{node.name} missed heartbeats for {self.heartbeat_timeout:g}s"
@@ -309,8 +343,8 @@ class MasterState:
     def _move(self, task: TaskRecord, to: TaskState, now: float, **fields: object) -> None:
         if to not in TRANSITIONS[task.state]:
             raise ShoalError(f"illegal transition of task {task.id}: {task.state.value} -> {to.value}")
-        if task.state.active and not to.active:
-            self._hold(task.node, task, -1)
+        if task.state.active and not to.active and task.node in self.table.index:
+            self.table.release(self.table.index[task.node], self._vector(task))
         task.state = to
         for key, value in fields.items():
             setattr(task, key, value)
@@ -322,13 +356,19 @@ class MasterState:
         self, task: TaskRecord, to: TaskState, now: float, exit_code: int | None = None, message: str = ""
     ) -> None:
         """Move to an end state; then restart if the policy grants another attempt."""
-        if to is TaskState.LOST and task.kill_requested:
+        if task.kill_requested and to is TaskState.LOST:
             to = TaskState.KILLED
+        elif task.evicted_by is not None and to is not TaskState.FINISHED:
+            to = TaskState.PREEMPTED
+            message = f"preempted for job {task.evicted_by}"
         self._move(task, to, now, exit_code=exit_code, message=message)
         self._needs_schedule = True
         job = self.jobs[task.job_id]
-        if to in (TaskState.FAILED, TaskState.LOST) and not job.killed:
-            if task.attempt < job.spec.restart.attempts:
+        if to is TaskState.PREEMPTED:
+            self._restart(task, now, now)  # preemption does not use up restart attempts
+        elif to in (TaskState.FAILED, TaskState.LOST) and not job.killed:
+            failures = 1 + sum(a.state in (TaskState.FAILED, TaskState.LOST) for a in task.history)
+            if failures <= job.spec.restart.attempts:
                 self._restart(task, now, now + job.spec.restart.delay)
 
     def _restart(self, task: TaskRecord, now: float, not_before: float) -> None:
@@ -354,44 +394,91 @@ class MasterState:
             started_at=None,
             finished_at=None,
             not_before=not_before,
+            evicted_by=None,
         )
 
-    def _hold(self, node_name: str | None, task: TaskRecord, sign: int) -> None:
-        node = self.nodes.get(node_name or "")
-        if node is None:
-            return
-        ask = self.jobs[task.job_id].spec.resources
-        node.allocated = node.allocated + ask if sign > 0 else node.allocated - ask
+    def _vector(self, task: TaskRecord):  # noqa: ANN202 - a numpy row
+        return self.table.vector(self.jobs[task.job_id].spec.resources)
+
+    def _index(self, node: NodeRecord) -> None:
+        info = node.info
+        attributes = {**info.labels, **info.attributes, "name": info.name, "hostname": info.hostname}
+        self.table.upsert(info.name, info.capacity, attributes, node.status is NodeStatus.UP)
 
     # --- scheduling ---------------------------------------------------------------------
 
-    def _pending(self) -> list[TaskRecord]:
-        pending = [t for t in self.tasks.values() if t.state is TaskState.PENDING]
-        pending.sort(key=lambda t: (t.job_id, t.index))
-        return pending
-
-    def node_views(self) -> dict[str, NodeView]:
-        return {
-            n.name: NodeView(n.name, n.info.capacity, n.allocated, n.status is NodeStatus.UP)
-            for n in self.nodes.values()
-        }
-
     def _schedule(self, now: float) -> None:
         self._needs_schedule = False
-        pending = self._pending()
+        pending: dict[int, list[str]] = defaultdict(list)
+        delayed: set[int] = set()
+        running: list[Running] = []
+        placed: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for task in self.tasks.values():
+            if task.state is TaskState.PENDING:
+                (pending[task.job_id].append(task.id) if task.not_before <= now else delayed.add(task.job_id))
+            elif task.state.active:
+                running.append(self._running(task))
+                placed[task.job_id][task.node] += 1
+        self.waiting = {job: "waiting for its restart delay" for job in delayed}
         if not pending:
-            self.unplaced = {}
             return
-        asks = [Ask(t.id, self.jobs[t.job_id].spec.resources, t.not_before) for t in pending]
-        views = self.node_views()
-        plan = schedule(list(views.values()), asks, now)
-        verdict = apply_plan(views, plan)
-        self.unplaced = {**plan.unplaced, **verdict.rejected}
+        groups = [self._group(job_id, ids, placed.get(job_id, {})) for job_id, ids in sorted(pending.items())]
+        plan = schedule(self.table, self.masks, groups, running, self.policy, now)
+        verdict = apply_plan(self.table, plan)
+        self.waiting.update(plan.waiting)
         for placement in verdict.accepted:
             task = self.tasks[placement.task_id]
             self._move(task, TaskState.ASSIGNED, now, node=placement.node, message="")
-            self._hold(placement.node, task, +1)
             self._c.launches[placement.node].append(self._run_spec(task))
+        for task_id, reason in verdict.rejected.items():
+            self.waiting[self.tasks[task_id].job_id] = reason
+            self._needs_schedule = True
+        for eviction in plan.evictions:
+            task = self.tasks[eviction.task_id]
+            task.evicted_by = eviction.for_job
+            self._c.tasks[task.id] = task
+            self._send(task.node, Kill(run_ids=[task.run_id]))
+
+    def _running(self, task: TaskRecord) -> Running:
+        job = self.jobs[task.job_id]
+        return Running(
+            task_id=task.id,
+            job_id=job.id,
+            node=task.node or "",
+            ask=job.spec.resources,
+            user=job.owner,
+            queue=job.spec.queue,
+            priority=job.spec.priority,
+            preemptible=job.spec.preemptible,
+            evicting=task.evicted_by is not None or task.kill_requested,
+        )
+
+    def _group(self, job_id: int, task_ids: list[str], placed: dict[str, int]) -> Group:
+        job = self.jobs[job_id]
+        spec = job.spec
+        spread = (
+            SpreadTarget(spec.spread.attribute, tuple((v, p / 100.0) for v, p in spec.spread.targets.items()))
+            if spec.spread
+            else None
+        )
+        return Group(
+            job_id=job_id,
+            tasks=tuple(task_ids),
+            ask=spec.resources,
+            user=job.owner,
+            queue=spec.queue,
+            priority=spec.priority,
+            preemptible=spec.preemptible,
+            strategy=spec.strategy,
+            constraints=tuple(parse(c) for c in spec.constraints),
+            nodes=frozenset(job.node_names) if job.node_names is not None else None,
+            max_per_node=spec.max_per_node,
+            max_per=tuple(spec.max_per.items()),
+            affinities=tuple((parse(a.expr), float(a.weight)) for a in spec.affinities),
+            spread=spread,
+            gang=spec.gang,
+            placed=tuple(placed.items()),
+        )
 
     def _run_spec(self, task: TaskRecord) -> RunSpec:
         spec = self.jobs[task.job_id].spec

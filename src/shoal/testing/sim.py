@@ -321,7 +321,7 @@ class SimCluster:
                 assert task.node in self.master.nodes, f"task {task.id} is on unknown node {task.node}"
                 held[task.node] = held[task.node] + self.master.jobs[task.job_id].spec.resources
         for name, record in self.master.nodes.items():
-            got, want = record.allocated, held[name]
+            got, want = self.master.allocated(name), held[name]
             assert _same(got, want), f"{name}: allocated {got} but its tasks hold {want}"
             assert got.shortfall(record.info.capacity) is None, f"{name} is over-committed: {got}"
             if record.status is NodeStatus.DOWN:

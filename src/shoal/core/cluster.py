@@ -1,0 +1,181 @@
+"""The cluster as the scheduler sees it: nodes as rows of numpy arrays, updated in place.
+
+A `NodeTable` holds, per node, its capacity and allocation (one column per resource
+dimension), whether it takes new work, its live CPU utilization and its attributes. The
+ledger keeps it current with `upsert`, `allocate` and `release`: nothing is rebuilt per
+scheduling cycle, so a cycle costs what its decisions cost, not what the cluster weighs.
+Rows are never removed (a node that leaves is marked unschedulable), so a row index stays a
+valid name for a node for the table's life. `MaskCache` turns constraints and node sets into
+boolean masks over the rows, computed once per distinct attribute value and kept until the
+table's membership or attributes change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from shoal.core.expressions import Constraint
+from shoal.model import Resources
+
+BASE_DIMS = ("cpus", "mem", "disk", "gpus")
+
+
+class NodeTable:
+    def __init__(self, capacity_hint: int = 64) -> None:
+        self.dims: list[str] = list(BASE_DIMS)
+        self._dim_index = {d: i for i, d in enumerate(self.dims)}
+        self.names: list[str] = []
+        self.index: dict[str, int] = {}
+        rows = max(capacity_hint, 1)
+        self._capacity = np.zeros((rows, len(self.dims)))
+        self._allocated = np.zeros((rows, len(self.dims)))
+        self._schedulable = np.zeros(rows, dtype=bool)
+        self._utilization = np.zeros(rows)
+        self.attributes: list[Mapping[str, str]] = []
+        # Bumped whenever attributes or membership change: caches of masks key on it.
+        self.version = 0
+
+    # --- views over the live rows --------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def capacity(self) -> np.ndarray:
+        return self._capacity[: len(self.names)]
+
+    @property
+    def allocated(self) -> np.ndarray:
+        return self._allocated[: len(self.names)]
+
+    @property
+    def schedulable(self) -> np.ndarray:
+        return self._schedulable[: len(self.names)]
+
+    @property
+    def utilization(self) -> np.ndarray:
+        """Live CPU utilization per node, 0..1, as last reported."""
+        return self._utilization[: len(self.names)]
+
+    def free(self) -> np.ndarray:
+        return self.capacity - self.allocated
+
+    # --- resource vectors ----------------------------------------------------------------
+
+    def vector(self, resources: Resources) -> np.ndarray:
+        """`resources` as a row over this table's dimensions (new custom ones are added)."""
+        for name in resources.custom:
+            self._ensure_dim(name)
+        row = np.zeros(len(self.dims))
+        row[:4] = (resources.cpus, resources.mem, resources.disk, resources.gpus)
+        for name, amount in resources.custom.items():
+            row[self._dim_index[name]] = amount
+        return row
+
+    def _ensure_dim(self, name: str) -> None:
+        if name in self._dim_index:
+            return
+        self._dim_index[name] = len(self.dims)
+        self.dims.append(name)
+        pad = np.zeros((self._capacity.shape[0], 1))
+        self._capacity = np.hstack([self._capacity, pad])
+        self._allocated = np.hstack([self._allocated, pad.copy()])
+
+    # --- changes -------------------------------------------------------------------------
+
+    def upsert(self, name: str, capacity: Resources, attributes: Mapping[str, str], schedulable: bool) -> int:
+        """Add a node or refresh what it reports; returns its row."""
+        vec = self.vector(capacity)
+        row = self.index.get(name)
+        if row is None:
+            row = len(self.names)
+            self._grow(row + 1)
+            self.names.append(name)
+            self.index[name] = row
+            self.attributes.append(dict(attributes))
+            self.version += 1
+        elif self.attributes[row] != attributes:
+            self.attributes[row] = dict(attributes)
+            self.version += 1
+        self._capacity[row] = vec
+        self._schedulable[row] = schedulable
+        return row
+
+    def set_schedulable(self, name: str, schedulable: bool) -> None:
+        self._schedulable[self.index[name]] = schedulable
+
+    def set_utilization(self, name: str, fraction: float) -> None:
+        self._utilization[self.index[name]] = fraction
+
+    def allocate(self, row: int, vec: np.ndarray) -> None:
+        self._allocated[row, : len(vec)] += vec
+
+    def release(self, row: int, vec: np.ndarray) -> None:
+        self._allocated[row, : len(vec)] -= vec
+
+    def _grow(self, rows: int) -> None:
+        have = self._capacity.shape[0]
+        if rows <= have:
+            return
+        size = max(rows, have * 2)
+        for attr in ("_capacity", "_allocated"):
+            old = getattr(self, attr)
+            new = np.zeros((size, old.shape[1]))
+            new[:have] = old
+            setattr(self, attr, new)
+        for attr, dtype in (("_schedulable", bool), ("_utilization", float)):
+            old = getattr(self, attr)
+            new = np.zeros(size, dtype=dtype)
+            new[:have] = old
+            setattr(self, attr, new)
+
+
+class MaskCache:
+    """Boolean masks over a table's rows, per constraint and per node set."""
+
+    def __init__(self, table: NodeTable) -> None:
+        self.table = table
+        self._version = -1
+        self._masks: dict[object, np.ndarray] = {}
+        self._columns: dict[str, tuple[list[str | None], np.ndarray]] = {}
+
+    def _fresh(self) -> None:
+        if self._version != self.table.version:
+            self._masks.clear()
+            self._columns.clear()
+            self._version = self.table.version
+
+    def constraint(self, c: Constraint) -> np.ndarray:
+        self._fresh()
+        mask = self._masks.get(c)
+        if mask is None:
+            values, inverse = self.column(c.attribute)
+            verdicts = np.array([c.matches({c.attribute: v} if v is not None else {}) for v in values], dtype=bool)
+            mask = self._masks[c] = verdicts[inverse] if len(inverse) else np.zeros(0, dtype=bool)
+        return mask
+
+    def nodes(self, names: frozenset[str]) -> np.ndarray:
+        self._fresh()
+        mask = self._masks.get(names)
+        if mask is None:
+            mask = np.zeros(len(self.table), dtype=bool)
+            rows = [self.table.index[n] for n in names if n in self.table.index]
+            mask[rows] = True
+            self._masks[names] = mask
+        return mask
+
+    def column(self, attribute: str) -> tuple[list[str | None], np.ndarray]:
+        """The distinct values of `attribute` and, per row, the index of its value."""
+        self._fresh()
+        col = self._columns.get(attribute)
+        if col is None:
+            codes: dict[str | None, int] = {}
+            inverse = np.fromiter(
+                (codes.setdefault(a.get(attribute), len(codes)) for a in self.table.attributes),
+                dtype=np.int64,
+                count=len(self.table),
+            )
+            col = self._columns[attribute] = (list(codes), inverse)
+        return col

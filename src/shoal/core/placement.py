@@ -1,0 +1,225 @@
+"""Placing the tasks of one group: filters as boolean masks, strategies as score vectors.
+
+Every decision here is a numpy operation over node rows. A group's static mask (node up,
+in its node set, passing its constraints) comes from the MaskCache; the resource fit and the
+score are computed over a window of candidate rows, and each placement updates only the
+chosen row, so placing k tasks costs one setup plus k argmaxes. With binpack a node keeps
+taking tasks until it is full, so a large array fills node after node in bulk.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shoal.core.cluster import MaskCache, NodeTable
+from shoal.core.expressions import Constraint
+from shoal.model import Resources, Strategy
+
+_EPS = 1e-9
+_NEG = -np.inf
+
+
+@dataclass(frozen=True, slots=True)
+class SpreadTarget:
+    attribute: str
+    targets: tuple[tuple[str, float], ...] = ()  # value -> fraction 0..1
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """The pending tasks of one job: identical asks, the job's rules, in index order."""
+
+    job_id: int
+    tasks: tuple[str, ...]
+    ask: Resources
+    user: str = "nobody"
+    queue: str = "default"
+    priority: int = 0
+    preemptible: bool = True
+    strategy: Strategy | None = None
+    constraints: tuple[Constraint, ...] = ()
+    nodes: frozenset[str] | None = None
+    max_per_node: int | None = None
+    max_per: tuple[tuple[str, int], ...] = ()
+    affinities: tuple[tuple[Constraint, float], ...] = ()
+    spread: SpreadTarget | None = None
+    gang: bool = False
+    placed: tuple[tuple[str, int], ...] = ()  # the job's tasks already on each node
+
+
+@dataclass
+class Placer:
+    """One scheduling cycle's working view: free capacity per row, and per-job counts."""
+
+    table: NodeTable
+    masks: MaskCache
+    free: np.ndarray
+    window: int
+    _start: int = 0
+    _job_rows: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def counts(self, g: Group) -> np.ndarray:
+        """Tasks of `g`'s job per row: those running plus those placed this cycle."""
+        counts = self._job_rows.get(g.job_id)
+        if counts is None:
+            counts = np.zeros(len(self.table), dtype=np.int64)
+            for name, n in g.placed:
+                if (row := self.table.index.get(name)) is not None:
+                    counts[row] += n
+            self._job_rows[g.job_id] = counts
+        return counts
+
+    def static_mask(self, g: Group) -> np.ndarray:
+        mask = self.table.schedulable.copy()
+        if g.nodes is not None:
+            mask &= self.masks.nodes(g.nodes)
+        for c in g.constraints:
+            mask &= self.masks.constraint(c)
+        return mask
+
+    def _limits(self, g: Group, rows: np.ndarray) -> np.ndarray:
+        ok = np.ones(len(rows), dtype=bool)
+        if g.max_per_node is None and not g.max_per:
+            return ok
+        counts = self.counts(g)
+        if g.max_per_node is not None:
+            ok &= counts[rows] < g.max_per_node
+        for attribute, limit in g.max_per:
+            _, inverse = self.masks.column(attribute)
+            per_value = np.bincount(inverse, weights=counts, minlength=inverse.max(initial=0) + 1)
+            ok &= per_value[inverse[rows]] < limit
+        return ok
+
+    def _rows(self, g: Group, mask: np.ndarray, ask: np.ndarray, use_window: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate rows (a rotating window on big tables) and which of them fit `ask`."""
+        n = len(self.table)
+        if use_window and n > self.window:
+            start = self._start % n
+            self._start += self.window
+            rows = (np.arange(start, start + self.window) % n).astype(np.int64)
+        else:
+            rows = np.arange(n)
+        fit = mask[rows] & np.all(self.free[rows] + _EPS >= ask, axis=1) & self._limits(g, rows)
+        return rows, fit
+
+    def score(self, g: Group, strategy: Strategy, rows: np.ndarray, ask: np.ndarray) -> np.ndarray:
+        cap = self.table.capacity[rows][:, :2]
+        used_after = (cap - self.free[rows][:, :2] + ask[:2]) / np.where(cap > 0, cap, 1.0)
+        fullness = used_after.mean(axis=1)
+        match strategy:
+            case Strategy.BINPACK:
+                score = fullness
+            case Strategy.SPREAD:
+                score = -fullness
+            case Strategy.LEAST_LOADED:
+                cpu_cap = np.where(cap[:, 0] > 0, cap[:, 0], 1.0)
+                added = (self.table.free()[rows, 0] - self.free[rows, 0]) / cpu_cap
+                score = -(self.table.utilization[rows] + added)
+        for c, weight in g.affinities:
+            score = score + (weight / 100.0) * self.masks.constraint(c)[rows]
+        if g.spread is not None:
+            # Heavier than any strategy or affinity term: the targets are what the job asked for.
+            score = score + 10.0 * self._spread_bonus(g, rows)
+        return score
+
+    def _spread_bonus(self, g: Group, rows: np.ndarray) -> np.ndarray:
+        """How far each row's attribute value is below its target share of the job."""
+        assert g.spread is not None
+        values, inverse = self.masks.column(g.spread.attribute)
+        counts = np.bincount(inverse, weights=self.counts(g), minlength=len(values))
+        live = np.bincount(inverse, weights=self.table.schedulable, minlength=len(values)) > 0
+        named = dict(g.spread.targets)
+        target = np.array([named.get(v, np.nan) if v is not None else 0.0 for v in values])
+        rest = np.isnan(target) & live
+        left = max(0.0, 1.0 - sum(named.values())) if named else 1.0
+        target[np.isnan(target)] = 0.0
+        if rest.any():
+            target[rest] = left / rest.sum()
+        total = counts.sum() + 1
+        return (target - (counts + 1) / total)[inverse[rows]]
+
+    def place(self, g: Group, n: int, strategy: Strategy, ask: np.ndarray) -> list[tuple[int, int]]:
+        """Up to `n` tasks of `g` on the best rows; returns (row, how many) pairs."""
+        if len(self.table) == 0:
+            return []
+        mask = self.static_mask(g)
+        rows, fit = self._rows(g, mask, ask, use_window=True)
+        if not fit.any() and len(rows) < len(self.table):
+            rows, fit = self._rows(g, mask, ask, use_window=False)
+        score = np.where(fit, self.score(g, strategy, rows, ask), _NEG)
+        bulk = strategy is Strategy.BINPACK and g.spread is None and not g.max_per
+        counts = self.counts(g) if (g.max_per_node or g.max_per or g.spread) else None
+        out: list[tuple[int, int]] = []
+        while n > 0:
+            j = int(np.argmax(score))
+            if score[j] == _NEG:
+                break
+            row = int(rows[j])
+            k = self._how_many(g, row, ask, n, counts) if bulk else 1
+            self.free[row] -= k * ask
+            if counts is not None:
+                counts[row] += k
+            out.append((row, k))
+            n -= k
+            self._refresh(g, strategy, rows, j, mask, ask, score)
+            if g.spread is not None or g.max_per:
+                score = self._rescore(g, strategy, rows, mask, ask)
+        return out
+
+    def _how_many(self, g: Group, row: int, ask: np.ndarray, n: int, counts: np.ndarray | None) -> int:
+        need = ask > 0
+        room = int(np.floor(np.min((self.free[row][need] + _EPS) / ask[need]))) if need.any() else n
+        if g.max_per_node is not None and counts is not None:
+            room = min(room, g.max_per_node - int(counts[row]))
+        return max(1, min(n, room))
+
+    def _refresh(self, g: Group, strategy: Strategy, rows: np.ndarray, j: int, mask: np.ndarray,
+                 ask: np.ndarray, score: np.ndarray) -> None:
+        one = rows[j : j + 1]
+        fits = bool(mask[one[0]]) and bool(np.all(self.free[one[0]] + _EPS >= ask)) and bool(self._limits(g, one)[0])
+        score[j] = self.score(g, strategy, one, ask)[0] if fits else _NEG
+
+    def _rescore(self, g: Group, strategy: Strategy, rows: np.ndarray, mask: np.ndarray, ask: np.ndarray) -> np.ndarray:
+        fit = mask[rows] & np.all(self.free[rows] + _EPS >= ask, axis=1) & self._limits(g, rows)
+        return np.where(fit, self.score(g, strategy, rows, ask), _NEG)
+
+    def undo(self, placed: list[tuple[int, int]], g: Group, ask: np.ndarray) -> None:
+        counts = self._job_rows.get(g.job_id)
+        for row, k in placed:
+            self.free[row] += k * ask
+            if counts is not None:
+                counts[row] -= k
+
+    def explain(self, g: Group, ask: np.ndarray) -> str:
+        """Why no node takes a task of `g`: each node counted at the first filter it fails."""
+        left = np.ones(len(self.table), dtype=bool)
+        reasons: Counter[tuple[str, str]] = Counter()
+
+        def drop(failing: np.ndarray, one: str, many: str) -> None:
+            nonlocal left
+            hit = left & failing
+            if hit.any():
+                reasons[(one, many)] += int(hit.sum())
+                left &= ~failing
+
+        drop(~self.table.schedulable, "is down", "are down")
+        if g.nodes is not None:
+            drop(~self.masks.nodes(g.nodes), "is outside the node set", "are outside the node set")
+        for c in g.constraints:
+            drop(~self.masks.constraint(c), f"fails {c}", f"fail {c}")
+        drop(~self._limits(g, np.arange(len(self.table))), "holds the job's most tasks", "hold the job's most tasks")
+        for d, dim in enumerate(self.table.dims):
+            if ask[d] > 0:
+                noun = _NOUN.get(dim, dim)
+                drop(self.free[:, d] + _EPS < ask[d], f"lacks free {noun}", f"lack free {noun}")
+        if not reasons:
+            return "no nodes yet" if len(self.table) == 0 else "no node takes it this cycle"
+        return ", ".join(
+            f"1 node {one}" if count == 1 else f"{count} nodes {many}" for (one, many), count in reasons.items()
+        )
+
+
+_NOUN = {"mem": "memory", "cpus": "cpus", "disk": "disk", "gpus": "gpus"}

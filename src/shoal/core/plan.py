@@ -1,0 +1,43 @@
+"""What a scheduling cycle decides: placements, evictions, and why the rest waits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shoal.model import Resources
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A task holding resources on a node; `evicting` once asked to leave for another."""
+
+    task_id: str
+    job_id: int
+    node: str
+    ask: Resources
+    user: str = "nobody"
+    queue: str = "default"
+    priority: int = 0
+    preemptible: bool = True
+    evicting: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    task_id: str
+    node: str
+    resources: Resources
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    task_id: str
+    node: str
+    for_job: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    placements: tuple[Placement, ...] = ()
+    evictions: tuple[Eviction, ...] = ()
+    waiting: dict[int, str] = field(default_factory=dict)  # job id -> why its tasks wait
