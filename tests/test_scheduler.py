@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from shoal.core.cluster import MaskCache, NodeTable
 from shoal.core.expressions import parse
+from shoal.core.fairness import UsageBook
 from shoal.core.placement import Group, SpreadTarget
 from shoal.core.plan import Placement, Plan, Running
 from shoal.core.scheduler import STALE, UNKNOWN_NODE, Policy, QueuePolicy, apply_plan, never_fits, schedule
@@ -33,7 +34,7 @@ def group(job: int, count: int = 1, cpus: float = 1, mem: int = 256, **kw) -> Gr
 
 
 def run(t: NodeTable, groups, running=(), **policy) -> Plan:
-    return schedule(t, MaskCache(t), groups, list(running), Policy(**policy), now=0.0)
+    return schedule(t, MaskCache(t), groups, UsageBook.of(t, running), running, Policy(**policy), now=0.0)
 
 
 def where(plan: Plan) -> Counter[str]:
@@ -231,7 +232,7 @@ def test_custom_resources_are_scheduled_like_the_others() -> None:
     t.upsert("lic", Resources(cpus=8, mem=8192, custom={"licenses": 2}), {}, True)
     t.upsert("plain", Resources(cpus=8, mem=8192), {}, True)
     ask = Resources(cpus=1, mem=1, custom={"licenses": 1})
-    plan = schedule(t, MaskCache(t), [Group(1, ("1.0", "1.1", "1.2"), ask)], [], Policy(), 0)
+    plan = schedule(t, MaskCache(t), [Group(1, ("1.0", "1.1", "1.2"), ask)], UsageBook(), (), Policy(), 0)
     assert where(plan) == {"lic": 2} and "lack free licenses" in plan.waiting[1]
 
 
@@ -294,7 +295,8 @@ def build(nodes, groups):
        st.sampled_from(["fifo", "priority", "fair"]))
 def test_plans_never_overcommit_and_always_honour_the_rules(nodes, groups, strategy, order) -> None:
     t, gs = build(nodes, groups)
-    plan = schedule(t, MaskCache(t), gs, [], Policy(queues={"default": QueuePolicy(order)}, strategy=strategy), 0)
+    policy = Policy(queues={"default": QueuePolicy(order)}, strategy=strategy)
+    plan = schedule(t, MaskCache(t), gs, UsageBook(), (), policy, 0)
     by_job = {g.job_id: g for g in gs}
     used = np.zeros_like(t.capacity)
     per_node: Counter[tuple[int, str]] = Counter()
@@ -365,3 +367,12 @@ def test_drf_shares_of_backlogged_users_are_within_5_percent_of_fair(users, node
         fits = bool(np.any((free[:, 0] >= c) & (free[:, 1] >= m)))
         if fits:  # a user who could still grow must not lag behind anyone by more than 5 points
             assert share[j] >= max(share.values()) - 0.05, (share, j)
+
+
+def test_room_made_by_preemption_is_held_for_the_nominated_task() -> None:
+    t = table(n("a", cpus=2), n("b", cpus=1))
+    first = group(1, 3, priority=9)  # served first, yet may not take the held room on a
+    nominee = group(2, 1, cpus=2, priority=5, nominated=(("2.0", "a"),))
+    plan = run(t, [first, nominee])
+    assert {(p.task_id, p.node) for p in plan.placements} == {("1.0", "b"), ("2.0", "a")}
+    assert "lacks free cpus" in plan.waiting[1] or "lack free cpus" in plan.waiting[1]

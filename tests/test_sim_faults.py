@@ -159,3 +159,25 @@ def test_unschedulable_spec_is_refused_with_the_reason() -> None:
     assert info.value.field == "resources"
     assert info.value.reason == "unschedulable: needs 64 cpus, the largest node has 4"
     assert sim.master.jobs == {}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_priority_preempts_lower_work_which_requeues_and_runs_later(seed: int) -> None:
+    sim = cluster(seed)  # 2 nodes of 4 cpus
+    low = sim.submit({"command": "sleep 20", "count": 8, "resources": {"cpus": 1}, "priority": 1})
+    sim.advance(1.0)
+    assert all(t.state is TaskState.RUNNING for t in sim.master.tasks_of(low))
+    high = sim.submit({"command": "sleep 5", "count": 2, "resources": {"cpus": 2}, "priority": 10})
+    sim.run_until(lambda: all(t.state is TaskState.RUNNING for t in sim.master.tasks_of(high)), limit=10)
+    preempted = [t for t in sim.master.tasks_of(low) if t.history and t.history[-1].state is TaskState.PREEMPTED]
+    assert len(preempted) == 4  # exactly the room of the two high tasks
+    assert all(t.history[-1].message == f"preempted for job {high}" for t in preempted)
+    sim.run_until(lambda: job_state(sim, low) is JobState.COMPLETE, limit=120)
+    assert job_state(sim, high) is JobState.COMPLETE
+
+
+def test_a_job_for_a_missing_queue_is_refused() -> None:
+    sim = cluster(0)
+    with pytest.raises(SpecError) as info:
+        sim.submit({"command": "x", "queue": "gpu"})
+    assert info.value.field == "queue" and "the queues are: default" in info.value.reason

@@ -313,6 +313,7 @@ class TaskRecord(BaseModel):
     message: str = ""
     kill_requested: bool = False
     evicted_by: int | None = Field(None, description="the job this task is being preempted for")
+    nominated: str | None = Field(None, description="the node preemption is making room on for it")
     not_before: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None

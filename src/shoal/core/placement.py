@@ -48,6 +48,7 @@ class Group:
     spread: SpreadTarget | None = None
     gang: bool = False
     placed: tuple[tuple[str, int], ...] = ()  # the job's tasks already on each node
+    nominated: tuple[tuple[str, str], ...] = ()  # (task, node) where preemption makes it room
 
 
 @dataclass

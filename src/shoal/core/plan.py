@@ -40,4 +40,5 @@ class Eviction:
 class Plan:
     placements: tuple[Placement, ...] = ()
     evictions: tuple[Eviction, ...] = ()
+    nominations: tuple[tuple[str, str], ...] = ()  # (task, node) the evictions make room for
     waiting: dict[int, str] = field(default_factory=dict)  # job id -> why its tasks wait

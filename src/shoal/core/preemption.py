@@ -28,10 +28,15 @@ def plan(
     remaining: dict[int, list[str]],
     running: Sequence[Running],
     waiting: dict[int, str],
-) -> list[Eviction]:
+) -> tuple[list[Eviction], list[tuple[str, str]]]:
+    """Evictions for the blocked groups, and the (task, node) nominations they make room for.
+
+    `placer.free` already holds back the room of earlier nominations; `coming` is the room
+    that evictions under way will free.
+    """
     table = placer.table
     pool: dict[int, list[Running]] = defaultdict(list)
-    coming = np.zeros_like(placer.free)  # room that evictions already under way will free
+    coming = np.zeros_like(placer.free)
     for r in running:
         row = table.index.get(r.node)
         if row is None:
@@ -41,11 +46,14 @@ def plan(
         elif r.preemptible:
             pool[row].append(r)
     evictions: list[Eviction] = []
+    nominations: list[tuple[str, str]] = []
     for g in sorted(blocked, key=lambda g: (-g.priority, g.job_id)):
         ask = table.vector(g.ask)
         mask = placer.static_mask(g)
-        made = 0
-        for _ in range(min(len(remaining[g.job_id]), MAX_PER_JOB)):
+        already = {task for task, _ in g.nominated}
+        unserved = [t for t in remaining[g.job_id] if t not in already][:MAX_PER_JOB]
+        evicted = nominated = 0
+        for task in unserved:
             choice = _choose(placer, pool, coming, mask, g.priority, ask)
             if choice is None:
                 break
@@ -55,15 +63,14 @@ def plan(
                 coming[row] += table.vector(v.ask)
                 evictions.append(Eviction(v.task_id, v.node, g.job_id))
             coming[row] -= ask  # that room is spoken for
-            made += 1
-        if made:
-            count = sum(1 for e in evictions if e.for_job == g.job_id)
-            waiting[g.job_id] = (
-                f"preempting {count} lower-priority task{'s' if count != 1 else ''} to make room"
-                if count
-                else "waiting for preempted tasks to stop"
-            )
-    return evictions
+            nominations.append((task, table.names[row]))
+            evicted += len(victims)
+            nominated += 1
+        if evicted:
+            waiting[g.job_id] = f"preempting {evicted} lower-priority task{'s' if evicted != 1 else ''} to make room"
+        elif already or nominated:
+            waiting[g.job_id] = "waiting for preempted tasks to stop"
+    return evictions, nominations
 
 
 def _choose(

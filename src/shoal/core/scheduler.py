@@ -12,7 +12,9 @@ Order of service, one cycle:
    that cannot place its slice is set aside with the reason, and the jobs behind it go on.
 3. Gangs place all their tasks or none.
 4. Jobs set aside with a priority above some running preemptible work get evictions:
-   `preemption.choose` picks the node needing the fewest, strictly lower-priority victims.
+   `preemption.plan` picks the node needing the fewest, strictly lower-priority victims,
+   and nominates a task of the job for that node. Later cycles hold a nominated task's room
+   for it alone, so the victims, requeued, cannot take it back.
 
 `apply_plan` then re-checks every placement against the table as it is now, accepts what
 still fits (allocating it), and rejects stale parts with a reason. No I/O, no clock, no
@@ -21,7 +23,7 @@ randomness: the same inputs give the same plan.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,6 +32,7 @@ import numpy as np
 
 from shoal.core import preemption
 from shoal.core.cluster import MaskCache, NodeTable
+from shoal.core.fairness import Shares, UsageBook
 from shoal.core.placement import Group, Placer
 from shoal.core.plan import Eviction, Placement, Plan, Running
 from shoal.model import Resources, Strategy
@@ -41,7 +44,11 @@ SLICE = 32  # tasks a job places per turn while other queues or users wait
 
 @dataclass(frozen=True, slots=True)
 class QueuePolicy:
-    order: Literal["fifo", "priority", "fair"] = "fifo"
+    """How one queue orders its jobs. `priority` (the default) is FIFO among equal priorities;
+    strict `fifo` ignores priority, so preemption cannot help its jobs (the victims, older,
+    would take the room back)."""
+
+    order: Literal["fifo", "priority", "fair"] = "priority"
     weight: float = 1.0
 
 
@@ -52,32 +59,6 @@ class Policy:
     strategy: Strategy = Strategy.SPREAD
     preemption: bool = True
     window: int = 4096  # candidate rows scored per turn on large clusters
-
-
-class _Shares:
-    """Usage per queue and per user, as weighted dominant shares of the cluster."""
-
-    def __init__(self, table: NodeTable, running: Iterable[Running], policy: Policy) -> None:
-        total = (table.capacity * table.schedulable[:, None]).sum(axis=0)
-        self._inverse_total = np.divide(1.0, total, out=np.zeros_like(total), where=total > 0)
-        self.policy = policy
-        self.table = table
-        self.queue: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(len(table.dims)))
-        self.user: dict[tuple[str, str], np.ndarray] = defaultdict(lambda: np.zeros(len(table.dims)))
-        for r in running:
-            self.add(r.queue, r.user, table.vector(r.ask))
-
-    def add(self, queue: str, user: str, amount: np.ndarray) -> None:
-        self.queue[queue][: len(amount)] += amount
-        self.user[(queue, user)][: len(amount)] += amount
-
-    def of_queue(self, queue: str) -> float:
-        weight = self.policy.queues[queue].weight if queue in self.policy.queues else 1.0
-        return float(np.max(self.queue[queue][: len(self._inverse_total)] * self._inverse_total, initial=0)) / weight
-
-    def of_user(self, queue: str, user: str) -> float:
-        weight = self.policy.user_weights.get(user, 1.0)
-        return float(np.max(self.user[(queue, user)][: len(self._inverse_total)] * self._inverse_total, initial=0)) / weight
 
 
 class _Queue:
@@ -94,7 +75,7 @@ class _Queue:
     def __bool__(self) -> bool:
         return any(self.lines.values())
 
-    def head(self, shares: _Shares) -> Group:
+    def head(self, shares: Shares) -> Group:
         if not self.fair:
             return self.lines[""][0]
         live = [u for u, line in self.lines.items() if line]
@@ -109,14 +90,20 @@ def schedule(
     table: NodeTable,
     masks: MaskCache,
     groups: Sequence[Group],
-    running: Sequence[Running],
+    usage: UsageBook,
+    running: Iterable[Running],
     policy: Policy,
     now: float,
 ) -> Plan:
-    """Decide where pending tasks go (and what to evict for them) on this cycle."""
+    """Decide where pending tasks go (and what to evict for them) on this cycle.
+
+    `usage` is what runs now, per queue and user; `running` lists those tasks one by one
+    and is only walked when some job needs preemption.
+    """
     del now  # the plan does not depend on the time yet; it is part of the contract
     placer = Placer(table, masks, table.free().copy(), policy.window)
-    shares = _Shares(table, running, policy)
+    weights = {name: q.weight for name, q in policy.queues.items()}
+    shares = Shares(table, usage, weights, policy.user_weights)
     by_queue: dict[str, list[Group]] = defaultdict(list)
     for g in groups:
         by_queue[g.queue].append(g)
@@ -124,6 +111,11 @@ def schedule(
         _Queue(name, policy.queues.get(name, QueuePolicy()).order, gs) for name, gs in sorted(by_queue.items())
     ]
     remaining = {g.job_id: list(g.tasks) for g in groups}
+    # Room that evictions made for a nominated task is held for it: no one else may take it.
+    held: dict[int, Counter[int]] = {g.job_id: Counter(table.index[n] for _, n in g.nominated) for g in groups}
+    for g in groups:
+        for row, count in held[g.job_id].items():
+            placer.free[row] -= count * table.vector(g.ask)
     placements: list[Placement] = []
     waiting: dict[int, str] = {}
     blocked: list[Group] = []
@@ -133,7 +125,14 @@ def schedule(
         ask = table.vector(g.ask)
         todo = remaining[g.job_id]
         want = len(todo) if g.gang or (len(live) == 1 and not queue.fair) else min(len(todo), 1 if queue.fair else SLICE)
+        own = held[g.job_id]
+        for row, count in own.items():
+            placer.free[row] += count * ask
         got = placer.place(g, want, g.strategy or policy.strategy, ask)
+        for row, k in got:
+            own[row] = max(0, own[row] - k)
+        for row, count in own.items():
+            placer.free[row] -= count * ask
         placed = sum(k for _, k in got)
         if g.gang and placed < len(todo):
             placer.undo(got, g, ask)
@@ -152,9 +151,11 @@ def schedule(
             blocked.append(g)
             queue.drop(g)
     evictions: list[Eviction] = []
+    nominations: list[tuple[str, str]] = []
+    blocked = [g for g in blocked if policy.queues.get(g.queue, QueuePolicy()).order != "fifo"]
     if policy.preemption and blocked:
-        evictions = preemption.plan(placer, blocked, remaining, running, waiting)
-    return Plan(tuple(placements), tuple(evictions), waiting)
+        evictions, nominations = preemption.plan(placer, blocked, remaining, list(running), waiting)
+    return Plan(tuple(placements), tuple(evictions), tuple(nominations), waiting)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,12 +21,14 @@ Theory of operation
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from shoal.core.cluster import MaskCache, NodeTable
 from shoal.core.expressions import parse
+from shoal.core.fairness import UsageBook
 from shoal.core.placement import Group, SpreadTarget
 from shoal.core.plan import Running
 from shoal.core.scheduler import Policy, apply_plan, never_fits, schedule
@@ -163,12 +165,20 @@ class MasterState:
             # A restarted master gives every node a full timeout to reconnect.
             self.nodes[node.name] = node.model_copy(update={"last_seen": now, "connected": False})
             self._index(self.nodes[node.name])
+        self.pending: dict[int, dict[str, None]] = defaultdict(dict)  # job id -> ordered task ids
+        self.active: dict[str, None] = {}  # tasks holding resources on a node
+        self.usage = UsageBook()
         for task in self.tasks.values():
-            if task.state.active and task.node in self.nodes:
-                self.table.allocate(self.table.index[task.node], self._vector(task))
+            if task.state is TaskState.PENDING:
+                self.pending[task.job_id][task.id] = None
+            elif task.state.active:
+                self._hold(task)
+                if task.node in self.table.index:
+                    self.table.allocate(self.table.index[task.node], self._vector(task))
         self.next_job_id = max(self.jobs, default=0) + 1
         self.waiting: dict[int, str] = {}  # job id -> why its pending tasks wait
         self._needs_schedule = True
+        self._wakeup = math.inf  # the earliest restart delay still running
         self._c = _Changes()
 
     # --- the interface ----------------------------------------------------------------
@@ -229,6 +239,7 @@ class MasterState:
             task = TaskRecord(id=f"{job.id}.{index}", job_id=job.id, index=index)
             self.tasks[task.id] = task
             self.job_tasks[job.id].append(task.id)
+            self.pending[job.id][task.id] = None
             self._c.tasks[task.id] = task
         self._needs_schedule = True
         self._c.out.append(Reply(event.request, value=job.id))
@@ -322,9 +333,7 @@ class MasterState:
         for node in self.nodes.values():
             if node.status is NodeStatus.UP and now - node.last_seen > self.heartbeat_timeout:
                 self._node_down(node, now)
-        if self.waiting and any(
-            t.state is TaskState.PENDING and 0 < t.not_before <= now for t in self.tasks.values()
-        ):
+        if now >= self._wakeup:
             self._needs_schedule = True
 
     def _node_down(self, node: NodeRecord, now: float) -> None:
@@ -337,20 +346,45 @@ class MasterState:
         for task in self.tasks.values():
             if task.node == node.name and task.state.active:
                 self._end(task, TaskState.LOST, now, message=message)
+            elif task.nominated == node.name:
+                task.nominated = None  # the room it waited for is gone with the node
+                self._c.tasks[task.id] = task
 
     # --- transitions --------------------------------------------------------------------
 
     def _move(self, task: TaskRecord, to: TaskState, now: float, **fields: object) -> None:
-        if to not in TRANSITIONS[task.state]:
-            raise ShoalError(f"illegal transition of task {task.id}: {task.state.value} -> {to.value}")
-        if task.state.active and not to.active and task.node in self.table.index:
-            self.table.release(self.table.index[task.node], self._vector(task))
+        """The one way a task changes state; keeps the indexes and the usage book in step."""
+        was = task.state
+        if to not in TRANSITIONS[was]:
+            raise ShoalError(f"illegal transition of task {task.id}: {was.value} -> {to.value}")
+        if was.active and not to.active:
+            self._unhold(task)
+        if was is TaskState.PENDING:
+            self.pending[task.job_id].pop(task.id, None)
+            task.nominated = None
         task.state = to
         for key, value in fields.items():
             setattr(task, key, value)
+        if to is TaskState.PENDING:
+            self.pending[task.job_id][task.id] = None
+        if to.active and not was.active:
+            self._hold(task)
         if to.terminal:
             task.finished_at = now
         self._c.tasks[task.id] = task
+
+    def _hold(self, task: TaskRecord) -> None:
+        """Count an active task in the usage book (its node row is allocated by apply_plan)."""
+        job = self.jobs[task.job_id]
+        self.active[task.id] = None
+        self.usage.add(job.spec.queue, job.owner, self._vector(task))
+
+    def _unhold(self, task: TaskRecord) -> None:
+        job = self.jobs[task.job_id]
+        self.active.pop(task.id, None)
+        self.usage.remove(job.spec.queue, job.owner, self._vector(task))
+        if task.node in self.table.index:
+            self.table.release(self.table.index[task.node], self._vector(task))
 
     def _end(
         self, task: TaskRecord, to: TaskState, now: float, exit_code: int | None = None, message: str = ""
@@ -409,21 +443,25 @@ class MasterState:
 
     def _schedule(self, now: float) -> None:
         self._needs_schedule = False
-        pending: dict[int, list[str]] = defaultdict(list)
-        delayed: set[int] = set()
-        running: list[Running] = []
-        placed: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for task in self.tasks.values():
-            if task.state is TaskState.PENDING:
-                (pending[task.job_id].append(task.id) if task.not_before <= now else delayed.add(task.job_id))
-            elif task.state.active:
-                running.append(self._running(task))
-                placed[task.job_id][task.node] += 1
-        self.waiting = {job: "waiting for its restart delay" for job in delayed}
-        if not pending:
+        self.waiting = {}
+        self._wakeup = math.inf
+        groups: list[Group] = []
+        for job_id, ids in sorted(self.pending.items()):
+            ready = []
+            for t in ids:
+                not_before = self.tasks[t].not_before
+                if not_before <= now:
+                    ready.append(t)
+                else:
+                    self._wakeup = min(self._wakeup, not_before)
+            if ready:
+                groups.append(self._group(job_id, ready))
+            elif ids:
+                self.waiting[job_id] = "waiting for its restart delay"
+        if not groups:
             return
-        groups = [self._group(job_id, ids, placed.get(job_id, {})) for job_id, ids in sorted(pending.items())]
-        plan = schedule(self.table, self.masks, groups, running, self.policy, now)
+        running = (self.running(self.tasks[t]) for t in self.active)
+        plan = schedule(self.table, self.masks, groups, self.usage, running, self.policy, now)
         verdict = apply_plan(self.table, plan)
         self.waiting.update(plan.waiting)
         for placement in verdict.accepted:
@@ -438,8 +476,12 @@ class MasterState:
             task.evicted_by = eviction.for_job
             self._c.tasks[task.id] = task
             self._send(task.node, Kill(run_ids=[task.run_id]))
+        for task_id, node in plan.nominations:
+            task = self.tasks[task_id]
+            task.nominated = node
+            self._c.tasks[task.id] = task
 
-    def _running(self, task: TaskRecord) -> Running:
+    def running(self, task: TaskRecord) -> Running:
         job = self.jobs[task.job_id]
         return Running(
             task_id=task.id,
@@ -453,9 +495,14 @@ class MasterState:
             evicting=task.evicted_by is not None or task.kill_requested,
         )
 
-    def _group(self, job_id: int, task_ids: list[str], placed: dict[str, int]) -> Group:
+    def _group(self, job_id: int, task_ids: list[str]) -> Group:
         job = self.jobs[job_id]
         spec = job.spec
+        placed: dict[str, int] = defaultdict(int)
+        if spec.max_per_node or spec.max_per or spec.spread:
+            for task in self.tasks_of(job_id):
+                if task.state.active and task.node is not None:
+                    placed[task.node] += 1
         spread = (
             SpreadTarget(spec.spread.attribute, tuple((v, p / 100.0) for v, p in spec.spread.targets.items()))
             if spec.spread
@@ -478,6 +525,11 @@ class MasterState:
             spread=spread,
             gang=spec.gang,
             placed=tuple(placed.items()),
+            nominated=tuple(
+                (t, self.tasks[t].nominated)  # type: ignore[misc]
+                for t in task_ids
+                if self.tasks[t].nominated in self.table.index
+            ),
         )
 
     def _run_spec(self, task: TaskRecord) -> RunSpec:

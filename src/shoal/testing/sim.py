@@ -20,7 +20,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from shoal.agent import state as agent
+from shoal.core.fairness import UsageBook
 from shoal.master import state as master
 from shoal.master.store.sqlite import SqliteStore
 from shoal.model import NO_RESOURCES, JobSpec, NodeInfo, NodeStatus, Resources, Usage
@@ -320,6 +323,12 @@ class SimCluster:
             if task.state.active:
                 assert task.node in self.master.nodes, f"task {task.id} is on unknown node {task.node}"
                 held[task.node] = held[task.node] + self.master.jobs[task.job_id].spec.resources
+        expected = UsageBook.of(
+            self.master.table, (self.master.running(self.master.tasks[t]) for t in self.master.active)
+        )
+        for key, amount in self.master.usage.by_user.items():
+            want_usage = expected.by_user.get(key, np.zeros_like(amount))
+            assert np.allclose(amount[: len(want_usage)], want_usage), f"usage book of {key} drifted"
         for name, record in self.master.nodes.items():
             got, want = self.master.allocated(name), held[name]
             assert _same(got, want), f"{name}: allocated {got} but its tasks hold {want}"
