@@ -251,7 +251,10 @@ def test_custom_resources_are_scheduled_like_the_others() -> None:
     ],
 )
 def test_never_fits(capacities, want, reason) -> None:
-    assert never_fits(capacities, want) == reason
+    t = NodeTable()
+    for i, capacity in enumerate(capacities):
+        t.upsert(f"n{i}", capacity, {}, True)
+    assert never_fits(t, want) == reason
 
 
 # --- properties -----------------------------------------------------------------------------

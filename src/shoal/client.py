@@ -17,7 +17,7 @@ from pydantic import TypeAdapter
 
 from shoal.config import ClientConfig, load_client_config
 from shoal.errors import ShoalError
-from shoal.model import Caller, JobSpec, Role, TaskRecord
+from shoal.model import TASK_RECORD, Caller, JobSpec, Role, TaskRecord
 from shoal.views import ErrorBody, FieldError, JobView, NodeView, Submitted, TokenCreated
 
 _JOBS = TypeAdapter(list[JobView])
@@ -76,7 +76,7 @@ class Client:
         return JobView.model_validate(self._call("POST", f"/v1/jobs/{job_id}/kill"))
 
     def task(self, task_id: str) -> TaskRecord:
-        return TaskRecord.model_validate(self._call("GET", f"/v1/tasks/{task_id}"))
+        return TASK_RECORD.validate_python(self._call("GET", f"/v1/tasks/{task_id}"))
 
     def nodes(self) -> list[NodeView]:
         return _NODES.validate_python(self._call("GET", "/v1/nodes"))

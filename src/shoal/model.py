@@ -12,7 +12,9 @@ import enum
 import re
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from shoal.core.expressions import parse
 
@@ -300,8 +302,12 @@ class Attempt(BaseModel):
     finished_at: float | None = None
 
 
-class TaskRecord(BaseModel):
-    """The ledger's view of one task of a job (the current attempt plus history)."""
+@dataclass(slots=True)
+class TaskRecord:
+    """The ledger's view of one task of a job (the current attempt plus history).
+
+    A plain dataclass, not a pydantic model: the ledger creates and changes these by the
+    hundred thousand, and reads them back through `TASK_RECORD` (validated) from the store."""
 
     id: str
     job_id: int
@@ -312,16 +318,19 @@ class TaskRecord(BaseModel):
     exit_code: int | None = None
     message: str = ""
     kill_requested: bool = False
-    evicted_by: int | None = Field(None, description="the job this task is being preempted for")
-    nominated: str | None = Field(None, description="the node preemption is making room on for it")
+    evicted_by: int | None = None  # the job this task is being preempted for
+    nominated: str | None = None  # the node preemption is making room on for it
     not_before: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
-    history: list[Attempt] = Field(default_factory=list)
+    history: list[Attempt] = field(default_factory=list)
 
     @property
     def run_id(self) -> str:
         return run_id(self.id, self.attempt)
+
+
+TASK_RECORD = TypeAdapter(TaskRecord)
 
 
 def run_id(task_id: str, attempt: int) -> str:

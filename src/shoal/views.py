@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 from pydantic import BaseModel, Field
 
 from shoal.model import JobRecord, JobSpec, JobState, NodeRecord, Resources, Role, TaskRecord, TaskState, job_state
 
 
+@dataclass(slots=True)
 class TaskView(TaskRecord):
-    reason: str = Field("", description="why a pending task is not placed yet")
+    reason: str = ""  # why a pending task is not placed yet
+
+    @classmethod
+    def of(cls, task: TaskRecord, reason: str) -> TaskView:
+        return cls(**{f.name: getattr(task, f.name) for f in fields(TaskRecord)}, reason=reason)
 
 
 class NodeView(NodeRecord):
@@ -48,7 +55,7 @@ class JobView(BaseModel):
         view = cls.summary(job, tasks)
         view.waiting = waiting
         view.tasks = [
-            TaskView(**t.model_dump(), reason=waiting if t.state is TaskState.PENDING else "") for t in tasks
+            TaskView.of(t, waiting if t.state is TaskState.PENDING else "") for t in tasks
         ]
         return view
 

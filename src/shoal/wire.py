@@ -11,6 +11,7 @@ task table so the master can reconcile after any reconnect.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import msgpack
@@ -23,18 +24,18 @@ class _Frame(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
-class RunSpec(BaseModel):
-    """Everything an agent needs to start one attempt of a task."""
-
-    model_config = ConfigDict(frozen=True)
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    """Everything an agent needs to start one attempt of a task. A dataclass, cheap for
+    the master to make by the thousand; pydantic still validates it inside a frame."""
 
     run_id: str
     task_id: str
     attempt: int
     argv: list[str]
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str | None = None
     resources: Resources
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
     kill_grace: float = 5.0
 
 

@@ -36,6 +36,8 @@ class NodeTable:
         self.attributes: list[Mapping[str, str]] = []
         # Bumped whenever attributes or membership change: caches of masks key on it.
         self.version = 0
+        self._derived: dict[str, np.ndarray] = {}  # totals and inverses, dropped on any change
+        self._fits: dict[bytes, bool] = {}
 
     # --- views over the live rows --------------------------------------------------------
 
@@ -62,6 +64,30 @@ class NodeTable:
     def free(self) -> np.ndarray:
         return self.capacity - self.allocated
 
+    def total(self) -> np.ndarray:
+        """The capacity of the schedulable nodes, per dimension."""
+        if "total" not in self._derived:
+            self._derived["total"] = (self.capacity * self.schedulable[:, None]).sum(axis=0)
+        return self._derived["total"]
+
+    def inverse_capacity(self) -> np.ndarray:
+        """1 / capacity per row and dimension (0 where the capacity is 0)."""
+        if "inverse" not in self._derived:
+            cap = self.capacity
+            self._derived["inverse"] = np.divide(1.0, cap, out=np.zeros_like(cap), where=cap > 0)
+        return self._derived["inverse"]
+
+    def fits_somewhere(self, vec: np.ndarray) -> bool:
+        """Whether some node, even empty, could hold `vec`."""
+        key = vec.tobytes()
+        if key not in self._fits:
+            self._fits[key] = bool(np.any(np.all(self.capacity + 1e-9 >= vec, axis=1)))
+        return self._fits[key]
+
+    def _changed(self) -> None:
+        self._derived.clear()
+        self._fits.clear()
+
     # --- resource vectors ----------------------------------------------------------------
 
     def vector(self, resources: Resources) -> np.ndarray:
@@ -79,6 +105,7 @@ class NodeTable:
             return
         self._dim_index[name] = len(self.dims)
         self.dims.append(name)
+        self._changed()
         pad = np.zeros((self._capacity.shape[0], 1))
         self._capacity = np.hstack([self._capacity, pad])
         self._allocated = np.hstack([self._allocated, pad.copy()])
@@ -99,18 +126,24 @@ class NodeTable:
         elif self.attributes[row] != attributes:
             self.attributes[row] = dict(attributes)
             self.version += 1
-        self._capacity[row] = vec
-        self._schedulable[row] = schedulable
+        if not (np.array_equal(self._capacity[row], vec) and self._schedulable[row] == schedulable):
+            self._capacity[row] = vec
+            self._schedulable[row] = schedulable
+            self._changed()
         return row
 
     def set_schedulable(self, name: str, schedulable: bool) -> None:
         self._schedulable[self.index[name]] = schedulable
+        self._changed()
 
     def set_utilization(self, name: str, fraction: float) -> None:
         self._utilization[self.index[name]] = fraction
 
     def allocate(self, row: int, vec: np.ndarray) -> None:
         self._allocated[row, : len(vec)] += vec
+
+    def allocate_many(self, rows: np.ndarray, vecs: np.ndarray) -> None:
+        np.add.at(self._allocated[:, : vecs.shape[1]], rows, vecs)
 
     def release(self, row: int, vec: np.ndarray) -> None:
         self._allocated[row, : len(vec)] -= vec

@@ -51,7 +51,7 @@ class Shares:
         queue_weights: Mapping[str, float],
         user_weights: Mapping[str, float],
     ) -> None:
-        total = (table.capacity * table.schedulable[:, None]).sum(axis=0)
+        total = table.total()
         self._inverse_total = np.divide(1.0, total, out=np.zeros_like(total), where=total > 0)
         self._dims = len(total)
         self._queue_weights = queue_weights

@@ -53,14 +53,31 @@ class Group:
 
 @dataclass
 class Placer:
-    """One scheduling cycle's working view: free capacity per row, and per-job counts."""
+    """One scheduling cycle's working view: what the cycle has taken per row, and per-job
+    counts. Free room is the table's minus `taken`, computed only for the rows looked at,
+    so a cycle costs nothing per node it does not consider (np.zeros pages in lazily)."""
 
     table: NodeTable
     masks: MaskCache
-    free: np.ndarray
     window: int
+    taken: np.ndarray = field(init=False)
     _start: int = 0
     _job_rows: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.taken = np.zeros((len(self.table), len(self.table.dims)))
+
+    def free_at(self, row: int) -> np.ndarray:
+        dims = self.taken.shape[1]
+        return self.table.capacity[row, :dims] - self.table.allocated[row, :dims] - self.taken[row]
+
+    def free_column(self, rows: slice, d: int) -> np.ndarray:
+        return self.table.capacity[rows, d] - self.table.allocated[rows, d] - self.taken[rows, d]
+
+    def take(self, row: int, amount: np.ndarray) -> None:
+        if len(amount) > self.taken.shape[1]:  # a custom resource first seen this cycle
+            self.taken = np.hstack([self.taken, np.zeros((len(self.taken), len(amount) - self.taken.shape[1]))])
+        self.taken[row, : len(amount)] += amount
 
     def counts(self, g: Group) -> np.ndarray:
         """Tasks of `g`'s job per row: those running plus those placed this cycle."""
@@ -81,10 +98,11 @@ class Placer:
             mask &= self.masks.constraint(c)
         return mask
 
-    def _limits(self, g: Group, rows: np.ndarray) -> np.ndarray:
-        ok = np.ones(len(rows), dtype=bool)
+    def _limits(self, g: Group, rows: slice) -> np.ndarray | bool:
+        """Rows still under the job's per-node and per-value task limits."""
         if g.max_per_node is None and not g.max_per:
-            return ok
+            return True
+        ok = np.ones(rows.stop - rows.start, dtype=bool)
         counts = self.counts(g)
         if g.max_per_node is not None:
             ok &= counts[rows] < g.max_per_node
@@ -94,31 +112,37 @@ class Placer:
             ok &= per_value[inverse[rows]] < limit
         return ok
 
-    def _rows(self, g: Group, mask: np.ndarray, ask: np.ndarray, use_window: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate rows (a rotating window on big tables) and which of them fit `ask`."""
+    def _rows(self, g: Group, mask: np.ndarray, ask: np.ndarray, use_window: bool) -> tuple[slice, np.ndarray]:
+        """Candidate rows (a rotating window on big tables) and which of them fit `ask`.
+
+        The window is a contiguous slice, so every array below is a view, not a copy."""
         n = len(self.table)
         if use_window and n > self.window:
-            start = self._start % n
+            lo = self._start % (n - self.window + 1)
             self._start += self.window
-            rows = (np.arange(start, start + self.window) % n).astype(np.int64)
+            rows = slice(lo, lo + self.window)
         else:
-            rows = np.arange(n)
-        fit = mask[rows] & np.all(self.free[rows] + _EPS >= ask, axis=1) & self._limits(g, rows)
-        return rows, fit
+            rows = slice(0, n)
+        return rows, self._fit(g, rows, mask, ask)
 
-    def score(self, g: Group, strategy: Strategy, rows: np.ndarray, ask: np.ndarray) -> np.ndarray:
-        cap = self.table.capacity[rows][:, :2]
-        used_after = (cap - self.free[rows][:, :2] + ask[:2]) / np.where(cap > 0, cap, 1.0)
-        fullness = used_after.mean(axis=1)
-        match strategy:
-            case Strategy.BINPACK:
-                score = fullness
-            case Strategy.SPREAD:
-                score = -fullness
-            case Strategy.LEAST_LOADED:
-                cpu_cap = np.where(cap[:, 0] > 0, cap[:, 0], 1.0)
-                added = (self.table.free()[rows, 0] - self.free[rows, 0]) / cpu_cap
-                score = -(self.table.utilization[rows] + added)
+    def _fit(self, g: Group, rows: slice, mask: np.ndarray, ask: np.ndarray) -> np.ndarray:
+        fit = mask[rows] & self._limits(g, rows)
+        for d in np.flatnonzero(ask):
+            fit &= self.free_column(rows, d) + _EPS >= ask[d]
+        return fit
+
+    def score(self, g: Group, strategy: Strategy, rows: slice, ask: np.ndarray) -> np.ndarray:
+        """Higher is better; the strategy's term, plus affinities and spread targets."""
+        inverse = self.table.inverse_capacity()
+        cap = self.table.capacity
+        if strategy is Strategy.LEAST_LOADED:
+            added = self.taken[rows, 0] * inverse[rows, 0]
+            score = -(self.table.utilization[rows] + added)
+        else:
+            cpu = (cap[rows, 0] - self.free_column(rows, 0) + ask[0]) * inverse[rows, 0]
+            mem = (cap[rows, 1] - self.free_column(rows, 1) + ask[1]) * inverse[rows, 1]
+            fullness = (cpu + mem) * 0.5
+            score = fullness if strategy is Strategy.BINPACK else -fullness
         for c, weight in g.affinities:
             score = score + (weight / 100.0) * self.masks.constraint(c)[rows]
         if g.spread is not None:
@@ -126,7 +150,7 @@ class Placer:
             score = score + 10.0 * self._spread_bonus(g, rows)
         return score
 
-    def _spread_bonus(self, g: Group, rows: np.ndarray) -> np.ndarray:
+    def _spread_bonus(self, g: Group, rows: slice) -> np.ndarray:
         """How far each row's attribute value is below its target share of the job."""
         assert g.spread is not None
         values, inverse = self.masks.column(g.spread.attribute)
@@ -148,7 +172,7 @@ class Placer:
             return []
         mask = self.static_mask(g)
         rows, fit = self._rows(g, mask, ask, use_window=True)
-        if not fit.any() and len(rows) < len(self.table):
+        if not fit.any() and rows.stop - rows.start < len(self.table):
             rows, fit = self._rows(g, mask, ask, use_window=False)
         score = np.where(fit, self.score(g, strategy, rows, ask), _NEG)
         bulk = strategy is Strategy.BINPACK and g.spread is None and not g.max_per
@@ -158,39 +182,51 @@ class Placer:
             j = int(np.argmax(score))
             if score[j] == _NEG:
                 break
-            row = int(rows[j])
+            row = rows.start + j
             k = self._how_many(g, row, ask, n, counts) if bulk else 1
-            self.free[row] -= k * ask
+            self.take(row, k * ask)
             if counts is not None:
                 counts[row] += k
             out.append((row, k))
             n -= k
-            self._refresh(g, strategy, rows, j, mask, ask, score)
             if g.spread is not None or g.max_per:
                 score = self._rescore(g, strategy, rows, mask, ask)
+            else:
+                score[j] = self._refresh(g, strategy, row, mask, ask)
         return out
 
     def _how_many(self, g: Group, row: int, ask: np.ndarray, n: int, counts: np.ndarray | None) -> int:
         need = ask > 0
-        room = int(np.floor(np.min((self.free[row][need] + _EPS) / ask[need]))) if need.any() else n
+        room = int(np.floor(np.min((self.free_at(row)[need] + _EPS) / ask[need]))) if need.any() else n
         if g.max_per_node is not None and counts is not None:
             room = min(room, g.max_per_node - int(counts[row]))
         return max(1, min(n, room))
 
-    def _refresh(self, g: Group, strategy: Strategy, rows: np.ndarray, j: int, mask: np.ndarray,
-                 ask: np.ndarray, score: np.ndarray) -> None:
-        one = rows[j : j + 1]
-        fits = bool(mask[one[0]]) and bool(np.all(self.free[one[0]] + _EPS >= ask)) and bool(self._limits(g, one)[0])
-        score[j] = self.score(g, strategy, one, ask)[0] if fits else _NEG
+    def _refresh(self, g: Group, strategy: Strategy, row: int, mask: np.ndarray, ask: np.ndarray) -> float:
+        """The new score of the one row a placement changed."""
+        one = slice(row, row + 1)
+        if not (mask[row] and np.all(self.free_at(row) + _EPS >= ask) and np.all(self._limits(g, one))):
+            return _NEG
+        if g.affinities:
+            return float(self.score(g, strategy, one, ask)[0])
+        return self._score_one(strategy, row, ask)
 
-    def _rescore(self, g: Group, strategy: Strategy, rows: np.ndarray, mask: np.ndarray, ask: np.ndarray) -> np.ndarray:
-        fit = mask[rows] & np.all(self.free[rows] + _EPS >= ask, axis=1) & self._limits(g, rows)
-        return np.where(fit, self.score(g, strategy, rows, ask), _NEG)
+    def _score_one(self, strategy: Strategy, row: int, ask: np.ndarray) -> float:
+        """`score` for a single row in plain floats: the hot path of placing many tasks."""
+        cap_cpu, cap_mem = float(self.table.capacity[row, 0]) or 1.0, float(self.table.capacity[row, 1]) or 1.0
+        if strategy is Strategy.LEAST_LOADED:
+            return -(float(self.table.utilization[row]) + float(self.taken[row, 0]) / cap_cpu)
+        free = self.free_at(row)
+        fullness = ((cap_cpu - free[0] + ask[0]) / cap_cpu + (cap_mem - free[1] + ask[1]) / cap_mem) / 2
+        return float(fullness) if strategy is Strategy.BINPACK else -float(fullness)
+
+    def _rescore(self, g: Group, strategy: Strategy, rows: slice, mask: np.ndarray, ask: np.ndarray) -> np.ndarray:
+        return np.where(self._fit(g, rows, mask, ask), self.score(g, strategy, rows, ask), _NEG)
 
     def undo(self, placed: list[tuple[int, int]], g: Group, ask: np.ndarray) -> None:
         counts = self._job_rows.get(g.job_id)
         for row, k in placed:
-            self.free[row] += k * ask
+            self.take(row, -k * ask)
             if counts is not None:
                 counts[row] -= k
 
@@ -211,11 +247,14 @@ class Placer:
             drop(~self.masks.nodes(g.nodes), "is outside the node set", "are outside the node set")
         for c in g.constraints:
             drop(~self.masks.constraint(c), f"fails {c}", f"fail {c}")
-        drop(~self._limits(g, np.arange(len(self.table))), "holds the job's most tasks", "hold the job's most tasks")
+        under = self._limits(g, slice(0, len(self.table)))
+        if under is not True:
+            drop(~under, "holds the job's most tasks", "hold the job's most tasks")
         for d, dim in enumerate(self.table.dims):
             if ask[d] > 0:
                 noun = _NOUN.get(dim, dim)
-                drop(self.free[:, d] + _EPS < ask[d], f"lacks free {noun}", f"lack free {noun}")
+                free = self.free_column(slice(0, len(self.table)), d)
+                drop(free + _EPS < ask[d], f"lacks free {noun}", f"lack free {noun}")
         if not reasons:
             return "no nodes yet" if len(self.table) == 0 else "no node takes it this cycle"
         return ", ".join(

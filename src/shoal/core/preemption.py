@@ -31,12 +31,12 @@ def plan(
 ) -> tuple[list[Eviction], list[tuple[str, str]]]:
     """Evictions for the blocked groups, and the (task, node) nominations they make room for.
 
-    `placer.free` already holds back the room of earlier nominations; `coming` is the room
+    `placer` already holds back the room of earlier nominations; `coming` is the room
     that evictions under way will free.
     """
     table = placer.table
     pool: dict[int, list[Running]] = defaultdict(list)
-    coming = np.zeros_like(placer.free)
+    coming = np.zeros((len(table), len(table.dims)))
     for r in running:
         row = table.index.get(r.node)
         if row is None:
@@ -88,7 +88,7 @@ def _choose(
     for row in sorted(rows):
         if not mask[row]:
             continue
-        room = placer.free[row] + coming[row]
+        room = placer.free_at(row) + coming[row][: len(placer.free_at(row))]
         if np.all(room + _EPS >= ask):
             victims: list[Running] = []
         else:

@@ -101,7 +101,7 @@ def schedule(
     and is only walked when some job needs preemption.
     """
     del now  # the plan does not depend on the time yet; it is part of the contract
-    placer = Placer(table, masks, table.free().copy(), policy.window)
+    placer = Placer(table, masks, policy.window)
     weights = {name: q.weight for name, q in policy.queues.items()}
     shares = Shares(table, usage, weights, policy.user_weights)
     by_queue: dict[str, list[Group]] = defaultdict(list)
@@ -115,7 +115,7 @@ def schedule(
     held: dict[int, Counter[int]] = {g.job_id: Counter(table.index[n] for _, n in g.nominated) for g in groups}
     for g in groups:
         for row, count in held[g.job_id].items():
-            placer.free[row] -= count * table.vector(g.ask)
+            placer.take(row, count * table.vector(g.ask))
     placements: list[Placement] = []
     waiting: dict[int, str] = {}
     blocked: list[Group] = []
@@ -127,12 +127,12 @@ def schedule(
         want = len(todo) if g.gang or (len(live) == 1 and not queue.fair) else min(len(todo), 1 if queue.fair else SLICE)
         own = held[g.job_id]
         for row, count in own.items():
-            placer.free[row] += count * ask
+            placer.take(row, -count * ask)
         got = placer.place(g, want, g.strategy or policy.strategy, ask)
         for row, k in got:
             own[row] = max(0, own[row] - k)
         for row, count in own.items():
-            placer.free[row] -= count * ask
+            placer.take(row, count * ask)
         placed = sum(k for _, k in got)
         if g.gang and placed < len(todo):
             placer.undo(got, g, ask)
@@ -166,31 +166,49 @@ class Verdict:
 
 def apply_plan(table: NodeTable, plan: Plan) -> Verdict:
     """Allocate every placement of `plan` that still fits the table now; reject the rest."""
+    if not plan.placements:
+        return Verdict((), {})
+    vectors: dict[int, np.ndarray] = {}  # the tasks of a job share one Resources object
+    for p in plan.placements:
+        if id(p.resources) not in vectors:
+            vectors[id(p.resources)] = table.vector(p.resources)
+    rows = np.array([table.index.get(p.node, -1) for p in plan.placements])
+    asks = np.array([vectors[id(p.resources)] for p in plan.placements])
+    if rows.min() >= 0 and table.schedulable[rows].all():
+        wanted = np.zeros((len(table), asks.shape[1]))
+        np.add.at(wanted, rows, asks)
+        touched = np.unique(rows)
+        if np.all(table.capacity[touched] - table.allocated[touched] - wanted[touched] + 1e-9 >= 0):
+            table.allocate_many(rows, asks)  # the usual case: all of it still fits
+            return Verdict(plan.placements, {})
+    return _apply_one_by_one(table, plan, rows, asks)
+
+
+def _apply_one_by_one(table: NodeTable, plan: Plan, rows: np.ndarray, asks: np.ndarray) -> Verdict:
     accepted: list[Placement] = []
     rejected: dict[str, str] = {}
-    for p in plan.placements:
-        row = table.index.get(p.node)
-        if row is None or not table.schedulable[row]:
+    for p, row, vec in zip(plan.placements, rows, asks, strict=True):
+        if row < 0 or not table.schedulable[row]:
             rejected[p.task_id] = UNKNOWN_NODE
-            continue
-        vec = table.vector(p.resources)
-        if np.any(table.capacity[row] - table.allocated[row] + 1e-9 < vec):
+        elif np.any(table.capacity[row] - table.allocated[row] + 1e-9 < vec):
             rejected[p.task_id] = STALE
-            continue
-        table.allocate(row, vec)
-        accepted.append(p)
+        else:
+            table.allocate(int(row), vec)
+            accepted.append(p)
     return Verdict(tuple(accepted), rejected)
 
 
-def never_fits(capacities: Iterable[Resources], ask: Resources) -> str | None:
-    """A reason if no node, even empty, could ever hold `ask`; None if one could."""
-    capacities = list(capacities)
-    if not capacities or any(ask.shortfall(c) is None for c in capacities):
+def never_fits(table: NodeTable, ask: Resources) -> str | None:
+    """A reason if no node of `table`, even empty, could ever hold `ask`; None if one could."""
+    if len(table) == 0:
         return None  # with no node registered yet the ask waits for one
-    for dim in (*("cpus", "mem", "disk", "gpus"), *ask.custom):
-        most = max(c.amount(dim) for c in capacities)
-        if ask.amount(dim) > most:
-            return f"unschedulable: needs {ask.amount(dim):g} {_UNIT.get(dim, dim)}, the largest node has {most:g}"
+    vec = table.vector(ask)
+    if table.fits_somewhere(vec):
+        return None
+    most = table.capacity.max(axis=0)
+    for d, dim in enumerate(table.dims):
+        if vec[d] > most[d] + 1e-9:
+            return f"unschedulable: needs {vec[d]:g} {_UNIT.get(dim, dim)}, the largest node has {most[d]:g}"
     return "unschedulable: no single node has all of the resources asked for"
 
 

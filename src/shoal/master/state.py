@@ -251,7 +251,7 @@ class MasterState:
             return SpecError("queue", f"no queue named {spec.queue!r}; the queues are: {known}")
         if event.node_names is not None and not event.node_names:
             return SpecError("nodes", f"{spec.nodes!r} names no node")
-        reason = never_fits((n.info.capacity for n in self.nodes.values()), spec.resources)
+        reason = never_fits(self.table, spec.resources)
         return SpecError("resources", reason) if reason is not None else None
 
     def _kill_job(self, event: KillJob) -> None:
@@ -360,7 +360,10 @@ class MasterState:
         if was.active and not to.active:
             self._unhold(task)
         if was is TaskState.PENDING:
-            self.pending[task.job_id].pop(task.id, None)
+            waiting = self.pending[task.job_id]
+            waiting.pop(task.id, None)
+            if not waiting:
+                del self.pending[task.job_id]
             task.nominated = None
         task.state = to
         for key, value in fields.items():

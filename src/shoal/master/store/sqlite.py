@@ -13,7 +13,7 @@ from pathlib import Path
 
 from shoal.master.state import Persist
 from shoal.master.store import Snapshot, TokenEntry
-from shoal.model import JobRecord, NodeRecord, Role, TaskRecord
+from shoal.model import TASK_RECORD, JobRecord, NodeRecord, Role
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY, doc TEXT NOT NULL);
@@ -33,7 +33,7 @@ class SqliteStore:
     def load(self) -> Snapshot:
         return Snapshot(
             jobs=[JobRecord.model_validate_json(d) for (d,) in self._db.execute("SELECT doc FROM jobs")],
-            tasks=[TaskRecord.model_validate_json(d) for (d,) in self._db.execute("SELECT doc FROM tasks")],
+            tasks=[TASK_RECORD.validate_json(d) for (d,) in self._db.execute("SELECT doc FROM tasks")],
             nodes=[NodeRecord.model_validate_json(d) for (d,) in self._db.execute("SELECT doc FROM nodes")],
         )
 
@@ -47,7 +47,7 @@ class SqliteStore:
             )
             db.executemany(
                 "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?)",
-                [(t.id, t.job_id, t.model_dump_json()) for t in changes.tasks],
+                [(t.id, t.job_id, TASK_RECORD.dump_json(t)) for t in changes.tasks],
             )
             db.executemany(
                 "INSERT OR REPLACE INTO nodes VALUES (?, ?)",
