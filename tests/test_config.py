@@ -42,3 +42,18 @@ def test_unknown_or_bad_settings_are_refused(tmp_path: Path, monkeypatch) -> Non
         load_settings(MasterSettings, None, heartbeat_timeout=-1)
     with pytest.raises(ValidationError, match="cluster_token"):
         load_settings(AgentSettings, None)
+
+
+def test_queues_and_weights_from_the_file(tmp_path: Path) -> None:
+    file = tmp_path / "master.toml"
+    file.write_text(
+        'strategy = "binpack"\n[queues.batch]\norder = "fair"\nweight = 2\n[user_weights]\nalice = 3\n'
+    )
+    settings = load_settings(MasterSettings, file)
+    assert settings.strategy.value == "binpack"
+    assert set(settings.queues) == {"default", "batch"}
+    assert (settings.queues["batch"].order, settings.queues["batch"].weight) == ("fair", 2.0)
+    assert settings.user_weights == {"alice": 3.0}
+    file.write_text("[queues.batch]\norder = \"random\"\n")
+    with pytest.raises(ValidationError, match="order"):
+        load_settings(MasterSettings, file)

@@ -184,3 +184,24 @@ def test_tokens_never_reach_the_logs(cluster: LiveCluster) -> None:
     logs = "".join(p.read_text() for p in cluster.root.glob("*.log"))
     assert "registered" in logs  # the logs do say things
     assert cluster.admin_token not in logs and cluster.cluster_token not in logs
+
+
+def test_constraints_and_node_sets_steer_tasks(cluster: LiveCluster) -> None:
+    pinned = shoal_cli(cluster, "run", "-n", "2", "--cpus", "0.5", "-c", "agent == node2", "--", "true")
+    assert pinned.returncode == 0, pinned.stderr
+    nodeset = shoal_cli(cluster, "run", "-n", "2", "--cpus", "0.5", "-w", "node[1]", "--", "true")
+    assert nodeset.returncode == 0, nodeset.stderr
+    with cluster.client() as client:
+        jobs = sorted(client.jobs(), key=lambda j: j.id)[-2:]
+        assert {t.node for t in client.job(jobs[0].id).tasks} == {"node2"}
+        assert {t.node for t in client.job(jobs[1].id).tasks} == {"node1"}
+        with pytest.raises(ApiError) as bad_set:
+            client.submit(JobSpec(command="true", nodes="node[1-"))
+        assert bad_set.value.status == 422 and bad_set.value.fields[0].field == "nodes"
+        with pytest.raises(ApiError) as bad_constraint:
+            client.submit({"command": "true", "constraints": ["rack r1"]})
+        assert bad_constraint.value.status == 422 and bad_constraint.value.fields[0].field == "constraints"
+        waiting = client.submit(JobSpec(command="true", constraints=["agent == node9"], resources={"cpus": 0.5}))
+        view = wait_for(lambda: (v := client.job(waiting)).waiting and v)
+        assert view.waiting == "2 nodes fail agent == node9"
+        client.kill(waiting)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
+
+from shoal.model import Strategy
 
 DEFAULT_PORT = 8470
 
@@ -29,6 +31,13 @@ class _Settings(BaseSettings):
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
 
+class QueueSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    order: Literal["fifo", "priority", "fair"] = "priority"
+    weight: float = Field(1.0, gt=0)
+
+
 class MasterSettings(_Settings):
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
@@ -37,6 +46,22 @@ class MasterSettings(_Settings):
     tick: float = Field(0.5, gt=0, description="seconds between checks of timeouts and delays")
     admin_token: SecretStr | None = None
     cluster_token: SecretStr | None = None
+    strategy: Strategy = Strategy.SPREAD
+    preemption: bool = True
+    queues: dict[str, QueueSettings] = Field(default_factory=lambda: {"default": QueueSettings()})
+    user_weights: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("queues")
+    @classmethod
+    def _has_default(cls, value: dict[str, QueueSettings]) -> dict[str, QueueSettings]:
+        return {"default": QueueSettings(), **value}
+
+    @field_validator("user_weights")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(w <= 0 for w in value.values()):
+            raise ValueError("weights must be positive")
+        return value
 
 
 class AgentSettings(_Settings):

@@ -14,7 +14,7 @@ import typer
 from shoal.cli.errors import friendly
 from shoal.cli.render import job_detail, jobs_table, nodes_table, out, print_json
 from shoal.client import Client
-from shoal.model import JobSpec, Resources, RestartPolicy, Role, TaskState
+from shoal.model import JobSpec, Resources, RestartPolicy, Role, Strategy, TaskState
 from shoal.views import JobView
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
@@ -32,6 +32,11 @@ def run(
     mem: Annotated[int, typer.Option(help="MiB of memory per task")] = 256,
     count: Annotated[int, typer.Option("-n", "--count", help="how many copies to run")] = 1,
     name: Annotated[str, typer.Option(help="a name for the job")] = "",
+    constraint: Annotated[list[str], typer.Option("-c", "--constraint", help="e.g. 'rack == r1'; repeatable")] = [],  # noqa: B006
+    nodes: Annotated[str | None, typer.Option("-w", "--nodes", help="a node set: node[1-4], @group")] = None,
+    queue: Annotated[str, typer.Option(help="the queue to wait in")] = "default",
+    priority: Annotated[int, typer.Option(help="0-1000; higher may preempt lower")] = 0,
+    strategy: Annotated[Strategy | None, typer.Option(help="binpack, spread or least-loaded")] = None,
 ) -> None:
     """Run a command on the cluster as if it were local: output back, exit code kept."""
     spec = JobSpec(
@@ -40,6 +45,11 @@ def run(
         count=count,
         resources=Resources(cpus=cpus, mem=mem),
         restart=RestartPolicy(attempts=0),
+        constraints=constraint,
+        nodes=nodes,
+        queue=queue,
+        priority=priority,
+        strategy=strategy,
     )
     with Client.from_config() as client:
         job_id = client.submit(spec)

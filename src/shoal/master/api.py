@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Literal
 
+from ClusterShell.NodeSet import NodeSet, NodeSetException
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -23,6 +24,7 @@ from shoal.config import MasterSettings
 from shoal.errors import Forbidden, NotFound, ShoalError, SpecError
 from shoal.master.auth import Tokens, new_token
 from shoal.master.server import Master, Unavailable
+from shoal.core.scheduler import Policy, QueuePolicy
 from shoal.master.state import KillJob, Submit
 from shoal.master.store.sqlite import SqliteStore
 from shoal.model import Caller, JobSpec, Role, TaskRecord
@@ -57,7 +59,23 @@ def open_master(settings: MasterSettings) -> Master:
     cluster = _secret_file(settings.state_dir / "cluster.token", _reveal(settings.cluster_token))
     tokens = Tokens(store, cluster)
     tokens.add("admin", Role.ADMIN, _secret_file(settings.state_dir / "admin.token", _reveal(settings.admin_token)))
-    return Master(store, tokens, settings.heartbeat_timeout, settings.tick)
+    policy = Policy(
+        queues={name: QueuePolicy(q.order, q.weight) for name, q in settings.queues.items()},
+        user_weights=settings.user_weights,
+        strategy=settings.strategy,
+        preemption=settings.preemption,
+    )
+    return Master(store, tokens, policy, settings.heartbeat_timeout, settings.tick)
+
+
+def _node_names(spec: JobSpec) -> frozenset[str] | None:
+    """The job's node set resolved with ClusterShell (its group sources need I/O, so here)."""
+    if spec.nodes is None:
+        return None
+    try:
+        return frozenset(NodeSet(spec.nodes))
+    except NodeSetException as e:
+        raise SpecError("nodes", f"{spec.nodes!r} is not a node set: {e}") from None
 
 
 def create_app(settings: MasterSettings) -> FastAPI:
@@ -125,7 +143,8 @@ def _task(master: Master, caller: Caller, task_id: str) -> TaskRecord:
 def _routes(app: FastAPI) -> None:
     @app.post("/v1/jobs", status_code=201, response_model=Submitted, responses={422: {"model": ErrorBody}})
     async def submit(spec: JobSpec, master: MasterDep, caller: Annotated[Caller, Depends(_writer)]) -> Submitted:
-        job_id = master.request(lambda req, now: Submit(req, caller.name, spec, now))
+        names = _node_names(spec)
+        job_id = master.request(lambda req, now: Submit(req, caller.name, spec, now, names))
         return Submitted(id=job_id)  # type: ignore[arg-type]
 
     @app.get("/v1/jobs", response_model=list[JobView])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from shoal.core.scheduler import Policy
 from shoal.errors import ShoalError
 from shoal.master.auth import Tokens
 from shoal.master.state import (
@@ -75,13 +76,13 @@ class LogSlice:
 
 
 class Master:
-    def __init__(self, store: Store, tokens: Tokens, heartbeat_timeout: float, tick: float) -> None:
+    def __init__(self, store: Store, tokens: Tokens, policy: Policy, heartbeat_timeout: float, tick: float) -> None:
         snap = store.load()
         self.store = store
         self.tokens = tokens
         self.tick = tick
         self.state = MasterState(
-            heartbeat_timeout, jobs=snap.jobs, tasks=snap.tasks, nodes=snap.nodes, now=time.time()
+            heartbeat_timeout, policy=policy, jobs=snap.jobs, tasks=snap.tasks, nodes=snap.nodes, now=time.time()
         )
         self.links: dict[str, _Link] = {}
         self._ids = itertools.count(1)
