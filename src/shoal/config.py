@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
 
+from shoal.core.scheduler import Policy, QueuePolicy
 from shoal.model import Strategy
 
 DEFAULT_PORT = 8470
@@ -62,6 +63,15 @@ class MasterSettings(_Settings):
         if any(w <= 0 for w in value.values()):
             raise ValueError("weights must be positive")
         return value
+
+    def policy(self) -> Policy:
+        """The scheduling policy these settings describe."""
+        return Policy(
+            queues={name: QueuePolicy(q.order, q.weight) for name, q in self.queues.items()},
+            user_weights=self.user_weights,
+            strategy=self.strategy,
+            preemption=self.preemption,
+        )
 
 
 class AgentSettings(_Settings):

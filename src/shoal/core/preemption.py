@@ -12,14 +12,21 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 import numpy as np
 
-from shoal.core.cluster import NodeTable
 from shoal.core.placement import Group, Placer
 from shoal.core.plan import Eviction, Running
 
 _EPS = 1e-9
 MAX_PER_JOB = 256  # tasks of one job that preemption makes room for per cycle
+
+
+@dataclass(frozen=True, slots=True)
+class _Victim:
+    running: Running
+    vec: np.ndarray
+    size: float  # its largest share of its node's capacity: big victims first means fewer
 
 
 def plan(
@@ -35,20 +42,30 @@ def plan(
     that evictions under way will free.
     """
     table = placer.table
-    pool: dict[int, list[Running]] = defaultdict(list)
-    coming = np.zeros((len(table), len(table.dims)))
+    dims = placer.taken.shape[1]
+    pool: dict[int, list[_Victim]] = defaultdict(list)
+    coming = np.zeros((len(table), dims))
+    inverse = table.inverse_capacity()
     for r in running:
         row = table.index.get(r.node)
         if row is None:
             continue
+        vec = np.zeros(dims)
+        v = table.vector(r.ask)
+        vec[: min(dims, len(v))] = v[:dims]
         if r.evicting:
-            coming[row, : len(table.vector(r.ask))] += table.vector(r.ask)
+            coming[row] += vec
         elif r.preemptible:
-            pool[row].append(r)
+            pool[row].append(_Victim(r, vec, float(np.max(vec * inverse[row, :dims]))))
+    for victims in pool.values():
+        victims.sort(key=lambda v: (-v.size, v.running.priority, v.running.task_id))
+    lowest = min((v.running.priority for vs in pool.values() for v in vs), default=None)
     evictions: list[Eviction] = []
     nominations: list[tuple[str, str]] = []
     for g in sorted(blocked, key=lambda g: (-g.priority, g.job_id)):
-        ask = table.vector(g.ask)
+        if (lowest is None or g.priority <= lowest) and not g.nominated and not coming.any():
+            continue  # nothing it may evict, and no room on its way
+        ask = table.vector(g.ask)[:dims]
         mask = placer.static_mask(g)
         already = {task for task, _ in g.nominated}
         unserved = [t for t in remaining[g.job_id] if t not in already][:MAX_PER_JOB]
@@ -57,14 +74,14 @@ def plan(
             choice = _choose(placer, pool, coming, mask, g.priority, ask)
             if choice is None:
                 break
-            row, victims = choice
-            for v in victims:
+            row, chosen = choice
+            for v in chosen:
                 pool[row].remove(v)
-                coming[row] += table.vector(v.ask)
-                evictions.append(Eviction(v.task_id, v.node, g.job_id))
+                coming[row] += v.vec
+                evictions.append(Eviction(v.running.task_id, v.running.node, g.job_id))
             coming[row] -= ask  # that room is spoken for
             nominations.append((task, table.names[row]))
-            evicted += len(victims)
+            evicted += len(chosen)
             nominated += 1
         if evicted:
             waiting[g.job_id] = f"preempting {evicted} lower-priority task{'s' if evicted != 1 else ''} to make room"
@@ -75,47 +92,41 @@ def plan(
 
 def _choose(
     placer: Placer,
-    pool: dict[int, list[Running]],
+    pool: dict[int, list[_Victim]],
     coming: np.ndarray,
     mask: np.ndarray,
     priority: int,
     ask: np.ndarray,
-) -> tuple[int, list[Running]] | None:
+) -> tuple[int, list[_Victim]] | None:
     """The row needing the fewest victims (then the lowest priorities) to hold `ask`."""
-    best: tuple[tuple[int, int, int], int, list[Running]] | None = None
-    table = placer.table
-    rows = set(pool) | set(np.flatnonzero(coming.any(axis=1)).tolist())
+    best: tuple[tuple[int, int, int], int, list[_Victim]] | None = None
+    rows = {row for row, victims in pool.items() if victims} | set(np.flatnonzero(coming.any(axis=1)).tolist())
     for row in sorted(rows):
         if not mask[row]:
             continue
-        room = placer.free_at(row) + coming[row][: len(placer.free_at(row))]
-        if np.all(room + _EPS >= ask):
-            victims: list[Running] = []
-        else:
-            victims = _fewest(table.capacity[row], room, ask, [v for v in pool.get(row, ()) if v.priority < priority], table)
-            if victims is None:
-                continue
-        key = (len(victims), sum(v.priority for v in victims), row)
+        room = placer.free_at(row) + coming[row]
+        victims = _fewest(room, ask, [v for v in pool.get(row, ()) if v.running.priority < priority])
+        if victims is None:
+            continue
+        key = (len(victims), sum(v.running.priority for v in victims), row)
         if best is None or key < best[0]:
             best = (key, row, victims)
+            if not victims:
+                break  # nothing beats room that needs no victim
     return None if best is None else (best[1], best[2])
 
 
-def _fewest(
-    capacity: np.ndarray, room: np.ndarray, ask: np.ndarray, candidates: list[Running], table: NodeTable
-) -> list[Running] | None:
-    """Largest victims first (fewest of them), lower priority first among equals."""
-    scale = np.where(capacity > 0, capacity, 1.0)
-
-    def size(v: Running) -> float:
-        vec = table.vector(v.ask)
-        return float(np.max(vec / scale[: len(vec)]))
-
-    chosen: list[Running] = []
-    room = room.copy()
-    for v in sorted(candidates, key=lambda v: (-size(v), v.priority, v.task_id)):
-        if np.all(room + _EPS >= ask):
-            break
-        room[: len(table.vector(v.ask))] += table.vector(v.ask)
+def _fewest(room: np.ndarray, ask: np.ndarray, candidates: list[_Victim]) -> list[_Victim] | None:
+    """The victims, largest first, that make `room` hold `ask`; None if all of them cannot."""
+    short = ask - room
+    if np.all(short <= _EPS):
+        return []
+    if candidates and np.any(sum(v.vec for v in candidates) + _EPS < short):
+        return None
+    chosen: list[_Victim] = []
+    for v in candidates:
         chosen.append(v)
-    return chosen if np.all(room + _EPS >= ask) else None
+        short = short - v.vec
+        if np.all(short <= _EPS):
+            return chosen
+    return None

@@ -101,61 +101,97 @@ def schedule(
     and is only walked when some job needs preemption.
     """
     del now  # the plan does not depend on the time yet; it is part of the contract
-    placer = Placer(table, masks, policy.window)
-    weights = {name: q.weight for name, q in policy.queues.items()}
-    shares = Shares(table, usage, weights, policy.user_weights)
+    cycle = _Cycle(table, masks, groups, usage, policy)
     by_queue: dict[str, list[Group]] = defaultdict(list)
     for g in groups:
         by_queue[g.queue].append(g)
     queues = [
         _Queue(name, policy.queues.get(name, QueuePolicy()).order, gs) for name, gs in sorted(by_queue.items())
     ]
-    remaining = {g.job_id: list(g.tasks) for g in groups}
-    # Room that evictions made for a nominated task is held for it: no one else may take it.
-    held: dict[int, Counter[int]] = {g.job_id: Counter(table.index[n] for _, n in g.nominated) for g in groups}
-    for g in groups:
-        for row, count in held[g.job_id].items():
-            placer.take(row, count * table.vector(g.ask))
-    placements: list[Placement] = []
-    waiting: dict[int, str] = {}
-    blocked: list[Group] = []
     while live := [q for q in queues if q]:
-        queue = min(live, key=lambda q: (shares.of_queue(q.name), q.name))
-        g = queue.head(shares)
-        ask = table.vector(g.ask)
-        todo = remaining[g.job_id]
-        want = len(todo) if g.gang or (len(live) == 1 and not queue.fair) else min(len(todo), 1 if queue.fair else SLICE)
-        own = held[g.job_id]
-        for row, count in own.items():
-            placer.take(row, -count * ask)
-        got = placer.place(g, want, g.strategy or policy.strategy, ask)
+        queue = min(live, key=lambda q: (cycle.shares.of_queue(q.name), q.name))
+        cycle.serve(queue, alone=len(live) == 1)
+    evictions: list[Eviction] = []
+    nominations: list[tuple[str, str]] = []
+    blocked = [g for g in cycle.blocked if policy.queues.get(g.queue, QueuePolicy()).order != "fifo"]
+    if policy.preemption and blocked:
+        evictions, nominations = preemption.plan(cycle.placer, blocked, cycle.remaining, list(running), cycle.waiting)
+    return Plan(tuple(cycle.placements), tuple(evictions), tuple(nominations), cycle.waiting)
+
+
+class _Cycle:
+    """The working state of one scheduling cycle."""
+
+    def __init__(
+        self, table: NodeTable, masks: MaskCache, groups: Sequence[Group], usage: UsageBook, policy: Policy
+    ) -> None:
+        self.table = table
+        self.policy = policy
+        self.placer = Placer(table, masks, policy.window)
+        self.shares = Shares(table, usage, {n: q.weight for n, q in policy.queues.items()}, policy.user_weights)
+        self.remaining = {g.job_id: list(g.tasks) for g in groups}
+        self.placements: list[Placement] = []
+        self.waiting: dict[int, str] = {}
+        self.blocked: list[Group] = []
+        # Asks of plain jobs that found no room: a plain job asking as much or more cannot
+        # fit either this cycle (room only shrinks), so it is not searched again.
+        self._failed: list[tuple[np.ndarray, str]] = []
+        # Room that evictions made for a nominated task is held for it: no one else may take it.
+        self.held = {g.job_id: Counter(table.index[n] for _, n in g.nominated) for g in groups}
+        for g in groups:
+            self._hold(g, table.vector(g.ask), +1)
+
+    def _hold(self, g: Group, ask: np.ndarray, sign: int) -> None:
+        for row, count in self.held[g.job_id].items():
+            self.placer.take(row, sign * count * ask)
+
+    def serve(self, queue: _Queue, alone: bool) -> None:
+        """One turn: place a slice of the job at the head of `queue`."""
+        g = queue.head(self.shares)
+        ask = self.table.vector(g.ask)
+        todo = self.remaining[g.job_id]
+        if g.gang or (alone and not queue.fair):
+            want = len(todo)
+        else:
+            want = min(len(todo), 1 if queue.fair else SLICE)
+        plain = _plain(g)
+        known = next((why for failed, why in self._failed if np.all(failed <= ask + 1e-9)), None) if plain else None
+        if known is not None:
+            self._block(queue, g, known)
+            return
+        self._hold(g, ask, -1)
+        got = self.placer.place(g, want, g.strategy or self.policy.strategy, ask)
         for row, k in got:
-            own[row] = max(0, own[row] - k)
-        for row, count in own.items():
-            placer.take(row, count * ask)
+            self.held[g.job_id][row] = max(0, self.held[g.job_id][row] - k)
+        self._hold(g, ask, +1)
         placed = sum(k for _, k in got)
         if g.gang and placed < len(todo):
-            placer.undo(got, g, ask)
-            waiting[g.job_id] = f"gang: {placed} of {len(todo)} tasks fit now; {placer.explain(g, ask)}"
+            self.placer.undo(got, g, ask)
+            self.waiting[g.job_id] = f"gang: {placed} of {len(todo)} tasks fit now; {self.placer.explain(g, ask)}"
             queue.drop(g)
-            continue
+            return
         for row, k in got:
-            node = table.names[row]
-            placements.extend(Placement(t, node, g.ask) for t in todo[:k])
+            node = self.table.names[row]
+            self.placements.extend(Placement(t, node, g.ask) for t in todo[:k])
             del todo[:k]
-            shares.add(g.queue, g.user, k * ask)
+            self.shares.add(g.queue, g.user, k * ask)
         if not todo:
             queue.drop(g)
         elif placed < want:
-            waiting[g.job_id] = placer.explain(g, ask)
-            blocked.append(g)
-            queue.drop(g)
-    evictions: list[Eviction] = []
-    nominations: list[tuple[str, str]] = []
-    blocked = [g for g in blocked if policy.queues.get(g.queue, QueuePolicy()).order != "fifo"]
-    if policy.preemption and blocked:
-        evictions, nominations = preemption.plan(placer, blocked, remaining, list(running), waiting)
-    return Plan(tuple(placements), tuple(evictions), tuple(nominations), waiting)
+            reason = self.placer.explain(g, ask)
+            if plain:
+                self._failed.append((ask, reason))
+            self._block(queue, g, reason)
+
+    def _block(self, queue: _Queue, g: Group, reason: str) -> None:
+        self.waiting[g.job_id] = reason
+        self.blocked.append(g)
+        queue.drop(g)
+
+
+def _plain(g: Group) -> bool:
+    """Whether only `g`'s ask decides where it fits (no filters, limits or held room)."""
+    return not (g.nodes is not None or g.constraints or g.max_per_node or g.max_per or g.nominated or g.gang)
 
 
 @dataclass(frozen=True, slots=True)

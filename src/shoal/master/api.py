@@ -24,7 +24,6 @@ from shoal.config import MasterSettings
 from shoal.errors import Forbidden, NotFound, ShoalError, SpecError
 from shoal.master.auth import Tokens, new_token
 from shoal.master.server import Master, Unavailable
-from shoal.core.scheduler import Policy, QueuePolicy
 from shoal.master.state import KillJob, Submit
 from shoal.master.store.sqlite import SqliteStore
 from shoal.model import Caller, JobSpec, Role, TaskRecord
@@ -59,13 +58,7 @@ def open_master(settings: MasterSettings) -> Master:
     cluster = _secret_file(settings.state_dir / "cluster.token", _reveal(settings.cluster_token))
     tokens = Tokens(store, cluster)
     tokens.add("admin", Role.ADMIN, _secret_file(settings.state_dir / "admin.token", _reveal(settings.admin_token)))
-    policy = Policy(
-        queues={name: QueuePolicy(q.order, q.weight) for name, q in settings.queues.items()},
-        user_weights=settings.user_weights,
-        strategy=settings.strategy,
-        preemption=settings.preemption,
-    )
-    return Master(store, tokens, policy, settings.heartbeat_timeout, settings.tick)
+    return Master(store, tokens, settings.policy(), settings.heartbeat_timeout, settings.tick)
 
 
 def _node_names(spec: JobSpec) -> frozenset[str] | None:

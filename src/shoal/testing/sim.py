@@ -24,6 +24,7 @@ import numpy as np
 
 from shoal.agent import state as agent
 from shoal.core.fairness import UsageBook
+from shoal.core.scheduler import Policy
 from shoal.master import state as master
 from shoal.master.store.sqlite import SqliteStore
 from shoal.model import NO_RESOURCES, JobSpec, NodeInfo, NodeStatus, Resources, Usage
@@ -76,6 +77,7 @@ class SimCluster:
         heartbeat_interval: float = 1.0,
         master_tick: float = 0.5,
         runtime: Runtime = shell_runtime,
+        policy: Policy | None = None,
         check: bool = True,
     ) -> None:
         self.now = 0.0
@@ -86,7 +88,8 @@ class SimCluster:
         self.master_tick = master_tick
         self.checking = check
         self.store = SqliteStore(":memory:")
-        self.master = master.MasterState(heartbeat_timeout, now=0.0)
+        self.policy = policy
+        self.master = master.MasterState(heartbeat_timeout, policy=policy, now=0.0)
         self.nodes = {n.name: _Node(n) for n in nodes}
         self.spawns: Counter[str] = Counter()  # task id -> processes ever started for it
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
@@ -161,7 +164,7 @@ class SimCluster:
             node.connected = False
             node.epoch += 1
         self.master = master.MasterState(
-            self.heartbeat_timeout, jobs=snap.jobs, tasks=snap.tasks, nodes=snap.nodes, now=self.now
+            self.heartbeat_timeout, policy=self.policy, jobs=snap.jobs, tasks=snap.tasks, nodes=snap.nodes, now=self.now
         )
         for name in self.nodes:
             self._schedule_reconnect(name)
@@ -230,7 +233,7 @@ class SimCluster:
     def start_agent(self, name: str) -> None:
         """Start an agent process on `name`, recovering its saved table if there is one."""
         node = self.nodes[name]
-        node.state = agent.AgentState(node.info, [e.model_copy(deep=True) for e in node.disk])
+        node.state = agent.AgentState(node.info, [e.model_copy() for e in node.disk])
         alive = frozenset(r for r, p in node.processes.items() if p.alive)
         exits = {r: p.exit_code for r, p in node.processes.items() if not p.alive}
         self._agent_handle(name, agent.Recovered(alive, exits, self.now))
@@ -273,7 +276,7 @@ class SimCluster:
         for command in node.state.handle(*events):
             match command:
                 case agent.SaveTable(entries=entries):
-                    node.disk = tuple(e.model_copy(deep=True) for e in entries)
+                    node.disk = tuple(e.model_copy() for e in entries)  # fields are immutable values
                 case agent.Spawn(spec=spec):
                     self._spawn(name, spec)
                 case agent.Signal(run_id=run, signal=sig):
