@@ -379,3 +379,9 @@ def test_room_made_by_preemption_is_held_for_the_nominated_task() -> None:
     plan = run(t, [first, nominee])
     assert {(p.task_id, p.node) for p in plan.placements} == {("1.0", "b"), ("2.0", "a")}
     assert "lacks free cpus" in plan.waiting[1] or "lack free cpus" in plan.waiting[1]
+
+
+def test_a_job_outgrowing_the_candidate_window_searches_the_whole_table() -> None:
+    t = table(*(n(f"n{i}", cpus=1, rack="r1" if i % 50 == 0 else "r2") for i in range(200)))
+    plan = schedule(t, MaskCache(t), [group(1, 4, constraints=(parse("rack == r1"),))], UsageBook(), (), Policy(window=16), 0)
+    assert len(plan.placements) == 4 and plan.waiting == {}

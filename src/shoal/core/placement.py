@@ -172,8 +172,6 @@ class Placer:
             return []
         mask = self.static_mask(g)
         rows, fit = self._rows(g, mask, ask, use_window=True)
-        if not fit.any() and rows.stop - rows.start < len(self.table):
-            rows, fit = self._rows(g, mask, ask, use_window=False)
         score = np.where(fit, self.score(g, strategy, rows, ask), _NEG)
         bulk = strategy is Strategy.BINPACK and g.spread is None and not g.max_per
         counts = self.counts(g) if (g.max_per_node or g.max_per or g.spread) else None
@@ -181,7 +179,12 @@ class Placer:
         while n > 0:
             j = int(np.argmax(score))
             if score[j] == _NEG:
-                break
+                if rows.stop - rows.start == len(self.table):
+                    break
+                # The window is used up: the rest of the table decides, not the window.
+                rows, fit = self._rows(g, mask, ask, use_window=False)
+                score = np.where(fit, self.score(g, strategy, rows, ask), _NEG)
+                continue
             row = rows.start + j
             k = self._how_many(g, row, ask, n, counts) if bulk else 1
             self.take(row, k * ask)
