@@ -20,7 +20,8 @@ import psutil
 from shoal.wire import RunSpec
 
 # Runs argv, then records its status where a restarted agent can find it.
-_WRAPPER = '"$@"; rc=$?; printf %s "$rc" > "$SHOAL_SANDBOX/.exit.tmp" && mv "$SHOAL_SANDBOX/.exit.tmp" "$SHOAL_SANDBOX/.exit"; exit $rc'
+# (A builtin writes it: no second process. It is read only once the wrapper has exited.)
+_WRAPPER = '"$@"; rc=$?; printf %s "$rc" > "$SHOAL_SANDBOX/.exit"; exit $rc'
 _BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME")
 
 ExitCallback = Callable[[str, int | None], None]

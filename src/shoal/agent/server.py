@@ -40,7 +40,7 @@ from shoal.agent.state import (
 )
 from shoal.config import AgentSettings
 from shoal.errors import ShoalError
-from shoal.wire import LogChunk, LogRequest, decode, encode
+from shoal.wire import Heartbeat, LogChunk, LogRequest, Register, RunReports, decode, encode
 
 log = logging.getLogger("shoal.agent")
 _TABLE = TypeAdapter(list[RunEntry])
@@ -61,6 +61,9 @@ class Agent:
         self.state = AgentState(info, self._load_table())
         self.runner = Runner(self.state_dir / "sandboxes", self._on_exit)
         self._outbox: asyncio.Queue[bytes] | None = None
+        self._unsaved: tuple[RunEntry, ...] | None = None
+        self._unsent: list[Register | Heartbeat | RunReports] = []
+        self._flush_pending = False
 
     @property
     def _table_path(self) -> Path:
@@ -81,9 +84,11 @@ class Agent:
     def _execute(self, command: Command) -> None:
         match command:
             case SaveTable(entries=entries):
-                tmp = self._table_path.with_suffix(".tmp")
-                tmp.write_bytes(_TABLE.dump_json(list(entries)))
-                os.replace(tmp, self._table_path)
+                self._unsaved = entries
+                self._flush_soon()
+            case SendToMaster(frame=frame):
+                self._unsent.append(frame)
+                self._flush_soon()
             case Spawn(spec=spec):
                 try:
                     pid, start = self.runner.spawn(spec)
@@ -93,8 +98,31 @@ class Agent:
                     self.dispatch(Spawned(spec.run_id, pid, start, time.time()))
             case Signal(pid=pid, signal=sig):
                 self.runner.signal(pid, sig)
-            case SendToMaster(frame=frame):
+
+    def _flush_soon(self) -> None:
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Save the table, then send what the events of this loop turn produced.
+
+        Batching per turn turns a burst of task starts and exits into one write of the table
+        and one frame of reports; saving first keeps the rule that nothing is reported
+        before a restarted agent could find it on disk."""
+        self._flush_pending = False
+        if self._unsaved is not None:
+            tmp = self._table_path.with_suffix(".tmp")
+            tmp.write_bytes(_TABLE.dump_json(list(self._unsaved)))
+            os.replace(tmp, self._table_path)
+            self._unsaved = None
+        frames, self._unsent = self._unsent, []
+        reports = [r for f in frames if isinstance(f, RunReports) for r in f.reports]
+        for frame in frames:
+            if not isinstance(frame, RunReports):
                 self._send(encode(frame))
+        if reports:
+            self._send(encode(RunReports(reports=reports)))
 
     def _send(self, data: bytes) -> None:
         # While disconnected frames are dropped: reports are repeated until acknowledged.

@@ -87,6 +87,7 @@ class Master:
         self.links: dict[str, _Link] = {}
         self._ids = itertools.count(1)
         self._log_waiters: dict[int, asyncio.Future[LogChunk]] = {}
+        self._batch: list[Event] = []
 
     # --- the door into the ledger ---------------------------------------------------------
 
@@ -105,6 +106,17 @@ class Master:
                     if (link := self.links.pop(node, None)) is not None:
                         link.close()
         return replies
+
+    def soon(self, event: Event) -> None:
+        """Dispatch `event` with the others that arrive in this turn of the loop: a burst of
+        agent reports costs one scheduling cycle and one transaction, not one each."""
+        self._batch.append(event)
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        events, self._batch = self._batch, []
+        self.dispatch(*events)
 
     def request(self, make: Callable[[int, float], Event]) -> object:
         """Dispatch one request event and return its answer (or raise its error)."""
@@ -161,7 +173,7 @@ class Master:
                 if (waiter := self._log_waiters.pop(frame.request, None)) is not None and not waiter.done():
                     waiter.set_result(frame)
             elif isinstance(frame, Register | Heartbeat | RunReports):
-                self.dispatch(FromAgent(name, frame, time.time()))
+                self.soon(FromAgent(name, frame, time.time()))
 
     # --- logs -----------------------------------------------------------------------------
 

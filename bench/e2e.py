@@ -1,0 +1,75 @@
+"""End to end on real processes: a master and local agents on 127.0.0.1.
+
+    python bench/e2e.py --agents 4 --tasks 10000
+
+1. Throughput: one array of `true` tasks, from submission until its last task has ended.
+2. Start latency: single-task jobs on the idle cluster, one after another; a task's latency
+   is the master's own record: submitted -> reported running by its agent.
+Prints one JSON line last: agents, tasks, e2e_tasks_per_s, start_p50_ms, start_p99_ms,
+submit_ms (how long the API took to accept the array).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from shoal.model import JobSpec, JobState, Resources
+from shoal.testing.live import live_cluster
+
+TINY = Resources(cpus=0.01, mem=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=4)
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--starts", type=int, default=50, help="single tasks timed for start latency")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as root, live_cluster(Path(root), agents=args.agents, heartbeat_timeout=30) as cluster:
+        with cluster.client() as client:
+            began = time.perf_counter()
+            job = client.submit(JobSpec(command=["true"], count=args.tasks, resources=TINY))
+            submit_ms = (time.perf_counter() - began) * 1000
+            with Progress(transient=True) as progress:
+                bar = progress.add_task("array", total=args.tasks)
+                while True:
+                    view = client.job(job)
+                    done = sum(n for state, n in view.counts.items() if state in ("finished", "failed", "killed", "lost"))
+                    progress.update(bar, completed=done)
+                    if view.state in (JobState.COMPLETE, JobState.FAILED, JobState.KILLED):
+                        break
+                    time.sleep(0.05)
+            elapsed = time.perf_counter() - began
+            latencies = []
+            for _ in range(args.starts):
+                single = client.submit(JobSpec(command=["sleep", "0.2"], resources=TINY))
+                final = client.wait(single, poll=0.05)
+                task = final.tasks[0]
+                assert task.started_at is not None, task
+                latencies.append((task.started_at - final.submitted_at) * 1000)
+    ms = np.array(latencies)
+    print(
+        json.dumps(
+            {
+                "agents": args.agents,
+                "tasks": args.tasks,
+                "array_state": view.state.value,
+                "e2e_tasks_per_s": round(args.tasks / elapsed),
+                "submit_ms": round(submit_ms, 1),
+                "start_p50_ms": round(float(np.percentile(ms, 50)), 1),
+                "start_p99_ms": round(float(np.percentile(ms, 99)), 1),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
