@@ -5,14 +5,18 @@
 1. Throughput: one array of `true` tasks, from submission until its last task has ended.
 2. Start latency: single-task jobs on the idle cluster, one after another; a task's latency
    is the master's own record: submitted -> reported running by its agent.
-Prints one JSON line last: agents, tasks, e2e_tasks_per_s, start_p50_ms, start_p99_ms,
-submit_ms (how long the API took to accept the array).
+3. The machine's own ceiling, in the same run: how many `true` processes per second this
+   process can spawn and reap (posix_spawn, no shoal at all). Every task costs at least one
+   such spawn, so e2e_tasks_per_s / spawn_ceiling_per_s says how much shoal itself costs.
+Prints one JSON line last: agents, tasks, e2e_tasks_per_s, spawn_ceiling_per_s, start_p50_ms,
+start_p99_ms, submit_ms (how long the API took to accept the array).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -25,6 +29,16 @@ from shoal.model import JobSpec, JobState, Resources
 from shoal.testing.live import live_cluster
 
 TINY = Resources(cpus=0.01, mem=1)
+
+
+def spawn_ceiling(count: int = 2000) -> float:
+    """`true` processes spawned and reaped per second, bare."""
+    null = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+    began = time.perf_counter()
+    pids = [os.posix_spawn("/bin/true", ["true"], {}, file_actions=null, setsid=True) for _ in range(count)]
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return count / (time.perf_counter() - began)
 
 
 def main() -> None:
@@ -55,6 +69,7 @@ def main() -> None:
                 task = final.tasks[0]
                 assert task.started_at is not None, task
                 latencies.append((task.started_at - final.submitted_at) * 1000)
+    ceiling = spawn_ceiling()
     ms = np.array(latencies)
     print(
         json.dumps(
@@ -63,6 +78,7 @@ def main() -> None:
                 "tasks": args.tasks,
                 "array_state": view.state.value,
                 "e2e_tasks_per_s": round(args.tasks / elapsed),
+                "spawn_ceiling_per_s": round(ceiling),
                 "submit_ms": round(submit_ms, 1),
                 "start_p50_ms": round(float(np.percentile(ms, 50)), 1),
                 "start_p99_ms": round(float(np.percentile(ms, 99)), 1),
