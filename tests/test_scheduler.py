@@ -192,7 +192,7 @@ def test_preemption_evicts_the_fewest_strictly_lower_priority_tasks() -> None:
     plan = run(t, [group(1, 1, cpus=2, priority=5)], running)
     assert plan.placements == ()
     assert [e.task_id for e in plan.evictions] == ["20.0"]  # one victim on b beats two on a
-    assert plan.waiting[1] == "preempting 1 lower-priority task to make room"
+    assert plan.waiting[1] == "preempting 1 task to make room"
 
 
 def test_preemption_spares_equal_higher_and_protected_work() -> None:
@@ -342,7 +342,7 @@ def test_preemption_only_evicts_strictly_lower_priority_preemptible_work(running
     occupied(t, tasks)
     plan = run(t, [group(1, count, cpus=cpus, priority=prio)], tasks)
     victims = {r.task_id: r for r in tasks}
-    for e in plan.evictions:
+    for e in plan.evictions:  # one queue without guarantees: only lower priority may go
         assert victims[e.task_id].priority < prio and victims[e.task_id].preemptible
     assert len({e.task_id for e in plan.evictions}) == len(plan.evictions)
 
@@ -385,3 +385,76 @@ def test_a_job_outgrowing_the_candidate_window_searches_the_whole_table() -> Non
     t = table(*(n(f"n{i}", cpus=1, rack="r1" if i % 50 == 0 else "r2") for i in range(200)))
     plan = schedule(t, MaskCache(t), [group(1, 4, constraints=(parse("rack == r1"),))], UsageBook(), (), Policy(window=16), 0)
     assert len(plan.placements) == 4 and plan.waiting == {}
+
+
+def test_a_queue_never_passes_its_limit() -> None:
+    t = table(n("a", cpus=4, mem=100_000))
+    plan = run(t, [group(1, 4, queue="batch")], queues={"default": QueuePolicy(), "batch": QueuePolicy(limit=0.5)})
+    assert len(plan.placements) == 2
+    assert plan.waiting == {1: "queue batch is at its max share (50%)"}
+
+
+def test_a_queue_below_its_guarantee_goes_first() -> None:
+    t = table(n("a", cpus=2, mem=100_000))
+    queues = {"default": QueuePolicy(), "gold": QueuePolicy(guarantee=0.5)}
+    plan = run(t, [group(1, 2, queue="default"), group(2, 2, queue="gold")], queues=queues)
+    assert Counter(p.task_id.split(".")[0] for p in plan.placements)["2"] >= 1
+    assert [p.task_id for p in plan.placements][0] == "2.0"
+
+
+def test_borrowed_capacity_is_given_back() -> None:
+    t = table(n("a", cpus=4, mem=100_000))
+    queues = {"default": QueuePolicy(), "x": QueuePolicy(guarantee=0.5), "y": QueuePolicy(guarantee=0.5)}
+    borrowed = [Running(f"10.{i}", 10, "a", Resources(cpus=1, mem=0), queue="x") for i in range(4)]
+    occupied(t, borrowed)
+    plan = run(t, [group(1, 2, queue="y")], borrowed, queues=queues)  # same priority: only give-back applies
+    assert len(plan.evictions) == 2 and all(e.task_id.startswith("10.") for e in plan.evictions)
+    # once both hold their guarantee, neither takes from the other
+    held = [Running(f"{j}.{i}", j, "a", Resources(cpus=1, mem=0), queue=q) for j, q in ((10, "x"), (11, "y")) for i in range(2)]
+    t2 = table(n("a", cpus=4, mem=100_000))
+    occupied(t2, held)
+    assert run(t2, [group(1, 1, queue="y"), group(2, 1, queue="x")], held, queues=queues).evictions == ()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(["x", "y", "z"]), st.integers(0, 3), st.sampled_from([1, 2])), max_size=10),
+    st.lists(st.tuples(st.sampled_from(["x", "y", "z"]), st.integers(0, 3), st.integers(1, 6)), min_size=1, max_size=5),
+    st.tuples(st.sampled_from([0.0, 0.2, 0.5]), st.sampled_from([0.0, 0.3]), st.sampled_from([0.5, 0.8, 1.0])),
+)
+def test_capacity_queues_keep_limits_and_take_back_only_from_borrowers(running, pending, caps) -> None:
+    guarantee_x, guarantee_y, limit_z = caps
+    queues = {
+        "default": QueuePolicy(),
+        "x": QueuePolicy(guarantee=guarantee_x),
+        "y": QueuePolicy(guarantee=guarantee_y),
+        "z": QueuePolicy(limit=limit_z),
+    }
+    t = table(n("a", cpus=8, mem=1_000_000), n("b", cpus=8, mem=1_000_000))
+    free = {"a": 8, "b": 8}
+    tasks: list[Running] = []
+    for i, (queue, prio, size) in enumerate(running):
+        node = "a" if free["a"] >= size else "b"
+        if free[node] >= size:
+            free[node] -= size
+            tasks.append(Running(f"{100 + i}.0", 100 + i, node, Resources(cpus=size, mem=0), queue=queue, priority=prio))
+    occupied(t, tasks)
+    groups = [group(j + 1, count, queue=q, priority=p) for j, (q, p, count) in enumerate(pending)]
+    plan = run(t, groups, tasks, queues=queues)
+    used: Counter[str] = Counter()
+    for r in tasks:
+        used[r.queue] += r.ask.cpus
+    start = dict(used)
+    by_job = {g.job_id: g for g in groups}
+    for p in plan.placements:
+        used[by_job[int(p.task_id.split(".")[0])].queue] += p.resources.cpus
+    assert used["z"] <= max(limit_z * 16, start.get("z", 0)) + 1e-9, "queue z passed its limit"
+    victims = {r.task_id: r for r in tasks}
+    for e in plan.evictions:
+        v, g = victims[e.task_id], by_job[e.for_job]
+        gives_back = (
+            start.get(g.queue, 0) / 16 < queues[g.queue].guarantee
+            and start.get(v.queue, 0) / 16 > queues[v.queue].guarantee
+            and v.queue != g.queue
+        )
+        assert v.priority < g.priority or gives_back, (v, g)

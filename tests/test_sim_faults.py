@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from shoal.core.scheduler import Policy, QueuePolicy
 from shoal.errors import SpecError
 from shoal.model import JobState, NodeStatus, TaskState
 from shoal.testing.sim import SimCluster, sim_node
@@ -181,3 +182,16 @@ def test_a_job_for_a_missing_queue_is_refused() -> None:
     with pytest.raises(SpecError) as info:
         sim.submit({"command": "x", "queue": "gpu"})
     assert info.value.field == "queue" and "the queues are: default" in info.value.reason
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_queue_takes_back_its_guarantee_from_a_borrower(seed: int) -> None:
+    queues = {"default": QueuePolicy(), "x": QueuePolicy(guarantee=0.5), "y": QueuePolicy(guarantee=0.5)}
+    sim = cluster(seed, policy=Policy(queues=queues))  # 2 nodes of 4 cpus
+    borrower = sim.submit({"command": "sleep 100", "count": 8, "resources": {"cpus": 1}, "queue": "x"})
+    sim.advance(1.0)
+    assert sum(t.state is TaskState.RUNNING for t in sim.master.tasks_of(borrower)) == 8
+    owner = sim.submit({"command": "sleep 100", "count": 4, "resources": {"cpus": 1}, "queue": "y"})
+    sim.run_until(lambda: all(t.state is TaskState.RUNNING for t in sim.master.tasks_of(owner)), limit=10)
+    assert sum(t.state is TaskState.RUNNING for t in sim.master.tasks_of(borrower)) == 4
+    assert sum(t.state is TaskState.PENDING for t in sim.master.tasks_of(borrower)) == 4

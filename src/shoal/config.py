@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
 
 from shoal.core.scheduler import Policy, QueuePolicy
@@ -37,6 +37,14 @@ class QueueSettings(BaseModel):
 
     order: Literal["fifo", "priority", "fair"] = "priority"
     weight: float = Field(1.0, gt=0)
+    guarantee: float = Field(0.0, ge=0, le=1, description="share of the cluster it is sure to get")
+    limit: float = Field(1.0, gt=0, le=1, description="share of the cluster it never passes")
+
+    @model_validator(mode="after")
+    def _guarantee_within_limit(self) -> QueueSettings:
+        if self.guarantee > self.limit:
+            raise ValueError(f"guarantee {self.guarantee} is above limit {self.limit}")
+        return self
 
 
 class MasterSettings(_Settings):
@@ -55,6 +63,8 @@ class MasterSettings(_Settings):
     @field_validator("queues")
     @classmethod
     def _has_default(cls, value: dict[str, QueueSettings]) -> dict[str, QueueSettings]:
+        if sum(q.guarantee for q in value.values()) > 1 + 1e-9:
+            raise ValueError("the queues' guarantees add up to more than the whole cluster")
         return {"default": QueueSettings(), **value}
 
     @field_validator("user_weights")
@@ -67,7 +77,7 @@ class MasterSettings(_Settings):
     def policy(self) -> Policy:
         """The scheduling policy these settings describe."""
         return Policy(
-            queues={name: QueuePolicy(q.order, q.weight) for name, q in self.queues.items()},
+            queues={name: QueuePolicy(q.order, q.weight, q.guarantee, q.limit) for name, q in self.queues.items()},
             user_weights=self.user_weights,
             strategy=self.strategy,
             preemption=self.preemption,

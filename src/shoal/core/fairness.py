@@ -52,6 +52,7 @@ class Shares:
         user_weights: Mapping[str, float],
     ) -> None:
         total = table.total()
+        self._total = total
         self._inverse_total = np.divide(1.0, total, out=np.zeros_like(total), where=total > 0)
         self._dims = len(total)
         self._queue_weights = queue_weights
@@ -69,7 +70,20 @@ class Shares:
         return float(np.max(usage * self._inverse_total, initial=0.0))
 
     def of_queue(self, queue: str) -> float:
-        return self._dominant(self.queue[queue]) / self._queue_weights.get(queue, 1.0)
+        return self.share(queue) / self._queue_weights.get(queue, 1.0)
+
+    def share(self, queue: str) -> float:
+        """The queue's dominant share of the cluster, unweighted."""
+        return self._dominant(self.queue[queue])
+
+    def room_under(self, queue: str, limit: float, ask: np.ndarray) -> int:
+        """How many more `ask`s the queue may take before its dominant share passes `limit`."""
+        usage = self.queue[queue]
+        room = limit * self._total - usage[: len(self._total)] + 1e-9
+        need = ask[: len(self._total)] > 0
+        if not need.any():
+            return 1 << 30
+        return max(0, int(np.floor(np.min(room[need] / ask[: len(self._total)][need]))))
 
     def of_user(self, queue: str, user: str) -> float:
         return self._dominant(self.user[(queue, user)]) / self._user_weights.get(user, 1.0)

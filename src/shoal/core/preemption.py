@@ -1,8 +1,9 @@
-"""Priority preemption: make room for waiting work by evicting strictly lower-priority,
-preemptible tasks, on the node where that takes the fewest victims.
+"""Preemption: make room for waiting work by evicting preemptible tasks, on the node where
+that takes the fewest victims.
 
-Victims are only ever of strictly lower priority than the job they make room for, and only
-preemptible ones. Tasks already being evicted count as room that is coming, so a later cycle
+A victim is always preemptible, and either of strictly lower priority than the job it makes
+room for, or (giving capacity back) of a queue beyond its guarantee while the job's queue is
+below its own. Tasks already being evicted count as room that is coming, so a later cycle
 does not evict more for the same need while the first victims are still stopping. The
 preempting job is not placed in the same plan: it takes the freed room in a later cycle,
 when the victims have really stopped.
@@ -11,7 +12,7 @@ when the victims have really stopped.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 import numpy as np
 
@@ -20,6 +21,19 @@ from shoal.core.plan import Eviction, Running
 
 _EPS = 1e-9
 MAX_PER_JOB = 256  # tasks of one job that preemption makes room for per cycle
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Which queues may take back capacity, and from whom."""
+
+    starved: frozenset[str] = frozenset()  # below their guarantee
+    borrowers: frozenset[str] = frozenset()  # beyond their guarantee
+
+    def may_evict(self, g: Group, victim: Running) -> bool:
+        if victim.priority < g.priority:
+            return True
+        return g.queue in self.starved and victim.queue in self.borrowers and victim.queue != g.queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +49,7 @@ def plan(
     remaining: dict[int, list[str]],
     running: Sequence[Running],
     waiting: dict[int, str],
+    rule: Rule = Rule(),
 ) -> tuple[list[Eviction], list[tuple[str, str]]]:
     """Evictions for the blocked groups, and the (task, node) nominations they make room for.
 
@@ -63,7 +78,8 @@ def plan(
     evictions: list[Eviction] = []
     nominations: list[tuple[str, str]] = []
     for g in sorted(blocked, key=lambda g: (-g.priority, g.job_id)):
-        if (lowest is None or g.priority <= lowest) and not g.nominated and not coming.any():
+        may_take_back = g.queue in rule.starved and bool(rule.borrowers - {g.queue})
+        if (lowest is None or g.priority <= lowest) and not may_take_back and not g.nominated and not coming.any():
             continue  # nothing it may evict, and no room on its way
         ask = table.vector(g.ask)[:dims]
         mask = placer.static_mask(g)
@@ -71,7 +87,7 @@ def plan(
         unserved = [t for t in remaining[g.job_id] if t not in already][:MAX_PER_JOB]
         evicted = nominated = 0
         for task in unserved:
-            choice = _choose(placer, pool, coming, mask, g.priority, ask)
+            choice = _choose(placer, pool, coming, mask, lambda v, g=g: rule.may_evict(g, v), ask)
             if choice is None:
                 break
             row, chosen = choice
@@ -84,7 +100,7 @@ def plan(
             evicted += len(chosen)
             nominated += 1
         if evicted:
-            waiting[g.job_id] = f"preempting {evicted} lower-priority task{'s' if evicted != 1 else ''} to make room"
+            waiting[g.job_id] = f"preempting {evicted} task{'s' if evicted != 1 else ''} to make room"
         elif already or nominated:
             waiting[g.job_id] = "waiting for preempted tasks to stop"
     return evictions, nominations
@@ -95,7 +111,7 @@ def _choose(
     pool: dict[int, list[_Victim]],
     coming: np.ndarray,
     mask: np.ndarray,
-    priority: int,
+    allowed: Callable[[Running], bool],
     ask: np.ndarray,
 ) -> tuple[int, list[_Victim]] | None:
     """The row needing the fewest victims (then the lowest priorities) to hold `ask`."""
@@ -105,7 +121,7 @@ def _choose(
         if not mask[row]:
             continue
         room = placer.free_at(row) + coming[row]
-        victims = _fewest(room, ask, [v for v in pool.get(row, ()) if v.running.priority < priority])
+        victims = _fewest(room, ask, [v for v in pool.get(row, ()) if allowed(v.running)])
         if victims is None:
             continue
         key = (len(victims), sum(v.running.priority for v in victims), row)

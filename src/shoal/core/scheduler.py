@@ -11,10 +11,11 @@ Order of service, one cycle:
 2. Each turn places a slice of one job through `Placer` (masks, fit, strategy score). A job
    that cannot place its slice is set aside with the reason, and the jobs behind it go on.
 3. Gangs place all their tasks or none.
-4. Jobs set aside with a priority above some running preemptible work get evictions:
-   `preemption.plan` picks the node needing the fewest, strictly lower-priority victims,
-   and nominates a task of the job for that node. Later cycles hold a nominated task's room
-   for it alone, so the victims, requeued, cannot take it back.
+4. Jobs set aside get evictions (`preemption.plan`) when there is something they may
+   evict: strictly lower-priority preemptible work, or, for a queue below its guarantee,
+   the preemptible work of queues beyond theirs. It picks the node needing the fewest
+   victims and nominates a task of the job for it; later cycles hold a nominated task's
+   room for it alone, so the victims, requeued, cannot take it back.
 
 `apply_plan` then re-checks every placement against the table as it is now, accepts what
 still fits (allocating it), and rejects stale parts with a reason. No I/O, no clock, no
@@ -44,12 +45,18 @@ SLICE = 32  # tasks a job places per turn while other queues or users wait
 
 @dataclass(frozen=True, slots=True)
 class QueuePolicy:
-    """How one queue orders its jobs. `priority` (the default) is FIFO among equal priorities;
-    strict `fifo` ignores priority, so preemption cannot help its jobs (the victims, older,
-    would take the room back)."""
+    """How one queue orders its jobs, and its part of the cluster.
+
+    `priority` (the default) is FIFO among equal priorities; `fifo` ignores priority.
+    Capacity, as in YARN's capacity scheduler: a queue below its `guarantee` (a dominant
+    share of the cluster) is served before the others and may take back what borrowers hold
+    beyond their own guarantees; a queue never holds more than its `limit`. Between those, a
+    queue borrows what others leave idle."""
 
     order: Literal["fifo", "priority", "fair"] = "priority"
     weight: float = 1.0
+    guarantee: float = 0.0
+    limit: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,14 +115,20 @@ def schedule(
     queues = [
         _Queue(name, policy.queues.get(name, QueuePolicy()).order, gs) for name, gs in sorted(by_queue.items())
     ]
+    # Who is below and who beyond their guarantee, as the cycle starts: the give-back rule.
+    starved = {q.name for q in queues if cycle.shares.share(q.name) < cycle.queue_policy(q.name).guarantee}
+    borrowers = {
+        name for name in cycle.shares.queue if cycle.shares.share(name) > cycle.queue_policy(name).guarantee + 1e-9
+    }
     while live := [q for q in queues if q]:
-        queue = min(live, key=lambda q: (cycle.shares.of_queue(q.name), q.name))
-        cycle.serve(queue, alone=len(live) == 1)
+        cycle.serve(min(live, key=cycle.turn_order), alone=len(live) == 1)
     evictions: list[Eviction] = []
     nominations: list[tuple[str, str]] = []
-    blocked = [g for g in cycle.blocked if policy.queues.get(g.queue, QueuePolicy()).order != "fifo"]
-    if policy.preemption and blocked:
-        evictions, nominations = preemption.plan(cycle.placer, blocked, cycle.remaining, list(running), cycle.waiting)
+    if policy.preemption and cycle.blocked:
+        evictions, nominations = preemption.plan(
+            cycle.placer, cycle.blocked, cycle.remaining, list(running), cycle.waiting,
+            preemption.Rule(starved=frozenset(starved), borrowers=frozenset(borrowers)),
+        )
     return Plan(tuple(cycle.placements), tuple(evictions), tuple(nominations), cycle.waiting)
 
 
@@ -141,6 +154,17 @@ class _Cycle:
         for g in groups:
             self._hold(g, table.vector(g.ask), +1)
 
+    def queue_policy(self, name: str) -> QueuePolicy:
+        return self.policy.queues.get(name, QueuePolicy())
+
+    def turn_order(self, queue: _Queue) -> tuple[int, float, str]:
+        """Queues below their guarantee first (the furthest below first), then by weighted DRF."""
+        share = self.shares.share(queue.name)
+        guarantee = self.queue_policy(queue.name).guarantee
+        if share < guarantee:
+            return (0, share / guarantee, queue.name)
+        return (1, self.shares.of_queue(queue.name), queue.name)
+
     def _hold(self, g: Group, ask: np.ndarray, sign: int) -> None:
         for row, count in self.held[g.job_id].items():
             self.placer.take(row, sign * count * ask)
@@ -154,6 +178,12 @@ class _Cycle:
             want = len(todo)
         else:
             want = min(len(todo), 1 if queue.fair else SLICE)
+        limit = self.queue_policy(g.queue).limit
+        if limit < 1.0:
+            want = min(want, self.shares.room_under(g.queue, limit, ask))
+            if want == 0:
+                self._block(queue, g, f"queue {g.queue} is at its max share ({limit:.0%})")
+                return
         plain = _plain(g)
         known = next((why for failed, why in self._failed if np.all(failed <= ask + 1e-9)), None) if plain else None
         if known is not None:
