@@ -46,8 +46,15 @@ def where(plan: Plan) -> Counter[str]:
 
 def test_binpack_fills_the_fullest_node_first() -> None:
     t = table(n("a"), n("b"))
-    t.allocate(t.index["b"], t.vector(Resources(cpus=1, mem=0)))
+    t.allocate(t.index["b"], t.vector(Resources(cpus=1, mem=1024)))
     assert where(run(t, [group(1, 3)], strategy=Strategy.BINPACK)) == {"b": 3}
+
+
+def test_binpack_avoids_filling_one_resource_of_a_node_and_stranding_the_other() -> None:
+    t = table(n("cpu_heavy"), n("even"))
+    t.allocate(t.index["cpu_heavy"], t.vector(Resources(cpus=3, mem=0)))
+    t.allocate(t.index["even"], t.vector(Resources(cpus=1, mem=1024)))
+    assert where(run(t, [group(1, 1, cpus=1, mem=64)], strategy=Strategy.BINPACK)) == {"even": 1}
 
 
 def test_spread_uses_the_emptiest_nodes() -> None:
