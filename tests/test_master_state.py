@@ -157,3 +157,22 @@ def test_an_illegal_transition_is_a_bug_not_a_silent_change() -> None:
     state.handle(FromAgent("n1", RunReports(reports=[report("1.0", TaskState.FINISHED, exit_code=0)]), 1.0))
     with pytest.raises(ShoalError, match="illegal transition"):
         state._move(state.tasks["1.0"], TaskState.RUNNING, 2.0)
+
+
+def launched_env(commands: list) -> dict[str, dict[str, str]]:
+    return {r.task_id: r.env for c in commands if isinstance(c, Send) and isinstance(c.frame, Launch) for r in c.frame.runs}
+
+
+def test_gpu_devices_and_named_ports_are_handed_out_and_taken_back() -> None:
+    state = MasterState()
+    state.handle(FromAgent("g1", Register(node=sim_node("g1", cpus=8, gpus=4)), 0.0))
+    _, commands = submit(state, count=2, resources={"cpus": 1, "gpus": 2}, ports=["http", "metrics"])
+    env = launched_env(commands)
+    assert {env["1.0"]["CUDA_VISIBLE_DEVICES"], env["1.1"]["CUDA_VISIBLE_DEVICES"]} == {"0,1", "2,3"}
+    ports = {env[t][f"SHOAL_PORT_{p}"] for t in ("1.0", "1.1") for p in ("HTTP", "METRICS")}
+    assert len(ports) == 4 and all(20000 <= int(p) <= 32000 for p in ports)
+    state.handle(FromAgent("g1", RunReports(reports=[report("1.0", TaskState.FINISHED, exit_code=0)]), 1.0))
+    freed = state.tasks["1.0"]
+    commands = state.handle(Submit(2, "alice", JobSpec(command="x", resources={"cpus": 1, "gpus": 2}), 2.0))
+    assert launched_env(commands)["2.0"]["CUDA_VISIBLE_DEVICES"] == env["1.0"]["CUDA_VISIBLE_DEVICES"]
+    assert freed.gpus  # the finished task keeps the record of what it had

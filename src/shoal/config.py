@@ -93,6 +93,14 @@ class AgentSettings(_Settings):
     cpus: float | None = Field(None, gt=0)
     mem: int | None = Field(None, gt=0, description="MiB")
     heartbeat_interval: float = Field(1.0, gt=0)
+    port_range: tuple[int, int] = Field((20000, 32000), description="tasks' dynamic ports come from here")
+
+    @field_validator("port_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1] <= 65535:
+            raise ValueError("a range LOW, HIGH with 1 <= LOW <= HIGH <= 65535")
+        return value
 
 
 S = TypeVar("S", bound=_Settings)

@@ -158,6 +158,19 @@ class JobSpec(BaseModel):
     affinities: list[Affinity] = Field(default_factory=list)
     spread: Spread | None = None
     gang: bool = Field(False, description="start all tasks together or none")
+    ports: list[str] = Field(
+        default_factory=list, max_length=32, description="named ports each task is given: SHOAL_PORT_<NAME>"
+    )
+
+    @field_validator("ports")
+    @classmethod
+    def _port_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _CUSTOM_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a port name (lowercase, digits, _)")
+        if len(set(value)) != len(value):
+            raise ValueError("port names repeat")
+        return value
 
     @field_validator("command")
     @classmethod
@@ -264,6 +277,7 @@ class NodeInfo(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     attributes: dict[str, str] = Field(default_factory=dict)
     gpu_models: list[str] = Field(default_factory=list)
+    port_range: tuple[int, int] = (20000, 32000)  # where tasks' dynamic ports come from
 
 
 class Usage(BaseModel):
@@ -324,6 +338,8 @@ class TaskRecord:
     started_at: float | None = None
     finished_at: float | None = None
     history: list[Attempt] = field(default_factory=list)
+    gpus: list[int] = field(default_factory=list)  # device indices on its node
+    ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:

@@ -22,6 +22,7 @@ def discover(
     labels: dict[str, str],
     cpus: float | None = None,
     mem: int | None = None,
+    port_range: tuple[int, int] = (20000, 32000),
 ) -> NodeInfo:
     """This node's description; `cpus` and `mem` override what the machine reports."""
     gpus = gpu_models()
@@ -46,6 +47,7 @@ def discover(
         labels=labels,
         attributes=attributes,
         gpu_models=gpus,
+        port_range=port_range,
     )
 
 

@@ -57,7 +57,9 @@ class Agent:
         self.settings = settings
         self.state_dir = settings.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        info = discover(settings.name, self.state_dir, settings.labels, settings.cpus, settings.mem)
+        info = discover(
+            settings.name, self.state_dir, settings.labels, settings.cpus, settings.mem, settings.port_range
+        )
         self.state = AgentState(info, self._load_table())
         self.runner = Runner(self.state_dir / "sandboxes", self._on_exit)
         self._outbox: asyncio.Queue[bytes] | None = None

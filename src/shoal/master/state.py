@@ -167,6 +167,8 @@ class MasterState:
             self._index(self.nodes[node.name])
         self.pending: dict[int, dict[str, None]] = defaultdict(dict)  # job id -> ordered task ids
         self.active: dict[str, None] = {}  # tasks holding resources on a node
+        self.devices: dict[str, set[int]] = defaultdict(set)  # node -> GPU indices in use
+        self.ports: dict[str, set[int]] = defaultdict(set)  # node -> ports in use
         self.usage = UsageBook()
         for task in self.tasks.values():
             if task.state is TaskState.PENDING:
@@ -377,17 +379,35 @@ class MasterState:
         self._c.tasks[task.id] = task
 
     def _hold(self, task: TaskRecord) -> None:
-        """Count an active task in the usage book (its node row is allocated by apply_plan)."""
+        """Count an active task in the usage book and its node's devices and ports (its node
+        row is allocated by apply_plan)."""
         job = self.jobs[task.job_id]
         self.active[task.id] = None
         self.usage.add(job.spec.queue, job.owner, self._vector(task))
+        self.devices[task.node or ""].update(task.gpus)
+        self.ports[task.node or ""].update(task.ports.values())
 
     def _unhold(self, task: TaskRecord) -> None:
         job = self.jobs[task.job_id]
         self.active.pop(task.id, None)
         self.usage.remove(job.spec.queue, job.owner, self._vector(task))
+        self.devices[task.node or ""].difference_update(task.gpus)
+        self.ports[task.node or ""].difference_update(task.ports.values())
         if task.node in self.table.index:
             self.table.release(self.table.index[task.node], self._vector(task))
+
+    def _equip(self, task: TaskRecord, node: str) -> None:
+        """Give a task placed on `node` its GPU device indices and its named ports."""
+        spec = self.jobs[task.job_id].spec
+        info = self.nodes[node].info
+        used = self.devices[node]
+        task.gpus = [i for i in range(info.capacity.gpus) if i not in used][: spec.resources.gpus]
+        taken = self.ports[node]
+        low, high = info.port_range
+        free = (p for p in range(low, high + 1) if p not in taken)
+        task.ports = dict(zip(spec.ports, free, strict=False))
+        if len(task.gpus) < spec.resources.gpus or len(task.ports) < len(spec.ports):
+            raise ShoalError(f"node {node} has no free device or port left for task {task.id}: the ledger is off")
 
     def _end(
         self, task: TaskRecord, to: TaskState, now: float, exit_code: int | None = None, message: str = ""
@@ -432,6 +452,8 @@ class MasterState:
             finished_at=None,
             not_before=not_before,
             evicted_by=None,
+            gpus=[],
+            ports={},
         )
 
     def _vector(self, task: TaskRecord):  # noqa: ANN202 - a numpy row
@@ -469,6 +491,7 @@ class MasterState:
         self.waiting.update(plan.waiting)
         for placement in verdict.accepted:
             task = self.tasks[placement.task_id]
+            self._equip(task, placement.node)
             self._move(task, TaskState.ASSIGNED, now, node=placement.node, message="")
             self._c.launches[placement.node].append(self._run_spec(task))
         for task_id, reason in verdict.rejected.items():
@@ -543,7 +566,10 @@ class MasterState:
             "SHOAL_TASK_ID": task.id,
             "SHOAL_TASK_INDEX": str(task.index),
             "SHOAL_ATTEMPT": str(task.attempt),
+            **{f"SHOAL_PORT_{name.upper()}": str(port) for name, port in task.ports.items()},
         }
+        if task.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = env["SHOAL_GPUS"] = ",".join(map(str, task.gpus))
         return RunSpec(
             run_id=task.run_id,
             task_id=task.id,

@@ -63,8 +63,8 @@ class _Node:
     epoch: int = 0  # bumped on every (re)connection: frames of an old connection are dropped
 
 
-def sim_node(name: str, cpus: float = 4, mem: int = 8192) -> NodeInfo:
-    return NodeInfo(name=name, hostname=name, capacity=Resources(cpus=cpus, mem=mem))
+def sim_node(name: str, cpus: float = 4, mem: int = 8192, gpus: int = 0) -> NodeInfo:
+    return NodeInfo(name=name, hostname=name, capacity=Resources(cpus=cpus, mem=mem, gpus=gpus))
 
 
 class SimCluster:
