@@ -195,3 +195,15 @@ def test_a_queue_takes_back_its_guarantee_from_a_borrower(seed: int) -> None:
     sim.run_until(lambda: all(t.state is TaskState.RUNNING for t in sim.master.tasks_of(owner)), limit=10)
     assert sum(t.state is TaskState.RUNNING for t in sim.master.tasks_of(borrower)) == 4
     assert sum(t.state is TaskState.PENDING for t in sim.master.tasks_of(borrower)) == 4
+
+
+def test_a_large_array_runs_to_the_end_a_slice_per_cycle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shoal.master.state.GROUP_CAP", 50)  # the same rule, at a size a test runs fast
+    sim = SimCluster([sim_node(f"n{i}", cpus=64, mem=1 << 20) for i in range(4)], check=False)
+    sim.advance(1.0)
+    job = sim.submit({"command": "sleep 1", "count": 500, "resources": {"cpus": 0.01, "mem": 1}})
+    stored = sim.store.load().tasks
+    assert len(stored) == 50  # the first slice was placed; the rest is implied by the job row
+    assert {t.state for t in stored} == {TaskState.ASSIGNED}
+    sim.run_until(lambda: job_state(sim, job) is JobState.COMPLETE, limit=60)
+    assert all(sim.spawns[t.id] == 1 for t in sim.master.tasks_of(job))

@@ -69,8 +69,10 @@ class Client:
     def jobs(self) -> list[JobView]:
         return _JOBS.validate_python(self._call("GET", "/v1/jobs"))
 
-    def job(self, job_id: int) -> JobView:
-        return JobView.model_validate(self._call("GET", f"/v1/jobs/{job_id}"))
+    def job(self, job_id: int, offset: int = 0, limit: int = 1000) -> JobView:
+        """The job with tasks `offset` to `offset + limit` (the counts cover them all)."""
+        params = {"offset": str(offset), "limit": str(limit)}
+        return JobView.model_validate(self._call("GET", f"/v1/jobs/{job_id}", params=params))
 
     def kill(self, job_id: int) -> JobView:
         return JobView.model_validate(self._call("POST", f"/v1/jobs/{job_id}/kill"))
@@ -106,11 +108,11 @@ class Client:
         except httpx.TransportError as e:
             raise Unreachable(f"lost the master at {self.url}: {e}") from e
 
-    def wait(self, job_id: int, poll: float = 0.2, timeout: float | None = None) -> JobView:
-        """Block until the job has ended; returns its final view."""
+    def wait(self, job_id: int, poll: float = 0.2, timeout: float | None = None, limit: int = 1000) -> JobView:
+        """Block until the job has ended; returns its final view (with its first `limit` tasks)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            view = self.job(job_id)
+            view = self.job(job_id, limit=limit)
             if view.state.value in _ENDED:
                 return view
             if deadline is not None and time.monotonic() > deadline:

@@ -50,13 +50,11 @@ class JobView(BaseModel):
         )
 
     @classmethod
-    def detail(cls, job: JobRecord, tasks: list[TaskRecord], waiting: str) -> JobView:
-        """The job with every task, and why its pending ones wait."""
+    def detail(cls, job: JobRecord, tasks: list[TaskRecord], waiting: str, page: slice) -> JobView:
+        """The job with a page of its tasks, and why its pending ones wait."""
         view = cls.summary(job, tasks)
         view.waiting = waiting
-        view.tasks = [
-            TaskView.of(t, waiting if t.state is TaskState.PENDING else "") for t in tasks
-        ]
+        view.tasks = [TaskView.of(t, waiting if t.state is TaskState.PENDING else "") for t in tasks[page]]
         return view
 
 

@@ -71,7 +71,7 @@ def _stream_until_done(client: Client, job_id: int, count: int) -> JobView:
         ]
         for f in futures:
             f.result()
-    return client.wait(job_id, poll=0.05)
+    return client.wait(job_id, poll=0.05, limit=count)
 
 
 def _copy(client: Client, task_id: str, stream: str, sink: BinaryIO, prefix: str) -> None:
@@ -130,10 +130,15 @@ def jobs(as_json: JsonOpt = False) -> None:
 
 
 @friendly
-def job(job_id: Annotated[int, typer.Argument(help="the job's id")], as_json: JsonOpt = False) -> None:
+def job(
+    job_id: Annotated[int, typer.Argument(help="the job's id")],
+    offset: Annotated[int, typer.Option(min=0, help="first task shown")] = 0,
+    limit: Annotated[int, typer.Option(min=0, max=100_000, help="tasks shown")] = 1000,
+    as_json: JsonOpt = False,
+) -> None:
     """Show one job and its tasks, with why pending tasks wait."""
     with Client.from_config() as client:
-        view = client.job(job_id)
+        view = client.job(job_id, offset, limit)
     print_json(view) if as_json else out.print(job_detail(view))
 
 

@@ -80,6 +80,9 @@ def job_detail(job: JobView) -> Table:
     grid.add_row(head)
     grid.add_row("")
     grid.add_row(tasks)
+    shown, total = len(job.tasks), sum(job.counts.values())
+    if shown < total:
+        grid.add_row(f"[dim]{shown} of {total} tasks shown; --offset and --limit show others[/]")
     return grid
 
 

@@ -115,13 +115,19 @@ MasterDep = Annotated[Master, Depends(_master)]
 CallerDep = Annotated[Caller, Depends(_caller)]
 
 
-def _job(master: Master, caller: Caller, job_id: int) -> JobView:
+TASKS_SHOWN = 1000  # tasks in a job's view unless asked for another page
+
+
+def _job(master: Master, caller: Caller, job_id: int, offset: int = 0, limit: int = TASKS_SHOWN) -> JobView:
     job = master.state.jobs.get(job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
     if not caller.may_see(job.owner):
         raise Forbidden(f"job {job_id} belongs to another user")
-    return JobView.detail(job, master.state.tasks_of(job_id), master.state.waiting.get(job_id, ""))
+    return JobView.detail(
+        job, master.state.tasks_of(job_id), master.state.waiting.get(job_id, ""), slice(offset, offset + limit)
+    )
+
 
 
 def _task(master: Master, caller: Caller, task_id: str) -> TaskRecord:
@@ -146,8 +152,14 @@ def _routes(app: FastAPI) -> None:
         return [JobView.summary(job, state.tasks_of(job.id)) for job in state.jobs.values() if caller.may_see(job.owner)]
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView)
-    async def job(job_id: int, master: MasterDep, caller: CallerDep) -> JobView:
-        return _job(master, caller, job_id)
+    async def job(
+        job_id: int,
+        master: MasterDep,
+        caller: CallerDep,
+        offset: Annotated[int, Query(ge=0, description="first task shown")] = 0,
+        limit: Annotated[int, Query(ge=0, le=100_000, description="tasks shown")] = TASKS_SHOWN,
+    ) -> JobView:
+        return _job(master, caller, job_id, offset, limit)
 
     @app.post("/v1/jobs/{job_id}/kill", response_model=JobView)
     async def kill(job_id: int, master: MasterDep, caller: Annotated[Caller, Depends(_writer)]) -> JobView:

@@ -105,6 +105,8 @@ class Master:
                 case Disconnect(node=node):
                     if (link := self.links.pop(node, None)) is not None:
                         link.close()
+        if self.state.wants_cycle:
+            asyncio.get_running_loop().call_soon(lambda: self.soon(Tick(time.time())))
         return replies
 
     def soon(self, event: Event) -> None:

@@ -55,6 +55,16 @@ from shoal.wire import (
     RunSpec,
 )
 
+# Tasks of one job a cycle considers: a large array is placed a slice per cycle, so no
+# cycle (and no API call that triggers one) walks all of it.
+GROUP_CAP = 4096
+
+
+def _implied_tasks(job: JobRecord) -> list[TaskRecord]:
+    """The tasks a job has as submitted: all pending, first attempt."""
+    return [TaskRecord(id=f"{job.id}.{i}", job_id=job.id, index=i) for i in range(job.spec.count)]
+
+
 # --- events -------------------------------------------------------------------------
 
 
@@ -157,6 +167,9 @@ class MasterState:
         self.masks = MaskCache(self.table)
         self.jobs: dict[int, JobRecord] = {j.id: j for j in jobs}
         self.tasks: dict[str, TaskRecord] = {t.id: t for t in tasks}
+        for job in self.jobs.values():
+            for task in _implied_tasks(job):
+                self.tasks.setdefault(task.id, task)
         self.nodes: dict[str, NodeRecord] = {}
         self.job_tasks: dict[int, list[str]] = defaultdict(list)
         for task in sorted(self.tasks.values(), key=lambda t: (t.job_id, t.index)):
@@ -194,6 +207,11 @@ class MasterState:
         if self._needs_schedule:
             self._schedule(now)
         return self._commands()
+
+    @property
+    def wants_cycle(self) -> bool:
+        """Work was left for another cycle (a large array): the shell should not wait long."""
+        return self._needs_schedule
 
     def tasks_of(self, job_id: int) -> list[TaskRecord]:
         return [self.tasks[t] for t in self.job_tasks.get(job_id, ())]
@@ -237,12 +255,13 @@ class MasterState:
         self.next_job_id += 1
         self.jobs[job.id] = job
         self._c.jobs[job.id] = job
-        for index in range(event.spec.count):
-            task = TaskRecord(id=f"{job.id}.{index}", job_id=job.id, index=index)
+        # The new tasks are not persisted one by one: a stored job implies all its tasks,
+        # pending, until each changes (see `_implied_tasks`), so a 100,000-task array is
+        # one row in the store.
+        for task in _implied_tasks(job):
             self.tasks[task.id] = task
             self.job_tasks[job.id].append(task.id)
             self.pending[job.id][task.id] = None
-            self._c.tasks[task.id] = task
         self._needs_schedule = True
         self._c.out.append(Reply(event.request, value=job.id))
 
@@ -471,12 +490,16 @@ class MasterState:
         self.waiting = {}
         self._wakeup = math.inf
         groups: list[Group] = []
+        truncated: set[int] = set()
         for job_id, ids in sorted(self.pending.items()):
             ready = []
             for t in ids:
                 not_before = self.tasks[t].not_before
                 if not_before <= now:
                     ready.append(t)
+                    if len(ready) == GROUP_CAP:
+                        truncated.add(job_id)
+                        break
                 else:
                     self._wakeup = min(self._wakeup, not_before)
             if ready:
@@ -489,6 +512,8 @@ class MasterState:
         plan = schedule(self.table, self.masks, groups, self.usage, running, self.policy, now)
         verdict = apply_plan(self.table, plan)
         self.waiting.update(plan.waiting)
+        # A large array placed all it was shown: there may be room for the rest of it.
+        self._needs_schedule = any(job not in plan.waiting for job in truncated)
         for placement in verdict.accepted:
             task = self.tasks[placement.task_id]
             self._equip(task, placement.node)

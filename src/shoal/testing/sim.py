@@ -140,6 +140,8 @@ class SimCluster:
                     replies[command.request] = command
                 case master.Disconnect(node=name):
                     self._drop_connection(name)
+        if self.master.wants_cycle:
+            self._at(self.now, lambda: self._master_handle(master.Tick(self.now)))
         return replies
 
     def _master_tick(self) -> None:
