@@ -162,9 +162,10 @@ def simulate(
         while pending and start + pending[-1].submit <= sim.now:
             arrival = pending.pop()
             try:
-                job_of[sim.submit(arrival.spec(), owner=arrival.user)] = arrival
+                job_id = sim.submit(arrival.spec(), owner=arrival.user)
             except SpecError:
-                pass  # refused as a live master would refuse it; not part of the run
+                continue  # refused as a live master would refuse it; not part of the run
+            job_of[job_id] = arrival
         used = float(sim.master.table.allocated[:, 0].sum())
         queued = sum(len(ids) for ids in sim.master.pending.values())
         samples.append((sim.now - start, used / total_cpus, queued))
