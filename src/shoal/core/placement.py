@@ -211,19 +211,20 @@ class Placer:
 
     def _refresh(self, g: Group, strategy: Strategy, row: int, mask: np.ndarray, ask: np.ndarray) -> float:
         """The new score of the one row a placement changed."""
-        one = slice(row, row + 1)
-        if not (mask[row] and np.all(self.free_at(row) + _EPS >= ask) and np.all(self._limits(g, one))):
+        free = self.free_at(row)
+        if not mask[row] or bool((free + _EPS < ask).any()):
+            return _NEG
+        if (g.max_per_node or g.max_per) and not np.all(self._limits(g, slice(row, row + 1))):
             return _NEG
         if g.affinities:
-            return float(self.score(g, strategy, one, ask)[0])
-        return self._score_one(strategy, row, ask)
+            return float(self.score(g, strategy, slice(row, row + 1), ask)[0])
+        return self._score_one(strategy, row, ask, free)
 
-    def _score_one(self, strategy: Strategy, row: int, ask: np.ndarray) -> float:
+    def _score_one(self, strategy: Strategy, row: int, ask: np.ndarray, free: np.ndarray) -> float:
         """`score` for a single row in plain floats: the hot path of placing many tasks."""
         cap_cpu, cap_mem = float(self.table.capacity[row, 0]) or 1.0, float(self.table.capacity[row, 1]) or 1.0
         if strategy is Strategy.LEAST_LOADED:
             return -(float(self.table.utilization[row]) + float(self.taken[row, 0]) / cap_cpu)
-        free = self.free_at(row)
         cpu, mem = float((cap_cpu - free[0] + ask[0]) / cap_cpu), float((cap_mem - free[1] + ask[1]) / cap_mem)
         fullness = (cpu + mem) / 2
         return fullness - _BALANCE * abs(cpu - mem) if strategy is Strategy.BINPACK else -fullness

@@ -418,6 +418,8 @@ class MasterState:
     def _equip(self, task: TaskRecord, node: str) -> None:
         """Give a task placed on `node` its GPU device indices and its named ports."""
         spec = self.jobs[task.job_id].spec
+        if not spec.resources.gpus and not spec.ports:
+            return
         info = self.nodes[node].info
         used = self.devices[node]
         task.gpus = [i for i in range(info.capacity.gpus) if i not in used][: spec.resources.gpus]
