@@ -205,3 +205,16 @@ def test_constraints_and_node_sets_steer_tasks(cluster: LiveCluster) -> None:
         view = wait_for(lambda: (v := client.job(waiting)).waiting and v)
         assert view.waiting == "2 nodes fail agent == node9"
         client.kill(waiting)
+
+
+def test_concurrent_submissions_are_each_acknowledged_once(cluster: LiveCluster) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = JobSpec(command="true", resources={"cpus": 0.1})
+    with cluster.client() as client, ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(lambda _: client.submit(spec), range(64)))
+        assert len(set(ids)) == 64
+        for job_id in ids:
+            assert client.wait(job_id, timeout=60).state is JobState.COMPLETE
+        cluster.restart_master()  # every acknowledged submission is in the store
+        assert {j.id for j in client.jobs()} >= set(ids)

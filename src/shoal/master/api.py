@@ -143,7 +143,7 @@ def _routes(app: FastAPI) -> None:
     @app.post("/v1/jobs", status_code=201, response_model=Submitted, responses={422: {"model": ErrorBody}})
     async def submit(spec: JobSpec, master: MasterDep, caller: Annotated[Caller, Depends(_writer)]) -> Submitted:
         names = _node_names(spec)
-        job_id = master.request(lambda req, now: Submit(req, caller.name, spec, now, names))
+        job_id = await master.request(lambda req, now: Submit(req, caller.name, spec, now, names))
         return Submitted(id=job_id)  # type: ignore[arg-type]
 
     @app.get("/v1/jobs", response_model=list[JobView])
@@ -166,7 +166,7 @@ def _routes(app: FastAPI) -> None:
         view = _job(master, caller, job_id)
         if not caller.may_change(view.owner):
             raise Forbidden(f"a {caller.role.value} token cannot kill job {job_id}")
-        master.request(lambda req, now: KillJob(req, job_id, now))
+        await master.request(lambda req, now: KillJob(req, job_id, now))
         return _job(master, caller, job_id)
 
     @app.get("/v1/tasks/{task_id}", response_model=TaskRecord)

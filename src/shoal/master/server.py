@@ -25,10 +25,12 @@ from shoal.master.state import (
     Disconnect,
     Event,
     FromAgent,
+    KillJob,
     MasterState,
     Persist,
     Reply,
     Send,
+    Submit,
     Tick,
 )
 from shoal.master.store import Store
@@ -88,6 +90,7 @@ class Master:
         self._ids = itertools.count(1)
         self._log_waiters: dict[int, asyncio.Future[LogChunk]] = {}
         self._batch: list[Event] = []
+        self._replies: dict[int, asyncio.Future[Reply]] = {}
 
     # --- the door into the ledger ---------------------------------------------------------
 
@@ -111,19 +114,30 @@ class Master:
 
     def soon(self, event: Event) -> None:
         """Dispatch `event` with the others that arrive in this turn of the loop: a burst of
-        agent reports costs one scheduling cycle and one transaction, not one each."""
+        agent reports or of submissions costs one scheduling cycle and one transaction."""
         self._batch.append(event)
         if len(self._batch) == 1:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         events, self._batch = self._batch, []
-        self.dispatch(*events)
+        waiters = [self._replies.pop(e.request) for e in events if isinstance(e, Submit | KillJob)]
+        try:
+            replies = self.dispatch(*events)
+        except Exception as e:  # a bug: every caller of this batch hears of it
+            for waiter in waiters:
+                waiter.set_exception(e)
+            raise
+        for waiter, event in zip(waiters, (e for e in events if isinstance(e, Submit | KillJob)), strict=True):
+            waiter.set_result(replies[event.request])
 
-    def request(self, make: Callable[[int, float], Event]) -> object:
-        """Dispatch one request event and return its answer (or raise its error)."""
-        request = next(self._ids)
-        reply = self.dispatch(make(request, time.time()))[request]
+    async def request(self, make: Callable[[int, float], Submit | KillJob]) -> object:
+        """Dispatch one request event with this turn's others; its answer, or its error."""
+        event = make(next(self._ids), time.time())
+        waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._replies[event.request] = waiter
+        self.soon(event)
+        reply = await waiter
         if reply.error is not None:
             raise reply.error
         return reply.value
