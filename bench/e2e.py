@@ -28,7 +28,7 @@ from rich.progress import Progress
 from shoal.model import JobSpec, JobState, Resources
 from shoal.testing.live import live_cluster
 
-TINY = Resources(cpus=0.01, mem=1)
+TINY = Resources(cpus=0.01, mem=16)
 
 
 def spawn_ceiling(count: int = 2000) -> float:

@@ -218,3 +218,20 @@ def test_concurrent_submissions_are_each_acknowledged_once(cluster: LiveCluster)
             assert client.wait(job_id, timeout=60).state is JobState.COMPLETE
         cluster.restart_master()  # every acknowledged submission is in the store
         assert {j.id for j in client.jobs()} >= set(ids)
+
+
+def test_tasks_are_held_to_their_cpus_and_memory(cluster: LiveCluster) -> None:
+    burn = (
+        "import time, resource\n"
+        "end = time.time() + 2\n"
+        "while time.time() < end: pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_utime)\n"
+    )
+    with cluster.client() as client:
+        cpu = client.submit(JobSpec(command=[sys.executable, "-c", burn], resources={"cpus": 0.25, "mem": 256}))
+        hog = client.submit(JobSpec(command=[sys.executable, "-c", "b = bytearray(400 * 2**20)"], resources={"mem": 128}))
+        cpu_view, hog_view = client.wait(cpu, timeout=30), client.wait(hog, timeout=30)
+        busy = float(client.logs(f"{cpu}.0").decode())
+        assert busy < 0.25 * 2 * 1.6, f"{busy:.2f} cpu-seconds in 2 s at a quota of 0.25 cpus"
+        assert cpu_view.state is JobState.COMPLETE
+        assert hog_view.tasks[0].state is TaskState.FAILED and hog_view.tasks[0].exit_code in (-9, 137)

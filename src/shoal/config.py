@@ -94,6 +94,7 @@ class AgentSettings(_Settings):
     mem: int | None = Field(None, gt=0, description="MiB")
     heartbeat_interval: float = Field(1.0, gt=0)
     port_range: tuple[int, int] = Field((20000, 32000), description="tasks' dynamic ports come from here")
+    limits: bool = Field(True, description="hold tasks to their cpus and mem with cgroups")
 
     @field_validator("port_range")
     @classmethod

@@ -1,8 +1,8 @@
 """Running tasks as processes: sandboxes, process groups, exit watching, logs.
 
-Each run gets a sandbox directory holding its `stdout` and `stderr` files, and runs as the
-leader of its own session (so of its own process group), so a kill reaches everything it
-started. A small sh wrapper writes the exit status into the sandbox: an agent restarted
+Each run gets a sandbox directory holding its `stdout` and `stderr` files, its own cgroups
+(cpu quota, memory limit) where the machine allows, and runs as the leader of its own
+session (so of its own process group), so a kill reaches everything it started. A small sh wrapper writes the exit status into the sandbox: an agent restarted
 while the run went on can still learn how it ended, though it is no longer the parent.
 Exits are watched through pidfds, for children and adopted processes alike.
 """
@@ -17,11 +17,17 @@ from pathlib import Path
 
 import psutil
 
+from shoal.agent.cgroups import Cgroups
 from shoal.wire import RunSpec
 
 # Runs argv, then records its status where a restarted agent can find it.
-# (A builtin writes it: no second process. It is read only once the wrapper has exited.)
-_WRAPPER = '"$@"; rc=$?; printf %s "$rc" > "$SHOAL_SANDBOX/.exit"; exit $rc'
+# It first joins the run's cgroups, so everything the command starts is inside them, and
+# last writes the exit status with a builtin (no second process; it is read only once the
+# wrapper has exited).
+_WRAPPER = (
+    'for g in $SHOAL_CGROUP_DIRS; do echo $$ > "$g/cgroup.procs"; done; '
+    '"$@"; rc=$?; printf %s "$rc" > "$SHOAL_SANDBOX/.exit"; exit $rc'
+)
 _BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME")
 
 ExitCallback = Callable[[str, int | None], None]
@@ -30,9 +36,10 @@ ExitCallback = Callable[[str, int | None], None]
 class Runner:
     """Starts, watches and signals the processes of one agent's runs."""
 
-    def __init__(self, sandboxes: Path, on_exit: ExitCallback) -> None:
+    def __init__(self, sandboxes: Path, on_exit: ExitCallback, cgroups: Cgroups | None) -> None:
         self.sandboxes = sandboxes
         self._on_exit = on_exit
+        self._cgroups = cgroups
         self._watched: dict[str, int] = {}  # run id -> pidfd
 
     def sandbox(self, run_id: str) -> Path:
@@ -45,6 +52,8 @@ class Runner:
         env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
         env.update(spec.env)
         env["SHOAL_SANDBOX"] = str(box)
+        if self._cgroups is not None:
+            env["SHOAL_CGROUP_DIRS"] = " ".join(map(str, self._cgroups.create(spec.run_id, spec.resources)))
         with open(box / "stdout", "ab") as out, open(box / "stderr", "ab") as err:
             proc = subprocess.Popen(
                 ["/bin/sh", "-c", _WRAPPER, "shoal-run", *spec.argv],
@@ -84,7 +93,10 @@ class Runner:
         self._exited(run_id, pid)
 
     def _exited(self, run_id: str, pid: int) -> None:
-        self._on_exit(run_id, self._reap(run_id, pid))
+        code = self._reap(run_id, pid)
+        if self._cgroups is not None:
+            self._cgroups.remove(run_id)
+        self._on_exit(run_id, code)
 
     def _reap(self, run_id: str, pid: int) -> int | None:
         try:

@@ -19,6 +19,7 @@ from pathlib import Path
 import websockets
 from pydantic import TypeAdapter
 
+from shoal.agent.cgroups import Cgroups
 from shoal.agent.discovery import discover, measure
 from shoal.agent.runner import Runner, alive, start_time
 from shoal.agent.state import (
@@ -61,7 +62,8 @@ class Agent:
             settings.name, self.state_dir, settings.labels, settings.cpus, settings.mem, settings.port_range
         )
         self.state = AgentState(info, self._load_table())
-        self.runner = Runner(self.state_dir / "sandboxes", self._on_exit)
+        cgroups = Cgroups.detect(info.name) if settings.limits else None
+        self.runner = Runner(self.state_dir / "sandboxes", self._on_exit, cgroups)
         self._outbox: asyncio.Queue[bytes] | None = None
         self._unsaved: tuple[RunEntry, ...] | None = None
         self._unsent: list[Register | Heartbeat | RunReports] = []
