@@ -199,7 +199,7 @@ def _stop(procs: list[subprocess.Popen[bytes]], node_dirs: list[Path]) -> None:
 
     for proc in reversed(procs):
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            proc.terminate()
     for proc in procs:
         try:
             proc.wait(timeout=5)
