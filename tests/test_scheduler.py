@@ -465,3 +465,61 @@ def test_capacity_queues_keep_limits_and_take_back_only_from_borrowers(running, 
             and v.queue != g.queue
         )
         assert v.priority < g.priority or gives_back, (v, g)
+
+
+def ending(node: str, task: str, cpus: float, ends_at: float | None, priority: int = 0) -> Running:
+    return Running(task, int(task.split(".")[0]), node, Resources(cpus=cpus, mem=0), priority=priority, ends_at=ends_at)
+
+
+def test_backfill_runs_small_jobs_that_end_before_the_reservation_and_holds_off_the_rest() -> None:
+    t = table(n("a", cpus=4), n("b", cpus=1))
+    running = [ending("a", "90.0", 3, ends_at=100.0), ending("b", "91.0", 1, ends_at=None)]
+    occupied(t, running)
+    head = group(1, 1, cpus=4, priority=5)
+    quick = group(2, 1, cpus=1, time_limit=50)
+    unbounded = group(3, 1, cpus=1)
+    too_long = group(4, 1, cpus=1, time_limit=200)
+    plan = run(t, [head, quick, unbounded, too_long], running)
+    assert [(p.task_id, p.node) for p in plan.placements] == [("2.0", "a")]
+    assert plan.reserved == (1, "a", 100.0)
+    assert plan.waiting[1].endswith("; a is held for it from 100s on")
+    assert "lack" in plan.waiting[3] and "lack" in plan.waiting[4]
+
+
+def test_without_time_limits_there_is_nothing_to_reserve_against() -> None:
+    t = table(n("a", cpus=4))
+    running = [ending("a", "90.0", 3, ends_at=None)]
+    occupied(t, running)
+    plan = run(t, [group(1, 1, cpus=4, priority=5), group(2, 1, cpus=1)], running)
+    assert plan.reserved is None and [p.task_id for p in plan.placements] == ["2.0"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 2), st.sampled_from([1, 2]), st.one_of(st.none(), st.integers(10, 100))), max_size=8),
+    st.lists(st.tuples(st.sampled_from([1, 2, 4]), st.integers(0, 3), st.one_of(st.none(), st.integers(5, 150))),
+             min_size=1, max_size=6),
+)
+def test_backfill_never_delays_the_reservation(running, pending) -> None:
+    t = table(*(n(f"n{i}", cpus=4) for i in range(3)))
+    free = {f"n{i}": 4 for i in range(3)}
+    tasks = []
+    for i, (node_i, cpus, ends) in enumerate(running):
+        node = f"n{node_i}"
+        if free[node] >= cpus:
+            free[node] -= cpus
+            tasks.append(ending(node, f"{100 + i}.0", cpus, float(ends) if ends else None))
+    occupied(t, tasks)
+    groups = [group(j + 1, 1, cpus=c, priority=p, time_limit=lim) for j, (c, p, lim) in enumerate(pending)]
+    plan = run(t, groups, tasks)
+    if plan.reserved is None:
+        return
+    job, node, start = plan.reserved
+    by_job = {g.job_id: g for g in groups}
+    # at `start`, what is still on the node must leave room for the reserved job
+    still = sum(r.ask.cpus for r in tasks if r.node == node and (r.ends_at is None or r.ends_at > start))
+    for p in plan.placements:
+        g = by_job[int(p.task_id.split(".")[0])]
+        if p.node == node and (g.time_limit is None or g.time_limit > start):
+            still += p.resources.cpus
+    assert still + by_job[job].ask.cpus <= 4 + 1e-9

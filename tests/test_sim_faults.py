@@ -207,3 +207,29 @@ def test_a_large_array_runs_to_the_end_a_slice_per_cycle(monkeypatch: pytest.Mon
     assert {t.state for t in stored} == {TaskState.ASSIGNED}
     sim.run_until(lambda: job_state(sim, job) is JobState.COMPLETE, limit=60)
     assert all(sim.spawns[t.id] == 1 for t in sim.master.tasks_of(job))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_task_is_stopped_at_its_time_limit(seed: int) -> None:
+    sim = cluster(seed)
+    job = sim.submit({"command": "sleep 100", "time_limit": 2})
+    sim.run_until(lambda: sim.master.tasks[f"{job}.0"].state.terminal, limit=10)
+    task = sim.master.tasks[f"{job}.0"]
+    assert task.state is TaskState.FAILED and task.message == "stopped at its time limit of 2s"
+    assert 2.0 <= task.finished_at - task.started_at <= 3.5
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_backfill_lets_short_jobs_pass_without_delaying_the_big_one(seed: int) -> None:
+    sim = cluster(seed, n=1)  # one node of 4 cpus
+    long = sim.submit({"command": "sleep 10", "resources": {"cpus": 3}, "time_limit": 12})
+    sim.advance(1.0)
+    big = sim.submit({"command": "sleep 1", "resources": {"cpus": 4}, "priority": 5})
+    short = sim.submit({"command": "sleep 2", "resources": {"cpus": 1}, "time_limit": 3})
+    endless = sim.submit({"command": "sleep 2", "resources": {"cpus": 1}})
+    sim.advance(0.5)
+    assert sim.master.tasks[f"{short}.0"].state is TaskState.RUNNING  # fits before the reservation
+    assert sim.master.tasks[f"{endless}.0"].state is TaskState.PENDING  # would delay it
+    sim.run_until(lambda: sim.master.tasks[f"{big}.0"].state is TaskState.RUNNING, limit=20)
+    started = sim.master.tasks[f"{big}.0"].started_at
+    assert started <= sim.master.tasks[f"{long}.0"].finished_at + 1.0

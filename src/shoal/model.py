@@ -147,6 +147,9 @@ class JobSpec(BaseModel):
     count: int = Field(1, ge=1, le=MAX_COUNT, description="tasks; {index} is substituted")
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     kill_grace: float = Field(5.0, ge=0, le=3600, description="seconds from SIGTERM to SIGKILL")
+    time_limit: float | None = Field(
+        None, gt=0, le=365 * 86_400, description="seconds a task may run; lets it backfill ahead of a reservation"
+    )
     queue: str = Field("default", pattern=_QUEUE_NAME)
     priority: int = Field(0, ge=0, le=1000, description="higher runs first and may preempt lower")
     preemptible: bool = True

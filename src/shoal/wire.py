@@ -37,6 +37,7 @@ class RunSpec:
     env: dict[str, str] = field(default_factory=dict)
     workdir: str | None = None
     kill_grace: float = 5.0
+    time_limit: float | None = None
 
 
 class RunReport(BaseModel):

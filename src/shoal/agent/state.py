@@ -12,7 +12,8 @@ Theory of operation
   until the master acknowledges that run in that state; a run in an end state leaves the
   table once acknowledged. On each (re)connection the agent registers with the whole table,
   which is how the master reconciles after any reconnect or restart of either side.
-- A kill sends SIGTERM to the run's process group, then SIGKILL once its grace has passed.
+- A kill sends SIGTERM to the run's process group, then SIGKILL once its grace has passed;
+  so does a run's time limit, and the run then ends FAILED.
 - The table is saved after every change, so a restarted agent re-adopts its runs.
 """
 
@@ -40,6 +41,8 @@ class RunEntry(BaseModel):
     reported_at: float = 0.0
     kill_requested: bool = False
     kill_deadline: float | None = None
+    started_at: float | None = None
+    timed_out: bool = False
 
     def report(self) -> RunReport:
         return RunReport(
@@ -225,6 +228,7 @@ class AgentState:
         entry.state = TaskState.RUNNING
         entry.pid = event.pid
         entry.pid_start = event.pid_start
+        entry.started_at = event.now
         self._changed(entry, event.now)
         if entry.kill_requested:
             self._signal(entry, signal.SIGTERM, event.now)
@@ -235,6 +239,9 @@ class AgentState:
             return
         if entry.kill_requested:
             entry.state = TaskState.KILLED
+        elif entry.timed_out:
+            entry.state = TaskState.FAILED
+            message = message or f"stopped at its time limit of {entry.spec.time_limit:g}s"
         elif code == 0:
             entry.state = TaskState.FINISHED
         else:
@@ -278,6 +285,12 @@ class AgentState:
     def _tick(self, now: float, usage: Usage) -> None:
         self._o.commands.append(SendToMaster(Heartbeat(usage=usage)))
         for entry in self.runs.values():
+            limit = entry.spec.time_limit
+            overdue = limit is not None and entry.started_at is not None and now >= entry.started_at + limit
+            if overdue and entry.state is TaskState.RUNNING and not (entry.timed_out or entry.kill_requested):
+                entry.timed_out = True
+                self._o.changed = True
+                self._signal(entry, signal.SIGTERM, now)
             if entry.kill_deadline is not None and now >= entry.kill_deadline and entry.pid is not None:
                 entry.kill_deadline = None
                 self._o.commands.append(Signal(entry.spec.run_id, entry.pid, signal.SIGKILL))

@@ -53,6 +53,7 @@ class Group:
     gang: bool = False
     placed: tuple[tuple[str, int], ...] = ()  # the job's tasks already on each node
     nominated: tuple[tuple[str, str], ...] = ()  # (task, node) where preemption makes it room
+    time_limit: float | None = None  # seconds a task runs at most
 
 
 @dataclass

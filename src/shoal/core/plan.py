@@ -20,6 +20,7 @@ class Running:
     priority: int = 0
     preemptible: bool = True
     evicting: bool = False
+    ends_at: float | None = None  # by its time limit, where it has one
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,4 +42,5 @@ class Plan:
     placements: tuple[Placement, ...] = ()
     evictions: tuple[Eviction, ...] = ()
     nominations: tuple[tuple[str, str], ...] = ()  # (task, node) the evictions make room for
+    reserved: tuple[int, str, float] | None = None  # (job, node, start): the backfill reservation
     waiting: dict[int, str] = field(default_factory=dict)  # job id -> why its tasks wait

@@ -11,6 +11,9 @@ Order of service, one cycle:
 2. Each turn places a slice of one job through `Placer` (masks, fit, strategy score). A job
    that cannot place its slice is set aside with the reason, and the jobs behind it go on.
 3. Gangs place all their tasks or none.
+   Backfill (EASY): the first job set aside gets a reservation on the node whose running
+   tasks' time limits free room for it soonest; later jobs may use that room only if their
+   own time limit ends them before the reservation starts.
 4. Jobs set aside get evictions (`preemption.plan`) when there is something they may
    evict: strictly lower-priority preemptible work, or, for a queue below its guarantee,
    the preemptible work of queues beyond theirs. It picks the node needing the fewest
@@ -107,8 +110,7 @@ def schedule(
     `usage` is what runs now, per queue and user; `running` lists those tasks one by one
     and is only walked when some job needs preemption.
     """
-    del now  # the plan does not depend on the time yet; it is part of the contract
-    cycle = _Cycle(table, masks, groups, usage, policy)
+    cycle = _Cycle(table, masks, groups, usage, _Lazy(running), policy, now)
     by_queue: dict[str, list[Group]] = defaultdict(list)
     for g in groups:
         by_queue[g.queue].append(g)
@@ -126,20 +128,55 @@ def schedule(
     nominations: list[tuple[str, str]] = []
     if policy.preemption and cycle.blocked:
         evictions, nominations = preemption.plan(
-            cycle.placer, cycle.blocked, cycle.remaining, list(running), cycle.waiting,
+            cycle.placer, cycle.blocked, cycle.remaining, cycle.running(), cycle.waiting,
             preemption.Rule(starved=frozenset(starved), borrowers=frozenset(borrowers)),
         )
-    return Plan(tuple(cycle.placements), tuple(evictions), tuple(nominations), cycle.waiting)
+    r = cycle.reservation
+    reserved = (r.job_id, table.names[r.row], r.start) if r is not None else None
+    return Plan(tuple(cycle.placements), tuple(evictions), tuple(nominations), reserved, cycle.waiting)
+
+
+class _Lazy:
+    """The running tasks, listed only if some decision needs them one by one."""
+
+    def __init__(self, running: Iterable[Running]) -> None:
+        self._source = running
+        self._list: list[Running] | None = None
+
+    def __call__(self) -> list[Running]:
+        if self._list is None:
+            self._list = list(self._source)
+        return self._list
+
+
+@dataclass(frozen=True, slots=True)
+class _Reservation:
+    """Room held on one node for the first job that could not start, from `start` on."""
+
+    job_id: int
+    row: int
+    ask: np.ndarray
+    start: float
 
 
 class _Cycle:
     """The working state of one scheduling cycle."""
 
     def __init__(
-        self, table: NodeTable, masks: MaskCache, groups: Sequence[Group], usage: UsageBook, policy: Policy
+        self,
+        table: NodeTable,
+        masks: MaskCache,
+        groups: Sequence[Group],
+        usage: UsageBook,
+        running: _Lazy,
+        policy: Policy,
+        now: float,
     ) -> None:
         self.table = table
         self.policy = policy
+        self.now = now
+        self.running = running
+        self.reservation: _Reservation | None = None
         self.placer = Placer(table, masks, policy.window)
         self.shares = Shares(table, usage, {n: q.weight for n, q in policy.queues.items()}, policy.user_weights)
         self.remaining = {g.job_id: list(g.tasks) for g in groups}
@@ -184,13 +221,18 @@ class _Cycle:
             if want == 0:
                 self._block(queue, g, f"queue {g.queue} is at its max share ({limit:.0%})")
                 return
-        plain = _plain(g)
+        backfill = self._may_backfill(g)
+        plain = _plain(g) and not backfill
         known = next((why for failed, why in self._failed if np.all(failed <= ask + 1e-9)), None) if plain else None
         if known is not None:
             self._block(queue, g, known)
             return
         self._hold(g, ask, -1)
+        if backfill:
+            self._reserve_hold(-1)
         got = self.placer.place(g, want, g.strategy or self.policy.strategy, ask)
+        if backfill:
+            self._reserve_hold(+1)
         for row, k in got:
             self.held[g.job_id][row] = max(0, self.held[g.job_id][row] - k)
         self._hold(g, ask, +1)
@@ -217,6 +259,43 @@ class _Cycle:
         self.waiting[g.job_id] = reason
         self.blocked.append(g)
         queue.drop(g)
+        if self.reservation is None and not g.gang:
+            self._reserve(g)
+
+    # --- backfill: EASY, one reservation per cycle ------------------------------------------
+
+    def _reserve(self, g: Group) -> None:
+        """Hold room for `g` on the node that frees it soonest, as time limits tell."""
+        ask = self.table.vector(g.ask)
+        mask = self.placer.static_mask(g)
+        ending: dict[int, list[tuple[float, np.ndarray]]] = defaultdict(list)
+        for r in self.running():
+            row = self.table.index.get(r.node)
+            if r.ends_at is not None and row is not None and mask[row]:
+                ending[row].append((r.ends_at, self.table.vector(r.ask)))
+        best: tuple[float, int] | None = None
+        for row, events in ending.items():
+            free = self.placer.free_at(row).copy()
+            for ends_at, vec in sorted(events, key=lambda e: e[0]):
+                free[: len(vec)] += vec[: len(free)]
+                if np.all(free + 1e-9 >= ask[: len(free)]):
+                    best = min(best or (ends_at, row), (ends_at, row))
+                    break
+        if best is None:
+            return  # no end in sight (no time limits): nothing to reserve against
+        start, row = best
+        self.reservation = _Reservation(g.job_id, row, ask, start)
+        self._reserve_hold(+1)
+        self.waiting[g.job_id] += f"; {self.table.names[row]} is held for it from {max(0.0, start - self.now):.0f}s on"
+
+    def _reserve_hold(self, sign: int) -> None:
+        assert self.reservation is not None
+        self.placer.take(self.reservation.row, sign * self.reservation.ask)
+
+    def _may_backfill(self, g: Group) -> bool:
+        """Work that ends, by its time limit, before the reservation starts may use its room."""
+        r = self.reservation
+        return r is not None and g.job_id != r.job_id and g.time_limit is not None and self.now + g.time_limit <= r.start
 
 
 def _plain(g: Group) -> bool:

@@ -546,6 +546,11 @@ class MasterState:
             priority=job.spec.priority,
             preemptible=job.spec.preemptible,
             evicting=task.evicted_by is not None or task.kill_requested,
+            ends_at=(
+                task.started_at + job.spec.time_limit
+                if task.started_at is not None and job.spec.time_limit is not None
+                else None
+            ),
         )
 
     def _group(self, job_id: int, task_ids: list[str]) -> Group:
@@ -577,6 +582,7 @@ class MasterState:
             affinities=tuple((parse(a.expr), float(a.weight)) for a in spec.affinities),
             spread=spread,
             gang=spec.gang,
+            time_limit=spec.time_limit,
             placed=tuple(placed.items()),
             nominated=tuple(
                 (t, self.tasks[t].nominated)  # type: ignore[misc]
@@ -606,6 +612,7 @@ class MasterState:
             workdir=spec.workdir,
             resources=spec.resources,
             kill_grace=spec.kill_grace,
+            time_limit=spec.time_limit,
         )
 
     # --- output -------------------------------------------------------------------------
