@@ -27,6 +27,8 @@ run: install
 	$(BIN)/shoal dev
 
 test: install test-deps
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/python -m pytest -q
 
 clean:

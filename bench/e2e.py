@@ -47,7 +47,10 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--starts", type=int, default=50, help="single tasks timed for start latency")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as root, live_cluster(Path(root), agents=args.agents, heartbeat_timeout=30) as cluster:
+    with (
+        tempfile.TemporaryDirectory() as root,
+        live_cluster(Path(root), agents=args.agents, heartbeat_timeout=30) as cluster,
+    ):
         with cluster.client() as client:
             began = time.perf_counter()
             job = client.submit(JobSpec(command=["true"], count=args.tasks, resources=TINY))
@@ -56,7 +59,11 @@ def main() -> None:
                 bar = progress.add_task("array", total=args.tasks)
                 while True:
                     view = client.job(job)
-                    done = sum(n for state, n in view.counts.items() if state in ("finished", "failed", "killed", "lost"))
+                    done = sum(
+                        n
+                        for state, n in view.counts.items()
+                        if state in ("finished", "failed", "killed", "lost")
+                    )
                     progress.update(bar, completed=done)
                     if view.state in (JobState.COMPLETE, JobState.FAILED, JobState.KILLED):
                         break

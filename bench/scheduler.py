@@ -32,7 +32,9 @@ def nodes(count: int, rng: random.Random) -> list[NodeInfo]:
         NodeInfo(
             name=f"node{i}",
             hostname=f"node{i}",
-            capacity=Resources(cpus=rng.choice([16, 32, 64]), mem=rng.choice([65536, 131072, 262144]), disk=500_000),
+            capacity=Resources(
+                cpus=rng.choice([16, 32, 64]), mem=rng.choice([65536, 131072, 262144]), disk=500_000
+            ),
             labels={"rack": f"r{i % racks}", "zone": f"z{i % 3}"},
             attributes={"os": "linux", "arch": "x86_64", "kernel": rng.choice(["5.10.0", "6.1.0"])},
         )

@@ -25,7 +25,9 @@ from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReports, RunSp
 
 def spec(run: str = "1.0.0", grace: float = 5.0) -> RunSpec:
     task, _, attempt = run.rpartition(".")
-    return RunSpec(run_id=run, task_id=task, attempt=int(attempt), argv=["true"], resources=Resources(), kill_grace=grace)
+    return RunSpec(
+        run_id=run, task_id=task, attempt=int(attempt), argv=["true"], resources=Resources(), kill_grace=grace
+    )
 
 
 def launched(*runs: str) -> AgentState:
@@ -94,7 +96,9 @@ def test_kill_before_spawn_terms_as_soon_as_it_starts() -> None:
 
 def test_kill_of_an_unknown_run_reports_it_killed() -> None:
     state = AgentState(sim_node("n1"))
-    assert reports(state.handle(FromMaster(Kill(run_ids=["4.2.1"]), 0.0))) == [("4.2.1", TaskState.KILLED, None)]
+    assert reports(state.handle(FromMaster(Kill(run_ids=["4.2.1"]), 0.0))) == [
+        ("4.2.1", TaskState.KILLED, None)
+    ]
 
 
 def test_spawn_failure_is_a_failed_run_with_the_reason() -> None:

@@ -16,7 +16,9 @@ from shoal.testing.live import LiveCluster
 
 @pytest.fixture(scope="module")
 def lone_master(tmp_path_factory: pytest.TempPathFactory):
-    cluster = LiveCluster(Path(tmp_path_factory.mktemp("fuzz")), agents=0, heartbeat_timeout=2, heartbeat_interval=1)
+    cluster = LiveCluster(
+        Path(tmp_path_factory.mktemp("fuzz")), agents=0, heartbeat_timeout=2, heartbeat_interval=1
+    )
     try:
         cluster.start()
         yield cluster

@@ -33,7 +33,9 @@ def greedy(nodes: list[tuple[int, int]], tasks: list[tuple[int, int]]) -> tuple[
     table = NodeTable()
     for i, (cpus, mem) in enumerate(nodes):
         table.upsert(f"n{i}", Resources(cpus=cpus, mem=mem), {}, True)
-    groups = [Group(job_id=j, tasks=(f"{j}.0",), ask=Resources(cpus=c, mem=m)) for j, (c, m) in enumerate(tasks)]
+    groups = [
+        Group(job_id=j, tasks=(f"{j}.0",), ask=Resources(cpus=c, mem=m)) for j, (c, m) in enumerate(tasks)
+    ]
     plan = schedule(table, MaskCache(table), groups, UsageBook(), (), Policy(strategy=Strategy.BINPACK), 0)
     placed = [tasks[int(p.task_id.split(".")[0])] for p in plan.placements]
     return len(placed), sum(c for c, _ in placed)
@@ -67,7 +69,10 @@ def test_binpack_places_close_to_the_optimum(capsys: pytest.CaptureFixture[str])
         cpus_ratio.append(cpus / optimum(nodes, tasks, 1))
     with capsys.disabled():
         for name, r in (("tasks", tasks_ratio), ("cpus", cpus_ratio)):
-            print(f"\nbinpack / ILP optimum, {name} placed: mean {sum(r) / len(r):.3f}, worst {min(r):.3f}", end="")
+            print(
+                f"\nbinpack / ILP optimum, {name} placed: mean {sum(r) / len(r):.3f}, worst {min(r):.3f}",
+                end="",
+            )
         print()
     assert max(tasks_ratio + cpus_ratio) <= 1.0 + 1e-9, "greedy beat a proven bound: the model is wrong"
     # The greedy places in submission order; the optimum may pick any subset. Floors sit

@@ -54,6 +54,6 @@ def test_queues_and_weights_from_the_file(tmp_path: Path) -> None:
     assert set(settings.queues) == {"default", "batch"}
     assert (settings.queues["batch"].order, settings.queues["batch"].weight) == ("fair", 2.0)
     assert settings.user_weights == {"alice": 3.0}
-    file.write_text("[queues.batch]\norder = \"random\"\n")
+    file.write_text('[queues.batch]\norder = "random"\n')
     with pytest.raises(ValidationError, match="order"):
         load_settings(MasterSettings, file)

@@ -23,8 +23,22 @@ def test_dev_cluster_up_run_and_clean_stop(tmp_path: Path, monkeypatch) -> None:
         env.pop(var, None)
     port = free_port()
     dev = subprocess.Popen(
-        [sys.executable, "-m", "shoal", "dev", "--agents", "2", "--port", str(port), "--state-dir", str(tmp_path / "dev")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "shoal",
+            "dev",
+            "--agents",
+            "2",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(tmp_path / "dev"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         wait_for(config.exists, what="the client file")
@@ -32,9 +46,16 @@ def test_dev_cluster_up_run_and_clean_stop(tmp_path: Path, monkeypatch) -> None:
         settings: ClientConfig = load_client_config()
         assert settings.url == f"http://127.0.0.1:{port}"
         with Client.from_config() as client:
-            wait_for(lambda: len([n for n in client.nodes() if n.status is NodeStatus.UP]) == 2, what="2 agents")
-            hi = subprocess.run([sys.executable, "-m", "shoal", "run", "--", "echo", "hi"], env=env,
-                                capture_output=True, text=True, timeout=60)
+            wait_for(
+                lambda: len([n for n in client.nodes() if n.status is NodeStatus.UP]) == 2, what="2 agents"
+            )
+            hi = subprocess.run(
+                [sys.executable, "-m", "shoal", "run", "--", "echo", "hi"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert (hi.returncode, hi.stdout) == (0, "hi\n")
             job = client.submit(JobSpec(command="sleep 300", count=2, resources={"cpus": 0.5}))
             wait_for(lambda: all(t.state is TaskState.RUNNING for t in client.job(job).tasks))

@@ -8,7 +8,18 @@ from pathlib import Path
 import shoal
 
 ROOT = Path(shoal.__file__).parent
-FORBIDDEN = {"asyncio", "socket", "subprocess", "time", "random", "os", "threading", "httpx", "websockets", "sqlite3"}
+FORBIDDEN = {
+    "asyncio",
+    "socket",
+    "subprocess",
+    "time",
+    "random",
+    "os",
+    "threading",
+    "httpx",
+    "websockets",
+    "sqlite3",
+}
 
 
 def pure_modules() -> list[Path]:

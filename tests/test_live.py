@@ -27,7 +27,10 @@ def task_groups(task_id: str) -> set[int]:
     groups = set()
     for proc in psutil.process_iter(["environ", "status"]):
         try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and (proc.info["environ"] or {}).get("SHOAL_TASK_ID") == task_id:
+            if (
+                proc.info["status"] != psutil.STATUS_ZOMBIE
+                and (proc.info["environ"] or {}).get("SHOAL_TASK_ID") == task_id
+            ):
                 groups.add(os.getpgid(proc.pid))
         except (psutil.Error, ProcessLookupError):
             continue
@@ -35,9 +38,15 @@ def task_groups(task_id: str) -> set[int]:
 
 
 def shoal_cli(cluster: LiveCluster, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SHOAL_URL": cluster.url, "SHOAL_TOKEN": token or cluster.admin_token,
-           "SHOAL_CONFIG": str(cluster.root / "none.toml")}
-    return subprocess.run([sys.executable, "-m", "shoal", *args], env=env, capture_output=True, text=True, timeout=60)
+    env = {
+        **os.environ,
+        "SHOAL_URL": cluster.url,
+        "SHOAL_TOKEN": token or cluster.admin_token,
+        "SHOAL_CONFIG": str(cluster.root / "none.toml"),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "shoal", *args], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_run_streams_output_and_propagates_exit_codes(cluster: LiveCluster) -> None:
@@ -45,7 +54,9 @@ def test_run_streams_output_and_propagates_exit_codes(cluster: LiveCluster) -> N
     assert (hi.returncode, hi.stdout) == (0, "hi\n")
     failing = shoal_cli(cluster, "run", "--cpus", "0.5", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
     assert (failing.returncode, failing.stdout, failing.stderr) == (3, "out\n", "err\n")
-    many = shoal_cli(cluster, "run", "-n", "3", "--cpus", "1", "--", "sh", "-c", 'echo "task $SHOAL_TASK_INDEX"')
+    many = shoal_cli(
+        cluster, "run", "-n", "3", "--cpus", "1", "--", "sh", "-c", 'echo "task $SHOAL_TASK_INDEX"'
+    )
     assert many.returncode == 0
     assert sorted(many.stdout.splitlines()) == ["0: task 0", "1: task 1", "2: task 2"]
 
@@ -62,7 +73,9 @@ def test_nodes_report_resources_labels_and_live_usage(cluster: LiveCluster) -> N
 
 def test_job_tasks_spread_over_agents_and_logs_come_back(cluster: LiveCluster) -> None:
     with cluster.client() as client:
-        job = client.submit(JobSpec(command="echo part-{index} $SHOAL_JOB_ID", count=4, resources={"cpus": 1}))
+        job = client.submit(
+            JobSpec(command="echo part-{index} $SHOAL_JOB_ID", count=4, resources={"cpus": 1})
+        )
         view = client.wait(job, timeout=30)
         assert view.state is JobState.COMPLETE
         assert {t.node for t in view.tasks} == {"node1", "node2"}
@@ -73,7 +86,11 @@ def test_job_tasks_spread_over_agents_and_logs_come_back(cluster: LiveCluster) -
 
 def test_kill_leaves_no_process_of_the_task(cluster: LiveCluster) -> None:
     with cluster.client() as client:
-        job = client.submit(JobSpec(command="sleep 300 & sleep 300 & trap '' TERM; wait", kill_grace=1, resources={"cpus": 0.5}))
+        job = client.submit(
+            JobSpec(
+                command="sleep 300 & sleep 300 & trap '' TERM; wait", kill_grace=1, resources={"cpus": 0.5}
+            )
+        )
         wait_for(lambda: client.job(job).tasks[0].state is TaskState.RUNNING)
         wait_for(lambda: task_groups(f"{job}.0"), what="the task's processes")
         client.kill(job)
@@ -83,8 +100,14 @@ def test_kill_leaves_no_process_of_the_task(cluster: LiveCluster) -> None:
 
 def test_agent_killed_tasks_are_lost_and_rerun_on_the_other_agent(cluster: LiveCluster) -> None:
     with cluster.client() as client:
-        job = client.submit(JobSpec(command="sleep 300", resources={"cpus": 1}, restart={"attempts": 1, "delay": 0}))
-        first = wait_for(lambda: client.task(f"{job}.0").node if client.task(f"{job}.0").state is TaskState.RUNNING else None)
+        job = client.submit(
+            JobSpec(command="sleep 300", resources={"cpus": 1}, restart={"attempts": 1, "delay": 0})
+        )
+        first = wait_for(
+            lambda: (
+                client.task(f"{job}.0").node if client.task(f"{job}.0").state is TaskState.RUNNING else None
+            )
+        )
         cluster.kill_agent(first)
         task = wait_for(
             lambda: (t := client.task(f"{job}.0")).attempt == 1 and t.state is TaskState.RUNNING and t,
@@ -118,11 +141,19 @@ def test_master_killed_and_restarted_keeps_jobs_and_readopts_tasks(cluster: Live
 def test_agent_restart_readopts_its_running_task(cluster: LiveCluster) -> None:
     with cluster.client() as client:
         job = client.submit(JobSpec(command="sleep 1.5; exit 4", resources={"cpus": 1}))
-        node = wait_for(lambda: client.task(f"{job}.0").node if client.task(f"{job}.0").state is TaskState.RUNNING else None)
+        node = wait_for(
+            lambda: (
+                client.task(f"{job}.0").node if client.task(f"{job}.0").state is TaskState.RUNNING else None
+            )
+        )
         cluster.kill_agent(node)
         cluster.start_agent(node)
         view = client.wait(job, timeout=20)
-        assert (view.tasks[0].state, view.tasks[0].exit_code, view.tasks[0].attempt) == (TaskState.FAILED, 4, 0)
+        assert (view.tasks[0].state, view.tasks[0].exit_code, view.tasks[0].attempt) == (
+            TaskState.FAILED,
+            4,
+            0,
+        )
 
 
 def test_bad_input_auth_and_ownership(cluster: LiveCluster) -> None:
@@ -170,9 +201,22 @@ def test_bad_input_auth_and_ownership(cluster: LiveCluster) -> None:
 def test_agent_with_a_wrong_token_is_refused(cluster: LiveCluster, tmp_path: Path) -> None:
     env = {**os.environ, "SHOAL_CLUSTER_TOKEN": "wrong"}
     proc = subprocess.run(
-        [sys.executable, "-m", "shoal", "agent", "--master", cluster.url, "--name", "intruder",
-         "--state-dir", str(tmp_path / "intruder")],
-        env=env, capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "shoal",
+            "agent",
+            "--master",
+            cluster.url,
+            "--name",
+            "intruder",
+            "--state-dir",
+            str(tmp_path / "intruder"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode != 0 and "refused the cluster token" in proc.stderr
     with cluster.client() as client:
@@ -201,7 +245,9 @@ def test_constraints_and_node_sets_steer_tasks(cluster: LiveCluster) -> None:
         with pytest.raises(ApiError) as bad_constraint:
             client.submit({"command": "true", "constraints": ["rack r1"]})
         assert bad_constraint.value.status == 422 and bad_constraint.value.fields[0].field == "constraints"
-        waiting = client.submit(JobSpec(command="true", constraints=["agent == node9"], resources={"cpus": 0.5}))
+        waiting = client.submit(
+            JobSpec(command="true", constraints=["agent == node9"], resources={"cpus": 0.5})
+        )
         view = wait_for(lambda: (v := client.job(waiting)).waiting and v)
         assert view.waiting == "2 nodes fail agent == node9"
         client.kill(waiting)
@@ -228,8 +274,12 @@ def test_tasks_are_held_to_their_cpus_and_memory(cluster: LiveCluster) -> None:
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_utime)\n"
     )
     with cluster.client() as client:
-        cpu = client.submit(JobSpec(command=[sys.executable, "-c", burn], resources={"cpus": 0.25, "mem": 256}))
-        hog = client.submit(JobSpec(command=[sys.executable, "-c", "b = bytearray(400 * 2**20)"], resources={"mem": 128}))
+        cpu = client.submit(
+            JobSpec(command=[sys.executable, "-c", burn], resources={"cpus": 0.25, "mem": 256})
+        )
+        hog = client.submit(
+            JobSpec(command=[sys.executable, "-c", "b = bytearray(400 * 2**20)"], resources={"mem": 128})
+        )
         cpu_view, hog_view = client.wait(cpu, timeout=30), client.wait(hog, timeout=30)
         busy = float(client.logs(f"{cpu}.0").decode())
         assert busy < 0.25 * 2 * 1.6, f"{busy:.2f} cpu-seconds in 2 s at a quota of 0.25 cpus"

@@ -34,7 +34,9 @@ def submit(state: MasterState, now: float = 0.0, **spec) -> tuple[int, list]:
 
 
 def report(task_id: str, state: TaskState, attempt: int = 0, exit_code: int | None = None) -> RunReport:
-    return RunReport(run_id=f"{task_id}.{attempt}", task_id=task_id, attempt=attempt, state=state, exit_code=exit_code)
+    return RunReport(
+        run_id=f"{task_id}.{attempt}", task_id=task_id, attempt=attempt, state=state, exit_code=exit_code
+    )
 
 
 def test_submit_persists_before_it_replies_and_launches() -> None:
@@ -52,7 +54,9 @@ def test_submit_persists_before_it_replies_and_launches() -> None:
 def test_index_is_substituted_in_command_and_env() -> None:
     state = MasterState()
     register(state, "n1")
-    _, commands = submit(state, command="echo {index}", env={"SHARD": "part-{index}"}, count=2, resources={"cpus": 0.5})
+    _, commands = submit(
+        state, command="echo {index}", env={"SHARD": "part-{index}"}, count=2, resources={"cpus": 0.5}
+    )
     runs = next(c for c in commands if isinstance(c, Send)).frame.runs
     assert [r.argv for r in runs] == [["/bin/sh", "-c", "echo 0"], ["/bin/sh", "-c", "echo 1"]]
     assert [r.env["SHARD"] for r in runs] == ["part-0", "part-1"]
@@ -83,7 +87,9 @@ def test_report_of_an_old_attempt_is_killed_not_adopted() -> None:
     state = MasterState()
     register(state, "n1")
     submit(state, resources={"cpus": 1})
-    commands = state.handle(FromAgent("n1", RunReports(reports=[report("1.0", TaskState.RUNNING, attempt=5)]), 1.0))
+    commands = state.handle(
+        FromAgent("n1", RunReports(reports=[report("1.0", TaskState.RUNNING, attempt=5)]), 1.0)
+    )
     assert Send("n1", Kill(run_ids=["1.0.5"])) in commands
     assert state.tasks["1.0"].state is TaskState.ASSIGNED
 
@@ -110,9 +116,17 @@ def test_register_reconciles_the_agent_table() -> None:
     state = MasterState()
     register(state, "n1")
     submit(state, count=3, resources={"cpus": 0.5})
-    state.handle(FromAgent("n1", RunReports(reports=[report("1.0", TaskState.RUNNING), report("1.1", TaskState.RUNNING)]), 1.0))
+    state.handle(
+        FromAgent(
+            "n1",
+            RunReports(reports=[report("1.0", TaskState.RUNNING), report("1.1", TaskState.RUNNING)]),
+            1.0,
+        )
+    )
     # the agent comes back knowing 1.0 only, plus a stranger; 1.2 was never received
-    commands = register(state, "n1", 2.0, [report("1.0", TaskState.RUNNING), report("9.0", TaskState.RUNNING)])
+    commands = register(
+        state, "n1", 2.0, [report("1.0", TaskState.RUNNING), report("9.0", TaskState.RUNNING)]
+    )
     assert state.tasks["1.0"].state is TaskState.RUNNING
     assert state.tasks["1.1"].state is TaskState.LOST
     relaunch = [c.frame for c in commands if isinstance(c, Send) and isinstance(c.frame, Launch)]
@@ -144,7 +158,9 @@ def test_restored_state_holds_the_same_allocations() -> None:
     state = MasterState()
     register(state, "n1")
     submit(state, count=2, resources={"cpus": 0.5, "mem": 100})
-    restored = MasterState(jobs=state.jobs.values(), tasks=state.tasks.values(), nodes=state.nodes.values(), now=50.0)
+    restored = MasterState(
+        jobs=state.jobs.values(), tasks=state.tasks.values(), nodes=state.nodes.values(), now=50.0
+    )
     assert restored.allocated("n1") == state.allocated("n1")
     assert restored.nodes["n1"].last_seen == 50.0
     assert restored.next_job_id == 2
@@ -160,7 +176,12 @@ def test_an_illegal_transition_is_a_bug_not_a_silent_change() -> None:
 
 
 def launched_env(commands: list) -> dict[str, dict[str, str]]:
-    return {r.task_id: r.env for c in commands if isinstance(c, Send) and isinstance(c.frame, Launch) for r in c.frame.runs}
+    return {
+        r.task_id: r.env
+        for c in commands
+        if isinstance(c, Send) and isinstance(c.frame, Launch)
+        for r in c.frame.runs
+    }
 
 
 def test_gpu_devices_and_named_ports_are_handed_out_and_taken_back() -> None:

@@ -30,7 +30,9 @@ def n(name: str, cpus: float = 4, mem: int = 4096, **attrs: str) -> tuple[str, f
 
 
 def group(job: int, count: int = 1, cpus: float = 1, mem: int = 256, **kw) -> Group:
-    return Group(job_id=job, tasks=tuple(f"{job}.{i}" for i in range(count)), ask=Resources(cpus=cpus, mem=mem), **kw)
+    return Group(
+        job_id=job, tasks=tuple(f"{job}.{i}" for i in range(count)), ask=Resources(cpus=cpus, mem=mem), **kw
+    )
 
 
 def run(t: NodeTable, groups, running=(), **policy) -> Plan:
@@ -110,7 +112,9 @@ def test_node_sets_limit_where_tasks_go() -> None:
 
 
 def test_a_waiting_job_says_why_node_by_node() -> None:
-    t = table(n("a", rack="r1", mem=100), n("b", rack="r2"), n("c", rack="r2"), n("d", rack="r1"), down=("d",))
+    t = table(
+        n("a", rack="r1", mem=100), n("b", rack="r2"), n("c", rack="r2"), n("d", rack="r1"), down=("d",)
+    )
     plan = run(t, [group(1, 1, mem=512, constraints=(parse("rack == r1"),))])
     assert plan.placements == ()
     assert plan.waiting == {1: "1 node is down, 2 nodes fail rack == r1, 1 node lacks free memory"}
@@ -135,9 +139,14 @@ def test_affinity_prefers_but_does_not_require() -> None:
     assert where(run(full, [group(3, 2, affinities=((parse("ssd == yes"), 80.0),))])) == {"a": 1, "b": 1}
 
 
-@pytest.mark.parametrize(("targets", "expected"), [((), {"r1": 6, "r2": 6}), ((("r1", 0.75),), {"r1": 9, "r2": 3})])
+@pytest.mark.parametrize(
+    ("targets", "expected"), [((), {"r1": 6, "r2": 6}), ((("r1", 0.75),), {"r1": 9, "r2": 3})]
+)
 def test_spread_over_an_attribute_with_targets(targets, expected) -> None:
-    t = table(*(n(f"x{i}", cpus=16, rack="r1") for i in range(3)), *(n(f"y{i}", cpus=16, rack="r2") for i in range(1)))
+    t = table(
+        *(n(f"x{i}", cpus=16, rack="r1") for i in range(3)),
+        *(n(f"y{i}", cpus=16, rack="r2") for i in range(1)),
+    )
     plan = run(t, [group(1, 12, spread=SpreadTarget("rack", targets))], strategy=Strategy.BINPACK)
     racks = Counter("r1" if p.node.startswith("x") else "r2" for p in plan.placements)
     assert racks == expected
@@ -156,7 +165,9 @@ def test_gang_starts_all_or_none() -> None:
 
 def test_priority_queue_serves_higher_priority_first() -> None:
     t = table(n("a", cpus=2))
-    plan = run(t, [group(1, 2, priority=1), group(2, 2, priority=9)], queues={"default": QueuePolicy("priority")})
+    plan = run(
+        t, [group(1, 2, priority=1), group(2, 2, priority=9)], queues={"default": QueuePolicy("priority")}
+    )
     assert {p.task_id for p in plan.placements} == {"2.0", "2.1"}
 
 
@@ -184,7 +195,14 @@ def test_queues_share_the_cluster_by_weight() -> None:
 
 
 def busy(node: str, task: str, priority: int, cpus: float = 1, preemptible: bool = True) -> Running:
-    return Running(task, int(task.split(".")[0]), node, Resources(cpus=cpus, mem=0), priority=priority, preemptible=preemptible)
+    return Running(
+        task,
+        int(task.split(".")[0]),
+        node,
+        Resources(cpus=cpus, mem=0),
+        priority=priority,
+        preemptible=preemptible,
+    )
 
 
 def occupied(t: NodeTable, running: list[Running]) -> None:
@@ -194,7 +212,10 @@ def occupied(t: NodeTable, running: list[Running]) -> None:
 
 def test_preemption_evicts_the_fewest_strictly_lower_priority_tasks() -> None:
     t = table(n("a", cpus=4), n("b", cpus=4))
-    running = [busy("a", f"10.{i}", 1) for i in range(4)] + [busy("b", "20.0", 1, cpus=2), busy("b", "21.0", 2, cpus=2)]
+    running = [busy("a", f"10.{i}", 1) for i in range(4)] + [
+        busy("b", "20.0", 1, cpus=2),
+        busy("b", "21.0", 2, cpus=2),
+    ]
     occupied(t, running)
     plan = run(t, [group(1, 1, cpus=2, priority=5)], running)
     assert plan.placements == ()
@@ -247,7 +268,11 @@ def test_custom_resources_are_scheduled_like_the_others() -> None:
     ("capacities", "want", "reason"),
     [
         ([Resources(cpus=2)], Resources(cpus=64), "unschedulable: needs 64 cpus, the largest node has 2"),
-        ([Resources(cpus=2, mem=100)], Resources(cpus=1, mem=500), "unschedulable: needs 500 MiB of memory, the largest node has 100"),
+        (
+            [Resources(cpus=2, mem=100)],
+            Resources(cpus=1, mem=500),
+            "unschedulable: needs 500 MiB of memory, the largest node has 100",
+        ),
         (
             [Resources(cpus=8, mem=100), Resources(cpus=1, mem=9000)],
             Resources(cpus=4, mem=4000),
@@ -301,8 +326,12 @@ def build(nodes, groups):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(node_st, min_size=1, max_size=10), st.lists(group_st, max_size=8), st.sampled_from(list(Strategy)),
-       st.sampled_from(["fifo", "priority", "fair"]))
+@given(
+    st.lists(node_st, min_size=1, max_size=10),
+    st.lists(group_st, max_size=8),
+    st.sampled_from(list(Strategy)),
+    st.sampled_from(["fifo", "priority", "fair"]),
+)
 def test_plans_never_overcommit_and_always_honour_the_rules(nodes, groups, strategy, order) -> None:
     t, gs = build(nodes, groups)
     policy = Policy(queues={"default": QueuePolicy(order)}, strategy=strategy)
@@ -356,8 +385,13 @@ def test_preemption_only_evicts_strictly_lower_priority_preemptible_work(running
 
 @settings(max_examples=100, deadline=None)
 @given(
-    st.lists(st.tuples(st.sampled_from([0.5, 1, 2]), st.sampled_from([256, 1024, 3072]), st.sampled_from([1.0, 2.0, 3.0])),
-             min_size=2, max_size=4),
+    st.lists(
+        st.tuples(
+            st.sampled_from([0.5, 1, 2]), st.sampled_from([256, 1024, 3072]), st.sampled_from([1.0, 2.0, 3.0])
+        ),
+        min_size=2,
+        max_size=4,
+    ),
     st.integers(2, 6),
 )
 def test_drf_shares_of_backlogged_users_are_within_5_percent_of_fair(users, nodes) -> None:
@@ -368,7 +402,8 @@ def test_drf_shares_of_backlogged_users_are_within_5_percent_of_fair(users, node
     total = t.capacity.sum(axis=0)[:2]
     counts = Counter(int(p.task_id.split(".")[0]) for p in plan.placements)
     share = {
-        j: max(counts[j + 1] * c / total[0], counts[j + 1] * m / total[1]) / w for j, (c, m, w) in enumerate(users)
+        j: max(counts[j + 1] * c / total[0], counts[j + 1] * m / total[1]) / w
+        for j, (c, m, w) in enumerate(users)
     }
     free = t.free()
     for p in plan.placements:
@@ -390,13 +425,23 @@ def test_room_made_by_preemption_is_held_for_the_nominated_task() -> None:
 
 def test_a_job_outgrowing_the_candidate_window_searches_the_whole_table() -> None:
     t = table(*(n(f"n{i}", cpus=1, rack="r1" if i % 50 == 0 else "r2") for i in range(200)))
-    plan = schedule(t, MaskCache(t), [group(1, 4, constraints=(parse("rack == r1"),))], UsageBook(), (), Policy(window=16), 0)
+    plan = schedule(
+        t,
+        MaskCache(t),
+        [group(1, 4, constraints=(parse("rack == r1"),))],
+        UsageBook(),
+        (),
+        Policy(window=16),
+        0,
+    )
     assert len(plan.placements) == 4 and plan.waiting == {}
 
 
 def test_a_queue_never_passes_its_limit() -> None:
     t = table(n("a", cpus=4, mem=100_000))
-    plan = run(t, [group(1, 4, queue="batch")], queues={"default": QueuePolicy(), "batch": QueuePolicy(limit=0.5)})
+    plan = run(
+        t, [group(1, 4, queue="batch")], queues={"default": QueuePolicy(), "batch": QueuePolicy(limit=0.5)}
+    )
     assert len(plan.placements) == 2
     assert plan.waiting == {1: "queue batch is at its max share (50%)"}
 
@@ -417,7 +462,11 @@ def test_borrowed_capacity_is_given_back() -> None:
     plan = run(t, [group(1, 2, queue="y")], borrowed, queues=queues)  # same priority: only give-back applies
     assert len(plan.evictions) == 2 and all(e.task_id.startswith("10.") for e in plan.evictions)
     # once both hold their guarantee, neither takes from the other
-    held = [Running(f"{j}.{i}", j, "a", Resources(cpus=1, mem=0), queue=q) for j, q in ((10, "x"), (11, "y")) for i in range(2)]
+    held = [
+        Running(f"{j}.{i}", j, "a", Resources(cpus=1, mem=0), queue=q)
+        for j, q in ((10, "x"), (11, "y"))
+        for i in range(2)
+    ]
     t2 = table(n("a", cpus=4, mem=100_000))
     occupied(t2, held)
     assert run(t2, [group(1, 1, queue="y"), group(2, 1, queue="x")], held, queues=queues).evictions == ()
@@ -425,9 +474,17 @@ def test_borrowed_capacity_is_given_back() -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(
-    st.lists(st.tuples(st.sampled_from(["x", "y", "z"]), st.integers(0, 3), st.sampled_from([1, 2])), max_size=10),
-    st.lists(st.tuples(st.sampled_from(["x", "y", "z"]), st.integers(0, 3), st.integers(1, 6)), min_size=1, max_size=5),
-    st.tuples(st.sampled_from([0.0, 0.2, 0.5]), st.sampled_from([0.0, 0.3]), st.sampled_from([0.5, 0.8, 1.0])),
+    st.lists(
+        st.tuples(st.sampled_from(["x", "y", "z"]), st.integers(0, 3), st.sampled_from([1, 2])), max_size=10
+    ),
+    st.lists(
+        st.tuples(st.sampled_from(["x", "y", "z"]), st.integers(0, 3), st.integers(1, 6)),
+        min_size=1,
+        max_size=5,
+    ),
+    st.tuples(
+        st.sampled_from([0.0, 0.2, 0.5]), st.sampled_from([0.0, 0.3]), st.sampled_from([0.5, 0.8, 1.0])
+    ),
 )
 def test_capacity_queues_keep_limits_and_take_back_only_from_borrowers(running, pending, caps) -> None:
     guarantee_x, guarantee_y, limit_z = caps
@@ -444,7 +501,11 @@ def test_capacity_queues_keep_limits_and_take_back_only_from_borrowers(running, 
         node = "a" if free["a"] >= size else "b"
         if free[node] >= size:
             free[node] -= size
-            tasks.append(Running(f"{100 + i}.0", 100 + i, node, Resources(cpus=size, mem=0), queue=queue, priority=prio))
+            tasks.append(
+                Running(
+                    f"{100 + i}.0", 100 + i, node, Resources(cpus=size, mem=0), queue=queue, priority=prio
+                )
+            )
     occupied(t, tasks)
     groups = [group(j + 1, count, queue=q, priority=p) for j, (q, p, count) in enumerate(pending)]
     plan = run(t, groups, tasks, queues=queues)
@@ -468,7 +529,9 @@ def test_capacity_queues_keep_limits_and_take_back_only_from_borrowers(running, 
 
 
 def ending(node: str, task: str, cpus: float, ends_at: float | None, priority: int = 0) -> Running:
-    return Running(task, int(task.split(".")[0]), node, Resources(cpus=cpus, mem=0), priority=priority, ends_at=ends_at)
+    return Running(
+        task, int(task.split(".")[0]), node, Resources(cpus=cpus, mem=0), priority=priority, ends_at=ends_at
+    )
 
 
 def test_backfill_runs_small_jobs_that_end_before_the_reservation_and_holds_off_the_rest() -> None:
@@ -496,9 +559,15 @@ def test_without_time_limits_there_is_nothing_to_reserve_against() -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(
-    st.lists(st.tuples(st.integers(0, 2), st.sampled_from([1, 2]), st.one_of(st.none(), st.integers(10, 100))), max_size=8),
-    st.lists(st.tuples(st.sampled_from([1, 2, 4]), st.integers(0, 3), st.one_of(st.none(), st.integers(5, 150))),
-             min_size=1, max_size=6),
+    st.lists(
+        st.tuples(st.integers(0, 2), st.sampled_from([1, 2]), st.one_of(st.none(), st.integers(10, 100))),
+        max_size=8,
+    ),
+    st.lists(
+        st.tuples(st.sampled_from([1, 2, 4]), st.integers(0, 3), st.one_of(st.none(), st.integers(5, 150))),
+        min_size=1,
+        max_size=6,
+    ),
 )
 def test_backfill_never_delays_the_reservation(running, pending) -> None:
     t = table(*(n(f"n{i}", cpus=4) for i in range(3)))

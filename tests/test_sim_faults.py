@@ -59,7 +59,9 @@ def test_kill_stops_every_process(seed: int) -> None:
 @pytest.mark.parametrize("seed", SEEDS)
 def test_lost_agent_tasks_rerun_elsewhere(seed: int) -> None:
     sim = cluster(seed, heartbeat_timeout=3.0)
-    job = sim.submit({"command": "sleep 30", "count": 2, "resources": {"cpus": 3}, "restart": {"attempts": 1, "delay": 0}})
+    job = sim.submit(
+        {"command": "sleep 30", "count": 2, "resources": {"cpus": 3}, "restart": {"attempts": 1, "delay": 0}}
+    )
     sim.advance(1.0)
     victim = sim.master.tasks[f"{job}.0"].node
     survivor = "node2" if victim == "node1" else "node1"
@@ -141,7 +143,9 @@ def test_run_that_ends_while_its_agent_is_away_reports_its_exit(seed: int) -> No
 @pytest.mark.parametrize("seed", SEEDS)
 def test_partitioned_node_orphans_are_killed_after_heal(seed: int) -> None:
     sim = cluster(seed, heartbeat_timeout=3.0)
-    job = sim.submit({"command": "sleep 60", "resources": {"cpus": 1}, "restart": {"attempts": 2, "delay": 0}})
+    job = sim.submit(
+        {"command": "sleep 60", "resources": {"cpus": 1}, "restart": {"attempts": 2, "delay": 0}}
+    )
     sim.advance(1.0)
     first = sim.master.tasks[f"{job}.0"].node
     sim.partition(first)
@@ -170,7 +174,9 @@ def test_priority_preempts_lower_work_which_requeues_and_runs_later(seed: int) -
     assert all(t.state is TaskState.RUNNING for t in sim.master.tasks_of(low))
     high = sim.submit({"command": "sleep 5", "count": 2, "resources": {"cpus": 2}, "priority": 10})
     sim.run_until(lambda: all(t.state is TaskState.RUNNING for t in sim.master.tasks_of(high)), limit=10)
-    preempted = [t for t in sim.master.tasks_of(low) if t.history and t.history[-1].state is TaskState.PREEMPTED]
+    preempted = [
+        t for t in sim.master.tasks_of(low) if t.history and t.history[-1].state is TaskState.PREEMPTED
+    ]
     assert len(preempted) == 4  # exactly the room of the two high tasks
     assert all(t.history[-1].message == f"preempted for job {high}" for t in preempted)
     sim.run_until(lambda: job_state(sim, low) is JobState.COMPLETE, limit=120)

@@ -11,7 +11,10 @@ from shoal.testing.sim import sim_node
 from shoal.wire import Ack, Kill, Launch, LogChunk, Register, RunReport, RunSpec, decode, encode
 
 FRAMES = [
-    Register(node=sim_node("n1"), runs=[RunReport(run_id="1.0.0", task_id="1.0", attempt=0, state=TaskState.RUNNING)]),
+    Register(
+        node=sim_node("n1"),
+        runs=[RunReport(run_id="1.0.0", task_id="1.0", attempt=0, state=TaskState.RUNNING)],
+    ),
     Launch(runs=[RunSpec(run_id="1.0.0", task_id="1.0", attempt=0, argv=["true"], resources=Resources())]),
     Kill(run_ids=["1.0.0"]),
     Ack(reports=[("1.0.0", TaskState.FINISHED)]),
@@ -50,7 +53,10 @@ def test_garbage_frames_are_refused(garbage: bytes) -> None:
 def test_bad_specs_name_the_field(spec: dict, field: str) -> None:
     with pytest.raises(ValidationError) as info:
         JobSpec.model_validate(spec)
-    locations = {".".join(str(p) for p in e["loc"] if not str(p).startswith(("str", "list["))) for e in info.value.errors()}
+    locations = {
+        ".".join(str(p) for p in e["loc"] if not str(p).startswith(("str", "list[")))
+        for e in info.value.errors()
+    }
     assert any(loc == field or loc.startswith(field + ".") for loc in locations), locations
 
 

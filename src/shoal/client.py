@@ -1,9 +1,9 @@
 """The Python SDK: everything the CLI does, it does through this client.
 
-    from shoal.client import Client
-    with Client.from_config() as shoal:
-        job = shoal.submit(JobSpec(command="hostname", count=3))
-        print(shoal.wait(job).state)
+from shoal.client import Client
+with Client.from_config() as shoal:
+    job = shoal.submit(JobSpec(command="hostname", count=3))
+    print(shoal.wait(job).state)
 """
 
 from __future__ import annotations
@@ -90,8 +90,12 @@ class Client:
         body = {"name": name, "role": role.value}
         return TokenCreated.model_validate(self._call("POST", "/v1/tokens", json=body))
 
-    def logs(self, task_id: str, stream: str = "stdout", offset: int = 0, attempt: int | None = None) -> bytes:
-        response = self._request("GET", f"/v1/tasks/{task_id}/logs", params=_log_params(stream, offset, attempt))
+    def logs(
+        self, task_id: str, stream: str = "stdout", offset: int = 0, attempt: int | None = None
+    ) -> bytes:
+        response = self._request(
+            "GET", f"/v1/tasks/{task_id}/logs", params=_log_params(stream, offset, attempt)
+        )
         return response.content
 
     def follow(self, task_id: str, stream: str = "stdout", attempt: int | None = None) -> Iterator[bytes]:
@@ -108,7 +112,9 @@ class Client:
         except httpx.TransportError as e:
             raise Unreachable(f"lost the master at {self.url}: {e}") from e
 
-    def wait(self, job_id: int, poll: float = 0.2, timeout: float | None = None, limit: int = 1000) -> JobView:
+    def wait(
+        self, job_id: int, poll: float = 0.2, timeout: float | None = None, limit: int = 1000
+    ) -> JobView:
         """Block until the job has ended; returns its final view (with its first `limit` tasks)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

@@ -77,7 +77,9 @@ class MasterSettings(_Settings):
     def policy(self) -> Policy:
         """The scheduling policy these settings describe."""
         return Policy(
-            queues={name: QueuePolicy(q.order, q.weight, q.guarantee, q.limit) for name, q in self.queues.items()},
+            queues={
+                name: QueuePolicy(q.order, q.weight, q.guarantee, q.limit) for name, q in self.queues.items()
+            },
             user_weights=self.user_weights,
             strategy=self.strategy,
             preemption=self.preemption,

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Annotated
-
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
@@ -148,7 +147,10 @@ class JobSpec(BaseModel):
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     kill_grace: float = Field(5.0, ge=0, le=3600, description="seconds from SIGTERM to SIGKILL")
     time_limit: float | None = Field(
-        None, gt=0, le=365 * 86_400, description="seconds a task may run; lets it backfill ahead of a reservation"
+        None,
+        gt=0,
+        le=365 * 86_400,
+        description="seconds a task may run; lets it backfill ahead of a reservation",
     )
     queue: str = Field("default", pattern=_QUEUE_NAME)
     priority: int = Field(0, ge=0, le=1000, description="higher runs first and may preempt lower")

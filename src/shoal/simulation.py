@@ -56,8 +56,14 @@ class Arrival:
 
 _FIELDS = ("submit", "duration", "cpus", "mem", "count", "user", "queue", "priority")
 _TYPES: dict[str, Callable[[str], object]] = {
-    "submit": float, "duration": float, "cpus": float, "mem": int, "count": int,
-    "user": str, "queue": str, "priority": int,
+    "submit": float,
+    "duration": float,
+    "cpus": float,
+    "mem": int,
+    "count": int,
+    "user": str,
+    "queue": str,
+    "priority": int,
 }
 
 
@@ -154,7 +160,12 @@ def simulate(
     total_cpus = nodes * cpus
     pending = list(reversed(arrivals))
     # However badly things go, a serial run of everything ends by then.
-    horizon = start + max((a.submit for a in arrivals), default=0) + sum(a.duration * a.count for a in arrivals) + 60
+    horizon = (
+        start
+        + max((a.submit for a in arrivals), default=0)
+        + sum(a.duration * a.count for a in arrivals)
+        + 60
+    )
     finished = 0
     while (pending or finished < len(sim.master.tasks)) and sim.now < horizon:
         due = start + pending[-1].submit if pending else math.inf
@@ -221,7 +232,9 @@ def plot(report: Report, path: Path) -> None:
     bottom.plot(times, [q for _, _, q in report.samples], color="tab:orange")
     bottom.set_ylabel("tasks queued")
     bottom.set_xlabel("time (s)")
-    fig.suptitle(f"shoal sim: {report.jobs} jobs, {report.tasks} tasks, mean utilization {report.mean_utilization:.0%}")
+    fig.suptitle(
+        f"shoal sim: {report.jobs} jobs, {report.tasks} tasks, mean utilization {report.mean_utilization:.0%}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

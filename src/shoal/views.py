@@ -6,7 +6,17 @@ from dataclasses import dataclass, fields
 
 from pydantic import BaseModel, Field
 
-from shoal.model import JobRecord, JobSpec, JobState, NodeRecord, Resources, Role, TaskRecord, TaskState, job_state
+from shoal.model import (
+    JobRecord,
+    JobSpec,
+    JobState,
+    NodeRecord,
+    Resources,
+    Role,
+    TaskRecord,
+    TaskState,
+    job_state,
+)
 
 
 @dataclass(slots=True)

@@ -2,8 +2,9 @@
 
 Each run gets a sandbox directory holding its `stdout` and `stderr` files, its own cgroups
 (cpu quota, memory limit) where the machine allows, and runs as the leader of its own
-session (so of its own process group), so a kill reaches everything it started. A small sh wrapper writes the exit status into the sandbox: an agent restarted
-while the run went on can still learn how it ended, though it is no longer the parent.
+session (so of its own process group), so a kill reaches everything it started. A small sh
+wrapper writes the exit status into the sandbox: an agent restarted while the run went on
+can still learn how it ended, though it is no longer the parent.
 Exits are watched through pidfds, for children and adopted processes alike.
 """
 
@@ -136,7 +137,6 @@ def start_time(pid: int) -> float | None:
         return psutil.Process(pid).create_time()
     except psutil.Error:
         return None
-
 
 
 def alive(pid: int) -> bool:

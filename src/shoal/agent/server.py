@@ -139,7 +139,9 @@ class Agent:
     def _adopt(self) -> None:
         """Watch again the runs a previous agent process left running; settle the rest."""
         alive = frozenset(
-            e.spec.run_id for e in self.state.running() if self.runner.adopt(e.spec.run_id, e.pid, e.pid_start)
+            e.spec.run_id
+            for e in self.state.running()
+            if self.runner.adopt(e.spec.run_id, e.pid, e.pid_start)
         )
         exits = {
             e.spec.run_id: self.runner.recorded_exit(e.spec.run_id)
@@ -186,7 +188,7 @@ class Agent:
                         "pass the one it printed with --token or SHOAL_CLUSTER_TOKEN"
                     ) from e
                 log.warning("master answered %s; retrying", e.response.status_code)
-            except (OSError, websockets.ConnectionClosed, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError, websockets.ConnectionClosed) as e:
                 log.debug("connection to %s failed: %s", url, e)
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 3.0)
@@ -217,7 +219,9 @@ class Agent:
         try:
             data = self.runner.read_log(req.run_id, req.stream, req.offset, req.limit)
         except FileNotFoundError:
-            return LogChunk(request=req.request, offset=req.offset, error=f"no output of run {req.run_id} here")
+            return LogChunk(
+                request=req.request, offset=req.offset, error=f"no output of run {req.run_id} here"
+            )
         return LogChunk(request=req.request, data=data, offset=req.offset)
 
 
@@ -225,7 +229,7 @@ def _ws_url(master: str) -> str:
     base = master.rstrip("/")
     for http, ws in (("https://", "wss://"), ("http://", "ws://")):
         if base.startswith(http):
-            base = ws + base[len(http):]
+            base = ws + base[len(http) :]
     return base + "/v1/agent"
 
 

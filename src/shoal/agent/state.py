@@ -171,7 +171,9 @@ class AgentState:
     def _dispatch(self, event: Event) -> None:
         match event:
             case Connected(now=now):
-                reports = [self._reported(e, now) for e in self.runs.values() if e.state is not TaskState.ASSIGNED]
+                reports = [
+                    self._reported(e, now) for e in self.runs.values() if e.state is not TaskState.ASSIGNED
+                ]
                 self._o.commands.append(SendToMaster(Register(node=self.node, runs=reports)))
             case FromMaster(frame=Launch(runs=runs)):
                 for spec in runs:
@@ -204,8 +206,13 @@ class AgentState:
         if entry is None:
             task_id, attempt = parse_run_id(run)
             self._o.reports.append(
-                RunReport(run_id=run, task_id=task_id, attempt=attempt, state=TaskState.KILLED,
-                          message="not running on this node")
+                RunReport(
+                    run_id=run,
+                    task_id=task_id,
+                    attempt=attempt,
+                    state=TaskState.KILLED,
+                    message="not running on this node",
+                )
             )
             return
         if entry.state.terminal or entry.kill_requested:
@@ -303,5 +310,9 @@ def _describe_exit(code: int | None) -> str:
     if code is None:
         return "exit status unknown: the process ended while the agent was away"
     if code < 0:
-        return f"killed by signal {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"killed by signal {-code}"
+        return (
+            f"killed by signal {signal.Signals(-code).name}"
+            if -code in signal.valid_signals()
+            else f"killed by signal {-code}"
+        )
     return "" if code == 0 else f"exited with status {code}"

@@ -46,7 +46,9 @@ def master(
     host: Annotated[str | None, typer.Option(help="address to listen on [127.0.0.1]")] = None,
     port: Annotated[int | None, typer.Option(help=f"port to listen on [{DEFAULT_PORT}]")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="where the store and tokens live")] = None,
-    heartbeat_timeout: Annotated[float | None, typer.Option(help="seconds of silence before a node is down [10]")] = None,
+    heartbeat_timeout: Annotated[
+        float | None, typer.Option(help="seconds of silence before a node is down [10]")
+    ] = None,
     config: ConfigOpt = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
@@ -63,7 +65,9 @@ def master(
         "state in %s; the admin and cluster tokens are in admin.token and cluster.token there",
         settings.state_dir,
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level="warning", access_log=False
+    )
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -124,9 +128,13 @@ def _wait_for_master(url: str, token: str, proc: subprocess.Popen[bytes], timeou
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise fail(f"the master exited with status {proc.returncode}", "is the port already in use? try --port")
+            raise fail(
+                f"the master exited with status {proc.returncode}", "is the port already in use? try --port"
+            )
         try:
-            if httpx.get(f"{url}/v1/whoami", headers={"Authorization": f"Bearer {token}"}, timeout=1).is_success:
+            if httpx.get(
+                f"{url}/v1/whoami", headers={"Authorization": f"Bearer {token}"}, timeout=1
+            ).is_success:
                 return
         except httpx.TransportError:
             pass
@@ -138,7 +146,9 @@ def _wait_for_master(url: str, token: str, proc: subprocess.Popen[bytes], timeou
 def dev(
     agents: Annotated[int, typer.Option(min=1, max=64, help="how many local agents")] = 3,
     port: Annotated[int, typer.Option(help="the master's port")] = DEFAULT_PORT,
-    state_dir: Annotated[Path, typer.Option(help="where the dev cluster keeps its state")] = Path(".shoal-dev"),
+    state_dir: Annotated[Path, typer.Option(help="where the dev cluster keeps its state")] = Path(
+        ".shoal-dev"
+    ),
 ) -> None:
     """A master and local agents in one command; Ctrl-C stops them all."""
     state_dir = state_dir.resolve()

@@ -32,7 +32,9 @@ def run(
     mem: Annotated[int, typer.Option(help="MiB of memory per task")] = 256,
     count: Annotated[int, typer.Option("-n", "--count", help="how many copies to run")] = 1,
     name: Annotated[str, typer.Option(help="a name for the job")] = "",
-    constraint: Annotated[list[str], typer.Option("-c", "--constraint", help="e.g. 'rack == r1'; repeatable")] = [],  # noqa: B006
+    constraint: Annotated[
+        list[str], typer.Option("-c", "--constraint", help="e.g. 'rack == r1'; repeatable")
+    ] = [],  # noqa: B006
     nodes: Annotated[str | None, typer.Option("-w", "--nodes", help="a node set: node[1-4], @group")] = None,
     queue: Annotated[str, typer.Option(help="the queue to wait in")] = "default",
     priority: Annotated[int, typer.Option(help="0-1000; higher may preempt lower")] = 0,
@@ -194,4 +196,3 @@ def token_create(
     else:
         out.print(f"token for {made.name} ({made.role.value}); it is shown only once:")
         print(made.token)
-

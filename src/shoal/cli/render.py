@@ -55,7 +55,9 @@ def jobs_table(jobs: Sequence[JobView]) -> Table:
     table = Table("ID", "NAME", "OWNER", "STATE", "TASKS", "SUBMITTED", box=None, header_style="bold")
     for job in sorted(jobs, key=lambda j: j.id):
         counts = ", ".join(f"{n} {s}" for s, n in sorted(job.counts.items()))
-        table.add_row(str(job.id), job.name or "-", job.owner, styled(job.state.value), counts, ago(job.submitted_at))
+        table.add_row(
+            str(job.id), job.name or "-", job.owner, styled(job.state.value), counts, ago(job.submitted_at)
+        )
     return table
 
 
@@ -88,7 +90,17 @@ def job_detail(job: JobView) -> Table:
 
 def nodes_table(nodes: Sequence[NodeView]) -> Table:
     table = Table(
-        "NODE", "STATUS", "CPUS", "MEM MiB", "GPUS", "CPU%", "LOAD", "SEEN", "LABELS", box=None, header_style="bold"
+        "NODE",
+        "STATUS",
+        "CPUS",
+        "MEM MiB",
+        "GPUS",
+        "CPU%",
+        "LOAD",
+        "SEEN",
+        "LABELS",
+        box=None,
+        header_style="bold",
     )
     for n in nodes:
         cap, used = n.info.capacity, n.allocated

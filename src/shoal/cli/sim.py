@@ -21,24 +21,34 @@ def sim(
     nodes: Annotated[int, typer.Option(min=1, help="simulated nodes")] = 16,
     cpus: Annotated[float, typer.Option(min=0.1, help="cpus per node")] = 8,
     mem: Annotated[int, typer.Option(min=1, help="MiB per node")] = 16384,
-    trace: Annotated[Path | None, typer.Option(help="a CSV or JSONL workload (see docs); default: generated")] = None,
+    trace: Annotated[
+        Path | None, typer.Option(help="a CSV or JSONL workload (see docs); default: generated")
+    ] = None,
     jobs: Annotated[int, typer.Option(min=1, help="generated jobs")] = 300,
     rate: Annotated[float, typer.Option(min=0.001, help="generated arrivals per second")] = 0.5,
     duration: Annotated[float, typer.Option(min=1, help="mean task duration of generated jobs, s")] = 60,
-    config: Annotated[Path | None, typer.Option(help="a master settings file: queues, weights, strategy")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="a master settings file: queues, weights, strategy")
+    ] = None,
     seed: Annotated[int, typer.Option(help="for the workload and the links")] = 0,
-    plot_to: Annotated[Path | None, typer.Option("--plot", help="write utilization and queue length to a PNG")] = None,
+    plot_to: Annotated[
+        Path | None, typer.Option("--plot", help="write utilization and queue length to a PNG")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
 ) -> None:
     """Run a workload through the real scheduler on a simulated cluster and virtual clock."""
     policy = load_settings(MasterSettings, config).policy()
     try:
-        arrivals = load_trace(trace) if trace else generate(jobs, seed=seed, rate=rate, mean_duration=duration)
+        arrivals = (
+            load_trace(trace) if trace else generate(jobs, seed=seed, rate=rate, mean_duration=duration)
+        )
     except ValueError as e:
         raise fail(str(e), "see `shoal sim --help` for the trace formats", code=2) from None
     with Progress(transient=True, disable=as_json) as progress:
         bar = progress.add_task("simulating", total=sum(a.count for a in arrivals))
-        report = simulate(arrivals, nodes, cpus, mem, policy, seed, progress=lambda n: progress.advance(bar, n))
+        report = simulate(
+            arrivals, nodes, cpus, mem, policy, seed, progress=lambda n: progress.advance(bar, n)
+        )
     if plot_to is not None:
         plot(report, plot_to)
     if as_json:
@@ -62,5 +72,8 @@ def _table(report: Report) -> Table:
         table.add_row(f"[bold]{key}[/]", str(value))
     for title, waits in (("queue", report.wait_by_queue), ("user", report.wait_by_user)):
         for name, p in waits.items():
-            table.add_row(f"[bold]wait[/] {title} {name}", f"p50 {p['p50']:g} s · p90 {p['p90']:g} s · p99 {p['p99']:g} s")
+            table.add_row(
+                f"[bold]wait[/] {title} {name}",
+                f"p50 {p['p50']:g} s · p90 {p['p90']:g} s · p99 {p['p99']:g} s",
+            )
     return table

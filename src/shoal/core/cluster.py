@@ -185,7 +185,9 @@ class MaskCache:
         mask = self._masks.get(c)
         if mask is None:
             values, inverse = self.column(c.attribute)
-            verdicts = np.array([c.matches({c.attribute: v} if v is not None else {}) for v in values], dtype=bool)
+            verdicts = np.array(
+                [c.matches({c.attribute: v} if v is not None else {}) for v in values], dtype=bool
+            )
             mask = self._masks[c] = verdicts[inverse] if len(inverse) else np.zeros(0, dtype=bool)
         return mask
 

@@ -17,7 +17,6 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-
 _VERSION_OPS: dict[str, Callable[[tuple, tuple], bool]] = {
     "<": lambda a, b: a < b,
     "<=": lambda a, b: a <= b,

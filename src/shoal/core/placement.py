@@ -81,7 +81,9 @@ class Placer:
 
     def take(self, row: int, amount: np.ndarray) -> None:
         if len(amount) > self.taken.shape[1]:  # a custom resource first seen this cycle
-            self.taken = np.hstack([self.taken, np.zeros((len(self.taken), len(amount) - self.taken.shape[1]))])
+            self.taken = np.hstack(
+                [self.taken, np.zeros((len(self.taken), len(amount) - self.taken.shape[1]))]
+            )
         self.taken[row, : len(amount)] += amount
 
     def counts(self, g: Group) -> np.ndarray:
@@ -117,7 +119,9 @@ class Placer:
             ok &= per_value[inverse[rows]] < limit
         return ok
 
-    def _rows(self, g: Group, mask: np.ndarray, ask: np.ndarray, use_window: bool) -> tuple[slice, np.ndarray]:
+    def _rows(
+        self, g: Group, mask: np.ndarray, ask: np.ndarray, use_window: bool
+    ) -> tuple[slice, np.ndarray]:
         """Candidate rows (a rotating window on big tables) and which of them fit `ask`.
 
         The window is a contiguous slice, so every array below is a view, not a copy."""
@@ -223,14 +227,22 @@ class Placer:
 
     def _score_one(self, strategy: Strategy, row: int, ask: np.ndarray, free: np.ndarray) -> float:
         """`score` for a single row in plain floats: the hot path of placing many tasks."""
-        cap_cpu, cap_mem = float(self.table.capacity[row, 0]) or 1.0, float(self.table.capacity[row, 1]) or 1.0
+        cap_cpu, cap_mem = (
+            float(self.table.capacity[row, 0]) or 1.0,
+            float(self.table.capacity[row, 1]) or 1.0,
+        )
         if strategy is Strategy.LEAST_LOADED:
             return -(float(self.table.utilization[row]) + float(self.taken[row, 0]) / cap_cpu)
-        cpu, mem = float((cap_cpu - free[0] + ask[0]) / cap_cpu), float((cap_mem - free[1] + ask[1]) / cap_mem)
+        cpu, mem = (
+            float((cap_cpu - free[0] + ask[0]) / cap_cpu),
+            float((cap_mem - free[1] + ask[1]) / cap_mem),
+        )
         fullness = (cpu + mem) / 2
         return fullness - _BALANCE * abs(cpu - mem) if strategy is Strategy.BINPACK else -fullness
 
-    def _rescore(self, g: Group, strategy: Strategy, rows: slice, mask: np.ndarray, ask: np.ndarray) -> np.ndarray:
+    def _rescore(
+        self, g: Group, strategy: Strategy, rows: slice, mask: np.ndarray, ask: np.ndarray
+    ) -> np.ndarray:
         return np.where(self._fit(g, rows, mask, ask), self.score(g, strategy, rows, ask), _NEG)
 
     def undo(self, placed: list[tuple[int, int]], g: Group, ask: np.ndarray) -> None:
@@ -268,7 +280,8 @@ class Placer:
         if not reasons:
             return "no nodes yet" if len(self.table) == 0 else "no node takes it this cycle"
         return ", ".join(
-            f"1 node {one}" if count == 1 else f"{count} nodes {many}" for (one, many), count in reasons.items()
+            f"1 node {one}" if count == 1 else f"{count} nodes {many}"
+            for (one, many), count in reasons.items()
         )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
 import numpy as np
 
 from shoal.core.placement import Group, Placer
@@ -79,7 +80,12 @@ def plan(
     nominations: list[tuple[str, str]] = []
     for g in sorted(blocked, key=lambda g: (-g.priority, g.job_id)):
         may_take_back = g.queue in rule.starved and bool(rule.borrowers - {g.queue})
-        if (lowest is None or g.priority <= lowest) and not may_take_back and not g.nominated and not coming.any():
+        if (
+            (lowest is None or g.priority <= lowest)
+            and not may_take_back
+            and not g.nominated
+            and not coming.any()
+        ):
             continue  # nothing it may evict, and no room on its way
         ask = table.vector(g.ask)[:dims]
         mask = placer.static_mask(g)
@@ -116,7 +122,9 @@ def _choose(
 ) -> tuple[int, list[_Victim]] | None:
     """The row needing the fewest victims (then the lowest priorities) to hold `ask`."""
     best: tuple[tuple[int, int, int], int, list[_Victim]] | None = None
-    rows = {row for row, victims in pool.items() if victims} | set(np.flatnonzero(coming.any(axis=1)).tolist())
+    rows = {row for row, victims in pool.items() if victims} | set(
+        np.flatnonzero(coming.any(axis=1)).tolist()
+    )
     for row in sorted(rows):
         if not mask[row]:
             continue

@@ -115,12 +115,15 @@ def schedule(
     for g in groups:
         by_queue[g.queue].append(g)
     queues = [
-        _Queue(name, policy.queues.get(name, QueuePolicy()).order, gs) for name, gs in sorted(by_queue.items())
+        _Queue(name, policy.queues.get(name, QueuePolicy()).order, gs)
+        for name, gs in sorted(by_queue.items())
     ]
     # Who is below and who beyond their guarantee, as the cycle starts: the give-back rule.
     starved = {q.name for q in queues if cycle.shares.share(q.name) < cycle.queue_policy(q.name).guarantee}
     borrowers = {
-        name for name in cycle.shares.queue if cycle.shares.share(name) > cycle.queue_policy(name).guarantee + 1e-9
+        name
+        for name in cycle.shares.queue
+        if cycle.shares.share(name) > cycle.queue_policy(name).guarantee + 1e-9
     }
     while live := [q for q in queues if q]:
         cycle.serve(min(live, key=cycle.turn_order), alone=len(live) == 1)
@@ -128,7 +131,11 @@ def schedule(
     nominations: list[tuple[str, str]] = []
     if policy.preemption and cycle.blocked:
         evictions, nominations = preemption.plan(
-            cycle.placer, cycle.blocked, cycle.remaining, cycle.running(), cycle.waiting,
+            cycle.placer,
+            cycle.blocked,
+            cycle.remaining,
+            cycle.running(),
+            cycle.waiting,
             preemption.Rule(starved=frozenset(starved), borrowers=frozenset(borrowers)),
         )
     r = cycle.reservation
@@ -178,7 +185,9 @@ class _Cycle:
         self.running = running
         self.reservation: _Reservation | None = None
         self.placer = Placer(table, masks, policy.window)
-        self.shares = Shares(table, usage, {n: q.weight for n, q in policy.queues.items()}, policy.user_weights)
+        self.shares = Shares(
+            table, usage, {n: q.weight for n, q in policy.queues.items()}, policy.user_weights
+        )
         self.remaining = {g.job_id: list(g.tasks) for g in groups}
         self.placements: list[Placement] = []
         self.waiting: dict[int, str] = {}
@@ -223,7 +232,11 @@ class _Cycle:
                 return
         backfill = self._may_backfill(g)
         plain = _plain(g) and not backfill
-        known = next((why for failed, why in self._failed if np.all(failed <= ask + 1e-9)), None) if plain else None
+        known = (
+            next((why for failed, why in self._failed if np.all(failed <= ask + 1e-9)), None)
+            if plain
+            else None
+        )
         if known is not None:
             self._block(queue, g, known)
             return
@@ -239,7 +252,9 @@ class _Cycle:
         placed = sum(k for _, k in got)
         if g.gang and placed < len(todo):
             self.placer.undo(got, g, ask)
-            self.waiting[g.job_id] = f"gang: {placed} of {len(todo)} tasks fit now; {self.placer.explain(g, ask)}"
+            self.waiting[g.job_id] = (
+                f"gang: {placed} of {len(todo)} tasks fit now; {self.placer.explain(g, ask)}"
+            )
             queue.drop(g)
             return
         for row, k in got:
@@ -286,7 +301,9 @@ class _Cycle:
         start, row = best
         self.reservation = _Reservation(g.job_id, row, ask, start)
         self._reserve_hold(+1)
-        self.waiting[g.job_id] += f"; {self.table.names[row]} is held for it from {max(0.0, start - self.now):.0f}s on"
+        self.waiting[g.job_id] += (
+            f"; {self.table.names[row]} is held for it from {max(0.0, start - self.now):.0f}s on"
+        )
 
     def _reserve_hold(self, sign: int) -> None:
         assert self.reservation is not None
@@ -295,7 +312,12 @@ class _Cycle:
     def _may_backfill(self, g: Group) -> bool:
         """Work that ends, by its time limit, before the reservation starts may use its room."""
         r = self.reservation
-        return r is not None and g.job_id != r.job_id and g.time_limit is not None and self.now + g.time_limit <= r.start
+        return (
+            r is not None
+            and g.job_id != r.job_id
+            and g.time_limit is not None
+            and self.now + g.time_limit <= r.start
+        )
 
 
 def _plain(g: Group) -> bool:

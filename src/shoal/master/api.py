@@ -57,7 +57,9 @@ def open_master(settings: MasterSettings) -> Master:
     store = SqliteStore(settings.state_dir / "shoal.db")
     cluster = _secret_file(settings.state_dir / "cluster.token", _reveal(settings.cluster_token))
     tokens = Tokens(store, cluster)
-    tokens.add("admin", Role.ADMIN, _secret_file(settings.state_dir / "admin.token", _reveal(settings.admin_token)))
+    tokens.add(
+        "admin", Role.ADMIN, _secret_file(settings.state_dir / "admin.token", _reveal(settings.admin_token))
+    )
     return Master(store, tokens, settings.policy(), settings.heartbeat_timeout, settings.tick)
 
 
@@ -125,9 +127,11 @@ def _job(master: Master, caller: Caller, job_id: int, offset: int = 0, limit: in
     if not caller.may_see(job.owner):
         raise Forbidden(f"job {job_id} belongs to another user")
     return JobView.detail(
-        job, master.state.tasks_of(job_id), master.state.waiting.get(job_id, ""), slice(offset, offset + limit)
+        job,
+        master.state.tasks_of(job_id),
+        master.state.waiting.get(job_id, ""),
+        slice(offset, offset + limit),
     )
-
 
 
 def _task(master: Master, caller: Caller, task_id: str) -> TaskRecord:
@@ -141,7 +145,9 @@ def _task(master: Master, caller: Caller, task_id: str) -> TaskRecord:
 
 def _routes(app: FastAPI) -> None:
     @app.post("/v1/jobs", status_code=201, response_model=Submitted, responses={422: {"model": ErrorBody}})
-    async def submit(spec: JobSpec, master: MasterDep, caller: Annotated[Caller, Depends(_writer)]) -> Submitted:
+    async def submit(
+        spec: JobSpec, master: MasterDep, caller: Annotated[Caller, Depends(_writer)]
+    ) -> Submitted:
         names = _node_names(spec)
         job_id = await master.request(lambda req, now: Submit(req, caller.name, spec, now, names))
         return Submitted(id=job_id)  # type: ignore[arg-type]
@@ -149,7 +155,11 @@ def _routes(app: FastAPI) -> None:
     @app.get("/v1/jobs", response_model=list[JobView])
     async def jobs(master: MasterDep, caller: CallerDep) -> list[JobView]:
         state = master.state
-        return [JobView.summary(job, state.tasks_of(job.id)) for job in state.jobs.values() if caller.may_see(job.owner)]
+        return [
+            JobView.summary(job, state.tasks_of(job.id))
+            for job in state.jobs.values()
+            if caller.may_see(job.owner)
+        ]
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView)
     async def job(
@@ -198,11 +208,14 @@ def _routes(app: FastAPI) -> None:
     async def nodes(master: MasterDep, caller: CallerDep) -> list[NodeView]:
         state = master.state
         return [
-            NodeView(**node.model_dump(), allocated=state.allocated(name)) for name, node in sorted(state.nodes.items())
+            NodeView(**node.model_dump(), allocated=state.allocated(name))
+            for name, node in sorted(state.nodes.items())
         ]
 
     @app.post("/v1/tokens", status_code=201, response_model=TokenCreated)
-    async def create_token(body: TokenRequest, master: MasterDep, caller: Annotated[Caller, Depends(_admin)]) -> TokenCreated:
+    async def create_token(
+        body: TokenRequest, master: MasterDep, caller: Annotated[Caller, Depends(_admin)]
+    ) -> TokenCreated:
         return TokenCreated(name=body.name, role=body.role, token=master.tokens.add(body.name, body.role))
 
     @app.get("/v1/whoami", response_model=Caller)
@@ -220,14 +233,19 @@ def _routes(app: FastAPI) -> None:
 
 
 def _body(status: int, error: str, fields: list[FieldError] | None = None, **headers: str) -> JSONResponse:
-    return JSONResponse(ErrorBody(error=error, fields=fields or []).model_dump(), status_code=status, headers=headers)
+    return JSONResponse(
+        ErrorBody(error=error, fields=fields or []).model_dump(), status_code=status, headers=headers
+    )
 
 
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         fields = [
-            FieldError(field=".".join(str(p) for p in e["loc"] if p not in ("body",)) or "body", reason=e["msg"].removeprefix("Value error, "))
+            FieldError(
+                field=".".join(str(p) for p in e["loc"] if p not in ("body",)) or "body",
+                reason=e["msg"].removeprefix("Value error, "),
+            )
             for e in exc.errors()
         ]
         summary = "; ".join(f"{f.field}: {f.reason}" for f in fields)

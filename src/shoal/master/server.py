@@ -78,13 +78,20 @@ class LogSlice:
 
 
 class Master:
-    def __init__(self, store: Store, tokens: Tokens, policy: Policy, heartbeat_timeout: float, tick: float) -> None:
+    def __init__(
+        self, store: Store, tokens: Tokens, policy: Policy, heartbeat_timeout: float, tick: float
+    ) -> None:
         snap = store.load()
         self.store = store
         self.tokens = tokens
         self.tick = tick
         self.state = MasterState(
-            heartbeat_timeout, policy=policy, jobs=snap.jobs, tasks=snap.tasks, nodes=snap.nodes, now=time.time()
+            heartbeat_timeout,
+            policy=policy,
+            jobs=snap.jobs,
+            tasks=snap.tasks,
+            nodes=snap.nodes,
+            now=time.time(),
         )
         self.links: dict[str, _Link] = {}
         self._ids = itertools.count(1)
@@ -128,7 +135,9 @@ class Master:
             for waiter in waiters:
                 waiter.set_exception(e)
             raise
-        for waiter, event in zip(waiters, (e for e in events if isinstance(e, Submit | KillJob)), strict=True):
+        for waiter, event in zip(
+            waiters, (e for e in events if isinstance(e, Submit | KillJob)), strict=True
+        ):
             waiter.set_result(replies[event.request])
 
     async def request(self, make: Callable[[int, float], Submit | KillJob]) -> object:
@@ -204,10 +213,12 @@ class Master:
         request = next(self._ids)
         waiter: asyncio.Future[LogChunk] = asyncio.get_running_loop().create_future()
         self._log_waiters[request] = waiter
-        link.send(encode(LogRequest(request=request, run_id=run_id(task.id, attempt), stream=stream, offset=offset)))
+        link.send(
+            encode(LogRequest(request=request, run_id=run_id(task.id, attempt), stream=stream, offset=offset))
+        )
         try:
             chunk = await asyncio.wait_for(waiter, _LOG_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Unavailable(f"node {node} did not answer for the output in time; try again") from None
         finally:
             self._log_waiters.pop(request, None)

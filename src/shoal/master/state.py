@@ -220,7 +220,9 @@ class MasterState:
         """What the tasks placed on `node` hold, as the scheduler counts it."""
         row = self.table.allocated[self.table.index[node]]
         custom = {d: float(v) for d, v in zip(self.table.dims[4:], row[4:], strict=True) if v}
-        return Resources(cpus=round(float(row[0]), 6), mem=int(row[1]), disk=int(row[2]), gpus=int(row[3]), custom=custom)
+        return Resources(
+            cpus=round(float(row[0]), 6), mem=int(row[1]), disk=int(row[2]), gpus=int(row[3]), custom=custom
+        )
 
     # --- events -------------------------------------------------------------------------
 
@@ -332,9 +334,7 @@ class MasterState:
 
     def _report(self, name: str, r: RunReport, now: float) -> None:
         task = self.tasks.get(r.task_id)
-        current = (
-            task is not None and task.attempt == r.attempt and task.node == name and task.state.active
-        )
+        current = task is not None and task.attempt == r.attempt and task.node == name and task.state.active
         if not current:
             if r.state is TaskState.RUNNING:
                 self._send(name, Kill(run_ids=[r.run_id]))  # an orphan: not the live attempt
@@ -428,7 +428,9 @@ class MasterState:
         free = (p for p in range(low, high + 1) if p not in taken)
         task.ports = dict(zip(spec.ports, free, strict=False))
         if len(task.gpus) < spec.resources.gpus or len(task.ports) < len(spec.ports):
-            raise ShoalError(f"node {node} has no free device or port left for task {task.id}: the ledger is off")
+            raise ShoalError(
+                f"node {node} has no free device or port left for task {task.id}: the ledger is off"
+            )
 
     def _end(
         self, task: TaskRecord, to: TaskState, now: float, exit_code: int | None = None, message: str = ""
@@ -625,9 +627,7 @@ class MasterState:
         c = self._c
         commands: list[Command] = []
         if c.jobs or c.tasks or c.nodes:
-            commands.append(
-                Persist(tuple(c.jobs.values()), tuple(c.tasks.values()), tuple(c.nodes.values()))
-            )
+            commands.append(Persist(tuple(c.jobs.values()), tuple(c.tasks.values()), tuple(c.nodes.values())))
         commands.extend(Send(node, Launch(runs=runs)) for node, runs in c.launches.items())
         commands.extend(c.out)
         return commands

@@ -59,7 +59,11 @@ class LiveCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "SHOAL_ADMIN_TOKEN": self.admin_token, "SHOAL_CLUSTER_TOKEN": self.cluster_token}
+        return {
+            **os.environ,
+            "SHOAL_ADMIN_TOKEN": self.admin_token,
+            "SHOAL_CLUSTER_TOKEN": self.cluster_token,
+        }
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
@@ -75,8 +79,14 @@ class LiveCluster:
 
     def start_master(self) -> None:
         self.master = self._spawn(
-            "master", "master", "--port", str(self.port), "--state-dir", str(self.root / "master"),
-            "--heartbeat-timeout", str(self.heartbeat_timeout),
+            "master",
+            "master",
+            "--port",
+            str(self.port),
+            "--state-dir",
+            str(self.root / "master"),
+            "--heartbeat-timeout",
+            str(self.heartbeat_timeout),
         )
         with self.client() as c:
             wait_for(c.whoami, what="the master answering")
@@ -97,9 +107,22 @@ class LiveCluster:
 
     def start_agent(self, name: str) -> None:
         self.agents[name] = self._spawn(
-            name, "agent", "--master", self.url, "--name", name, "--state-dir", str(self.agent_dir(name)),
-            "--heartbeat-interval", str(self.heartbeat_interval), "--cpus", "2", "--mem", "2048",
-            "--label", f"agent={name}",
+            name,
+            "agent",
+            "--master",
+            self.url,
+            "--name",
+            name,
+            "--state-dir",
+            str(self.agent_dir(name)),
+            "--heartbeat-interval",
+            str(self.heartbeat_interval),
+            "--cpus",
+            "2",
+            "--mem",
+            "2048",
+            "--label",
+            f"agent={name}",
         )
 
     def kill_agent(self, name: str, sig: int = signal.SIGKILL) -> None:

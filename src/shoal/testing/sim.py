@@ -166,7 +166,12 @@ class SimCluster:
             node.connected = False
             node.epoch += 1
         self.master = master.MasterState(
-            self.heartbeat_timeout, policy=self.policy, jobs=snap.jobs, tasks=snap.tasks, nodes=snap.nodes, now=self.now
+            self.heartbeat_timeout,
+            policy=self.policy,
+            jobs=snap.jobs,
+            tasks=snap.tasks,
+            nodes=snap.nodes,
+            now=self.now,
         )
         for name in self.nodes:
             self._schedule_reconnect(name)
@@ -292,7 +297,9 @@ class SimCluster:
         node = self.nodes[name]
         node.processes[spec.run_id] = proc
         self.spawns[spec.task_id] += 1
-        self._agent_handle(name, agent.Spawned(spec.run_id, pid=1000 + len(node.processes), pid_start=self.now, now=self.now))
+        self._agent_handle(
+            name, agent.Spawned(spec.run_id, pid=1000 + len(node.processes), pid_start=self.now, now=self.now)
+        )
         self._at(proc.ends_at, lambda: self._process_ended(name, proc, None))
 
     def _signal(self, name: str, run: str, sig: int) -> None:
