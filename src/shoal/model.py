@@ -245,9 +245,10 @@ class TaskState(str, enum.Enum):
     @property
     def active(self) -> bool:
         """Holds resources on a node."""
-        return self in (TaskState.ASSIGNED, TaskState.RUNNING)
+        return self in ACTIVE
 
 
+ACTIVE = frozenset({TaskState.ASSIGNED, TaskState.RUNNING})
 TERMINAL = frozenset(
     {TaskState.FINISHED, TaskState.FAILED, TaskState.KILLED, TaskState.LOST, TaskState.PREEMPTED}
 )

@@ -26,6 +26,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from shoal.core.cluster import MaskCache, NodeTable
 from shoal.core.expressions import parse
 from shoal.core.fairness import UsageBook
@@ -165,6 +167,7 @@ class MasterState:
         self.policy = policy or Policy()
         self.table = NodeTable()
         self.masks = MaskCache(self.table)
+        self._vectors: dict[int, np.ndarray] = {}
         self.jobs: dict[int, JobRecord] = {j.id: j for j in jobs}
         self.tasks: dict[str, TaskRecord] = {t.id: t for t in tasks}
         for job in self.jobs.values():
@@ -479,8 +482,12 @@ class MasterState:
             ports={},
         )
 
-    def _vector(self, task: TaskRecord):  # noqa: ANN202 - a numpy row
-        return self.table.vector(self.jobs[task.job_id].spec.resources)
+    def _vector(self, task: TaskRecord) -> np.ndarray:
+        """The task's ask as a table row; one per job, remade if the table gains dimensions."""
+        vec = self._vectors.get(task.job_id)
+        if vec is None or len(vec) != len(self.table.dims):
+            vec = self._vectors[task.job_id] = self.table.vector(self.jobs[task.job_id].spec.resources)
+        return vec
 
     def _index(self, node: NodeRecord) -> None:
         info = node.info
