@@ -126,7 +126,7 @@ def schedule(
         if cycle.shares.share(name) > cycle.queue_policy(name).guarantee + 1e-9
     }
     while live := [q for q in queues if q]:
-        cycle.serve(min(live, key=cycle.turn_order), alone=len(live) == 1)
+        cycle.serve(live[0] if len(live) == 1 else min(live, key=cycle.turn_order), alone=len(live) == 1)
     evictions: list[Eviction] = []
     nominations: list[tuple[str, str]] = []
     if policy.preemption and cycle.blocked:
