@@ -97,6 +97,9 @@ class AgentSettings(_Settings):
     heartbeat_interval: float = Field(1.0, gt=0)
     port_range: tuple[int, int] = Field((20000, 32000), description="tasks' dynamic ports come from here")
     limits: bool = Field(True, description="hold tasks to their cpus and mem with cgroups")
+    keep_sandboxes: float = Field(
+        86_400.0, ge=0, description="seconds a finished run's sandbox and logs are kept"
+    )
 
     @field_validator("port_range")
     @classmethod

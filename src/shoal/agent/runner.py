@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -111,6 +112,19 @@ class Runner:
             return int((self.sandbox(run_id) / ".exit").read_text())
         except (OSError, ValueError):
             return None
+
+    def prune(self, keep: set[str], older_than: float) -> int:
+        """Delete the sandboxes of runs not in `keep` untouched since `older_than` (epoch s)."""
+        removed = 0
+        for box in self.sandboxes.glob("*"):
+            try:
+                if box.name in keep or box.stat().st_mtime >= older_than:
+                    continue
+                shutil.rmtree(box)
+                removed += 1
+            except OSError:
+                continue  # gone meanwhile, or busy: the next pass sees it again
+        return removed
 
     def signal(self, pid: int, sig: int) -> None:
         try:

@@ -47,6 +47,7 @@ log = logging.getLogger("shoal.agent")
 _TABLE = TypeAdapter(list[RunEntry])
 _MAX_FRAME = 16 * 1024 * 1024
 _OUTBOX = 10_000
+_PRUNE_EVERY = 60.0  # seconds between sweeps of old sandboxes
 
 
 class TokenRefused(ShoalError):
@@ -165,9 +166,14 @@ class Agent:
 
     async def _tick_loop(self) -> None:
         measure()  # the first CPU reading only starts the measurement
+        pruned = time.time()
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
-            self.dispatch(Tick(time.time(), measure()))
+            now = time.time()
+            self.dispatch(Tick(now, measure()))
+            if now - pruned >= _PRUNE_EVERY:
+                pruned = now
+                self.runner.prune(set(self.state.runs), now - self.settings.keep_sandboxes)
 
     async def _connect_loop(self) -> None:
         url = _ws_url(self.settings.master)

@@ -1,0 +1,43 @@
+"""The agent's process runner on this machine: sandboxes, exits, and their clean-up."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from shoal.agent.runner import Runner
+from shoal.model import Resources
+from shoal.wire import RunSpec
+
+
+def spec(run: str, *argv: str) -> RunSpec:
+    return RunSpec(
+        run_id=run, task_id=run.rpartition(".")[0], attempt=0, argv=list(argv), resources=Resources()
+    )
+
+
+def test_a_run_writes_its_output_and_its_exit_into_its_sandbox(tmp_path: Path) -> None:
+    async def main() -> tuple[str, int | None]:
+        done: asyncio.Future[tuple[str, int | None]] = asyncio.get_running_loop().create_future()
+        runner = Runner(tmp_path, lambda run, code: done.set_result((run, code)), cgroups=None)
+        runner.spawn(spec("1.0.0", "sh", "-c", "echo hello; echo oops >&2; exit 3"))
+        return await asyncio.wait_for(done, 10)
+
+    assert asyncio.run(main()) == ("1.0.0", 3)
+    box = tmp_path / "1.0.0"
+    assert (box / "stdout").read_text() == "hello\n" and (box / "stderr").read_text() == "oops\n"
+    assert (box / ".exit").read_text() == "3"
+
+
+def test_prune_removes_old_sandboxes_of_finished_runs_only(tmp_path: Path) -> None:
+    runner = Runner(tmp_path, lambda run, code: None, cgroups=None)
+    old = time.time() - 3600
+    for name in ("old.0.0", "live.0.0", "new.0.0"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "stdout").write_text("x")
+    for name in ("old.0.0", "live.0.0"):
+        os.utime(tmp_path / name, (old, old))
+    assert runner.prune(keep={"live.0.0"}, older_than=time.time() - 60) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live.0.0", "new.0.0"]
