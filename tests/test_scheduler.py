@@ -325,16 +325,17 @@ def build(nodes, groups):
     return t, gs
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     st.lists(node_st, min_size=1, max_size=10),
     st.lists(group_st, max_size=8),
     st.sampled_from(list(Strategy)),
     st.sampled_from(["fifo", "priority", "fair"]),
+    st.sampled_from([2, 4096]),  # a tiny candidate window exercises windows and sparse rows
 )
-def test_plans_never_overcommit_and_always_honour_the_rules(nodes, groups, strategy, order) -> None:
+def test_plans_never_overcommit_and_always_honour_the_rules(nodes, groups, strategy, order, window) -> None:
     t, gs = build(nodes, groups)
-    policy = Policy(queues={"default": QueuePolicy(order)}, strategy=strategy)
+    policy = Policy(queues={"default": QueuePolicy(order)}, strategy=strategy, window=window)
     plan = schedule(t, MaskCache(t), gs, UsageBook(), (), policy, 0)
     by_job = {g.job_id: g for g in gs}
     used = np.zeros_like(t.capacity)

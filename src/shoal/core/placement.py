@@ -25,6 +25,18 @@ _NEG = -np.inf
 # tests/test_binpack_optimality.py: the plain fullest-node rule placed 71% of the optimum).
 _BALANCE = 2.0
 
+# Candidate rows: a contiguous window (a slice: every array below is a view, not a copy), or,
+# for a job whose filters leave few nodes, the indices of just those nodes.
+Rows = slice | np.ndarray
+
+
+def _size(rows: Rows) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+
+
+def _row(rows: Rows, j: int) -> int:
+    return rows.start + j if isinstance(rows, slice) else int(rows[j])
+
 
 @dataclass(frozen=True, slots=True)
 class SpreadTarget:
@@ -76,7 +88,7 @@ class Placer:
         dims = self.taken.shape[1]
         return self.table.capacity[row, :dims] - self.table.allocated[row, :dims] - self.taken[row]
 
-    def free_column(self, rows: slice, d: int) -> np.ndarray:
+    def free_column(self, rows: Rows, d: int) -> np.ndarray:
         return self.table.capacity[rows, d] - self.table.allocated[rows, d] - self.taken[rows, d]
 
     def take(self, row: int, amount: np.ndarray) -> None:
@@ -105,11 +117,11 @@ class Placer:
             mask &= self.masks.constraint(c)
         return mask
 
-    def _limits(self, g: Group, rows: slice) -> np.ndarray | bool:
+    def _limits(self, g: Group, rows: Rows) -> np.ndarray | bool:
         """Rows still under the job's per-node and per-value task limits."""
         if g.max_per_node is None and not g.max_per:
             return True
-        ok = np.ones(rows.stop - rows.start, dtype=bool)
+        ok = np.ones(_size(rows), dtype=bool)
         counts = self.counts(g)
         if g.max_per_node is not None:
             ok &= counts[rows] < g.max_per_node
@@ -119,13 +131,14 @@ class Placer:
             ok &= per_value[inverse[rows]] < limit
         return ok
 
-    def _rows(
-        self, g: Group, mask: np.ndarray, ask: np.ndarray, use_window: bool
-    ) -> tuple[slice, np.ndarray]:
-        """Candidate rows (a rotating window on big tables) and which of them fit `ask`.
-
-        The window is a contiguous slice, so every array below is a view, not a copy."""
+    def _rows(self, g: Group, mask: np.ndarray, ask: np.ndarray, use_window: bool) -> tuple[Rows, np.ndarray]:
+        """Candidate rows (a rotating window on big tables, or the few nodes the job's filters
+        leave) and which of them fit `ask`."""
         n = len(self.table)
+        if (g.nodes is not None or g.constraints) and n > self.window:
+            hits = np.flatnonzero(mask)
+            if len(hits) <= self.window:
+                return hits, self._fit(g, hits, mask, ask)
         if use_window and n > self.window:
             lo = self._start % (n - self.window + 1)
             self._start += self.window
@@ -134,13 +147,13 @@ class Placer:
             rows = slice(0, n)
         return rows, self._fit(g, rows, mask, ask)
 
-    def _fit(self, g: Group, rows: slice, mask: np.ndarray, ask: np.ndarray) -> np.ndarray:
+    def _fit(self, g: Group, rows: Rows, mask: np.ndarray, ask: np.ndarray) -> np.ndarray:
         fit = mask[rows] & self._limits(g, rows)
         for d in np.flatnonzero(ask):
             fit &= self.free_column(rows, d) + _EPS >= ask[d]
         return fit
 
-    def score(self, g: Group, strategy: Strategy, rows: slice, ask: np.ndarray) -> np.ndarray:
+    def score(self, g: Group, strategy: Strategy, rows: Rows, ask: np.ndarray) -> np.ndarray:
         """Higher is better; the strategy's term, plus affinities and spread targets."""
         inverse = self.table.inverse_capacity()
         cap = self.table.capacity
@@ -159,7 +172,7 @@ class Placer:
             score = score + 10.0 * self._spread_bonus(g, rows)
         return score
 
-    def _spread_bonus(self, g: Group, rows: slice) -> np.ndarray:
+    def _spread_bonus(self, g: Group, rows: Rows) -> np.ndarray:
         """How far each row's attribute value is below its target share of the job."""
         assert g.spread is not None
         values, inverse = self.masks.column(g.spread.attribute)
@@ -185,16 +198,16 @@ class Placer:
         bulk = strategy is Strategy.BINPACK and g.spread is None and not g.max_per
         counts = self.counts(g) if (g.max_per_node or g.max_per or g.spread) else None
         out: list[tuple[int, int]] = []
-        while n > 0:
+        while n > 0 and score.size:
             j = int(np.argmax(score))
             if score[j] == _NEG:
-                if rows.stop - rows.start == len(self.table):
-                    break
+                if not isinstance(rows, slice) or _size(rows) == len(self.table):
+                    break  # every node the job may use was looked at
                 # The window is used up: the rest of the table decides, not the window.
                 rows, fit = self._rows(g, mask, ask, use_window=False)
                 score = np.where(fit, self.score(g, strategy, rows, ask), _NEG)
                 continue
-            row = rows.start + j
+            row = _row(rows, j)
             k = self._how_many(g, row, ask, n, counts) if bulk else 1
             self.take(row, k * ask)
             if counts is not None:
@@ -241,7 +254,7 @@ class Placer:
         return fullness - _BALANCE * abs(cpu - mem) if strategy is Strategy.BINPACK else -fullness
 
     def _rescore(
-        self, g: Group, strategy: Strategy, rows: slice, mask: np.ndarray, ask: np.ndarray
+        self, g: Group, strategy: Strategy, rows: Rows, mask: np.ndarray, ask: np.ndarray
     ) -> np.ndarray:
         return np.where(self._fit(g, rows, mask, ask), self.score(g, strategy, rows, ask), _NEG)
 
