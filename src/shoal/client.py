@@ -18,10 +18,12 @@ from pydantic import TypeAdapter
 from shoal.config import ClientConfig, load_client_config
 from shoal.errors import ShoalError
 from shoal.model import TASK_RECORD, Caller, JobSpec, Role, TaskRecord
+from shoal.shell.protocol import AuditRecord, Ended, ExecRequest, Output, Targets, Unpacker
 from shoal.views import ErrorBody, FieldError, JobView, NodeView, Submitted, TokenCreated
 
 _JOBS = TypeAdapter(list[JobView])
 _NODES = TypeAdapter(list[NodeView])
+_AUDIT = TypeAdapter(list[AuditRecord])
 _ENDED = ("complete", "failed", "killed")
 
 
@@ -111,6 +113,31 @@ class Client:
                 yield from response.iter_bytes()
         except httpx.TransportError as e:
             raise Unreachable(f"lost the master at {self.url}: {e}") from e
+
+    def exec(self, request: ExecRequest) -> Iterator[Targets | Output | Ended]:
+        """Run a command on a node set through the agents (admin only); events as they come:
+        the targets first, then output chunks and one end per node. Closing the iterator
+        (or an interrupt while reading it) cancels the command everywhere."""
+        try:
+            with self._http.stream(
+                "POST",
+                "/v1/exec",
+                json=request.model_dump(mode="json"),
+                timeout=httpx.Timeout(30.0, read=None),
+            ) as response:
+                if response.is_error:
+                    response.read()
+                    raise _api_error(response)
+                events = Unpacker()
+                for chunk in response.iter_raw():
+                    yield from events.feed(chunk)
+        except httpx.TransportError as e:
+            raise Unreachable(f"lost the master at {self.url}: {e}") from e
+
+    def audit(self, offset: int = 0, limit: int = 100) -> list[AuditRecord]:
+        """Parallel commands run on the cluster, newest first (admin only)."""
+        params = {"offset": str(offset), "limit": str(limit)}
+        return _AUDIT.validate_python(self._call("GET", "/v1/audit", params=params))
 
     def wait(
         self, job_id: int, poll: float = 0.2, timeout: float | None = None, limit: int = 1000

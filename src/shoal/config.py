@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
 
-from shoal.core.scheduler import Policy, QueuePolicy
 from shoal.model import Strategy
+
+if TYPE_CHECKING:
+    from shoal.core.scheduler import Policy
 
 DEFAULT_PORT = 8470
 
@@ -76,6 +78,9 @@ class MasterSettings(_Settings):
 
     def policy(self) -> Policy:
         """The scheduling policy these settings describe."""
+        # Imported here: the client reads these settings too, and needs no numpy to start.
+        from shoal.core.scheduler import Policy, QueuePolicy
+
         return Policy(
             queues={
                 name: QueuePolicy(q.order, q.weight, q.guarantee, q.limit) for name, q in self.queues.items()

@@ -80,6 +80,29 @@ class LogChunk(_Frame):
     error: str = ""
 
 
+class ExecStarted(_Frame):
+    kind: Literal["exec_started"] = "exec_started"
+    exec_id: int
+
+
+class ExecOutput(_Frame):
+    kind: Literal["exec_output"] = "exec_output"
+    exec_id: int
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+
+
+class ExecEnd(_Frame):
+    """A parallel-shell command ended on the agent's node: its exit code (negative: the
+    signal that killed it), or the reason it could not start."""
+
+    kind: Literal["exec_end"] = "exec_end"
+    exec_id: int
+    code: int | None = None
+    timed_out: bool = False
+    error: str = ""
+
+
 # master -> agent
 
 
@@ -107,8 +130,34 @@ class LogRequest(_Frame):
     limit: int = 65536
 
 
+class ExecStart(_Frame):
+    """Run one command of the parallel shell now, outside any task (no sandbox, no cgroup)."""
+
+    kind: Literal["exec_start"] = "exec_start"
+    exec_id: int
+    argv: list[str]
+    timeout: float | None = None
+
+
+class ExecCancel(_Frame):
+    kind: Literal["exec_cancel"] = "exec_cancel"
+    exec_id: int
+
+
 Frame = Annotated[
-    Register | Heartbeat | RunReports | LogChunk | Launch | Kill | Ack | LogRequest,
+    Register
+    | Heartbeat
+    | RunReports
+    | LogChunk
+    | ExecStarted
+    | ExecOutput
+    | ExecEnd
+    | Launch
+    | Kill
+    | Ack
+    | LogRequest
+    | ExecStart
+    | ExecCancel,
     Field(discriminator="kind"),
 ]
 _FRAME = TypeAdapter(Frame)

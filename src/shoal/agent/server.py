@@ -22,6 +22,7 @@ from pydantic import TypeAdapter
 from shoal.agent.cgroups import Cgroups
 from shoal.agent.discovery import discover, measure
 from shoal.agent.runner import Runner, alive, start_time
+from shoal.agent.shell import ShellRunner
 from shoal.agent.state import (
     AgentState,
     Command,
@@ -41,7 +42,17 @@ from shoal.agent.state import (
 )
 from shoal.config import AgentSettings
 from shoal.errors import ShoalError
-from shoal.wire import Heartbeat, LogChunk, LogRequest, Register, RunReports, decode, encode
+from shoal.wire import (
+    ExecCancel,
+    ExecStart,
+    Heartbeat,
+    LogChunk,
+    LogRequest,
+    Register,
+    RunReports,
+    decode,
+    encode,
+)
 
 log = logging.getLogger("shoal.agent")
 _TABLE = TypeAdapter(list[RunEntry])
@@ -65,6 +76,7 @@ class Agent:
         self.state = AgentState(info, self._load_table())
         cgroups = Cgroups.detect(info.name) if settings.limits else None
         self.runner = Runner(self.state_dir / "sandboxes", self._on_exit, cgroups)
+        self.shell = ShellRunner(lambda frame: self._send(encode(frame)))
         self._outbox: asyncio.Queue[bytes] | None = None
         self._unsaved: tuple[RunEntry, ...] | None = None
         self._unsent: list[Register | Heartbeat | RunReports] = []
@@ -210,11 +222,14 @@ class Agent:
                 frame = decode(data)
                 if isinstance(frame, LogRequest):
                     self._send(encode(self._read_log(frame)))
+                elif isinstance(frame, ExecStart | ExecCancel):
+                    self.shell.handle(frame)
                 else:
                     self.dispatch(FromMaster(frame, time.time()))  # type: ignore[arg-type]
         finally:
             self._outbox = None
             writer.cancel()
+            self.shell.cancel_all()
 
     @staticmethod
     async def _write(ws: websockets.ClientConnection, outbox: asyncio.Queue[bytes]) -> None:

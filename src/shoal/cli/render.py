@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shoal.model import NodeStatus, TaskState
+from shoal.shell.protocol import AuditRecord
 from shoal.views import JobView, NodeView
 
 out = Console(highlight=False)
@@ -116,4 +117,13 @@ def nodes_table(nodes: Sequence[NodeView]) -> Table:
             ago(n.last_seen),
             ",".join(f"{k}={v}" for k, v in sorted(n.info.labels.items())),
         )
+    return table
+
+
+def audit_table(records: Sequence[AuditRecord]) -> Table:
+    table = Table("ID", "WHEN", "WHO", "NODES", "COMMAND", "RESULTS", box=None, header_style="bold")
+    for r in records:
+        command = r.command if isinstance(r.command, str) else " ".join(r.command)
+        results = ", ".join(f"{key}: {nodes}" for key, nodes in r.results.items()) or "running"
+        table.add_row(str(r.id), ago(r.at), r.who, r.nodes, command, results)
     return table

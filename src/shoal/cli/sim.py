@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import Progress
@@ -13,7 +13,9 @@ from rich.table import Table
 from shoal.cli.errors import fail, friendly
 from shoal.cli.render import out
 from shoal.config import MasterSettings, load_settings
-from shoal.simulation import Report, generate, load_trace, plot, simulate
+
+if TYPE_CHECKING:
+    from shoal.simulation import Report
 
 
 @friendly
@@ -37,6 +39,8 @@ def sim(
     as_json: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
 ) -> None:
     """Run a workload through the real scheduler on a simulated cluster and virtual clock."""
+    from shoal.simulation import generate, load_trace, plot, simulate  # numpy: only for sim
+
     policy = load_settings(MasterSettings, config).policy()
     try:
         arrivals = (

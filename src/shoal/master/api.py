@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Literal
 
-from ClusterShell.NodeSet import NodeSet, NodeSetException
+from ClusterShell.NodeSet import NodeSet
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,6 +29,8 @@ from shoal.master.server import Master, Unavailable
 from shoal.master.state import KillJob, Submit
 from shoal.master.store.sqlite import SqliteStore
 from shoal.model import Caller, JobSpec, Role, TaskRecord
+from shoal.shell.groups import NodeGroups, choose, resolve
+from shoal.shell.protocol import AuditRecord, ExecRequest
 from shoal.views import ErrorBody, FieldError, JobView, NodeView, Submitted, TokenCreated, TokenRequest
 
 log = logging.getLogger("shoal.master")
@@ -63,14 +67,13 @@ def open_master(settings: MasterSettings) -> Master:
     return Master(store, tokens, settings.policy(), settings.heartbeat_timeout, settings.tick)
 
 
-def _node_names(spec: JobSpec) -> frozenset[str] | None:
-    """The job's node set resolved with ClusterShell (its group sources need I/O, so here)."""
+def _node_names(spec: JobSpec, master: Master) -> frozenset[str] | None:
+    """The job's node set, resolved with ClusterShell and shoal's node groups (`@gpu`,
+    `@rack:r1`, groups.conf); group sources may need I/O, so this is done here."""
     if spec.nodes is None:
         return None
-    try:
-        return frozenset(NodeSet(spec.nodes))
-    except NodeSetException as e:
-        raise SpecError("nodes", f"{spec.nodes!r} is not a node set: {e}") from None
+    groups = NodeGroups(master.node_views() if "@" in spec.nodes else ())
+    return frozenset(resolve(groups, [spec.nodes]))
 
 
 def create_app(settings: MasterSettings) -> FastAPI:
@@ -117,6 +120,7 @@ MasterDep = Annotated[Master, Depends(_master)]
 CallerDep = Annotated[Caller, Depends(_caller)]
 
 
+_MSGPACK = "application/x-msgpack"
 TASKS_SHOWN = 1000  # tasks in a job's view unless asked for another page
 
 
@@ -148,7 +152,7 @@ def _routes(app: FastAPI) -> None:
     async def submit(
         spec: JobSpec, master: MasterDep, caller: Annotated[Caller, Depends(_writer)]
     ) -> Submitted:
-        names = _node_names(spec)
+        names = _node_names(spec, master)
         job_id = await master.request(lambda req, now: Submit(req, caller.name, spec, now, names))
         return Submitted(id=job_id)  # type: ignore[arg-type]
 
@@ -206,11 +210,41 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/v1/nodes", response_model=list[NodeView])
     async def nodes(master: MasterDep, caller: CallerDep) -> list[NodeView]:
-        state = master.state
-        return [
-            NodeView(**node.model_dump(), allocated=state.allocated(name))
-            for name, node in sorted(state.nodes.items())
-        ]
+        return master.node_views()
+
+    @app.post(
+        "/v1/exec",
+        response_class=StreamingResponse,
+        responses={200: {"content": {_MSGPACK: {}}, "description": "a stream of msgpack events"}},
+    )
+    async def exec_(
+        body: ExecRequest, master: MasterDep, caller: Annotated[Caller, Depends(_admin)]
+    ) -> StreamingResponse:
+        """Run a command on a node set now, through the agents (admin only; audited)."""
+        chosen = choose(master.node_views(), body.select, random.shuffle)
+        if not chosen.targets and not chosen.down:
+            raise SpecError("select", "no node matches the selection", status=404)
+        record = AuditRecord(
+            at=time.time(),
+            who=caller.name,
+            command=body.command,
+            nodes=str(NodeSet.fromlist([*chosen.targets, *chosen.down])),
+        )
+        record.id = master.store.add_audit(record)
+        log.info("exec #%d by %s on %s: %s", record.id, caller.name, record.nodes, body.command)
+        return StreamingResponse(
+            master.shell.stream(body, chosen, record, master.store.end_audit), media_type=_MSGPACK
+        )
+
+    @app.get("/v1/audit", response_model=list[AuditRecord])
+    async def audit(
+        master: MasterDep,
+        caller: Annotated[Caller, Depends(_admin)],
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    ) -> list[AuditRecord]:
+        """Parallel commands, newest first: who ran what where, and how it ended."""
+        return master.store.audit(offset, limit)
 
     @app.post("/v1/tokens", status_code=201, response_model=TokenCreated)
     async def create_token(

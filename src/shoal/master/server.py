@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from shoal.core.scheduler import Policy
 from shoal.errors import ShoalError
 from shoal.master.auth import Tokens
+from shoal.master.shell import ShellRelay
 from shoal.master.state import (
     AgentGone,
     Disconnect,
@@ -35,7 +36,19 @@ from shoal.master.state import (
 )
 from shoal.master.store import Store
 from shoal.model import TaskRecord, run_id
-from shoal.wire import Heartbeat, LogChunk, LogRequest, Register, RunReports, decode, encode
+from shoal.views import NodeView
+from shoal.wire import (
+    ExecEnd,
+    ExecOutput,
+    ExecStarted,
+    Heartbeat,
+    LogChunk,
+    LogRequest,
+    Register,
+    RunReports,
+    decode,
+    encode,
+)
 
 log = logging.getLogger("shoal.master")
 _OUTBOX = 10_000
@@ -98,6 +111,7 @@ class Master:
         self._log_waiters: dict[int, asyncio.Future[LogChunk]] = {}
         self._batch: list[Event] = []
         self._replies: dict[int, asyncio.Future[Reply]] = {}
+        self.shell = ShellRelay(self._send_to)
 
     # --- the door into the ledger ---------------------------------------------------------
 
@@ -158,6 +172,19 @@ class Master:
 
     # --- agents ---------------------------------------------------------------------------
 
+    def _send_to(self, node: str, data: bytes) -> bool:
+        if (link := self.links.get(node)) is None:
+            return False
+        link.send(data)
+        return True
+
+    def node_views(self) -> list[NodeView]:
+        state = self.state
+        return [
+            NodeView(**node.model_dump(), allocated=state.allocated(name))
+            for name, node in sorted(state.nodes.items())
+        ]
+
     async def agent_session(self, ws: WebSocket) -> None:
         """Serve one agent connection; the first frame must be its registration."""
         await ws.accept()
@@ -182,6 +209,7 @@ class Master:
             if self.links.get(name) is link:
                 del self.links[name]
                 self.dispatch(AgentGone(name, time.time()))
+                self.shell.on_gone(name)
             link.writer.cancel()
 
     async def _serve(self, name: str, ws: WebSocket) -> None:
@@ -197,6 +225,8 @@ class Master:
             if isinstance(frame, LogChunk):
                 if (waiter := self._log_waiters.pop(frame.request, None)) is not None and not waiter.done():
                     waiter.set_result(frame)
+            elif isinstance(frame, ExecStarted | ExecOutput | ExecEnd):
+                self.shell.on_reply(name, frame)
             elif isinstance(frame, Register | Heartbeat | RunReports):
                 self.soon(FromAgent(name, frame, time.time()))
 

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from shoal.master.state import Persist
 from shoal.model import JobRecord, NodeRecord, Role, TaskRecord
+from shoal.shell.protocol import AuditRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,5 +35,15 @@ class Store(Protocol):
     def token(self, digest: str) -> TokenEntry | None: ...
 
     def put_token(self, digest: str, entry: TokenEntry) -> None: ...
+
+    def add_audit(self, record: AuditRecord) -> int:
+        """Keep `record`; returns its id."""
+        ...
+
+    def end_audit(self, record: AuditRecord) -> None: ...
+
+    def audit(self, offset: int, limit: int) -> list[AuditRecord]:
+        """Records newest first."""
+        ...
 
     def close(self) -> None: ...

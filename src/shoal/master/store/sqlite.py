@@ -14,12 +14,14 @@ from pathlib import Path
 from shoal.master.state import Persist
 from shoal.master.store import Snapshot, TokenEntry
 from shoal.model import TASK_RECORD, JobRecord, NodeRecord, Role
+from shoal.shell.protocol import AuditRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, job_id INTEGER NOT NULL, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (digest TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, doc TEXT NOT NULL);
 """
 
 
@@ -66,6 +68,20 @@ class SqliteStore:
         self._db.execute(
             "INSERT OR REPLACE INTO tokens VALUES (?, ?, ?)", (digest, entry.name, entry.role.value)
         )
+
+    def add_audit(self, record: AuditRecord) -> int:
+        cursor = self._db.execute("INSERT INTO audit (doc) VALUES (?)", (record.model_dump_json(),))
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def end_audit(self, record: AuditRecord) -> None:
+        self._db.execute("UPDATE audit SET doc = ? WHERE id = ?", (record.model_dump_json(), record.id))
+
+    def audit(self, offset: int, limit: int) -> list[AuditRecord]:
+        rows = self._db.execute(
+            "SELECT id, doc FROM audit ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset)
+        )
+        return [AuditRecord.model_validate_json(doc).model_copy(update={"id": id_}) for id_, doc in rows]
 
     def close(self) -> None:
         self._db.close()

@@ -1,0 +1,134 @@
+"""The agent's side of the parallel shell: run a command now, stream what it prints.
+
+These are not tasks: no sandbox, no cgroup, nothing saved to the table. A command runs as
+the leader of its own session with its output on pipes, which the event loop reads as they
+fill; its end is reported once it has exited and both pipes are closed, so no output is
+left behind. If the master's connection drops, the commands it asked for are stopped: no
+one is left to hear their answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shoal.wire import ExecCancel, ExecEnd, ExecOutput, ExecStart, ExecStarted
+
+_READ = 65536
+_KILL_AFTER = 1.0  # seconds between SIGTERM and SIGKILL when a command is cancelled
+
+Send = Callable[[ExecStarted | ExecOutput | ExecEnd], None]
+
+
+@dataclass(slots=True)
+class _Command:
+    exec_id: int
+    proc: subprocess.Popen[bytes]
+    pipes: dict[int, str] = field(default_factory=dict)  # open fd -> stream name
+    code: int | None = None
+    timed_out: bool = False
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+
+
+class ShellRunner:
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._running: dict[int, _Command] = {}
+
+    def handle(self, frame: ExecStart | ExecCancel) -> None:
+        if isinstance(frame, ExecStart):
+            self.start(frame)
+        else:
+            self.cancel(frame.exec_id)
+
+    def start(self, frame: ExecStart) -> None:
+        if frame.exec_id in self._running:
+            return  # a repeated request: the first one is already running
+        out, out_w = os.pipe()
+        err, err_w = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                frame.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=err_w,
+                start_new_session=True,
+                cwd=Path.home(),
+            )
+        except OSError as e:
+            os.close(out)
+            os.close(err)
+            self._send(ExecEnd(exec_id=frame.exec_id, code=127, error=f"cannot run {frame.argv[0]}: {e}"))
+            return
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        self._send(ExecStarted(exec_id=frame.exec_id))
+        loop = asyncio.get_running_loop()
+        command = self._running[frame.exec_id] = _Command(frame.exec_id, proc, {out: "stdout", err: "stderr"})
+        for fd in command.pipes:
+            os.set_blocking(fd, False)
+            loop.add_reader(fd, self._read, command, fd)
+        pidfd = os.pidfd_open(proc.pid)
+        loop.add_reader(pidfd, self._exited, command, pidfd)
+        if frame.timeout is not None:
+            command.timers.append(loop.call_later(frame.timeout, self._time_out, command))
+
+    def cancel(self, exec_id: int) -> None:
+        if (command := self._running.get(exec_id)) is None:
+            return
+        _kill(command, signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        command.timers.append(loop.call_later(_KILL_AFTER, _kill, command, signal.SIGKILL))
+
+    def cancel_all(self) -> None:
+        for exec_id in list(self._running):
+            self.cancel(exec_id)
+
+    def _time_out(self, command: _Command) -> None:
+        command.timed_out = True
+        _kill(command, signal.SIGKILL)
+
+    def _read(self, command: _Command, fd: int) -> None:
+        try:
+            data = os.read(fd, _READ)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._send(ExecOutput(exec_id=command.exec_id, stream=command.pipes[fd], data=data))  # type: ignore[arg-type]
+            return
+        asyncio.get_running_loop().remove_reader(fd)
+        del command.pipes[fd]
+        os.close(fd)
+        self._end_if_done(command)
+
+    def _exited(self, command: _Command, pidfd: int) -> None:
+        asyncio.get_running_loop().remove_reader(pidfd)
+        os.close(pidfd)
+        _, status = os.waitpid(command.proc.pid, 0)
+        command.proc.returncode = code = os.waitstatus_to_exitcode(status)
+        command.code = code if code >= 0 else 128 - code  # a shell's convention for signals
+        self._end_if_done(command)
+
+    def _end_if_done(self, command: _Command) -> None:
+        if command.code is None or command.pipes:
+            return
+        for timer in command.timers:
+            timer.cancel()
+        del self._running[command.exec_id]
+        self._send(ExecEnd(exec_id=command.exec_id, code=command.code, timed_out=command.timed_out))
+
+
+def _kill(command: _Command, sig: int) -> None:
+    if command.code is None:
+        try:
+            os.killpg(command.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass

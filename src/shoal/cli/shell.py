@@ -1,0 +1,108 @@
+"""`shoal exec` and `shoal audit`: the parallel shell, with clush's options."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from shoal.cli.display import Display, Style
+from shoal.cli.errors import fail, friendly
+from shoal.cli.render import audit_table, out, print_json
+from shoal.client import Client
+from shoal.shell.protocol import ExecRequest, Selection
+
+NodesOpt = Annotated[list[str], typer.Option("-w", "--nodes", help="node set, e.g. node[1-64]; repeatable")]
+ExcludeOpt = Annotated[list[str], typer.Option("-x", "--exclude", help="node set to leave out; repeatable")]
+GroupOpt = Annotated[list[str], typer.Option("-g", "--group", help="node group, e.g. gpu, rack:r1, up")]
+XGroupOpt = Annotated[list[str], typer.Option("-X", "--exclude-group", help="node group to leave out")]
+AllOpt = Annotated[bool, typer.Option("-a", "--all", help="every node")]
+
+
+def selection(
+    nodes: list[str],
+    exclude: list[str],
+    group: list[str],
+    exclude_group: list[str],
+    everything: bool,
+    pick: int | None = None,
+    least_loaded: bool = False,
+) -> Selection:
+    if not (nodes or group or everything):
+        raise fail("no nodes chosen", "choose them with -w NODESET, -g GROUP or -a", code=2)
+    return Selection(
+        nodes=nodes,
+        exclude=exclude,
+        groups=group,
+        exclude_groups=exclude_group,
+        all=everything,
+        pick=pick,
+        least_loaded=least_loaded,
+    )
+
+
+@friendly
+def exec_(
+    command: Annotated[list[str], typer.Argument(help="the command, after --; run by the node's shell")],
+    nodes: NodesOpt = [],  # noqa: B006
+    exclude: ExcludeOpt = [],  # noqa: B006
+    group: GroupOpt = [],  # noqa: B006
+    exclude_group: XGroupOpt = [],  # noqa: B006
+    everything: AllOpt = False,
+    gather: Annotated[bool, typer.Option("-b", "--dshbak", help="gather identical outputs")] = False,
+    gather_stderr: Annotated[bool, typer.Option("-B", help="like -b, with stderr gathered too")] = False,
+    by_node: Annotated[bool, typer.Option("-L", help="order output by node, no headers")] = False,
+    no_label: Annotated[bool, typer.Option("-N", help="no node prefix on lines")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="fewer messages")] = False,
+    max_code: Annotated[bool, typer.Option("-S", help="exit with the largest remote exit code")] = False,
+    fanout: Annotated[int | None, typer.Option("-f", "--fanout", help="nodes running at once")] = None,
+    connect_timeout: Annotated[float, typer.Option("-t", "--connect-timeout", help="seconds")] = 10.0,
+    command_timeout: Annotated[float | None, typer.Option("-u", "--command-timeout", help="seconds")] = None,
+    pick: Annotated[int | None, typer.Option("--pick", help="run on only N of the nodes")] = None,
+    least_loaded: Annotated[bool, typer.Option("--least-loaded", help="--pick the least loaded")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one record per node, for scripts")] = False,
+) -> None:
+    """Run a command on many nodes at once, through their agents (admin only)."""
+    select = selection(nodes, exclude, group, exclude_group, everything, pick, least_loaded)
+    request = ExecRequest(
+        select=select,
+        command=" ".join(command),
+        connect_timeout=connect_timeout,
+        command_timeout=command_timeout,
+        fanout=fanout,
+    )
+    style = Style(
+        gather=gather or gather_stderr,
+        gather_stderr=gather_stderr,
+        by_node=by_node,
+        label=not no_label,
+        quiet=quiet,
+        max_code=max_code,
+        as_json=as_json,
+    )
+    display = Display(style)
+    with Client.from_config() as client:
+        try:
+            status = display.show(client.exec(request))
+        except KeyboardInterrupt:
+            display.finish()
+            left = len(display.targets.nodes) + len(display.targets.down) - len(display.gather.ended)
+            sys.stderr.write(f"Keyboard interrupt ({left} nodes left; the command was stopped on them)\n")
+            raise typer.Exit(130) from None
+    raise typer.Exit(status)
+
+
+@friendly
+def audit(
+    limit: Annotated[int, typer.Option("-n", "--limit", help="how many, newest first")] = 20,
+    offset: Annotated[int, typer.Option(help="skip this many newest")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
+) -> None:
+    """Who ran which parallel commands where, and how they ended (admin only)."""
+    with Client.from_config() as client:
+        records = client.audit(offset, limit)
+    if as_json:
+        print_json(records)
+    else:
+        out.print(audit_table(records))

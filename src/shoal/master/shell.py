@@ -1,0 +1,170 @@
+"""The master's side of the parallel shell: commands out over the agents' open links,
+answers back as one stream of events.
+
+No handshake per node: the agents' WebSockets are already open, so a command reaches 128
+nodes as 128 frames. A node must confirm the start within the connect timeout, and end
+within the command timeout (the agent enforces it; the master keeps a backstop in case the
+agent itself went quiet). Nodes that fail in any way end with a reason and never hold up
+the others. If the caller goes away, whatever still runs is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from ClusterShell.NodeSet import NodeSet
+
+from shoal.shell.groups import Chosen
+from shoal.shell.protocol import AuditRecord, Ended, ExecRequest, Output, Targets, pack
+from shoal.wire import ExecCancel, ExecEnd, ExecOutput, ExecStart, ExecStarted, encode
+
+_BACKSTOP = 5.0  # seconds past the command timeout before the master stops waiting on an agent
+
+Reply = ExecStarted | ExecOutput | ExecEnd
+SendTo = Callable[[str, bytes], bool]  # node, frame -> whether a link took it
+
+
+@dataclass(slots=True)
+class _Running:
+    began: float
+    deadline: float
+    started: bool = False
+
+
+class ShellRelay:
+    def __init__(self, send: SendTo) -> None:
+        self._send = send
+        self._ids = itertools.count(1)
+        self._inboxes: dict[int, asyncio.Queue[tuple[str, Reply | None]]] = {}
+
+    def on_reply(self, node: str, frame: Reply) -> None:
+        if (inbox := self._inboxes.get(frame.exec_id)) is not None:
+            inbox.put_nowait((node, frame))
+
+    def on_gone(self, node: str) -> None:
+        """An agent's link dropped: its commands will not answer."""
+        for inbox in self._inboxes.values():
+            inbox.put_nowait((node, None))
+
+    async def stream(
+        self, request: ExecRequest, chosen: Chosen, record: AuditRecord, keep: Callable[[AuditRecord], None]
+    ) -> AsyncIterator[bytes]:
+        """The packed events of running `request` on `chosen`; `record` is completed with
+        every node's result and handed to `keep` when the stream ends, however it ends."""
+        results: dict[str, list[str]] = defaultdict(list)
+        try:
+            yield pack(Targets(nodes=chosen.targets, down=list(chosen.down)))
+            skipped = [Ended(node=node, failure="down", message=why) for node, why in chosen.down.items()]
+            _tally(results, skipped)
+            if skipped:
+                yield b"".join(map(pack, skipped))
+            async for batch in self.run(request, chosen.targets):
+                _tally(results, batch)
+                yield b"".join(map(pack, batch))
+        finally:
+            ended = {node for nodes in results.values() for node in nodes}
+            if interrupted := [node for node in chosen.targets if node not in ended]:
+                results["interrupted"] = interrupted
+            record.ended_at = time.time()
+            record.results = {key: str(NodeSet.fromlist(nodes)) for key, nodes in sorted(results.items())}
+            keep(record)
+
+    async def run(self, request: ExecRequest, nodes: list[str]) -> AsyncIterator[list[Output | Ended]]:
+        """Run `request` on `nodes`; yields the events of each wake-up as one batch."""
+        exec_id = next(self._ids)
+        inbox: asyncio.Queue[tuple[str, Reply | None]] = asyncio.Queue()
+        self._inboxes[exec_id] = inbox
+        clock = asyncio.get_running_loop().time
+        start = encode(ExecStart(exec_id=exec_id, argv=request.argv, timeout=request.command_timeout))
+        waiting = deque(nodes)
+        running: dict[str, _Running] = {}
+        fanout = request.fanout or len(nodes)
+        try:
+            while waiting or running:
+                batch: list[Output | Ended] = []
+                while waiting and len(running) < fanout:
+                    node = waiting.popleft()
+                    if self._send(node, start):
+                        running[node] = _Running(clock(), clock() + request.connect_timeout)
+                    else:
+                        batch.append(Ended(node=node, failure="lost", message="its agent is not connected"))
+                if running:
+                    wait = min(r.deadline for r in running.values()) - clock()
+                    timeout = max(wait, 0.0) if wait < math.inf else None
+                    try:
+                        first = await asyncio.wait_for(inbox.get(), timeout)
+                    except TimeoutError:
+                        batch.extend(self._expire(exec_id, running, clock()))
+                    else:
+                        for node, reply in _drain(first, inbox):
+                            batch.extend(self._answer(request, running, node, reply, clock()))
+                if batch:
+                    yield batch
+        finally:
+            del self._inboxes[exec_id]
+            cancel = encode(ExecCancel(exec_id=exec_id))
+            for node in running:
+                self._send(node, cancel)
+
+    def _answer(
+        self, request: ExecRequest, running: dict[str, _Running], node: str, reply: Reply | None, now: float
+    ) -> list[Output | Ended]:
+        if (run := running.get(node)) is None:
+            return []  # late news of a node already given up on
+        match reply:
+            case None:
+                del running[node]
+                gone = "its agent disconnected"
+                return [Ended(node=node, duration=now - run.began, failure="lost", message=gone)]
+            case ExecStarted():
+                run.started = True
+                limit = request.command_timeout
+                run.deadline = math.inf if limit is None else now + limit + _BACKSTOP
+                return []
+            case ExecOutput(stream=stream, data=data):
+                return [Output(node=node, stream=stream, data=data)]
+            case ExecEnd():
+                del running[node]
+                failure = "command-timeout" if reply.timed_out else "error" if reply.error else ""
+                return [
+                    Ended(
+                        node=node,
+                        code=None if reply.timed_out else reply.code,
+                        duration=now - run.began,
+                        failure=failure,
+                        message=reply.error,
+                    )
+                ]
+        return []
+
+    def _expire(self, exec_id: int, running: dict[str, _Running], now: float) -> list[Ended]:
+        ended = []
+        cancel = encode(ExecCancel(exec_id=exec_id))
+        for node, run in list(running.items()):
+            if run.deadline <= now:
+                del running[node]
+                self._send(node, cancel)
+                failure = "command-timeout" if run.started else "connect-timeout"
+                ended.append(Ended(node=node, duration=now - run.began, failure=failure))
+        return ended
+
+
+def _drain(
+    first: tuple[str, Reply | None], inbox: asyncio.Queue[tuple[str, Reply | None]]
+) -> list[tuple[str, Reply | None]]:
+    items = [first]
+    while not inbox.empty():
+        items.append(inbox.get_nowait())
+    return items
+
+
+def _tally(results: dict[str, list[str]], events: list[Output | Ended]) -> None:
+    for event in events:
+        if isinstance(event, Ended):
+            results[event.failure or str(event.code)].append(event.node)
