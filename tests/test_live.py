@@ -37,26 +37,12 @@ def task_groups(task_id: str) -> set[int]:
     return groups
 
 
-def shoal_cli(cluster: LiveCluster, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "SHOAL_URL": cluster.url,
-        "SHOAL_TOKEN": token or cluster.admin_token,
-        "SHOAL_CONFIG": str(cluster.root / "none.toml"),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "shoal", *args], env=env, capture_output=True, text=True, timeout=60
-    )
-
-
 def test_run_streams_output_and_propagates_exit_codes(cluster: LiveCluster) -> None:
-    hi = shoal_cli(cluster, "run", "--", "echo", "hi")
+    hi = cluster.cli("run", "--", "echo", "hi")
     assert (hi.returncode, hi.stdout) == (0, "hi\n")
-    failing = shoal_cli(cluster, "run", "--cpus", "0.5", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    failing = cluster.cli("run", "--cpus", "0.5", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
     assert (failing.returncode, failing.stdout, failing.stderr) == (3, "out\n", "err\n")
-    many = shoal_cli(
-        cluster, "run", "-n", "3", "--cpus", "1", "--", "sh", "-c", 'echo "task $SHOAL_TASK_INDEX"'
-    )
+    many = cluster.cli("run", "-n", "3", "--cpus", "1", "--", "sh", "-c", 'echo "task $SHOAL_TASK_INDEX"')
     assert many.returncode == 0
     assert sorted(many.stdout.splitlines()) == ["0: task 0", "1: task 1", "2: task 2"]
 
@@ -194,7 +180,7 @@ def test_bad_input_auth_and_ownership(cluster: LiveCluster) -> None:
         a.kill(job)
         assert a.wait(job, timeout=15).state is JobState.KILLED
 
-    cli = shoal_cli(cluster, "kill", str(job), token=bob)
+    cli = cluster.cli("kill", str(job), token=bob)
     assert cli.returncode == 2 and "belongs to another user" in cli.stderr
 
 
@@ -224,16 +210,16 @@ def test_agent_with_a_wrong_token_is_refused(cluster: LiveCluster, tmp_path: Pat
 
 
 def test_tokens_never_reach_the_logs(cluster: LiveCluster) -> None:
-    shoal_cli(cluster, "run", "--", "true")
+    cluster.cli("run", "--", "true")
     logs = "".join(p.read_text() for p in cluster.root.glob("*.log"))
     assert "registered" in logs  # the logs do say things
     assert cluster.admin_token not in logs and cluster.cluster_token not in logs
 
 
 def test_constraints_and_node_sets_steer_tasks(cluster: LiveCluster) -> None:
-    pinned = shoal_cli(cluster, "run", "-n", "2", "--cpus", "0.5", "-c", "agent == node2", "--", "true")
+    pinned = cluster.cli("run", "-n", "2", "--cpus", "0.5", "-c", "agent == node2", "--", "true")
     assert pinned.returncode == 0, pinned.stderr
-    nodeset = shoal_cli(cluster, "run", "-n", "2", "--cpus", "0.5", "-w", "node[1]", "--", "true")
+    nodeset = cluster.cli("run", "-n", "2", "--cpus", "0.5", "-w", "node[1]", "--", "true")
     assert nodeset.returncode == 0, nodeset.stderr
     with cluster.client() as client:
         jobs = sorted(client.jobs(), key=lambda j: j.id)[-2:]

@@ -76,7 +76,7 @@ class Agent:
         self.state = AgentState(info, self._load_table())
         cgroups = Cgroups.detect(info.name) if settings.limits else None
         self.runner = Runner(self.state_dir / "sandboxes", self._on_exit, cgroups)
-        self.shell = ShellRunner(lambda frame: self._send(encode(frame)))
+        self.shell = ShellRunner(lambda frame: self._send(encode(frame)), info.name)
         self._outbox: asyncio.Queue[bytes] | None = None
         self._unsaved: tuple[RunEntry, ...] | None = None
         self._unsent: list[Register | Heartbeat | RunReports] = []

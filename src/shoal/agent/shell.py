@@ -1,6 +1,7 @@
 """The agent's side of the parallel shell: run a command now, stream what it prints.
 
-These are not tasks: no sandbox, no cgroup, nothing saved to the table. A command runs as
+These are not tasks: no sandbox, no cgroup, nothing saved to the table. A command runs in
+the agent's environment plus `SHOAL_NODE` (the node's name), from the home directory, as
 the leader of its own session with its output on pipes, which the event loop reads as they
 fill; its end is reported once it has exited and both pipes are closed, so no output is
 left behind. If the master's connection drops, the commands it asked for are stopped: no
@@ -36,8 +37,9 @@ class _Command:
 
 
 class ShellRunner:
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, node: str) -> None:
         self._send = send
+        self._env = {**os.environ, "SHOAL_NODE": node}
         self._running: dict[int, _Command] = {}
 
     def handle(self, frame: ExecStart | ExecCancel) -> None:
@@ -59,6 +61,7 @@ class ShellRunner:
                 stderr=err_w,
                 start_new_session=True,
                 cwd=Path.home(),
+                env=self._env,
             )
         except OSError as e:
             os.close(out)

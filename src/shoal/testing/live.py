@@ -75,6 +75,27 @@ class LiveCluster:
     def client(self, token: str | None = None) -> Client:
         return Client(self.url, token or self.admin_token)
 
+    def cli_env(self, token: str | None = None) -> dict[str, str]:
+        """The environment that points the `shoal` command at this cluster."""
+        return {
+            **os.environ,
+            "SHOAL_URL": self.url,
+            "SHOAL_TOKEN": token or self.admin_token,
+            "SHOAL_CONFIG": str(self.root / "none.toml"),
+        }
+
+    def cli(
+        self, *args: str, token: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `shoal ARGS` against this cluster; its exit code, stdout and stderr."""
+        return subprocess.run(
+            [sys.executable, "-m", "shoal", *args],
+            env=self.cli_env(token),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
     # --- the master -----------------------------------------------------------------------
 
     def start_master(self) -> None:
