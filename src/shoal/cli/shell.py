@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import sys
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -11,7 +13,11 @@ from shoal.cli.display import Display, Style
 from shoal.cli.errors import fail, friendly
 from shoal.cli.render import audit_table, out, print_json
 from shoal.client import Client
-from shoal.shell.protocol import ExecRequest, Selection
+from shoal.errors import ShoalError
+from shoal.shell import ssh
+from shoal.shell.groups import choose
+from shoal.shell.protocol import Ended, ExecRequest, Output, Selection, Targets
+from shoal.shell.ssh import SshOptions
 
 NodesOpt = Annotated[list[str], typer.Option("-w", "--nodes", help="node set, e.g. node[1-64]; repeatable")]
 ExcludeOpt = Annotated[list[str], typer.Option("-x", "--exclude", help="node set to leave out; repeatable")]
@@ -62,8 +68,11 @@ def exec_(
     pick: Annotated[int | None, typer.Option("--pick", help="run on only N of the nodes")] = None,
     least_loaded: Annotated[bool, typer.Option("--least-loaded", help="--pick the least loaded")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one record per node, for scripts")] = False,
+    over_ssh: Annotated[bool, typer.Option("--ssh", help="over SSH, for machines with no agent")] = False,
+    ssh_options: Annotated[str, typer.Option("-o", "--options", help="ssh options, with --ssh")] = "",
+    ssh_user: Annotated[str | None, typer.Option("-l", "--user", help="ssh user, with --ssh")] = None,
 ) -> None:
-    """Run a command on many nodes at once, through their agents (admin only)."""
+    """Run a command on many nodes at once, through their agents (admin only), or over SSH."""
     select = selection(nodes, exclude, group, exclude_group, everything, pick, least_loaded)
     request = ExecRequest(
         select=select,
@@ -83,14 +92,32 @@ def exec_(
     )
     display = Display(style)
     with Client.from_config() as client:
+        if over_ssh:
+            events = _over_ssh(client, request, SshOptions(ssh_options, ssh_user))
+        else:
+            events = client.exec(request)
         try:
-            status = display.show(client.exec(request))
+            status = display.show(events)
         except KeyboardInterrupt:
             display.finish()
             left = len(display.targets.nodes) + len(display.targets.down) - len(display.gather.ended)
             sys.stderr.write(f"Keyboard interrupt ({left} nodes left; the command was stopped on them)\n")
             raise typer.Exit(130) from None
     raise typer.Exit(status)
+
+
+def _over_ssh(
+    client: Client, request: ExecRequest, options: SshOptions
+) -> Iterator[Targets | Output | Ended]:
+    """The events of running `request` over SSH. Groups and load come from the master when
+    one answers; without one, node sets and groups.conf still work."""
+    try:
+        known = client.nodes()
+    except ShoalError:
+        known = []
+    chosen = choose(known, request.select, random.shuffle, via_agents=False)
+    yield Targets(nodes=chosen.targets)
+    yield from ssh.run(chosen.targets, request, options)
 
 
 @friendly

@@ -16,6 +16,7 @@ operator's explicit groups always win. Otherwise it is derived from what the mas
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -149,32 +150,42 @@ class Chosen:
     down: dict[str, str]  # node -> why it is skipped
 
 
-def load(node: NodeView) -> tuple[float, float, str]:
-    """Ordering key, least loaded first: live CPU, then the share of CPUs allocated."""
+def load(node: NodeView | None) -> tuple[float, float]:
+    """Ordering key, least loaded first: live CPU, then the share of CPUs allocated; a node
+    the master does not know comes last."""
+    if node is None:
+        return (math.inf, math.inf)
     capacity = node.info.capacity.cpus or 1.0
-    return (node.usage.cpu_percent, node.allocated.cpus / capacity, node.name)
+    return (node.usage.cpu_percent, node.allocated.cpus / capacity)
 
 
-def choose(nodes: list[NodeView], select: Selection, shuffle: Callable[[list[str]], None]) -> Chosen:
+def choose(
+    nodes: list[NodeView], select: Selection, shuffle: Callable[[list[str]], None], via_agents: bool = True
+) -> Chosen:
     """The nodes `select` names, split into reachable and down; with `pick`, only that many
-    of the reachable ones: the least loaded, or a random few (`shuffle` is the randomness)."""
-    groups = NodeGroups(nodes)
+    of the reachable ones: the least loaded, or a random few (`shuffle` is the randomness).
+
+    Through the agents a node is reachable when its agent is connected; over SSH
+    (`via_agents=False`) every named node is tried, known to the master or not."""
     try:
         s = select
-        names = resolve(groups, s.nodes, s.exclude, s.groups, s.exclude_groups, s.all)
+        names = resolve(NodeGroups(nodes), s.nodes, s.exclude, s.groups, s.exclude_groups, s.all)
     except SpecError as e:
         raise SpecError(f"select.{e.field}", e.reason) from None
     known = {n.name: n for n in nodes}
-    down = {
-        name: "no agent of that name has joined" if name not in known else "down: its agent is not connected"
-        for name in names
-        if name not in known or not known[name].connected
-    }
-    up = [known[name] for name in names if name in known and known[name].connected]
-    targets = [n.name for n in up]
+    down = {}
+    if via_agents:
+        down = {
+            name: "no agent of that name has joined"
+            if name not in known
+            else "down: its agent is not connected"
+            for name in names
+            if name not in known or not known[name].connected
+        }
+    targets = [name for name in names if name not in down]
     if select.pick is not None:
         if select.least_loaded:
-            targets = [n.name for n in sorted(up, key=load)]
+            targets.sort(key=lambda name: load(known.get(name)))
         else:
             shuffle(targets)
         targets = targets[: select.pick]

@@ -1,0 +1,56 @@
+"""`shoal exec --ssh` against real sshd processes on loopback addresses, no agents."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shoal.testing.live import free_port
+from shoal.testing.sshd import SshHosts, ssh_hosts
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory):
+    with ssh_hosts(tmp_path_factory.mktemp("ssh"), count=3) as h:
+        yield h
+
+
+def shoal_ssh(hosts: SshHosts, *args: str) -> subprocess.CompletedProcess[str]:
+    # No master answers at this URL: SSH mode needs none.
+    env = {**os.environ, "SHOAL_URL": f"http://127.0.0.1:{free_port()}", "SHOAL_CONFIG": "/nonexistent"}
+    return subprocess.run(
+        [sys.executable, "-m", "shoal", "exec", "--ssh", "-o", hosts.options, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_gathered_output_over_ssh(hosts: SshHosts) -> None:
+    result = shoal_ssh(hosts, "-b", "-w", "node[1-3]", "--", "echo same")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "---------------\nnode[1-3] (3)\n---------------\nsame\n"
+
+
+def test_each_host_is_its_own_machine(hosts: SshHosts) -> None:
+    result = shoal_ssh(hosts, "-w", "node[1-3]", "--", 'echo "${SSH_CONNECTION##* 127.0.0.}" | cut -d" " -f1')
+    assert sorted(result.stdout.splitlines()) == ["node1: 2", "node2: 3", "node3: 4"]
+
+
+def test_exit_codes_and_unreachable_hosts_as_clush_reports_them(hosts: SshHosts) -> None:
+    result = shoal_ssh(hosts, "-S", "-w", "node[1-2],nowhere", "--", "exit 3")
+    assert result.returncode == 255  # ssh's own code for the host it could not reach
+    assert "shoal: node[1-2]: exited with exit code 3" in result.stderr
+    assert "shoal: nowhere: exited with exit code 255" in result.stderr
+    ok = shoal_ssh(hosts, "-S", "-w", "node[1-3]", "--", "true")
+    assert ok.returncode == 0
+
+
+def test_command_timeout_over_ssh(hosts: SshHosts, tmp_path: Path) -> None:
+    result = shoal_ssh(hosts, "-u", "1", "-w", "node[1-2]", "--", "sleep 20")
+    assert "node[1-2]: command timeout" in result.stderr
