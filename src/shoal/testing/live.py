@@ -166,7 +166,7 @@ class LiveCluster:
         self.start_master()
         for name in self.agent_names:
             self.start_agent(name)
-        self.wait_nodes_up()
+        self.wait_nodes_up(timeout=15.0 + 0.5 * len(self.agent_names))  # agents start on shared cores
 
     def stop(self) -> None:
         procs = [*self.agents.values(), *([self.master] if self.master else [])]
