@@ -43,7 +43,7 @@ def test_no_operation_answers_a_server_error(lone_master: LiveCluster) -> None:
                 response = case.call(base_url=lone_master.url, headers={"Authorization": f"Bearer {token}"})
                 where = f"{case.method} {case.formatted_path}"
                 assert response.status_code < 500, f"{where}: {response.status_code} {response.text}"
-                if response.status_code >= 400:
+                if response.status_code >= 400 and case.method != "HEAD":  # a HEAD answer has no body
                     assert "error" in response.json(), where
 
         fuzz()

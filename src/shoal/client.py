@@ -8,22 +8,35 @@ with Client.from_config() as shoal:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 
 from shoal.config import ClientConfig, load_client_config
 from shoal.errors import ShoalError
 from shoal.model import TASK_RECORD, Caller, JobSpec, Role, TaskRecord
-from shoal.shell.protocol import AuditRecord, Ended, ExecRequest, Output, Targets, Unpacker
+from shoal.shell.protocol import (
+    AuditRecord,
+    CopyRequest,
+    Ended,
+    ExecRequest,
+    Fetched,
+    FetchRequest,
+    Output,
+    Targets,
+    Unpacker,
+)
 from shoal.views import ErrorBody, FieldError, JobView, NodeView, Submitted, TokenCreated
 
 _JOBS = TypeAdapter(list[JobView])
 _NODES = TypeAdapter(list[NodeView])
 _AUDIT = TypeAdapter(list[AuditRecord])
+_CHUNK = 1 << 20
 _ENDED = ("complete", "failed", "killed")
 
 
@@ -114,17 +127,56 @@ class Client:
         except httpx.TransportError as e:
             raise Unreachable(f"lost the master at {self.url}: {e}") from e
 
-    def exec(self, request: ExecRequest) -> Iterator[Targets | Output | Ended]:
+    def exec(self, request: ExecRequest) -> Iterator[Targets | Output | Ended | Fetched]:
         """Run a command on a node set through the agents (admin only); events as they come:
         the targets first, then output chunks and one end per node. Closing the iterator
         (or an interrupt while reading it) cancels the command everywhere."""
+        return self._events("/v1/exec", request)
+
+    def copy(self, request: CopyRequest) -> Iterator[Targets | Output | Ended | Fetched]:
+        """Push files already uploaded (see `upload`) to a node set; one end per node."""
+        return self._events("/v1/copy", request)
+
+    def rcopy(self, request: FetchRequest) -> Iterator[Targets | Output | Ended | Fetched]:
+        """Pull one file from every node of a set: a `Fetched` per node, then its end;
+        `download` the blob each `Fetched` names."""
+        return self._events("/v1/rcopy", request)
+
+    def upload(self, path: Path) -> str:
+        """Put a file's content in the master's blob store (once); returns its sha256."""
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+        blob = digest.hexdigest()
+        if self._http.head(f"/v1/blobs/{blob}").status_code != 200:
+            with open(path, "rb") as f:
+                self._request("PUT", f"/v1/blobs/{blob}", content=iter(lambda: f.read(_CHUNK), b""))
+        return blob
+
+    def download(self, blob: str, target: Path) -> None:
+        """Write a stored blob to `target`, checking its sha256; nothing is left on a mismatch."""
+        digest = hashlib.sha256()
         try:
-            with self._http.stream(
-                "POST",
-                "/v1/exec",
-                json=request.model_dump(mode="json"),
-                timeout=httpx.Timeout(30.0, read=None),
-            ) as response:
+            with self._http.stream("GET", f"/v1/blobs/{blob}") as response, open(target, "wb") as f:
+                if response.is_error:
+                    response.read()
+                    raise _api_error(response)
+                for chunk in response.iter_bytes(_CHUNK):
+                    digest.update(chunk)
+                    f.write(chunk)
+        except httpx.TransportError as e:
+            target.unlink(missing_ok=True)
+            raise Unreachable(f"lost the master at {self.url}: {e}") from e
+        if digest.hexdigest() != blob:
+            target.unlink()
+            raise ShoalError(f"{target}: checksum mismatch (got {digest.hexdigest()}, want {blob})")
+
+    def _events(self, path: str, request: BaseModel) -> Iterator[Targets | Output | Ended | Fetched]:
+        try:
+            body = request.model_dump(mode="json")
+            endless = httpx.Timeout(30.0, read=None)
+            with self._http.stream("POST", path, json=body, timeout=endless) as response:
                 if response.is_error:
                     response.read()
                     raise _api_error(response)

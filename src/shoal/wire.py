@@ -18,6 +18,7 @@ import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from shoal.model import NodeInfo, Resources, TaskState, Usage
+from shoal.shell.protocol import CopyFile
 
 
 class _Frame(BaseModel):
@@ -103,6 +104,17 @@ class ExecEnd(_Frame):
     error: str = ""
 
 
+class FileFetched(_Frame):
+    """The agent put the file a `FetchFile` named into the master's blob store."""
+
+    kind: Literal["file_fetched"] = "file_fetched"
+    exec_id: int
+    blob: str
+    size: int
+    mode: int
+    mtime: float
+
+
 # master -> agent
 
 
@@ -139,6 +151,24 @@ class ExecStart(_Frame):
     timeout: float | None = None
 
 
+class CopyFiles(_Frame):
+    """Fetch these blobs from the master and write them under `dest` (see CopyRequest)."""
+
+    kind: Literal["copy_files"] = "copy_files"
+    exec_id: int
+    dest: str
+    files: list[CopyFile]
+    into: bool = False
+
+
+class FetchFile(_Frame):
+    """Upload this file to the master's blob store, then say so with `FileFetched`."""
+
+    kind: Literal["fetch_file"] = "fetch_file"
+    exec_id: int
+    path: str
+
+
 class ExecCancel(_Frame):
     kind: Literal["exec_cancel"] = "exec_cancel"
     exec_id: int
@@ -152,11 +182,14 @@ Frame = Annotated[
     | ExecStarted
     | ExecOutput
     | ExecEnd
+    | FileFetched
     | Launch
     | Kill
     | Ack
     | LogRequest
     | ExecStart
+    | CopyFiles
+    | FetchFile
     | ExecCancel,
     Field(discriminator="kind"),
 ]

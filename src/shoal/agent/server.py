@@ -21,6 +21,7 @@ from pydantic import TypeAdapter
 
 from shoal.agent.cgroups import Cgroups
 from shoal.agent.discovery import discover, measure
+from shoal.agent.files import FileMover
 from shoal.agent.runner import Runner, alive, start_time
 from shoal.agent.shell import ShellRunner
 from shoal.agent.state import (
@@ -43,8 +44,10 @@ from shoal.agent.state import (
 from shoal.config import AgentSettings
 from shoal.errors import ShoalError
 from shoal.wire import (
+    CopyFiles,
     ExecCancel,
     ExecStart,
+    FetchFile,
     Heartbeat,
     LogChunk,
     LogRequest,
@@ -77,6 +80,8 @@ class Agent:
         cgroups = Cgroups.detect(info.name) if settings.limits else None
         self.runner = Runner(self.state_dir / "sandboxes", self._on_exit, cgroups)
         self.shell = ShellRunner(lambda frame: self._send(encode(frame)), info.name)
+        token = settings.cluster_token.get_secret_value()
+        self.files = FileMover(lambda frame: self._send(encode(frame)), settings.master, token)
         self._outbox: asyncio.Queue[bytes] | None = None
         self._unsaved: tuple[RunEntry, ...] | None = None
         self._unsent: list[Register | Heartbeat | RunReports] = []
@@ -175,6 +180,7 @@ class Agent:
         finally:
             ticker.cancel()
             self.runner.close()
+            await self.files.close()
 
     async def _tick_loop(self) -> None:
         measure()  # the first CPU reading only starts the measurement
@@ -222,14 +228,20 @@ class Agent:
                 frame = decode(data)
                 if isinstance(frame, LogRequest):
                     self._send(encode(self._read_log(frame)))
-                elif isinstance(frame, ExecStart | ExecCancel):
-                    self.shell.handle(frame)
+                elif isinstance(frame, ExecStart):
+                    self.shell.start(frame)
+                elif isinstance(frame, CopyFiles | FetchFile):
+                    self.files.handle(frame)
+                elif isinstance(frame, ExecCancel):
+                    self.shell.cancel(frame.exec_id)
+                    self.files.cancel(frame.exec_id)
                 else:
                     self.dispatch(FromMaster(frame, time.time()))  # type: ignore[arg-type]
         finally:
             self._outbox = None
             writer.cancel()
             self.shell.cancel_all()
+            self.files.cancel_all()
 
     @staticmethod
     async def _write(ws: websockets.ClientConnection, outbox: asyncio.Queue[bytes]) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.wire import ExecCancel, ExecEnd, ExecOutput, ExecStart, ExecStarted
+from shoal.wire import ExecEnd, ExecOutput, ExecStart, ExecStarted
 
 _READ = 65536
 _KILL_AFTER = 1.0  # seconds between SIGTERM and SIGKILL when a command is cancelled
@@ -41,12 +41,6 @@ class ShellRunner:
         self._send = send
         self._env = {**os.environ, "SHOAL_NODE": node}
         self._running: dict[int, _Command] = {}
-
-    def handle(self, frame: ExecStart | ExecCancel) -> None:
-        if isinstance(frame, ExecStart):
-            self.start(frame)
-        else:
-            self.cancel(frame.exec_id)
 
     def start(self, frame: ExecStart) -> None:
         if frame.exec_id in self._running:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from shoal.cli import daemons, jobs, shell, sim
+from shoal.cli import copy, daemons, jobs, shell, sim
 
 app = typer.Typer(
     name="shoal",
@@ -24,6 +24,7 @@ app.command()(jobs.logs)
 app.command()(jobs.kill)
 app.command()(jobs.nodes)
 app.command("exec")(shell.exec_)
+app.command()(copy.copy)
 app.command()(shell.audit)
 app.command()(sim.sim)
 app.add_typer(jobs.token_app, name="token")

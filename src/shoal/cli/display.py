@@ -26,7 +26,7 @@ _FAILURES = {
     "connect-timeout": "connect timeout",
     "command-timeout": "command timeout",
     "lost": "lost its agent while running",
-    "error": "could not start the command",
+    "error": "failed",
 }
 
 

@@ -10,27 +10,29 @@ import asyncio
 import contextlib
 import logging
 import os
+import pathlib
 import random
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Annotated, Literal
 
 from ClusterShell.NodeSet import NodeSet
-from fastapi import Depends, FastAPI, Query, Request, WebSocket
+from fastapi import Depends, FastAPI, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import SecretStr
 
 from shoal.config import MasterSettings
 from shoal.errors import Forbidden, NotFound, ShoalError, SpecError
 from shoal.master.auth import Tokens, new_token
+from shoal.master.blobs import BlobStore
 from shoal.master.server import Master, Unavailable
+from shoal.master.shell import Order
 from shoal.master.state import KillJob, Submit
 from shoal.master.store.sqlite import SqliteStore
 from shoal.model import Caller, JobSpec, Role, TaskRecord
 from shoal.shell.groups import NodeGroups, choose, resolve
-from shoal.shell.protocol import AuditRecord, ExecRequest
+from shoal.shell.protocol import AuditRecord, CopyRequest, ExecRequest, FetchRequest
 from shoal.views import ErrorBody, FieldError, JobView, NodeView, Submitted, TokenCreated, TokenRequest
 
 log = logging.getLogger("shoal.master")
@@ -40,7 +42,7 @@ class Unauthorized(ShoalError):
     pass
 
 
-def _secret_file(path: Path, given: str | None) -> str:
+def _secret_file(path: pathlib.Path, given: str | None) -> str:
     """The token in `path`; made (or taken from `given`) and saved there, mode 0600."""
     if given is None and path.exists():
         return path.read_text().strip()
@@ -64,7 +66,8 @@ def open_master(settings: MasterSettings) -> Master:
     tokens.add(
         "admin", Role.ADMIN, _secret_file(settings.state_dir / "admin.token", _reveal(settings.admin_token))
     )
-    return Master(store, tokens, settings.policy(), settings.heartbeat_timeout, settings.tick)
+    blobs = BlobStore(settings.state_dir / "blobs")
+    return Master(store, tokens, blobs, settings.policy(), settings.heartbeat_timeout, settings.tick)
 
 
 def _node_names(spec: JobSpec, master: Master) -> frozenset[str] | None:
@@ -74,6 +77,27 @@ def _node_names(spec: JobSpec, master: Master) -> frozenset[str] | None:
         return None
     groups = NodeGroups(master.node_views() if "@" in spec.nodes else ())
     return frozenset(resolve(groups, [spec.nodes]))
+
+
+def _fan_out(
+    master: Master, caller: Caller, body: ExecRequest | CopyRequest | FetchRequest, what: object
+) -> StreamingResponse:
+    """Send `body` to the nodes it selects, audited, answering with the stream of events."""
+    chosen = choose(master.node_views(), body.select, random.shuffle)
+    if not chosen.targets and not chosen.down:
+        raise SpecError("select", "no node matches the selection", status=404)
+    record = AuditRecord(
+        at=time.time(),
+        who=caller.name,
+        command=what,
+        nodes=str(NodeSet.fromlist([*chosen.targets, *chosen.down])),
+    )
+    record.id = master.store.add_audit(record)
+    log.info("parallel #%d by %s on %s: %s", record.id, caller.name, record.nodes, what)
+    order = Order.of(body)
+    return StreamingResponse(
+        master.shell.stream(order, chosen, record, master.store.end_audit), media_type=_MSGPACK
+    )
 
 
 def create_app(settings: MasterSettings) -> FastAPI:
@@ -114,6 +138,17 @@ async def _admin(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
     if caller.role is not Role.ADMIN:
         raise Forbidden("this needs an admin token")
     return caller
+
+
+async def _admin_or_agent(request: Request) -> None:
+    """Blobs move between admins (shoal copy) and agents (the cluster token)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and request.app.state.master.tokens.is_cluster(token):
+        return
+    await _admin(await _caller(request))
+
+
+Blob = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="sha256 of the content")]
 
 
 MasterDep = Annotated[Master, Depends(_master)]
@@ -221,26 +256,45 @@ def _routes(app: FastAPI) -> None:
         body: ExecRequest, master: MasterDep, caller: Annotated[Caller, Depends(_admin)]
     ) -> StreamingResponse:
         """Run a command on a node set now, through the agents (admin only; audited)."""
-        chosen = choose(master.node_views(), body.select, random.shuffle)
-        if not chosen.targets and not chosen.down:
-            raise SpecError("select", "no node matches the selection", status=404)
-        record = AuditRecord(
-            at=time.time(),
-            who=caller.name,
-            command=body.command,
-            nodes=str(NodeSet.fromlist([*chosen.targets, *chosen.down])),
-        )
-        record.id = master.store.add_audit(record)
-        log.info("exec #%d by %s on %s: %s", record.id, caller.name, record.nodes, body.command)
-        return StreamingResponse(
-            master.shell.stream(body, chosen, record, master.store.end_audit), media_type=_MSGPACK
-        )
+        return _fan_out(master, caller, body, body.command)
+
+    @app.post("/v1/copy", response_class=StreamingResponse, responses={200: {"content": {_MSGPACK: {}}}})
+    async def copy(
+        body: CopyRequest, master: MasterDep, caller: Annotated[Caller, Depends(_admin)]
+    ) -> StreamingResponse:
+        """Push uploaded blobs to a node set, through the agents (admin only; audited)."""
+        if missing := sorted({f.blob for f in body.files if not master.blobs.has(f.blob)}):
+            raise SpecError("files", f"upload these blobs first: {', '.join(missing[:3])}", status=409)
+        for blob in {f.blob for f in body.files}:
+            master.blobs.touch(blob)
+        names = ", ".join(f.path for f in body.files[:3]) + (", ..." if len(body.files) > 3 else "")
+        return _fan_out(master, caller, body, f"copy {names} -> {body.dest}")
+
+    @app.post("/v1/rcopy", response_class=StreamingResponse, responses={200: {"content": {_MSGPACK: {}}}})
+    async def rcopy(
+        body: FetchRequest, master: MasterDep, caller: Annotated[Caller, Depends(_admin)]
+    ) -> StreamingResponse:
+        """Pull one file from every node of a set into the blob store (admin only; audited)."""
+        return _fan_out(master, caller, body, f"rcopy {body.path}")
+
+    @app.put("/v1/blobs/{blob}", status_code=201, dependencies=[Depends(_admin_or_agent)])
+    async def put_blob(blob: Blob, request: Request, master: MasterDep) -> dict[str, int]:
+        """Upload a file's content, named by its sha256 (admins and agents)."""
+        return {"size": await master.blobs.put(blob, request.stream())}
+
+    @app.api_route("/v1/blobs/{blob}", methods=["GET", "HEAD"], dependencies=[Depends(_admin_or_agent)])
+    async def get_blob(blob: Blob, master: MasterDep) -> FileResponse:
+        """A stored file's content (admins and agents)."""
+        if not master.blobs.has(blob):
+            raise NotFound(f"no blob {blob}")
+        master.blobs.touch(blob)
+        return FileResponse(master.blobs.path(blob), media_type="application/octet-stream")
 
     @app.get("/v1/audit", response_model=list[AuditRecord])
     async def audit(
         master: MasterDep,
         caller: Annotated[Caller, Depends(_admin)],
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     ) -> list[AuditRecord]:
         """Parallel commands, newest first: who ran what where, and how it ended."""

@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from shoal.core.scheduler import Policy
 from shoal.errors import ShoalError
 from shoal.master.auth import Tokens
+from shoal.master.blobs import BlobStore
 from shoal.master.shell import ShellRelay
 from shoal.master.state import (
     AgentGone,
@@ -41,6 +42,7 @@ from shoal.wire import (
     ExecEnd,
     ExecOutput,
     ExecStarted,
+    FileFetched,
     Heartbeat,
     LogChunk,
     LogRequest,
@@ -53,6 +55,7 @@ from shoal.wire import (
 log = logging.getLogger("shoal.master")
 _OUTBOX = 10_000
 _LOG_TIMEOUT = 5.0
+_SWEEP_EVERY = 60.0  # seconds between sweeps of old blobs
 
 
 class Unavailable(ShoalError):
@@ -92,10 +95,17 @@ class LogSlice:
 
 class Master:
     def __init__(
-        self, store: Store, tokens: Tokens, policy: Policy, heartbeat_timeout: float, tick: float
+        self,
+        store: Store,
+        tokens: Tokens,
+        blobs: BlobStore,
+        policy: Policy,
+        heartbeat_timeout: float,
+        tick: float,
     ) -> None:
         snap = store.load()
         self.store = store
+        self.blobs = blobs
         self.tokens = tokens
         self.tick = tick
         self.state = MasterState(
@@ -166,9 +176,14 @@ class Master:
         return reply.value
 
     async def tick_loop(self) -> None:
+        swept = time.time()
         while True:
             await asyncio.sleep(self.tick)
-            self.dispatch(Tick(time.time()))
+            now = time.time()
+            self.dispatch(Tick(now))
+            if now - swept > _SWEEP_EVERY:
+                swept = now
+                self.blobs.sweep(now)
 
     # --- agents ---------------------------------------------------------------------------
 
@@ -225,7 +240,7 @@ class Master:
             if isinstance(frame, LogChunk):
                 if (waiter := self._log_waiters.pop(frame.request, None)) is not None and not waiter.done():
                     waiter.set_result(frame)
-            elif isinstance(frame, ExecStarted | ExecOutput | ExecEnd):
+            elif isinstance(frame, ExecStarted | ExecOutput | FileFetched | ExecEnd):
                 self.shell.on_reply(name, frame)
             elif isinstance(frame, Register | Heartbeat | RunReports):
                 self.soon(FromAgent(name, frame, time.time()))

@@ -21,13 +21,59 @@ from dataclasses import dataclass
 from ClusterShell.NodeSet import NodeSet
 
 from shoal.shell.groups import Chosen
-from shoal.shell.protocol import AuditRecord, Ended, ExecRequest, Output, Targets, pack
-from shoal.wire import ExecCancel, ExecEnd, ExecOutput, ExecStart, ExecStarted, encode
+from shoal.shell.protocol import (
+    AuditRecord,
+    CopyRequest,
+    Ended,
+    ExecRequest,
+    Fetched,
+    FetchRequest,
+    Output,
+    Targets,
+    pack,
+)
+from shoal.wire import (
+    CopyFiles,
+    ExecCancel,
+    ExecEnd,
+    ExecOutput,
+    ExecStart,
+    ExecStarted,
+    FetchFile,
+    FileFetched,
+    encode,
+)
 
 _BACKSTOP = 5.0  # seconds past the command timeout before the master stops waiting on an agent
 
-Reply = ExecStarted | ExecOutput | ExecEnd
+Reply = ExecStarted | ExecOutput | FileFetched | ExecEnd
 SendTo = Callable[[str, bytes], bool]  # node, frame -> whether a link took it
+Answer = Output | Fetched | Ended
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """What every node is asked to do (the frame, made for an id) and how long it may take."""
+
+    frame: Callable[[int], ExecStart | CopyFiles | FetchFile]
+    connect_timeout: float
+    command_timeout: float | None
+    fanout: int | None
+
+    @classmethod
+    def of(cls, request: ExecRequest | CopyRequest | FetchRequest) -> Order:
+        def frame(exec_id: int) -> ExecStart | CopyFiles | FetchFile:
+            match request:
+                case ExecRequest():
+                    return ExecStart(exec_id=exec_id, argv=request.argv, timeout=request.command_timeout)
+                case CopyRequest():
+                    return CopyFiles(
+                        exec_id=exec_id, dest=request.dest, files=request.files, into=request.into
+                    )
+                case FetchRequest():
+                    return FetchFile(exec_id=exec_id, path=request.path)
+
+        return cls(frame, request.connect_timeout, request.command_timeout, request.fanout)
 
 
 @dataclass(slots=True)
@@ -53,9 +99,9 @@ class ShellRelay:
             inbox.put_nowait((node, None))
 
     async def stream(
-        self, request: ExecRequest, chosen: Chosen, record: AuditRecord, keep: Callable[[AuditRecord], None]
+        self, order: Order, chosen: Chosen, record: AuditRecord, keep: Callable[[AuditRecord], None]
     ) -> AsyncIterator[bytes]:
-        """The packed events of running `request` on `chosen`; `record` is completed with
+        """The packed events of carrying out `order` on `chosen`; `record` is completed with
         every node's result and handed to `keep` when the stream ends, however it ends."""
         results: dict[str, list[str]] = defaultdict(list)
         try:
@@ -64,7 +110,7 @@ class ShellRelay:
             _tally(results, skipped)
             if skipped:
                 yield b"".join(map(pack, skipped))
-            async for batch in self.run(request, chosen.targets):
+            async for batch in self.run(order, chosen.targets):
                 _tally(results, batch)
                 yield b"".join(map(pack, batch))
         finally:
@@ -75,23 +121,23 @@ class ShellRelay:
             record.results = {key: str(NodeSet.fromlist(nodes)) for key, nodes in sorted(results.items())}
             keep(record)
 
-    async def run(self, request: ExecRequest, nodes: list[str]) -> AsyncIterator[list[Output | Ended]]:
-        """Run `request` on `nodes`; yields the events of each wake-up as one batch."""
+    async def run(self, order: Order, nodes: list[str]) -> AsyncIterator[list[Answer]]:
+        """Carry out `order` on `nodes`; yields the events of each wake-up as one batch."""
         exec_id = next(self._ids)
         inbox: asyncio.Queue[tuple[str, Reply | None]] = asyncio.Queue()
         self._inboxes[exec_id] = inbox
         clock = asyncio.get_running_loop().time
-        start = encode(ExecStart(exec_id=exec_id, argv=request.argv, timeout=request.command_timeout))
+        start = encode(order.frame(exec_id))
         waiting = deque(nodes)
         running: dict[str, _Running] = {}
-        fanout = request.fanout or len(nodes)
+        fanout = order.fanout or len(nodes)
         try:
             while waiting or running:
-                batch: list[Output | Ended] = []
+                batch: list[Answer] = []
                 while waiting and len(running) < fanout:
                     node = waiting.popleft()
                     if self._send(node, start):
-                        running[node] = _Running(clock(), clock() + request.connect_timeout)
+                        running[node] = _Running(clock(), clock() + order.connect_timeout)
                     else:
                         batch.append(Ended(node=node, failure="lost", message="its agent is not connected"))
                 if running:
@@ -103,7 +149,7 @@ class ShellRelay:
                         batch.extend(self._expire(exec_id, running, clock()))
                     else:
                         for node, reply in _drain(first, inbox):
-                            batch.extend(self._answer(request, running, node, reply, clock()))
+                            batch.extend(self._answer(order, running, node, reply, clock()))
                 if batch:
                     yield batch
         finally:
@@ -113,8 +159,8 @@ class ShellRelay:
                 self._send(node, cancel)
 
     def _answer(
-        self, request: ExecRequest, running: dict[str, _Running], node: str, reply: Reply | None, now: float
-    ) -> list[Output | Ended]:
+        self, order: Order, running: dict[str, _Running], node: str, reply: Reply | None, now: float
+    ) -> list[Answer]:
         if (run := running.get(node)) is None:
             return []  # late news of a node already given up on
         match reply:
@@ -124,11 +170,13 @@ class ShellRelay:
                 return [Ended(node=node, duration=now - run.began, failure="lost", message=gone)]
             case ExecStarted():
                 run.started = True
-                limit = request.command_timeout
+                limit = order.command_timeout
                 run.deadline = math.inf if limit is None else now + limit + _BACKSTOP
                 return []
             case ExecOutput(stream=stream, data=data):
                 return [Output(node=node, stream=stream, data=data)]
+            case FileFetched():
+                return [Fetched(node=node, **reply.model_dump(exclude={"kind", "exec_id"}))]
             case ExecEnd():
                 del running[node]
                 failure = "command-timeout" if reply.timed_out else "error" if reply.error else ""
@@ -164,7 +212,7 @@ def _drain(
     return items
 
 
-def _tally(results: dict[str, list[str]], events: list[Output | Ended]) -> None:
+def _tally(results: dict[str, list[str]], events: list[Answer]) -> None:
     for event in events:
         if isinstance(event, Ended):
             results[event.failure or str(event.code)].append(event.node)

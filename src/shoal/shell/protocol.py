@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from shoal.model import Command
 
@@ -38,14 +38,54 @@ class Selection(BaseModel):
         return self
 
 
-class ExecRequest(BaseModel):
+_SHA256 = r"^[0-9a-f]{64}$"
+
+
+class CopyFile(BaseModel):
+    """One file of a push: where it goes under the destination, and what it must be."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str = Field(min_length=1, max_length=4096, description="relative to the destination")
+    blob: str = Field(pattern=_SHA256, description="sha256 of the content, uploaded to /v1/blobs first")
+    size: int = Field(ge=0)
+    mode: int = Field(0o644, ge=0, le=0o7777)
+    mtime: float = 0.0
+
+    @field_validator("path")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        if value.startswith("/") or ".." in value.split("/"):
+            raise ValueError("must be a relative path that stays inside the destination")
+        return value
+
+
+class _Fanout(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     select: Selection
+    connect_timeout: float = Field(10.0, gt=0, le=3600, description="seconds for a node to start (-t)")
+    command_timeout: float | None = Field(None, gt=0, description="seconds it may take (-u)")
+    fanout: int | None = Field(None, ge=1, le=100_000, description="nodes at work at once (-f)")
+
+
+class CopyRequest(_Fanout):
+    """Push files to every chosen node: `dest` is a directory when `into` is set or when it
+    already is one on the node (as scp and clush --copy decide), else the single file's name."""
+
+    dest: str = Field(pattern=r"^/", max_length=4096, description="an absolute path on the nodes")
+    files: list[CopyFile] = Field(min_length=1, max_length=100_000)
+    into: bool = False
+
+
+class FetchRequest(_Fanout):
+    """Pull one file from every chosen node (clush --rcopy)."""
+
+    path: str = Field(pattern=r"^/", max_length=4096, description="an absolute path on the nodes")
+
+
+class ExecRequest(_Fanout):
     command: Command = Field(description="a shell string, or an argv list run as is")
-    connect_timeout: float = Field(10.0, gt=0, le=3600, description="seconds for a node to start it (-t)")
-    command_timeout: float | None = Field(None, gt=0, description="seconds it may run (-u)")
-    fanout: int | None = Field(None, ge=1, le=100_000, description="nodes running it at once (-f)")
 
     @model_validator(mode="after")
     def _not_blank(self) -> ExecRequest:
@@ -102,7 +142,18 @@ class AuditRecord(BaseModel):
     )
 
 
-Event = Annotated[Targets | Output | Ended, Field(discriminator="kind")]
+class Fetched(_Event):
+    """A node's file, pulled into the master's blob store: fetch it from /v1/blobs."""
+
+    kind: Literal["fetched"] = "fetched"
+    node: str
+    blob: str
+    size: int
+    mode: int
+    mtime: float
+
+
+Event = Annotated[Targets | Output | Ended | Fetched, Field(discriminator="kind")]
 _EVENT = TypeAdapter(Event)
 
 
@@ -116,6 +167,6 @@ class Unpacker:
     def __init__(self) -> None:
         self._unpacker = msgpack.Unpacker(raw=False)
 
-    def feed(self, data: bytes) -> list[Targets | Output | Ended]:
+    def feed(self, data: bytes) -> list[Targets | Output | Ended | Fetched]:
         self._unpacker.feed(data)
         return [_EVENT.validate_python(item) for item in self._unpacker]

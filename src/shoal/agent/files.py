@@ -1,0 +1,124 @@
+"""The agent's side of `shoal copy`: blobs fetched from and put to the master over HTTP.
+
+A push names blobs by sha256; the agent streams each from the master in chunks, checks the
+digest while writing beside the destination, then sets mode and mtime and renames it into
+place, so a reader never sees half a file and a corrupt transfer changes nothing. A pull
+hashes the file, uploads it unless the master already holds those bytes, and reports the
+blob with the file's mode and mtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import stat
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from shoal.shell.protocol import CopyFile
+from shoal.wire import CopyFiles, ExecEnd, ExecStarted, FetchFile, FileFetched
+
+CHUNK = 1 << 20
+
+Send = Callable[[ExecStarted | FileFetched | ExecEnd], None]
+
+
+class FileMover:
+    def __init__(self, send: Send, master: str, token: str) -> None:
+        self._send = send
+        self._http = httpx.AsyncClient(
+            base_url=master.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(30.0),
+        )
+        self._jobs: dict[int, asyncio.Task[None]] = {}
+
+    def handle(self, frame: CopyFiles | FetchFile) -> None:
+        if frame.exec_id in self._jobs:
+            return
+        self._send(ExecStarted(exec_id=frame.exec_id))
+        work = self._copy(frame) if isinstance(frame, CopyFiles) else self._fetch(frame)
+        job = self._jobs[frame.exec_id] = asyncio.create_task(self._report(frame.exec_id, work))
+        job.add_done_callback(lambda _: self._jobs.pop(frame.exec_id, None))
+
+    def cancel(self, exec_id: int) -> None:
+        if (job := self._jobs.get(exec_id)) is not None:
+            job.cancel()
+
+    def cancel_all(self) -> None:
+        for job in list(self._jobs.values()):
+            job.cancel()
+
+    async def close(self) -> None:
+        self.cancel_all()
+        await self._http.aclose()
+
+    async def _report(self, exec_id: int, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except (OSError, httpx.HTTPError, ValueError) as e:
+            self._send(ExecEnd(exec_id=exec_id, code=1, error=str(e) or type(e).__name__))
+        else:
+            self._send(ExecEnd(exec_id=exec_id, code=0))
+
+    async def _copy(self, frame: CopyFiles) -> None:
+        dest = Path(frame.dest)
+        into = frame.into or len(frame.files) > 1 or dest.is_dir()
+        for file in frame.files:
+            await self._receive(file, dest / file.path if into else dest)
+
+    async def _receive(self, file: CopyFile, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.shoal-partial")  # unique on shared disks
+        digest = hashlib.sha256()
+        try:
+            async with self._http.stream("GET", f"/v1/blobs/{file.blob}") as response:
+                response.raise_for_status()
+                with open(partial, "wb") as f:
+                    async for chunk in response.aiter_bytes(CHUNK):
+                        digest.update(chunk)
+                        f.write(chunk)
+            if digest.hexdigest() != file.blob:
+                raise ValueError(f"{target}: checksum mismatch (got {digest.hexdigest()}, want {file.blob})")
+            os.chmod(partial, file.mode)
+            os.utime(partial, (file.mtime, file.mtime))
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    async def _fetch(self, frame: FetchFile) -> None:
+        path = Path(frame.path)
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        blob = await asyncio.to_thread(_sha256, path)
+        if (await self._http.head(f"/v1/blobs/{blob}")).status_code != 200:
+            response = await self._http.put(f"/v1/blobs/{blob}", content=_chunks(path))
+            response.raise_for_status()
+        self._send(
+            FileFetched(
+                exec_id=frame.exec_id,
+                blob=blob,
+                size=info.st_size,
+                mode=stat.S_IMODE(info.st_mode),
+                mtime=info.st_mtime,
+            )
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def _chunks(path: Path) -> AsyncIterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
