@@ -13,7 +13,9 @@ addresses 127.0.0.2... , then times, over at least 5 runs each (medians):
 - clush_true_ms: `clush -w node[1-N] true` on the same hosts, the whole process;
 - spawn_floor_ms: spawning and reaping N `true` processes here, no shoal at all.
 
-Prints one JSON line last with those keys, `nodes`, and clush_over_agent (the speed-up).
+The agents are stopped before the SSH runs, and each shoal run alternates with a clush run,
+so both see the same machine. Prints one JSON line last with those keys, `nodes`,
+clush_over_agent (the speed-up) and ssh_over_clush (below 1: shoal's SSH path is faster).
 """
 
 from __future__ import annotations
@@ -68,17 +70,16 @@ def main() -> None:
     args = parser.parse_args()
     n, runs = args.nodes, max(5, args.runs)
     nodeset = f"node[1-{n}]"
+    figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as root, Progress(transient=True) as progress:
-        step = progress.add_task(f"starting {n} agents and {n} sshd", total=None)
+        step = progress.add_task(f"starting {n} agents", total=None)
         (Path(root) / "cluster").mkdir()
         with (
             live_cluster(
                 Path(root) / "cluster", agents=n, heartbeat_timeout=60, heartbeat_interval=2
             ) as cluster,
-            ssh_hosts(Path(root) / "ssh", count=n) as hosts,
             cluster.client() as client,
         ):
-            figures: dict[str, float] = {}
 
             def through_agents(command: str, style: Style | None = None) -> None:
                 request = ExecRequest(select=Selection(all=True), command=command)
@@ -91,26 +92,52 @@ def main() -> None:
                     ended = len(display.gather.ended)
                 assert ended == n, f"{ended} of {n} nodes answered"
 
-            env = cluster.cli_env()
-            shoal = [sys.executable, "-m", "shoal", "exec"]
-            clush = [str(Path(sys.executable).with_name("clush")), "-o", hosts.options, "-w", nodeset, "true"]
-            cases: list[tuple[str, Callable[[], object]]] = [
+            shoal_cli = [sys.executable, "-m", "shoal", "exec", "-S", "-a", "--", "true"]
+            for key, fn in (
                 ("agent_true_ms", lambda: through_agents("true")),
                 ("agent_hostname_b_ms", lambda: through_agents("hostname", Style(gather=True))),
-                ("agent_cli_true_ms", lambda: checked([*shoal, "-S", "-a", "--", "true"], env)),
-                (
-                    "ssh_true_ms",
-                    lambda: checked([*shoal, "--ssh", "-S", "-o", hosts.options, "-w", nodeset, "true"], env),
-                ),
-                ("clush_true_ms", lambda: checked([*clush[:1], "-S", *clush[1:]], env)),
-                ("spawn_floor_ms", lambda: spawn_floor(n)),
-            ]
-            progress.update(step, description="timing", total=len(cases), completed=0)
-            for key, fn in cases:
+                ("agent_cli_true_ms", lambda: checked(shoal_cli, cluster.cli_env())),
+            ):
                 progress.update(step, description=f"timing {key}")
                 figures[key] = median_ms(fn, runs)
-                progress.advance(step)
+        # SSH with the agents gone, each shoal run next to a clush run: both see the same machine.
+        progress.update(step, description=f"starting {n} sshd")
+        with ssh_hosts(Path(root) / "ssh", count=n) as hosts:
+            env = {**os.environ, "SHOAL_URL": "http://127.0.0.1:9", "SHOAL_CONFIG": "/nonexistent"}
+            shoal_ssh = [
+                sys.executable,
+                "-m",
+                "shoal",
+                "exec",
+                "--ssh",
+                "-S",
+                "-o",
+                hosts.options,
+                "-w",
+                nodeset,
+                "true",
+            ]
+            clush = [
+                str(Path(sys.executable).with_name("clush")),
+                "-S",
+                "-o",
+                hosts.options,
+                "-w",
+                nodeset,
+                "true",
+            ]
+            times: dict[str, list[float]] = {"ssh_true_ms": [], "clush_true_ms": []}
+            for run in range(runs + 1):
+                progress.update(step, description=f"timing ssh and clush, run {run + 1} of {runs + 1}")
+                for key, args in (("ssh_true_ms", shoal_ssh), ("clush_true_ms", clush)):
+                    began = time.perf_counter()
+                    checked(args, env)
+                    if run:  # the first run of each warms up
+                        times[key].append((time.perf_counter() - began) * 1000)
+            figures.update({key: round(statistics.median(t), 1) for key, t in times.items()})
+    figures["spawn_floor_ms"] = median_ms(lambda: spawn_floor(n), runs)
     figures["clush_over_agent"] = round(figures["clush_true_ms"] / figures["agent_true_ms"], 1)
+    figures["ssh_over_clush"] = round(figures["ssh_true_ms"] / figures["clush_true_ms"], 3)
     print(json.dumps({"nodes": n, "runs": runs, **figures}))
 
 

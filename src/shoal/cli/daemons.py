@@ -6,7 +6,6 @@ run them: every other `shoal` command starts in a fraction of the time without t
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -94,6 +93,8 @@ def agent(
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Run an agent: register this node with the master and run the tasks it is given."""
+    import uvloop  # a faster event loop: an agent's turn costs less CPU on a busy node
+
     from shoal.agent.server import Agent
 
     _logging(verbose)
@@ -110,7 +111,7 @@ def agent(
         heartbeat_interval=heartbeat_interval,
     )
     try:
-        asyncio.run(Agent(settings).run())
+        uvloop.run(Agent(settings).run())
     except KeyboardInterrupt:
         pass
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 from collections.abc import Iterator
@@ -111,10 +112,12 @@ def _over_ssh(
 ) -> Iterator[Targets | Output | Ended]:
     """The events of running `request` over SSH. Groups and load come from the master when
     one answers; without one, node sets and groups.conf still work."""
-    try:
-        known = client.nodes()
-    except ShoalError:
-        known = []
+    select = request.select
+    patterns = [*select.nodes, *select.exclude]
+    known = []
+    if select.groups or select.exclude_groups or select.all or select.pick or any("@" in p for p in patterns):
+        with contextlib.suppress(ShoalError):
+            known = client.nodes()
     chosen = choose(known, request.select, random.shuffle, via_agents=False)
     yield Targets(nodes=chosen.targets)
     yield from ssh.run(chosen.targets, request, options)
