@@ -163,3 +163,33 @@ def test_no_output_is_lost_in_a_large_answer(cluster: LiveCluster, tmp_path: Pat
     result = cluster.cli("exec", "-b", "-w", "node[1-3]", "--", "seq 1 200000")
     body = result.stdout.split("---------------\n")[-1]
     assert body.splitlines() == [str(i) for i in range(1, 200001)]
+
+
+def test_spread_runs_each_command_once_at_most_one_per_node(cluster: LiveCluster, tmp_path: Path) -> None:
+    done = tmp_path / "done"
+    done.mkdir()
+    commands = tmp_path / "commands"
+    stamp = "$(date +%s.%N)"
+    lines = [f'b={stamp}; sleep 0.3; echo "$SHOAL_NODE $b {stamp}" > {done}/{i}' for i in range(6)]
+    commands.write_text("# six jobs\n" + "\n".join(lines) + "\n\nexit 7\n")
+    result = cluster.cli("exec", "--json", "-a", "--spread", str(commands))
+    records = json.loads(result.stdout)
+    assert result.returncode == 1  # one command failed
+    assert [r["index"] for r in records] == list(range(7))
+    assert [r["code"] for r in records] == [0] * 6 + [7]
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for path in done.iterdir():
+        node, began, ended = path.read_text().split()
+        spans.setdefault(node, []).append((float(began), float(ended)))
+    assert set(spans) == {"node1", "node2", "node3"}  # spread over every node
+    for runs in spans.values():  # never two at once on a node
+        runs.sort()
+        assert all(earlier[1] <= later[0] for earlier, later in zip(runs, runs[1:], strict=False))
+    table = cluster.cli("exec", "-w", "node[1-2]", "--per-node", "2", "--spread", str(commands))
+    assert "7 commands in" in table.stdout and "node1" in table.stdout
+
+
+def test_nodes_groups_lists_derived_groups(cluster: LiveCluster) -> None:
+    listing = json.loads(cluster.cli("nodes", "--groups", "--json").stdout)
+    assert listing["@all"] == "node[1-3]" and listing["@up"] == "node[1-3]"
+    assert listing["@agent:node2"] == "node2"

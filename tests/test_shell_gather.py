@@ -15,6 +15,7 @@ from shoal.model import NodeInfo, NodeStatus, Resources, Usage
 from shoal.shell.gather import TIMED_OUT_STATUS, Gather
 from shoal.shell.groups import NodeGroups, choose, resolve
 from shoal.shell.protocol import Ended, Selection
+from shoal.shell.spread import Slots
 from shoal.views import NodeView
 
 outputs = st.lists(st.sampled_from([b"a\n", b"a\nb\n", b"c", b""]), min_size=1, max_size=40)
@@ -131,3 +132,29 @@ def test_choose_skips_down_nodes_and_picks_the_least_loaded(nodes: list[NodeView
     assert least.targets == ["n3", "n2"]  # n1 is hot; n2 has a cpu allocated
     shuffled = choose(nodes, Selection(all=True, pick=1), lambda names: names.reverse())
     assert shuffled.targets == ["n3"]
+
+
+@given(st.integers(1, 6), st.integers(1, 3), st.lists(st.booleans(), max_size=60))
+def test_spread_slots_never_overfill_and_fill_the_least_busy_first(
+    nodes: int, per_node: int, ops: list[bool]
+) -> None:
+    names = [f"n{i}" for i in range(nodes)]
+    slots = Slots(names, per_node)
+    taken: list[str] = []
+    for take in ops:
+        if take:
+            node = slots.take()
+            if node is None:
+                assert len(taken) == nodes * per_node
+                continue
+            # the chosen node had the fewest running, the earliest on ties
+            fewest = min(slots.running(n) - (n == node) for n in names)
+            assert slots.running(node) - 1 == fewest
+            assert names.index(node) == min(
+                names.index(n) for n in names if slots.running(n) - (n == node) == fewest
+            )
+            taken.append(node)
+        elif taken:
+            slots.give_back(taken.pop(0))
+        assert all(0 <= slots.running(n) <= per_node for n in names)
+        assert sum(slots.running(n) for n in names) == len(taken)

@@ -149,6 +149,7 @@ class ExecStart(_Frame):
     exec_id: int
     argv: list[str]
     timeout: float | None = None
+    ack_after: float = 0.0  # seconds to wait before `ExecStarted`; an earlier end makes it moot
 
 
 class CopyFiles(_Frame):

@@ -1,7 +1,8 @@
 """The agent's side of the parallel shell: run a command now, stream what it prints.
 
 These are not tasks: no sandbox, no cgroup, nothing saved to the table. A command runs in
-the agent's environment plus `SHOAL_NODE` (the node's name), from the home directory, as
+the agent's environment plus `SHOAL_NODE` (the node's name), in the agent's working
+directory (`shoal agent` starts from its home directory, as an SSH login would), as
 the leader of its own session with its output on pipes, which the event loop reads as they
 fill; its end is reported once it has exited and both pipes are closed, so no output is
 left behind. If the master's connection drops, the commands it asked for are stopped: no
@@ -13,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from shoal.wire import ExecEnd, ExecOutput, ExecStart, ExecStarted
 
@@ -29,7 +28,7 @@ Send = Callable[[ExecStarted | ExecOutput | ExecEnd], None]
 @dataclass(slots=True)
 class _Command:
     exec_id: int
-    proc: subprocess.Popen[bytes]
+    pid: int
     pipes: dict[int, str] = field(default_factory=dict)  # open fd -> stream name
     code: int | None = None
     timed_out: bool = False
@@ -47,16 +46,14 @@ class ShellRunner:
             return  # a repeated request: the first one is already running
         out, out_w = os.pipe()
         err, err_w = os.pipe()
+        streams = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out_w, 1),
+            (os.POSIX_SPAWN_DUP2, err_w, 2),
+        ]
         try:
-            proc = subprocess.Popen(
-                frame.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out_w,
-                stderr=err_w,
-                start_new_session=True,
-                cwd=Path.home(),
-                env=self._env,
-            )
+            # posix_spawn, not Popen: a third of the CPU an agent spends per command.
+            pid = os.posix_spawnp(frame.argv[0], frame.argv, self._env, file_actions=streams, setsid=True)
         except OSError as e:
             os.close(out)
             os.close(err)
@@ -65,16 +62,19 @@ class ShellRunner:
         finally:
             os.close(out_w)
             os.close(err_w)
-        self._send(ExecStarted(exec_id=frame.exec_id))
         loop = asyncio.get_running_loop()
-        command = self._running[frame.exec_id] = _Command(frame.exec_id, proc, {out: "stdout", err: "stderr"})
+        command = self._running[frame.exec_id] = _Command(frame.exec_id, pid, {out: "stdout", err: "stderr"})
         for fd in command.pipes:
             os.set_blocking(fd, False)
             loop.add_reader(fd, self._read, command, fd)
-        pidfd = os.pidfd_open(proc.pid)
+        pidfd = os.pidfd_open(pid)
         loop.add_reader(pidfd, self._exited, command, pidfd)
         if frame.timeout is not None:
             command.timers.append(loop.call_later(frame.timeout, self._time_out, command))
+        # A command that ends sooner needs no separate word that it started: its end says so.
+        command.timers.append(
+            loop.call_later(frame.ack_after, self._send, ExecStarted(exec_id=frame.exec_id))
+        )
 
     def cancel(self, exec_id: int) -> None:
         if (command := self._running.get(exec_id)) is None:
@@ -109,8 +109,8 @@ class ShellRunner:
     def _exited(self, command: _Command, pidfd: int) -> None:
         asyncio.get_running_loop().remove_reader(pidfd)
         os.close(pidfd)
-        _, status = os.waitpid(command.proc.pid, 0)
-        command.proc.returncode = code = os.waitstatus_to_exitcode(status)
+        _, status = os.waitpid(command.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
         command.code = code if code >= 0 else 128 - code  # a shell's convention for signals
         self._end_if_done(command)
 
@@ -126,6 +126,6 @@ class ShellRunner:
 def _kill(command: _Command, sig: int) -> None:
     if command.code is None:
         try:
-            os.killpg(command.proc.pid, sig)
+            os.killpg(command.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass

@@ -110,6 +110,7 @@ def agent(
         mem=mem,
         heartbeat_interval=heartbeat_interval,
     )
+    os.chdir(Path.home())  # where parallel-shell commands start, as after an SSH login
     try:
         uvloop.run(Agent(settings).run())
     except KeyboardInterrupt:

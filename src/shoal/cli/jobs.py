@@ -12,9 +12,10 @@ from typing import Annotated, BinaryIO
 import typer
 
 from shoal.cli.errors import friendly
-from shoal.cli.render import job_detail, jobs_table, nodes_table, out, print_json
+from shoal.cli.render import groups_table, job_detail, jobs_table, nodes_table, out, print_json
 from shoal.client import Client
 from shoal.model import JobSpec, Resources, RestartPolicy, Role, Strategy, TaskState
+from shoal.shell.groups import NodeGroups
 from shoal.views import JobView
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
@@ -171,10 +172,20 @@ def kill(job_id: Annotated[int, typer.Argument(help="the job's id")], as_json: J
 
 
 @friendly
-def nodes(as_json: JsonOpt = False) -> None:
-    """List nodes with their capacity, allocation and live load."""
+def nodes(
+    groups: Annotated[bool, typer.Option("--groups", help="list groups: @up, @gpu, @rack:r1...")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List nodes with their capacity, allocation and live load, or the groups they form."""
     with Client.from_config() as client:
         records = client.nodes()
+    if groups:
+        listing = NodeGroups(records).listing()
+        if as_json:
+            print(json.dumps(listing, indent=2))
+        else:
+            out.print(groups_table(listing))
+        return
     print_json(records) if as_json else out.print(nodes_table(records))
 
 

@@ -127,3 +127,10 @@ def audit_table(records: Sequence[AuditRecord]) -> Table:
         results = ", ".join(f"{key}: {nodes}" for key, nodes in r.results.items()) or "running"
         table.add_row(str(r.id), ago(r.at), r.who, r.nodes, command, results)
     return table
+
+
+def groups_table(groups: dict[str, str]) -> Table:
+    table = Table("GROUP", "NODES", box=None, header_style="bold")
+    for name, nodes in groups.items():
+        table.add_row(name, nodes)
+    return table

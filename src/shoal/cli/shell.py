@@ -6,6 +6,7 @@ import contextlib
 import random
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,6 +14,7 @@ import typer
 from shoal.cli.display import Display, Style
 from shoal.cli.errors import fail, friendly
 from shoal.cli.render import audit_table, out, print_json
+from shoal.cli.spread import spread
 from shoal.client import Client
 from shoal.errors import ShoalError
 from shoal.shell import ssh
@@ -51,7 +53,9 @@ def selection(
 
 @friendly
 def exec_(
-    command: Annotated[list[str], typer.Argument(help="the command, after --; run by the node's shell")],
+    command: Annotated[
+        list[str] | None, typer.Argument(help="the command, after --; run by the node's shell")
+    ] = None,
     nodes: NodesOpt = [],  # noqa: B006
     exclude: ExcludeOpt = [],  # noqa: B006
     group: GroupOpt = [],  # noqa: B006
@@ -72,9 +76,28 @@ def exec_(
     over_ssh: Annotated[bool, typer.Option("--ssh", help="over SSH, for machines with no agent")] = False,
     ssh_options: Annotated[str, typer.Option("-o", "--options", help="ssh options, with --ssh")] = "",
     ssh_user: Annotated[str | None, typer.Option("-l", "--user", help="ssh user, with --ssh")] = None,
+    spread_file: Annotated[
+        Path | None,
+        typer.Option("--spread", help="a file of commands, one a line, each run once", dir_okay=False),
+    ] = None,
+    per_node: Annotated[
+        int, typer.Option("--per-node", min=1, help="with --spread: at most K at once per node")
+    ] = 1,
 ) -> None:
     """Run a command on many nodes at once, through their agents (admin only), or over SSH."""
     select = selection(nodes, exclude, group, exclude_group, everything, pick, least_loaded)
+    if spread_file is not None:
+        if command:
+            raise fail("give either a command or --spread FILE, not both", code=2)
+        lines = [ln.strip() for ln in spread_file.read_text().splitlines()]
+        commands = [ln for ln in lines if ln and not ln.startswith("#")]
+        template = ExecRequest(
+            select=select, command="true", connect_timeout=connect_timeout, command_timeout=command_timeout
+        )
+        with Client.from_config() as client:
+            raise typer.Exit(spread(client, select, commands, per_node, template, as_json))
+    if not command:
+        raise fail("no command given", "put it after --: shoal exec -w node[1-4] -- uptime", code=2)
     request = ExecRequest(
         select=select,
         command=" ".join(command),

@@ -44,6 +44,7 @@ from shoal.wire import (
     encode,
 )
 
+_ACK_AFTER = 0.1  # seconds an agent waits before confirming a start: quick commands need no confirmation
 _BACKSTOP = 5.0  # seconds past the command timeout before the master stops waiting on an agent
 
 Reply = ExecStarted | ExecOutput | FileFetched | ExecEnd
@@ -65,7 +66,12 @@ class Order:
         def frame(exec_id: int) -> ExecStart | CopyFiles | FetchFile:
             match request:
                 case ExecRequest():
-                    return ExecStart(exec_id=exec_id, argv=request.argv, timeout=request.command_timeout)
+                    return ExecStart(
+                        exec_id=exec_id,
+                        argv=request.argv,
+                        timeout=request.command_timeout,
+                        ack_after=min(_ACK_AFTER, request.connect_timeout / 4),
+                    )
                 case CopyRequest():
                     return CopyFiles(
                         exec_id=exec_id, dest=request.dest, files=request.files, into=request.into

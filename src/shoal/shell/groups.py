@@ -110,6 +110,13 @@ class NodeGroups(GroupResolver):
     def has_node_groups(self, namespace: str | None = None) -> bool:
         return False
 
+    def listing(self) -> dict[str, str]:
+        """Every derived group, `@name` or `@key:value`, with its folded node set."""
+        groups = {f"@{g}": self.group_nodes(g) for g in self.grouplist()}
+        keys = sorted({k for n in self._nodes for k in _facts(n)})
+        groups |= {f"@{k}:{v}": self.group_nodes(v, k) for k in keys for v in self.grouplist(k)}
+        return {name: str(NodeSet.fromlist(nodes)) for name, nodes in groups.items() if nodes}
+
 
 def resolve(
     groups: NodeGroups,
