@@ -73,7 +73,6 @@ def main() -> None:
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as root, Progress(transient=True) as progress:
         step = progress.add_task(f"starting {n} agents", total=None)
-        (Path(root) / "cluster").mkdir()
         with (
             live_cluster(
                 Path(root) / "cluster", agents=n, heartbeat_timeout=60, heartbeat_interval=2

@@ -26,6 +26,7 @@ app.command()(jobs.nodes)
 app.command("exec")(shell.exec_)
 app.command()(copy.copy)
 app.command()(shell.audit)
+app.command()(shell.bootstrap)
 app.command()(sim.sim)
 app.add_typer(jobs.token_app, name="token")
 

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shoal.model import NodeStatus, TaskState
+from shoal.shell.bootstrap import NodeResult
 from shoal.shell.protocol import AuditRecord
 from shoal.views import JobView, NodeView
 
@@ -133,4 +134,12 @@ def groups_table(groups: dict[str, str]) -> Table:
     table = Table("GROUP", "NODES", box=None, header_style="bold")
     for name, nodes in groups.items():
         table.add_row(name, nodes)
+    return table
+
+
+def bootstrap_table(results: Sequence[NodeResult]) -> Table:
+    table = Table("NODE", "RESULT", "DETAIL", box=None, header_style="bold")
+    for r in results:
+        verdict = "[green]ok[/]" if r.ok else f"[red]failed at {r.step}[/]"
+        table.add_row(r.node, verdict, r.message.strip().splitlines()[-1] if r.message.strip() else "")
     return table

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import sys
+import tempfile
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shoal.cli.display import Display, Style
 from shoal.cli.errors import fail, friendly
-from shoal.cli.render import audit_table, out, print_json
+from shoal.cli.render import audit_table, bootstrap_table, out, print_json
 from shoal.cli.spread import spread
 from shoal.client import Client
 from shoal.errors import ShoalError
 from shoal.shell import ssh
-from shoal.shell.groups import choose
+from shoal.shell.bootstrap import Plan, build_wheel
+from shoal.shell.bootstrap import bootstrap as run_bootstrap
+from shoal.shell.groups import NodeGroups, choose, resolve
 from shoal.shell.protocol import Ended, ExecRequest, Output, Selection, Targets
 from shoal.shell.ssh import SshOptions
 
@@ -159,3 +165,43 @@ def audit(
         print_json(records)
     else:
         out.print(audit_table(records))
+
+
+@friendly
+def bootstrap(
+    nodes: NodesOpt,
+    master: Annotated[str, typer.Option(help="the master's URL, as the nodes reach it")],
+    token: Annotated[
+        str, typer.Option(envvar="SHOAL_CLUSTER_TOKEN", help="the cluster token (the master's cluster.token)")
+    ],
+    prefix: Annotated[str, typer.Option(help="where to install on the nodes; {node} is each one's name")] = (
+        "/opt/shoal"
+    ),
+    wheel: Annotated[Path | None, typer.Option(help="the wheel to install; default: built here")] = None,
+    python: Annotated[str, typer.Option(help="the nodes' Python (3.11+), to make the venv")] = "python3",
+    pip_args: Annotated[str, typer.Option(help="extra pip arguments, e.g. --index-url for a mirror")] = "",
+    label: Annotated[list[str], typer.Option(help="key=value label for the agents; repeatable")] = [],  # noqa: B006
+    ssh_options: Annotated[str, typer.Option("-o", "--options", help="ssh options")] = "",
+    ssh_user: Annotated[str | None, typer.Option("-l", "--user", help="ssh user")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one record per node, for scripts")] = False,
+) -> None:
+    """Install shoal on machines over SSH and start an agent on each (systemd where present)."""
+    targets = resolve(NodeGroups(()), nodes)  # groups.conf groups work; the master may not exist yet
+    labels = dict(item.split("=", 1) for item in label if "=" in item)
+    with contextlib.ExitStack() as stack:
+        if wheel is None:
+            wheel = build_wheel(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="shoal-wheel-"))))
+        plan = Plan(master, token, wheel, prefix, python, pip_args, labels)
+        results = []
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, transient=True, disable=as_json) as progress:
+            bar = progress.add_task(f"bootstrapping {targets}", total=len(targets))
+            for result in run_bootstrap(targets, plan, SshOptions(ssh_options, ssh_user)):
+                results.append(result)
+                progress.advance(bar)
+    results.sort(key=lambda r: r.node)
+    if as_json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        out.print(bootstrap_table(results))
+    raise typer.Exit(0 if all(r.ok for r in results) else 1)

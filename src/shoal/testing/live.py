@@ -183,6 +183,7 @@ class LiveCluster:
 def live_cluster(
     root: Path, agents: int = 2, heartbeat_timeout: float = 2.0, heartbeat_interval: float = 0.3
 ) -> Iterator[LiveCluster]:
+    root.mkdir(parents=True, exist_ok=True)
     cluster = LiveCluster(root, agents, heartbeat_timeout, heartbeat_interval)
     try:
         cluster.start()

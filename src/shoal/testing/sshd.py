@@ -103,6 +103,8 @@ def ssh_hosts(root: Path, count: int, prefix: str = "node") -> Iterator[SshHosts
                         "PermitRootLogin=yes",
                         "-o",
                         "MaxStartups=1000",
+                        "-o",
+                        "Subsystem=sftp internal-sftp",  # scp speaks SFTP, as Debian's sshd allows
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=open(root / f"sshd-{i + 1}.log", "wb"),  # noqa: SIM115 (the process owns it)
