@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from shoal.client import ApiError
-from shoal.model import Role
+from shoal.model import JobSpec, Resources, Role
 from shoal.shell.protocol import Ended, ExecRequest, Output, Selection, Targets
 from shoal.testing.live import LiveCluster, live_cluster, wait_for
 
@@ -193,3 +193,20 @@ def test_nodes_groups_lists_derived_groups(cluster: LiveCluster) -> None:
     listing = json.loads(cluster.cli("nodes", "--groups", "--json").stdout)
     assert listing["@all"] == "node[1-3]" and listing["@up"] == "node[1-3]"
     assert listing["@agent:node2"] == "node2"
+
+
+def test_job_specs_and_picks_take_derived_groups(cluster: LiveCluster) -> None:
+    with cluster.client() as client:
+        job = client.submit(
+            JobSpec(command="true", count=2, resources=Resources(cpus=0.1), nodes="@agent:node2")
+        )
+        view = client.wait(job, timeout=30)
+        assert {t.node for t in view.tasks} == {"node2"}
+        picked = [
+            e
+            for e in client.exec(
+                ExecRequest(select=Selection(all=True, pick=2, least_loaded=True), command="true")
+            )
+            if isinstance(e, Ended)
+        ]
+    assert len(picked) == 2 and all(e.code == 0 for e in picked)
