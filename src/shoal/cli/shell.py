@@ -82,6 +82,7 @@ def exec_(
     over_ssh: Annotated[bool, typer.Option("--ssh", help="over SSH, for machines with no agent")] = False,
     ssh_options: Annotated[str, typer.Option("-o", "--options", help="ssh options, with --ssh")] = "",
     ssh_user: Annotated[str | None, typer.Option("-l", "--user", help="ssh user, with --ssh")] = None,
+    reuse: Annotated[bool, typer.Option(help="--ssh: keep connections open between runs")] = True,
     spread_file: Annotated[
         Path | None,
         typer.Option("--spread", help="a file of commands, one a line, each run once", dir_okay=False),
@@ -123,7 +124,7 @@ def exec_(
     display = Display(style)
     with Client.from_config() as client:
         if over_ssh:
-            events = _over_ssh(client, request, SshOptions(ssh_options, ssh_user))
+            events = _over_ssh(client, request, SshOptions(ssh_options, ssh_user, reuse))
         else:
             events = client.exec(request)
         try:
