@@ -6,9 +6,9 @@ line and per node end. Those callbacks become the same events the agents' path s
 unreachable host ends with ssh's own 255, as under clush. The task runs in a thread of
 its own, so the caller can stop it (Ctrl-C) while reading events.
 
-Connections are kept open between runs (ssh's ControlMaster, idle for up to `REUSE_FOR`
-seconds, as Ansible keeps them for a minute): the first run to a host pays the SSH
-handshake, the next ones ride the open connection. `reuse=False` turns that off.
+Connections are kept open between runs (ssh's ControlMaster, for `REUSE_FOR` seconds, as
+Ansible does by default): the first run to a host pays the SSH handshake, the next ones
+ride the open connection. `reuse=False` turns that off.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ DEFAULT_FANOUT = 64  # clush's default: ssh processes at once
 _Event = Output | Ended | None  # None: the task is over
 
 
-REUSE_FOR = 300  # seconds an idle shared connection stays open
+REUSE_FOR = 60  # seconds an idle shared connection stays open
 
 
 @dataclass(frozen=True, slots=True)
