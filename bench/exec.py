@@ -9,16 +9,13 @@ addresses 127.0.0.2... , then times, over at least 5 runs each (medians):
   node's end, with the Python SDK (the command itself, no interpreter start-up);
 - agent_hostname_b_ms: `hostname`, gathered and folded as `-b` shows it;
 - agent_cli_true_ms: the whole `shoal exec -a -- true` process, Python start-up included;
-- ssh_true_ms: `shoal exec --ssh -w node[1-N] -- true`, the whole process (connections
-  kept open between runs, shoal's default);
-- ssh_cold_true_ms: the same with `--no-reuse`: a new SSH connection per host per run;
+- ssh_true_ms: `shoal exec --ssh -w node[1-N] -- true`, the whole process;
 - clush_true_ms: `clush -w node[1-N] true` on the same hosts, the whole process;
 - spawn_floor_ms: spawning and reaping N `true` processes here, no shoal at all.
 
 The agents are stopped before the SSH runs, and each shoal run alternates with a clush run,
 so both see the same machine. Prints one JSON line last with those keys, `nodes`,
-clush_over_agent (the speed-up), ssh_over_clush and ssh_cold_over_clush (below 1: shoal's
-SSH path is faster).
+clush_over_agent (the speed-up) and ssh_over_clush (below 1: shoal's SSH path is faster).
 """
 
 from __future__ import annotations
@@ -106,17 +103,32 @@ def main() -> None:
         progress.update(step, description=f"starting {n} sshd")
         with ssh_hosts(Path(root) / "ssh", count=n) as hosts:
             env = {**os.environ, "SHOAL_URL": "http://127.0.0.1:9", "SHOAL_CONFIG": "/nonexistent"}
-            shoal = [sys.executable, "-m", "shoal", "exec", "--ssh", "-S", "-o", hosts.options]
-            clush = [str(Path(sys.executable).with_name("clush")), "-S", "-o", hosts.options]
-            argvs = {
-                "ssh_true_ms": [*shoal, "-w", nodeset, "true"],
-                "ssh_cold_true_ms": [*shoal, "--no-reuse", "-w", nodeset, "true"],
-                "clush_true_ms": [*clush, "-w", nodeset, "true"],
-            }
-            times: dict[str, list[float]] = {key: [] for key in argvs}
+            shoal_ssh = [
+                sys.executable,
+                "-m",
+                "shoal",
+                "exec",
+                "--ssh",
+                "-S",
+                "-o",
+                hosts.options,
+                "-w",
+                nodeset,
+                "true",
+            ]
+            clush = [
+                str(Path(sys.executable).with_name("clush")),
+                "-S",
+                "-o",
+                hosts.options,
+                "-w",
+                nodeset,
+                "true",
+            ]
+            times: dict[str, list[float]] = {"ssh_true_ms": [], "clush_true_ms": []}
             for run in range(runs + 1):
                 progress.update(step, description=f"timing ssh and clush, run {run + 1} of {runs + 1}")
-                for key, args in argvs.items():
+                for key, args in (("ssh_true_ms", shoal_ssh), ("clush_true_ms", clush)):
                     began = time.perf_counter()
                     checked(args, env)
                     if run:  # the first run of each warms up
@@ -125,7 +137,6 @@ def main() -> None:
     figures["spawn_floor_ms"] = median_ms(lambda: spawn_floor(n), runs)
     figures["clush_over_agent"] = round(figures["clush_true_ms"] / figures["agent_true_ms"], 1)
     figures["ssh_over_clush"] = round(figures["ssh_true_ms"] / figures["clush_true_ms"], 3)
-    figures["ssh_cold_over_clush"] = round(figures["ssh_cold_true_ms"] / figures["clush_true_ms"], 3)
     print(json.dumps({"nodes": n, "runs": runs, **figures}))
 
 

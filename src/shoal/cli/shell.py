@@ -82,7 +82,6 @@ def exec_(
     over_ssh: Annotated[bool, typer.Option("--ssh", help="over SSH, for machines with no agent")] = False,
     ssh_options: Annotated[str, typer.Option("-o", "--options", help="ssh options, with --ssh")] = "",
     ssh_user: Annotated[str | None, typer.Option("-l", "--user", help="ssh user, with --ssh")] = None,
-    reuse: Annotated[bool, typer.Option(help="--ssh: keep connections open between runs")] = True,
     spread_file: Annotated[
         Path | None,
         typer.Option("--spread", help="a file of commands, one a line, each run once", dir_okay=False),
@@ -124,7 +123,7 @@ def exec_(
     display = Display(style)
     with Client.from_config() as client:
         if over_ssh:
-            events = _over_ssh(client, request, SshOptions(ssh_options, ssh_user, reuse))
+            events = _over_ssh(client, request, SshOptions(ssh_options, ssh_user))
         else:
             events = client.exec(request)
         try:

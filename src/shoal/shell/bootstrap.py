@@ -166,8 +166,8 @@ def _run(
     """The thread's body: one ClusterShell task, bound to this thread, runs both steps."""
     task: Task = task_self()
     task.set_info("fanout", DEFAULT_FANOUT)
-    if options := ssh.command_line():
-        task.set_info("ssh_options", options)
+    if ssh.options:
+        task.set_info("ssh_options", ssh.options)
     if ssh.user:
         task.set_info("ssh_user", ssh.user)
     copied: queue.Queue[NodeResult] = queue.Queue()

@@ -5,23 +5,16 @@ line and per node end. Those callbacks become the same events the agents' path s
 (`Output`, `Ended`), so the display, `-b` gathering and exit codes behave alike. An
 unreachable host ends with ssh's own 255, as under clush. The task runs in a thread of
 its own, so the caller can stop it (Ctrl-C) while reading events.
-
-Connections are kept open between runs (ssh's ControlMaster, for `REUSE_FOR` seconds, as
-Ansible does by default): the first run to a host pays the SSH handshake, the next ones
-ride the open connection. `reuse=False` turns that off.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import shlex
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from ClusterShell.Event import EventHandler
 from ClusterShell.NodeSet import NodeSet
@@ -35,23 +28,10 @@ DEFAULT_FANOUT = 64  # clush's default: ssh processes at once
 _Event = Output | Ended | None  # None: the task is over
 
 
-REUSE_FOR = 60  # seconds an idle shared connection stays open
-
-
 @dataclass(frozen=True, slots=True)
 class SshOptions:
     options: str = ""  # extra ssh options, as clush -o takes them
     user: str | None = None
-    reuse: bool = True
-
-    def command_line(self) -> str:
-        """The options ssh gets: the caller's, then connection sharing unless turned off."""
-        if not self.reuse:
-            return self.options
-        sockets = Path(tempfile.gettempdir()) / f"shoal-ssh-{os.getuid()}"
-        sockets.mkdir(mode=0o700, exist_ok=True)
-        sharing = f"-oControlMaster=auto -oControlPath={sockets}/%C -oControlPersist={REUSE_FOR}"
-        return f"{self.options} {sharing}".strip()
 
 
 class _Relay(EventHandler):  # type: ignore[misc]
@@ -112,8 +92,8 @@ def _run(
     try:
         task.set_info("fanout", request.fanout or DEFAULT_FANOUT)
         task.set_info("connect_timeout", request.connect_timeout)
-        if options := ssh.command_line():
-            task.set_info("ssh_options", options)
+        if ssh.options:
+            task.set_info("ssh_options", ssh.options)
         if ssh.user:
             task.set_info("ssh_user", ssh.user)
         command = request.command if isinstance(request.command, str) else shlex.join(request.command)

@@ -20,8 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from shoal.testing.live import free_port, wait_for
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -46,24 +44,11 @@ class SshHosts:
         return f"127.0.0.{index + 2}"
 
     def stop(self) -> None:
-        """Stop the listeners and their sessions: shared connections (ssh ControlMaster)
-        would otherwise keep session processes alive after the listener is gone."""
-        sessions = [c for proc in self.processes for c in _children(proc.pid)]
         for proc in self.processes:
             proc.terminate()
-        for session in sessions:
-            with contextlib.suppress(psutil.Error):
-                session.terminate()
         for proc in self.processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
-
-
-def _children(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
 
 
 def _keygen(path: Path) -> None:
