@@ -44,9 +44,11 @@ WantedBy=multi-user.target
 _SCRIPT = """set -e
 P={prefix}; W={wheel}; MASTER={master}; NODE={node}; LABELS={labels}
 IFS= read -r TOKEN
+D=$(mktemp -d)
+trap 'rm -rf "$D"' EXIT
+mv "$W" "$D/"{wheel_name}  # pip wants the wheel under its own name
 [ -x "$P/bin/python" ] || {python} -m venv "$P"
-"$P/bin/pip" install --quiet --disable-pip-version-check {pip_args} "$W"
-rm -f "$W"
+"$P/bin/pip" install --quiet --disable-pip-version-check {pip_args} "$D/"{wheel_name}
 umask 077
 printf 'SHOAL_CLUSTER_TOKEN=%s\\n' "$TOKEN" > "$P/agent.env"
 if [ -d /run/systemd/system ]; then
@@ -76,12 +78,16 @@ class Plan:
     pip_args: str = ""
     labels: dict[str, str] = field(default_factory=dict)
 
+    def remote_wheel(self, node: str) -> str:
+        """Where the wheel lands on `node`: a name of its own, in case /tmp is shared."""
+        return f"/tmp/shoal-bootstrap-{node}-{self.wheel.name}"
+
     def script(self, node: str) -> str:
-        remote_wheel = f"/tmp/{self.wheel.name}"
         labels = " ".join(f"--label {k}={v}" for k, v in sorted(self.labels.items()))
         return _SCRIPT.format(
             prefix=shlex.quote(self.prefix.replace("{node}", node)),
-            wheel=shlex.quote(remote_wheel),
+            wheel=shlex.quote(self.remote_wheel(node)),
+            wheel_name=shlex.quote(self.wheel.name),
             master=shlex.quote(self.master),
             node=shlex.quote(node),
             labels=shlex.quote(labels),
@@ -171,13 +177,9 @@ def _run(
     if ssh.user:
         task.set_info("ssh_user", ssh.user)
     copied: queue.Queue[NodeResult] = queue.Queue()
-    task.copy(
-        str(plan.wheel),
-        f"/tmp/{plan.wheel.name}",
-        nodes=nodes,
-        handler=_Steps("copy", copied),
-        timeout=timeout,
-    )
+    copying = _Steps("copy", copied)
+    for node in nodes:
+        task.copy(str(plan.wheel), plan.remote_wheel(node), nodes=node, handler=copying, timeout=timeout)
     task.resume()
     while not copied.empty():
         result = copied.get()
