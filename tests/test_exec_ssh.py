@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from shoal.testing.live import free_port
+from shoal.client import ApiError
+from shoal.model import Role
+from shoal.testing.live import free_port, live_cluster
 from shoal.testing.sshd import SshHosts, ssh_hosts
 
 
@@ -54,3 +56,39 @@ def test_exit_codes_and_unreachable_hosts_as_clush_reports_them(hosts: SshHosts)
 def test_command_timeout_over_ssh(hosts: SshHosts, tmp_path: Path) -> None:
     result = shoal_ssh(hosts, "-u", "1", "-w", "node[1-2]", "--", "sleep 20")
     assert "node[1-2]: command timeout" in result.stderr
+
+
+def test_ssh_runs_are_audited_when_a_master_answers(hosts: SshHosts, tmp_path: Path) -> None:
+    with live_cluster(tmp_path / "cluster", agents=0) as cluster:
+        env = {**cluster.cli_env()}
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "shoal",
+                "exec",
+                "--ssh",
+                "-o",
+                hosts.options,
+                "-w",
+                "node[1-2]",
+                "--",
+                "exit 4",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "node[1-2]: exited with exit code 4" in result.stderr
+        with cluster.client() as admin:
+            record = admin.audit(limit=1)[0]
+            assert (record.via, record.command, record.nodes) == ("ssh", "exit 4", "node[1-2]")
+            assert record.results == {"4": "node[1-2]"} and record.ended_at is not None
+            with pytest.raises(ApiError) as again:
+                admin.audit_end(record.id, {})
+            assert again.value.status == 409
+            other = admin.create_token("erin", Role.ADMIN).token
+        with cluster.client(other) as erin, pytest.raises(ApiError) as not_hers:
+            erin.audit_end(record.id, {})
+        assert not_hers.value.status == 404

@@ -191,6 +191,14 @@ class Client:
         params = {"offset": str(offset), "limit": str(limit)}
         return _AUDIT.validate_python(self._call("GET", "/v1/audit", params=params))
 
+    def audit_start(self, command: str, nodes: str) -> int:
+        """Record a parallel command run over SSH (admin only); returns the record's id."""
+        body = {"command": command, "nodes": nodes, "via": "ssh"}
+        return AuditRecord.model_validate(self._call("POST", "/v1/audit", json=body)).id
+
+    def audit_end(self, record_id: int, results: dict[str, str]) -> None:
+        self._call("POST", f"/v1/audit/{record_id}/end", json={"results": results})
+
     def wait(
         self, job_id: int, poll: float = 0.2, timeout: float | None = None, limit: int = 1000
     ) -> JobView:

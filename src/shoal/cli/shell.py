@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from ClusterShell.NodeSet import NodeSet
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shoal.cli.display import Display, Style
@@ -24,6 +25,7 @@ from shoal.errors import ShoalError
 from shoal.shell import ssh
 from shoal.shell.bootstrap import Plan, build_wheel
 from shoal.shell.bootstrap import bootstrap as run_bootstrap
+from shoal.shell.gather import outcome
 from shoal.shell.groups import NodeGroups, choose, resolve
 from shoal.shell.protocol import Ended, ExecRequest, Output, Selection, Targets
 from shoal.shell.ssh import SshOptions
@@ -140,7 +142,8 @@ def _over_ssh(
     client: Client, request: ExecRequest, options: SshOptions
 ) -> Iterator[Targets | Output | Ended]:
     """The events of running `request` over SSH. Groups and load come from the master when
-    one answers; without one, node sets and groups.conf still work."""
+    one answers; without one, node sets and groups.conf still work. The run goes into the
+    master's audit log when a master answers."""
     select = request.select
     patterns = [*select.nodes, *select.exclude]
     known = []
@@ -148,8 +151,21 @@ def _over_ssh(
         with contextlib.suppress(ShoalError):
             known = client.nodes()
     chosen = choose(known, request.select, random.shuffle, via_agents=False)
-    yield Targets(nodes=chosen.targets)
-    yield from ssh.run(chosen.targets, request, options)
+    command = request.command if isinstance(request.command, str) else " ".join(request.command)
+    record = None
+    with contextlib.suppress(ShoalError):
+        record = client.audit_start(command, str(NodeSet.fromlist(chosen.targets)))
+    ended: list[Ended] = []
+    try:
+        yield Targets(nodes=chosen.targets)
+        for event in ssh.run(chosen.targets, request, options):
+            if isinstance(event, Ended):
+                ended.append(event)
+            yield event
+    finally:
+        if record is not None:
+            with contextlib.suppress(ShoalError):
+                client.audit_end(record, outcome(chosen.targets, ended))
 
 
 @friendly

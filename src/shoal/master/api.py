@@ -32,7 +32,7 @@ from shoal.master.state import KillJob, Submit
 from shoal.master.store.sqlite import SqliteStore
 from shoal.model import Caller, JobSpec, Role, TaskRecord
 from shoal.shell.groups import NodeGroups, choose, resolve
-from shoal.shell.protocol import AuditRecord, CopyRequest, ExecRequest, FetchRequest
+from shoal.shell.protocol import AuditEnd, AuditRecord, AuditStart, CopyRequest, ExecRequest, FetchRequest
 from shoal.views import ErrorBody, FieldError, JobView, NodeView, Submitted, TokenCreated, TokenRequest
 
 log = logging.getLogger("shoal.master")
@@ -276,6 +276,34 @@ def _routes(app: FastAPI) -> None:
     ) -> StreamingResponse:
         """Pull one file from every node of a set into the blob store (admin only; audited)."""
         return _fan_out(master, caller, body, f"rcopy {body.path}")
+
+    @app.post("/v1/audit", status_code=201, response_model=AuditRecord)
+    async def audit_start(
+        body: AuditStart, master: MasterDep, caller: Annotated[Caller, Depends(_admin)]
+    ) -> AuditRecord:
+        """Record a parallel command run around the master (over SSH), before it runs."""
+        record = AuditRecord(
+            at=time.time(), who=caller.name, command=body.command, nodes=body.nodes, via=body.via
+        )
+        record.id = master.store.add_audit(record)
+        return record
+
+    @app.post("/v1/audit/{record_id}/end", response_model=AuditRecord)
+    async def audit_end(
+        record_id: Annotated[int, Path(ge=1, le=2**62)],
+        body: AuditEnd,
+        master: MasterDep,
+        caller: Annotated[Caller, Depends(_admin)],
+    ) -> AuditRecord:
+        """Complete a record made with POST /v1/audit, once, by whoever made it."""
+        record = master.store.audit_record(record_id)
+        if record is None or record.who != caller.name:
+            raise NotFound(f"no audit record {record_id} of yours")
+        if record.ended_at is not None:
+            raise SpecError("record_id", f"audit record {record_id} has ended already", status=409)
+        record.ended_at, record.results = time.time(), body.results
+        master.store.end_audit(record)
+        return record
 
     @app.put("/v1/blobs/{blob}", status_code=201, dependencies=[Depends(_admin_or_agent)])
     async def put_blob(blob: Blob, request: Request, master: MasterDep) -> dict[str, int]:

@@ -14,12 +14,11 @@ import asyncio
 import itertools
 import math
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from ClusterShell.NodeSet import NodeSet
-
+from shoal.shell.gather import outcome
 from shoal.shell.groups import Chosen
 from shoal.shell.protocol import (
     AuditRecord,
@@ -109,22 +108,19 @@ class ShellRelay:
     ) -> AsyncIterator[bytes]:
         """The packed events of carrying out `order` on `chosen`; `record` is completed with
         every node's result and handed to `keep` when the stream ends, however it ends."""
-        results: dict[str, list[str]] = defaultdict(list)
+        ended: list[Ended] = []
         try:
             yield pack(Targets(nodes=chosen.targets, down=list(chosen.down)))
             skipped = [Ended(node=node, failure="down", message=why) for node, why in chosen.down.items()]
-            _tally(results, skipped)
+            ended.extend(skipped)
             if skipped:
                 yield b"".join(map(pack, skipped))
             async for batch in self.run(order, chosen.targets):
-                _tally(results, batch)
+                ended.extend(e for e in batch if isinstance(e, Ended))
                 yield b"".join(map(pack, batch))
         finally:
-            ended = {node for nodes in results.values() for node in nodes}
-            if interrupted := [node for node in chosen.targets if node not in ended]:
-                results["interrupted"] = interrupted
             record.ended_at = time.time()
-            record.results = {key: str(NodeSet.fromlist(nodes)) for key, nodes in sorted(results.items())}
+            record.results = outcome(chosen.targets, ended)
             keep(record)
 
     async def run(self, order: Order, nodes: list[str]) -> AsyncIterator[list[Answer]]:
@@ -216,9 +212,3 @@ def _drain(
     while not inbox.empty():
         items.append(inbox.get_nowait())
     return items
-
-
-def _tally(results: dict[str, list[str]], events: list[Answer]) -> None:
-    for event in events:
-        if isinstance(event, Ended):
-            results[event.failure or str(event.code)].append(event.node)

@@ -11,6 +11,7 @@ on how the command travelled.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ClusterShell.MsgTree import MsgTree
@@ -97,3 +98,15 @@ class Gather:
         if self.failures():
             return TIMED_OUT_STATUS
         return max((code for code, _ in self.codes()), default=0)
+
+
+def outcome(targets: Iterable[str], ended: Iterable[Ended]) -> dict[str, str]:
+    """How a parallel command ended, for the audit log: each exit code or failure with the
+    node set that had it; targets that never ended are `interrupted`."""
+    by_result: dict[str, list[str]] = defaultdict(list)
+    for event in ended:
+        by_result[event.failure or str(event.code)].append(event.node)
+    done = {node for nodes in by_result.values() for node in nodes}
+    if interrupted := [node for node in targets if node not in done]:
+        by_result["interrupted"] = interrupted
+    return {key: str(NodeSet.fromlist(nodes)) for key, nodes in sorted(by_result.items())}

@@ -136,10 +136,28 @@ class AuditRecord(BaseModel):
     who: str
     command: Command
     nodes: str = Field(description="the node set it was sent to")
+    via: Literal["agents", "ssh"] = "agents"
     ended_at: float | None = None
     results: dict[str, str] = Field(
         default_factory=dict, description="exit code or failure -> the node set that had it"
     )
+
+
+class AuditStart(BaseModel):
+    """A parallel command that did not pass through the master (`shoal exec --ssh`),
+    recorded by the admin who runs it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: Command
+    nodes: str = Field(max_length=100_000)
+    via: Literal["ssh"] = "ssh"
+
+
+class AuditEnd(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    results: dict[str, str] = Field(max_length=1000)
 
 
 class Fetched(_Event):

@@ -77,6 +77,10 @@ class SqliteStore:
     def end_audit(self, record: AuditRecord) -> None:
         self._db.execute("UPDATE audit SET doc = ? WHERE id = ?", (record.model_dump_json(), record.id))
 
+    def audit_record(self, record_id: int) -> AuditRecord | None:
+        row = self._db.execute("SELECT doc FROM audit WHERE id = ?", (record_id,)).fetchone()
+        return AuditRecord.model_validate_json(row[0]).model_copy(update={"id": record_id}) if row else None
+
     def audit(self, offset: int, limit: int) -> list[AuditRecord]:
         rows = self._db.execute(
             "SELECT id, doc FROM audit ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset)
