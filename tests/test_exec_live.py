@@ -210,3 +210,18 @@ def test_job_specs_and_picks_take_derived_groups(cluster: LiveCluster) -> None:
             if isinstance(e, Ended)
         ]
     assert len(picked) == 2 and all(e.code == 0 for e in picked)
+
+
+def test_output_past_the_flow_window_arrives_whole(cluster: LiveCluster) -> None:
+    # 12 MB per node, three times the window an agent may send ahead of the reader
+    command = "head -c 12000000 /dev/zero | tr '\\0' x | fold -w 99"
+    with cluster.client() as client:
+        sizes: dict[str, int] = {}
+        for event in client.exec(ExecRequest(select=Selection(nodes=["node[1-2]"]), command=command)):
+            if isinstance(event, Output):
+                sizes[event.node] = sizes.get(event.node, 0) + len(event.data)
+                time.sleep(0.0005)  # a slow reader
+            elif isinstance(event, Ended):
+                assert event.code == 0
+    whole = 12_000_000 + 12_000_000 // 99  # every x, and a newline after each full line
+    assert sizes == {"node1": whole, "node2": whole}

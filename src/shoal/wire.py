@@ -170,6 +170,14 @@ class FetchFile(_Frame):
     path: str
 
 
+class ExecAck(_Frame):
+    """The reader of a command's output has taken `consumed` more bytes of it."""
+
+    kind: Literal["exec_ack"] = "exec_ack"
+    exec_id: int
+    consumed: int
+
+
 class ExecCancel(_Frame):
     kind: Literal["exec_cancel"] = "exec_cancel"
     exec_id: int
@@ -191,6 +199,7 @@ Frame = Annotated[
     | ExecStart
     | CopyFiles
     | FetchFile
+    | ExecAck
     | ExecCancel,
     Field(discriminator="kind"),
 ]

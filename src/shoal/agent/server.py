@@ -45,6 +45,7 @@ from shoal.config import AgentSettings
 from shoal.errors import ShoalError
 from shoal.wire import (
     CopyFiles,
+    ExecAck,
     ExecCancel,
     ExecStart,
     FetchFile,
@@ -232,6 +233,8 @@ class Agent:
                     self.shell.start(frame)
                 elif isinstance(frame, CopyFiles | FetchFile):
                     self.files.handle(frame)
+                elif isinstance(frame, ExecAck):
+                    self.shell.acknowledge(frame.exec_id, frame.consumed)
                 elif isinstance(frame, ExecCancel):
                     self.shell.cancel(frame.exec_id)
                     self.files.cancel(frame.exec_id)

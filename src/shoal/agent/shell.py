@@ -5,8 +5,10 @@ the agent's environment plus `SHOAL_NODE` (the node's name), in the agent's work
 directory (`shoal agent` starts from its home directory, as an SSH login would), as
 the leader of its own session with its output on pipes, which the event loop reads as they
 fill; its end is reported once it has exited and both pipes are closed, so no output is
-left behind. If the master's connection drops, the commands it asked for are stopped: no
-one is left to hear their answer.
+left behind. Output is flow-controlled: past `WINDOW` bytes the reader has not taken yet,
+the agent stops reading the pipes (the command then blocks writing) until the master says
+the reader caught up. If the master's connection drops, the commands it asked for are
+stopped: no one is left to hear their answer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from shoal.wire import ExecEnd, ExecOutput, ExecStart, ExecStarted
 
 _READ = 65536
+WINDOW = 4 << 20  # bytes of output sent and not yet taken by the reader before reading pauses
 _KILL_AFTER = 1.0  # seconds between SIGTERM and SIGKILL when a command is cancelled
 
 Send = Callable[[ExecStarted | ExecOutput | ExecEnd], None]
@@ -33,6 +36,8 @@ class _Command:
     code: int | None = None
     timed_out: bool = False
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    unacked: int = 0  # output bytes the master has not yet passed on to the reader
+    paused: bool = False
 
 
 class ShellRunner:
@@ -83,6 +88,17 @@ class ShellRunner:
         loop = asyncio.get_running_loop()
         command.timers.append(loop.call_later(_KILL_AFTER, _kill, command, signal.SIGKILL))
 
+    def acknowledge(self, exec_id: int, consumed: int) -> None:
+        """The reader took `consumed` more bytes: read on if the window has room again."""
+        if (command := self._running.get(exec_id)) is None:
+            return
+        command.unacked = max(0, command.unacked - consumed)
+        if command.paused and command.unacked < WINDOW:
+            command.paused = False
+            loop = asyncio.get_running_loop()
+            for fd in command.pipes:
+                loop.add_reader(fd, self._read, command, fd)
+
     def cancel_all(self) -> None:
         for exec_id in list(self._running):
             self.cancel(exec_id)
@@ -100,6 +116,12 @@ class ShellRunner:
             data = b""
         if data:
             self._send(ExecOutput(exec_id=command.exec_id, stream=command.pipes[fd], data=data))  # type: ignore[arg-type]
+            command.unacked += len(data)
+            if command.unacked >= WINDOW and not command.paused:
+                # A slow reader: stop reading, and the command blocks on its full pipe.
+                command.paused = True
+                for pipe in command.pipes:
+                    asyncio.get_running_loop().remove_reader(pipe)
             return
         asyncio.get_running_loop().remove_reader(fd)
         del command.pipes[fd]

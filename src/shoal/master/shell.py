@@ -5,7 +5,9 @@ No handshake per node: the agents' WebSockets are already open, so a command rea
 nodes as 128 frames. A node must confirm the start within the connect timeout, and end
 within the command timeout (the agent enforces it; the master keeps a backstop in case the
 agent itself went quiet). Nodes that fail in any way end with a reason and never hold up
-the others. If the caller goes away, whatever still runs is cancelled.
+the others. Output is passed on as the caller reads it, and acknowledged to the agents
+only then, so a slow reader slows the commands instead of filling the master's memory. If
+the caller goes away, whatever still runs is cancelled.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import itertools
 import math
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ from shoal.shell.protocol import (
 )
 from shoal.wire import (
     CopyFiles,
+    ExecAck,
     ExecCancel,
     ExecEnd,
     ExecOutput,
@@ -154,6 +157,9 @@ class ShellRelay:
                             batch.extend(self._answer(order, running, node, reply, clock()))
                 if batch:
                     yield batch
+                    # The reader took the batch: let each node's agent read on.
+                    for node, consumed in _output_bytes(batch).items():
+                        self._send(node, encode(ExecAck(exec_id=exec_id, consumed=consumed)))
         finally:
             del self._inboxes[exec_id]
             cancel = encode(ExecCancel(exec_id=exec_id))
@@ -203,6 +209,14 @@ class ShellRelay:
                 failure = "command-timeout" if run.started else "connect-timeout"
                 ended.append(Ended(node=node, duration=now - run.began, failure=failure))
         return ended
+
+
+def _output_bytes(batch: list[Answer]) -> dict[str, int]:
+    sizes: dict[str, int] = defaultdict(int)
+    for event in batch:
+        if isinstance(event, Output):
+            sizes[event.node] += len(event.data)
+    return sizes
 
 
 def _drain(
