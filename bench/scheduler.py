@@ -23,6 +23,7 @@ import numpy as np
 import psutil
 from rich.progress import Progress
 
+from shoal.master.server import tune_collector
 from shoal.master.state import FromAgent, MasterState, Submit
 from shoal.model import JobSpec, NodeInfo, Resources, TaskState
 from shoal.wire import Register
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     rng = random.Random(args.seed)
+    tune_collector()  # as the master process does
     state = MasterState(heartbeat_timeout=1e9)
     infos = nodes(args.nodes, rng)
     for info in infos:

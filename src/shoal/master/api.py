@@ -26,7 +26,7 @@ from shoal.config import MasterSettings
 from shoal.errors import Forbidden, NotFound, ShoalError, SpecError
 from shoal.master.auth import Tokens, new_token
 from shoal.master.blobs import BlobStore
-from shoal.master.server import Master, Unavailable
+from shoal.master.server import Master, Unavailable, tune_collector
 from shoal.master.shell import Order
 from shoal.master.state import KillJob, Submit
 from shoal.master.store.sqlite import SqliteStore
@@ -104,6 +104,7 @@ def create_app(settings: MasterSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         master = open_master(settings)
+        tune_collector()
         app.state.master = master
         ticker = asyncio.create_task(master.tick_loop())
         yield
