@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -45,7 +46,11 @@ def test_push_a_directory_tree(cluster: LiveCluster, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert (dest / "conf" / "a.txt").read_text() == "a"
     assert (dest / "conf" / "sub" / "b.txt").read_text() == "b"
-    assert '"code": 0' in result.stdout
+    assert [(r["node"], r["code"]) for r in json.loads(result.stdout)] == [
+        ("node1", 0),
+        ("node2", 0),
+        ("node3", 0),
+    ]
 
 
 def test_pull_a_file_from_each_node(cluster: LiveCluster, tmp_path: Path) -> None:

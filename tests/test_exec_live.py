@@ -159,7 +159,7 @@ def test_bad_requests_name_the_field(cluster: LiveCluster) -> None:
             assert field in {f["field"] for f in response.json()["fields"]}, response.json()
 
 
-def test_no_output_is_lost_in_a_large_answer(cluster: LiveCluster, tmp_path: Path) -> None:
+def test_no_output_is_lost_in_a_large_answer(cluster: LiveCluster) -> None:
     result = cluster.cli("exec", "-b", "-w", "node[1-3]", "--", "seq 1 200000")
     body = result.stdout.split("---------------\n")[-1]
     assert body.splitlines() == [str(i) for i in range(1, 200001)]

@@ -53,9 +53,10 @@ def test_exit_codes_and_unreachable_hosts_as_clush_reports_them(hosts: SshHosts)
     assert ok.returncode == 0
 
 
-def test_command_timeout_over_ssh(hosts: SshHosts, tmp_path: Path) -> None:
-    result = shoal_ssh(hosts, "-u", "1", "-w", "node[1-2]", "--", "sleep 20")
+def test_command_timeout_over_ssh(hosts: SshHosts) -> None:
+    result = shoal_ssh(hosts, "-S", "-u", "1", "-w", "node[1-2]", "--", "sleep 20")
     assert "node[1-2]: command timeout" in result.stderr
+    assert result.returncode == 255
 
 
 def test_ssh_runs_are_audited_when_a_master_answers(hosts: SshHosts, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ with Client.from_config() as shoal:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Iterator
@@ -116,16 +117,8 @@ class Client:
     def follow(self, task_id: str, stream: str = "stdout", attempt: int | None = None) -> Iterator[bytes]:
         """A task's output as it is written, until its attempt ends."""
         params = {**_log_params(stream, 0, attempt), "follow": "true"}
-        try:
-            with self._http.stream(
-                "GET", f"/v1/tasks/{task_id}/logs", params=params, timeout=httpx.Timeout(30.0, read=None)
-            ) as response:
-                if response.is_error:
-                    response.read()
-                    raise _api_error(response)
-                yield from response.iter_bytes()
-        except httpx.TransportError as e:
-            raise Unreachable(f"lost the master at {self.url}: {e}") from e
+        with self._stream("GET", f"/v1/tasks/{task_id}/logs", params=params) as response:
+            yield from response.iter_bytes()
 
     def exec(self, request: ExecRequest) -> Iterator[Targets | Output | Ended | Fetched]:
         """Run a command on a node set through the agents (admin only); events as they come:
@@ -158,31 +151,35 @@ class Client:
         """Write a stored blob to `target`, checking its sha256; nothing is left on a mismatch."""
         digest = hashlib.sha256()
         try:
-            with self._http.stream("GET", f"/v1/blobs/{blob}") as response, open(target, "wb") as f:
-                if response.is_error:
-                    response.read()
-                    raise _api_error(response)
+            with self._stream("GET", f"/v1/blobs/{blob}") as response, open(target, "wb") as f:
                 for chunk in response.iter_bytes(_CHUNK):
                     digest.update(chunk)
                     f.write(chunk)
-        except httpx.TransportError as e:
+        except Unreachable:
             target.unlink(missing_ok=True)
-            raise Unreachable(f"lost the master at {self.url}: {e}") from e
+            raise
         if digest.hexdigest() != blob:
             target.unlink()
             raise ShoalError(f"{target}: checksum mismatch (got {digest.hexdigest()}, want {blob})")
 
     def _events(self, path: str, request: BaseModel) -> Iterator[Targets | Output | Ended | Fetched]:
+        with self._stream("POST", path, json=request.model_dump(mode="json")) as response:
+            events = Unpacker()
+            for chunk in response.iter_raw():
+                yield from events.feed(chunk)
+
+    @contextlib.contextmanager
+    def _stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """A response read as it arrives, with no read timeout (streams may idle); API
+        errors raised as for any call, a lost connection as Unreachable."""
         try:
-            body = request.model_dump(mode="json")
-            endless = httpx.Timeout(30.0, read=None)
-            with self._http.stream("POST", path, json=body, timeout=endless) as response:
+            with self._http.stream(
+                method, path, timeout=httpx.Timeout(30.0, read=None), **kwargs
+            ) as response:
                 if response.is_error:
                     response.read()
                     raise _api_error(response)
-                events = Unpacker()
-                for chunk in response.iter_raw():
-                    yield from events.feed(chunk)
+                yield response
         except httpx.TransportError as e:
             raise Unreachable(f"lost the master at {self.url}: {e}") from e
 

@@ -115,17 +115,17 @@ class Display:
             self._err.write(f"{prog}: {nodes}: {_FAILURES[failure]}{why}\n".encode())
 
     def _json(self) -> None:
-        records = [
-            {
-                "node": node,
-                "stdout": self.gather.output(node, "stdout").decode(errors="replace"),
-                "stderr": self.gather.output(node, "stderr").decode(errors="replace"),
-                "code": ended.code,
-                "duration": round(ended.duration, 6),
-                "failure": ended.failure or None,
-                "message": ended.message,
-            }
-            for node in NodeSet.fromlist(self.gather.ended)
-            if (ended := self.gather.ended[node])
-        ]
+        records = [self._record(node) for node in NodeSet.fromlist(self.gather.ended)]
         self._out.write(json.dumps(records, indent=2).encode() + b"\n")
+
+    def _record(self, node: str) -> dict[str, object]:
+        ended = self.gather.ended[node]
+        return {
+            "node": node,
+            "stdout": self.gather.output(node, "stdout").decode(errors="replace"),
+            "stderr": self.gather.output(node, "stderr").decode(errors="replace"),
+            "code": ended.code,
+            "duration": round(ended.duration, 6),
+            "failure": ended.failure or None,
+            "message": ended.message,
+        }

@@ -22,11 +22,10 @@ from pathlib import Path
 
 from ClusterShell.Event import EventHandler
 from ClusterShell.NodeSet import NodeSet
-from ClusterShell.Task import Task, task_self
 from ClusterShell.Worker.Worker import StreamWorker
 
 from shoal.errors import ShoalError
-from shoal.shell.ssh import DEFAULT_FANOUT, SshOptions
+from shoal.shell.ssh import DEFAULT_FANOUT, SshOptions, ssh_task
 
 _UNIT = """[Unit]
 Description=shoal agent
@@ -170,12 +169,7 @@ def _run(
     nodes: NodeSet, plan: Plan, ssh: SshOptions, timeout: float, results: queue.Queue[NodeResult]
 ) -> None:
     """The thread's body: one ClusterShell task, bound to this thread, runs both steps."""
-    task: Task = task_self()
-    task.set_info("fanout", DEFAULT_FANOUT)
-    if ssh.options:
-        task.set_info("ssh_options", ssh.options)
-    if ssh.user:
-        task.set_info("ssh_user", ssh.user)
+    task = ssh_task(ssh, DEFAULT_FANOUT)
     copied: queue.Queue[NodeResult] = queue.Queue()
     copying = _Steps("copy", copied)
     for node in nodes:

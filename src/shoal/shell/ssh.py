@@ -34,6 +34,17 @@ class SshOptions:
     user: str | None = None
 
 
+def ssh_task(ssh: SshOptions, fanout: int) -> Task:
+    """This thread's ClusterShell task, set to reach nodes as `ssh` says."""
+    task: Task = task_self()
+    task.set_info("fanout", fanout)
+    if ssh.options:
+        task.set_info("ssh_options", ssh.options)
+    if ssh.user:
+        task.set_info("ssh_user", ssh.user)
+    return task
+
+
 class _Relay(EventHandler):  # type: ignore[misc]
     def __init__(self, events: queue.Queue[_Event]) -> None:
         super().__init__()
@@ -87,15 +98,10 @@ def _run(
     started: queue.Queue[Task],
 ) -> None:
     """The thread's body: one ClusterShell task, bound to this thread."""
-    task = task_self()
+    task = ssh_task(ssh, request.fanout or DEFAULT_FANOUT)
     started.put(task)
     try:
-        task.set_info("fanout", request.fanout or DEFAULT_FANOUT)
         task.set_info("connect_timeout", request.connect_timeout)
-        if ssh.options:
-            task.set_info("ssh_options", ssh.options)
-        if ssh.user:
-            task.set_info("ssh_user", ssh.user)
         command = request.command if isinstance(request.command, str) else shlex.join(request.command)
         relay = _Relay(events)
         task.shell(
