@@ -27,8 +27,8 @@ run: install
 	$(BIN)/shoal dev
 
 test: install test-deps
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/python -m pytest -q
 
 clean:

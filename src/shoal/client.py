@@ -32,11 +32,12 @@ from shoal.shell.protocol import (
     Targets,
     Unpacker,
 )
-from shoal.views import ErrorBody, FieldError, JobView, NodeView, Submitted, TokenCreated
+from shoal.views import ErrorBody, FieldError, FrameworkView, JobView, NodeView, Submitted, TokenCreated
 
 _JOBS = TypeAdapter(list[JobView])
 _NODES = TypeAdapter(list[NodeView])
 _AUDIT = TypeAdapter(list[AuditRecord])
+_FRAMEWORKS = TypeAdapter(list[FrameworkView])
 _CHUNK = 1 << 20
 _ENDED = ("complete", "failed", "killed")
 
@@ -102,9 +103,14 @@ class Client:
     def whoami(self) -> Caller:
         return Caller.model_validate(self._call("GET", "/v1/whoami"))
 
-    def create_token(self, name: str, role: Role) -> TokenCreated:
-        body = {"name": name, "role": role.value}
+    def create_token(self, name: str, role: Role, roles: tuple[str, ...] = ()) -> TokenCreated:
+        """A token for `name`; `roles` are the roles its frameworks may subscribe in."""
+        body = {"name": name, "role": role.value, "roles": list(roles)}
         return TokenCreated.model_validate(self._call("POST", "/v1/tokens", json=body))
+
+    def frameworks(self) -> list[FrameworkView]:
+        """Frameworks subscribed (or within their failover timeout), with shares and offers."""
+        return _FRAMEWORKS.validate_python(self._call("GET", "/v1/frameworks"))
 
     def logs(
         self, task_id: str, stream: str = "stdout", offset: int = 0, attempt: int | None = None

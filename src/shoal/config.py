@@ -61,6 +61,10 @@ class MasterSettings(_Settings):
     preemption: bool = True
     queues: dict[str, QueueSettings] = Field(default_factory=lambda: {"default": QueueSettings()})
     user_weights: dict[str, float] = Field(default_factory=dict)
+    offer_timeout: float = Field(30.0, gt=0, description="seconds before an unanswered offer is rescinded")
+    offer_patience: float = Field(
+        1.0, ge=0, description="seconds an offer is held before a starved framework may claim it"
+    )
 
     @field_validator("queues")
     @classmethod

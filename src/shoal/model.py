@@ -381,6 +381,7 @@ class JobRecord(BaseModel):
     submitted_at: float
     killed: bool = False
     node_names: list[str] | None = None  # `spec.nodes` as resolved when it was submitted
+    framework: str | None = None  # the framework that launched it (its one task), if one did
 
 
 def job_state(job: JobRecord, tasks: list[TaskRecord]) -> JobState:
@@ -408,6 +409,7 @@ class Caller(BaseModel):
 
     name: str
     role: Role
+    roles: tuple[str, ...] = Field((), description="the roles (queues) its frameworks may subscribe in")
 
     def may_see(self, owner: str) -> bool:
         return self.role is not Role.USER or owner == self.name

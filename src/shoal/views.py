@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Annotated
 
 from pydantic import BaseModel, Field
 
@@ -75,11 +76,15 @@ class Submitted(BaseModel):
 class TokenRequest(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
     role: Role = Role.USER
+    roles: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")], ...] = Field(
+        (), max_length=64, description="roles (queues) its frameworks may subscribe in"
+    )
 
 
 class TokenCreated(BaseModel):
     name: str
     role: Role
+    roles: tuple[str, ...] = ()
     token: str
 
 
@@ -91,3 +96,19 @@ class FieldError(BaseModel):
 class ErrorBody(BaseModel):
     error: str
     fields: list[FieldError] = Field(default_factory=list)
+
+
+class FrameworkView(BaseModel):
+    """One framework as `shoal frameworks` shows it."""
+
+    id: str
+    name: str
+    principal: str
+    role: str
+    connected: bool
+    suppressed: bool
+    share: float = Field(description="dominant share of the cluster its tasks and offers hold")
+    fair_share: float = Field(description="its weighted fair share among the frameworks asking now")
+    offers: int
+    tasks: int
+    unacknowledged: int

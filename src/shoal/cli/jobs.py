@@ -12,7 +12,15 @@ from typing import Annotated, BinaryIO
 import typer
 
 from shoal.cli.errors import friendly
-from shoal.cli.render import groups_table, job_detail, jobs_table, nodes_table, out, print_json
+from shoal.cli.render import (
+    frameworks_table,
+    groups_table,
+    job_detail,
+    jobs_table,
+    nodes_table,
+    out,
+    print_json,
+)
 from shoal.client import Client
 from shoal.model import JobSpec, Resources, RestartPolicy, Role, Strategy, TaskState
 from shoal.shell.groups import NodeGroups
@@ -189,6 +197,14 @@ def nodes(
     print_json(records) if as_json else out.print(nodes_table(records))
 
 
+@friendly
+def frameworks(as_json: JsonOpt = False) -> None:
+    """List frameworks with their role, dominant and fair shares, offers and tasks."""
+    with Client.from_config() as client:
+        records = client.frameworks()
+    print_json(records) if as_json else out.print(frameworks_table(records))
+
+
 token_app = typer.Typer(help="API tokens (admin only).", no_args_is_help=True)
 
 
@@ -197,11 +213,14 @@ token_app = typer.Typer(help="API tokens (admin only).", no_args_is_help=True)
 def token_create(
     name: Annotated[str, typer.Argument(help="who the token is for")],
     role: Annotated[Role, typer.Option(help="admin, user or reader")] = Role.USER,
+    roles: Annotated[
+        list[str], typer.Option("--framework-role", help="a role (queue) its frameworks may use; repeatable")
+    ] = [],  # noqa: B006
     as_json: JsonOpt = False,
 ) -> None:
     """Make an API token bound to a name and a role; it is shown only once."""
     with Client.from_config() as client:
-        made = client.create_token(name, role)
+        made = client.create_token(name, role, tuple(roles))
     if as_json:
         print_json(made)
     else:

@@ -13,7 +13,7 @@ from rich.table import Table
 from shoal.model import NodeStatus, TaskState
 from shoal.shell.bootstrap import NodeResult
 from shoal.shell.protocol import AuditRecord
-from shoal.views import JobView, NodeView
+from shoal.views import FrameworkView, JobView, NodeView
 
 out = Console(highlight=False)
 
@@ -118,6 +118,30 @@ def nodes_table(nodes: Sequence[NodeView]) -> Table:
             ago(n.last_seen),
             ",".join(f"{k}={v}" for k, v in sorted(n.info.labels.items())),
         )
+    return table
+
+
+def frameworks_table(frameworks: Sequence[FrameworkView]) -> Table:
+    table = Table(
+        "ID",
+        "NAME",
+        "ROLE",
+        "PRINCIPAL",
+        "STATE",
+        "SHARE",
+        "FAIR",
+        "OFFERS",
+        "TASKS",
+        "UNACKED",
+        box=None,
+        header_style="bold",
+    )
+    for f in frameworks:
+        state = "suppressed" if f.suppressed and f.connected else "connected" if f.connected else "away"
+        table.add_row(
+            f.id, f.name, f.role, f.principal, state, f"{f.share:.1%}", f"{f.fair_share:.1%}",
+            str(f.offers), str(f.tasks), str(f.unacknowledged),
+        )  # fmt: skip
     return table
 
 

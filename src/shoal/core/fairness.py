@@ -86,4 +86,8 @@ class Shares:
         return max(0, int(np.floor(np.min(room[need] / ask[: len(self._total)][need]))))
 
     def of_user(self, queue: str, user: str) -> float:
-        return self._dominant(self.user[(queue, user)]) / self._user_weights.get(user, 1.0)
+        return self.dominant(queue, user) / self._user_weights.get(user, 1.0)
+
+    def dominant(self, queue: str, user: str) -> float:
+        """A user's dominant share of the cluster within `queue`, unweighted."""
+        return self._dominant(self.user[(queue, user)])

@@ -98,6 +98,26 @@ def fair_shares(claimants: Sequence[Claimant], policy: Policy) -> dict[str, floa
     return {fw: weights[role] / total / len(members) for role, members in by_role.items() for fw in members}
 
 
+def native_caps(
+    shares: Shares, claimants: Sequence[Claimant], backlogged: Iterable[str], policy: Policy
+) -> dict[str, float]:
+    """Limits (dominant shares) for native queues while frameworks wait.
+
+    The native scheduler places at once whatever frees up; frameworks are offered only what
+    it leaves. So while a role with frameworks asking for offers is below its weighted fair
+    share, a native queue with pending work that already holds its own fair share may not
+    grow: what its tasks free goes to the offer cycle instead. Fair shares are weighted
+    among the roles asking now (framework roles and backlogged queues alike)."""
+    asking = {c.role for c in claimants}
+    roles = asking | set(backlogged)
+    weights = {r: _queue(policy, r).weight for r in roles}
+    total = sum(weights.values())
+    fair = {r: w / total for r, w in weights.items()}
+    if not any(shares.share(r) < fair[r] - 1e-9 for r in asking):
+        return {}
+    return {q: fair[q] for q in backlogged if q not in asking and shares.share(q) >= fair[q] - 1e-9}
+
+
 def allocate(
     table: NodeTable,
     shares: Shares,
@@ -147,7 +167,8 @@ class _Turns:
         self.policy = policy
         self.free = free
         self.pool = pool
-        self.order = order
+        self.line = order[pool[order]]  # the rows to offer, in the cycle's order
+        self.start = 0  # rows of `line` before this are all offered
         self.dims = len(table.dims)
         self.total = table.total()
         self.inverse_total = np.divide(1.0, self.total, out=np.zeros_like(self.total), where=self.total > 0)
@@ -172,13 +193,35 @@ class _Turns:
             mine = self._mine[c.id] = self.shares.of_user(c.role, c.id)
         return (*level, mine, c.id)
 
-    def eligible(self, c: Claimant) -> np.ndarray:
+    def candidates(self, c: Claimant, size: int) -> np.ndarray:
+        """The first `size` rows `c` may be offered, in the cycle's shuffled order. Rows leave
+        the pool mostly from the front of that order, so this looks at a window just past
+        what is gone: a turn costs what it offers, not what the cluster holds."""
+        mask = self._mask(c)
+        line = self.line
+        while self.start < len(line) and not self.pool[line[self.start]]:
+            window = line[self.start : self.start + 256]
+            alive = self.pool[window]
+            self.start += int(np.argmax(alive)) if alive.any() else len(window)
+        span = 2 * size
+        while True:
+            rows = line[self.start : self.start + span]
+            ok = self.pool[rows] if mask is None else self.pool[rows] & mask[rows]
+            picked = rows[ok]
+            if len(picked) >= size or self.start + span >= len(line):
+                return picked[:size]
+            span *= 4
+
+    def _mask(self, c: Claimant) -> np.ndarray | None:
+        """Where `c` may be offered (None: anywhere)."""
+        if not c.filtered:
+            return None
         mask = self._masks.get(c.id)
         if mask is None:
             mask = np.ones(len(self.table), dtype=bool)
             mask[[r for r in c.filtered if r < len(mask)]] = False
             self._masks[c.id] = mask
-        return self.pool & mask
+        return mask
 
     def run(self) -> None:
         live = list(self.claimants.values())
@@ -190,42 +233,38 @@ class _Turns:
 
     def _turn(self, c: Claimant, rival: Claimant | None) -> bool:
         """Offer `c` the nodes that carry its key past the rival's; False if it can take none."""
-        eligible = self.eligible(c)
-        candidates = self.order[eligible[self.order]]
-        if not len(candidates):
+        first = self.candidates(c, 1)
+        if not len(first):
             return False
         headroom = self._headroom(c.role)
-        first = self.free[candidates[0], : self.dims]
-        if np.any(first > headroom + 1e-9):
-            partial = np.minimum(first, headroom)[None, :]
+        amount = self.free[first[0], : self.dims]
+        if np.any(amount > headroom + 1e-9):
+            partial = np.minimum(amount, headroom)[None, :]
             if not offerable(partial)[0]:
                 return False
-            self._offer(c, candidates[:1], partial)
+            self._offer(c, first, partial)
             return True
-        take = self._enough(c, rival, candidates, headroom)
-        self._offer(c, candidates[:take], self.free[candidates[:take], : self.dims].copy())
+        rows = self._enough(c, rival, headroom)
+        self._offer(c, rows, self.free[rows, : self.dims].copy())
         return True
 
-    def _enough(
-        self, c: Claimant, rival: Claimant | None, candidates: np.ndarray, headroom: np.ndarray
-    ) -> int:
-        """How many of the candidates carry `c` past the rival's key without passing its
-        role's limit (at least one). Looks at a prefix that doubles until it has the answer:
-        a turn costs what it offers, not what the cluster holds."""
+    def _enough(self, c: Claimant, rival: Claimant | None, headroom: np.ndarray) -> np.ndarray:
+        """The candidates that carry `c` past the rival's key without passing its role's limit
+        (at least one), from a prefix that grows until it has the answer."""
         used, weight, target = self._race(c, rival)
         size = 64
         while True:
-            prefix = self.free[candidates[:size], : self.dims]
-            cumulative = np.cumsum(prefix, axis=0)
+            rows = self.candidates(c, size)
+            cumulative = np.cumsum(self.free[rows, : self.dims], axis=0)
             within = np.all(cumulative <= headroom + 1e-9, axis=1)
-            fits = int(np.argmin(within)) if not within.all() else len(prefix)
+            fits = int(np.argmin(within)) if not within.all() else len(rows)
             if target is not None:
                 after = np.max((used + cumulative[:fits]) * self.inverse_total, axis=1) / weight
                 passed = after > target + QUANTUM
                 if passed.any():
-                    return int(np.argmax(passed)) + 1
-            if fits < len(prefix) or size >= len(candidates):
-                return max(fits, 1)
+                    return rows[: int(np.argmax(passed)) + 1]
+            if fits < len(rows) or len(rows) < size:
+                return rows[: max(fits, 1)]
             size *= 2
 
     def _race(self, c: Claimant, rival: Claimant | None) -> tuple[np.ndarray, float, float | None]:

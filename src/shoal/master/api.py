@@ -17,15 +17,17 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from ClusterShell.NodeSet import NodeSet
-from fastapi import Depends, FastAPI, Path, Query, Request, WebSocket
+from fastapi import Body, Depends, FastAPI, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import SecretStr
 
 from shoal.config import MasterSettings
 from shoal.errors import Forbidden, NotFound, ShoalError, SpecError
+from shoal.framework import protocol as fp
 from shoal.master.auth import Tokens, new_token
 from shoal.master.blobs import BlobStore
+from shoal.master.frameworks import FrameworkCall, FrameworkPolicy, Principal
 from shoal.master.server import Master, Unavailable, tune_collector
 from shoal.master.shell import Order
 from shoal.master.state import KillJob, Submit
@@ -33,7 +35,16 @@ from shoal.master.store.sqlite import SqliteStore
 from shoal.model import Caller, JobSpec, Role, TaskRecord
 from shoal.shell.groups import NodeGroups, choose, resolve
 from shoal.shell.protocol import AuditEnd, AuditRecord, AuditStart, CopyRequest, ExecRequest, FetchRequest
-from shoal.views import ErrorBody, FieldError, JobView, NodeView, Submitted, TokenCreated, TokenRequest
+from shoal.views import (
+    ErrorBody,
+    FieldError,
+    FrameworkView,
+    JobView,
+    NodeView,
+    Submitted,
+    TokenCreated,
+    TokenRequest,
+)
 
 log = logging.getLogger("shoal.master")
 
@@ -67,7 +78,14 @@ def open_master(settings: MasterSettings) -> Master:
         "admin", Role.ADMIN, _secret_file(settings.state_dir / "admin.token", _reveal(settings.admin_token))
     )
     blobs = BlobStore(settings.state_dir / "blobs")
-    return Master(store, tokens, blobs, settings.policy(), settings.heartbeat_timeout, settings.tick)
+    frameworks = FrameworkPolicy(offer_timeout=settings.offer_timeout, patience=settings.offer_patience)
+    return Master(
+        store, tokens, blobs, settings.policy(), settings.heartbeat_timeout, settings.tick, frameworks
+    )
+
+
+def _principal(caller: Caller) -> Principal:
+    return Principal(caller.name, caller.role is Role.ADMIN, frozenset(caller.roles))
 
 
 def _node_names(spec: JobSpec, master: Master) -> frozenset[str] | None:
@@ -157,6 +175,7 @@ CallerDep = Annotated[Caller, Depends(_caller)]
 
 
 _MSGPACK = "application/x-msgpack"
+_NDJSON = "application/x-ndjson"
 TASKS_SHOWN = 1000  # tasks in a job's view unless asked for another page
 
 
@@ -333,7 +352,38 @@ def _routes(app: FastAPI) -> None:
     async def create_token(
         body: TokenRequest, master: MasterDep, caller: Annotated[Caller, Depends(_admin)]
     ) -> TokenCreated:
-        return TokenCreated(name=body.name, role=body.role, token=master.tokens.add(body.name, body.role))
+        token = master.tokens.add(body.name, body.role, roles=body.roles)
+        return TokenCreated(name=body.name, role=body.role, roles=body.roles, token=token)
+
+    @app.post(
+        "/v1/frameworks/subscribe",
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {_NDJSON: {}}, "description": "the framework's events, a JSON line each"}
+        },
+    )
+    async def subscribe(
+        body: fp.Subscribe, master: MasterDep, caller: Annotated[Caller, Depends(_writer)]
+    ) -> StreamingResponse:
+        """Subscribe a framework (or take one up again) and stream its events."""
+        events = await master.subscribe(_principal(caller), body)
+        return StreamingResponse(events, media_type=_NDJSON)
+
+    @app.post("/v1/frameworks/{framework_id}/call", response_model=fp.Accepted | dict[str, str])
+    async def framework_call(
+        framework_id: Annotated[str, Path(max_length=64)],
+        call: Annotated[fp.Call, Body()],
+        master: MasterDep,
+        caller: Annotated[Caller, Depends(_writer)],
+    ) -> object:
+        """One call of a subscribed framework: accept, decline, suppress, revive, kill,
+        acknowledge, reconcile or teardown."""
+        principal = _principal(caller)
+        return await master.request(lambda req, now: FrameworkCall(req, principal, framework_id, call, now))
+
+    @app.get("/v1/frameworks", response_model=list[FrameworkView])
+    async def frameworks(master: MasterDep, caller: CallerDep) -> list[FrameworkView]:
+        return [v for v in master.state.frameworks.views() if caller.may_see(v.principal)]
 
     @app.get("/v1/whoami", response_model=Caller)
     async def whoami(caller: CallerDep) -> Caller:

@@ -27,15 +27,15 @@ class Tokens:
         self._store = store
         self._cluster = _digest(cluster_token)
 
-    def add(self, name: str, role: Role, token: str | None = None) -> str:
-        """Bind `token` (or a new one) to `name` and `role`; returns the token."""
+    def add(self, name: str, role: Role, token: str | None = None, roles: tuple[str, ...] = ()) -> str:
+        """Bind `token` (or a new one) to `name`, `role` and framework `roles`; returns the token."""
         token = token or new_token()
-        self._store.put_token(_digest(token), TokenEntry(name, role))
+        self._store.put_token(_digest(token), TokenEntry(name, role, roles))
         return token
 
     def caller(self, token: str) -> Caller | None:
         entry = self._store.token(_digest(token))
-        return None if entry is None else Caller(name=entry.name, role=entry.role)
+        return None if entry is None else Caller(name=entry.name, role=entry.role, roles=entry.roles)
 
     def is_cluster(self, token: str) -> bool:
         return hmac.compare_digest(_digest(token), self._cluster)

@@ -20,20 +20,28 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from shoal.core.scheduler import Policy
 from shoal.errors import ShoalError
+from shoal.framework import protocol as fp
 from shoal.master.auth import Tokens
 from shoal.master.blobs import BlobStore
+from shoal.master.frameworks import (
+    CloseStream,
+    FrameworkPolicy,
+    Principal,
+    StreamClosed,
+    SubscribeFramework,
+    ToFramework,
+)
 from shoal.master.shell import ShellRelay
 from shoal.master.state import (
     AgentGone,
     Disconnect,
     Event,
     FromAgent,
-    KillJob,
     MasterState,
     Persist,
     Reply,
+    Request,
     Send,
-    Submit,
     Tick,
 )
 from shoal.master.store import Store
@@ -57,6 +65,7 @@ log = logging.getLogger("shoal.master")
 _OUTBOX = 10_000
 _LOG_TIMEOUT = 5.0
 _SWEEP_EVERY = 60.0  # seconds between sweeps of old blobs
+_STREAM_BOUND = 10_000  # events a framework may leave unread before its stream is closed
 
 
 def tune_collector() -> None:
@@ -115,6 +124,7 @@ class Master:
         policy: Policy,
         heartbeat_timeout: float,
         tick: float,
+        framework_policy: FrameworkPolicy | None = None,
     ) -> None:
         snap = store.load()
         self.store = store
@@ -127,6 +137,9 @@ class Master:
             jobs=snap.jobs,
             tasks=snap.tasks,
             nodes=snap.nodes,
+            frameworks=snap.frameworks,
+            updates=snap.updates,
+            framework_policy=framework_policy,
             now=time.time(),
         )
         self.links: dict[str, _Link] = {}
@@ -135,6 +148,7 @@ class Master:
         self._batch: list[Event] = []
         self._replies: dict[int, asyncio.Future[Reply]] = {}
         self.shell = ShellRelay(self._send_to)
+        self.streams: dict[int, asyncio.Queue[bytes | None]] = {}
 
     # --- the door into the ledger ---------------------------------------------------------
 
@@ -152,6 +166,10 @@ class Master:
                 case Disconnect(node=node):
                     if (link := self.links.pop(node, None)) is not None:
                         link.close()
+                case ToFramework(connection=connection, event=event):
+                    self._to_stream(connection, self.state.frameworks.encode(event))
+                case CloseStream(connection=connection):
+                    self._to_stream(connection, None)
         if self.state.wants_cycle:
             asyncio.get_running_loop().call_soon(lambda: self.soon(Tick(time.time())))
         return replies
@@ -165,19 +183,18 @@ class Master:
 
     def _flush(self) -> None:
         events, self._batch = self._batch, []
-        waiters = [self._replies.pop(e.request) for e in events if isinstance(e, Submit | KillJob)]
+        requests = [e for e in events if isinstance(e, Request)]
+        waiters = [self._replies.pop(e.request) for e in requests]
         try:
             replies = self.dispatch(*events)
         except Exception as e:  # a bug: every caller of this batch hears of it
             for waiter in waiters:
                 waiter.set_exception(e)
             raise
-        for waiter, event in zip(
-            waiters, (e for e in events if isinstance(e, Submit | KillJob)), strict=True
-        ):
+        for waiter, event in zip(waiters, requests, strict=True):
             waiter.set_result(replies[event.request])
 
-    async def request(self, make: Callable[[int, float], Submit | KillJob]) -> object:
+    async def request(self, make: Callable[[int, float], Request]) -> object:
         """Dispatch one request event with this turn's others; its answer, or its error."""
         event = make(next(self._ids), time.time())
         waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -257,6 +274,54 @@ class Master:
                 self.shell.on_reply(name, frame)
             elif isinstance(frame, Register | Heartbeat | RunReports):
                 self.soon(FromAgent(name, frame, time.time()))
+
+    # --- frameworks -----------------------------------------------------------------------
+
+    async def subscribe(self, principal: Principal, body: fp.Subscribe) -> AsyncIterator[bytes]:
+        """Subscribe a framework; its event stream, one JSON line an event (raises if refused)."""
+        connection = next(self._ids)
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.streams[connection] = queue
+        try:
+            await self.request(lambda req, now: SubscribeFramework(req, principal, body, connection, now))
+        except BaseException:
+            del self.streams[connection]
+            raise
+        return self._framework_events(connection, queue)
+
+    async def _framework_events(
+        self, connection: int, queue: asyncio.Queue[bytes | None]
+    ) -> AsyncIterator[bytes]:
+        heartbeat = fp.Heartbeat().model_dump_json().encode() + b"\n"
+        interval = self.state.frameworks.policy.heartbeat
+        try:
+            while True:
+                try:
+                    line = await asyncio.wait_for(queue.get(), interval)
+                except TimeoutError:
+                    yield heartbeat
+                    continue
+                if line is None:
+                    return
+                yield line
+        finally:
+            self.streams.pop(connection, None)
+            self.soon(StreamClosed(connection, time.time()))
+
+    def _to_stream(self, connection: int, line: bytes | None) -> None:
+        queue = self.streams.get(connection)
+        if queue is None:
+            return
+        if line is not None and queue.qsize() >= _STREAM_BOUND:
+            # A framework that does not read: close its stream; it re-subscribes, and what it
+            # has not acknowledged is delivered again.
+            log.warning("framework stream %d is not read; closing it", connection)
+            while not queue.empty():
+                queue.get_nowait()
+            line = None
+        queue.put_nowait(line)
+        if line is None:
+            self.streams.pop(connection, None)
 
     # --- logs -----------------------------------------------------------------------------
 

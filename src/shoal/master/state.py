@@ -35,6 +35,16 @@ from shoal.core.placement import Group, SpreadTarget
 from shoal.core.plan import Running
 from shoal.core.scheduler import Policy, apply_plan, never_fits, schedule
 from shoal.errors import ShoalError, SpecError
+from shoal.framework.protocol import FrameworkRecord, TaskStatus
+from shoal.master.frameworks import (
+    CloseStream,
+    FrameworkCall,
+    FrameworkDesk,
+    FrameworkPolicy,
+    StreamClosed,
+    SubscribeFramework,
+    ToFramework,
+)
 from shoal.model import (
     TRANSITIONS,
     Attempt,
@@ -60,6 +70,11 @@ from shoal.wire import (
 # Tasks of one job a cycle considers: a large array is placed a slice per cycle, so no
 # cycle (and no API call that triggers one) walks all of it.
 GROUP_CAP = 4096
+
+
+def _consumer(job: JobRecord) -> str:
+    """Whose share a job's tasks count in, within its queue: its framework's, or its owner's."""
+    return job.framework or job.owner
 
 
 def _implied_tasks(job: JobRecord) -> list[TaskRecord]:
@@ -108,7 +123,8 @@ class Tick:
     now: float
 
 
-Event = Submit | KillJob | FromAgent | AgentGone | Tick
+Request = Submit | KillJob | SubscribeFramework | FrameworkCall  # events a caller waits on for a reply
+Event = Request | FromAgent | AgentGone | Tick | StreamClosed
 
 # --- commands -----------------------------------------------------------------------
 
@@ -118,6 +134,9 @@ class Persist:
     jobs: tuple[JobRecord, ...] = ()
     tasks: tuple[TaskRecord, ...] = ()
     nodes: tuple[NodeRecord, ...] = ()
+    frameworks: tuple[FrameworkRecord, ...] = ()
+    updates: tuple[tuple[str, TaskStatus], ...] = ()  # (framework, status) to deliver
+    acked: tuple[str, ...] = ()  # uuids of updates delivered and acknowledged
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,14 +157,19 @@ class Disconnect:
     node: str
 
 
-Command = Persist | Send | Reply | Disconnect
+Command = Persist | Send | Reply | Disconnect | ToFramework | CloseStream
 
 
 @dataclass
-class _Changes:
+class Changes:
+    """What one `handle` changed and must say: persisted first, then sent."""
+
     jobs: dict[int, JobRecord] = field(default_factory=dict)
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    frameworks: dict[str, FrameworkRecord] = field(default_factory=dict)
+    updates: list[tuple[str, TaskStatus]] = field(default_factory=list)
+    acked: list[str] = field(default_factory=list)
     out: list[Command] = field(default_factory=list)
     launches: dict[str, list[RunSpec]] = field(default_factory=lambda: defaultdict(list))
 
@@ -161,6 +185,9 @@ class MasterState:
         jobs: Iterable[JobRecord] = (),
         tasks: Iterable[TaskRecord] = (),
         nodes: Iterable[NodeRecord] = (),
+        frameworks: Iterable[FrameworkRecord] = (),
+        updates: Iterable[tuple[str, TaskStatus]] = (),
+        framework_policy: FrameworkPolicy | None = None,
         now: float = 0.0,
     ) -> None:
         self.heartbeat_timeout = heartbeat_timeout
@@ -197,18 +224,23 @@ class MasterState:
         self.waiting: dict[int, str] = {}  # job id -> why its pending tasks wait
         self._needs_schedule = True
         self._wakeup = math.inf  # the earliest restart delay still running
-        self._c = _Changes()
+        self.changes = Changes()
+        self.frameworks = FrameworkDesk(
+            self, framework_policy or FrameworkPolicy(), list(frameworks), list(updates), now
+        )
 
     # --- the interface ----------------------------------------------------------------
 
     def handle(self, *events: Event) -> list[Command]:
-        self._c = _Changes()
+        self.changes = Changes()
         now = 0.0
         for event in events:
             now = event.now
             self._dispatch(event)
         if self._needs_schedule:
             self._schedule(now)
+        if self.frameworks.needs_cycle:
+            self.frameworks.cycle(now)
         return self._commands()
 
     @property
@@ -247,11 +279,17 @@ class MasterState:
                     node.connected = False
             case Tick():
                 self._tick(event.now)
+            case SubscribeFramework():
+                self.frameworks.subscribe(event)
+            case FrameworkCall():
+                self.frameworks.call(event)
+            case StreamClosed():
+                self.frameworks.stream_closed(event)
 
     def _submit(self, event: Submit) -> None:
         error = self._refuse(event)
         if error is not None:
-            self._c.out.append(Reply(event.request, error=error))
+            self.changes.out.append(Reply(event.request, error=error))
             return
         names = sorted(event.node_names) if event.node_names is not None else None
         job = JobRecord(
@@ -259,7 +297,7 @@ class MasterState:
         )
         self.next_job_id += 1
         self.jobs[job.id] = job
-        self._c.jobs[job.id] = job
+        self.changes.jobs[job.id] = job
         # The new tasks are not persisted one by one: a stored job implies all its tasks,
         # pending, until each changes (see `_implied_tasks`), so a 100,000-task array is
         # one row in the store.
@@ -268,7 +306,7 @@ class MasterState:
             self.job_tasks[job.id].append(task.id)
             self.pending[job.id][task.id] = None
         self._needs_schedule = True
-        self._c.out.append(Reply(event.request, value=job.id))
+        self.changes.out.append(Reply(event.request, value=job.id))
 
     def _refuse(self, event: Submit) -> SpecError | None:
         spec = event.spec
@@ -281,17 +319,20 @@ class MasterState:
         return SpecError("resources", reason) if reason is not None else None
 
     def _kill_job(self, event: KillJob) -> None:
-        job = self.jobs[event.job_id]
+        self.kill_job(event.job_id, event.now)
+        self.reply(event.request, event.job_id)
+
+    def kill_job(self, job_id: int, now: float) -> None:
+        job = self.jobs[job_id]
         job.killed = True
-        self._c.jobs[job.id] = job
+        self.changes.jobs[job.id] = job
         for task in self.tasks_of(job.id):
             if task.state is TaskState.PENDING:
-                self._move(task, TaskState.KILLED, event.now, message="killed before it started")
+                self._move(task, TaskState.KILLED, now, message="killed before it started")
             elif task.state.active and not task.kill_requested:
                 task.kill_requested = True
-                self._c.tasks[task.id] = task
-                self._send(task.node, Kill(run_ids=[task.run_id]))
-        self._c.out.append(Reply(event.request, value=job.id))
+                self.changes.tasks[task.id] = task
+                self.send(task.node, Kill(run_ids=[task.run_id]))
 
     def _register(self, name: str, frame: Register, now: float) -> None:
         node = self.nodes.get(name)
@@ -303,7 +344,7 @@ class MasterState:
         node.connected = True
         node.last_seen = now
         self._index(node)
-        self._c.nodes[name] = node
+        self.changes.nodes[name] = node
         self._needs_schedule = True
         self._reports(name, frame.runs, now)
         self._reconcile_missing(name, {r.run_id for r in frame.runs}, now)
@@ -314,7 +355,7 @@ class MasterState:
             if task.node != name or not task.state.active or task.run_id in reported:
                 continue
             if task.state is TaskState.ASSIGNED:
-                self._c.launches[name].append(self._run_spec(task))
+                self.changes.launches[name].append(self._run_spec(task))
             else:
                 self._end(task, TaskState.LOST, now, message=f"{name} restarted without it")
 
@@ -333,14 +374,14 @@ class MasterState:
         for report in reports:
             self._report(name, report, now)
         if reports:
-            self._send(name, Ack(reports=[(r.run_id, r.state) for r in reports]))
+            self.send(name, Ack(reports=[(r.run_id, r.state) for r in reports]))
 
     def _report(self, name: str, r: RunReport, now: float) -> None:
         task = self.tasks.get(r.task_id)
         current = task is not None and task.attempt == r.attempt and task.node == name and task.state.active
         if not current:
             if r.state is TaskState.RUNNING:
-                self._send(name, Kill(run_ids=[r.run_id]))  # an orphan: not the live attempt
+                self.send(name, Kill(run_ids=[r.run_id]))  # an orphan: not the live attempt
             return
         assert task is not None
         if r.state is TaskState.RUNNING:
@@ -348,7 +389,7 @@ class MasterState:
                 self._move(task, TaskState.RUNNING, now)
                 task.started_at = now
             if task.kill_requested:
-                self._send(name, Kill(run_ids=[r.run_id]))  # the first may have been lost
+                self.send(name, Kill(run_ids=[r.run_id]))  # the first may have been lost
         elif r.state.terminal:
             killed = task.kill_requested and r.state is not TaskState.FINISHED
             self._end(task, TaskState.KILLED if killed else r.state, now, r.exit_code, r.message)
@@ -359,20 +400,22 @@ class MasterState:
                 self._node_down(node, now)
         if now >= self._wakeup:
             self._needs_schedule = True
+        self.frameworks.tick(now)
 
     def _node_down(self, node: NodeRecord, now: float) -> None:
         node.status = NodeStatus.DOWN
         node.connected = False
         self.table.set_schedulable(node.name, False)
-        self._c.nodes[node.name] = node
-        self._c.out.append(Disconnect(node.name))
+        self.changes.nodes[node.name] = node
+        self.changes.out.append(Disconnect(node.name))
         message = f"{node.name} missed heartbeats for {self.heartbeat_timeout:g}s"
         for task in self.tasks.values():
             if task.node == node.name and task.state.active:
                 self._end(task, TaskState.LOST, now, message=message)
             elif task.nominated == node.name:
                 task.nominated = None  # the room it waited for is gone with the node
-                self._c.tasks[task.id] = task
+                self.changes.tasks[task.id] = task
+        self.frameworks.node_lost(node.name)
 
     # --- transitions --------------------------------------------------------------------
 
@@ -398,21 +441,24 @@ class MasterState:
             self._hold(task)
         if to.terminal:
             task.finished_at = now
-        self._c.tasks[task.id] = task
+        self.changes.tasks[task.id] = task
+        if (job := self.jobs[task.job_id]).framework is not None:
+            self.frameworks.task_changed(job, task, now)
 
     def _hold(self, task: TaskRecord) -> None:
         """Count an active task in the usage book and its node's devices and ports (its node
         row is allocated by apply_plan)."""
         job = self.jobs[task.job_id]
         self.active[task.id] = None
-        self.usage.add(job.spec.queue, job.owner, self._vector(task))
+        self.usage.add(job.spec.queue, _consumer(job), self._vector(task))
         self.devices[task.node or ""].update(task.gpus)
         self.ports[task.node or ""].update(task.ports.values())
 
     def _unhold(self, task: TaskRecord) -> None:
         job = self.jobs[task.job_id]
         self.active.pop(task.id, None)
-        self.usage.remove(job.spec.queue, job.owner, self._vector(task))
+        self.usage.remove(job.spec.queue, _consumer(job), self._vector(task))
+        self.room_freed()
         self.devices[task.node or ""].difference_update(task.gpus)
         self.ports[task.node or ""].difference_update(task.ports.values())
         if task.node in self.table.index:
@@ -447,6 +493,8 @@ class MasterState:
         self._move(task, to, now, exit_code=exit_code, message=message)
         self._needs_schedule = True
         job = self.jobs[task.job_id]
+        if job.framework is not None:
+            return  # its framework hears of the end and decides what runs again
         if to is TaskState.PREEMPTED:
             self._restart(task, now, now)  # preemption does not use up restart attempts
         elif to in (TaskState.FAILED, TaskState.LOST) and not job.killed:
@@ -520,7 +568,8 @@ class MasterState:
         if not groups:
             return
         running = (self.running(self.tasks[t]) for t in self.active)
-        plan = schedule(self.table, self.masks, groups, self.usage, running, self.policy, now)
+        policy = self.frameworks.capped(self.policy, {g.queue for g in groups})
+        plan = schedule(self.table, self.masks, groups, self.usage, running, policy, now)
         verdict = apply_plan(self.table, plan)
         self.waiting.update(plan.waiting)
         # A large array placed all it was shown: there may be room for the rest of it.
@@ -529,19 +578,19 @@ class MasterState:
             task = self.tasks[placement.task_id]
             self._equip(task, placement.node)
             self._move(task, TaskState.ASSIGNED, now, node=placement.node, message="")
-            self._c.launches[placement.node].append(self._run_spec(task))
+            self.changes.launches[placement.node].append(self._run_spec(task))
         for task_id, reason in verdict.rejected.items():
             self.waiting[self.tasks[task_id].job_id] = reason
             self._needs_schedule = True
         for eviction in plan.evictions:
             task = self.tasks[eviction.task_id]
             task.evicted_by = eviction.for_job
-            self._c.tasks[task.id] = task
-            self._send(task.node, Kill(run_ids=[task.run_id]))
+            self.changes.tasks[task.id] = task
+            self.send(task.node, Kill(run_ids=[task.run_id]))
         for task_id, node in plan.nominations:
             task = self.tasks[task_id]
             task.nominated = node
-            self._c.tasks[task.id] = task
+            self.changes.tasks[task.id] = task
 
     def running(self, task: TaskRecord) -> Running:
         job = self.jobs[task.job_id]
@@ -550,7 +599,7 @@ class MasterState:
             job_id=job.id,
             node=task.node or "",
             ask=job.spec.resources,
-            user=job.owner,
+            user=_consumer(job),
             queue=job.spec.queue,
             priority=job.spec.priority,
             preemptible=job.spec.preemptible,
@@ -600,6 +649,18 @@ class MasterState:
             ),
         )
 
+    def room_freed(self) -> None:
+        """Resources went back to the pool: native jobs and frameworks may use them."""
+        self._needs_schedule = True
+        self.frameworks.needs_cycle = True
+
+    def start(self, task: TaskRecord, node: str, now: float) -> None:
+        """Place a pending task on `node` outside a scheduling cycle (a framework chose it)."""
+        self.table.allocate(self.table.index[node], self._vector(task))
+        self._equip(task, node)
+        self._move(task, TaskState.ASSIGNED, now, node=node, message="")
+        self.changes.launches[node].append(self._run_spec(task))
+
     def _run_spec(self, task: TaskRecord) -> RunSpec:
         spec = self.jobs[task.job_id].spec
         env = {
@@ -626,15 +687,27 @@ class MasterState:
 
     # --- output -------------------------------------------------------------------------
 
-    def _send(self, node: str | None, frame: Launch | Kill | Ack) -> None:
+    def send(self, node: str | None, frame: Launch | Kill | Ack) -> None:
         if node is not None:
-            self._c.out.append(Send(node, frame))
+            self.changes.out.append(Send(node, frame))
+
+    def reply(self, request: int, value: object = None, error: ShoalError | None = None) -> None:
+        self.changes.out.append(Reply(request, value, error))
 
     def _commands(self) -> list[Command]:
-        c = self._c
+        c = self.changes
         commands: list[Command] = []
-        if c.jobs or c.tasks or c.nodes:
-            commands.append(Persist(tuple(c.jobs.values()), tuple(c.tasks.values()), tuple(c.nodes.values())))
+        if c.jobs or c.tasks or c.nodes or c.frameworks or c.updates or c.acked:
+            commands.append(
+                Persist(
+                    tuple(c.jobs.values()),
+                    tuple(c.tasks.values()),
+                    tuple(c.nodes.values()),
+                    tuple(c.frameworks.values()),
+                    tuple(c.updates),
+                    tuple(c.acked),
+                )
+            )
         commands.extend(Send(node, Launch(runs=runs)) for node, runs in c.launches.items())
         commands.extend(c.out)
         return commands

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from shoal.agent.server import stop_runs
@@ -45,7 +45,14 @@ def wait_for(done: Callable[[], object], timeout: float = 15.0, what: str = "con
 
 
 class LiveCluster:
-    def __init__(self, root: Path, agents: int, heartbeat_timeout: float, heartbeat_interval: float) -> None:
+    def __init__(
+        self,
+        root: Path,
+        agents: int,
+        heartbeat_timeout: float,
+        heartbeat_interval: float,
+        master_settings: Mapping[str, str] | None = None,
+    ) -> None:
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -56,6 +63,8 @@ class LiveCluster:
         self.agent_names = [f"node{i}" for i in range(1, agents + 1)]
         self.master: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        # Settings of the master only, as SHOAL_* variables: {"offer_timeout": "2"}.
+        self.master_env = {f"SHOAL_{k.upper()}": v for k, v in (master_settings or {}).items()}
 
     @property
     def env(self) -> dict[str, str]:
@@ -65,11 +74,14 @@ class LiveCluster:
             "SHOAL_CLUSTER_TOKEN": self.cluster_token,
         }
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
         with log:
             return subprocess.Popen(
-                [sys.executable, "-m", "shoal", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "shoal", *args],
+                env={**self.env, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
 
     def client(self, token: str | None = None) -> Client:
@@ -108,6 +120,7 @@ class LiveCluster:
             str(self.root / "master"),
             "--heartbeat-timeout",
             str(self.heartbeat_timeout),
+            env=self.master_env,
         )
         with self.client() as c:
             wait_for(c.whoami, what="the master answering")
@@ -181,10 +194,14 @@ class LiveCluster:
 
 @contextlib.contextmanager
 def live_cluster(
-    root: Path, agents: int = 2, heartbeat_timeout: float = 2.0, heartbeat_interval: float = 0.3
+    root: Path,
+    agents: int = 2,
+    heartbeat_timeout: float = 2.0,
+    heartbeat_interval: float = 0.3,
+    master_settings: Mapping[str, str] | None = None,
 ) -> Iterator[LiveCluster]:
     root.mkdir(parents=True, exist_ok=True)
-    cluster = LiveCluster(root, agents, heartbeat_timeout, heartbeat_interval)
+    cluster = LiveCluster(root, agents, heartbeat_timeout, heartbeat_interval, master_settings)
     try:
         cluster.start()
         yield cluster

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.state import Persist
 from shoal.model import JobRecord, NodeRecord, Role, TaskRecord
 from shoal.shell.protocol import AuditRecord
@@ -19,12 +20,15 @@ class Snapshot:
     jobs: list[JobRecord]
     tasks: list[TaskRecord]
     nodes: list[NodeRecord]
+    frameworks: list[FrameworkRecord]
+    updates: list[tuple[str, TaskStatus]]  # (framework, status) not yet acknowledged, in order
 
 
 @dataclass(frozen=True, slots=True)
 class TokenEntry:
     name: str
     role: Role
+    roles: tuple[str, ...] = ()  # the roles (queues) its frameworks may subscribe in
 
 
 class Store(Protocol):

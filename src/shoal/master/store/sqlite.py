@@ -8,9 +8,11 @@ only a power loss can take the last transactions.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
+from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.state import Persist
 from shoal.master.store import Snapshot, TokenEntry
 from shoal.model import TASK_RECORD, JobRecord, NodeRecord, Role
@@ -22,6 +24,14 @@ CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, job_id INTEGER NOT NULL, 
 CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (digest TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS frameworks (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS updates (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    uuid TEXT UNIQUE NOT NULL,
+    framework TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS token_roles (digest TEXT PRIMARY KEY, roles TEXT NOT NULL);
 """
 
 
@@ -37,6 +47,14 @@ class SqliteStore:
             jobs=[JobRecord.model_validate_json(d) for (d,) in self._db.execute("SELECT doc FROM jobs")],
             tasks=[TASK_RECORD.validate_json(d) for (d,) in self._db.execute("SELECT doc FROM tasks")],
             nodes=[NodeRecord.model_validate_json(d) for (d,) in self._db.execute("SELECT doc FROM nodes")],
+            frameworks=[
+                FrameworkRecord.model_validate_json(d)
+                for (d,) in self._db.execute("SELECT doc FROM frameworks")
+            ],
+            updates=[
+                (framework, TaskStatus.model_validate_json(d))
+                for framework, d in self._db.execute("SELECT framework, doc FROM updates ORDER BY seq")
+            ],
         )
 
     def apply(self, changes: Persist) -> None:
@@ -55,19 +73,38 @@ class SqliteStore:
                 "INSERT OR REPLACE INTO nodes VALUES (?, ?)",
                 [(n.name, n.model_dump_json()) for n in changes.nodes],
             )
+            db.executemany(
+                "INSERT OR REPLACE INTO frameworks VALUES (?, ?)",
+                [(f.id, f.model_dump_json()) for f in changes.frameworks],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO updates (uuid, framework, doc) VALUES (?, ?, ?)",
+                [(s.uuid, framework, s.model_dump_json()) for framework, s in changes.updates],
+            )
+            db.executemany("DELETE FROM updates WHERE uuid = ?", [(uuid,) for uuid in changes.acked])
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
 
     def token(self, digest: str) -> TokenEntry | None:
-        row = self._db.execute("SELECT name, role FROM tokens WHERE digest = ?", (digest,)).fetchone()
-        return TokenEntry(row[0], Role(row[1])) if row else None
+        row = self._db.execute(
+            "SELECT name, role, roles FROM tokens LEFT JOIN token_roles USING (digest) WHERE digest = ?",
+            (digest,),
+        ).fetchone()
+        if not row:
+            return None
+        return TokenEntry(row[0], Role(row[1]), tuple(json.loads(row[2])) if row[2] else ())
 
     def put_token(self, digest: str, entry: TokenEntry) -> None:
+        self._db.execute("BEGIN")
         self._db.execute(
             "INSERT OR REPLACE INTO tokens VALUES (?, ?, ?)", (digest, entry.name, entry.role.value)
         )
+        self._db.execute(
+            "INSERT OR REPLACE INTO token_roles VALUES (?, ?)", (digest, json.dumps(list(entry.roles)))
+        )
+        self._db.execute("COMMIT")
 
     def add_audit(self, record: AuditRecord) -> int:
         cursor = self._db.execute("INSERT INTO audit (doc) VALUES (?)", (record.model_dump_json(),))

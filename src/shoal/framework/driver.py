@@ -1,0 +1,415 @@
+"""The framework SDK: a `Scheduler` you subclass and a driver that runs it against a master.
+
+    class Sweep(Scheduler):
+        def resource_offers(self, driver, offers):
+            for offer in offers:
+                driver.launch([offer.id], [TaskLaunch(name="t1", command="true")])
+
+    Driver(Sweep(), name="sweep").run()
+
+The shape is Mesos's Python scheduler API: callbacks on the scheduler (`registered`,
+`resource_offers`, `offer_rescinded`, `status_update`, `node_lost`, `error`), calls on the
+driver (`launch`, `decline`, `suppress`, `revive`, `kill`, `acknowledge`, `reconcile`,
+`stop`). `Driver` is blocking: `run` reads the event stream and calls the scheduler on its
+own thread. `AsyncDriver` is the asyncio flavour: the same calls as coroutines, callbacks
+that may be coroutines. An exception a callback raises is logged, and the driver goes on.
+
+A driver re-subscribes (as the same framework) whenever its stream is lost, with backoff,
+so a master restart or failover costs the framework nothing: its tasks keep running, and
+status updates it had not acknowledged are delivered again. Updates are acknowledged once
+`status_update` returns, unless `implicit_acknowledgements=False`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any
+
+import httpx
+
+from shoal.client import ApiError, Unreachable, _api_error
+from shoal.config import load_client_config
+from shoal.framework import protocol as p
+
+log = logging.getLogger("shoal.framework")
+_BACKOFF = (0.1, 5.0)  # first and largest wait between re-subscriptions, seconds
+_LOST = (httpx.TransportError, httpx.StreamError, Unreachable)  # a stream cut, or closed by stop()
+
+
+class Scheduler:
+    """Override what your framework needs; by default offers are declined (never hoarded)."""
+
+    def registered(self, driver: Any, framework_id: str) -> None:
+        """Subscribed (again, after a lost stream: the same id)."""
+
+    def resource_offers(self, driver: Any, offers: list[p.OfferInfo]) -> None:
+        driver.decline([o.id for o in offers])
+
+    def offer_rescinded(self, driver: Any, offer_id: str) -> None:
+        """An offer may no longer be used."""
+
+    def status_update(self, driver: Any, status: p.TaskStatus) -> None:
+        """A task changed state (or a reconciliation answered)."""
+
+    def node_lost(self, driver: Any, node: str) -> None:
+        """A node was lost; its tasks' LOST updates follow."""
+
+    def error(self, driver: Any, message: str) -> None:
+        """The master ended the framework; the driver stops."""
+
+
+class _Session:
+    """What both drivers share: the subscription, the call bodies, the event dispatch."""
+
+    def __init__(
+        self,
+        name: str,
+        role: str,
+        failover_timeout: float,
+        framework_id: str | None,
+        implicit_acknowledgements: bool,
+    ) -> None:
+        self.name = name
+        self.role = role
+        self.failover_timeout = failover_timeout
+        self.framework_id = framework_id
+        self.implicit_acknowledgements = implicit_acknowledgements
+        self.stopped = False
+
+    def subscribe_body(self) -> dict[str, Any]:
+        return p.Subscribe(
+            name=self.name,
+            role=self.role,
+            failover_timeout=self.failover_timeout,
+            framework_id=self.framework_id,
+        ).model_dump(mode="json")
+
+    def call_path(self) -> str:
+        if self.framework_id is None:
+            raise RuntimeError(
+                "the framework is not subscribed yet: call from a callback, or after registered"
+            )
+        return f"/v1/frameworks/{self.framework_id}/call"
+
+    def callbacks(self, event: p.Event) -> tuple[str, tuple[Any, ...]] | None:
+        """The scheduler method an event calls, and its arguments."""
+        match event:
+            case p.Subscribed(framework_id=framework_id):
+                self.framework_id = framework_id
+                return "registered", (framework_id,)
+            case p.Offers(offers=offers):
+                return "resource_offers", (offers,)
+            case p.Rescind(offer_id=offer_id):
+                return "offer_rescinded", (offer_id,)
+            case p.Update(status=status):
+                return "status_update", (status,)
+            case p.Failure(node=node):
+                return "node_lost", (node,)
+            case p.Error(message=message):
+                if self.stopped:
+                    return None  # the end it asked for
+                self.stopped = True
+                return "error", (message,)
+        return None  # heartbeats
+
+    def must_acknowledge(self, event: p.Event) -> p.TaskStatus | None:
+        if self.implicit_acknowledgements and isinstance(event, p.Update) and event.status.uuid:
+            return event.status
+        return None
+
+
+def _launch_body(
+    offer_ids: Iterable[str], tasks: Iterable[p.TaskLaunch | dict], refuse_seconds: float
+) -> dict:
+    return p.Accept(
+        offer_ids=list(offer_ids),
+        tasks=[t if isinstance(t, p.TaskLaunch) else p.TaskLaunch(**t) for t in tasks],
+        refuse_seconds=refuse_seconds,
+    ).model_dump(mode="json")
+
+
+def _backoff(delay: float) -> float:
+    return min(delay * 2, _BACKOFF[1])
+
+
+class Driver:
+    """The blocking driver. `run()` returns when the framework is stopped or ended."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        name: str,
+        *,
+        role: str = "default",
+        url: str | None = None,
+        token: str | None = None,
+        failover_timeout: float = 60.0,
+        framework_id: str | None = None,
+        implicit_acknowledgements: bool = True,
+    ) -> None:
+        config = load_client_config()
+        self.scheduler = scheduler
+        self._session = _Session(name, role, failover_timeout, framework_id, implicit_acknowledgements)
+        self.url = (url or config.url).rstrip("/")
+        headers = {"Authorization": f"Bearer {token or config.token}"}
+        # The stream and the calls each have a client: calls come from the scheduler's
+        # callbacks and from any other thread, one at a time (the lock), while the stream reads.
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
+        self._listen = httpx.Client(base_url=self.url, headers=headers)
+        self._lock = threading.Lock()
+        self._stream: httpx.Response | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def framework_id(self) -> str | None:
+        return self._session.framework_id
+
+    # --- running ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Subscribe and serve the scheduler until `stop()` or the master ends the framework.
+        A refused subscription raises `ApiError`; a lost stream is re-subscribed."""
+        delay = _BACKOFF[0]
+        while not self._session.stopped:
+            try:
+                for event in self._events():
+                    delay = _BACKOFF[0]
+                    self._handle(event)
+                    if self._session.stopped:
+                        break
+            except _LOST as e:
+                if self._session.stopped:
+                    break
+                log.warning("lost the master at %s (%s); subscribing again in %.1fs", self.url, e, delay)
+                time.sleep(delay)
+                delay = _backoff(delay)
+        self._listen.close()
+
+    def start(self) -> Driver:
+        """Run on a thread of its own; returns once subscribed."""
+        registered = threading.Event()
+        scheduler_registered = self.scheduler.registered
+
+        def registered_then_go_on(driver: Any, framework_id: str) -> None:
+            registered.set()
+            scheduler_registered(driver, framework_id)
+
+        self.scheduler.registered = registered_then_go_on  # type: ignore[method-assign]
+        self._thread = threading.Thread(target=self.run, name=f"framework {self._session.name}", daemon=True)
+        self._thread.start()
+        while not registered.wait(0.05):
+            if not self._thread.is_alive():
+                raise RuntimeError("the driver stopped before it subscribed: see the log")
+        return self
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _events(self) -> Iterator[p.Event]:
+        with self._listen.stream(
+            "POST",
+            "/v1/frameworks/subscribe",
+            json=self._session.subscribe_body(),
+            timeout=httpx.Timeout(30.0, read=30.0),
+        ) as response:
+            if response.is_error:
+                response.read()
+                error = _api_error(response)
+                # Refused (bad role, a framework that ended): subscribing again cannot help.
+                self._session.stopped = error.status < 500
+                raise error
+            self._stream = response
+            for line in response.iter_lines():
+                if line:
+                    yield p.EVENT.validate_json(line)
+
+    def _handle(self, event: p.Event) -> None:
+        callback = self._session.callbacks(event)
+        if callback is not None:
+            name, args = callback
+            try:
+                getattr(self.scheduler, name)(self, *args)
+            except Exception:
+                # A scheduler's bug must not cost it its subscription: say so, go on.
+                log.exception("the scheduler's %s raised", name)
+        if (status := self._session.must_acknowledge(event)) is not None and not self._session.stopped:
+            self.acknowledge(status)
+
+    # --- calls --------------------------------------------------------------------------
+
+    def launch(
+        self, offer_ids: Iterable[str], tasks: Iterable[p.TaskLaunch | dict], refuse_seconds: float = 0.0
+    ) -> dict[str, int]:
+        """Start `tasks` on offers of one node; returns each task's job id."""
+        return p.Accepted.model_validate(self._call(_launch_body(offer_ids, tasks, refuse_seconds))).jobs
+
+    def decline(self, offer_ids: Iterable[str], refuse_seconds: float = 5.0) -> None:
+        """Give offers back; their resources are not offered to this framework again for
+        `refuse_seconds` (unless more is free there by then)."""
+        if ids := list(offer_ids):
+            self._call(p.Decline(offer_ids=ids, refuse_seconds=refuse_seconds).model_dump())
+
+    def suppress(self) -> None:
+        self._call(p.Suppress().model_dump())
+
+    def revive(self) -> None:
+        self._call(p.Revive().model_dump())
+
+    def kill(self, task: str) -> None:
+        self._call(p.Kill(task=task).model_dump())
+
+    def acknowledge(self, status: p.TaskStatus) -> None:
+        self._call(p.Acknowledge(task=status.task, uuid=status.uuid or "").model_dump())
+
+    def reconcile(self, tasks: Iterable[str] = ()) -> None:
+        """Ask for the latest state of `tasks` (none: all live ones); answers are updates."""
+        self._call(p.Reconcile(tasks=list(tasks)).model_dump())
+
+    def stop(self, failover: bool = False) -> None:
+        """End the framework (its tasks are killed); with `failover`, only disconnect, so a
+        new driver given this `framework_id` takes over its tasks within the failover timeout."""
+        session = self._session
+        if not failover and session.framework_id is not None and not session.stopped:
+            self._call(p.Teardown().model_dump())
+        session.stopped = True
+        if self._stream is not None:
+            self._stream.close()
+
+    def _call(self, body: dict[str, Any]) -> Any:
+        try:
+            with self._lock:
+                response = self._http.post(self._session.call_path(), json=body)
+        except httpx.TransportError as e:
+            raise Unreachable(f"lost the master at {self.url}: {e}") from e
+        if response.is_error:
+            raise _api_error(response)
+        return response.json()
+
+
+class AsyncDriver:
+    """The asyncio driver: `await driver.run()`; callbacks may be coroutines."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        name: str,
+        *,
+        role: str = "default",
+        url: str | None = None,
+        token: str | None = None,
+        failover_timeout: float = 60.0,
+        framework_id: str | None = None,
+        implicit_acknowledgements: bool = True,
+    ) -> None:
+        config = load_client_config()
+        self.scheduler = scheduler
+        self._session = _Session(name, role, failover_timeout, framework_id, implicit_acknowledgements)
+        self.url = (url or config.url).rstrip("/")
+        headers = {"Authorization": f"Bearer {token or config.token}"}
+        self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30.0)
+        self._stream: httpx.Response | None = None
+
+    @property
+    def framework_id(self) -> str | None:
+        return self._session.framework_id
+
+    async def run(self) -> None:
+        delay = _BACKOFF[0]
+        try:
+            while not self._session.stopped:
+                try:
+                    async for event in self._events():
+                        delay = _BACKOFF[0]
+                        await self._handle(event)
+                        if self._session.stopped:
+                            break
+                except _LOST as e:
+                    if self._session.stopped:
+                        break
+                    log.warning("lost the master at %s (%s); subscribing again in %.1fs", self.url, e, delay)
+                    await asyncio.sleep(delay)
+                    delay = _backoff(delay)
+        finally:
+            await self._http.aclose()
+
+    async def _events(self) -> AsyncIterator[p.Event]:
+        async with self._http.stream(
+            "POST",
+            "/v1/frameworks/subscribe",
+            json=self._session.subscribe_body(),
+            timeout=httpx.Timeout(30.0, read=30.0),
+        ) as response:
+            if response.is_error:
+                await response.aread()
+                error = _api_error(response)
+                self._session.stopped = error.status < 500
+                raise error
+            self._stream = response
+            async for line in response.aiter_lines():
+                if line:
+                    yield p.EVENT.validate_json(line)
+
+    async def _handle(self, event: p.Event) -> None:
+        callback = self._session.callbacks(event)
+        if callback is not None:
+            name, args = callback
+            try:
+                result = getattr(self.scheduler, name)(self, *args)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("the scheduler's %s raised", name)
+        if (status := self._session.must_acknowledge(event)) is not None and not self._session.stopped:
+            await self.acknowledge(status)
+
+    async def launch(
+        self, offer_ids: Iterable[str], tasks: Iterable[p.TaskLaunch | dict], refuse_seconds: float = 0.0
+    ) -> dict[str, int]:
+        return p.Accepted.model_validate(
+            await self._call(_launch_body(offer_ids, tasks, refuse_seconds))
+        ).jobs
+
+    async def decline(self, offer_ids: Iterable[str], refuse_seconds: float = 5.0) -> None:
+        if ids := list(offer_ids):
+            await self._call(p.Decline(offer_ids=ids, refuse_seconds=refuse_seconds).model_dump())
+
+    async def suppress(self) -> None:
+        await self._call(p.Suppress().model_dump())
+
+    async def revive(self) -> None:
+        await self._call(p.Revive().model_dump())
+
+    async def kill(self, task: str) -> None:
+        await self._call(p.Kill(task=task).model_dump())
+
+    async def acknowledge(self, status: p.TaskStatus) -> None:
+        await self._call(p.Acknowledge(task=status.task, uuid=status.uuid or "").model_dump())
+
+    async def reconcile(self, tasks: Iterable[str] = ()) -> None:
+        await self._call(p.Reconcile(tasks=list(tasks)).model_dump())
+
+    async def stop(self, failover: bool = False) -> None:
+        session = self._session
+        if not failover and session.framework_id is not None and not session.stopped:
+            await self._call(p.Teardown().model_dump())
+        session.stopped = True
+        if self._stream is not None:
+            await self._stream.aclose()
+
+    async def _call(self, body: dict[str, Any]) -> Any:
+        try:
+            response = await self._http.post(self._session.call_path(), json=body)
+        except httpx.TransportError as e:
+            raise Unreachable(f"lost the master at {self.url}: {e}") from e
+        if response.is_error:
+            raise _api_error(response)
+        return response.json()
+
+
+__all__ = ["ApiError", "AsyncDriver", "Driver", "Scheduler"]
