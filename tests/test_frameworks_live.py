@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from shoal.client import ApiError
-from shoal.framework import Driver, OfferInfo, Scheduler, TaskLaunch, TaskStatus
+from shoal.framework import AsyncDriver, Driver, OfferInfo, Scheduler, TaskLaunch, TaskStatus
 from shoal.model import JobSpec, TaskState
 from shoal.testing.live import LiveCluster, live_cluster, wait_for
 
@@ -272,3 +273,33 @@ def test_the_keeper_example_replaces_replicas_lost_with_their_node(tmp_path: Pat
             keeper.wait(20)
         with cluster.client() as client:
             wait_for(lambda: client.frameworks() == [], what="the keeper torn down on Ctrl-C")
+
+
+def test_the_asyncio_driver_runs_coroutine_callbacks(tmp_path: Path) -> None:
+    class Once(Scheduler):
+        def __init__(self) -> None:
+            self.launched = False
+            self.seen: list[TaskState] = []
+
+        async def resource_offers(self, driver: AsyncDriver, offers: list[OfferInfo]) -> None:
+            if not self.launched:
+                self.launched = True
+                await driver.launch(
+                    [offers[0].id], [TaskLaunch(name="hi", command="echo hi", resources={"mem": 16})]
+                )
+            await driver.decline([o.id for o in offers[1:]])
+
+        async def status_update(self, driver: AsyncDriver, status: TaskStatus) -> None:
+            self.seen.append(status.state)
+            if status.state.terminal:
+                await driver.stop()
+
+    with live_cluster(tmp_path, agents=1) as cluster:
+        scheduler = Once()
+        runner = AsyncDriver(scheduler, "async", url=cluster.url, token=cluster.admin_token)
+        asyncio.run(asyncio.wait_for(runner.run(), 30))
+        assert scheduler.seen[-1] is TaskState.FINISHED
+        with cluster.client() as client:
+            job = next(j for j in client.jobs() if j.name == "hi")
+            assert client.logs(f"{job.id}.0") == b"hi\n"
+            assert client.frameworks() == []

@@ -137,8 +137,8 @@ def _backoff(delay: float) -> float:
     return min(delay * 2, _BACKOFF[1])
 
 
-class Driver:
-    """The blocking driver. `run()` returns when the framework is stopped or ended."""
+class _Driver:
+    """What both drivers are made of: the scheduler, the session, where the master is."""
 
     def __init__(
         self,
@@ -156,7 +156,20 @@ class Driver:
         self.scheduler = scheduler
         self._session = _Session(name, role, failover_timeout, framework_id, implicit_acknowledgements)
         self.url = (url or config.url).rstrip("/")
-        headers = {"Authorization": f"Bearer {token or config.token}"}
+        self._open({"Authorization": f"Bearer {token or config.token}"})
+
+    def _open(self, headers: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    @property
+    def framework_id(self) -> str | None:
+        return self._session.framework_id
+
+
+class Driver(_Driver):
+    """The blocking driver. `run()` returns when the framework is stopped or ended."""
+
+    def _open(self, headers: dict[str, str]) -> None:
         # The stream and the calls each have a client: calls come from the scheduler's
         # callbacks and from any other thread, one at a time (the lock), while the stream reads.
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
@@ -164,10 +177,6 @@ class Driver:
         self._lock = threading.Lock()
         self._stream: httpx.Response | None = None
         self._thread: threading.Thread | None = None
-
-    @property
-    def framework_id(self) -> str | None:
-        return self._session.framework_id
 
     # --- running ------------------------------------------------------------------------
 
@@ -292,32 +301,12 @@ class Driver:
         return response.json()
 
 
-class AsyncDriver:
+class AsyncDriver(_Driver):
     """The asyncio driver: `await driver.run()`; callbacks may be coroutines."""
 
-    def __init__(
-        self,
-        scheduler: Scheduler,
-        name: str,
-        *,
-        role: str = "default",
-        url: str | None = None,
-        token: str | None = None,
-        failover_timeout: float = 60.0,
-        framework_id: str | None = None,
-        implicit_acknowledgements: bool = True,
-    ) -> None:
-        config = load_client_config()
-        self.scheduler = scheduler
-        self._session = _Session(name, role, failover_timeout, framework_id, implicit_acknowledgements)
-        self.url = (url or config.url).rstrip("/")
-        headers = {"Authorization": f"Bearer {token or config.token}"}
+    def _open(self, headers: dict[str, str]) -> None:
         self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30.0)
         self._stream: httpx.Response | None = None
-
-    @property
-    def framework_id(self) -> str | None:
-        return self._session.framework_id
 
     async def run(self) -> None:
         delay = _BACKOFF[0]
