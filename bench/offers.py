@@ -31,6 +31,7 @@ from rich.progress import Progress
 from shoal.core.offers import Claimant, allocate
 from shoal.framework import protocol as p
 from shoal.master.frameworks import FrameworkCall, OffersMade, Principal, SubscribeFramework, ToFramework
+from shoal.master.server import tune_collector
 from shoal.master.state import FromAgent, MasterState
 from shoal.model import JobSpec, Resources
 from shoal.testing.live import live_cluster
@@ -54,6 +55,7 @@ class Ledger:
         )
         self.held: dict[str, list[str]] = {}
         self.ids: dict[int, str] = {}
+        self.now = 0.0  # the ledger's clock: every batch of calls a second later
         self.requests = 0
         subscriptions = [
             SubscribeFramework(i, ADMIN, p.Subscribe(name=f"fw{i}"), i, 0.0) for i in range(frameworks)
@@ -69,15 +71,16 @@ class Ledger:
                 elif isinstance(c.event, OffersMade):
                     self.held.setdefault(self.ids[c.connection], []).extend(o.id for o in c.event.offers)
 
-    def answer_all(self, now: float) -> float:
+    def answer_all(self) -> float:
         """Every framework declines all it holds (no filter), in one batch: seconds the ledger
         took to take the offers back and offer the cluster again."""
         calls = []
+        self.now += 1
         for framework, offers in self.held.items():
             if offers:
                 self.requests += 1
                 decline = p.Decline(offer_ids=offers, refuse_seconds=0)
-                calls.append(FrameworkCall(self.requests, ADMIN, framework, decline, now))
+                calls.append(FrameworkCall(self.requests, ADMIN, framework, decline, self.now))
         self.held = {}
         began = time.perf_counter()
         commands = self.state.handle(*calls)
@@ -99,9 +102,10 @@ class Ledger:
     def calls(self, make) -> list:
         """One call to every framework, batched as the master batches what arrives at once."""
         events = []
+        self.now += 1
         for framework in self.held:
             self.requests += 1
-            events.append(FrameworkCall(self.requests, ADMIN, framework, make(), 1.0))
+            events.append(FrameworkCall(self.requests, ADMIN, framework, make(), self.now))
         return self.state.handle(*events)
 
     def allocate_once(self) -> float:
@@ -114,8 +118,9 @@ class Ledger:
 
 def cycle_figures(nodes: int, frameworks: int, rounds: int) -> dict[str, float]:
     ledger = Ledger(nodes, frameworks)
+    tune_collector()  # as the master does
     full = [ledger.cycle() for _ in range(rounds)]
-    answered = [ledger.answer_all(1.0 + r) for r in range(rounds)]
+    answered = [ledger.answer_all() for _ in range(rounds)]
     # The pure allocator alone, on the same table with nothing outstanding (offers rescinded).
     ledger.calls(p.Suppress)
     pure = [ledger.allocate_once() for _ in range(rounds)]

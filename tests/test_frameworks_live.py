@@ -196,10 +196,7 @@ def test_status_updates_survive_a_master_sigkill_and_restart(tmp_path: Path) -> 
         )
         again = [u for u in recorder.updates if u.state is TaskState.FINISHED][-1]
         assert again.uuid == finished.uuid and again.job_id == finished.job_id
-        d.acknowledge(again)
-        for u in recorder.updates:
-            if u.uuid and u.uuid != again.uuid:
-                d.acknowledge(u)
+        d.acknowledge(*recorder.updates)
         seen = len(recorder.updates)
         cluster.restart_master()
         wait_for(lambda: d.framework_id and _subscribed_again(cluster), timeout=30, what="the driver back")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shoal.core.scheduler import Policy, QueuePolicy
 from shoal.errors import Forbidden, NotFound, SpecError
@@ -16,7 +19,7 @@ from shoal.master.frameworks import (
     SubscribeFramework,
     ToFramework,
 )
-from shoal.master.state import FromAgent, MasterState, Persist, Reply, Send, Submit, Tick
+from shoal.master.state import FromAgent, KillJob, MasterState, Persist, Reply, Send, Submit, Tick
 from shoal.model import JobSpec, TaskState
 from shoal.testing.sim import sim_node
 from shoal.wire import Heartbeat, Kill, Launch, Register, RunReport, RunReports, Usage
@@ -129,7 +132,7 @@ def test_status_updates_are_delivered_until_acknowledged() -> None:
     updates = [e.status for e in h.events(stream, p.Update)]
     assert [(u.task, u.state) for u in updates] == [("a", TaskState.RUNNING), ("a", TaskState.FINISHED)]
     assert all(u.uuid for u in updates)
-    h.call(framework, p.Acknowledge(task="a", uuid=updates[0].uuid))
+    h.call(framework, p.Acknowledge(uuids=[updates[0].uuid]))
     h.tick(11)
     again = [e.status for e in h.events(stream, p.Update)][2:]
     assert [u.state for u in again] == [TaskState.FINISHED]  # only the one not acknowledged
@@ -366,3 +369,74 @@ def test_native_work_leaves_freed_room_to_a_framework_below_its_fair_share() -> 
     h.call(framework, p.Suppress())
     # A framework with nothing to run suppresses; the native queue has the cluster again.
     assert sum(t.state is TaskState.PENDING for t in h.state.tasks_of(reply.value)) == 3
+
+
+# --- the ledger's invariants under any sequence of calls (hypothesis) ----------------------
+
+op_st = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["accept", "decline", "suppress", "revive", "kill", "finish", "tick", "close", "native"]
+        ),
+        st.integers(0, 2),  # which framework
+        st.integers(0, 50),  # which offer or task, modulo what there is
+        st.sampled_from([0.5, 1, 3]),  # cpus asked
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(op_st)
+def test_offers_and_tasks_never_hold_more_than_a_node_and_the_table_adds_up(ops) -> None:
+    h = Harness(nodes=3, offer_timeout=5)
+    frameworks = [h.subscribe(f"f{i}", role=("default", "heavy")[i % 2]) for i in range(3)]
+    native = 0
+    for op, which, pick, cpus in ops:
+        framework, stream = frameworks[which]
+        desk = h.state.frameworks
+        held = [o for o in desk.offers.values() if o.framework == framework]
+        live = [t for t in h.state.tasks.values() if t.state.active]
+        try:
+            if op == "accept" and held:
+                offer = held[pick % len(held)]
+                h.call(framework, p.Accept(offer_ids=[offer.id], tasks=[task(f"t{h.requests}", cpus=cpus)]))
+            elif op == "decline" and held:
+                h.call(framework, p.Decline(offer_ids=[held[pick % len(held)].id], refuse_seconds=cpus))
+            elif op in ("suppress", "revive"):
+                h.call(framework, p.Suppress() if op == "suppress" else p.Revive())
+            elif op == "kill" and live:
+                h.handle(KillJob(20_000 + pick, live[pick % len(live)].job_id, h.now))
+            elif op == "finish" and live:
+                t = live[pick % len(live)]
+                h.report(t.node, t.id, TaskState.FINISHED, exit_code=0)
+            elif op == "tick":
+                h.tick(cpus * 2)
+            elif op == "close":
+                h.handle(StreamClosed(stream, h.now))
+                frameworks[which] = h.subscribe(
+                    f"f{which}", framework_id=framework, role=("default", "heavy")[which % 2]
+                )
+            elif op == "native":
+                native += 1
+                h.handle(
+                    Submit(10_000 + native, "alice", JobSpec(command="true", resources={"cpus": cpus}), h.now)
+                )
+        except SpecError:
+            pass  # refused (over-use, a live name): must change nothing, checked below
+        _check(h)
+
+
+def _check(h: Harness) -> None:
+    state = h.state
+    table = state.table
+    expected = np.zeros_like(table.allocated)
+    for task_id in state.active:
+        t = state.tasks[task_id]
+        expected[table.index[t.node]] += table.vector(state.jobs[t.job_id].spec.resources)
+    for offer in state.frameworks.offers.values():
+        expected[offer.row, : len(offer.amount)] += offer.amount
+    assert np.allclose(table.allocated, expected), "the table is off what tasks and offers hold"
+    assert np.all(table.allocated <= table.capacity + 1e-6), "a node holds more than it has"
+    for fw in state.frameworks.frameworks.values():
+        assert set(fw.offers) <= set(state.frameworks.offers)

@@ -62,6 +62,7 @@ class MasterSettings(_Settings):
     queues: dict[str, QueueSettings] = Field(default_factory=lambda: {"default": QueueSettings()})
     user_weights: dict[str, float] = Field(default_factory=dict)
     offer_timeout: float = Field(30.0, gt=0, description="seconds before an unanswered offer is rescinded")
+    offer_interval: float = Field(0.05, ge=0, le=10, description="seconds at least between offer cycles")
     offer_patience: float = Field(
         1.0, ge=0, description="seconds an offer is held before a starved framework may claim it"
     )

@@ -14,7 +14,7 @@ One cycle:
    weighted dominant share of the role, then of the framework. A turn offers the claimant
    nodes, in a seeded shuffled order, until its key passes the next claimant's (by at least
    `QUANTUM`), never past its role's limit: whole nodes at a time, so a cycle over 10,000
-   nodes takes a few hundred vectorized turns, not 10,000 single ones.
+   nodes takes about a hundred vectorized turns, not 10,000 single ones.
 2. Offers held and not yet answered count as the holder's, so hoarding raises a framework's
    share and sends it to the back.
 3. No starvation: a framework below its fair share that holds no offer and got none from the
@@ -40,7 +40,7 @@ from shoal.core.cluster import NodeTable
 from shoal.core.fairness import Shares
 from shoal.core.scheduler import Policy, QueuePolicy
 
-QUANTUM = 0.005  # how far past the next claimant's share one turn carries a claimant
+QUANTUM = 0.01  # how far past the next claimant's share one turn carries a claimant
 MIN_CPUS = 0.01  # less than this and MIN_MEM of both is not worth offering (Mesos's rule)
 MIN_MEM = 32.0
 

@@ -17,7 +17,8 @@ that may be coroutines. An exception a callback raises is logged, and the driver
 A driver re-subscribes (as the same framework) whenever its stream is lost, with backoff,
 so a master restart or failover costs the framework nothing: its tasks keep running, and
 status updates it had not acknowledged are delivered again. Updates are acknowledged once
-`status_update` returns, unless `implicit_acknowledgements=False`.
+`status_update` returns (batched: one call for a burst), unless
+`implicit_acknowledgements=False`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from shoal.framework import protocol as p
 
 log = logging.getLogger("shoal.framework")
 _BACKOFF = (0.1, 5.0)  # first and largest wait between re-subscriptions, seconds
+_ACK_DELAY = 0.02  # seconds implicit acknowledgements wait to go out together
 _LOST = (httpx.TransportError, httpx.StreamError, Unreachable)  # a stream cut, or closed by stop()
 
 
@@ -177,6 +179,9 @@ class Driver(_Driver):
         self._lock = threading.Lock()
         self._stream: httpx.Response | None = None
         self._thread: threading.Thread | None = None
+        self._acks: list[p.TaskStatus] = []
+        self._acks_lock = threading.Lock()
+        self._acks_timer: threading.Timer | None = None
 
     # --- running ------------------------------------------------------------------------
 
@@ -248,7 +253,25 @@ class Driver(_Driver):
                 # A scheduler's bug must not cost it its subscription: say so, go on.
                 log.exception("the scheduler's %s raised", name)
         if (status := self._session.must_acknowledge(event)) is not None and not self._session.stopped:
-            self.acknowledge(status)
+            self._acknowledge_soon(status)
+
+    def _acknowledge_soon(self, status: p.TaskStatus) -> None:
+        """Acknowledge in batches: one call for what a burst of updates brought."""
+        with self._acks_lock:
+            self._acks.append(status)
+            if self._acks_timer is None:
+                self._acks_timer = threading.Timer(_ACK_DELAY, self._flush_acks)
+                self._acks_timer.daemon = True
+                self._acks_timer.start()
+
+    def _flush_acks(self) -> None:
+        with self._acks_lock:
+            statuses, self._acks, self._acks_timer = self._acks, [], None
+        if statuses and not self._session.stopped:
+            try:
+                self.acknowledge(*statuses)
+            except (ApiError, Unreachable) as e:
+                log.warning("acknowledging %d updates failed (%s); they will come again", len(statuses), e)
 
     # --- calls --------------------------------------------------------------------------
 
@@ -273,8 +296,10 @@ class Driver(_Driver):
     def kill(self, task: str) -> None:
         self._call(p.Kill(task=task).model_dump())
 
-    def acknowledge(self, status: p.TaskStatus) -> None:
-        self._call(p.Acknowledge(task=status.task, uuid=status.uuid or "").model_dump())
+    def acknowledge(self, *statuses: p.TaskStatus) -> None:
+        """The updates were handled: they are not delivered again."""
+        if uuids := [s.uuid for s in statuses if s.uuid]:
+            self._call(p.Acknowledge(uuids=uuids).model_dump())
 
     def reconcile(self, tasks: Iterable[str] = ()) -> None:
         """Ask for the latest state of `tasks` (none: all live ones); answers are updates."""
@@ -286,6 +311,8 @@ class Driver(_Driver):
         session = self._session
         if not failover and session.framework_id is not None and not session.stopped:
             self._call(p.Teardown().model_dump())
+        elif not session.stopped:
+            self._flush_acks()
         session.stopped = True
         if self._stream is not None:
             self._stream.close()
@@ -307,6 +334,7 @@ class AsyncDriver(_Driver):
     def _open(self, headers: dict[str, str]) -> None:
         self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30.0)
         self._stream: httpx.Response | None = None
+        self._acks: list[p.TaskStatus] = []
 
     async def run(self) -> None:
         delay = _BACKOFF[0]
@@ -355,7 +383,19 @@ class AsyncDriver(_Driver):
             except Exception:
                 log.exception("the scheduler's %s raised", name)
         if (status := self._session.must_acknowledge(event)) is not None and not self._session.stopped:
-            await self.acknowledge(status)
+            self._acks.append(status)
+            if len(self._acks) == 1:
+                asyncio.get_running_loop().call_later(
+                    _ACK_DELAY, lambda: asyncio.ensure_future(self._flush_acks())
+                )
+
+    async def _flush_acks(self) -> None:
+        statuses, self._acks = self._acks, []
+        if statuses and not self._session.stopped:
+            try:
+                await self.acknowledge(*statuses)
+            except (ApiError, Unreachable) as e:
+                log.warning("acknowledging %d updates failed (%s); they will come again", len(statuses), e)
 
     async def launch(
         self, offer_ids: Iterable[str], tasks: Iterable[p.TaskLaunch | dict], refuse_seconds: float = 0.0
@@ -377,8 +417,9 @@ class AsyncDriver(_Driver):
     async def kill(self, task: str) -> None:
         await self._call(p.Kill(task=task).model_dump())
 
-    async def acknowledge(self, status: p.TaskStatus) -> None:
-        await self._call(p.Acknowledge(task=status.task, uuid=status.uuid or "").model_dump())
+    async def acknowledge(self, *statuses: p.TaskStatus) -> None:
+        if uuids := [s.uuid for s in statuses if s.uuid]:
+            await self._call(p.Acknowledge(uuids=uuids).model_dump())
 
     async def reconcile(self, tasks: Iterable[str] = ()) -> None:
         await self._call(p.Reconcile(tasks=list(tasks)).model_dump())
@@ -387,6 +428,8 @@ class AsyncDriver(_Driver):
         session = self._session
         if not failover and session.framework_id is not None and not session.stopped:
             await self._call(p.Teardown().model_dump())
+        elif not session.stopped:
+            await self._flush_acks()
         session.stopped = True
         if self._stream is not None:
             await self._stream.aclose()

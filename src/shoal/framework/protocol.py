@@ -120,11 +120,10 @@ class Kill(_Message):
 
 
 class Acknowledge(_Message):
-    """A status update was handled: it is not delivered again."""
+    """Status updates were handled: they are not delivered again."""
 
     type: Literal["acknowledge"] = "acknowledge"
-    task: str = Field(pattern=_NAME)
-    uuid: str = Field(min_length=1, max_length=128)
+    uuids: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(min_length=1, max_length=10_000)
 
 
 class Reconcile(_Message):

@@ -78,7 +78,11 @@ def open_master(settings: MasterSettings) -> Master:
         "admin", Role.ADMIN, _secret_file(settings.state_dir / "admin.token", _reveal(settings.admin_token))
     )
     blobs = BlobStore(settings.state_dir / "blobs")
-    frameworks = FrameworkPolicy(offer_timeout=settings.offer_timeout, patience=settings.offer_patience)
+    frameworks = FrameworkPolicy(
+        offer_timeout=settings.offer_timeout,
+        patience=settings.offer_patience,
+        interval=settings.offer_interval,
+    )
     return Master(
         store, tokens, blobs, settings.policy(), settings.heartbeat_timeout, settings.tick, frameworks
     )

@@ -47,6 +47,9 @@ class FrameworkPolicy:
     patience: float = 1.0  # seconds an offer is held before a starved framework may claim it
     retry: float = 10.0  # seconds between deliveries of an unacknowledged update
     heartbeat: float = 5.0  # seconds between heartbeats on an idle stream
+    # Seconds at least between offer cycles: what frees up meanwhile goes out as one larger
+    # offer per node, not a trickle of small ones each costing its framework a round trip.
+    interval: float = 0.0
 
 
 # --- events and commands -----------------------------------------------------------------
@@ -168,6 +171,7 @@ class FrameworkDesk:
         self.needs_cycle = True
         self._wakeup = math.inf  # the earliest filter expiry
         self.cycles = 0
+        self.last_cycle = -math.inf
         self._node_cache: dict[str, tuple[object, str]] = {}
 
     # --- subscription -------------------------------------------------------------------
@@ -272,8 +276,9 @@ class FrameworkDesk:
             case p.Kill():
                 self._kill(fw, call.task)
             case p.Acknowledge():
-                if fw.updates.pop(call.uuid, None) is not None:
-                    self.ledger.changes.acked.append(call.uuid)
+                for uuid in call.uuids:
+                    if fw.updates.pop(uuid, None) is not None:
+                        self.ledger.changes.acked.append(uuid)
             case p.Reconcile():
                 self._reconcile(fw, call.tasks, now)
             case p.Teardown():
@@ -425,9 +430,14 @@ class FrameworkDesk:
 
     # --- the offer cycle ----------------------------------------------------------------
 
+    def due(self) -> float | None:
+        """When the next offer cycle should run (None: no cycle is needed)."""
+        return self.last_cycle + self.policy.interval if self.needs_cycle else None
+
     def cycle(self, now: float) -> None:
         """Offer what is free to the frameworks that want it (the pure allocator decides)."""
         self.needs_cycle = False
+        self.last_cycle = now
         ledger = self.ledger
         self._wakeup = math.inf
         free = ledger.table.free()

@@ -149,6 +149,7 @@ class Master:
         self._replies: dict[int, asyncio.Future[Reply]] = {}
         self.shell = ShellRelay(self._send_to)
         self.streams: dict[int, asyncio.Queue[bytes | None]] = {}
+        self._offer_timer: asyncio.TimerHandle | None = None
 
     # --- the door into the ledger ---------------------------------------------------------
 
@@ -170,9 +171,16 @@ class Master:
                     self._to_stream(connection, self.state.frameworks.encode(event))
                 case CloseStream(connection=connection):
                     self._to_stream(connection, None)
+        loop = asyncio.get_running_loop()
         if self.state.wants_cycle:
-            asyncio.get_running_loop().call_soon(lambda: self.soon(Tick(time.time())))
+            loop.call_soon(lambda: self.soon(Tick(time.time())))
+        if (due := self.state.offers_due) is not None and self._offer_timer is None:
+            self._offer_timer = loop.call_later(max(0.0, due - time.time()), self._offer_tick)
         return replies
+
+    def _offer_tick(self) -> None:
+        self._offer_timer = None
+        self.soon(Tick(time.time()))
 
     def soon(self, event: Event) -> None:
         """Dispatch `event` with the others that arrive in this turn of the loop: a burst of

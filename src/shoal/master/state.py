@@ -239,7 +239,7 @@ class MasterState:
             self._dispatch(event)
         if self._needs_schedule:
             self._schedule(now)
-        if self.frameworks.needs_cycle:
+        if (due := self.frameworks.due()) is not None and now >= due:
             self.frameworks.cycle(now)
         return self._commands()
 
@@ -247,6 +247,12 @@ class MasterState:
     def wants_cycle(self) -> bool:
         """Work was left for another cycle (a large array): the shell should not wait long."""
         return self._needs_schedule
+
+    @property
+    def offers_due(self) -> float | None:
+        """When an offer cycle is due that no event may come to trigger: the shell should
+        send a Tick then."""
+        return self.frameworks.due()
 
     def tasks_of(self, job_id: int) -> list[TaskRecord]:
         return [self.tasks[t] for t in self.job_tasks.get(job_id, ())]
