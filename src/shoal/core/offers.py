@@ -300,34 +300,39 @@ class _Turns:
     def relieve_starved(self, fair: Mapping[str, float], outstanding: list[Outstanding]) -> list[str]:
         """Rescind an over-share framework's offer for each starved one; their ids."""
         rescinded: list[str] = []
-        taken: set[str] = set()
+        held: dict[str, list[Outstanding]] = {}
+        for o in outstanding:
+            if o.rescindable and o.framework in fair:
+                held.setdefault(o.framework, []).append(o)
         for c in sorted(self.claimants.values(), key=self.key):
-            if c.id in self.got or c.holds_offer or self._dominant(c) >= fair[c.id] - 1e-9:
+            if c.id in self.got or c.holds_offer or self._dominant(c.id) >= fair[c.id] - 1e-9:
                 continue
             headroom = self._headroom(c.role)
-            donors = [
-                o
-                for o in outstanding
-                if o.id not in taken
-                and o.rescindable
-                and o.framework != c.id
-                and o.row not in c.filtered
-                and o.framework in fair
-                and self._dominant(self.claimants[o.framework]) > fair[o.framework] + 1e-9
-                and offerable(np.minimum(self.free[o.row, : self.dims] + o.amount, headroom)[None, :])[0]
-            ]
-            if not donors:
+            over = sorted(
+                (f for f in held if f != c.id and self._dominant(f) > fair[f] + 1e-9),
+                key=lambda f: (-self._dominant(f), f),
+            )
+            taken = next(
+                (
+                    o
+                    for f in over
+                    for o in held[f]
+                    if o.row not in c.filtered
+                    and offerable(np.minimum(self.free[o.row, : self.dims] + o.amount, headroom)[None, :])[0]
+                ),
+                None,
+            )
+            if taken is None:
                 continue
-            o = max(donors, key=lambda o: (self._dominant(self.claimants[o.framework]), o.id))
-            taken.add(o.id)
-            rescinded.append(o.id)
-            donor = self.claimants[o.framework]
-            self.shares.add(donor.role, donor.id, -o.amount)
+            held[taken.framework].remove(taken)
+            rescinded.append(taken.id)
+            donor = self.claimants[taken.framework]
+            self.shares.add(donor.role, donor.id, -taken.amount)
             self._forget(donor)
-            self.free[o.row, : len(o.amount)] += o.amount
-            amount = np.minimum(self.free[o.row, : self.dims], headroom)[None, :]
-            self._offer(c, np.array([o.row]), amount)
+            self.free[taken.row, : len(taken.amount)] += taken.amount
+            amount = np.minimum(self.free[taken.row, : self.dims], headroom)[None, :]
+            self._offer(c, np.array([taken.row]), amount)
         return rescinded
 
-    def _dominant(self, c: Claimant) -> float:
-        return float(np.max(self.shares.user[(c.role, c.id)][: self.dims] * self.inverse_total, initial=0.0))
+    def _dominant(self, framework: str) -> float:
+        return self.shares.dominant(self.claimants[framework].role, framework)

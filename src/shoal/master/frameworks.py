@@ -397,8 +397,7 @@ class FrameworkDesk:
         status = self._status(task, job.spec.name, now)
         fw.updates[status.uuid or ""] = status
         self.ledger.changes.updates.append((fw.record.id, status))
-        if fw.connection is not None and fw.sent_at > -math.inf:
-            self._emit(fw, p.Update(status=status))
+        self._emit(fw, p.Update(status=status))
 
     def node_lost(self, node: str) -> None:
         for offer in [o for o in self.offers.values() if o.node == node]:
