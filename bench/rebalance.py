@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shoal.core.rebalance import Cluster, Movable, RebalancePolicy, rebalance
+from shoal.core.rebalance import Cluster, Movable, RebalancePolicy, applied, rebalance
 
 CORES = 8.0
 SIZES = (0.4, 0.8, 1.2, 1.6)
@@ -46,19 +46,6 @@ def skewed(nodes: int, seed: int) -> tuple[Cluster, list[Movable]]:
         used[t.row] += t.load
         free[t.row] -= t.ask
     return Cluster(np.full(nodes, CORES), used, free, np.ones(nodes, dtype=bool)), tasks
-
-
-def apply(c: Cluster, tasks: list[Movable], moves, now: float) -> tuple[Cluster, list[Movable]]:
-    by_id = {t.task_id: t for t in tasks}
-    used, free = c.used.copy(), c.free.copy()
-    for m in moves:
-        t = by_id[m.task_id]
-        used[m.source] -= t.load
-        used[m.target] += t.load
-        free[m.source] += t.ask
-        free[m.target] -= t.ask
-        by_id[m.task_id] = Movable(t.task_id, m.target, t.load, t.ask, moved_at=now)
-    return Cluster(c.cores, used, free, c.schedulable), list(by_id.values())
 
 
 def gap(c: Cluster) -> float:
@@ -147,7 +134,7 @@ def main() -> None:
         if not moves:
             break
         now += 60
-        cluster, tasks = apply(cluster, tasks, moves, now)
+        cluster, tasks = applied(cluster, tasks, moves, now)
         migrations += len(moves)
         rounds += 1
         history.append(cluster.utilization)

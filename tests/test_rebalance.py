@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.core.rebalance import Cluster, Migrate, Migration, Movable, RebalancePolicy, rebalance, smooth
+from shoal.core.rebalance import Cluster, Migrate, Movable, RebalancePolicy, applied, rebalance, smooth
 
 DIMS = 2  # cpus, mem
 
@@ -32,19 +32,6 @@ def cluster(
     return Cluster(np.full(n, cores), used, capacity - held, schedulable), tasks
 
 
-def apply(c: Cluster, tasks: list[Movable], moves: list[Migration]) -> tuple[Cluster, list[Movable]]:
-    by_id = {t.task_id: t for t in tasks}
-    used, free = c.used.copy(), c.free.copy()
-    for m in moves:
-        t = by_id[m.task_id]
-        used[m.source] -= t.load
-        used[m.target] += t.load
-        free[m.source] += t.ask
-        free[m.target] -= t.ask
-        by_id[m.task_id] = Movable(t.task_id, m.target, t.load, t.ask, t.mode, t.priority, 0.0, t.allowed)
-    return Cluster(c.cores, used, free, c.schedulable), list(by_id.values())
-
-
 # --- rules ------------------------------------------------------------------------------------
 
 
@@ -53,7 +40,7 @@ def test_a_hot_node_sheds_its_largest_tasks_to_the_coolest_nodes() -> None:
     moves = rebalance(c, tasks, RebalancePolicy(), now=1000)
     assert [m.task_id for m in moves] == ["t0.0", "t0.1"]
     assert {m.target for m in moves} == {1, 2}
-    after, _ = apply(c, tasks, moves)
+    after, _ = applied(c, tasks, moves, 0.0)
     assert after.utilization.max() - after.used.sum() / 24 <= 0.10
 
 
@@ -88,7 +75,7 @@ def test_a_node_that_joins_gets_work() -> None:
     c, tasks = cluster([[2, 2], [2, 2], [2, 2], []])  # 50% everywhere, one empty newcomer
     moves = rebalance(c, tasks, RebalancePolicy(), now=1000)
     assert moves and all(m.target == 3 for m in moves)
-    after, _ = apply(c, tasks, moves)
+    after, _ = applied(c, tasks, moves, 0.0)
     assert after.utilization[3] >= 0.25
 
 
@@ -97,7 +84,7 @@ def test_consolidate_empties_the_least_used_nodes_wholly() -> None:
     moves = rebalance(c, tasks, RebalancePolicy(mode="consolidate", low=0.2, high=0.8), now=1000)
     emptied = {m.source for m in moves}
     assert emptied == {1, 2}
-    after, _ = apply(c, tasks, moves)
+    after, _ = applied(c, tasks, moves, 0.0)
     assert after.used[1] == 0 and after.used[2] == 0
     assert after.utilization.max() <= 0.8
 
@@ -164,7 +151,7 @@ def test_a_round_never_raises_the_peak_breaks_a_rule_or_passes_its_budget(instan
         assert t.mode is not Migrate.NEVER and 1000 - t.moved_at >= policy.cooldown
         assert t.allowed is None or t.allowed[m.target]
         assert c.schedulable[m.target]
-    after, _ = apply(c, tasks, moves)
+    after, _ = applied(c, tasks, moves, 0.0)
     assert np.all(after.free >= -1e-9), "a target was given more than its room"
     if policy.mode == "spread":
         assert after.utilization.max() <= c.utilization.max() + 1e-9, "the hottest node got hotter"
@@ -185,5 +172,5 @@ def test_spread_settles_within_the_threshold_in_three_rounds(loads) -> None:
     mean = c.used.sum() / c.cores.sum()
     for _ in range(3):
         moves = rebalance(c, tasks, policy, now=1000)
-        c, tasks = apply(c, tasks, moves)
+        c, tasks = applied(c, tasks, moves, 0.0)
     assert c.utilization.max() - mean <= policy.threshold + 1e-9

@@ -19,6 +19,7 @@ no clock (time is an argument), deterministic.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections.abc import Sequence
@@ -149,6 +150,23 @@ def rebalance(
     else:
         _consolidate(r)
     return r.moves
+
+
+def applied(
+    cluster: Cluster, tasks: Sequence[Movable], moves: Sequence[Migration], now: float
+) -> tuple[Cluster, list[Movable]]:
+    """The cluster and tasks as they are once `moves` are done (each task stamped `now`):
+    what a simulation steps through, round after round."""
+    by_id = {t.task_id: t for t in tasks}
+    used, free = cluster.used.astype(float).copy(), cluster.free.astype(float).copy()
+    for m in moves:
+        t = by_id[m.task_id]
+        used[m.source] -= t.load
+        used[m.target] += t.load
+        free[m.source, : len(t.ask)] += t.ask
+        free[m.target, : len(t.ask)] -= t.ask
+        by_id[m.task_id] = dataclasses.replace(t, row=m.target, moved_at=now)
+    return Cluster(cluster.cores, used, free, cluster.schedulable), list(by_id.values())
 
 
 def _mean(r: _Round) -> float:
