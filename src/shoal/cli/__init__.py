@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from shoal.cli import copy, daemons, jobs, shell, sim
+from shoal.cli import copy, daemons, jobs, loadgen, shell, sim
 
 app = typer.Typer(
     name="shoal",
@@ -29,6 +29,7 @@ app.command()(copy.copy)
 app.command()(shell.audit)
 app.command()(shell.bootstrap)
 app.command()(sim.sim)
+app.command()(loadgen.loadgen)
 app.add_typer(jobs.token_app, name="token")
 
 
