@@ -20,7 +20,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from shoal.config import ClientConfig, load_client_config
 from shoal.errors import ShoalError
-from shoal.model import TASK_RECORD, Caller, JobSpec, Role, TaskRecord
+from shoal.model import TASK_RECORD, Caller, JobSpec, Migration, Role, TaskRecord
 from shoal.shell.protocol import (
     AuditRecord,
     CopyRequest,
@@ -32,12 +32,23 @@ from shoal.shell.protocol import (
     Targets,
     Unpacker,
 )
-from shoal.views import ErrorBody, FieldError, FrameworkView, JobView, NodeView, Submitted, TokenCreated
+from shoal.views import (
+    ErrorBody,
+    FieldError,
+    FrameworkView,
+    JobView,
+    NodeView,
+    PlannedMove,
+    Submitted,
+    TokenCreated,
+)
 
 _JOBS = TypeAdapter(list[JobView])
 _NODES = TypeAdapter(list[NodeView])
 _AUDIT = TypeAdapter(list[AuditRecord])
 _FRAMEWORKS = TypeAdapter(list[FrameworkView])
+_PLANNED = TypeAdapter(list[PlannedMove])
+_MIGRATIONS = TypeAdapter(list[Migration])
 _CHUNK = 1 << 20
 _ENDED = ("complete", "failed", "killed")
 
@@ -107,6 +118,26 @@ class Client:
         """A token for `name`; `roles` are the roles its frameworks may subscribe in."""
         body = {"name": name, "role": role.value, "roles": list(roles)}
         return TokenCreated.model_validate(self._call("POST", "/v1/tokens", json=body))
+
+    def rebalance_plan(self) -> list[PlannedMove]:
+        """The moves a rebalancing round would make now (a dry run)."""
+        return _PLANNED.validate_python(self._call("GET", "/v1/rebalance"))
+
+    def rebalance(self) -> list[Migration]:
+        """Run one rebalancing round now (admin only); the migrations it started."""
+        return _MIGRATIONS.validate_python(self._call("POST", "/v1/rebalance"))
+
+    def drain(self, node: str, deadline: float | None = None) -> list[Migration]:
+        """Give `node` no new work and move its tasks off (admin only)."""
+        params = {"deadline": str(deadline)} if deadline is not None else {}
+        return _MIGRATIONS.validate_python(self._call("POST", f"/v1/nodes/{node}/drain", params=params))
+
+    def undrain(self, node: str) -> None:
+        self._call("POST", f"/v1/nodes/{node}/undrain")
+
+    def events(self, limit: int = 100) -> list[Migration]:
+        """Migrations, newest first."""
+        return _MIGRATIONS.validate_python(self._call("GET", "/v1/events", params={"limit": str(limit)}))
 
     def frameworks(self) -> list[FrameworkView]:
         """Frameworks subscribed (or within their failover timeout), with shares and offers."""

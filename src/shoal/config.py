@@ -18,6 +18,7 @@ from shoal.model import Strategy
 
 if TYPE_CHECKING:
     from shoal.core.scheduler import Policy
+    from shoal.master.moves import Rebalancing
 
 DEFAULT_PORT = 8470
 
@@ -62,6 +63,13 @@ class MasterSettings(_Settings):
     queues: dict[str, QueueSettings] = Field(default_factory=lambda: {"default": QueueSettings()})
     user_weights: dict[str, float] = Field(default_factory=dict)
     offer_timeout: float = Field(30.0, gt=0, description="seconds before an unanswered offer is rescinded")
+    rebalance: Literal["off", "spread", "consolidate"] = Field(
+        "off", description="the rebalancing loop: off, spread (even the load out) or consolidate"
+    )
+    rebalance_every: float = Field(15.0, gt=0, description="seconds between rebalancing rounds")
+    rebalance_threshold: float = Field(0.10, gt=0, lt=1, description="how far above the mean a node is hot")
+    rebalance_budget: int = Field(4, ge=1, le=10_000, description="migrations a round, at most")
+    rebalance_cooldown: float = Field(120.0, ge=0, description="seconds before a moved task may move again")
     offer_interval: float = Field(0.05, ge=0, le=10, description="seconds at least between offer cycles")
     offer_patience: float = Field(
         1.0, ge=0, description="seconds an offer is held before a starved framework may claim it"
@@ -80,6 +88,18 @@ class MasterSettings(_Settings):
         if any(w <= 0 for w in value.values()):
             raise ValueError("weights must be positive")
         return value
+
+    def rebalancing(self) -> Rebalancing:
+        from shoal.core.rebalance import RebalancePolicy
+        from shoal.master.moves import Rebalancing
+
+        policy = RebalancePolicy(
+            mode="consolidate" if self.rebalance == "consolidate" else "spread",
+            threshold=self.rebalance_threshold,
+            budget=self.rebalance_budget,
+            cooldown=self.rebalance_cooldown,
+        )
+        return Rebalancing(policy=policy, loop=self.rebalance != "off", every=self.rebalance_every)
 
     def policy(self) -> Policy:
         """The scheduling policy these settings describe."""
@@ -107,6 +127,10 @@ class AgentSettings(_Settings):
     heartbeat_interval: float = Field(1.0, gt=0)
     port_range: tuple[int, int] = Field((20000, 32000), description="tasks' dynamic ports come from here")
     limits: bool = Field(True, description="hold tasks to their cpus and mem with cgroups")
+    utilization: Literal["host", "tasks"] = Field(
+        "host",
+        description="host: the machine's CPU use; tasks: its tasks' over its cpus (agents sharing a host)",
+    )
     keep_sandboxes: float = Field(
         86_400.0, ge=0, description="seconds a finished run's sandbox and logs are kept"
     )

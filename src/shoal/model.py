@@ -16,6 +16,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from shoal.core.expressions import parse
+from shoal.core.rebalance import Migrate
 
 MAX_CPUS = 4096.0
 MAX_MEM_MB = 64 * 1024 * 1024  # 64 TiB
@@ -166,6 +167,7 @@ class JobSpec(BaseModel):
     ports: list[str] = Field(
         default_factory=list, max_length=32, description="named ports each task is given: SHOAL_PORT_<NAME>"
     )
+    migrate: Migrate = Field(Migrate.RESTART, description="how the rebalancer and drains may move its tasks")
 
     @field_validator("ports")
     @classmethod
@@ -237,6 +239,7 @@ class TaskState(str, enum.Enum):
     KILLED = "killed"
     LOST = "lost"
     PREEMPTED = "preempted"
+    MIGRATED = "migrated"  # stopped to run again elsewhere (rebalancing, drain)
 
     @property
     def terminal(self) -> bool:
@@ -250,11 +253,18 @@ class TaskState(str, enum.Enum):
 
 ACTIVE = frozenset({TaskState.ASSIGNED, TaskState.RUNNING})
 TERMINAL = frozenset(
-    {TaskState.FINISHED, TaskState.FAILED, TaskState.KILLED, TaskState.LOST, TaskState.PREEMPTED}
+    {
+        TaskState.FINISHED,
+        TaskState.FAILED,
+        TaskState.KILLED,
+        TaskState.LOST,
+        TaskState.PREEMPTED,
+        TaskState.MIGRATED,
+    }
 )
 
 # Legal task transitions. FAILED and LOST go back to PENDING when the restart policy
-# grants another attempt, PREEMPTED always does; FINISHED and KILLED are final.
+# grants another attempt, PREEMPTED and MIGRATED always do; FINISHED and KILLED are final.
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.PENDING: frozenset({TaskState.ASSIGNED, TaskState.KILLED}),
     TaskState.ASSIGNED: TERMINAL | {TaskState.RUNNING},
@@ -264,6 +274,7 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.FAILED: frozenset({TaskState.PENDING}),
     TaskState.LOST: frozenset({TaskState.PENDING}),
     TaskState.PREEMPTED: frozenset({TaskState.PENDING}),
+    TaskState.MIGRATED: frozenset({TaskState.PENDING}),
 }
 
 
@@ -286,6 +297,15 @@ class NodeInfo(BaseModel):
     port_range: tuple[int, int] = (20000, 32000)  # where tasks' dynamic ports come from
 
 
+class RunUsage(BaseModel):
+    """What one run has used, measured by its agent (its cgroup, or its process tree)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cpu_seconds: float = 0.0  # since it started
+    rss: int = 0  # MiB now
+
+
 class Usage(BaseModel):
     """Live utilization of a node, measured by its agent."""
 
@@ -294,6 +314,14 @@ class Usage(BaseModel):
     cpu_percent: float = 0.0
     mem_used: int = 0
     load1: float = 0.0
+    runs: dict[str, RunUsage] = Field(default_factory=dict)  # by run id
+
+
+class TaskLoad(BaseModel):
+    """A task's use as the master judges it: CPU smoothed over heartbeats."""
+
+    cpu_percent: float = 0.0  # of one core: 150 is a core and a half
+    rss: int = 0  # MiB
 
 
 class NodeRecord(BaseModel):
@@ -304,6 +332,10 @@ class NodeRecord(BaseModel):
     connected: bool = True
     last_seen: float = 0.0
     usage: Usage = Field(default_factory=Usage)
+    drained: bool = False  # takes no new work; its tasks are being moved off
+    drain_deadline: float | None = None  # then even tasks that never migrate are moved
+    load: float = Field(0.0, description="CPU utilization in percent, smoothed over heartbeats")
+    history: list[float] = Field(default_factory=list, description="the smoothed load, oldest first")
 
     @property
     def name(self) -> str:
@@ -346,6 +378,9 @@ class TaskRecord:
     history: list[Attempt] = field(default_factory=list)
     gpus: list[int] = field(default_factory=list)  # device indices on its node
     ports: dict[str, int] = field(default_factory=dict)
+    load: TaskLoad | None = None  # while it runs: what it uses
+    migrating: str | None = None  # being stopped to run again on this node ("": wherever it fits)
+    moved_at: float | None = None  # when it was last moved
 
     @property
     def run_id(self) -> str:
@@ -416,3 +451,22 @@ class Caller(BaseModel):
 
     def may_change(self, owner: str) -> bool:
         return self.role is Role.ADMIN or (self.role is Role.USER and owner == self.name)
+
+
+class Migration(BaseModel):
+    """One move of a task, as `shoal events` shows it."""
+
+    id: int
+    at: float
+    task_id: str
+    job_id: int
+    source: str
+    target: str  # "" when the scheduler picks (a drain)
+    reason: str
+    mode: Migrate
+    running_at: float | None = None  # when it ran again
+    node: str | None = None  # where it ran again
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.running_at is None else self.running_at - self.at

@@ -31,6 +31,7 @@ class TaskView(TaskRecord):
 
 class NodeView(NodeRecord):
     allocated: Resources = Field(description="what the tasks placed on the node hold")
+    tasks: int = Field(0, description="tasks placed on the node and not ended")
 
 
 class JobView(BaseModel):
@@ -112,3 +113,12 @@ class FrameworkView(BaseModel):
     offers: int
     tasks: int
     unacknowledged: int
+
+
+class PlannedMove(BaseModel):
+    """A move the rebalancer would make now (`shoal rebalance --dry-run`)."""
+
+    task_id: str
+    source: str
+    target: str
+    reason: str

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import socket
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from shoal.model import NodeInfo, Resources, Usage
+from shoal.model import NodeInfo, Resources
 
 _MIB = 1024 * 1024
 
@@ -76,12 +75,3 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def measure() -> Usage:
-    """Live utilization: CPU % since the last call, memory in use, 1-minute load."""
-    return Usage(
-        cpu_percent=psutil.cpu_percent(interval=None),
-        mem_used=psutil.virtual_memory().used // _MIB,
-        load1=os.getloadavg()[0],
-    )

@@ -41,7 +41,7 @@ class Runner:
     def __init__(self, sandboxes: Path, on_exit: ExitCallback, cgroups: Cgroups | None) -> None:
         self.sandboxes = sandboxes
         self._on_exit = on_exit
-        self._cgroups = cgroups
+        self.cgroups = cgroups
         self._watched: dict[str, int] = {}  # run id -> pidfd
 
     def sandbox(self, run_id: str) -> Path:
@@ -54,8 +54,8 @@ class Runner:
         env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
         env.update(spec.env)
         env["SHOAL_SANDBOX"] = str(box)
-        if self._cgroups is not None:
-            env["SHOAL_CGROUP_DIRS"] = " ".join(map(str, self._cgroups.create(spec.run_id, spec.resources)))
+        if self.cgroups is not None:
+            env["SHOAL_CGROUP_DIRS"] = " ".join(map(str, self.cgroups.create(spec.run_id, spec.resources)))
         with open(box / "stdout", "ab") as out, open(box / "stderr", "ab") as err:
             proc = subprocess.Popen(
                 ["/bin/sh", "-c", _WRAPPER, "shoal-run", *spec.argv],
@@ -96,8 +96,8 @@ class Runner:
 
     def _exited(self, run_id: str, pid: int) -> None:
         code = self._reap(run_id, pid)
-        if self._cgroups is not None:
-            self._cgroups.remove(run_id)
+        if self.cgroups is not None:
+            self.cgroups.remove(run_id)
         self._on_exit(run_id, code)
 
     def _reap(self, run_id: str, pid: int) -> int | None:

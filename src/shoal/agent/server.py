@@ -20,7 +20,7 @@ import websockets
 from pydantic import TypeAdapter
 
 from shoal.agent.cgroups import Cgroups
-from shoal.agent.discovery import discover, measure
+from shoal.agent.discovery import discover
 from shoal.agent.files import FileMover
 from shoal.agent.runner import Runner, alive, start_time
 from shoal.agent.shell import ShellRunner
@@ -41,6 +41,7 @@ from shoal.agent.state import (
     SpawnFailed,
     Tick,
 )
+from shoal.agent.usage import Meter
 from shoal.config import AgentSettings
 from shoal.errors import ShoalError
 from shoal.wire import (
@@ -184,12 +185,13 @@ class Agent:
             await self.files.close()
 
     async def _tick_loop(self) -> None:
-        measure()  # the first CPU reading only starts the measurement
+        meter = Meter(self.runner.cgroups, self.settings.utilization, self.state.node.capacity.cpus)
         pruned = time.time()
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
             now = time.time()
-            self.dispatch(Tick(now, measure()))
+            runs = {e.spec.run_id: e.pid for e in self.state.running() if e.pid is not None}
+            self.dispatch(Tick(now, meter.measure(runs)))
             if now - pruned >= _PRUNE_EVERY:
                 pruned = now
                 self.runner.prune(set(self.state.runs), now - self.settings.keep_sandboxes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from shoal.cli import copy, daemons, jobs, loadgen, shell, sim
+from shoal.cli import copy, daemons, jobs, loadgen, moves, shell, sim, top
 
 app = typer.Typer(
     name="shoal",
@@ -23,6 +23,11 @@ app.command()(jobs.job)
 app.command()(jobs.logs)
 app.command()(jobs.kill)
 app.command()(jobs.nodes)
+app.command()(top.top)
+app.command()(moves.rebalance)
+app.command()(moves.drain)
+app.command()(moves.undrain)
+app.command()(moves.events)
 app.command()(jobs.frameworks)
 app.command("exec")(shell.exec_)
 app.command()(copy.copy)

@@ -89,6 +89,10 @@ def agent(
     cpus: Annotated[float | None, typer.Option(help="cpus to offer [all]")] = None,
     mem: Annotated[int | None, typer.Option(help="MiB of memory to offer [all]")] = None,
     heartbeat_interval: Annotated[float | None, typer.Option(help="seconds between heartbeats [1]")] = None,
+    utilization: Annotated[
+        str | None,
+        typer.Option(help="host: the machine's CPU use; tasks: its tasks' (agents sharing a host)"),
+    ] = None,
     config: ConfigOpt = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
@@ -109,6 +113,7 @@ def agent(
         cpus=cpus,
         mem=mem,
         heartbeat_interval=heartbeat_interval,
+        utilization=utilization,
     )
     os.chdir(Path.home())  # where parallel-shell commands start, as after an SSH login
     try:
@@ -174,7 +179,8 @@ def dev(
         for node_dir in node_dirs:
             procs.append(
                 subprocess.Popen(
-                    [*shoal, "agent", "--master", url, "--name", node_dir.name, "--state-dir", str(node_dir)],
+                    [*shoal, "agent", "--master", url, "--name", node_dir.name, "--state-dir", str(node_dir)]
+                    + ["--utilization", "tasks"],  # the agents share this machine
                     env=env,
                 )
             )

@@ -26,6 +26,7 @@ _STATE_STYLE = {
     "failed": "red",
     "lost": "red",
     "killed": "magenta",
+    "migrated": "blue",
     "up": "green",
     "down": "red",
 }

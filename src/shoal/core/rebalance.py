@@ -76,7 +76,7 @@ class RebalancePolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class Migration:
+class Move:
     task_id: str
     source: int
     target: int
@@ -90,7 +90,7 @@ class _Round:
     now: float
     used: np.ndarray = field(init=False)
     free: np.ndarray = field(init=False)
-    moves: list[Migration] = field(default_factory=list)
+    moves: list[Move] = field(default_factory=list)
     by_row: dict[int, list[Movable]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -129,7 +129,7 @@ class _Round:
         return int(candidates[np.argmin(after[candidates])])
 
     def move(self, task: Movable, target: int, reason: str) -> None:
-        self.moves.append(Migration(task.task_id, task.row, target, reason))
+        self.moves.append(Move(task.task_id, task.row, target, reason))
         self.used[task.row] -= task.load
         self.used[target] += task.load
         self.free[task.row, : len(task.ask)] += task.ask
@@ -137,9 +137,7 @@ class _Round:
         self.by_row[task.row].remove(task)
 
 
-def rebalance(
-    cluster: Cluster, tasks: Sequence[Movable], policy: RebalancePolicy, now: float
-) -> list[Migration]:
+def rebalance(cluster: Cluster, tasks: Sequence[Movable], policy: RebalancePolicy, now: float) -> list[Move]:
     """The moves of one round (at most `policy.budget`)."""
     r = _Round(cluster, policy, now)
     for t in sorted(tasks, key=lambda t: t.task_id):
@@ -153,7 +151,7 @@ def rebalance(
 
 
 def applied(
-    cluster: Cluster, tasks: Sequence[Movable], moves: Sequence[Migration], now: float
+    cluster: Cluster, tasks: Sequence[Movable], moves: Sequence[Move], now: float
 ) -> tuple[Cluster, list[Movable]]:
     """The cluster and tasks as they are once `moves` are done (each task stamped `now`):
     what a simulation steps through, round after round."""

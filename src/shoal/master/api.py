@@ -30,9 +30,9 @@ from shoal.master.blobs import BlobStore
 from shoal.master.frameworks import FrameworkCall, FrameworkPolicy, Principal
 from shoal.master.server import Master, Unavailable, tune_collector
 from shoal.master.shell import Order
-from shoal.master.state import KillJob, Submit
+from shoal.master.state import Drain, KillJob, RebalanceNow, Submit
 from shoal.master.store.sqlite import SqliteStore
-from shoal.model import Caller, JobSpec, Role, TaskRecord
+from shoal.model import Caller, JobSpec, Migration, Role, TaskRecord
 from shoal.shell.groups import NodeGroups, choose, resolve
 from shoal.shell.protocol import AuditEnd, AuditRecord, AuditStart, CopyRequest, ExecRequest, FetchRequest
 from shoal.views import (
@@ -41,6 +41,7 @@ from shoal.views import (
     FrameworkView,
     JobView,
     NodeView,
+    PlannedMove,
     Submitted,
     TokenCreated,
     TokenRequest,
@@ -84,7 +85,14 @@ def open_master(settings: MasterSettings) -> Master:
         interval=settings.offer_interval,
     )
     return Master(
-        store, tokens, blobs, settings.policy(), settings.heartbeat_timeout, settings.tick, frameworks
+        store,
+        tokens,
+        blobs,
+        settings.policy(),
+        settings.heartbeat_timeout,
+        settings.tick,
+        frameworks,
+        settings.rebalancing(),
     )
 
 
@@ -388,6 +396,49 @@ def _routes(app: FastAPI) -> None:
     @app.get("/v1/frameworks", response_model=list[FrameworkView])
     async def frameworks(master: MasterDep, caller: CallerDep) -> list[FrameworkView]:
         return [v for v in master.state.frameworks.views() if caller.may_see(v.principal)]
+
+    @app.get("/v1/rebalance", response_model=list[PlannedMove])
+    async def rebalance_plan(master: MasterDep, caller: CallerDep) -> list[PlannedMove]:
+        """The moves a rebalancing round would make now, and why (a dry run)."""
+        names = master.state.table.names
+        return [
+            PlannedMove(task_id=m.task_id, source=names[m.source], target=names[m.target], reason=m.reason)
+            for m in master.state.plan_rebalance(time.time())
+        ]
+
+    @app.post("/v1/rebalance", response_model=list[Migration])
+    async def rebalance_now(master: MasterDep, caller: Annotated[Caller, Depends(_admin)]) -> object:
+        """Run one rebalancing round now (admin only)."""
+        return await master.request(lambda req, now: RebalanceNow(req, now))
+
+    @app.post("/v1/nodes/{name}/drain", response_model=list[Migration])
+    async def drain(
+        name: Annotated[str, Path(max_length=253)],
+        master: MasterDep,
+        caller: Annotated[Caller, Depends(_admin)],
+        deadline: Annotated[float | None, Query(gt=0, le=7 * 86_400)] = None,
+    ) -> object:
+        """Take no new work on a node and move its tasks off; after `deadline` seconds, also
+        those whose mode is never (admin only)."""
+        return await master.request(lambda req, now: Drain(req, name, True, now, deadline))
+
+    @app.post("/v1/nodes/{name}/undrain", response_model=list[Migration])
+    async def undrain(
+        name: Annotated[str, Path(max_length=253)],
+        master: MasterDep,
+        caller: Annotated[Caller, Depends(_admin)],
+    ) -> object:
+        """Let a drained node take work again (admin only)."""
+        return await master.request(lambda req, now: Drain(req, name, False, now))
+
+    @app.get("/v1/events", response_model=list[Migration])
+    async def events(
+        master: MasterDep,
+        caller: CallerDep,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    ) -> list[Migration]:
+        """Migrations, newest first: reason, source, target and how long the move took."""
+        return sorted(master.state.migrations.values(), key=lambda m: -m.id)[:limit]
 
     @app.get("/v1/whoami", response_model=Caller)
     async def whoami(caller: CallerDep) -> Caller:

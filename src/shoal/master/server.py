@@ -13,6 +13,7 @@ import gc
 import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from shoal.master.frameworks import (
     SubscribeFramework,
     ToFramework,
 )
+from shoal.master.moves import Rebalancing
 from shoal.master.shell import ShellRelay
 from shoal.master.state import (
     AgentGone,
@@ -125,6 +127,7 @@ class Master:
         heartbeat_timeout: float,
         tick: float,
         framework_policy: FrameworkPolicy | None = None,
+        rebalancing: Rebalancing | None = None,
     ) -> None:
         snap = store.load()
         self.store = store
@@ -140,6 +143,8 @@ class Master:
             frameworks=snap.frameworks,
             updates=snap.updates,
             framework_policy=framework_policy,
+            rebalancing=rebalancing,
+            migrations=snap.migrations,
             now=time.time(),
         )
         self.links: dict[str, _Link] = {}
@@ -233,8 +238,9 @@ class Master:
 
     def node_views(self) -> list[NodeView]:
         state = self.state
+        placed = Counter(state.tasks[t].node for t in state.active)
         return [
-            NodeView(**node.model_dump(), allocated=state.allocated(name))
+            NodeView(**node.model_dump(), allocated=state.allocated(name), tasks=placed[name])
             for name, node in sorted(state.nodes.items())
         ]
 

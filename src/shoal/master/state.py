@@ -33,8 +33,9 @@ from shoal.core.expressions import parse
 from shoal.core.fairness import UsageBook
 from shoal.core.placement import Group, SpreadTarget
 from shoal.core.plan import Running
+from shoal.core.rebalance import Migrate, Move, rebalance, smooth
 from shoal.core.scheduler import Policy, apply_plan, never_fits, schedule
-from shoal.errors import ShoalError, SpecError
+from shoal.errors import NotFound, ShoalError, SpecError
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.frameworks import (
     CloseStream,
@@ -45,16 +46,21 @@ from shoal.master.frameworks import (
     SubscribeFramework,
     ToFramework,
 )
+from shoal.master.moves import Rebalancing, snapshot
 from shoal.model import (
     TRANSITIONS,
     Attempt,
     JobRecord,
     JobSpec,
+    Migration,
     NodeRecord,
     NodeStatus,
     Resources,
+    RunUsage,
+    TaskLoad,
     TaskRecord,
     TaskState,
+    parse_run_id,
 )
 from shoal.wire import (
     Ack,
@@ -66,6 +72,8 @@ from shoal.wire import (
     RunReports,
     RunSpec,
 )
+
+HISTORY = 60  # smoothed load samples kept per node
 
 # Tasks of one job a cycle considers: a large array is placed a slice per cycle, so no
 # cycle (and no API call that triggers one) walks all of it.
@@ -123,7 +131,26 @@ class Tick:
     now: float
 
 
-Request = Submit | KillJob | SubscribeFramework | FrameworkCall  # events a caller waits on for a reply
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Move every task off `node` and give it no new work (`drain=False`: take work again)."""
+
+    request: int
+    node: str
+    drain: bool
+    now: float
+    deadline: float | None = None  # seconds; then tasks that never migrate are moved too
+
+
+@dataclass(frozen=True, slots=True)
+class RebalanceNow:
+    """Run one rebalancing round now, whatever the loop's timer says."""
+
+    request: int
+    now: float
+
+
+Request = Submit | KillJob | SubscribeFramework | FrameworkCall | Drain | RebalanceNow  # awaited replies
 Event = Request | FromAgent | AgentGone | Tick | StreamClosed
 
 # --- commands -----------------------------------------------------------------------
@@ -137,6 +164,7 @@ class Persist:
     frameworks: tuple[FrameworkRecord, ...] = ()
     updates: tuple[tuple[str, TaskStatus], ...] = ()  # (framework, status) to deliver
     acked: tuple[str, ...] = ()  # uuids of updates delivered and acknowledged
+    migrations: tuple[Migration, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +198,7 @@ class Changes:
     frameworks: dict[str, FrameworkRecord] = field(default_factory=dict)
     updates: list[tuple[str, TaskStatus]] = field(default_factory=list)
     acked: list[str] = field(default_factory=list)
+    migrations: dict[int, Migration] = field(default_factory=dict)
     out: list[Command] = field(default_factory=list)
     launches: dict[str, list[RunSpec]] = field(default_factory=lambda: defaultdict(list))
 
@@ -188,6 +217,8 @@ class MasterState:
         frameworks: Iterable[FrameworkRecord] = (),
         updates: Iterable[tuple[str, TaskStatus]] = (),
         framework_policy: FrameworkPolicy | None = None,
+        rebalancing: Rebalancing | None = None,
+        migrations: Iterable[Migration] = (),
         now: float = 0.0,
     ) -> None:
         self.heartbeat_timeout = heartbeat_timeout
@@ -213,6 +244,7 @@ class MasterState:
         self.devices: dict[str, set[int]] = defaultdict(set)  # node -> GPU indices in use
         self.ports: dict[str, set[int]] = defaultdict(set)  # node -> ports in use
         self.usage = UsageBook()
+        self._cpu_seen: dict[str, tuple[float, float]] = {}  # run id -> (cpu seconds, when)
         for task in self.tasks.values():
             if task.state is TaskState.PENDING:
                 self.pending[task.job_id][task.id] = None
@@ -224,6 +256,12 @@ class MasterState:
         self.waiting: dict[int, str] = {}  # job id -> why its pending tasks wait
         self._needs_schedule = True
         self._wakeup = math.inf  # the earliest restart delay still running
+        self.rebalancing = rebalancing or Rebalancing()
+        self._next_round = now + self.rebalancing.every
+        self.migrations: dict[int, Migration] = {m.id: m for m in migrations}
+        self._open_moves: dict[str, int] = {  # task -> its migration not yet running again
+            m.task_id: m.id for m in self.migrations.values() if m.running_at is None
+        }
         self.changes = Changes()
         self.frameworks = FrameworkDesk(
             self, framework_policy or FrameworkPolicy(), list(frameworks), list(updates), now
@@ -285,6 +323,10 @@ class MasterState:
                     node.connected = False
             case Tick():
                 self._tick(event.now)
+            case Drain():
+                self._drain(event)
+            case RebalanceNow():
+                self.reply(event.request, self._rebalance_round(event.now))
             case SubscribeFramework():
                 self.frameworks.subscribe(event)
             case FrameworkCall():
@@ -367,10 +409,30 @@ class MasterState:
 
     def _heartbeat(self, name: str, frame: Heartbeat, now: float) -> None:
         node = self.nodes.get(name)
-        if node is not None and node.status is NodeStatus.UP:
-            node.last_seen = now
-            node.usage = frame.usage
-            self.table.set_utilization(name, frame.usage.cpu_percent / 100.0)
+        if node is None or node.status is not NodeStatus.UP:
+            return
+        node.last_seen = now
+        node.usage = frame.usage
+        # Decisions judge load smoothed over heartbeats, never one spike.
+        node.load = round(smooth(node.load if node.history else None, frame.usage.cpu_percent), 2)
+        node.history = [*node.history[-(HISTORY - 1) :], node.load]
+        self.table.set_utilization(name, node.load / 100.0)
+        for run, used in frame.usage.runs.items():
+            self._task_load(name, run, used, now)
+
+    def _task_load(self, node: str, run: str, used: RunUsage, now: float) -> None:
+        """A running task's CPU %, from the CPU time its agent reported now and before."""
+        task_id, attempt = parse_run_id(run)
+        task = self.tasks.get(task_id)
+        if task is None or task.attempt != attempt or task.node != node or not task.state.active:
+            return
+        seen = self._cpu_seen.get(run)
+        self._cpu_seen[run] = (used.cpu_seconds, now)
+        if seen is None or now <= seen[1]:
+            return
+        percent = max(0.0, 100 * (used.cpu_seconds - seen[0]) / (now - seen[1]))
+        before = task.load.cpu_percent if task.load is not None else None
+        task.load = TaskLoad(cpu_percent=round(smooth(before, percent), 1), rss=used.rss)
 
     def _reports(self, name: str, reports: list[RunReport], now: float) -> None:
         node = self.nodes.get(name)
@@ -394,6 +456,9 @@ class MasterState:
             if task.state is TaskState.ASSIGNED:
                 self._move(task, TaskState.RUNNING, now)
                 task.started_at = now
+                if (move := self._open_moves.pop(task.id, None)) is not None:
+                    done = self.migrations[move].model_copy(update={"running_at": now, "node": name})
+                    self.migrations[move] = self.changes.migrations[move] = done
             if task.kill_requested:
                 self.send(name, Kill(run_ids=[r.run_id]))  # the first may have been lost
         elif r.state.terminal:
@@ -407,6 +472,13 @@ class MasterState:
         if now >= self._wakeup:
             self._needs_schedule = True
         self.frameworks.tick(now)
+        for node in self.nodes.values():
+            if node.drained and node.drain_deadline is not None and now >= node.drain_deadline:
+                node.drain_deadline = None
+                self.changes.nodes[node.name] = node
+                self._move_off(node.name, now, "drain deadline", every=True)
+        if self.rebalancing.loop and now >= self._next_round:
+            self._rebalance_round(now)
 
     def _node_down(self, node: NodeRecord, now: float) -> None:
         node.status = NodeStatus.DOWN
@@ -464,6 +536,8 @@ class MasterState:
         job = self.jobs[task.job_id]
         self.active.pop(task.id, None)
         self.usage.remove(job.spec.queue, _consumer(job), self._vector(task))
+        self._cpu_seen.pop(task.run_id, None)
+        task.load = None
         self.room_freed()
         self.devices[task.node or ""].difference_update(task.gpus)
         self.ports[task.node or ""].difference_update(task.ports.values())
@@ -496,12 +570,21 @@ class MasterState:
         elif task.evicted_by is not None and to is not TaskState.FINISHED:
             to = TaskState.PREEMPTED
             message = f"preempted for job {task.evicted_by}"
+        elif task.migrating is not None and to is not TaskState.FINISHED:
+            to = TaskState.MIGRATED
+            message = f"moved off {task.node}" + (f" to {task.migrating}" if task.migrating else "")
+        target = task.migrating
         self._move(task, to, now, exit_code=exit_code, message=message)
         self._needs_schedule = True
         job = self.jobs[task.job_id]
         if job.framework is not None:
             return  # its framework hears of the end and decides what runs again
-        if to is TaskState.PREEMPTED:
+        if to is TaskState.MIGRATED:
+            self._restart(task, now, now)
+            task.moved_at = now
+            if target and self._fits(target, self._vector(task)):
+                self.start(task, target, now)  # straight to where the rebalancer chose
+        elif to is TaskState.PREEMPTED:
             self._restart(task, now, now)  # preemption does not use up restart attempts
         elif to in (TaskState.FAILED, TaskState.LOST) and not job.killed:
             failures = 1 + sum(a.state in (TaskState.FAILED, TaskState.LOST) for a in task.history)
@@ -532,6 +615,7 @@ class MasterState:
             finished_at=None,
             not_before=not_before,
             evicted_by=None,
+            migrating=None,
             gpus=[],
             ports={},
         )
@@ -546,7 +630,9 @@ class MasterState:
     def _index(self, node: NodeRecord) -> None:
         info = node.info
         attributes = {**info.labels, **info.attributes, "name": info.name, "hostname": info.hostname}
-        self.table.upsert(info.name, info.capacity, attributes, node.status is NodeStatus.UP)
+        self.table.upsert(
+            info.name, info.capacity, attributes, node.status is NodeStatus.UP and not node.drained
+        )
 
     # --- scheduling ---------------------------------------------------------------------
 
@@ -655,6 +741,77 @@ class MasterState:
             ),
         )
 
+    # --- moving tasks: rebalancing and drains --------------------------------------------
+
+    def plan_rebalance(self, now: float) -> list[Move]:
+        """The moves a rebalancing round would make now (changes nothing)."""
+        cluster, movables = snapshot(self)
+        return rebalance(cluster, movables, self.rebalancing.policy, now)
+
+    def _rebalance_round(self, now: float) -> list[Migration]:
+        self._next_round = now + self.rebalancing.every
+        started = []
+        for move in self.plan_rebalance(now):
+            task = self.tasks[move.task_id]
+            target = self.table.names[move.target]
+            started.append(self.migrate(task, target, move.reason, now))
+        return started
+
+    def migrate(self, task: TaskRecord, target: str, reason: str, now: float) -> Migration:
+        """Stop `task` to run it again on `target` ("": wherever the scheduler places it)."""
+        job = self.jobs[task.job_id]
+        record = Migration(
+            id=max(self.migrations, default=0) + 1,
+            at=now,
+            task_id=task.id,
+            job_id=job.id,
+            source=task.node or "",
+            target=target,
+            reason=reason,
+            mode=job.spec.migrate,
+        )
+        self.migrations[record.id] = self.changes.migrations[record.id] = record
+        self._open_moves[task.id] = record.id
+        task.migrating = target
+        self.changes.tasks[task.id] = task
+        self.send(task.node, Kill(run_ids=[task.run_id]))
+        return record
+
+    def _drain(self, event: Drain) -> None:
+        node = self.nodes.get(event.node)
+        if node is None:
+            self.reply(event.request, error=NotFound(f"no node {event.node}"))
+            return
+        node.drained = event.drain
+        node.drain_deadline = (
+            event.now + event.deadline if event.drain and event.deadline is not None else None
+        )
+        self._index(node)
+        self.changes.nodes[node.name] = node
+        moved = self._move_off(node.name, event.now, "drain", every=False) if event.drain else []
+        self._needs_schedule = True
+        self.reply(event.request, moved)
+
+    def _move_off(self, node: str, now: float, reason: str, every: bool) -> list[Migration]:
+        """Move the tasks of `node` elsewhere: those whose mode allows it (`every`: all)."""
+        moved = []
+        for task_id in list(self.active):
+            task = self.tasks[task_id]
+            job = self.jobs[task.job_id]
+            if task.node != node or task.migrating is not None or task.kill_requested or job.framework:
+                continue
+            if every or job.spec.migrate is not Migrate.NEVER:
+                moved.append(self.migrate(task, "", reason, now))
+        return moved
+
+    def _fits(self, node: str, vec: np.ndarray) -> bool:
+        row = self.table.index.get(node)
+        return (
+            row is not None
+            and bool(self.table.schedulable[row])
+            and bool(np.all(self.table.capacity[row] - self.table.allocated[row] + 1e-9 >= vec))
+        )
+
     def room_freed(self) -> None:
         """Resources went back to the pool: native jobs and frameworks may use them."""
         self._needs_schedule = True
@@ -703,7 +860,7 @@ class MasterState:
     def _commands(self) -> list[Command]:
         c = self.changes
         commands: list[Command] = []
-        if c.jobs or c.tasks or c.nodes or c.frameworks or c.updates or c.acked:
+        if c.jobs or c.tasks or c.nodes or c.frameworks or c.updates or c.acked or c.migrations:
             commands.append(
                 Persist(
                     tuple(c.jobs.values()),
@@ -712,6 +869,7 @@ class MasterState:
                     tuple(c.frameworks.values()),
                     tuple(c.updates),
                     tuple(c.acked),
+                    tuple(c.migrations.values()),
                 )
             )
         commands.extend(Send(node, Launch(runs=runs)) for node, runs in c.launches.items())

@@ -157,6 +157,8 @@ class LiveCluster:
             "2048",
             "--label",
             f"agent={name}",
+            "--utilization",
+            "tasks",  # the agents share this machine: each measures its own tasks
         )
 
     def kill_agent(self, name: str, sig: int = signal.SIGKILL) -> None:

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.state import Persist
-from shoal.model import JobRecord, NodeRecord, Role, TaskRecord
+from shoal.model import JobRecord, Migration, NodeRecord, Role, TaskRecord
 from shoal.shell.protocol import AuditRecord
 
 
@@ -22,6 +22,7 @@ class Snapshot:
     nodes: list[NodeRecord]
     frameworks: list[FrameworkRecord]
     updates: list[tuple[str, TaskStatus]]  # (framework, status) not yet acknowledged, in order
+    migrations: list[Migration]
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.state import Persist
 from shoal.master.store import Snapshot, TokenEntry
-from shoal.model import TASK_RECORD, JobRecord, NodeRecord, Role
+from shoal.model import TASK_RECORD, JobRecord, Migration, NodeRecord, Role
 from shoal.shell.protocol import AuditRecord
 
 _SCHEMA = """
@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS updates (
     doc TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS token_roles (digest TEXT PRIMARY KEY, roles TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS migrations (id INTEGER PRIMARY KEY, doc TEXT NOT NULL);
 """
 
 
@@ -54,6 +55,9 @@ class SqliteStore:
             updates=[
                 (framework, TaskStatus.model_validate_json(d))
                 for framework, d in self._db.execute("SELECT framework, doc FROM updates ORDER BY seq")
+            ],
+            migrations=[
+                Migration.model_validate_json(d) for (d,) in self._db.execute("SELECT doc FROM migrations")
             ],
         )
 
@@ -82,6 +86,10 @@ class SqliteStore:
                 [(s.uuid, framework, s.model_dump_json()) for framework, s in changes.updates],
             )
             db.executemany("DELETE FROM updates WHERE uuid = ?", [(uuid,) for uuid in changes.acked])
+            db.executemany(
+                "INSERT OR REPLACE INTO migrations VALUES (?, ?)",
+                [(m.id, m.model_dump_json()) for m in changes.migrations],
+            )
         except BaseException:
             db.execute("ROLLBACK")
             raise

@@ -1,0 +1,71 @@
+"""Rebalancing and drains on real agents: busy tasks piled on one node get spread; a
+drained node is emptied. The agents share this machine, so each measures its own tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shoal.model import JobSpec, TaskState
+from shoal.testing.live import live_cluster, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+# Half a core each: busy for 10 ms, asleep for 10 ms.
+HALF_BUSY = [
+    "python3",
+    "-c",
+    "import time\nwhile True:\n    t = time.perf_counter()\n"
+    "    while time.perf_counter() - t < 0.01: pass\n    time.sleep(0.01)",
+]
+SETTINGS = {"rebalance": "spread", "rebalance_every": "2", "rebalance_cooldown": "5", "rebalance_budget": "4"}
+
+
+def test_busy_tasks_piled_on_one_node_are_spread_until_the_gap_closes(tmp_path: Path) -> None:
+    with live_cluster(tmp_path, agents=3, master_settings=SETTINGS) as cluster, cluster.client() as client:
+        job = client.submit(
+            JobSpec(command=HALF_BUSY, count=3, resources={"cpus": 0.5, "mem": 64}, strategy="binpack")
+        )
+        tasks = wait_for(
+            lambda: (ts := client.job(job).tasks) and all(t.state is TaskState.RUNNING for t in ts) and ts,
+            what="three busy tasks running",
+        )
+        assert len({t.node for t in tasks}) == 1  # binpacked onto one node
+
+        def gap() -> float:
+            loads = [n.load for n in client.nodes()]
+            return max(loads) - min(loads)
+
+        wait_for(lambda: gap() > 30, timeout=20, what="the pile measured")
+        wait_for(lambda: gap() < 10, timeout=60, what="the load spread")
+        spread = client.job(job).tasks
+        assert len({t.node for t in spread}) == 3
+        moves = client.events()
+        assert 1 <= len(moves) <= 3 and all(m.duration is not None and m.reason for m in moves)
+        plan = cluster.cli("rebalance", "--dry-run")
+        assert plan.returncode == 0 and "nothing to move" in plan.stdout
+
+
+def test_drain_empties_a_node_and_undrain_lets_it_work_again(tmp_path: Path) -> None:
+    with live_cluster(tmp_path, agents=2) as cluster, cluster.client() as client:
+        job = client.submit(JobSpec(command="sleep 300", count=2, resources={"cpus": 0.5, "mem": 16}))
+        wait_for(lambda: all(t.state is TaskState.RUNNING for t in client.job(job).tasks), what="running")
+        drained = cluster.cli("drain", "node1")
+        assert drained.returncode == 0, drained.stderr
+
+        def on_node1() -> int:
+            return next(n for n in client.nodes() if n.name == "node1").tasks
+
+        wait_for(lambda: on_node1() == 0, what="node1 emptied")
+        wait_for(
+            lambda: all(t.state is TaskState.RUNNING and t.node == "node2" for t in client.job(job).tasks),
+            what="every task running on node2",
+        )
+        node1 = next(n for n in client.nodes() if n.name == "node1")
+        assert node1.drained
+        events = cluster.cli("events")
+        assert events.returncode == 0 and "drain" in events.stdout
+        cluster.cli("undrain", "node1")
+        later = client.submit(JobSpec(command="sleep 300", resources={"cpus": 0.5, "mem": 16}, nodes="node1"))
+        wait_for(lambda: client.job(later).tasks[0].state is TaskState.RUNNING, what="node1 working again")

@@ -1,0 +1,132 @@
+"""Rebalancing and drains in the master's state machine, event by event."""
+
+from __future__ import annotations
+
+from shoal.core.rebalance import RebalancePolicy
+from shoal.master.moves import Rebalancing
+from shoal.master.state import Drain, FromAgent, MasterState, RebalanceNow, Reply, Send, Submit, Tick
+from shoal.model import JobSpec, RunUsage, TaskState, Usage
+from shoal.testing.sim import sim_node
+from shoal.wire import Heartbeat, Kill, Launch, Register, RunReport, RunReports
+
+
+class Harness:
+    def __init__(self, nodes: int = 3, **rebalancing) -> None:
+        self.state = MasterState(rebalancing=Rebalancing(**rebalancing))
+        self.now = 0.0
+        self.sent: list[Send] = []
+        for i in range(1, nodes + 1):
+            self.handle(FromAgent(f"n{i}", Register(node=sim_node(f"n{i}", cpus=4)), self.now))
+
+    def handle(self, *events) -> list[Reply]:
+        replies = []
+        for c in self.state.handle(*events):
+            if isinstance(c, Send):
+                self.sent.append(c)
+            elif isinstance(c, Reply):
+                replies.append(c)
+        return replies
+
+    def request(self, event):
+        [reply] = self.handle(event)
+        assert reply.error is None, reply.error
+        return reply.value
+
+    def run_all(self) -> None:
+        """Agents report every assigned task running."""
+        for task in list(self.state.tasks.values()):
+            if task.state is TaskState.ASSIGNED:
+                self.report(task.node, task.id, task.attempt, TaskState.RUNNING)
+
+    def report(self, node: str, task_id: str, attempt: int, state: TaskState) -> None:
+        run = RunReport(run_id=f"{task_id}.{attempt}", task_id=task_id, attempt=attempt, state=state)
+        self.handle(FromAgent(node, RunReports(reports=[run]), self.now))
+
+    def heartbeats(self, busy: float = 1.0) -> None:
+        """Every node reports its tasks using `busy` cores each, CPU summed over its cpus."""
+        self.now += 1
+        for name in self.state.nodes:
+            runs = {
+                t.run_id: RunUsage(cpu_seconds=busy * self.now, rss=64)
+                for t in self.state.tasks.values()
+                if t.node == name and t.state is TaskState.RUNNING
+            }
+            usage = Usage(cpu_percent=min(100.0, 100 * busy * len(runs) / 4), runs=runs)
+            self.handle(FromAgent(name, Heartbeat(usage=usage), self.now))
+
+    def killed(self) -> set[str]:
+        return {r for s in self.sent if isinstance(s.frame, Kill) for r in s.frame.run_ids}
+
+    def launched_on(self, node: str) -> list[str]:
+        return [
+            r.task_id
+            for s in self.sent
+            if s.node == node and isinstance(s.frame, Launch)
+            for r in s.frame.runs
+        ]
+
+
+def only_n1(h: Harness, *specs: JobSpec) -> list[int]:
+    """Jobs started while n2 and n3 take no work: all on n1."""
+    for name in ("n2", "n3"):
+        h.state.table.set_schedulable(name, False)
+    jobs = [h.request(Submit(i, "alice", spec, h.now)) for i, spec in enumerate(specs, start=100)]
+    for name in ("n2", "n3"):
+        h.state.table.set_schedulable(name, True)
+    h.run_all()
+    return jobs
+
+
+def test_migrations_restart_on_the_target_and_are_events_with_a_duration() -> None:
+    h = Harness(policy=RebalancePolicy(cooldown=0))
+    [job] = only_n1(h, JobSpec(command="spin", count=3, resources={"cpus": 1}))
+    for _ in range(8):
+        h.heartbeats()
+    assert h.state.nodes["n1"].load > 60 and h.state.nodes["n2"].load == 0
+    started = h.request(RebalanceNow(2, h.now))
+    assert len(started) == 2 and {m.target for m in started} == {"n2", "n3"}
+    for m in started:
+        assert f"{m.task_id}.0" in h.killed()
+        h.report("n1", m.task_id, 0, TaskState.KILLED)
+        task = h.state.tasks[m.task_id]
+        assert task.history[-1].state is TaskState.MIGRATED
+        assert task.state is TaskState.ASSIGNED and task.node == m.target and task.attempt == 1
+        assert m.task_id in h.launched_on(m.target)
+    h.now += 2
+    h.run_all()
+    events = sorted(h.state.migrations.values(), key=lambda m: m.id)
+    assert all(e.running_at == h.now and e.duration == 2 and e.node == e.target for e in events)
+    # Moved tasks wait out their cooldown; the job itself never failed.
+    assert all(t.state is TaskState.RUNNING for t in h.state.tasks_of(job))
+
+
+def test_drain_moves_everything_that_may_move_and_the_rest_at_the_deadline() -> None:
+    h = Harness()
+    pinned, movable = only_n1(
+        h,
+        JobSpec(command="b", resources={"cpus": 1}, migrate="never"),
+        JobSpec(command="c", resources={"cpus": 1}),
+    )
+    moved = h.request(Drain(4, "n1", True, h.now, deadline=30))
+    assert [m.task_id for m in moved] == [f"{movable}.0"]
+    h.report("n1", f"{movable}.0", 0, TaskState.KILLED)
+    task = h.state.tasks_of(movable)[0]
+    assert task.state is TaskState.ASSIGNED and task.node != "n1"  # the scheduler placed it elsewhere
+    assert f"{pinned}.0.0" not in h.killed()
+    for _ in range(31):
+        h.heartbeats()
+        h.handle(Tick(h.now))
+    assert f"{pinned}.0.0" in h.killed()  # the deadline moves even what never migrates
+    # A drained node takes no new work until undrained.
+    late = h.request(
+        Submit(5, "alice", JobSpec(command="d", resources={"cpus": 1}), h.now, frozenset({"n1"}))
+    )
+    assert h.state.tasks_of(late)[0].state is TaskState.PENDING
+    h.request(Drain(6, "n1", False, h.now))
+    assert h.state.tasks_of(late)[0].state is TaskState.ASSIGNED
+
+
+def test_draining_an_unknown_node_is_a_404() -> None:
+    h = Harness()
+    [reply] = h.handle(Drain(1, "ghost", True, h.now))
+    assert reply.error is not None and "ghost" in str(reply.error)
