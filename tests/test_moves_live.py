@@ -69,3 +69,41 @@ def test_drain_empties_a_node_and_undrain_lets_it_work_again(tmp_path: Path) -> 
         cluster.cli("undrain", "node1")
         later = client.submit(JobSpec(command="sleep 300", resources={"cpus": 0.5, "mem": 16}, nodes="node1"))
         wait_for(lambda: client.job(later).tasks[0].state is TaskState.RUNNING, what="node1 working again")
+
+
+# Counts from where its saved state says, saves the count when told to stop.
+COUNTER = [
+    "python3",
+    "-c",
+    "import os, pathlib, signal, sys, time\n"
+    "state = pathlib.Path(os.environ['SHOAL_CHECKPOINT_DIR']) / 'count'\n"
+    "n = int(state.read_text()) if state.exists() else 0\n"
+    "def save(*_):\n    state.write_text(str(n))\n    sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, save)\n"
+    "while True:\n    n += 1\n    print(n, flush=True)\n    time.sleep(0.05)\n",
+]
+
+
+def test_a_checkpointing_task_keeps_counting_from_where_it_was_after_a_move(tmp_path: Path) -> None:
+    with live_cluster(tmp_path, agents=2) as cluster, cluster.client() as client:
+        job = client.submit(
+            JobSpec(command=COUNTER, resources={"cpus": 0.1, "mem": 32}, migrate="checkpoint")
+        )
+        task_id = f"{job}.0"
+        first = wait_for(
+            lambda: (t := client.task(task_id)).state is TaskState.RUNNING and t, what="the counter running"
+        )
+        wait_for(lambda: len(client.logs(task_id).split()) >= 10, what="some counting")
+        client.drain(first.node)
+        moved = wait_for(
+            lambda: (t := client.task(task_id)).attempt == 1 and t.state is TaskState.RUNNING and t,
+            timeout=30,
+            what="the counter running again elsewhere",
+        )
+        assert moved.node != first.node and moved.history[-1].state is TaskState.MIGRATED
+        before = [int(n) for n in client.logs(task_id, attempt=0).split()]
+        wait_for(lambda: client.logs(task_id, attempt=1).split(), what="counting again")
+        after = [int(n) for n in client.logs(task_id, attempt=1).split()]
+        assert after[0] == before[-1] + 1  # its state came along: it went on, not from 1
+        [event] = client.events()
+        assert event.mode.value == "checkpoint" and event.source == first.node and event.duration is not None

@@ -381,6 +381,7 @@ class TaskRecord:
     load: TaskLoad | None = None  # while it runs: what it uses
     migrating: str | None = None  # being stopped to run again on this node ("": wherever it fits)
     moved_at: float | None = None  # when it was last moved
+    checkpoint: str | None = None  # the blob of the state it saved when last stopped (checkpoint mode)
 
     @property
     def run_id(self) -> str:

@@ -39,6 +39,8 @@ class RunSpec:
     workdir: str | None = None
     kill_grace: float = 5.0
     time_limit: float | None = None
+    checkpoint: bool = False  # keeps state in SHOAL_CHECKPOINT_DIR, saved when it is stopped
+    restore: str | None = None  # the blob of saved state to unpack there before it starts
 
 
 class RunReport(BaseModel):
@@ -52,6 +54,7 @@ class RunReport(BaseModel):
     state: TaskState
     exit_code: int | None = None
     message: str = ""
+    checkpoint: str | None = None  # the blob of the state it saved when it was stopped
 
 
 # agent -> master

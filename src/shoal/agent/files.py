@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import os
 import stat
+import tarfile
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -74,16 +75,8 @@ class FileMover:
     async def _receive(self, file: CopyFile, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.{os.getpid()}.shoal-partial")  # unique on shared disks
-        digest = hashlib.sha256()
         try:
-            async with self._http.stream("GET", f"/v1/blobs/{file.blob}") as response:
-                response.raise_for_status()
-                with open(partial, "wb") as f:
-                    async for chunk in response.aiter_bytes(CHUNK):
-                        digest.update(chunk)
-                        f.write(chunk)
-            if digest.hexdigest() != file.blob:
-                raise ValueError(f"{target}: checksum mismatch (got {digest.hexdigest()}, want {file.blob})")
+            await self._download(file.blob, partial)
             os.chmod(partial, file.mode)
             os.utime(partial, (file.mtime, file.mtime))
             os.replace(partial, target)
@@ -108,6 +101,52 @@ class FileMover:
                 mtime=info.st_mtime,
             )
         )
+
+    async def save(self, directory: Path) -> str:
+        """Pack `directory` (a run's saved state) into a blob on the master; its sha256."""
+        packed = directory.with_suffix(".tar.gz")
+        await asyncio.to_thread(_pack, directory, packed)
+        try:
+            blob = await asyncio.to_thread(_sha256, packed)
+            if (await self._http.head(f"/v1/blobs/{blob}")).status_code != 200:
+                response = await self._http.put(f"/v1/blobs/{blob}", content=_chunks(packed))
+                response.raise_for_status()
+            return blob
+        finally:
+            packed.unlink(missing_ok=True)
+
+    async def restore(self, blob: str, directory: Path) -> None:
+        """Unpack a blob made by `save` into `directory`."""
+        directory.mkdir(parents=True, exist_ok=True)
+        packed = directory.with_suffix(".tar.gz")
+        try:
+            await self._download(blob, packed)
+            await asyncio.to_thread(_unpack, packed, directory)
+        finally:
+            packed.unlink(missing_ok=True)
+
+    async def _download(self, blob: str, path: Path) -> None:
+        """A blob into `path`, its sha256 checked (ValueError on a mismatch)."""
+        digest = hashlib.sha256()
+        async with self._http.stream("GET", f"/v1/blobs/{blob}") as response:
+            response.raise_for_status()
+            with open(path, "wb") as f:
+                async for chunk in response.aiter_bytes(CHUNK):
+                    digest.update(chunk)
+                    f.write(chunk)
+        if digest.hexdigest() != blob:
+            raise ValueError(f"{path.name}: checksum mismatch (got {digest.hexdigest()}, want {blob})")
+
+
+def _pack(directory: Path, target: Path) -> None:
+    with tarfile.open(target, "w:gz") as tar:
+        for entry in sorted(directory.iterdir()):
+            tar.add(entry, arcname=entry.name)
+
+
+def _unpack(packed: Path, directory: Path) -> None:
+    with tarfile.open(packed, "r:gz") as tar:
+        tar.extractall(directory, filter="data")  # no paths out of it, no devices
 
 
 def _sha256(path: Path) -> str:

@@ -47,6 +47,10 @@ class Runner:
     def sandbox(self, run_id: str) -> Path:
         return self.sandboxes / run_id
 
+    def checkpoint_dir(self, run_id: str) -> Path:
+        """Where a run keeps the state it saves when stopped (checkpoint mode)."""
+        return self.sandbox(run_id) / "checkpoint"
+
     def spawn(self, spec: RunSpec) -> tuple[int, float]:
         """Start `spec`; returns (pid, process start time). Raises OSError if it cannot."""
         box = self.sandbox(spec.run_id)
@@ -54,6 +58,9 @@ class Runner:
         env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
         env.update(spec.env)
         env["SHOAL_SANDBOX"] = str(box)
+        if spec.checkpoint:
+            self.checkpoint_dir(spec.run_id).mkdir(exist_ok=True)
+            env["SHOAL_CHECKPOINT_DIR"] = str(self.checkpoint_dir(spec.run_id))
         if self.cgroups is not None:
             env["SHOAL_CGROUP_DIRS"] = " ".join(map(str, self.cgroups.create(spec.run_id, spec.resources)))
         with open(box / "stdout", "ab") as out, open(box / "stderr", "ab") as err:

@@ -13,9 +13,13 @@ import logging
 import os
 import random
 import signal
+import tarfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
+import httpx
 import websockets
 from pydantic import TypeAdapter
 
@@ -55,6 +59,7 @@ from shoal.wire import (
     LogRequest,
     Register,
     RunReports,
+    RunSpec,
     decode,
     encode,
 )
@@ -87,6 +92,7 @@ class Agent:
         self._outbox: asyncio.Queue[bytes] | None = None
         self._unsaved: tuple[RunEntry, ...] | None = None
         self._unsent: list[Register | Heartbeat | RunReports] = []
+        self._background: set[asyncio.Future[None]] = set()
         self._flush_pending = False
 
     @property
@@ -113,13 +119,10 @@ class Agent:
             case SendToMaster(frame=frame):
                 self._unsent.append(frame)
                 self._flush_soon()
+            case Spawn(spec=spec) if spec.restore:
+                self._later(self._restore_then_spawn(spec))
             case Spawn(spec=spec):
-                try:
-                    pid, start = self.runner.spawn(spec)
-                except OSError as e:
-                    self.dispatch(SpawnFailed(spec.run_id, str(e), time.time()))
-                else:
-                    self.dispatch(Spawned(spec.run_id, pid, start, time.time()))
+                self._spawn(spec)
             case Signal(pid=pid, signal=sig):
                 self.runner.signal(pid, sig)
 
@@ -153,8 +156,47 @@ class Agent:
         if self._outbox is not None and self._outbox.qsize() < _OUTBOX:
             self._outbox.put_nowait(data)
 
+    def _spawn(self, spec: RunSpec) -> None:
+        try:
+            pid, start = self.runner.spawn(spec)
+        except OSError as e:
+            self.dispatch(SpawnFailed(spec.run_id, str(e), time.time()))
+        else:
+            self.dispatch(Spawned(spec.run_id, pid, start, time.time()))
+
+    async def _restore_then_spawn(self, spec: RunSpec) -> None:
+        """A run that moves with its state: unpack the state it saved, then start it."""
+        assert spec.restore is not None
+        try:
+            await self.files.restore(spec.restore, self.runner.checkpoint_dir(spec.run_id))
+        except (OSError, ValueError, httpx.HTTPError, tarfile.TarError) as e:
+            self.dispatch(
+                SpawnFailed(spec.run_id, f"its saved state could not be restored: {e}", time.time())
+            )
+            return
+        self._spawn(spec)
+
     def _on_exit(self, run_id: str, code: int | None) -> None:
-        self.dispatch(Exited(run_id, code, time.time()))
+        entry = self.state.runs.get(run_id)
+        saving = entry is not None and entry.spec.checkpoint and entry.kill_requested
+        if saving and any(self.runner.checkpoint_dir(run_id).iterdir()):
+            self._later(self._save_then_report(run_id, code))
+        else:
+            self.dispatch(Exited(run_id, code, time.time()))
+
+    async def _save_then_report(self, run_id: str, code: int | None) -> None:
+        """A run stopped to move: its saved state goes to the master before its end is told."""
+        try:
+            blob = await self.files.save(self.runner.checkpoint_dir(run_id))
+        except (OSError, httpx.HTTPError) as e:
+            log.warning("run %s: its saved state could not be kept (%s); it restarts without it", run_id, e)
+            blob = None
+        self.dispatch(Exited(run_id, code, time.time(), checkpoint=blob))
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _adopt(self) -> None:
         """Watch again the runs a previous agent process left running; settle the rest."""

@@ -43,6 +43,7 @@ class RunEntry(BaseModel):
     kill_deadline: float | None = None
     started_at: float | None = None
     timed_out: bool = False
+    checkpoint: str | None = None
 
     def report(self) -> RunReport:
         return RunReport(
@@ -52,6 +53,7 @@ class RunEntry(BaseModel):
             state=self.state,
             exit_code=self.exit_code,
             message=self.message,
+            checkpoint=self.checkpoint,
         )
 
 
@@ -92,6 +94,7 @@ class Exited:
     run_id: str
     exit_code: int | None
     now: float
+    checkpoint: str | None = None  # the blob its saved state went to, when it was stopped
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +190,8 @@ class AgentState:
                 self._spawned(event)
             case SpawnFailed(run_id=run, message=message, now=now):
                 self._finish(run, None, now, message=f"could not start: {message}")
-            case Exited(run_id=run, exit_code=code, now=now):
-                self._finish(run, code, now)
+            case Exited(run_id=run, exit_code=code, now=now, checkpoint=checkpoint):
+                self._finish(run, code, now, checkpoint=checkpoint)
             case Tick(now=now, usage=usage):
                 self._tick(now, usage)
             case Recovered():
@@ -240,10 +243,13 @@ class AgentState:
         if entry.kill_requested:
             self._signal(entry, signal.SIGTERM, event.now)
 
-    def _finish(self, run: str, code: int | None, now: float, message: str = "") -> None:
+    def _finish(
+        self, run: str, code: int | None, now: float, message: str = "", checkpoint: str | None = None
+    ) -> None:
         entry = self.runs.get(run)
         if entry is None or entry.state.terminal:
             return
+        entry.checkpoint = checkpoint
         if entry.kill_requested:
             entry.state = TaskState.KILLED
         elif entry.timed_out:

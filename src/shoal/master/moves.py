@@ -28,7 +28,7 @@ class Rebalancing:
 
 
 # The modes the master carries out today: the others are left where they are.
-CARRIED_OUT = frozenset({Migrate.RESTART})
+CARRIED_OUT = frozenset({Migrate.RESTART, Migrate.CHECKPOINT})
 
 
 def snapshot(state: MasterState) -> tuple[Cluster, list[Movable]]:

@@ -462,6 +462,8 @@ class MasterState:
             if task.kill_requested:
                 self.send(name, Kill(run_ids=[r.run_id]))  # the first may have been lost
         elif r.state.terminal:
+            if r.checkpoint is not None:
+                task.checkpoint = r.checkpoint  # its next attempt starts from this state
             killed = task.kill_requested and r.state is not TaskState.FINISHED
             self._end(task, TaskState.KILLED if killed else r.state, now, r.exit_code, r.message)
 
@@ -846,6 +848,8 @@ class MasterState:
             resources=spec.resources,
             kill_grace=spec.kill_grace,
             time_limit=spec.time_limit,
+            checkpoint=spec.migrate is Migrate.CHECKPOINT,
+            restore=task.checkpoint if spec.migrate is Migrate.CHECKPOINT else None,
         )
 
     # --- output -------------------------------------------------------------------------
