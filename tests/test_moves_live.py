@@ -107,3 +107,20 @@ def test_a_checkpointing_task_keeps_counting_from_where_it_was_after_a_move(tmp_
         assert after[0] == before[-1] + 1  # its state came along: it went on, not from 1
         [event] = client.events()
         assert event.mode.value == "checkpoint" and event.source == first.node and event.duration is not None
+
+
+def test_a_node_that_joins_gets_work(tmp_path: Path) -> None:
+    with live_cluster(tmp_path, agents=3, master_settings=SETTINGS) as cluster, cluster.client() as client:
+        cluster.kill_agent("node3")  # node3 leaves before the work comes
+        wait_for(
+            lambda: next(n for n in client.nodes() if n.name == "node3").status.value == "down", what="down"
+        )
+        job = client.submit(JobSpec(command=HALF_BUSY, count=4, resources={"cpus": 0.5, "mem": 64}))
+        wait_for(lambda: all(t.state is TaskState.RUNNING for t in client.job(job).tasks), what="running")
+        cluster.start_agent("node3")  # back, empty: new capacity
+        wait_for(
+            lambda: any(t.node == "node3" and t.state is TaskState.RUNNING for t in client.job(job).tasks),
+            timeout=60,
+            what="work moved to the node that joined",
+        )
+        assert any(m.target == "node3" and m.reason for m in client.events())

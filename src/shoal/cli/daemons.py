@@ -170,7 +170,8 @@ def dev(
     shoal = [sys.executable, "-m", "shoal"]
     procs = [
         subprocess.Popen(
-            [*shoal, "master", "--port", str(port), "--state-dir", str(state_dir / "master")], env=env
+            [*shoal, "master", "--port", str(port), "--state-dir", str(state_dir / "master")],
+            env={**env, "SHOAL_REBALANCE": "spread"},  # dev clusters even their load out
         )
     ]
     node_dirs = [state_dir / f"node{i}" for i in range(1, agents + 1)]
