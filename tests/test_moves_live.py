@@ -3,8 +3,11 @@ drained node is emptied. The agents share this machine, so each measures its own
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from shoal.model import JobSpec, TaskState
@@ -124,3 +127,49 @@ def test_a_node_that_joins_gets_work(tmp_path: Path) -> None:
             what="work moved to the node that joined",
         )
         assert any(m.target == "node3" and m.reason for m in client.events())
+
+
+def test_a_service_moved_make_before_break_never_fails_a_request(tmp_path: Path) -> None:
+    with live_cluster(tmp_path, agents=2) as cluster, cluster.client() as client:
+        job = client.submit(
+            JobSpec(
+                command="exec python3 -m http.server $SHOAL_PORT_WEB --bind 127.0.0.1",
+                resources={"cpus": 0.1, "mem": 64},
+                ports=["web"],
+                migrate="make-before-break",
+                health={"http": "web/", "interval": 0.2},
+            )
+        )
+        task_id = f"{job}.0"
+        first = wait_for(lambda: (t := client.task(task_id)).healthy and t, what="the service serving")
+        outcomes: list[bool] = []
+        stop = threading.Event()
+
+        def poll() -> None:
+            with httpx.Client(timeout=2) as http:
+                while not stop.is_set():
+                    port = client.task(task_id).ports["web"]  # where the ledger says it serves now
+                    try:
+                        outcomes.append(http.get(f"http://127.0.0.1:{port}/").status_code == 200)
+                    except httpx.HTTPError:
+                        outcomes.append(False)
+                    time.sleep(0.02)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            time.sleep(0.5)
+            client.drain(first.node)
+            moved = wait_for(
+                lambda: (t := client.task(task_id)).attempt == 1 and t,
+                timeout=30,
+                what="the new copy taking over",
+            )
+            time.sleep(2.5)  # past the old copy's stop
+        finally:
+            stop.set()
+            poller.join(10)
+        assert moved.node != first.node
+        assert outcomes and all(outcomes), f"{outcomes.count(False)} of {len(outcomes)} requests failed"
+        [event] = client.events()
+        assert event.mode.value == "make-before-break" and event.duration is not None and not event.failed

@@ -130,3 +130,70 @@ def test_draining_an_unknown_node_is_a_404() -> None:
     h = Harness()
     [reply] = h.handle(Drain(1, "ghost", True, h.now))
     assert reply.error is not None and "ghost" in str(reply.error)
+
+
+SERVICE = JobSpec(
+    command="serve",
+    resources={"cpus": 1},
+    ports=["web"],
+    migrate="make-before-break",
+    health={"http": "web/"},
+)
+
+
+def test_make_before_break_starts_the_new_copy_and_stops_the_old_only_once_it_serves() -> None:
+    h = Harness(policy=RebalancePolicy(cooldown=0))
+    [job] = only_n1(h, SERVICE)
+    task = h.state.tasks_of(job)[0]
+    old_port = task.ports["web"]
+    [move] = h.request(Drain(7, "n1", True, h.now))
+    copy = task.successor
+    assert copy is not None and copy.node != "n1" and copy.attempt == 1
+    [launch] = [
+        r for s in h.sent if s.node == copy.node and isinstance(s.frame, Launch) for r in s.frame.runs
+    ]
+    assert launch.run_id == f"{task.id}.1" and launch.health is not None
+    assert launch.env["SHOAL_PORT_WEB"] == str(copy.ports["web"])
+    assert f"{task.id}.0" not in h.killed()  # the old copy serves on meanwhile
+    # Running but not serving yet: nothing changes.
+    h.handle(FromAgent(copy.node, RunReports(reports=[_run(task.id, 1, healthy=False)]), h.now))
+    assert task.node == "n1" and task.ports["web"] == old_port
+    h.now += 3
+    h.handle(FromAgent(copy.node, RunReports(reports=[_run(task.id, 1, healthy=True)]), h.now))
+    assert task.node == copy.node and task.attempt == 1 and task.successor is None
+    assert task.history[-1].state is TaskState.MIGRATED and task.state is TaskState.RUNNING
+    assert f"{task.id}.0" not in h.killed()  # stopped a moment later, not at once
+    h.now += 2
+    h.handle(Tick(h.now))
+    assert f"{task.id}.0" in h.killed()
+    event = h.state.migrations[move.id]
+    assert event.duration == 3 and event.node == copy.node
+    # The table holds the task once, on its new node.
+    assert h.state.allocated("n1").cpus == 0 and h.state.allocated(copy.node).cpus == 1
+
+
+def test_a_new_copy_that_never_serves_is_given_up_and_the_task_stays() -> None:
+    h = Harness(policy=RebalancePolicy(cooldown=0))
+    [job] = only_n1(h, SERVICE)
+    task = h.state.tasks_of(job)[0]
+    [move] = h.request(Drain(7, "n1", True, h.now))
+    copy = task.successor
+    assert copy is not None
+    h.handle(FromAgent(copy.node, RunReports(reports=[_run(task.id, 1, healthy=False)]), h.now))
+    for _ in range(61):
+        h.heartbeats()
+        h.handle(Tick(h.now))
+    assert task.successor is None and task.node == "n1" and task.state is TaskState.RUNNING
+    assert f"{task.id}.1" in h.killed() and f"{task.id}.0" not in h.killed()
+    assert "did not serve" in h.state.migrations[move.id].failed
+    assert h.state.allocated(copy.node).cpus == 0
+
+
+def _run(task_id: str, attempt: int, healthy: bool) -> RunReport:
+    return RunReport(
+        run_id=f"{task_id}.{attempt}",
+        task_id=task_id,
+        attempt=attempt,
+        state=TaskState.RUNNING,
+        healthy=healthy,
+    )

@@ -143,6 +143,13 @@ class AgentSettings(_Settings):
         return value
 
 
+def shared_host_ports(index: int) -> tuple[int, int]:
+    """A port range of its own for the `index`-th of several agents on one machine (`shoal
+    dev`, tests): their tasks' dynamic ports must not collide, as on separate machines."""
+    low = 20000 + 500 * index
+    return (low, low + 499)
+
+
 S = TypeVar("S", bound=_Settings)
 
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from shoal.core.expressions import parse
 from shoal.core.rebalance import Migrate
@@ -77,6 +77,30 @@ class Resources(BaseModel):
 _CUSTOM_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 RESOURCE_NAMES = ("cpus", "mem", "disk", "gpus")
 NO_RESOURCES = Resources(cpus=0, mem=0, disk=0, gpus=0)
+
+
+class HealthCheck(BaseModel):
+    """How to tell that a task serves: exactly one of a command (exit 0), a TCP connect, or an
+    HTTP GET (2xx or 3xx) to one of the task's named ports on its node."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: str | None = Field(None, min_length=1, description="run with the task's environment")
+    tcp: str | None = Field(None, description="a named port of the task")
+    http: str | None = Field(None, description="PORT_NAME/path, e.g. web/healthz")
+    interval: float = Field(1.0, gt=0, le=3600, description="seconds between checks")
+    timeout: float = Field(2.0, gt=0, le=600, description="seconds a check may take")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> HealthCheck:
+        if sum(x is not None for x in (self.command, self.tcp, self.http)) != 1:
+            raise ValueError("give exactly one of command, tcp or http")
+        return self
+
+    @property
+    def port(self) -> str | None:
+        """The named port the check uses, if any."""
+        return self.tcp or (self.http.split("/", 1)[0] if self.http else None)
 
 
 class RestartPolicy(BaseModel):
@@ -168,6 +192,17 @@ class JobSpec(BaseModel):
         default_factory=list, max_length=32, description="named ports each task is given: SHOAL_PORT_<NAME>"
     )
     migrate: Migrate = Field(Migrate.RESTART, description="how the rebalancer and drains may move its tasks")
+    health: HealthCheck | None = Field(
+        None, description="when a task serves (make-before-break waits for it)"
+    )
+
+    @model_validator(mode="after")
+    def _health_port_named(self) -> JobSpec:
+        if self.health is not None and self.health.port is not None and self.health.port not in self.ports:
+            raise ValueError(f"health: port {self.health.port!r} is not one of the job's ports")
+        if self.migrate is Migrate.MAKE_BEFORE_BREAK and self.health is None:
+            raise ValueError("migrate: make-before-break needs a health check to know the new copy serves")
+        return self
 
     @field_validator("ports")
     @classmethod
@@ -355,6 +390,18 @@ class Attempt(BaseModel):
 
 
 @dataclass(slots=True)
+class Successor:
+    """A new copy of a running task starting on another node (make-before-break): it takes
+    over once its health check passes, and only then is the old copy stopped."""
+
+    node: str
+    attempt: int
+    since: float
+    gpus: list[int] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class TaskRecord:
     """The ledger's view of one task of a job (the current attempt plus history).
 
@@ -382,6 +429,8 @@ class TaskRecord:
     migrating: str | None = None  # being stopped to run again on this node ("": wherever it fits)
     moved_at: float | None = None  # when it was last moved
     checkpoint: str | None = None  # the blob of the state it saved when last stopped (checkpoint mode)
+    healthy: bool | None = None  # what its health check last said
+    successor: Successor | None = None  # its new copy, while a make-before-break move is under way
 
     @property
     def run_id(self) -> str:
@@ -467,6 +516,7 @@ class Migration(BaseModel):
     mode: Migrate
     running_at: float | None = None  # when it ran again
     node: str | None = None  # where it ran again
+    failed: str = ""  # why the move was given up (the task runs on where it was)
 
     @property
     def duration(self) -> float | None:

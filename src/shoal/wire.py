@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from shoal.model import NodeInfo, Resources, TaskState, Usage
+from shoal.model import HealthCheck, NodeInfo, Resources, TaskState, Usage
 from shoal.shell.protocol import CopyFile
 
 
@@ -41,6 +41,7 @@ class RunSpec:
     time_limit: float | None = None
     checkpoint: bool = False  # keeps state in SHOAL_CHECKPOINT_DIR, saved when it is stopped
     restore: str | None = None  # the blob of saved state to unpack there before it starts
+    health: HealthCheck | None = None
 
 
 class RunReport(BaseModel):
@@ -55,6 +56,7 @@ class RunReport(BaseModel):
     exit_code: int | None = None
     message: str = ""
     checkpoint: str | None = None  # the blob of the state it saved when it was stopped
+    healthy: bool | None = None  # what its health check last said (None: it has none, or not yet)
 
 
 # agent -> master

@@ -26,6 +26,7 @@ from pydantic import TypeAdapter
 from shoal.agent.cgroups import Cgroups
 from shoal.agent.discovery import discover
 from shoal.agent.files import FileMover
+from shoal.agent.health import HealthChecks
 from shoal.agent.runner import Runner, alive, start_time
 from shoal.agent.shell import ShellRunner
 from shoal.agent.state import (
@@ -35,6 +36,7 @@ from shoal.agent.state import (
     Event,
     Exited,
     FromMaster,
+    Health,
     Recovered,
     RunEntry,
     SaveTable,
@@ -89,6 +91,9 @@ class Agent:
         self.shell = ShellRunner(lambda frame: self._send(encode(frame)), info.name)
         token = settings.cluster_token.get_secret_value()
         self.files = FileMover(lambda frame: self._send(encode(frame)), settings.master, token)
+        self.health = HealthChecks(
+            self.runner.sandbox, lambda run, healthy: self.dispatch(Health(run, healthy, time.time()))
+        )
         self._outbox: asyncio.Queue[bytes] | None = None
         self._unsaved: tuple[RunEntry, ...] | None = None
         self._unsent: list[Register | Heartbeat | RunReports] = []
@@ -163,6 +168,7 @@ class Agent:
             self.dispatch(SpawnFailed(spec.run_id, str(e), time.time()))
         else:
             self.dispatch(Spawned(spec.run_id, pid, start, time.time()))
+            self.health.watch(spec)
 
     async def _restore_then_spawn(self, spec: RunSpec) -> None:
         """A run that moves with its state: unpack the state it saved, then start it."""
@@ -177,6 +183,7 @@ class Agent:
         self._spawn(spec)
 
     def _on_exit(self, run_id: str, code: int | None) -> None:
+        self.health.stop(run_id)
         entry = self.state.runs.get(run_id)
         saving = entry is not None and entry.spec.checkpoint and entry.kill_requested
         if saving and any(self.runner.checkpoint_dir(run_id).iterdir()):
@@ -213,6 +220,8 @@ class Agent:
         if alive:
             log.info("re-adopted runs %s", ", ".join(sorted(alive)))
         self.dispatch(Recovered(alive, exits, time.time()))
+        for entry in self.state.running():
+            self.health.watch(entry.spec)
 
     # --- loops ----------------------------------------------------------------------------
 
@@ -225,6 +234,7 @@ class Agent:
             ticker.cancel()
             self.runner.close()
             await self.files.close()
+            await self.health.close()
 
     async def _tick_loop(self) -> None:
         meter = Meter(self.runner.cgroups, self.settings.utilization, self.state.node.capacity.cpus)

@@ -44,6 +44,7 @@ class RunEntry(BaseModel):
     started_at: float | None = None
     timed_out: bool = False
     checkpoint: str | None = None
+    healthy: bool | None = None
 
     def report(self) -> RunReport:
         return RunReport(
@@ -54,6 +55,7 @@ class RunEntry(BaseModel):
             exit_code=self.exit_code,
             message=self.message,
             checkpoint=self.checkpoint,
+            healthy=self.healthy,
         )
 
 
@@ -104,6 +106,15 @@ class Tick:
 
 
 @dataclass(frozen=True, slots=True)
+class Health:
+    """What a run's health check now says."""
+
+    run_id: str
+    healthy: bool
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class Recovered:
     """A restarted agent looked for the processes of its saved runs: `alive` are still
     running (and now watched again); the others ended, with `exit_codes` where recorded."""
@@ -113,7 +124,7 @@ class Recovered:
     now: float
 
 
-Event = Connected | FromMaster | Spawned | SpawnFailed | Exited | Tick | Recovered
+Event = Connected | FromMaster | Spawned | SpawnFailed | Exited | Tick | Recovered | Health
 
 # --- commands -------------------------------------------------------------------------
 
@@ -196,6 +207,11 @@ class AgentState:
                 self._tick(now, usage)
             case Recovered():
                 self._recover(event)
+            case Health(run_id=run, healthy=healthy, now=now):
+                entry = self.runs.get(run)
+                if entry is not None and entry.state is TaskState.RUNNING and entry.healthy != healthy:
+                    entry.healthy = healthy
+                    self._changed(entry, now)
 
     def _launch(self, spec: RunSpec) -> None:
         if spec.run_id in self.runs:

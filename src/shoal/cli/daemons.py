@@ -6,6 +6,7 @@ run them: every other `shoal` command starts in a fraction of the time without t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ from shoal.config import (
     MasterSettings,
     load_settings,
     save_client_config,
+    shared_host_ports,
 )
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="a TOML file of settings", dir_okay=False)]
@@ -177,12 +179,12 @@ def dev(
     node_dirs = [state_dir / f"node{i}" for i in range(1, agents + 1)]
     try:
         _wait_for_master(url, admin, procs[0])
-        for node_dir in node_dirs:
+        for index, node_dir in enumerate(node_dirs):
             procs.append(
                 subprocess.Popen(
                     [*shoal, "agent", "--master", url, "--name", node_dir.name, "--state-dir", str(node_dir)]
                     + ["--utilization", "tasks"],  # the agents share this machine
-                    env=env,
+                    env={**env, "SHOAL_PORT_RANGE": json.dumps(shared_host_ports(index))},
                 )
             )
         config_path = save_client_config(ClientConfig(url=url, token=admin))

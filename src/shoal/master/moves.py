@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shoal.core.expressions import parse
-from shoal.core.rebalance import Cluster, Migrate, Movable, RebalancePolicy
+from shoal.core.rebalance import Cluster, Movable, RebalancePolicy
 from shoal.model import JobRecord, TaskState
 
 if TYPE_CHECKING:
@@ -27,10 +27,6 @@ class Rebalancing:
     every: float = 15.0
 
 
-# The modes the master carries out today: the others are left where they are.
-CARRIED_OUT = frozenset({Migrate.RESTART, Migrate.CHECKPOINT})
-
-
 def snapshot(state: MasterState) -> tuple[Cluster, list[Movable]]:
     table = state.table
     cores = table.capacity[:, 0].copy()
@@ -40,17 +36,21 @@ def snapshot(state: MasterState) -> tuple[Cluster, list[Movable]]:
     for task_id in state.active:
         task = state.tasks[task_id]
         job = state.jobs[task.job_id]
-        busy = task.migrating is not None or task.kill_requested or task.evicted_by is not None
+        busy = (
+            task.migrating is not None
+            or task.successor is not None
+            or task.kill_requested
+            or task.evicted_by is not None
+        )
         if task.state is not TaskState.RUNNING or busy or job.framework or task.node not in table.index:
             continue
-        mode = job.spec.migrate if job.spec.migrate in CARRIED_OUT else Migrate.NEVER
         movables.append(
             Movable(
                 task_id=task.id,
                 row=table.index[task.node],
                 load=(task.load.cpu_percent / 100) if task.load is not None else 0.0,
                 ask=table.vector(job.spec.resources),
-                mode=mode,
+                mode=job.spec.migrate,
                 priority=job.spec.priority,
                 moved_at=task.moved_at if task.moved_at is not None else -np.inf,
                 allowed=_allowed(state, job),

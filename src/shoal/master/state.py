@@ -57,10 +57,12 @@ from shoal.model import (
     NodeStatus,
     Resources,
     RunUsage,
+    Successor,
     TaskLoad,
     TaskRecord,
     TaskState,
     parse_run_id,
+    run_id,
 )
 from shoal.wire import (
     Ack,
@@ -74,6 +76,8 @@ from shoal.wire import (
 )
 
 HISTORY = 60  # smoothed load samples kept per node
+SUCCESSOR_PATIENCE = 60.0  # seconds a make-before-break copy has to serve
+RETIRE_AFTER = 1.0  # seconds a replaced copy keeps answering before it is stopped
 
 # Tasks of one job a cycle considers: a large array is placed a slice per cycle, so no
 # cycle (and no API call that triggers one) walks all of it.
@@ -252,6 +256,10 @@ class MasterState:
                 self._hold(task)
                 if task.node in self.table.index:
                     self.table.allocate(self.table.index[task.node], self._vector(task))
+                if (copy := task.successor) is not None and copy.node in self.table.index:
+                    self.table.allocate(self.table.index[copy.node], self._vector(task))
+                    self.devices[copy.node].update(copy.gpus)
+                    self.ports[copy.node].update(copy.ports.values())
         self.next_job_id = max(self.jobs, default=0) + 1
         self.waiting: dict[int, str] = {}  # job id -> why its pending tasks wait
         self._needs_schedule = True
@@ -259,6 +267,7 @@ class MasterState:
         self.rebalancing = rebalancing or Rebalancing()
         self._next_round = now + self.rebalancing.every
         self.migrations: dict[int, Migration] = {m.id: m for m in migrations}
+        self._retiring: dict[str, tuple[str, float]] = {}  # old runs replaced: node, when to stop
         self._open_moves: dict[str, int] = {  # task -> its migration not yet running again
             m.task_id: m.id for m in self.migrations.values() if m.running_at is None
         }
@@ -446,6 +455,10 @@ class MasterState:
 
     def _report(self, name: str, r: RunReport, now: float) -> None:
         task = self.tasks.get(r.task_id)
+        copy = task.successor if task is not None else None
+        if task is not None and copy is not None and r.attempt == copy.attempt and name == copy.node:
+            self._successor_report(task, r, now)
+            return
         current = task is not None and task.attempt == r.attempt and task.node == name and task.state.active
         if not current:
             if r.state is TaskState.RUNNING:
@@ -456,11 +469,13 @@ class MasterState:
             if task.state is TaskState.ASSIGNED:
                 self._move(task, TaskState.RUNNING, now)
                 task.started_at = now
-                if (move := self._open_moves.pop(task.id, None)) is not None:
-                    done = self.migrations[move].model_copy(update={"running_at": now, "node": name})
-                    self.migrations[move] = self.changes.migrations[move] = done
+                if task.id in self._open_moves and task.successor is None:
+                    self._close_move(task.id, now, name)
             if task.kill_requested:
                 self.send(name, Kill(run_ids=[r.run_id]))  # the first may have been lost
+            if r.healthy is not None and task.healthy != r.healthy:
+                task.healthy = r.healthy
+                self.changes.tasks[task.id] = task
         elif r.state.terminal:
             if r.checkpoint is not None:
                 task.checkpoint = r.checkpoint  # its next attempt starts from this state
@@ -479,6 +494,14 @@ class MasterState:
                 node.drain_deadline = None
                 self.changes.nodes[node.name] = node
                 self._move_off(node.name, now, "drain deadline", every=True)
+        for task_id in list(self.active):
+            task = self.tasks[task_id]
+            if task.successor is not None and now - task.successor.since > SUCCESSOR_PATIENCE:
+                self._drop_successor(task, f"the new copy did not serve within {SUCCESSOR_PATIENCE:g}s")
+        for old_run, (node, due) in list(self._retiring.items()):
+            if now >= due:
+                del self._retiring[old_run]
+                self.send(node, Kill(run_ids=[old_run]))
         if self.rebalancing.loop and now >= self._next_round:
             self._rebalance_round(now)
 
@@ -495,6 +518,8 @@ class MasterState:
             elif task.nominated == node.name:
                 task.nominated = None  # the room it waited for is gone with the node
                 self.changes.tasks[task.id] = task
+            if task.successor is not None and task.successor.node == node.name and task.state.active:
+                self._drop_successor(task, f"{node.name} was lost")
         self.frameworks.node_lost(node.name)
 
     # --- transitions --------------------------------------------------------------------
@@ -539,7 +564,9 @@ class MasterState:
         self.active.pop(task.id, None)
         self.usage.remove(job.spec.queue, _consumer(job), self._vector(task))
         self._cpu_seen.pop(task.run_id, None)
-        task.load = None
+        task.load = task.healthy = None
+        if task.successor is not None:
+            self._drop_successor(task, "the task ended before its new copy served")
         self.room_freed()
         self.devices[task.node or ""].difference_update(task.gpus)
         self.ports[task.node or ""].difference_update(task.ports.values())
@@ -548,20 +575,25 @@ class MasterState:
 
     def _equip(self, task: TaskRecord, node: str) -> None:
         """Give a task placed on `node` its GPU device indices and its named ports."""
+        task.gpus, task.ports = self._devices(task, node)
+
+    def _devices(self, task: TaskRecord, node: str) -> tuple[list[int], dict[str, int]]:
+        """Free GPU indices and ports on `node` for one copy of `task`."""
         spec = self.jobs[task.job_id].spec
         if not spec.resources.gpus and not spec.ports:
-            return
+            return [], {}
         info = self.nodes[node].info
         used = self.devices[node]
-        task.gpus = [i for i in range(info.capacity.gpus) if i not in used][: spec.resources.gpus]
+        gpus = [i for i in range(info.capacity.gpus) if i not in used][: spec.resources.gpus]
         taken = self.ports[node]
         low, high = info.port_range
         free = (p for p in range(low, high + 1) if p not in taken)
-        task.ports = dict(zip(spec.ports, free, strict=False))
-        if len(task.gpus) < spec.resources.gpus or len(task.ports) < len(spec.ports):
+        ports = dict(zip(spec.ports, free, strict=False))
+        if len(gpus) < spec.resources.gpus or len(ports) < len(spec.ports):
             raise ShoalError(
                 f"node {node} has no free device or port left for task {task.id}: the ledger is off"
             )
+        return gpus, ports
 
     def _end(
         self, task: TaskRecord, to: TaskState, now: float, exit_code: int | None = None, message: str = ""
@@ -774,10 +806,96 @@ class MasterState:
         )
         self.migrations[record.id] = self.changes.migrations[record.id] = record
         self._open_moves[task.id] = record.id
+        if job.spec.migrate is Migrate.MAKE_BEFORE_BREAK:
+            target = target or self._roomiest(task) or ""
+            if target:
+                self._start_successor(task, target, now)
+                return record
         task.migrating = target
         self.changes.tasks[task.id] = task
         self.send(task.node, Kill(run_ids=[task.run_id]))
         return record
+
+    # --- make-before-break: the new copy first, the old one stopped once it serves ---------
+
+    def _start_successor(self, task: TaskRecord, target: str, now: float) -> None:
+        self.table.allocate(self.table.index[target], self._vector(task))
+        gpus, ports = self._devices(task, target)
+        self.devices[target].update(gpus)
+        self.ports[target].update(ports.values())
+        task.successor = Successor(target, task.attempt + 1, now, gpus, ports)
+        self.changes.tasks[task.id] = task
+        self.changes.launches[target].append(self._run_spec(task, task.successor))
+
+    def _successor_report(self, task: TaskRecord, r: RunReport, now: float) -> None:
+        copy = task.successor
+        assert copy is not None
+        if r.state is TaskState.RUNNING and r.healthy:
+            self._take_over(task, now)
+        elif r.state.terminal:
+            self._drop_successor(
+                task, f"the new copy on {copy.node} ended: {r.message or r.state.value}", now
+            )
+
+    def _take_over(self, task: TaskRecord, now: float) -> None:
+        """The new copy serves: it becomes the task; the old one is stopped after a moment,
+        so requests already on their way to it are answered."""
+        copy = task.successor
+        assert copy is not None and task.node is not None
+        old_node, old_run = task.node, task.run_id
+        task.history.append(
+            Attempt(
+                attempt=task.attempt,
+                node=old_node,
+                state=TaskState.MIGRATED,
+                message=f"replaced by a healthy copy on {copy.node}",
+                started_at=task.started_at,
+                finished_at=now,
+            )
+        )
+        self.table.release(self.table.index[old_node], self._vector(task))
+        self.devices[old_node].difference_update(task.gpus)
+        self.ports[old_node].difference_update(task.ports.values())
+        self._cpu_seen.pop(old_run, None)
+        task.attempt, task.node, task.gpus, task.ports = copy.attempt, copy.node, copy.gpus, copy.ports
+        task.started_at = task.moved_at = now
+        task.successor, task.load, task.healthy = None, None, True
+        self.changes.tasks[task.id] = task
+        self._retiring[old_run] = (old_node, now + RETIRE_AFTER)
+        self._close_move(task.id, now, copy.node)
+        self.room_freed()
+
+    def _drop_successor(self, task: TaskRecord, why: str) -> None:
+        """Give the move up: the new copy is stopped, the task runs on where it was."""
+        copy = task.successor
+        assert copy is not None
+        task.successor = None
+        self.changes.tasks[task.id] = task
+        self.table.release(self.table.index[copy.node], self._vector(task))
+        self.devices[copy.node].difference_update(copy.gpus)
+        self.ports[copy.node].difference_update(copy.ports.values())
+        self.send(copy.node, Kill(run_ids=[run_id(task.id, copy.attempt)]))
+        if (move := self._open_moves.pop(task.id, None)) is not None:
+            given_up = self.migrations[move].model_copy(update={"failed": why})
+            self.migrations[move] = self.changes.migrations[move] = given_up
+        self.room_freed()
+
+    def _close_move(self, task_id: str, now: float, node: str) -> None:
+        if (move := self._open_moves.pop(task_id, None)) is not None:
+            done = self.migrations[move].model_copy(update={"running_at": now, "node": node})
+            self.migrations[move] = self.changes.migrations[move] = done
+
+    def _roomiest(self, task: TaskRecord) -> str | None:
+        """The schedulable node (not its own) with the most free room that holds `task`."""
+        vec = self._vector(task)
+        free = self.table.capacity - self.table.allocated
+        fits = self.table.schedulable & np.all(free[:, : len(vec)] + 1e-9 >= vec, axis=1)
+        if task.node in self.table.index:
+            fits[self.table.index[task.node]] = False
+        if not fits.any():
+            return None
+        rows = np.flatnonzero(fits)
+        return self.table.names[int(rows[np.argmax(free[rows, 0])])]
 
     def _drain(self, event: Drain) -> None:
         node = self.nodes.get(event.node)
@@ -826,22 +944,26 @@ class MasterState:
         self._move(task, TaskState.ASSIGNED, now, node=node, message="")
         self.changes.launches[node].append(self._run_spec(task))
 
-    def _run_spec(self, task: TaskRecord) -> RunSpec:
+    def _run_spec(self, task: TaskRecord, copy: Successor | None = None) -> RunSpec:
+        """What an agent runs for `task` (or for its new copy, in a make-before-break move)."""
         spec = self.jobs[task.job_id].spec
+        attempt = copy.attempt if copy is not None else task.attempt
+        ports = copy.ports if copy is not None else task.ports
+        gpus = copy.gpus if copy is not None else task.gpus
         env = {
             **spec.task_env(task.index),
             "SHOAL_JOB_ID": str(task.job_id),
             "SHOAL_TASK_ID": task.id,
             "SHOAL_TASK_INDEX": str(task.index),
-            "SHOAL_ATTEMPT": str(task.attempt),
-            **{f"SHOAL_PORT_{name.upper()}": str(port) for name, port in task.ports.items()},
+            "SHOAL_ATTEMPT": str(attempt),
+            **{f"SHOAL_PORT_{name.upper()}": str(port) for name, port in ports.items()},
         }
-        if task.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = env["SHOAL_GPUS"] = ",".join(map(str, task.gpus))
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = env["SHOAL_GPUS"] = ",".join(map(str, gpus))
         return RunSpec(
-            run_id=task.run_id,
+            run_id=run_id(task.id, attempt),
             task_id=task.id,
-            attempt=task.attempt,
+            attempt=attempt,
             argv=spec.argv(task.index),
             env=env,
             workdir=spec.workdir,
@@ -850,6 +972,7 @@ class MasterState:
             time_limit=spec.time_limit,
             checkpoint=spec.migrate is Migrate.CHECKPOINT,
             restore=task.checkpoint if spec.migrate is Migrate.CHECKPOINT else None,
+            health=spec.health,
         )
 
     # --- output -------------------------------------------------------------------------

@@ -13,6 +13,7 @@ tasks included.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from shoal.agent.server import stop_runs
 from shoal.client import Client, Unreachable
+from shoal.config import shared_host_ports
 from shoal.master.auth import new_token
 from shoal.model import NodeStatus
 
@@ -159,6 +161,7 @@ class LiveCluster:
             f"agent={name}",
             "--utilization",
             "tasks",  # the agents share this machine: each measures its own tasks
+            env={"SHOAL_PORT_RANGE": json.dumps(shared_host_ports(self.agent_names.index(name)))},
         )
 
     def kill_agent(self, name: str, sig: int = signal.SIGKILL) -> None:
