@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from shoal.core.rebalance import RebalancePolicy
-from shoal.master.moves import Rebalancing
-from shoal.master.state import Drain, FromAgent, MasterState, RebalanceNow, Reply, Send, Submit, Tick
+from shoal.master.moves import Drain, RebalanceNow, Rebalancing
+from shoal.master.state import FromAgent, MasterState, Reply, Send, Submit, Tick
 from shoal.model import JobSpec, RunUsage, TaskState, Usage
 from shoal.testing.sim import sim_node
 from shoal.wire import Heartbeat, Kill, Launch, Register, RunReport, RunReports
@@ -94,7 +94,7 @@ def test_migrations_restart_on_the_target_and_are_events_with_a_duration() -> No
         assert m.task_id in h.launched_on(m.target)
     h.now += 2
     h.run_all()
-    events = sorted(h.state.migrations.values(), key=lambda m: m.id)
+    events = sorted(h.state.moves.migrations.values(), key=lambda m: m.id)
     assert all(e.running_at == h.now and e.duration == 2 and e.node == e.target for e in events)
     # Moved tasks wait out their cooldown; the job itself never failed.
     assert all(t.state is TaskState.RUNNING for t in h.state.tasks_of(job))
@@ -166,7 +166,7 @@ def test_make_before_break_starts_the_new_copy_and_stops_the_old_only_once_it_se
     h.now += 2
     h.handle(Tick(h.now))
     assert f"{task.id}.0" in h.killed()
-    event = h.state.migrations[move.id]
+    event = h.state.moves.migrations[move.id]
     assert event.duration == 3 and event.node == copy.node
     # The table holds the task once, on its new node.
     assert h.state.allocated("n1").cpus == 0 and h.state.allocated(copy.node).cpus == 1
@@ -185,7 +185,7 @@ def test_a_new_copy_that_never_serves_is_given_up_and_the_task_stays() -> None:
         h.handle(Tick(h.now))
     assert task.successor is None and task.node == "n1" and task.state is TaskState.RUNNING
     assert f"{task.id}.1" in h.killed() and f"{task.id}.0" not in h.killed()
-    assert "did not serve" in h.state.migrations[move.id].failed
+    assert "did not serve" in h.state.moves.migrations[move.id].failed
     assert h.state.allocated(copy.node).cpus == 0
 
 
@@ -197,3 +197,22 @@ def _run(task_id: str, attempt: int, healthy: bool) -> RunReport:
         state=TaskState.RUNNING,
         healthy=healthy,
     )
+
+
+def test_a_new_copy_that_dies_is_given_up_at_once() -> None:
+    h = Harness()
+    [job] = only_n1(h, SERVICE)
+    task = h.state.tasks_of(job)[0]
+    [move] = h.request(Drain(7, "n1", True, h.now))
+    copy = task.successor
+    assert copy is not None
+    ended = RunReport(
+        run_id=f"{task.id}.1",
+        task_id=task.id,
+        attempt=1,
+        state=TaskState.FAILED,
+        message="exited with status 3",
+    )
+    h.handle(FromAgent(copy.node, RunReports(reports=[ended]), h.now))
+    assert task.successor is None and task.node == "n1" and task.state is TaskState.RUNNING
+    assert "exited with status 3" in h.state.moves.migrations[move.id].failed

@@ -28,9 +28,10 @@ from shoal.framework import protocol as fp
 from shoal.master.auth import Tokens, new_token
 from shoal.master.blobs import BlobStore
 from shoal.master.frameworks import FrameworkCall, FrameworkPolicy, Principal
+from shoal.master.moves import Drain, RebalanceNow
 from shoal.master.server import Master, Unavailable, tune_collector
 from shoal.master.shell import Order
-from shoal.master.state import Drain, KillJob, RebalanceNow, Submit
+from shoal.master.state import KillJob, Submit
 from shoal.master.store.sqlite import SqliteStore
 from shoal.model import Caller, JobSpec, Migration, Role, TaskRecord
 from shoal.shell.groups import NodeGroups, choose, resolve
@@ -403,7 +404,7 @@ def _routes(app: FastAPI) -> None:
         names = master.state.table.names
         return [
             PlannedMove(task_id=m.task_id, source=names[m.source], target=names[m.target], reason=m.reason)
-            for m in master.state.plan_rebalance(time.time())
+            for m in master.state.moves.plan(time.time())
         ]
 
     @app.post("/v1/rebalance", response_model=list[Migration])
@@ -438,7 +439,7 @@ def _routes(app: FastAPI) -> None:
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     ) -> list[Migration]:
         """Migrations, newest first: reason, source, target and how long the move took."""
-        return sorted(master.state.migrations.values(), key=lambda m: -m.id)[:limit]
+        return sorted(master.state.moves.migrations.values(), key=lambda m: -m.id)[:limit]
 
     @app.get("/v1/whoami", response_model=Caller)
     async def whoami(caller: CallerDep) -> Caller:

@@ -33,9 +33,9 @@ from shoal.core.expressions import parse
 from shoal.core.fairness import UsageBook
 from shoal.core.placement import Group, SpreadTarget
 from shoal.core.plan import Running
-from shoal.core.rebalance import Migrate, Move, rebalance, smooth
+from shoal.core.rebalance import Migrate, smooth
 from shoal.core.scheduler import Policy, apply_plan, never_fits, schedule
-from shoal.errors import NotFound, ShoalError, SpecError
+from shoal.errors import ShoalError, SpecError
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.frameworks import (
     CloseStream,
@@ -46,7 +46,7 @@ from shoal.master.frameworks import (
     SubscribeFramework,
     ToFramework,
 )
-from shoal.master.moves import Rebalancing, snapshot
+from shoal.master.moves import Drain, MoveDesk, RebalanceNow, Rebalancing
 from shoal.model import (
     TRANSITIONS,
     Attempt,
@@ -76,8 +76,6 @@ from shoal.wire import (
 )
 
 HISTORY = 60  # smoothed load samples kept per node
-SUCCESSOR_PATIENCE = 60.0  # seconds a make-before-break copy has to serve
-RETIRE_AFTER = 1.0  # seconds a replaced copy keeps answering before it is stopped
 
 # Tasks of one job a cycle considers: a large array is placed a slice per cycle, so no
 # cycle (and no API call that triggers one) walks all of it.
@@ -132,25 +130,6 @@ class AgentGone:
 
 @dataclass(frozen=True, slots=True)
 class Tick:
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Drain:
-    """Move every task off `node` and give it no new work (`drain=False`: take work again)."""
-
-    request: int
-    node: str
-    drain: bool
-    now: float
-    deadline: float | None = None  # seconds; then tasks that never migrate are moved too
-
-
-@dataclass(frozen=True, slots=True)
-class RebalanceNow:
-    """Run one rebalancing round now, whatever the loop's timer says."""
-
-    request: int
     now: float
 
 
@@ -242,7 +221,7 @@ class MasterState:
         for node in nodes:
             # A restarted master gives every node a full timeout to reconnect.
             self.nodes[node.name] = node.model_copy(update={"last_seen": now, "connected": False})
-            self._index(self.nodes[node.name])
+            self.index_node(self.nodes[node.name])
         self.pending: dict[int, dict[str, None]] = defaultdict(dict)  # job id -> ordered task ids
         self.active: dict[str, None] = {}  # tasks holding resources on a node
         self.devices: dict[str, set[int]] = defaultdict(set)  # node -> GPU indices in use
@@ -255,22 +234,16 @@ class MasterState:
             elif task.state.active:
                 self._hold(task)
                 if task.node in self.table.index:
-                    self.table.allocate(self.table.index[task.node], self._vector(task))
+                    self.table.allocate(self.table.index[task.node], self.vector(task))
                 if (copy := task.successor) is not None and copy.node in self.table.index:
-                    self.table.allocate(self.table.index[copy.node], self._vector(task))
+                    self.table.allocate(self.table.index[copy.node], self.vector(task))
                     self.devices[copy.node].update(copy.gpus)
                     self.ports[copy.node].update(copy.ports.values())
         self.next_job_id = max(self.jobs, default=0) + 1
         self.waiting: dict[int, str] = {}  # job id -> why its pending tasks wait
         self._needs_schedule = True
         self._wakeup = math.inf  # the earliest restart delay still running
-        self.rebalancing = rebalancing or Rebalancing()
-        self._next_round = now + self.rebalancing.every
-        self.migrations: dict[int, Migration] = {m.id: m for m in migrations}
-        self._retiring: dict[str, tuple[str, float]] = {}  # old runs replaced: node, when to stop
-        self._open_moves: dict[str, int] = {  # task -> its migration not yet running again
-            m.task_id: m.id for m in self.migrations.values() if m.running_at is None
-        }
+        self.moves = MoveDesk(self, rebalancing or Rebalancing(), list(migrations), now)
         self.changes = Changes()
         self.frameworks = FrameworkDesk(
             self, framework_policy or FrameworkPolicy(), list(frameworks), list(updates), now
@@ -333,9 +306,9 @@ class MasterState:
             case Tick():
                 self._tick(event.now)
             case Drain():
-                self._drain(event)
+                self.moves.drain(event)
             case RebalanceNow():
-                self.reply(event.request, self._rebalance_round(event.now))
+                self.reply(event.request, self.moves.round(event.now))
             case SubscribeFramework():
                 self.frameworks.subscribe(event)
             case FrameworkCall():
@@ -400,7 +373,7 @@ class MasterState:
         node.status = NodeStatus.UP
         node.connected = True
         node.last_seen = now
-        self._index(node)
+        self.index_node(node)
         self.changes.nodes[name] = node
         self._needs_schedule = True
         self._reports(name, frame.runs, now)
@@ -412,7 +385,7 @@ class MasterState:
             if task.node != name or not task.state.active or task.run_id in reported:
                 continue
             if task.state is TaskState.ASSIGNED:
-                self.changes.launches[name].append(self._run_spec(task))
+                self.changes.launches[name].append(self.run_spec(task))
             else:
                 self._end(task, TaskState.LOST, now, message=f"{name} restarted without it")
 
@@ -457,7 +430,7 @@ class MasterState:
         task = self.tasks.get(r.task_id)
         copy = task.successor if task is not None else None
         if task is not None and copy is not None and r.attempt == copy.attempt and name == copy.node:
-            self._successor_report(task, r, now)
+            self.moves.successor_report(task, r.healthy, r.state, r.message, now)
             return
         current = task is not None and task.attempt == r.attempt and task.node == name and task.state.active
         if not current:
@@ -469,8 +442,7 @@ class MasterState:
             if task.state is TaskState.ASSIGNED:
                 self._move(task, TaskState.RUNNING, now)
                 task.started_at = now
-                if task.id in self._open_moves and task.successor is None:
-                    self._close_move(task.id, now, name)
+                self.moves.running(task, name, now)
             if task.kill_requested:
                 self.send(name, Kill(run_ids=[r.run_id]))  # the first may have been lost
             if r.healthy is not None and task.healthy != r.healthy:
@@ -489,21 +461,7 @@ class MasterState:
         if now >= self._wakeup:
             self._needs_schedule = True
         self.frameworks.tick(now)
-        for node in self.nodes.values():
-            if node.drained and node.drain_deadline is not None and now >= node.drain_deadline:
-                node.drain_deadline = None
-                self.changes.nodes[node.name] = node
-                self._move_off(node.name, now, "drain deadline", every=True)
-        for task_id in list(self.active):
-            task = self.tasks[task_id]
-            if task.successor is not None and now - task.successor.since > SUCCESSOR_PATIENCE:
-                self._drop_successor(task, f"the new copy did not serve within {SUCCESSOR_PATIENCE:g}s")
-        for old_run, (node, due) in list(self._retiring.items()):
-            if now >= due:
-                del self._retiring[old_run]
-                self.send(node, Kill(run_ids=[old_run]))
-        if self.rebalancing.loop and now >= self._next_round:
-            self._rebalance_round(now)
+        self.moves.tick(now)
 
     def _node_down(self, node: NodeRecord, now: float) -> None:
         node.status = NodeStatus.DOWN
@@ -519,7 +477,7 @@ class MasterState:
                 task.nominated = None  # the room it waited for is gone with the node
                 self.changes.tasks[task.id] = task
             if task.successor is not None and task.successor.node == node.name and task.state.active:
-                self._drop_successor(task, f"{node.name} was lost")
+                self.moves.drop_successor(task, f"{node.name} was lost")
         self.frameworks.node_lost(node.name)
 
     # --- transitions --------------------------------------------------------------------
@@ -555,29 +513,29 @@ class MasterState:
         row is allocated by apply_plan)."""
         job = self.jobs[task.job_id]
         self.active[task.id] = None
-        self.usage.add(job.spec.queue, _consumer(job), self._vector(task))
+        self.usage.add(job.spec.queue, _consumer(job), self.vector(task))
         self.devices[task.node or ""].update(task.gpus)
         self.ports[task.node or ""].update(task.ports.values())
 
     def _unhold(self, task: TaskRecord) -> None:
         job = self.jobs[task.job_id]
         self.active.pop(task.id, None)
-        self.usage.remove(job.spec.queue, _consumer(job), self._vector(task))
-        self._cpu_seen.pop(task.run_id, None)
+        self.usage.remove(job.spec.queue, _consumer(job), self.vector(task))
+        self.forget_run(task.run_id)
         task.load = task.healthy = None
         if task.successor is not None:
-            self._drop_successor(task, "the task ended before its new copy served")
+            self.moves.drop_successor(task, "the task ended before its new copy served")
         self.room_freed()
         self.devices[task.node or ""].difference_update(task.gpus)
         self.ports[task.node or ""].difference_update(task.ports.values())
         if task.node in self.table.index:
-            self.table.release(self.table.index[task.node], self._vector(task))
+            self.table.release(self.table.index[task.node], self.vector(task))
 
     def _equip(self, task: TaskRecord, node: str) -> None:
         """Give a task placed on `node` its GPU device indices and its named ports."""
-        task.gpus, task.ports = self._devices(task, node)
+        task.gpus, task.ports = self.devices_for(task, node)
 
-    def _devices(self, task: TaskRecord, node: str) -> tuple[list[int], dict[str, int]]:
+    def devices_for(self, task: TaskRecord, node: str) -> tuple[list[int], dict[str, int]]:
         """Free GPU indices and ports on `node` for one copy of `task`."""
         spec = self.jobs[task.job_id].spec
         if not spec.resources.gpus and not spec.ports:
@@ -615,9 +573,7 @@ class MasterState:
             return  # its framework hears of the end and decides what runs again
         if to is TaskState.MIGRATED:
             self._restart(task, now, now)
-            task.moved_at = now
-            if target and self._fits(target, self._vector(task)):
-                self.start(task, target, now)  # straight to where the rebalancer chose
+            self.moves.ended(task, target or "", now)
         elif to is TaskState.PREEMPTED:
             self._restart(task, now, now)  # preemption does not use up restart attempts
         elif to in (TaskState.FAILED, TaskState.LOST) and not job.killed:
@@ -654,14 +610,14 @@ class MasterState:
             ports={},
         )
 
-    def _vector(self, task: TaskRecord) -> np.ndarray:
+    def vector(self, task: TaskRecord) -> np.ndarray:
         """The task's ask as a table row; one per job, remade if the table gains dimensions."""
         vec = self._vectors.get(task.job_id)
         if vec is None or len(vec) != len(self.table.dims):
             vec = self._vectors[task.job_id] = self.table.vector(self.jobs[task.job_id].spec.resources)
         return vec
 
-    def _index(self, node: NodeRecord) -> None:
+    def index_node(self, node: NodeRecord) -> None:
         info = node.info
         attributes = {**info.labels, **info.attributes, "name": info.name, "hostname": info.hostname}
         self.table.upsert(
@@ -704,7 +660,7 @@ class MasterState:
             task = self.tasks[placement.task_id]
             self._equip(task, placement.node)
             self._move(task, TaskState.ASSIGNED, now, node=placement.node, message="")
-            self.changes.launches[placement.node].append(self._run_spec(task))
+            self.changes.launches[placement.node].append(self.run_spec(task))
         for task_id, reason in verdict.rejected.items():
             self.waiting[self.tasks[task_id].job_id] = reason
             self._needs_schedule = True
@@ -775,162 +731,9 @@ class MasterState:
             ),
         )
 
-    # --- moving tasks: rebalancing and drains --------------------------------------------
-
-    def plan_rebalance(self, now: float) -> list[Move]:
-        """The moves a rebalancing round would make now (changes nothing)."""
-        cluster, movables = snapshot(self)
-        return rebalance(cluster, movables, self.rebalancing.policy, now)
-
-    def _rebalance_round(self, now: float) -> list[Migration]:
-        self._next_round = now + self.rebalancing.every
-        started = []
-        for move in self.plan_rebalance(now):
-            task = self.tasks[move.task_id]
-            target = self.table.names[move.target]
-            started.append(self.migrate(task, target, move.reason, now))
-        return started
-
-    def migrate(self, task: TaskRecord, target: str, reason: str, now: float) -> Migration:
-        """Stop `task` to run it again on `target` ("": wherever the scheduler places it)."""
-        job = self.jobs[task.job_id]
-        record = Migration(
-            id=max(self.migrations, default=0) + 1,
-            at=now,
-            task_id=task.id,
-            job_id=job.id,
-            source=task.node or "",
-            target=target,
-            reason=reason,
-            mode=job.spec.migrate,
-        )
-        self.migrations[record.id] = self.changes.migrations[record.id] = record
-        self._open_moves[task.id] = record.id
-        if job.spec.migrate is Migrate.MAKE_BEFORE_BREAK:
-            target = target or self._roomiest(task) or ""
-            if target:
-                self._start_successor(task, target, now)
-                return record
-        task.migrating = target
-        self.changes.tasks[task.id] = task
-        self.send(task.node, Kill(run_ids=[task.run_id]))
-        return record
-
-    # --- make-before-break: the new copy first, the old one stopped once it serves ---------
-
-    def _start_successor(self, task: TaskRecord, target: str, now: float) -> None:
-        self.table.allocate(self.table.index[target], self._vector(task))
-        gpus, ports = self._devices(task, target)
-        self.devices[target].update(gpus)
-        self.ports[target].update(ports.values())
-        task.successor = Successor(target, task.attempt + 1, now, gpus, ports)
-        self.changes.tasks[task.id] = task
-        self.changes.launches[target].append(self._run_spec(task, task.successor))
-
-    def _successor_report(self, task: TaskRecord, r: RunReport, now: float) -> None:
-        copy = task.successor
-        assert copy is not None
-        if r.state is TaskState.RUNNING and r.healthy:
-            self._take_over(task, now)
-        elif r.state.terminal:
-            self._drop_successor(
-                task, f"the new copy on {copy.node} ended: {r.message or r.state.value}", now
-            )
-
-    def _take_over(self, task: TaskRecord, now: float) -> None:
-        """The new copy serves: it becomes the task; the old one is stopped after a moment,
-        so requests already on their way to it are answered."""
-        copy = task.successor
-        assert copy is not None and task.node is not None
-        old_node, old_run = task.node, task.run_id
-        task.history.append(
-            Attempt(
-                attempt=task.attempt,
-                node=old_node,
-                state=TaskState.MIGRATED,
-                message=f"replaced by a healthy copy on {copy.node}",
-                started_at=task.started_at,
-                finished_at=now,
-            )
-        )
-        self.table.release(self.table.index[old_node], self._vector(task))
-        self.devices[old_node].difference_update(task.gpus)
-        self.ports[old_node].difference_update(task.ports.values())
-        self._cpu_seen.pop(old_run, None)
-        task.attempt, task.node, task.gpus, task.ports = copy.attempt, copy.node, copy.gpus, copy.ports
-        task.started_at = task.moved_at = now
-        task.successor, task.load, task.healthy = None, None, True
-        self.changes.tasks[task.id] = task
-        self._retiring[old_run] = (old_node, now + RETIRE_AFTER)
-        self._close_move(task.id, now, copy.node)
-        self.room_freed()
-
-    def _drop_successor(self, task: TaskRecord, why: str) -> None:
-        """Give the move up: the new copy is stopped, the task runs on where it was."""
-        copy = task.successor
-        assert copy is not None
-        task.successor = None
-        self.changes.tasks[task.id] = task
-        self.table.release(self.table.index[copy.node], self._vector(task))
-        self.devices[copy.node].difference_update(copy.gpus)
-        self.ports[copy.node].difference_update(copy.ports.values())
-        self.send(copy.node, Kill(run_ids=[run_id(task.id, copy.attempt)]))
-        if (move := self._open_moves.pop(task.id, None)) is not None:
-            given_up = self.migrations[move].model_copy(update={"failed": why})
-            self.migrations[move] = self.changes.migrations[move] = given_up
-        self.room_freed()
-
-    def _close_move(self, task_id: str, now: float, node: str) -> None:
-        if (move := self._open_moves.pop(task_id, None)) is not None:
-            done = self.migrations[move].model_copy(update={"running_at": now, "node": node})
-            self.migrations[move] = self.changes.migrations[move] = done
-
-    def _roomiest(self, task: TaskRecord) -> str | None:
-        """The schedulable node (not its own) with the most free room that holds `task`."""
-        vec = self._vector(task)
-        free = self.table.capacity - self.table.allocated
-        fits = self.table.schedulable & np.all(free[:, : len(vec)] + 1e-9 >= vec, axis=1)
-        if task.node in self.table.index:
-            fits[self.table.index[task.node]] = False
-        if not fits.any():
-            return None
-        rows = np.flatnonzero(fits)
-        return self.table.names[int(rows[np.argmax(free[rows, 0])])]
-
-    def _drain(self, event: Drain) -> None:
-        node = self.nodes.get(event.node)
-        if node is None:
-            self.reply(event.request, error=NotFound(f"no node {event.node}"))
-            return
-        node.drained = event.drain
-        node.drain_deadline = (
-            event.now + event.deadline if event.drain and event.deadline is not None else None
-        )
-        self._index(node)
-        self.changes.nodes[node.name] = node
-        moved = self._move_off(node.name, event.now, "drain", every=False) if event.drain else []
-        self._needs_schedule = True
-        self.reply(event.request, moved)
-
-    def _move_off(self, node: str, now: float, reason: str, every: bool) -> list[Migration]:
-        """Move the tasks of `node` elsewhere: those whose mode allows it (`every`: all)."""
-        moved = []
-        for task_id in list(self.active):
-            task = self.tasks[task_id]
-            job = self.jobs[task.job_id]
-            if task.node != node or task.migrating is not None or task.kill_requested or job.framework:
-                continue
-            if every or job.spec.migrate is not Migrate.NEVER:
-                moved.append(self.migrate(task, "", reason, now))
-        return moved
-
-    def _fits(self, node: str, vec: np.ndarray) -> bool:
-        row = self.table.index.get(node)
-        return (
-            row is not None
-            and bool(self.table.schedulable[row])
-            and bool(np.all(self.table.capacity[row] - self.table.allocated[row] + 1e-9 >= vec))
-        )
+    def forget_run(self, run: str) -> None:
+        """A run no longer counts in its task's load."""
+        self._cpu_seen.pop(run, None)
 
     def room_freed(self) -> None:
         """Resources went back to the pool: native jobs and frameworks may use them."""
@@ -939,12 +742,12 @@ class MasterState:
 
     def start(self, task: TaskRecord, node: str, now: float) -> None:
         """Place a pending task on `node` outside a scheduling cycle (a framework chose it)."""
-        self.table.allocate(self.table.index[node], self._vector(task))
+        self.table.allocate(self.table.index[node], self.vector(task))
         self._equip(task, node)
         self._move(task, TaskState.ASSIGNED, now, node=node, message="")
-        self.changes.launches[node].append(self._run_spec(task))
+        self.changes.launches[node].append(self.run_spec(task))
 
-    def _run_spec(self, task: TaskRecord, copy: Successor | None = None) -> RunSpec:
+    def run_spec(self, task: TaskRecord, copy: Successor | None = None) -> RunSpec:
         """What an agent runs for `task` (or for its new copy, in a make-before-break move)."""
         spec = self.jobs[task.job_id].spec
         attempt = copy.attempt if copy is not None else task.attempt
