@@ -139,10 +139,9 @@ def frameworks_table(frameworks: Sequence[FrameworkView]) -> Table:
     )
     for f in frameworks:
         state = "suppressed" if f.suppressed and f.connected else "connected" if f.connected else "away"
-        table.add_row(
-            f.id, f.name, f.role, f.principal, state, f"{f.share:.1%}", f"{f.fair_share:.1%}",
-            str(f.offers), str(f.tasks), str(f.unacknowledged),
-        )  # fmt: skip
+        shares = (f"{f.share:.1%}", f"{f.fair_share:.1%}")
+        counts = (str(f.offers), str(f.tasks), str(f.unacknowledged))
+        table.add_row(f.id, f.name, f.role, f.principal, state, *shares, *counts)
     return table
 
 
