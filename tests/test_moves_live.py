@@ -78,14 +78,14 @@ def test_drain_empties_a_node_and_undrain_lets_it_work_again(tmp_path: Path) -> 
         wait_for(lambda: client.job(later).tasks[0].state is TaskState.RUNNING, what="node1 working again")
 
 
-# Counts from where its saved state says, saves the count when told to stop.
+# Counts from where its saved state says; told to stop, it takes a moment, then saves the count.
 COUNTER = [
     "python3",
     "-c",
     "import os, pathlib, signal, sys, time\n"
     "state = pathlib.Path(os.environ['SHOAL_CHECKPOINT_DIR']) / 'count'\n"
     "n = int(state.read_text()) if state.exists() else 0\n"
-    "def save(*_):\n    state.write_text(str(n))\n    sys.exit(0)\n"
+    "def save(*_):\n    time.sleep(0.3)\n    state.write_text(str(n))\n    sys.exit(0)\n"
     "signal.signal(signal.SIGTERM, save)\n"
     "while True:\n    n += 1\n    print(n, flush=True)\n    time.sleep(0.05)\n",
 ]
@@ -177,3 +177,18 @@ def test_a_service_moved_make_before_break_never_fails_a_request(tmp_path: Path)
         assert outcomes and all(outcomes), f"{outcomes.count(False)} of {len(outcomes)} requests failed"
         [event] = client.events()
         assert event.mode.value == "make-before-break" and event.duration is not None and not event.failed
+
+
+def test_consolidate_empties_a_lightly_used_node(tmp_path: Path) -> None:
+    settings = {**SETTINGS, "rebalance": "consolidate"}
+    with live_cluster(tmp_path, agents=3, master_settings=settings) as cluster, cluster.client() as client:
+        # Spread out by the scheduler: one light task on each node.
+        job = client.submit(JobSpec(command="sleep 300", count=3, resources={"cpus": 0.25, "mem": 16}))
+        wait_for(lambda: len({t.node for t in client.job(job).tasks}) == 3, what="one task a node")
+        # Consolidation packs them: at least one node ends with nothing on it.
+        wait_for(lambda: any(n.tasks == 0 for n in client.nodes()), timeout=60, what="a node emptied")
+        assert client.events() and all(m.reason.startswith("emptying") for m in client.events())
+        wait_for(
+            lambda: all(t.state is TaskState.RUNNING for t in client.job(job).tasks),
+            what="every task running again where it was packed",
+        )

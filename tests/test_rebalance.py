@@ -89,6 +89,13 @@ def test_consolidate_empties_the_least_used_nodes_wholly() -> None:
     assert after.utilization.max() <= 0.8
 
 
+def test_consolidate_moves_idle_tasks_too_but_spread_leaves_them() -> None:
+    c, tasks = cluster([[0.0, 0.0], [0.0], [3.0]])  # tasks that hold room but use no CPU
+    moves = rebalance(c, tasks, RebalancePolicy(mode="consolidate"), now=1000)
+    assert {m.source for m in moves} == {0, 1} and {m.target for m in moves} == {2}
+    assert rebalance(c, tasks, RebalancePolicy(), now=1000) == []
+
+
 def test_smoothing_damps_a_spike_and_follows_a_sustained_change() -> None:
     levels: list[float] = []
     for sample in (0.2, 0.2, 0.2, 1.0, 0.2, 0.2):

@@ -185,19 +185,25 @@ class Agent:
     def _on_exit(self, run_id: str, code: int | None) -> None:
         self.health.stop(run_id)
         entry = self.state.runs.get(run_id)
-        saving = entry is not None and entry.spec.checkpoint and entry.kill_requested
-        if saving and any(self.runner.checkpoint_dir(run_id).iterdir()):
-            self._later(self._save_then_report(run_id, code))
+        if entry is not None and entry.spec.checkpoint and entry.kill_requested and entry.pid is not None:
+            self._later(self._save_then_report(run_id, code, entry.pid, entry.spec.kill_grace))
         else:
             self.dispatch(Exited(run_id, code, time.time()))
 
-    async def _save_then_report(self, run_id: str, code: int | None) -> None:
-        """A run stopped to move: its saved state goes to the master before its end is told."""
-        try:
-            blob = await self.files.save(self.runner.checkpoint_dir(run_id))
-        except (OSError, httpx.HTTPError) as e:
-            log.warning("run %s: its saved state could not be kept (%s); it restarts without it", run_id, e)
-            blob = None
+    async def _save_then_report(self, run_id: str, code: int | None, group: int, grace: float) -> None:
+        """A run stopped to move: once every process of it has ended (the command may still be
+        writing its state after the wrapper shell is gone), its saved state goes to the master,
+        then its end is told."""
+        await _group_ended(group, grace + 1.0)
+        directory = self.runner.checkpoint_dir(run_id)
+        blob = None
+        if directory.is_dir() and any(directory.iterdir()):
+            try:
+                blob = await self.files.save(directory)
+            except (OSError, httpx.HTTPError) as e:
+                log.warning(
+                    "run %s: its saved state could not be kept (%s); it restarts without it", run_id, e
+                )
         self.dispatch(Exited(run_id, code, time.time(), checkpoint=blob))
 
     def _later(self, work: Coroutine[Any, Any, None]) -> None:
@@ -313,6 +319,17 @@ class Agent:
                 request=req.request, offset=req.offset, error=f"no output of run {req.run_id} here"
             )
         return LogChunk(request=req.request, data=data, offset=req.offset)
+
+
+async def _group_ended(group: int, timeout: float) -> None:
+    """Wait until no process of a process group is left (or `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        await asyncio.sleep(0.02)
 
 
 def _ws_url(master: str) -> str:

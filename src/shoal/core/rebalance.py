@@ -105,12 +105,15 @@ class _Round:
         cores = self.cluster.cores[row]
         return self.used[row] / cores if cores > 0 else 0.0
 
-    def movable(self, row: int) -> list[Movable]:
-        """The tasks of `row` that may move now: largest load first, lower priority first."""
+    def movable(self, row: int, idle: bool = False) -> list[Movable]:
+        """The tasks of `row` that may move now, largest load first, lower priority first;
+        tasks using no CPU only with `idle` (moving them relieves no one, but empties a node)."""
         tasks = [
             t
             for t in self.by_row.get(row, ())
-            if t.mode is not Migrate.NEVER and self.now - t.moved_at >= self.policy.cooldown and t.load > 0
+            if t.mode is not Migrate.NEVER
+            and self.now - t.moved_at >= self.policy.cooldown
+            and (idle or t.load > 0)
         ]
         return sorted(tasks, key=lambda t: (-t.load, t.priority, t.task_id))
 
@@ -259,7 +262,7 @@ def _consolidate(r: _Round) -> None:
     received: set[int] = set()  # rows that took tasks are kept: what lands there stays
     for row in rows:
         tasks = r.by_row[row]
-        if row in received or len(tasks) > r.room or len(r.movable(row)) < len(tasks):
+        if row in received or len(tasks) > r.room or len(r.movable(row, idle=True)) < len(tasks):
             continue  # a node that cannot be emptied this round is left as it is
         plan = []
         used, free = r.used.copy(), r.free.copy()
