@@ -57,15 +57,6 @@ class Ledger:
                 self.table.allocate(int(row), amount)
         return got
 
-    def answer(self, offer_id: str, task: np.ndarray) -> int:
-        """The framework runs as many `task`s as fit the offer; the rest goes back."""
-        o = self.outstanding.pop(offer_id)
-        self.table.release(o.row, o.amount)
-        fits = int(np.floor(np.min(o.amount[task > 0] / task[task > 0]) + 1e-9))
-        for _ in range(fits):
-            self.run_task(o.role, o.framework, o.row, task)
-        return fits
-
     def dominant(self, role: str, who: str) -> float:
         total = self.table.total()
         return _dominant(self.book.by_user.get((role, who), np.zeros(len(total)))[: len(total)], total)
