@@ -71,6 +71,7 @@ _TABLE = TypeAdapter(list[RunEntry])
 _MAX_FRAME = 16 * 1024 * 1024
 _OUTBOX = 10_000
 _PRUNE_EVERY = 60.0  # seconds between sweeps of old sandboxes
+_REDIAL_CAP = 3.0  # seconds between redials of the master, at most
 
 
 class TokenRefused(ShoalError):
@@ -257,6 +258,9 @@ class Agent:
     async def _connect_loop(self) -> None:
         url = _ws_url(self.settings.master)
         headers = {"Authorization": f"Bearer {self.settings.cluster_token.get_secret_value()}"}
+        # Redial at least every two heartbeats: a restarted master waits a heartbeat timeout
+        # (several heartbeats) for its agents before it calls their nodes down.
+        cap = min(_REDIAL_CAP, 2 * self.settings.heartbeat_interval)
         backoff = 0.1
         while True:
             try:
@@ -276,7 +280,7 @@ class Agent:
             except (TimeoutError, OSError, websockets.ConnectionClosed) as e:
                 log.debug("connection to %s failed: %s", url, e)
             await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, 3.0)
+            backoff = min(backoff * 2, cap)
 
     async def _session(self, ws: websockets.ClientConnection) -> None:
         self._outbox = asyncio.Queue()
