@@ -23,6 +23,7 @@ status updates it had not acknowledged are delivered again. Updates are acknowle
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import inspect
 import logging
@@ -139,7 +140,7 @@ def _backoff(delay: float) -> float:
     return min(delay * 2, _BACKOFF[1])
 
 
-class _Driver:
+class _Driver(abc.ABC):
     """What both drivers are made of: the scheduler, the session, where the master is."""
 
     def __init__(
@@ -160,8 +161,9 @@ class _Driver:
         self.url = (url or config.url).rstrip("/")
         self._open({"Authorization": f"Bearer {token or config.token}"})
 
+    @abc.abstractmethod
     def _open(self, headers: dict[str, str]) -> None:
-        raise NotImplementedError
+        """Make the HTTP clients this flavour talks to the master with."""
 
     @property
     def framework_id(self) -> str | None:

@@ -214,13 +214,10 @@ class MoveDesk:
 
     def ended(self, task: TaskRecord, target: str, now: float) -> None:
         """A stopped task's next attempt (pending now) starts on its target, if it still fits."""
-        ledger = self.ledger
         task.moved_at = now
-        row = ledger.table.index.get(target)
-        vec = ledger.vector(task)
-        free = ledger.table.capacity[row] - ledger.table.allocated[row] if row is not None else None
-        if row is not None and ledger.table.schedulable[row] and np.all(free + 1e-9 >= vec):
-            ledger.start(task, target, now)
+        row = self.ledger.table.index.get(target)
+        if row is not None and self._holds(task)[row]:
+            self.ledger.start(task, target, now)
 
     def running(self, task: TaskRecord, node: str, now: float) -> None:
         """A task reported running: the migration that moved it, if any, is done."""
@@ -297,15 +294,21 @@ class MoveDesk:
     def _roomiest(self, task: TaskRecord) -> str | None:
         """The schedulable node (not its own) with the most free cpus that holds `task`."""
         table = self.ledger.table
-        vec = self.ledger.vector(task)
-        free = table.capacity - table.allocated
-        fits = table.schedulable & np.all(free[:, : len(vec)] + 1e-9 >= vec, axis=1)
+        fits = self._holds(task)
         if task.node in table.index:
             fits[table.index[task.node]] = False
         if not fits.any():
             return None
         rows = np.flatnonzero(fits)
-        return table.names[int(rows[np.argmax(free[rows, 0])])]
+        free_cpus = table.capacity[rows, 0] - table.allocated[rows, 0]
+        return table.names[int(rows[np.argmax(free_cpus)])]
+
+    def _holds(self, task: TaskRecord) -> np.ndarray:
+        """Per row: whether the node takes work and has room for `task` now."""
+        table = self.ledger.table
+        vec = self.ledger.vector(task)
+        free = table.capacity - table.allocated
+        return table.schedulable & np.all(free[:, : len(vec)] + 1e-9 >= vec, axis=1)
 
     def _update(self, move: int, **fields: object) -> None:
         record = self.migrations[move].model_copy(update=fields)
