@@ -193,7 +193,7 @@ def _scenario(nodes, frameworks, busy, seed) -> tuple[Ledger, list[Claimant]]:
     claimants = [Claimant(f"f{i}", role, frozenset(f)) for i, (role, _, f) in enumerate(frameworks)]
     for i, (row, cpus, mem) in enumerate(busy):
         if row < len(t):
-            amount = np.minimum(t.vector(Resources(cpus=cpus, mem=mem)), t.free()[row])
+            amount = np.minimum(t.vector(Resources(cpus=cpus, mem=mem)), t.free[row])
             c = claimants[i % len(claimants)]
             ledger.run_task(c.role, c.id, row, amount)
     holders = [c for c, (_, holds, _) in zip(claimants, frameworks, strict=True) if holds]
@@ -219,7 +219,7 @@ scenario_st = st.tuples(
 def test_no_resource_is_ever_in_two_offers_or_offered_twice(scenario) -> None:
     ledger, claimants = _scenario(*scenario)
     before = dict(ledger.outstanding)
-    free = ledger.table.free().copy()
+    free = ledger.table.free.copy()
     got = ledger.cycle(claimants, scenario[3])
     # What is offered on a node is at most what was free there plus what was taken back.
     room = free.copy()
@@ -269,7 +269,7 @@ def test_a_framework_below_its_fair_share_is_never_left_without_an_offer(scenari
         free_for_it = [
             r
             for r in range(len(ledger.table))
-            if r not in c.filtered and ledger.table.free()[r][0] >= 0.01 and not _offered(ledger, r)
+            if r not in c.filtered and ledger.table.free[r][0] >= 0.01 and not _offered(ledger, r)
         ]
         assert not free_for_it
         if below:

@@ -25,10 +25,11 @@ class _Frame(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RunSpec:
-    """Everything an agent needs to start one attempt of a task. A dataclass, cheap for
-    the master to make by the thousand; pydantic still validates it inside a frame."""
+    """Everything an agent needs to start one attempt of a task. A plain dataclass (not
+    frozen: a frozen one sets each field through object.__setattr__), cheap for the master
+    to make by the thousand; pydantic still validates it inside a frame."""
 
     run_id: str
     task_id: str

@@ -1,9 +1,11 @@
 """The cluster as the scheduler sees it: nodes as rows of numpy arrays, updated in place.
 
-A `NodeTable` holds, per node, its capacity and allocation (one column per resource
-dimension), whether it takes new work, its live CPU utilization and its attributes. The
-ledger keeps it current with `upsert`, `allocate` and `release`: nothing is rebuilt per
+A `NodeTable` holds, per node, its capacity, allocation and free room (one column per
+resource dimension), whether it takes new work, its live CPU utilization and its attributes.
+The ledger keeps it current with `upsert`, `allocate` and `release`: nothing is rebuilt per
 scheduling cycle, so a cycle costs what its decisions cost, not what the cluster weighs.
+The matrices are column-major: scoring reads one resource over many rows, which is then a
+contiguous run of memory.
 Rows are never removed (a node that leaves is marked unschedulable), so a row index stays a
 valid name for a node for the table's life. `MaskCache` turns constraints and node sets into
 boolean masks over the rows, computed once per distinct attribute value and kept until the
@@ -29,8 +31,9 @@ class NodeTable:
         self.names: list[str] = []
         self.index: dict[str, int] = {}
         rows = max(capacity_hint, 1)
-        self._capacity = np.zeros((rows, len(self.dims)))
-        self._allocated = np.zeros((rows, len(self.dims)))
+        self._capacity = _matrix(rows, len(self.dims))
+        self._allocated = _matrix(rows, len(self.dims))
+        self._free = _matrix(rows, len(self.dims))
         self._schedulable = np.zeros(rows, dtype=bool)
         self._utilization = np.zeros(rows)
         self.attributes: list[Mapping[str, str]] = []
@@ -53,6 +56,12 @@ class NodeTable:
         return self._allocated[: len(self.names)]
 
     @property
+    def free(self) -> np.ndarray:
+        """Capacity minus allocation, kept in step by every change. A scheduling cycle's
+        `Placer` writes its tentative placements here and takes them back before it ends."""
+        return self._free[: len(self.names)]
+
+    @property
     def schedulable(self) -> np.ndarray:
         return self._schedulable[: len(self.names)]
 
@@ -60,9 +69,6 @@ class NodeTable:
     def utilization(self) -> np.ndarray:
         """Live CPU utilization per node, 0..1, as last reported."""
         return self._utilization[: len(self.names)]
-
-    def free(self) -> np.ndarray:
-        return self.capacity - self.allocated
 
     def total(self) -> np.ndarray:
         """The capacity of the schedulable nodes, per dimension."""
@@ -106,9 +112,11 @@ class NodeTable:
         self._dim_index[name] = len(self.dims)
         self.dims.append(name)
         self._changed()
-        pad = np.zeros((self._capacity.shape[0], 1))
-        self._capacity = np.hstack([self._capacity, pad])
-        self._allocated = np.hstack([self._allocated, pad.copy()])
+        for attr in ("_capacity", "_allocated", "_free"):
+            old = getattr(self, attr)
+            new = _matrix(old.shape[0], len(self.dims))
+            new[:, : old.shape[1]] = old
+            setattr(self, attr, new)
 
     # --- changes -------------------------------------------------------------------------
 
@@ -128,6 +136,7 @@ class NodeTable:
             self.version += 1
         if not (np.array_equal(self._capacity[row], vec) and self._schedulable[row] == schedulable):
             self._capacity[row] = vec
+            self._free[row] = vec - self._allocated[row]
             self._schedulable[row] = schedulable
             self._changed()
         return row
@@ -139,23 +148,29 @@ class NodeTable:
     def set_utilization(self, name: str, fraction: float) -> None:
         self._utilization[self.index[name]] = fraction
 
+    # Free room is always recomputed as capacity minus allocation, never adjusted by the same
+    # amounts: then it is exactly what it would be computed afresh, whatever the history.
+
     def allocate(self, row: int, vec: np.ndarray) -> None:
         self._allocated[row, : len(vec)] += vec
+        self._free[row] = self._capacity[row] - self._allocated[row]
 
     def allocate_many(self, rows: np.ndarray, vecs: np.ndarray) -> None:
         np.add.at(self._allocated[:, : vecs.shape[1]], rows, vecs)
+        self._free[rows] = self._capacity[rows] - self._allocated[rows]
 
     def release(self, row: int, vec: np.ndarray) -> None:
         self._allocated[row, : len(vec)] -= vec
+        self._free[row] = self._capacity[row] - self._allocated[row]
 
     def _grow(self, rows: int) -> None:
         have = self._capacity.shape[0]
         if rows <= have:
             return
         size = max(rows, have * 2)
-        for attr in ("_capacity", "_allocated"):
+        for attr in ("_capacity", "_allocated", "_free"):
             old = getattr(self, attr)
-            new = np.zeros((size, old.shape[1]))
+            new = _matrix(size, old.shape[1])
             new[:have] = old
             setattr(self, attr, new)
         for attr, dtype in (("_schedulable", bool), ("_utilization", float)):
@@ -163,6 +178,10 @@ class NodeTable:
             new = np.zeros(size, dtype=dtype)
             new[:have] = old
             setattr(self, attr, new)
+
+
+def _matrix(rows: int, dims: int) -> np.ndarray:
+    return np.zeros((rows, dims), order="F")
 
 
 class MaskCache:

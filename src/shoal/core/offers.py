@@ -134,7 +134,7 @@ def allocate(
         return Allocation()
     for o in outstanding:
         shares.add(o.role, o.framework, o.amount)
-    free = np.maximum(table.free(), 0.0)
+    free = np.maximum(table.free, 0.0)
     pool = table.schedulable & offerable(free)
     order = np.random.default_rng(seed).permutation(len(table))
     turns = _Turns(table, shares, claimants, policy, free, pool, order)

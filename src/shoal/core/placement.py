@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -74,33 +75,32 @@ class Group:
 
 @dataclass
 class Placer:
-    """One scheduling cycle's working view: what the cycle has taken per row, and per-job
-    counts. Free room is the table's minus `taken`, computed only for the rows looked at,
-    so a cycle costs nothing per node it does not consider (np.zeros pages in lazily)."""
+    """One scheduling cycle's working view, and per-job counts. A placement is taken from
+    the table's own free matrix the moment it is decided, so every row the cycle looks at is
+    current without a copy of the table per cycle (a cycle costs nothing per node it does not
+    consider); `restore` recomputes the rows it touched from capacity and allocation, so the
+    table leaves the cycle exactly as it came in."""
 
     table: NodeTable
     masks: MaskCache
     window: int
-    taken: np.ndarray = field(init=False)
-    _start: int = 0
+    _touched: set[int] = field(default_factory=set)
+    _turns: int = 0
     _job_rows: dict[int, np.ndarray] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.taken = np.zeros((len(self.table), len(self.table.dims)))
-
     def free_at(self, row: int) -> np.ndarray:
-        dims = self.taken.shape[1]
-        return self.table.capacity[row, :dims] - self.table.allocated[row, :dims] - self.taken[row]
-
-    def free_column(self, rows: Rows, d: int) -> np.ndarray:
-        return self.table.capacity[rows, d] - self.table.allocated[rows, d] - self.taken[rows, d]
+        return self.table.free[row].copy()
 
     def take(self, row: int, amount: np.ndarray) -> None:
-        if len(amount) > self.taken.shape[1]:  # a custom resource first seen this cycle
-            self.taken = np.hstack(
-                [self.taken, np.zeros((len(self.taken), len(amount) - self.taken.shape[1]))]
-            )
-        self.taken[row, : len(amount)] += amount
+        self.table.free[row, : len(amount)] -= amount
+        self._touched.add(row)
+
+    def restore(self) -> None:
+        """Give back all the cycle took: the table's free room as before the cycle."""
+        if self._touched:
+            rows = np.fromiter(self._touched, dtype=np.int64, count=len(self._touched))
+            self.table.free[rows] = self.table.capacity[rows] - self.table.allocated[rows]
+            self._touched.clear()
 
     def counts(self, g: Group) -> np.ndarray:
         """Tasks of `g`'s job per row: those running plus those placed this cycle."""
@@ -135,44 +135,46 @@ class Placer:
             ok &= per_value[inverse[rows]] < limit
         return ok
 
-    def _rows(self, g: Group, mask: np.ndarray, ask: np.ndarray, use_window: bool) -> tuple[Rows, np.ndarray]:
-        """Candidate rows (a rotating window on big tables, or the few nodes the job's filters
-        leave) and which of them fit `ask`."""
+    def _rows(self, g: Group, mask: np.ndarray, ask: np.ndarray) -> tuple[Rows, np.ndarray]:
+        """Candidate rows and which of them fit `ask`: the few nodes the job's filters leave,
+        or, on a table larger than the window, a window at a point drawn from the job and the
+        turn (deterministic, and spread over the table so turns do not crowd its first rows)."""
         n = len(self.table)
-        if (g.nodes is not None or g.constraints) and n > self.window:
+        if n <= self.window:
+            return slice(0, n), self._fit(g, slice(0, n), mask, ask)
+        if g.nodes is not None or g.constraints:
             hits = np.flatnonzero(mask)
             if len(hits) <= self.window:
                 return hits, self._fit(g, hits, mask, ask)
-        if use_window and n > self.window:
-            lo = self._start % (n - self.window + 1)
-            self._start += self.window
-            rows = slice(lo, lo + self.window)
-        else:
-            rows = slice(0, n)
+        self._turns += 1
+        lo = hash((g.job_id, self._turns)) % n
+        rows = slice(lo, min(lo + self.window, n))
+        return rows, self._fit(g, rows, mask, ask)
+
+    def _next(self, g: Group, rows: slice, mask: np.ndarray, ask: np.ndarray) -> tuple[slice, np.ndarray]:
+        """The window after `rows`, wrapping around the table."""
+        lo = rows.stop % len(self.table)
+        rows = slice(lo, min(lo + self.window, len(self.table)))
         return rows, self._fit(g, rows, mask, ask)
 
     def _fit(self, g: Group, rows: Rows, mask: np.ndarray, ask: np.ndarray) -> np.ndarray:
         fit = mask[rows] & self._limits(g, rows)
+        free = self.table.free
         for d in np.flatnonzero(ask):
-            fit &= self.free_column(rows, d) + _EPS >= ask[d]
+            fit &= free[rows, d] >= ask[d] - _EPS
         return fit
 
     def score(self, g: Group, strategy: Strategy, rows: Rows, ask: np.ndarray) -> np.ndarray:
         """Higher is better; the strategy's term, plus affinities and spread targets."""
         inverse = self.table.inverse_capacity()
-        cap = self.table.capacity
+        free = self.table.free
         if strategy is Strategy.LEAST_LOADED:
-            added = self.taken[rows, 0] * inverse[rows, 0]
-            score = -(self.table.utilization[rows] + added)
+            taken = self.table.capacity[rows, 0] - self.table.allocated[rows, 0] - free[rows, 0]
+            score = -(self.table.utilization[rows] + taken * inverse[rows, 0])
         else:
-            cpu = (cap[rows, 0] - self.free_column(rows, 0) + ask[0]) * inverse[rows, 0]
-            mem = (cap[rows, 1] - self.free_column(rows, 1) + ask[1]) * inverse[rows, 1]
-            fullness = (cpu + mem) * 0.5
-            score = (
-                fullness - _BALANCE * np.abs(cpu - mem)
-                if strategy is Strategy.BINPACK
-                else -fullness - _EVEN * np.abs(cpu - mem)
-            )
+            left_cpu = (free[rows, 0] - ask[0]) * inverse[rows, 0]
+            left_mem = (free[rows, 1] - ask[1]) * inverse[rows, 1]
+            score = _fullness(strategy, left_cpu, left_mem)
         for c, weight in g.affinities:
             score = score + (weight / 100.0) * self.masks.constraint(c)[rows]
         if g.spread is not None:
@@ -198,21 +200,24 @@ class Placer:
 
     def place(self, g: Group, n: int, strategy: Strategy, ask: np.ndarray) -> list[tuple[int, int]]:
         """Up to `n` tasks of `g` on the best rows; returns (row, how many) pairs."""
-        if len(self.table) == 0:
+        size = len(self.table)
+        if size == 0:
             return []
         mask = self.static_mask(g)
-        rows, fit = self._rows(g, mask, ask, use_window=True)
+        rows, fit = self._rows(g, mask, ask)
+        looked = _size(rows)
         score = np.where(fit, self.score(g, strategy, rows, ask), _NEG)
         bulk = strategy is Strategy.BINPACK and g.spread is None and not g.max_per
         counts = self.counts(g) if (g.max_per_node or g.max_per or g.spread) else None
+        asked = ask.tolist()
         out: list[tuple[int, int]] = []
         while n > 0 and score.size:
-            j = int(np.argmax(score))
+            j = int(score.argmax())
             if score[j] == _NEG:
-                if not isinstance(rows, slice) or _size(rows) == len(self.table):
+                if not isinstance(rows, slice) or looked >= size:
                     break  # every node the job may use was looked at
-                # The window is used up: the rest of the table decides, not the window.
-                rows, fit = self._rows(g, mask, ask, use_window=False)
+                rows, fit = self._next(g, rows, mask, ask)  # this window is used up
+                looked += _size(rows)
                 score = np.where(fit, self.score(g, strategy, rows, ask), _NEG)
                 continue
             row = _row(rows, j)
@@ -225,44 +230,33 @@ class Placer:
             if g.spread is not None or g.max_per:
                 score = self._rescore(g, strategy, rows, mask, ask)
             else:
-                score[j] = self._refresh(g, strategy, row, mask, ask)
+                score[j] = self._refresh(g, strategy, row, mask, asked)
         return out
 
     def _how_many(self, g: Group, row: int, ask: np.ndarray, n: int, counts: np.ndarray | None) -> int:
         need = ask > 0
-        room = int(np.floor(np.min((self.free_at(row)[need] + _EPS) / ask[need]))) if need.any() else n
+        free = self.table.free[row, : len(ask)]
+        room = int(np.floor(np.min((free[need] + _EPS) / ask[need]))) if need.any() else n
         if g.max_per_node is not None and counts is not None:
             room = min(room, g.max_per_node - int(counts[row]))
         return max(1, min(n, room))
 
-    def _refresh(self, g: Group, strategy: Strategy, row: int, mask: np.ndarray, ask: np.ndarray) -> float:
-        """The new score of the one row a placement changed."""
-        free = self.free_at(row)
-        if not mask[row] or bool((free + _EPS < ask).any()):
+    def _refresh(self, g: Group, strategy: Strategy, row: int, mask: np.ndarray, ask: list[float]) -> float:
+        """The new score of the one row a placement changed, in plain floats: the hot path
+        of placing many tasks."""
+        free = self.table.free[row].tolist()
+        if not mask[row] or any(f < a - _EPS for f, a in zip(free, ask, strict=False)):
             return _NEG
         if (g.max_per_node or g.max_per) and not np.all(self._limits(g, slice(row, row + 1))):
             return _NEG
         if g.affinities:
-            return float(self.score(g, strategy, slice(row, row + 1), ask)[0])
-        return self._score_one(strategy, row, ask, free)
-
-    def _score_one(self, strategy: Strategy, row: int, ask: np.ndarray, free: np.ndarray) -> float:
-        """`score` for a single row in plain floats: the hot path of placing many tasks."""
-        cap_cpu, cap_mem = (
-            float(self.table.capacity[row, 0]) or 1.0,
-            float(self.table.capacity[row, 1]) or 1.0,
-        )
+            return float(self.score(g, strategy, slice(row, row + 1), np.array(ask))[0])
+        inverse = self.table.inverse_capacity()[row]
         if strategy is Strategy.LEAST_LOADED:
-            return -(float(self.table.utilization[row]) + float(self.taken[row, 0]) / cap_cpu)
-        cpu, mem = (
-            float((cap_cpu - free[0] + ask[0]) / cap_cpu),
-            float((cap_mem - free[1] + ask[1]) / cap_mem),
-        )
-        fullness = (cpu + mem) / 2
-        return (
-            fullness - _BALANCE * abs(cpu - mem)
-            if strategy is Strategy.BINPACK
-            else -fullness - _EVEN * abs(cpu - mem)
+            taken = float(self.table.capacity[row, 0] - self.table.allocated[row, 0]) - free[0]
+            return -(float(self.table.utilization[row]) + taken * float(inverse[0]))
+        return _fullness(
+            strategy, (free[0] - ask[0]) * float(inverse[0]), (free[1] - ask[1]) * float(inverse[1])
         )
 
     def _rescore(
@@ -300,14 +294,21 @@ class Placer:
         for d, dim in enumerate(self.table.dims):
             if ask[d] > 0:
                 noun = _NOUN.get(dim, dim)
-                free = self.free_column(slice(0, len(self.table)), d)
-                drop(free + _EPS < ask[d], f"lacks free {noun}", f"lack free {noun}")
+                drop(self.table.free[:, d] < ask[d] - _EPS, f"lacks free {noun}", f"lack free {noun}")
         if not reasons:
             return "no nodes yet" if len(self.table) == 0 else "no node takes it this cycle"
         return ", ".join(
             f"1 node {one}" if count == 1 else f"{count} nodes {many}"
             for (one, many), count in reasons.items()
         )
+
+
+def _fullness(strategy: Strategy, left_cpu: Any, left_mem: Any) -> Any:
+    """The binpack or spread term from the fractions of a node's cpus and memory left free
+    once the task is on it (arrays of rows, or one row's floats)."""
+    if strategy is Strategy.BINPACK:
+        return -(left_cpu + left_mem) * 0.5 - _BALANCE * abs(left_cpu - left_mem)
+    return (left_cpu + left_mem) * 0.5 - _EVEN * abs(left_cpu - left_mem)
 
 
 _NOUN = {"mem": "memory", "cpus": "cpus", "disk": "disk", "gpus": "gpus"}

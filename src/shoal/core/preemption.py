@@ -58,7 +58,7 @@ def plan(
     that evictions under way will free.
     """
     table = placer.table
-    dims = placer.taken.shape[1]
+    dims = len(table.dims)
     pool: dict[int, list[_Victim]] = defaultdict(list)
     coming = np.zeros((len(table), dims))
     inverse = table.inverse_capacity()

@@ -118,29 +118,37 @@ def schedule(
         _Queue(name, policy.queues.get(name, QueuePolicy()).order, gs)
         for name, gs in sorted(by_queue.items())
     ]
-    # Who is below and who beyond their guarantee, as the cycle starts: the give-back rule.
-    starved = {q.name for q in queues if cycle.shares.share(q.name) < cycle.queue_policy(q.name).guarantee}
-    borrowers = {
-        name
-        for name in cycle.shares.queue
-        if cycle.shares.share(name) > cycle.queue_policy(name).guarantee + 1e-9
-    }
-    while live := [q for q in queues if q]:
-        cycle.serve(live[0] if len(live) == 1 else min(live, key=cycle.turn_order), alone=len(live) == 1)
     evictions: list[Eviction] = []
     nominations: list[tuple[str, str]] = []
-    if policy.preemption and cycle.blocked:
-        evictions, nominations = preemption.plan(
-            cycle.placer,
-            cycle.blocked,
-            cycle.remaining,
-            cycle.running(),
-            cycle.waiting,
-            preemption.Rule(starved=frozenset(starved), borrowers=frozenset(borrowers)),
-        )
+    try:
+        while live := [q for q in queues if q]:
+            cycle.serve(live[0] if len(live) == 1 else min(live, key=cycle.turn_order), alone=len(live) == 1)
+        if policy.preemption and cycle.blocked:
+            evictions, nominations = preemption.plan(
+                cycle.placer,
+                cycle.blocked,
+                cycle.remaining,
+                cycle.running(),
+                cycle.waiting,
+                _give_back(Shares(table, usage, cycle.queue_weights, policy.user_weights), queues, policy),
+            )
+    finally:
+        cycle.placer.restore()
     r = cycle.reservation
     reserved = (r.job_id, table.names[r.row], r.start) if r is not None else None
     return Plan(tuple(cycle.placements), tuple(evictions), tuple(nominations), reserved, cycle.waiting)
+
+
+def _give_back(shares: Shares, queues: list[_Queue], policy: Policy) -> preemption.Rule:
+    """Who is below and who beyond their guarantee, by `shares` as the cycle started."""
+
+    def guarantee(name: str) -> float:
+        return policy.queues.get(name, QueuePolicy()).guarantee
+
+    return preemption.Rule(
+        starved=frozenset(q.name for q in queues if shares.share(q.name) < guarantee(q.name)),
+        borrowers=frozenset(n for n in shares.queue if shares.share(n) > guarantee(n) + 1e-9),
+    )
 
 
 class _Lazy:
@@ -184,10 +192,12 @@ class _Cycle:
         self.now = now
         self.running = running
         self.reservation: _Reservation | None = None
+        # Every ask as a table row, made before any placement: a custom resource first named
+        # here adds its column to the table now, not in the middle of the cycle.
+        self.asks = {g.job_id: table.vector(g.ask) for g in groups}
         self.placer = Placer(table, masks, policy.window)
-        self.shares = Shares(
-            table, usage, {n: q.weight for n, q in policy.queues.items()}, policy.user_weights
-        )
+        self.queue_weights = {n: q.weight for n, q in policy.queues.items()}
+        self.shares = Shares(table, usage, self.queue_weights, policy.user_weights)
         self.remaining = {g.job_id: list(g.tasks) for g in groups}
         self.placements: list[Placement] = []
         self.waiting: dict[int, str] = {}
@@ -196,9 +206,9 @@ class _Cycle:
         # fit either this cycle (room only shrinks), so it is not searched again.
         self._failed: list[tuple[np.ndarray, str]] = []
         # Room that evictions made for a nominated task is held for it: no one else may take it.
-        self.held = {g.job_id: Counter(table.index[n] for _, n in g.nominated) for g in groups}
+        self.held = {g.job_id: Counter(table.index[n] for _, n in g.nominated) for g in groups if g.nominated}
         for g in groups:
-            self._hold(g, table.vector(g.ask), +1)
+            self._hold(g, self.asks[g.job_id], +1)
 
     def queue_policy(self, name: str) -> QueuePolicy:
         return self.policy.queues.get(name, QueuePolicy())
@@ -212,13 +222,13 @@ class _Cycle:
         return (1, self.shares.of_queue(queue.name), queue.name)
 
     def _hold(self, g: Group, ask: np.ndarray, sign: int) -> None:
-        for row, count in self.held[g.job_id].items():
+        for row, count in self.held.get(g.job_id, {}).items():
             self.placer.take(row, sign * count * ask)
 
     def serve(self, queue: _Queue, alone: bool) -> None:
         """One turn: place a slice of the job at the head of `queue`."""
         g = queue.head(self.shares)
-        ask = self.table.vector(g.ask)
+        ask = self.asks[g.job_id]
         todo = self.remaining[g.job_id]
         if g.gang or (alone and not queue.fair):
             want = len(todo)
@@ -246,8 +256,10 @@ class _Cycle:
         got = self.placer.place(g, want, g.strategy or self.policy.strategy, ask)
         if backfill:
             self._reserve_hold(+1)
-        for row, k in got:
-            self.held[g.job_id][row] = max(0, self.held[g.job_id][row] - k)
+        if held := self.held.get(g.job_id):
+            for row, k in got:
+                if row in held:
+                    held[row] = max(0, held[row] - k)
         self._hold(g, ask, +1)
         placed = sum(k for _, k in got)
         if g.gang and placed < len(todo):
@@ -257,11 +269,14 @@ class _Cycle:
             )
             queue.drop(g)
             return
+        done = 0
         for row, k in got:
             node = self.table.names[row]
-            self.placements.extend(Placement(t, node, g.ask) for t in todo[:k])
-            del todo[:k]
-            self.shares.add(g.queue, g.user, k * ask)
+            self.placements.extend(Placement(t, node, g.ask) for t in todo[done : done + k])
+            done += k
+        del todo[:done]
+        if done:
+            self.shares.add(g.queue, g.user, done * ask)
         if not todo:
             queue.drop(g)
         elif placed < want:
@@ -281,7 +296,7 @@ class _Cycle:
 
     def _reserve(self, g: Group) -> None:
         """Hold room for `g` on the node that frees it soonest, as time limits tell."""
-        ask = self.table.vector(g.ask)
+        ask = self.asks[g.job_id]
         mask = self.placer.static_mask(g)
         ending: dict[int, list[tuple[float, np.ndarray]]] = defaultdict(list)
         for r in self.running():
@@ -290,7 +305,7 @@ class _Cycle:
                 ending[row].append((r.ends_at, self.table.vector(r.ask)))
         best: tuple[float, int] | None = None
         for row, events in ending.items():
-            free = self.placer.free_at(row).copy()
+            free = self.placer.free_at(row)
             for ends_at, vec in sorted(events, key=lambda e: e[0]):
                 free[: len(vec)] += vec[: len(free)]
                 if np.all(free + 1e-9 >= ask[: len(free)]):
@@ -333,34 +348,57 @@ class Verdict:
 
 def apply_plan(table: NodeTable, plan: Plan) -> Verdict:
     """Allocate every placement of `plan` that still fits the table now; reject the rest."""
-    if not plan.placements:
-        return Verdict((), {})
-    vectors: dict[int, np.ndarray] = {}  # the tasks of a job share one Resources object
-    for p in plan.placements:
-        if id(p.resources) not in vectors:
-            vectors[id(p.resources)] = table.vector(p.resources)
-    rows = np.array([table.index.get(p.node, -1) for p in plan.placements])
-    asks = np.array([vectors[id(p.resources)] for p in plan.placements])
-    if rows.min() >= 0 and table.schedulable[rows].all():
-        wanted = np.zeros((len(table), asks.shape[1]))
-        np.add.at(wanted, rows, asks)
-        touched = np.unique(rows)
-        if np.all(table.capacity[touched] - table.allocated[touched] - wanted[touched] + 1e-9 >= 0):
-            table.allocate_many(rows, asks)  # the usual case: all of it still fits
-            return Verdict(plan.placements, {})
-    return _apply_one_by_one(table, plan, rows, asks)
+    placements = plan.placements
+    if len(placements) > _FEW and _apply_all(table, placements):
+        return Verdict(placements, {})
+    return _apply_one_by_one(table, placements)
 
 
-def _apply_one_by_one(table: NodeTable, plan: Plan, rows: np.ndarray, asks: np.ndarray) -> Verdict:
+# Plans of more placements than this are checked and allocated as whole arrays, in one go
+# when all of it still fits (the usual case); fewer cost less one by one.
+_FEW = 8
+
+
+def _apply_all(table: NodeTable, placements: tuple[Placement, ...]) -> bool:
+    """Allocate all of `placements` if every node still has room for all it gets."""
+    count = len(placements)
+    rows = np.fromiter((table.index.get(p.node, -1) for p in placements), np.int64, count)
+    if rows.min() < 0 or not table.schedulable[rows].all():
+        return False
+    # The tasks of a job share one Resources object: one table row per distinct object.
+    by_id = {id(p.resources): p.resources for p in placements}
+    kinds, slots = np.unique(
+        np.fromiter(map(id, (p.resources for p in placements)), np.int64, count), return_inverse=True
+    )
+    vectors = [table.vector(by_id[int(k)]) for k in kinds]
+    asks = np.zeros((len(vectors), len(table.dims)))  # the last may have added a dimension
+    for i, vec in enumerate(vectors):
+        asks[i, : len(vec)] = vec
+    touched, slot = np.unique(rows, return_inverse=True)
+    wanted = np.zeros((len(touched), asks.shape[1]))
+    np.add.at(wanted, slot, asks[slots])
+    if not np.all(table.free[touched] - wanted + 1e-9 >= 0):
+        return False
+    table.allocate_many(touched, wanted)
+    return True
+
+
+def _apply_one_by_one(table: NodeTable, placements: tuple[Placement, ...]) -> Verdict:
     accepted: list[Placement] = []
     rejected: dict[str, str] = {}
-    for p, row, vec in zip(plan.placements, rows, asks, strict=True):
-        if row < 0 or not table.schedulable[row]:
+    vectors: dict[int, np.ndarray] = {}
+    for p in placements:
+        row = table.index.get(p.node)
+        if row is None or not table.schedulable[row]:
             rejected[p.task_id] = UNKNOWN_NODE
-        elif np.any(table.capacity[row] - table.allocated[row] + 1e-9 < vec):
+            continue
+        vec = vectors.get(id(p.resources))
+        if vec is None:
+            vec = vectors[id(p.resources)] = table.vector(p.resources)
+        if np.any(table.free[row, : len(vec)] + 1e-9 < vec):
             rejected[p.task_id] = STALE
         else:
-            table.allocate(int(row), vec)
+            table.allocate(row, vec)
             accepted.append(p)
     return Verdict(tuple(accepted), rejected)
 

@@ -439,7 +439,7 @@ class FrameworkDesk:
         self.last_cycle = now
         ledger = self.ledger
         self._wakeup = math.inf
-        free = ledger.table.free()
+        free = ledger.table.free
         claimants = []
         for fw in self.frameworks.values():
             if fw.connection is None or fw.record.suppressed:

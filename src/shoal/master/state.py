@@ -514,8 +514,10 @@ class MasterState:
         job = self.jobs[task.job_id]
         self.active[task.id] = None
         self.usage.add(job.spec.queue, _consumer(job), self.vector(task))
-        self.devices[task.node or ""].update(task.gpus)
-        self.ports[task.node or ""].update(task.ports.values())
+        if task.gpus:
+            self.devices[task.node or ""].update(task.gpus)
+        if task.ports:
+            self.ports[task.node or ""].update(task.ports.values())
 
     def _unhold(self, task: TaskRecord) -> None:
         job = self.jobs[task.job_id]
