@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from pathlib import Path
+
+import pytest
 
 from shoal.agent.runner import Runner
 from shoal.model import Resources
@@ -41,3 +44,20 @@ def test_prune_removes_old_sandboxes_of_finished_runs_only(tmp_path: Path) -> No
         os.utime(tmp_path / name, (old, old))
     assert runner.prune(keep={"live.0.0"}, older_than=time.time() - 60) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live.0.0", "new.0.0"]
+
+
+def test_a_run_starts_in_its_working_directory_and_a_missing_one_is_refused(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+
+    async def main() -> int | None:
+        done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        runner = Runner(tmp_path / "boxes", lambda run, code: done.set_result(code), cgroups=None)
+        with pytest.raises(FileNotFoundError, match="does not exist on this node"):
+            runner.spawn(dataclasses.replace(spec("1.0.0", "pwd"), workdir=str(tmp_path / "gone")))
+        runner.spawn(dataclasses.replace(spec("2.0.0", "pwd"), workdir=str(work)))
+        return await asyncio.wait_for(done, 10)
+
+    assert asyncio.run(main()) == 0
+    assert (tmp_path / "boxes" / "2.0.0" / "stdout").read_text() == f"{work}\n"
+    assert not (tmp_path / "boxes" / "1.0.0").exists()

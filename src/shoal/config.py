@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 DEFAULT_PORT = 8470
 
 
-def _data_home() -> Path:
+def data_home() -> Path:
+    """Where shoal keeps its state unless told otherwise (the XDG data home)."""
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "shoal"
 
 
@@ -53,7 +54,7 @@ class QueueSettings(BaseModel):
 class MasterSettings(_Settings):
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
-    state_dir: Path = Field(default_factory=lambda: _data_home() / "master")
+    state_dir: Path = Field(default_factory=lambda: data_home() / "master")
     heartbeat_timeout: float = Field(10.0, gt=0, description="seconds of silence before a node is down")
     tick: float = Field(0.5, gt=0, description="seconds between checks of timeouts and delays")
     admin_token: SecretStr | None = None
@@ -120,7 +121,7 @@ class AgentSettings(_Settings):
     master: str = f"http://127.0.0.1:{DEFAULT_PORT}"
     cluster_token: SecretStr
     name: str | None = None
-    state_dir: Path = Field(default_factory=lambda: _data_home() / "agent")
+    state_dir: Path = Field(default_factory=lambda: data_home() / "agent")
     labels: dict[str, str] = Field(default_factory=dict)
     cpus: float | None = Field(None, gt=0)
     mem: int | None = Field(None, gt=0, description="MiB")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,14 +21,16 @@ import psutil
 from shoal.agent.cgroups import Cgroups
 from shoal.wire import RunSpec
 
-# Runs argv, then records its status where a restarted agent can find it.
-# It first joins the run's cgroups, so everything the command starts is inside them, and
-# last writes the exit status with a builtin (no second process; it is read only once the
-# wrapper has exited).
+# Runs argv in the working directory given first, then records its status where a restarted
+# agent can find it. It first joins the run's cgroups, so everything the command starts is
+# inside them, and last writes the exit status with a builtin (no second process; it is read
+# only once the wrapper has exited).
 _WRAPPER = (
     'for g in $SHOAL_CGROUP_DIRS; do echo $$ > "$g/cgroup.procs"; done; '
+    'cd -- "$1" || exit 127; shift; '
     '"$@"; rc=$?; printf %s "$rc" > "$SHOAL_SANDBOX/.exit"; exit $rc'
 )
+_OUTPUT = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 _BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME")
 
 ExitCallback = Callable[[str, int | None], None]
@@ -53,6 +54,8 @@ class Runner:
 
     def spawn(self, spec: RunSpec) -> tuple[int, float]:
         """Start `spec`; returns (pid, process start time). Raises OSError if it cannot."""
+        if spec.workdir is not None and not os.path.isdir(spec.workdir):
+            raise FileNotFoundError(f"working directory {spec.workdir} does not exist on this node")
         box = self.sandbox(spec.run_id)
         box.mkdir(parents=True, exist_ok=True)
         env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
@@ -63,21 +66,22 @@ class Runner:
             env["SHOAL_CHECKPOINT_DIR"] = str(self.checkpoint_dir(spec.run_id))
         if self.cgroups is not None:
             env["SHOAL_CGROUP_DIRS"] = " ".join(map(str, self.cgroups.create(spec.run_id, spec.resources)))
-        with open(box / "stdout", "ab") as out, open(box / "stderr", "ab") as err:
-            proc = subprocess.Popen(
-                ["/bin/sh", "-c", _WRAPPER, "shoal-run", *spec.argv],
-                cwd=spec.workdir or box,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-            )
-        # The pidfd watch reaps the child; telling Popen so keeps it from warning later.
-        proc.returncode = 0
-        start = start_time(proc.pid) or 0.0
-        self.watch(spec.run_id, proc.pid)
-        return proc.pid, start
+        # posix_spawn, not subprocess: a spawn costs a fraction of the CPU, and the child
+        # opens its own output files. It leads a session of its own (so a process group).
+        pid = os.posix_spawn(
+            "/bin/sh",
+            ["/bin/sh", "-c", _WRAPPER, "shoal-run", str(spec.workdir or box), *spec.argv],
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, str(box / "stdout"), _OUTPUT, 0o644),
+                (os.POSIX_SPAWN_OPEN, 2, str(box / "stderr"), _OUTPUT, 0o644),
+            ],
+            setsid=True,
+        )
+        start = start_time(pid) or 0.0
+        self.watch(spec.run_id, pid)
+        return pid, start
 
     def adopt(self, run_id: str, pid: int, pid_start: float | None) -> bool:
         """Watch a run left by an earlier agent; False if its process is already gone."""
