@@ -38,7 +38,7 @@ import numpy as np
 
 from shoal.core.cluster import NodeTable
 from shoal.core.fairness import Shares
-from shoal.core.scheduler import Policy, QueuePolicy
+from shoal.core.scheduler import Policy
 
 QUANTUM = 0.01  # how far past the next claimant's share one turn carries a claimant
 MIN_CPUS = 0.01  # less than this and MIN_MEM of both is not worth offering (Mesos's rule)
@@ -93,7 +93,7 @@ def fair_shares(claimants: Sequence[Claimant], policy: Policy) -> dict[str, floa
     by_role: dict[str, list[str]] = {}
     for c in claimants:
         by_role.setdefault(c.role, []).append(c.id)
-    weights = {role: _queue(policy, role).weight for role in by_role}
+    weights = {role: policy.queue(role).weight for role in by_role}
     total = sum(weights.values())
     return {fw: weights[role] / total / len(members) for role, members in by_role.items() for fw in members}
 
@@ -110,7 +110,7 @@ def native_caps(
     among the roles asking now (framework roles and backlogged queues alike)."""
     asking = {c.role for c in claimants}
     roles = asking | set(backlogged)
-    weights = {r: _queue(policy, r).weight for r in roles}
+    weights = {r: policy.queue(r).weight for r in roles}
     total = sum(weights.values())
     fair = {r: w / total for r, w in weights.items()}
     if not any(shares.share(r) < fair[r] - 1e-9 for r in asking):
@@ -142,10 +142,6 @@ def allocate(
     fair = fair_shares(claimants, policy)
     rescinded = turns.relieve_starved(fair, outstanding)
     return Allocation(tuple(turns.offers), tuple(rescinded), fair)
-
-
-def _queue(policy: Policy, role: str) -> QueuePolicy:
-    return policy.queues.get(role, QueuePolicy())
 
 
 class _Turns:
@@ -182,7 +178,7 @@ class _Turns:
     def key(self, c: Claimant) -> tuple[int, float, float, str]:
         level = self._levels.get(c.role)
         if level is None:
-            guarantee = _queue(self.policy, c.role).guarantee
+            guarantee = self.policy.queue(c.role).guarantee
             share = self.shares.share(c.role)
             if share < guarantee:
                 level = self._levels[c.role] = (0, share / guarantee)
@@ -275,12 +271,12 @@ class _Turns:
         if next_key[0] == 0 or rival.role != c.role:
             # Roles differ (or the rival's role is below its guarantee): compare role shares.
             used = self.shares.queue[c.role][: self.dims]
-            return used, _queue(self.policy, c.role).weight, next_key[1] if next_key[0] == 1 else 0.0
+            return used, self.policy.queue(c.role).weight, next_key[1] if next_key[0] == 1 else 0.0
         used = self.shares.user[(c.role, c.id)][: self.dims]
         return used, self.policy.user_weights.get(c.id, 1.0), next_key[2]
 
     def _headroom(self, role: str) -> np.ndarray:
-        limit = _queue(self.policy, role).limit
+        limit = self.policy.queue(role).limit
         if limit >= 1.0:
             return np.full(self.dims, np.inf)
         return np.maximum(limit * self.total - self.shares.queue[role][: self.dims], 0.0)

@@ -49,9 +49,11 @@ class SpreadTarget:
     targets: tuple[tuple[str, float], ...] = ()  # value -> fraction 0..1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Group:
-    """The pending tasks of one job: identical asks, the job's rules, in index order."""
+    """The pending tasks of one job: identical asks, the job's rules, in index order.
+    Read-only by convention, not frozen: every cycle makes one per job, and a frozen
+    dataclass sets each of these fields through object.__setattr__."""
 
     job_id: int
     tasks: tuple[str, ...]

@@ -70,6 +70,13 @@ class Policy:
     preemption: bool = True
     window: int = 4096  # candidate rows scored per turn on large clusters
 
+    def queue(self, name: str) -> QueuePolicy:
+        """The policy of queue `name`; a queue not configured has the defaults."""
+        return self.queues.get(name) or _UNCONFIGURED
+
+
+_UNCONFIGURED = QueuePolicy()
+
 
 class _Queue:
     """The groups of one queue, in its order; `fair` queues keep a line per user."""
@@ -114,10 +121,7 @@ def schedule(
     by_queue: dict[str, list[Group]] = defaultdict(list)
     for g in groups:
         by_queue[g.queue].append(g)
-    queues = [
-        _Queue(name, policy.queues.get(name, QueuePolicy()).order, gs)
-        for name, gs in sorted(by_queue.items())
-    ]
+    queues = [_Queue(name, policy.queue(name).order, gs) for name, gs in sorted(by_queue.items())]
     evictions: list[Eviction] = []
     nominations: list[tuple[str, str]] = []
     try:
@@ -143,7 +147,7 @@ def _give_back(shares: Shares, queues: list[_Queue], policy: Policy) -> preempti
     """Who is below and who beyond their guarantee, by `shares` as the cycle started."""
 
     def guarantee(name: str) -> float:
-        return policy.queues.get(name, QueuePolicy()).guarantee
+        return policy.queue(name).guarantee
 
     return preemption.Rule(
         starved=frozenset(q.name for q in queues if shares.share(q.name) < guarantee(q.name)),
@@ -210,13 +214,10 @@ class _Cycle:
         for g in groups:
             self._hold(g, self.asks[g.job_id], +1)
 
-    def queue_policy(self, name: str) -> QueuePolicy:
-        return self.policy.queues.get(name, QueuePolicy())
-
     def turn_order(self, queue: _Queue) -> tuple[int, float, str]:
         """Queues below their guarantee first (the furthest below first), then by weighted DRF."""
         share = self.shares.share(queue.name)
-        guarantee = self.queue_policy(queue.name).guarantee
+        guarantee = self.policy.queue(queue.name).guarantee
         if share < guarantee:
             return (0, share / guarantee, queue.name)
         return (1, self.shares.of_queue(queue.name), queue.name)
@@ -234,7 +235,7 @@ class _Cycle:
             want = len(todo)
         else:
             want = min(len(todo), 1 if queue.fair else SLICE)
-        limit = self.queue_policy(g.queue).limit
+        limit = self.policy.queue(g.queue).limit
         if limit < 1.0:
             want = min(want, self.shares.room_under(g.queue, limit, ask))
             if want == 0:

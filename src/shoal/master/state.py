@@ -331,10 +331,11 @@ class MasterState:
         # The new tasks are not persisted one by one: a stored job implies all its tasks,
         # pending, until each changes (see `_implied_tasks`), so a 100,000-task array is
         # one row in the store.
-        for task in _implied_tasks(job):
-            self.tasks[task.id] = task
-            self.job_tasks[job.id].append(task.id)
-            self.pending[job.id][task.id] = None
+        tasks = _implied_tasks(job)
+        ids = [task.id for task in tasks]
+        self.tasks.update(zip(ids, tasks, strict=True))
+        self.job_tasks[job.id].extend(ids)
+        self.pending[job.id].update(dict.fromkeys(ids))
         self._needs_schedule = True
         self.changes.out.append(Reply(event.request, value=job.id))
 
@@ -755,16 +756,16 @@ class MasterState:
         attempt = copy.attempt if copy is not None else task.attempt
         ports = copy.ports if copy is not None else task.ports
         gpus = copy.gpus if copy is not None else task.gpus
-        env = {
-            **spec.task_env(task.index),
-            "SHOAL_JOB_ID": str(task.job_id),
-            "SHOAL_TASK_ID": task.id,
-            "SHOAL_TASK_INDEX": str(task.index),
-            "SHOAL_ATTEMPT": str(attempt),
-            **{f"SHOAL_PORT_{name.upper()}": str(port) for name, port in ports.items()},
-        }
+        env = spec.task_env(task.index) if spec.env else {}
+        env["SHOAL_JOB_ID"] = str(task.job_id)
+        env["SHOAL_TASK_ID"] = task.id
+        env["SHOAL_TASK_INDEX"] = str(task.index)
+        env["SHOAL_ATTEMPT"] = str(attempt)
+        for name, port in ports.items():
+            env[f"SHOAL_PORT_{name.upper()}"] = str(port)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = env["SHOAL_GPUS"] = ",".join(map(str, gpus))
+        checkpoint = spec.migrate is Migrate.CHECKPOINT
         return RunSpec(
             run_id=run_id(task.id, attempt),
             task_id=task.id,
@@ -775,8 +776,8 @@ class MasterState:
             resources=spec.resources,
             kill_grace=spec.kill_grace,
             time_limit=spec.time_limit,
-            checkpoint=spec.migrate is Migrate.CHECKPOINT,
-            restore=task.checkpoint if spec.migrate is Migrate.CHECKPOINT else None,
+            checkpoint=checkpoint,
+            restore=task.checkpoint if checkpoint else None,
             health=spec.health,
         )
 
