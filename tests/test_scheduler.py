@@ -336,7 +336,9 @@ def build(nodes, groups):
 def test_plans_never_overcommit_and_always_honour_the_rules(nodes, groups, strategy, order, window) -> None:
     t, gs = build(nodes, groups)
     policy = Policy(queues={"default": QueuePolicy(order)}, strategy=strategy, window=window)
+    free_before = t.free.copy()
     plan = schedule(t, MaskCache(t), gs, UsageBook(), (), policy, 0)
+    assert np.array_equal(t.free, free_before), "the cycle did not give back what it took"
     by_job = {g.job_id: g for g in gs}
     used = np.zeros_like(t.capacity)
     per_node: Counter[tuple[int, str]] = Counter()
@@ -358,6 +360,7 @@ def test_plans_never_overcommit_and_always_honour_the_rules(nodes, groups, strat
             assert g.job_id in plan.waiting, "a waiting job has no reason"
     assert len({p.task_id for p in plan.placements}) == len(plan.placements)
     assert apply_plan(t, plan).rejected == {}  # a fresh plan passes its own check
+    assert np.array_equal(t.free, t.capacity - t.allocated), "free room is off the allocation"
 
 
 running_st = st.lists(

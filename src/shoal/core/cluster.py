@@ -14,7 +14,7 @@ table's membership or attributes change.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -136,7 +136,7 @@ class NodeTable:
             self.version += 1
         if not (np.array_equal(self._capacity[row], vec) and self._schedulable[row] == schedulable):
             self._capacity[row] = vec
-            self._free[row] = vec - self._allocated[row]
+            self.reset_free(row)
             self._schedulable[row] = schedulable
             self._changed()
         return row
@@ -148,20 +148,23 @@ class NodeTable:
     def set_utilization(self, name: str, fraction: float) -> None:
         self._utilization[self.index[name]] = fraction
 
-    # Free room is always recomputed as capacity minus allocation, never adjusted by the same
-    # amounts: then it is exactly what it would be computed afresh, whatever the history.
-
     def allocate(self, row: int, vec: np.ndarray) -> None:
         self._allocated[row, : len(vec)] += vec
-        self._free[row] = self._capacity[row] - self._allocated[row]
+        self.reset_free(row)
 
     def allocate_many(self, rows: np.ndarray, vecs: np.ndarray) -> None:
         np.add.at(self._allocated[:, : vecs.shape[1]], rows, vecs)
-        self._free[rows] = self._capacity[rows] - self._allocated[rows]
+        self.reset_free(rows)
 
     def release(self, row: int, vec: np.ndarray) -> None:
         self._allocated[row, : len(vec)] -= vec
-        self._free[row] = self._capacity[row] - self._allocated[row]
+        self.reset_free(row)
+
+    def reset_free(self, rows: int | np.ndarray) -> None:
+        """Free room of `rows` as capacity minus allocation. Always recomputed, never adjusted
+        by the amounts that changed: then it is exactly what it would be computed afresh,
+        whatever the history (and whatever a cycle took from it tentatively)."""
+        self._free[rows] = self._capacity[rows] - self._allocated[rows]
 
     def _grow(self, rows: int) -> None:
         have = self._capacity.shape[0]
@@ -208,6 +211,19 @@ class MaskCache:
                 [c.matches({c.attribute: v} if v is not None else {}) for v in values], dtype=bool
             )
             mask = self._masks[c] = verdicts[inverse] if len(inverse) else np.zeros(0, dtype=bool)
+        return mask
+
+    def filters(self, constraints: Iterable[Constraint], names: frozenset[str] | None) -> np.ndarray | None:
+        """Rows passing every constraint and inside the node set `names`; None when there
+        is neither (every row passes)."""
+        constraints = tuple(constraints)
+        if not constraints and names is None:
+            return None
+        mask = np.ones(len(self.table), dtype=bool)
+        if names is not None:
+            mask &= self.nodes(names)
+        for c in constraints:
+            mask &= self.constraint(c)
         return mask
 
     def nodes(self, names: frozenset[str]) -> np.ndarray:

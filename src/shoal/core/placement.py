@@ -100,8 +100,7 @@ class Placer:
     def restore(self) -> None:
         """Give back all the cycle took: the table's free room as before the cycle."""
         if self._touched:
-            rows = np.fromiter(self._touched, dtype=np.int64, count=len(self._touched))
-            self.table.free[rows] = self.table.capacity[rows] - self.table.allocated[rows]
+            self.table.reset_free(np.fromiter(self._touched, dtype=np.int64, count=len(self._touched)))
             self._touched.clear()
 
     def counts(self, g: Group) -> np.ndarray:
@@ -116,12 +115,8 @@ class Placer:
         return counts
 
     def static_mask(self, g: Group) -> np.ndarray:
-        mask = self.table.schedulable.copy()
-        if g.nodes is not None:
-            mask &= self.masks.nodes(g.nodes)
-        for c in g.constraints:
-            mask &= self.masks.constraint(c)
-        return mask
+        filters = self.masks.filters(g.constraints, g.nodes)
+        return self.table.schedulable.copy() if filters is None else self.table.schedulable & filters
 
     def _limits(self, g: Group, rows: Rows) -> np.ndarray | bool:
         """Rows still under the job's per-node and per-value task limits."""

@@ -32,7 +32,7 @@ def snapshot(state: MasterState) -> tuple[Cluster, list[Movable]]:
     table = state.table
     cores = table.capacity[:, 0].copy()
     load = np.array([state.nodes[name].load for name in table.names]) if len(table) else np.zeros(0)
-    cluster = Cluster(cores, load / 100 * cores, table.capacity - table.allocated, table.schedulable.copy())
+    cluster = Cluster(cores, load / 100 * cores, table.free.copy(), table.schedulable.copy())
     movables = []
     for task_id in state.active:
         task = state.tasks[task_id]
@@ -62,15 +62,8 @@ def snapshot(state: MasterState) -> tuple[Cluster, list[Movable]]:
 
 def _allowed(state: MasterState, job: JobRecord) -> np.ndarray | None:
     """The rows a job's tasks may run on (None: any)."""
-    spec = job.spec
-    if not spec.constraints and job.node_names is None:
-        return None
-    mask = np.ones(len(state.table), dtype=bool)
-    for expr in spec.constraints:
-        mask &= state.masks.constraint(parse(expr))
-    if job.node_names is not None:
-        mask &= state.masks.nodes(frozenset(job.node_names))
-    return mask
+    names = frozenset(job.node_names) if job.node_names is not None else None
+    return state.masks.filters((parse(expr) for expr in job.spec.constraints), names)
 
 
 # --- events ----------------------------------------------------------------------------------
@@ -300,15 +293,13 @@ class MoveDesk:
         if not fits.any():
             return None
         rows = np.flatnonzero(fits)
-        free_cpus = table.capacity[rows, 0] - table.allocated[rows, 0]
-        return table.names[int(rows[np.argmax(free_cpus)])]
+        return table.names[int(rows[np.argmax(table.free[rows, 0])])]
 
     def _holds(self, task: TaskRecord) -> np.ndarray:
         """Per row: whether the node takes work and has room for `task` now."""
         table = self.ledger.table
         vec = self.ledger.vector(task)
-        free = table.capacity - table.allocated
-        return table.schedulable & np.all(free[:, : len(vec)] + 1e-9 >= vec, axis=1)
+        return table.schedulable & np.all(table.free[:, : len(vec)] + 1e-9 >= vec, axis=1)
 
     def _update(self, move: int, **fields: object) -> None:
         record = self.migrations[move].model_copy(update=fields)
