@@ -30,9 +30,16 @@ from rich.progress import Progress
 
 from shoal.core.offers import Claimant, allocate
 from shoal.framework import protocol as p
-from shoal.master.frameworks import FrameworkCall, OffersMade, Principal, SubscribeFramework, ToFramework
+from shoal.master.events import (
+    FrameworkCall,
+    FromAgent,
+    OffersMade,
+    Principal,
+    SubscribeFramework,
+    ToFramework,
+)
 from shoal.master.server import tune_collector
-from shoal.master.state import FromAgent, MasterState
+from shoal.master.state import MasterState
 from shoal.model import JobSpec, Resources
 from shoal.testing.live import live_cluster
 from shoal.testing.sim import sim_node

@@ -24,8 +24,9 @@ import numpy as np
 import psutil
 from rich.progress import Progress
 
+from shoal.master.events import FromAgent, Submit
 from shoal.master.server import tune_collector
-from shoal.master.state import FromAgent, MasterState, Submit
+from shoal.master.state import MasterState
 from shoal.model import JobSpec, NodeInfo, Resources, TaskState
 from shoal.wire import Register
 

@@ -10,16 +10,23 @@ from hypothesis import strategies as st
 from shoal.core.scheduler import Policy, QueuePolicy
 from shoal.errors import Forbidden, NotFound, SpecError
 from shoal.framework import protocol as p
-from shoal.master.frameworks import (
+from shoal.master.events import (
     CloseStream,
     FrameworkCall,
-    FrameworkPolicy,
+    FromAgent,
+    KillJob,
+    Persist,
     Principal,
+    Reply,
+    Send,
     StreamClosed,
+    Submit,
     SubscribeFramework,
+    Tick,
     ToFramework,
 )
-from shoal.master.state import FromAgent, KillJob, MasterState, Persist, Reply, Send, Submit, Tick
+from shoal.master.frameworks import FrameworkPolicy
+from shoal.master.state import MasterState
 from shoal.model import JobSpec, TaskState
 from shoal.testing.sim import sim_node
 from shoal.wire import Heartbeat, Kill, Launch, Register, RunReport, RunReports, Usage

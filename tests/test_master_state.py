@@ -5,18 +5,8 @@ from __future__ import annotations
 import pytest
 
 from shoal.errors import ShoalError, SpecError
-from shoal.master.state import (
-    AgentGone,
-    Disconnect,
-    FromAgent,
-    KillJob,
-    MasterState,
-    Persist,
-    Reply,
-    Send,
-    Submit,
-    Tick,
-)
+from shoal.master.events import AgentGone, Disconnect, FromAgent, KillJob, Persist, Reply, Send, Submit, Tick
+from shoal.master.state import MasterState
 from shoal.model import JobSpec, NodeStatus, TaskState
 from shoal.testing.sim import sim_node
 from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReport, RunReports

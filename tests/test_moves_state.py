@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from shoal.core.rebalance import RebalancePolicy
-from shoal.master.moves import Drain, RebalanceNow, Rebalancing
-from shoal.master.state import FromAgent, MasterState, Reply, Send, Submit, Tick
+from shoal.master.events import Drain, FromAgent, RebalanceNow, Reply, Send, Submit, Tick
+from shoal.master.moves import Rebalancing
+from shoal.master.state import MasterState
 from shoal.model import JobSpec, RunUsage, TaskState, Usage
 from shoal.testing.sim import sim_node
 from shoal.wire import Heartbeat, Kill, Launch, Register, RunReport, RunReports

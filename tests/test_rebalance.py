@@ -8,7 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.core.rebalance import Cluster, Migrate, Movable, RebalancePolicy, applied, rebalance, smooth
+from shoal.core.rebalance import Cluster, Movable, RebalancePolicy, applied, rebalance, smooth
+from shoal.model import Migrate
 
 DIMS = 2  # cpus, mem
 

@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shoal.core.cluster import MaskCache, NodeTable
-from shoal.core.expressions import parse
 from shoal.core.fairness import UsageBook
 from shoal.core.placement import Group, SpreadTarget
 from shoal.core.plan import Placement, Plan, Running
 from shoal.core.scheduler import STALE, UNKNOWN_NODE, Policy, QueuePolicy, apply_plan, never_fits, schedule
+from shoal.expressions import parse
 from shoal.model import Resources, Strategy
 
 

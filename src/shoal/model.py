@@ -15,12 +15,20 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from shoal.core.expressions import parse
-from shoal.core.rebalance import Migrate
+from shoal.expressions import parse
 
 MAX_CPUS = 4096.0
 MAX_MEM_MB = 64 * 1024 * 1024  # 64 TiB
 MAX_COUNT = 100_000
+
+
+class Migrate(str, enum.Enum):
+    """How a task may be moved (`migrate = ...` in its spec)."""
+
+    RESTART = "restart"  # stop it, start it elsewhere
+    CHECKPOINT = "checkpoint"  # signal it to save its state, move the state, restart it there
+    MAKE_BEFORE_BREAK = "make-before-break"  # start the new copy, wait until healthy, stop the old
+    NEVER = "never"
 
 
 class Resources(BaseModel):

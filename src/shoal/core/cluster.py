@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from shoal.core.expressions import Constraint
+from shoal.expressions import Constraint
 from shoal.model import Resources
 
 BASE_DIMS = ("cpus", "mem", "disk", "gpus")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from shoal.core.cluster import MaskCache, NodeTable
-from shoal.core.expressions import Constraint
+from shoal.expressions import Constraint
 from shoal.model import Resources, Strategy
 
 _EPS = 1e-9

@@ -20,7 +20,6 @@ no clock (time is an argument), deterministic.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,14 +27,7 @@ from typing import Literal
 
 import numpy as np
 
-
-class Migrate(str, enum.Enum):
-    """How a task may be moved (`migrate = ...` in its spec)."""
-
-    RESTART = "restart"  # stop it, start it elsewhere
-    CHECKPOINT = "checkpoint"  # signal it to save its state, move the state, restart it there
-    MAKE_BEFORE_BREAK = "make-before-break"  # start the new copy, wait until healthy, stop the old
-    NEVER = "never"
+from shoal.model import Migrate
 
 
 @dataclass(frozen=True, slots=True)

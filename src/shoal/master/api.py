@@ -27,11 +27,10 @@ from shoal.errors import Forbidden, NotFound, ShoalError, SpecError
 from shoal.framework import protocol as fp
 from shoal.master.auth import Tokens, new_token
 from shoal.master.blobs import BlobStore
-from shoal.master.frameworks import FrameworkCall, FrameworkPolicy, Principal
-from shoal.master.moves import Drain, RebalanceNow
+from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, RebalanceNow, Submit
+from shoal.master.frameworks import FrameworkPolicy
 from shoal.master.server import Master, Unavailable, tune_collector
 from shoal.master.shell import Order
-from shoal.master.state import KillJob, Submit
 from shoal.master.store.sqlite import SqliteStore
 from shoal.model import Caller, JobSpec, Migration, Role, TaskRecord
 from shoal.shell.groups import NodeGroups, choose, resolve

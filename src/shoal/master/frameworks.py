@@ -33,6 +33,16 @@ from shoal.core.offers import Claimant, Outstanding, allocate, fair_shares, nati
 from shoal.core.scheduler import Policy
 from shoal.errors import Forbidden, NotFound, SpecError
 from shoal.framework import protocol as p
+from shoal.master.events import (
+    CloseStream,
+    FrameworkCall,
+    Offer,
+    OffersMade,
+    Principal,
+    StreamClosed,
+    SubscribeFramework,
+    ToFramework,
+)
 from shoal.model import JobRecord, TaskRecord, TaskState
 from shoal.views import FrameworkView
 from shoal.wire import Kill as KillFrame
@@ -50,71 +60,6 @@ class FrameworkPolicy:
     # Seconds at least between offer cycles: what frees up meanwhile goes out as one larger
     # offer per node, not a trickle of small ones each costing its framework a round trip.
     interval: float = 0.0
-
-
-# --- events and commands -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who calls: the token's name, whether it is an admin's, and the roles it may use."""
-
-    name: str
-    admin: bool = False
-    roles: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True, slots=True)
-class SubscribeFramework:
-    request: int
-    principal: Principal
-    body: p.Subscribe
-    connection: int  # the stream the shell opened for it
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class FrameworkCall:
-    request: int
-    principal: Principal
-    framework_id: str
-    call: p.Call
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class StreamClosed:
-    connection: int
-    now: float
-
-
-@dataclass(slots=True)
-class Offer:
-    id: str
-    framework: str
-    node: str
-    row: int
-    amount: np.ndarray
-    made_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class OffersMade:
-    """New offers for one framework: the ledger's own records, put in JSON by `encode` (a
-    cycle can make 10,000 of them; building a model for each would cost more than deciding)."""
-
-    offers: tuple[Offer, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ToFramework:
-    connection: int
-    event: p.Told | OffersMade
-
-
-@dataclass(frozen=True, slots=True)
-class CloseStream:
-    connection: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shoal.core.expressions import parse
-from shoal.core.rebalance import Cluster, Migrate, Movable, Move, RebalancePolicy, rebalance
+from shoal.core.rebalance import Cluster, Movable, Move, RebalancePolicy, rebalance
 from shoal.errors import NotFound
-from shoal.model import Attempt, JobRecord, Migration, Successor, TaskRecord, TaskState, run_id
+from shoal.expressions import parse
+from shoal.master.events import Drain
+from shoal.model import Attempt, JobRecord, Migrate, Migration, Successor, TaskRecord, TaskState, run_id
 from shoal.wire import Kill
 
 if TYPE_CHECKING:
@@ -64,28 +65,6 @@ def _allowed(state: MasterState, job: JobRecord) -> np.ndarray | None:
     """The rows a job's tasks may run on (None: any)."""
     names = frozenset(job.node_names) if job.node_names is not None else None
     return state.masks.filters((parse(expr) for expr in job.spec.constraints), names)
-
-
-# --- events ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Drain:
-    """Move every task off `node` and give it no new work (`drain=False`: take work again)."""
-
-    request: int
-    node: str
-    drain: bool
-    now: float
-    deadline: float | None = None  # seconds; then tasks that never migrate are moved too
-
-
-@dataclass(frozen=True, slots=True)
-class RebalanceNow:
-    """Run one rebalancing round now, whatever the loop's timer says."""
-
-    request: int
-    now: float
 
 
 SUCCESSOR_PATIENCE = 60.0  # seconds a make-before-break copy has to serve

@@ -24,28 +24,26 @@ from shoal.errors import ShoalError
 from shoal.framework import protocol as fp
 from shoal.master.auth import Tokens
 from shoal.master.blobs import BlobStore
-from shoal.master.frameworks import (
-    CloseStream,
-    FrameworkPolicy,
-    Principal,
-    StreamClosed,
-    SubscribeFramework,
-    ToFramework,
-)
-from shoal.master.moves import Rebalancing
-from shoal.master.shell import ShellRelay
-from shoal.master.state import (
+from shoal.master.events import (
     AgentGone,
+    CloseStream,
     Disconnect,
     Event,
     FromAgent,
-    MasterState,
     Persist,
+    Principal,
     Reply,
     Request,
     Send,
+    StreamClosed,
+    SubscribeFramework,
     Tick,
+    ToFramework,
 )
+from shoal.master.frameworks import FrameworkPolicy
+from shoal.master.moves import Rebalancing
+from shoal.master.shell import ShellRelay
+from shoal.master.state import MasterState
 from shoal.master.store import Store
 from shoal.model import TaskRecord, run_id
 from shoal.views import NodeView

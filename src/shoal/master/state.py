@@ -29,29 +29,39 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shoal.core.cluster import MaskCache, NodeTable
-from shoal.core.expressions import parse
 from shoal.core.fairness import UsageBook
 from shoal.core.placement import Group, SpreadTarget
 from shoal.core.plan import Running
-from shoal.core.rebalance import Migrate, smooth
+from shoal.core.rebalance import smooth
 from shoal.core.scheduler import Policy, apply_plan, never_fits, schedule
 from shoal.errors import ShoalError, SpecError
+from shoal.expressions import parse
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
-from shoal.master.frameworks import (
-    CloseStream,
+from shoal.master.events import (
+    AgentGone,
+    Command,
+    Disconnect,
+    Drain,
+    Event,
     FrameworkCall,
-    FrameworkDesk,
-    FrameworkPolicy,
+    FromAgent,
+    KillJob,
+    Persist,
+    RebalanceNow,
+    Reply,
+    Send,
     StreamClosed,
+    Submit,
     SubscribeFramework,
-    ToFramework,
+    Tick,
 )
-from shoal.master.moves import Drain, MoveDesk, RebalanceNow, Rebalancing
+from shoal.master.frameworks import FrameworkDesk, FrameworkPolicy
+from shoal.master.moves import MoveDesk, Rebalancing
 from shoal.model import (
     TRANSITIONS,
     Attempt,
     JobRecord,
-    JobSpec,
+    Migrate,
     Migration,
     NodeRecord,
     NodeStatus,
@@ -90,85 +100,6 @@ def _consumer(job: JobRecord) -> str:
 def _implied_tasks(job: JobRecord) -> list[TaskRecord]:
     """The tasks a job has as submitted: all pending, first attempt."""
     return [TaskRecord(id=f"{job.id}.{i}", job_id=job.id, index=i) for i in range(job.spec.count)]
-
-
-# --- events -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Submit:
-    """A job to queue; `node_names` is its node set, resolved by the shell (groups need I/O)."""
-
-    request: int
-    owner: str
-    spec: JobSpec
-    now: float
-    node_names: frozenset[str] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class KillJob:
-    request: int
-    job_id: int
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class FromAgent:
-    node: str
-    frame: Register | Heartbeat | RunReports
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class AgentGone:
-    """The connection of `node` closed (the node is not down until its timeout)."""
-
-    node: str
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Tick:
-    now: float
-
-
-Request = Submit | KillJob | SubscribeFramework | FrameworkCall | Drain | RebalanceNow  # awaited replies
-Event = Request | FromAgent | AgentGone | Tick | StreamClosed
-
-# --- commands -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Persist:
-    jobs: tuple[JobRecord, ...] = ()
-    tasks: tuple[TaskRecord, ...] = ()
-    nodes: tuple[NodeRecord, ...] = ()
-    frameworks: tuple[FrameworkRecord, ...] = ()
-    updates: tuple[tuple[str, TaskStatus], ...] = ()  # (framework, status) to deliver
-    acked: tuple[str, ...] = ()  # uuids of updates delivered and acknowledged
-    migrations: tuple[Migration, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    node: str
-    frame: Launch | Kill | Ack
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    request: int
-    value: object = None
-    error: ShoalError | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Disconnect:
-    node: str
-
-
-Command = Persist | Send | Reply | Disconnect | ToFramework | CloseStream
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
-from shoal.master.state import Persist
+from shoal.master.events import Persist
 from shoal.model import JobRecord, Migration, NodeRecord, Role, TaskRecord
 from shoal.shell.protocol import AuditRecord
 

@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import Path
 
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
-from shoal.master.state import Persist
+from shoal.master.events import Persist
 from shoal.master.store import Snapshot, TokenEntry
 from shoal.model import TASK_RECORD, JobRecord, Migration, NodeRecord, Role
 from shoal.shell.protocol import AuditRecord
