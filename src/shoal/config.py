@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
 
+from shoal.files import write_secret
 from shoal.model import Strategy
 
 if TYPE_CHECKING:
@@ -55,6 +56,11 @@ class MasterSettings(_Settings):
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
     state_dir: Path = Field(default_factory=lambda: data_home() / "master")
+    fsync: bool = Field(
+        True,
+        description="sync every acknowledged change to disk before answering "
+        "(off: faster, but a power loss may lose the last changes)",
+    )
     heartbeat_timeout: float = Field(10.0, gt=0, description="seconds of silence before a node is down")
     tick: float = Field(0.5, gt=0, description="seconds between checks of timeouts and delays")
     admin_token: SecretStr | None = None
@@ -188,6 +194,5 @@ def load_client_config() -> ClientConfig:
 def save_client_config(config: ClientConfig) -> Path:
     path = client_config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f'url = "{config.url}"\ntoken = "{config.token}"\n')
-    path.chmod(0o600)
+    write_secret(path, f'url = "{config.url}"\ntoken = "{config.token}"\n')
     return path

@@ -125,11 +125,11 @@ def agent(
 
 
 def _token_file(path: Path) -> str:
+    from shoal.files import write_secret
     from shoal.master.auth import new_token
 
     if not path.exists():
-        path.write_text(new_token() + "\n")
-        path.chmod(0o600)
+        write_secret(path, new_token() + "\n")
     return path.read_text().strip()
 
 

@@ -72,7 +72,7 @@ def _reveal(secret: SecretStr | None) -> str | None:
 def open_master(settings: MasterSettings) -> Master:
     """The master over its state directory: store, tokens (made on first start), ledger."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    store = SqliteStore(settings.state_dir / "shoal.db")
+    store = SqliteStore(settings.state_dir / "shoal.db", fsync=settings.fsync)
     cluster = _secret_file(settings.state_dir / "cluster.token", _reveal(settings.cluster_token))
     tokens = Tokens(store, cluster)
     tokens.add(

@@ -2,8 +2,11 @@
 
 Records are kept as JSON documents keyed by id: the ledger, not SQL, owns the schema, and
 a record's shape can grow without migrations. Each `apply` is one transaction.
-synchronous=NORMAL in WAL mode survives any crash of the process (SIGKILL included);
-only a power loss can take the last transactions.
+
+With `fsync` on (the default) every commit is synced to disk before it returns
+(synchronous=FULL), so what the master acknowledges survives a power loss too. Off,
+synchronous=NORMAL: WAL mode still survives any crash of the process (SIGKILL included),
+but a power loss can take the last transactions.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+from shoal.files import sync_directory
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.events import Persist
 from shoal.master.store import Snapshot, TokenEntry
@@ -37,11 +41,15 @@ CREATE TABLE IF NOT EXISTS migrations (id INTEGER PRIMARY KEY, doc TEXT NOT NULL
 
 
 class SqliteStore:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, fsync: bool = True) -> None:
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # NORMAL in WAL mode syncs only at checkpoints; FULL syncs the log on every commit.
+        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         self._db.executescript(_SCHEMA)
+        if fsync and str(path) != ":memory:":
+            # SQLite syncs the directory when it creates its log, not its database file.
+            sync_directory(Path(path).parent)
 
     def load(self) -> Snapshot:
         return Snapshot(
