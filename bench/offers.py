@@ -5,9 +5,11 @@
 1. The allocation cycle, in the master's own state machine (no I/O), over `--nodes`
    simulated nodes and `--frameworks` subscribed frameworks. Timed per round (medians):
    `offer_cycle_ms` (one cycle offering the whole free cluster: the allocator, the offer
-   records, the table), `allocate_ms` (the pure allocator's part of it), `partial_cycle_ms`
-   (a busy cluster where a tenth of the nodes are free), and `answer_and_offer_ms` (every
-   framework declines all it holds in one batch, and the cluster is offered again).
+   records, the table, and the offers encoded as the JSON lines their frameworks read, as
+   the server encodes every `ToFramework` command), `allocate_ms` (the pure allocator's part
+   of it), `partial_cycle_ms` (a busy cluster where a tenth of the nodes are free), and
+   `answer_and_offer_ms` (every framework declines all it holds in one batch, and the
+   cluster is offered again, encoded too).
 2. On a live cluster of `--agents` agents: the sweep example (`examples/sweep.py`) runs
    `--tasks` `true` tasks through the offer API, and the same tasks go through native
    `shoal submit` as one array, alternately, `--runs` times each.
@@ -89,31 +91,49 @@ class Ledger:
                 decline = p.Decline(offer_ids=offers, refuse_seconds=0)
                 calls.append(FrameworkCall(self.requests, ADMIN, framework, decline, self.now))
         self.held = {}
-        began = time.perf_counter()
-        commands = self.state.handle(*calls)
-        took = time.perf_counter() - began
+        commands, took = self.handled(calls)
         self.take(commands)
         return took
+
+    def handled(self, events: list) -> tuple[list, float]:
+        """The commands of one batch of events, and the seconds the master spends on it: the
+        state machine's call and the encoding of what it tells frameworks (the server puts
+        each `ToFramework` command's event on its stream through `FrameworkDesk.encode`)."""
+        desk = self.state.frameworks
+        began = time.perf_counter()
+        commands = self.state.handle(*events)
+        for c in commands:
+            if isinstance(c, ToFramework):
+                desk.encode(c.event)
+        return commands, time.perf_counter() - began
 
     def cycle(self) -> float:
         """Seconds of one allocation cycle offering all that is free: offers are taken back
         (SUPPRESS, untimed), then every framework revives in one batch."""
         self.calls(p.Suppress)
         self.held = {f: [] for f in self.held}
-        began = time.perf_counter()
-        commands = self.calls(p.Revive)
-        took = time.perf_counter() - began
+        commands, took = self.handled(self.call_events(p.Revive))
         self.take(commands)
         return took
 
-    def calls(self, make) -> list:
+    def call_events(self, make) -> list:
         """One call to every framework, batched as the master batches what arrives at once."""
         events = []
         self.now += 1
         for framework in self.held:
             self.requests += 1
             events.append(FrameworkCall(self.requests, ADMIN, framework, make(), self.now))
-        return self.state.handle(*events)
+        return events
+
+    def calls(self, make) -> list:
+        return self.state.handle(*self.call_events(make))
+
+    def offered(self, nodes: int, after: str) -> None:
+        """Stop unless the frameworks now hold offers of exactly `nodes` nodes: a timed cycle
+        that offered less did not do the work it is timed for."""
+        held = sum(len(offers) for offers in self.held.values())
+        if held != nodes:
+            raise SystemExit(f"after {after}, the frameworks hold {held} offers, not {nodes}")
 
     def allocate_once(self) -> float:
         desk = self.state.frameworks
@@ -127,7 +147,9 @@ def cycle_figures(nodes: int, frameworks: int, rounds: int) -> dict[str, float]:
     ledger = Ledger(nodes, frameworks)
     tune_collector()  # as the master does
     full = [ledger.cycle() for _ in range(rounds)]
+    ledger.offered(nodes, "a cycle on the free cluster")
     answered = [ledger.answer_all() for _ in range(rounds)]
+    ledger.offered(nodes, "declining everything")
     # The pure allocator alone, on the same table with nothing outstanding (offers rescinded).
     ledger.calls(p.Suppress)
     pure = [ledger.allocate_once() for _ in range(rounds)]
@@ -138,6 +160,7 @@ def cycle_figures(nodes: int, frameworks: int, rounds: int) -> dict[str, float]:
         if row % 10:
             table.allocate(row, taken)
     partial = [ledger.cycle() for _ in range(rounds)]
+    ledger.offered(len(range(0, len(table), 10)), "a cycle on the busy cluster")
     return {
         "offer_cycle_ms": round(statistics.median(full) * 1000, 2),
         "allocate_ms": round(statistics.median(pure) * 1000, 2),
