@@ -3,16 +3,25 @@
     python bench/e2e.py --agents 4 --tasks 10000
 
 1. Throughput: one array of `true` tasks, from submission until its last task has ended.
+   A task counts only if it ran and exited 0: after the array ends, every task is read back
+   through the API, and only those FINISHED with exit code 0 count (`ok_tasks`).
 2. Start latency: single-task jobs on the idle cluster, one after another; a task's latency
    is the master's own record: submitted -> reported running by its agent.
 3. The machine's own ceiling, in the same run: how many `true` processes per second it can
    spawn and reap on all its cores (posix_spawn, no shoal at all). Every task costs at least
    two such spawns (its wrapper shell and its command), so spawn_ceiling_per_s / 2 bounds
    e2e_tasks_per_s, and their ratio says how much shoal itself costs.
-Prints one JSON line last: agents, tasks, e2e_tasks_per_s, spawn_ceiling_per_s, start_p50_ms,
-start_p99_ms, submit_ms (how long the API took to accept the array), and where the array's
-CPU went: shoal_cpu_ms_per_task (the master and agents themselves) and
-machine_cpu_ms_per_task (every core, the tasks' own processes and the kernel included).
+4. What syncing to disk costs: 1 and 2 again on a second cluster whose master has its
+   `fsync` setting off (SHOAL_FSYNC=false: acknowledged changes are not synced to disk
+   before the answer), with an array of `--nofsync-tasks` (default: as many as in 1, so
+   the two rates compare). The default figures are with the master's default (fsync on).
+Prints one JSON line last: agents, tasks, ok_tasks, e2e_tasks_per_s, spawn_ceiling_per_s,
+start_p50_ms, start_p99_ms, submit_ms (how long the API took to accept the array), where the
+array's CPU went: shoal_cpu_ms_per_task (the master and agents themselves) and
+machine_cpu_ms_per_task (every core, the tasks' own processes and the kernel included), and
+with fsync off: nofsync_tasks, e2e_tasks_per_s_nofsync, start_p50_ms_nofsync,
+start_p99_ms_nofsync. Exits 1, naming the tasks, unless every task of both clusters ran and
+exited 0.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +41,15 @@ import numpy as np
 import psutil
 from rich.progress import Progress
 
-from shoal.config import data_home
-from shoal.model import JobSpec, JobState, Resources
+from shoal.client import Client
+from shoal.config import MasterSettings, data_home
+from shoal.model import JobSpec, JobState, Resources, TaskState
 from shoal.testing.live import live_cluster
+from shoal.views import TaskView
 
 TINY = Resources(cpus=0.01, mem=16)
+ENDED = ("finished", "failed", "killed", "lost")
+PAGE = 10_000  # tasks read back per call
 
 
 def spawn_ceiling(count: int = 4000) -> float:
@@ -64,70 +78,138 @@ def _busy(times: Any) -> float:
     return float(times.user + times.nice + times.system + times.irq + times.softirq)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--agents", type=int, default=4)
-    parser.add_argument("--tasks", type=int, default=10_000)
-    parser.add_argument("--starts", type=int, default=50, help="single tasks timed for start latency")
-    args = parser.parse_args()
-    # The cluster keeps its files where agents keep theirs by default (the data home), not in
-    # /tmp: every run is a sandbox directory with two files, and /tmp is often a tmpfs or, on
-    # some machines, far slower at creating files than the disk an agent's state is on.
-    data_home().mkdir(parents=True, exist_ok=True)
-    with (
-        tempfile.TemporaryDirectory(dir=data_home(), prefix="bench-") as root,
-        live_cluster(Path(root), agents=args.agents, heartbeat_timeout=30) as cluster,
-    ):
+def described(task: TaskView) -> str:
+    return f"{task.id}: {task.state.value}, exit code {task.exit_code} {task.message}".strip()
+
+
+def failures(client: Client, job: int, count: int) -> list[str]:
+    """Every task of `job` that did not run to exit code 0, read back page by page."""
+    bad = []
+    for offset in range(0, count, PAGE):
+        for task in client.job(job, offset=offset, limit=PAGE).tasks:
+            if task.state is not TaskState.FINISHED or task.exit_code != 0:
+                bad.append(described(task))
+    return bad
+
+
+@dataclass
+class Run:
+    """What one cluster measured."""
+
+    tasks: int
+    ok: int = 0
+    elapsed: float = 0.0
+    submit_ms: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    shoal_cpu: float = 0.0
+    machine_cpu: float = 0.0
+
+    def percentile(self, q: float) -> float | None:
+        return round(float(np.percentile(self.latencies, q)), 1) if self.latencies else None
+
+
+def measure(
+    root: Path, agents: int, tasks: int, starts: int, progress: Progress, what: str, **settings: str
+) -> Run:
+    """The array's throughput and the start latency on a fresh cluster with these master settings."""
+    run = Run(tasks)
+    progress.console.print(f"{what}: starting a master and {agents} agents")
+    with live_cluster(root, agents=agents, heartbeat_timeout=30, master_settings=settings) as cluster:
         daemons = [psutil.Process(p.pid) for p in (cluster.master, *cluster.agents.values()) if p]
         with cluster.client() as client:
             cpu_before = _cpu(daemons)
             machine_before = psutil.cpu_times()
             began = time.perf_counter()
-            job = client.submit(JobSpec(command=["true"], count=args.tasks, resources=TINY))
-            submit_ms = (time.perf_counter() - began) * 1000
-            with Progress(transient=True) as progress:
-                bar = progress.add_task("array", total=args.tasks)
-                while True:
-                    view = client.job(job, limit=0)  # the counts, not the tasks
-                    done = sum(
-                        n
-                        for state, n in view.counts.items()
-                        if state in ("finished", "failed", "killed", "lost")
-                    )
-                    progress.update(bar, completed=done)
-                    if view.state in (JobState.COMPLETE, JobState.FAILED, JobState.KILLED):
-                        break
-                    time.sleep(0.1)
-            elapsed = time.perf_counter() - began
-            shoal_cpu = _cpu(daemons) - cpu_before
-            machine = psutil.cpu_times()
-            latencies = []
-            for _ in range(args.starts):
+            job = client.submit(JobSpec(command=["true"], count=tasks, resources=TINY))
+            run.submit_ms = (time.perf_counter() - began) * 1000
+            bar = progress.add_task(f"{what}: array", total=tasks)
+            while True:
+                view = client.job(job, limit=0)  # the counts, not the tasks
+                done = sum(n for state, n in view.counts.items() if state in ENDED)
+                progress.update(bar, completed=done)
+                if view.state in (JobState.COMPLETE, JobState.FAILED, JobState.KILLED):
+                    break
+                time.sleep(0.1)
+            run.elapsed = time.perf_counter() - began
+            run.shoal_cpu = _cpu(daemons) - cpu_before
+            run.machine_cpu = _busy(psutil.cpu_times()) - _busy(machine_before)
+            progress.remove_task(bar)
+            run.failed = failures(client, job, tasks)
+            run.ok = tasks - len(run.failed)
+            bar = progress.add_task(f"{what}: start latency", total=starts)
+            for _ in range(starts):
                 single = client.submit(JobSpec(command=["sleep", "0.2"], resources=TINY))
                 final = client.wait(single, poll=0.05)
                 task = final.tasks[0]
-                assert task.started_at is not None, task
-                latencies.append((task.started_at - final.submitted_at) * 1000)
-    ceiling = spawn_ceiling()
-    ms = np.array(latencies)
+                if task.state is TaskState.FINISHED and task.exit_code == 0 and task.started_at is not None:
+                    run.latencies.append((task.started_at - final.submitted_at) * 1000)
+                else:
+                    run.failed.append(described(task))
+                progress.advance(bar)
+            progress.remove_task(bar)
+    return run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=4)
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--starts", type=int, default=50, help="single tasks timed for start latency")
+    parser.add_argument(
+        "--nofsync-tasks", type=int, default=None, help="the array with fsync off (default: --tasks)"
+    )
+    args = parser.parse_args()
+    nofsync_tasks = args.nofsync_tasks or args.tasks
+    if "fsync" not in MasterSettings.model_fields:
+        raise SystemExit("this master has no `fsync` setting (SHOAL_FSYNC): nothing to compare")
+    # The clusters keep their files where agents keep theirs by default (the data home), not in
+    # /tmp: every run is a sandbox directory with two files, and /tmp is often a tmpfs or, on
+    # some machines, far slower at creating files than the disk an agent's state is on.
+    data_home().mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(dir=data_home(), prefix="bench-") as root,
+        Progress(transient=True) as progress,
+    ):
+        synced = measure(Path(root) / "fsync", args.agents, args.tasks, args.starts, progress, "fsync on")
+        unsynced = measure(
+            Path(root) / "nofsync",
+            args.agents,
+            nofsync_tasks,
+            args.starts,
+            progress,
+            "fsync off",
+            fsync="false",
+        )
+        progress.console.print("timing the machine's own spawn ceiling")
+        ceiling = spawn_ceiling()
     print(
         json.dumps(
             {
                 "agents": args.agents,
                 "tasks": args.tasks,
-                "array_state": view.state.value,
-                "e2e_tasks_per_s": round(args.tasks / elapsed),
+                "ok_tasks": synced.ok,
+                "e2e_tasks_per_s": round(synced.ok / synced.elapsed),
                 "spawn_ceiling_per_s": round(ceiling),
-                "shoal_cpu_ms_per_task": round(shoal_cpu / args.tasks * 1000, 3),
-                "machine_cpu_ms_per_task": round(
-                    (_busy(machine) - _busy(machine_before)) / args.tasks * 1000, 3
-                ),
-                "submit_ms": round(submit_ms, 1),
-                "start_p50_ms": round(float(np.percentile(ms, 50)), 1),
-                "start_p99_ms": round(float(np.percentile(ms, 99)), 1),
+                "shoal_cpu_ms_per_task": round(synced.shoal_cpu / args.tasks * 1000, 3),
+                "machine_cpu_ms_per_task": round(synced.machine_cpu / args.tasks * 1000, 3),
+                "submit_ms": round(synced.submit_ms, 1),
+                "start_p50_ms": synced.percentile(50),
+                "start_p99_ms": synced.percentile(99),
+                "nofsync_tasks": nofsync_tasks,
+                "e2e_tasks_per_s_nofsync": round(unsynced.ok / unsynced.elapsed),
+                "start_p50_ms_nofsync": unsynced.percentile(50),
+                "start_p99_ms_nofsync": unsynced.percentile(99),
             }
         )
     )
+    failed = [*synced.failed, *unsynced.failed]
+    if failed:
+        shown = "\n  ".join(failed[:10])
+        more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""
+        print(f"{len(failed)} tasks did not run to exit code 0:\n  {shown}{more}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
