@@ -54,8 +54,14 @@ class LiveCluster:
         heartbeat_timeout: float,
         heartbeat_interval: float,
         master_settings: Mapping[str, str] | None = None,
+        agent_batch: int | None = None,
+        start_timeout: float | None = None,
+        registered: Callable[[int, int], None] | None = None,
     ) -> None:
         self.root = root
+        self.agent_batch = agent_batch
+        self.start_timeout = start_timeout
+        self.registered = registered
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_token = new_token()
@@ -169,6 +175,46 @@ class LiveCluster:
         proc.send_signal(sig)
         proc.wait(10)
 
+    def start_agents(
+        self,
+        names: list[str],
+        batch: int | None = None,
+        timeout: float | None = None,
+        registered: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Start the agents `names`, `batch` at a time (default: all at once), each batch
+        registered and up before the next starts: a hundred Python processes starting
+        together on two cores all take longer than any sensible deadline. `registered(up,
+        total)` is called as they come up; TimeoutError after `timeout` seconds in all,
+        naming how many registered; RuntimeError as soon as an agent process exits."""
+        batch = max(1, batch or len(names))
+        limit = timeout if timeout is not None else 15.0 + 0.5 * len(names)  # shared cores
+        began = time.monotonic()
+        wanted = set(names)
+        up: set[str] = set()
+        with self.client() as c:
+            for first in range(0, len(names), batch):
+                chunk = names[first : first + batch]
+                for name in chunk:
+                    self.start_agent(name)
+                while not set(chunk) <= up:
+                    time.sleep(0.2)
+                    with contextlib.suppress(Unreachable):
+                        nodes = c.nodes()
+                        up = {n.name for n in nodes if n.status is NodeStatus.UP and n.connected} & wanted
+                    if registered is not None:
+                        registered(len(up), len(names))
+                    if dead := [n for n in chunk if self.agents[n].poll() is not None]:
+                        raise RuntimeError(
+                            f"agent {dead[0]} exited with code {self.agents[dead[0]].returncode}"
+                            f" ({len(dead)} of this batch did); see {self.root / dead[0]}.log"
+                        )
+                    if (elapsed := time.monotonic() - began) > limit:
+                        raise TimeoutError(
+                            f"{len(up)} of {len(names)} agents registered after {elapsed:.0f}s"
+                            f" (the deadline); their logs are in {self.root}"
+                        )
+
     def wait_nodes_up(self, names: list[str] | None = None, timeout: float = 15.0) -> None:
         want = set(names or self.agents)
         with self.client() as c:
@@ -182,9 +228,7 @@ class LiveCluster:
 
     def start(self) -> None:
         self.start_master()
-        for name in self.agent_names:
-            self.start_agent(name)
-        self.wait_nodes_up(timeout=15.0 + 0.5 * len(self.agent_names))  # agents start on shared cores
+        self.start_agents(self.agent_names, self.agent_batch, self.start_timeout, self.registered)
 
     def stop(self) -> None:
         procs = [*self.agents.values(), *([self.master] if self.master else [])]
@@ -204,9 +248,22 @@ def live_cluster(
     heartbeat_timeout: float = 2.0,
     heartbeat_interval: float = 0.3,
     master_settings: Mapping[str, str] | None = None,
+    agent_batch: int | None = None,
+    start_timeout: float | None = None,
+    registered: Callable[[int, int], None] | None = None,
 ) -> Iterator[LiveCluster]:
+    """A started cluster; `agent_batch`, `start_timeout` and `registered` as in `start_agents`."""
     root.mkdir(parents=True, exist_ok=True)
-    cluster = LiveCluster(root, agents, heartbeat_timeout, heartbeat_interval, master_settings)
+    cluster = LiveCluster(
+        root,
+        agents,
+        heartbeat_timeout,
+        heartbeat_interval,
+        master_settings,
+        agent_batch,
+        start_timeout,
+        registered,
+    )
     try:
         cluster.start()
         yield cluster
