@@ -106,6 +106,7 @@ def test_paths_may_not_climb_out_of_the_destination(cluster: LiveCluster, tmp_pa
         response = admin._http.post("/v1/copy", json=body)
     assert response.status_code == 422
     assert response.json()["fields"][0]["field"] == "files.0.path"
+    assert not (tmp_path.parent / "escape").exists()
 
 
 def test_copy_is_audited(cluster: LiveCluster, tmp_path: Path) -> None:
@@ -120,5 +121,6 @@ def test_copy_is_audited(cluster: LiveCluster, tmp_path: Path) -> None:
         )
         ended = [e for e in admin.copy(request) if isinstance(e, Ended)]
         assert [(e.node, e.code) for e in ended] == [("node1", 0)]
+        assert (tmp_path / "g").read_text() == "x"  # one file, a new path: copied as that path
         record = admin.audit(limit=1)[0]
     assert record.command == f"copy f -> {tmp_path / 'g'}" and record.results == {"0": "node1"}

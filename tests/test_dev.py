@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,13 @@ def test_dev_cluster_up_run_and_clean_stop(tmp_path: Path, monkeypatch) -> None:
         monkeypatch.setenv("SHOAL_CONFIG", str(config))
         settings: ClientConfig = load_client_config()
         assert settings.url == f"http://127.0.0.1:{port}"
+        tokens = [
+            d / f"{who}.token"
+            for d in (tmp_path / "dev", tmp_path / "dev" / "master")
+            for who in ("admin", "cluster")
+        ]
+        modes = {str(p): stat.S_IMODE(p.stat().st_mode) for p in [config, *tokens]}
+        assert modes == dict.fromkeys(modes, 0o600)  # the owner's alone
         with Client.from_config() as client:
             wait_for(
                 lambda: len([n for n in client.nodes() if n.status is NodeStatus.UP]) == 2, what="2 agents"

@@ -99,6 +99,7 @@ def test_a_node_that_never_answers_times_out_alone(cluster: LiveCluster) -> None
         result = cluster.cli("exec", "-S", "-t", "1", "-w", "node[1-3]", "--", "echo alive")
     finally:
         frozen.send_signal(signal.SIGCONT)
+        cluster.wait_nodes_up()  # the tests after this one use node3 too
     assert sorted(result.stdout.splitlines()) == ["node1: alive", "node2: alive"]
     assert "node3: connect timeout" in result.stderr
     assert result.returncode == 255
@@ -126,20 +127,23 @@ def test_interrupt_stops_the_command_everywhere(cluster: LiveCluster) -> None:
     wait_for(lambda: not marked("sleep 60 # interrupt-marker"), 5, "interrupted commands gone")
 
 
-def test_only_admins_exec_and_every_exec_is_audited(cluster: LiveCluster) -> None:
+def test_only_admins_exec_and_every_exec_is_audited(cluster: LiveCluster, tmp_path: Path) -> None:
+    never = tmp_path / "never"
     with cluster.client() as admin:
         user = admin.create_token("carol", Role.USER).token
         with cluster.client(user) as carol:
             with pytest.raises(ApiError) as refused:
-                list(carol.exec(ExecRequest(select=Selection(all=True), command="touch /tmp/never")))
+                list(carol.exec(ExecRequest(select=Selection(all=True), command=f"touch {never}")))
             assert refused.value.status == 403
-            with pytest.raises(ApiError):
+            with pytest.raises(ApiError) as not_hers:
                 carol.audit()
+            assert not_hers.value.status == 403
         events = list(
             admin.exec(ExecRequest(select=Selection(nodes=["node[1-2]"]), command="echo audited; exit 5"))
         )
         assert sum(isinstance(e, Output) for e in events) == 2
         record = admin.audit(limit=1)[0]
+    assert not never.exists()
     assert (record.who, record.command, record.nodes) == ("admin", "echo audited; exit 5", "node[1-2]")
     assert record.results == {"5": "node[1-2]"} and record.ended_at is not None
     listing = cluster.cli("audit", "--json")
@@ -181,6 +185,7 @@ def test_spread_runs_each_command_once_at_most_one_per_node(cluster: LiveCluster
     for path in done.iterdir():
         node, began, ended = path.read_text().split()
         spans.setdefault(node, []).append((float(began), float(ended)))
+    assert sum(len(runs) for runs in spans.values()) == 6  # each command ran once
     assert set(spans) == {"node1", "node2", "node3"}  # spread over every node
     for runs in spans.values():  # never two at once on a node
         runs.sort()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -73,7 +75,8 @@ def test_drain_empties_a_node_and_undrain_lets_it_work_again(tmp_path: Path) -> 
         assert node1.drained
         events = cluster.cli("events")
         assert events.returncode == 0 and "drain" in events.stdout
-        cluster.cli("undrain", "node1")
+        undrained = cluster.cli("undrain", "node1")
+        assert undrained.returncode == 0, undrained.stderr
         later = client.submit(JobSpec(command="sleep 300", resources={"cpus": 0.5, "mem": 16}, nodes="node1"))
         wait_for(lambda: client.job(later).tasks[0].state is TaskState.RUNNING, what="node1 working again")
 
@@ -146,33 +149,53 @@ def test_a_service_moved_make_before_break_never_fails_a_request(tmp_path: Path)
         )
         task_id = f"{job}.0"
         first = wait_for(lambda: (t := client.task(task_id)).healthy and t, what="the service serving")
+        old_url = f"http://127.0.0.1:{first.ports['web']}/"
         outcomes: list[bool] = []
         stop = threading.Event()
 
         def poll() -> None:
-            with httpx.Client(timeout=2) as http:
+            with cluster.client() as ledger, httpx.Client(timeout=2) as http:
                 while not stop.is_set():
-                    port = client.task(task_id).ports["web"]  # where the ledger says it serves now
+                    port = ledger.task(task_id).ports["web"]  # where the ledger says it serves now
                     try:
                         outcomes.append(http.get(f"http://127.0.0.1:{port}/").status_code == 200)
                     except httpx.HTTPError:
                         outcomes.append(False)
                     time.sleep(0.02)
 
-        poller = threading.Thread(target=poll)
-        poller.start()
-        try:
-            time.sleep(0.5)
-            client.drain(first.node)
-            moved = wait_for(
-                lambda: (t := client.task(task_id)).attempt == 1 and t,
-                timeout=30,
-                what="the new copy taking over",
-            )
-            time.sleep(2.5)  # past the old copy's stop
-        finally:
-            stop.set()
-            poller.join(10)
+        def polled(more: int) -> Callable[[], bool]:
+            """Whether `more` requests were made past the count now; fails if the poller stopped."""
+            target = len(outcomes) + more
+
+            def done() -> bool:
+                if poller.done():
+                    raise AssertionError("the poller stopped before it was told to") from poller.exception()
+                return len(outcomes) >= target
+
+            return done
+
+        def old_copy_stopped() -> bool:
+            try:
+                httpx.get(old_url, timeout=1)
+            except httpx.ConnectError:
+                return True
+            return False
+
+        with ThreadPoolExecutor(1) as pool:
+            poller = pool.submit(poll)
+            try:
+                wait_for(polled(10), what="the service answering the poller")
+                client.drain(first.node)
+                moved = wait_for(
+                    lambda: (t := client.task(task_id)).attempt == 1 and t,
+                    timeout=30,
+                    what="the new copy taking over",
+                )
+                wait_for(old_copy_stopped, timeout=10, what="the old copy stopped")
+                wait_for(polled(10), what="the new copy answering the poller")
+            finally:
+                stop.set()
+            poller.result(timeout=10)  # and any error of its own
         assert moved.node != first.node
         assert outcomes and all(outcomes), f"{outcomes.count(False)} of {len(outcomes)} requests failed"
         [event] = client.events()
