@@ -9,30 +9,25 @@ with Client.from_config() as shoal:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
-from pydantic import BaseModel, TypeAdapter
+# httpx imports its own command line (click, pygments, rich's syntax and progress) unless
+# that import fails; the SDK never runs it, and it costs more to import than the rest of httpx.
+sys.modules.setdefault("httpx._main", None)
 
-from shoal.config import ClientConfig, load_client_config
-from shoal.errors import ShoalError
-from shoal.model import TASK_RECORD, Caller, JobSpec, Migration, Role, TaskRecord
-from shoal.shell.protocol import (
-    AuditRecord,
-    CopyRequest,
-    Ended,
-    ExecRequest,
-    Fetched,
-    FetchRequest,
-    Output,
-    Targets,
-    Unpacker,
-)
-from shoal.views import (
+import httpx  # noqa: E402 - after the line above
+from pydantic import BaseModel, TypeAdapter  # noqa: E402
+
+from shoal.config import ClientConfig, load_client_config  # noqa: E402
+from shoal.errors import ShoalError  # noqa: E402
+from shoal.model import TASK_RECORD, Caller, JobSpec, Migration, Role, TaskRecord  # noqa: E402
+from shoal.views import (  # noqa: E402
     ErrorBody,
     FieldError,
     FrameworkView,
@@ -43,9 +38,20 @@ from shoal.views import (
     TokenCreated,
 )
 
+if TYPE_CHECKING:  # the parallel shell's types, imported where it is used
+    from shoal.shell.protocol import (
+        AuditRecord,
+        CopyRequest,
+        Ended,
+        ExecRequest,
+        Fetched,
+        FetchRequest,
+        Output,
+        Targets,
+    )
+
 _JOBS = TypeAdapter(list[JobView])
 _NODES = TypeAdapter(list[NodeView])
-_AUDIT = TypeAdapter(list[AuditRecord])
 _FRAMEWORKS = TypeAdapter(list[FrameworkView])
 _PLANNED = TypeAdapter(list[PlannedMove])
 _MIGRATIONS = TypeAdapter(list[Migration])
@@ -200,6 +206,8 @@ class Client:
             raise ShoalError(f"{target}: checksum mismatch (got {digest.hexdigest()}, want {blob})")
 
     def _events(self, path: str, request: BaseModel) -> Iterator[Targets | Output | Ended | Fetched]:
+        from shoal.shell.protocol import Unpacker
+
         with self._stream("POST", path, json=request.model_dump(mode="json")) as response:
             events = Unpacker()
             for chunk in response.iter_raw():
@@ -223,10 +231,12 @@ class Client:
     def audit(self, offset: int = 0, limit: int = 100) -> list[AuditRecord]:
         """Parallel commands run on the cluster, newest first (admin only)."""
         params = {"offset": str(offset), "limit": str(limit)}
-        return _AUDIT.validate_python(self._call("GET", "/v1/audit", params=params))
+        return _audit_records().validate_python(self._call("GET", "/v1/audit", params=params))
 
     def audit_start(self, command: str, nodes: str) -> int:
         """Record a parallel command run over SSH (admin only); returns the record's id."""
+        from shoal.shell.protocol import AuditRecord
+
         body = {"command": command, "nodes": nodes, "via": "ssh"}
         return AuditRecord.model_validate(self._call("POST", "/v1/audit", json=body)).id
 
@@ -261,6 +271,13 @@ class Client:
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._request(method, path, **kwargs).json()
+
+
+@functools.cache
+def _audit_records() -> TypeAdapter[list[AuditRecord]]:
+    from shoal.shell.protocol import AuditRecord
+
+    return TypeAdapter(list[AuditRecord])
 
 
 def _log_params(stream: str, offset: int, attempt: int | None) -> dict[str, str]:

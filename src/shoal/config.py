@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
 
 from shoal.files import write_secret
-from shoal.model import Strategy
+from shoal.model import Resources, Strategy
 
 if TYPE_CHECKING:
     from shoal.core.scheduler import Policy
@@ -129,6 +129,9 @@ class AgentSettings(_Settings):
     name: str | None = None
     state_dir: Path = Field(default_factory=lambda: data_home() / "agent")
     labels: dict[str, str] = Field(default_factory=dict)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom resources this node offers, e.g. licenses = 4"
+    )
     cpus: float | None = Field(None, gt=0)
     mem: int | None = Field(None, gt=0, description="MiB")
     heartbeat_interval: float = Field(1.0, gt=0)
@@ -141,6 +144,11 @@ class AgentSettings(_Settings):
     keep_sandboxes: float = Field(
         86_400.0, ge=0, description="seconds a finished run's sandbox and logs are kept"
     )
+
+    @field_validator("resources")
+    @classmethod
+    def _custom(cls, value: dict[str, float]) -> dict[str, float]:
+        return Resources(custom=value).custom  # the names and amounts a node may declare
 
     @field_validator("port_range")
     @classmethod

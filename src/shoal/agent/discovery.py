@@ -22,14 +22,17 @@ def discover(
     cpus: float | None = None,
     mem: int | None = None,
     port_range: tuple[int, int] = (20000, 32000),
+    custom: dict[str, float] | None = None,
 ) -> NodeInfo:
-    """This node's description; `cpus` and `mem` override what the machine reports."""
+    """This node's description; `cpus` and `mem` override what the machine reports, and
+    `custom` adds the resources it declares (licenses = 4), which no machine reports."""
     gpus = gpu_models()
     capacity = Resources(
         cpus=cpus if cpus is not None else float(psutil.cpu_count() or 1),
         mem=mem if mem is not None else psutil.virtual_memory().total // _MIB,
         disk=shutil.disk_usage(state_dir).free // _MIB,
         gpus=len(gpus),
+        custom=custom or {},
     )
     uname = platform.uname()
     attributes = {

@@ -10,18 +10,20 @@ blob with the file's mode and mtime.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import stat
 import tarfile
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from shoal.shell.protocol import CopyFile
 from shoal.wire import CopyFiles, ExecEnd, ExecStarted, FetchFile, FileFetched
+
+if TYPE_CHECKING:  # httpx itself is imported at the first transfer: an agent starts without it
+    import httpx
 
 CHUNK = 1 << 20
 
@@ -31,12 +33,21 @@ Send = Callable[[ExecStarted | FileFetched | ExecEnd], None]
 class FileMover:
     def __init__(self, send: Send, master: str, token: str) -> None:
         self._send = send
-        self._http = httpx.AsyncClient(
-            base_url=master.rstrip("/"),
-            headers={"Authorization": f"Bearer {token}"},
+        self._master = master.rstrip("/")
+        self._token = token
+        self._jobs: dict[int, asyncio.Task[None]] = {}
+
+    @functools.cached_property
+    def _http(self) -> httpx.AsyncClient:
+        # Made at the first transfer, not with the agent: most agents never copy a file,
+        # and httpx and a client's TLS context cost a start-up a good part of its CPU.
+        import httpx
+
+        return httpx.AsyncClient(
+            base_url=self._master,
+            headers={"Authorization": f"Bearer {self._token}"},
             timeout=httpx.Timeout(30.0),
         )
-        self._jobs: dict[int, asyncio.Task[None]] = {}
 
     def handle(self, frame: CopyFiles | FetchFile) -> None:
         if frame.exec_id in self._jobs:
@@ -56,9 +67,12 @@ class FileMover:
 
     async def close(self) -> None:
         self.cancel_all()
-        await self._http.aclose()
+        if "_http" in self.__dict__:
+            await self._http.aclose()
 
     async def _report(self, exec_id: int, work: Coroutine[Any, Any, None]) -> None:
+        import httpx
+
         try:
             await work
         except (OSError, httpx.HTTPError, ValueError) as e:

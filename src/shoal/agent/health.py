@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
 
 from shoal.model import HealthCheck
 from shoal.wire import RunSpec
+
+if TYPE_CHECKING:  # httpx itself is imported at the first HTTP check: an agent starts without it
+    import httpx
 
 Verdict = Callable[[str, bool], None]  # run id, healthy
 
@@ -26,7 +29,14 @@ class HealthChecks:
         self._sandbox = sandbox
         self._verdict = verdict
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._http = httpx.AsyncClient()
+
+    @functools.cached_property
+    def _http(self) -> httpx.AsyncClient:
+        # Made at the first HTTP check, not with the agent: httpx and a client's TLS context
+        # cost a start-up a good part of its CPU, and most nodes run no HTTP check.
+        import httpx
+
+        return httpx.AsyncClient()
 
     def watch(self, spec: RunSpec) -> None:
         if spec.health is not None and spec.run_id not in self._tasks:
@@ -39,14 +49,15 @@ class HealthChecks:
     async def close(self) -> None:
         for run_id in list(self._tasks):
             self.stop(run_id)
-        await self._http.aclose()
+        if "_http" in self.__dict__:
+            await self._http.aclose()
 
     async def _loop(self, spec: RunSpec, check: HealthCheck) -> None:
         last: bool | None = None
         while True:
             try:
                 healthy = await asyncio.wait_for(self._check(spec, check), check.timeout)
-            except (TimeoutError, OSError, httpx.HTTPError):
+            except (TimeoutError, OSError):
                 healthy = False
             if healthy != last:
                 last = healthy
@@ -77,5 +88,13 @@ class HealthChecks:
             writer.close()
             return True
         path = (check.http or "").split("/", 1)[1] if "/" in (check.http or "") else ""
-        response = await self._http.get(f"http://127.0.0.1:{port}/{path}")
+        return await self._get_ok(f"http://127.0.0.1:{port}/{path}")
+
+    async def _get_ok(self, url: str) -> bool:
+        import httpx
+
+        try:
+            response = await self._http.get(url)
+        except httpx.HTTPError:
+            return False
         return response.status_code < 400

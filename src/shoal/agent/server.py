@@ -19,7 +19,6 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-import httpx
 import websockets
 from pydantic import TypeAdapter
 
@@ -84,7 +83,13 @@ class Agent:
         self.state_dir = settings.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         info = discover(
-            settings.name, self.state_dir, settings.labels, settings.cpus, settings.mem, settings.port_range
+            settings.name,
+            self.state_dir,
+            settings.labels,
+            settings.cpus,
+            settings.mem,
+            settings.port_range,
+            settings.resources,
         )
         self.state = AgentState(info, self._load_table())
         cgroups = Cgroups.detect(info.name) if settings.limits else None
@@ -173,6 +178,8 @@ class Agent:
 
     async def _restore_then_spawn(self, spec: RunSpec) -> None:
         """A run that moves with its state: unpack the state it saved, then start it."""
+        import httpx  # loaded by the transfer itself; an agent starts without it
+
         assert spec.restore is not None
         try:
             await self.files.restore(spec.restore, self.runner.checkpoint_dir(spec.run_id))
@@ -195,6 +202,8 @@ class Agent:
         """A run stopped to move: once every process of it has ended (the command may still be
         writing its state after the wrapper shell is gone), its saved state goes to the master,
         then its end is told."""
+        import httpx  # loaded by the transfer itself; an agent starts without it
+
         await _group_ended(group, grace + 1.0)
         directory = self.runner.checkpoint_dir(run_id)
         blob = None

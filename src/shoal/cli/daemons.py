@@ -16,9 +16,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import httpx
 import typer
-from rich.panel import Panel
 
 from shoal.cli.errors import fail, friendly
 from shoal.cli.render import out
@@ -71,14 +69,24 @@ def master(
     )
 
 
-def _labels(pairs: list[str]) -> dict[str, str]:
-    labels = {}
+def _pairs(what: str, pairs: list[str]) -> dict[str, str]:
+    found = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise fail(f"label {pair!r} is not KEY=VALUE", code=2)
-        labels[key] = value
-    return labels
+            raise fail(f"{what} {pair!r} is not KEY=VALUE", code=2)
+        found[key] = value
+    return found
+
+
+def _resources(pairs: list[str]) -> dict[str, float]:
+    amounts = {}
+    for key, value in _pairs("resource", pairs).items():
+        try:
+            amounts[key] = float(value)
+        except ValueError:
+            raise fail(f"resource {key}: {value!r} is not a number", code=2) from None
+    return amounts
 
 
 @friendly
@@ -88,6 +96,9 @@ def agent(
     name: Annotated[str | None, typer.Option(help="this node's name [hostname]")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="where the task table and sandboxes live")] = None,
     label: Annotated[list[str], typer.Option(help="KEY=VALUE, repeatable")] = [],  # noqa: B006
+    resource: Annotated[
+        list[str], typer.Option(help="a custom resource to offer, NAME=AMOUNT (licenses=4); repeatable")
+    ] = [],  # noqa: B006
     cpus: Annotated[float | None, typer.Option(help="cpus to offer [all]")] = None,
     mem: Annotated[int | None, typer.Option(help="MiB of memory to offer [all]")] = None,
     heartbeat_interval: Annotated[float | None, typer.Option(help="seconds between heartbeats [1]")] = None,
@@ -111,7 +122,8 @@ def agent(
         cluster_token=token,
         name=name,
         state_dir=state_dir,
-        labels=_labels(label) or None,
+        labels=_pairs("label", label) or None,
+        resources=_resources(resource) or None,
         cpus=cpus,
         mem=mem,
         heartbeat_interval=heartbeat_interval,
@@ -134,6 +146,8 @@ def _token_file(path: Path) -> str:
 
 
 def _wait_for_master(url: str, token: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    import httpx
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -160,6 +174,8 @@ def dev(
     ),
 ) -> None:
     """A master and local agents in one command; Ctrl-C stops them all."""
+    from rich.panel import Panel
+
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     admin = _token_file(state_dir / "admin.token")

@@ -11,7 +11,6 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from shoal.client import ApiError, Unreachable
 from shoal.errors import ShoalError
 
 P = ParamSpec("P")
@@ -45,18 +44,28 @@ def friendly(fn: Callable[P, R]) -> Callable[P, R]:
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except ApiError as e:
-            details = [f"[yellow]{f.field}[/]: {f.reason}" for f in e.fields if f.reason not in e.message]
-            code = EXIT_USAGE if e.status < 500 else 1
-            raise fail(e.message, _HINTS.get(e.status, ""), code, details) from None
-        except Unreachable as e:
-            raise fail(str(e), code=EXIT_UNAVAILABLE) from None
         except ValidationError as e:
             details = [f"[yellow]{'.'.join(map(str, p['loc']))}[/]: {p['msg']}" for p in e.errors()]
             raise fail("invalid settings or spec", code=EXIT_USAGE, details=details) from None
-        except (ShoalError, OSError) as e:
+        except ShoalError as e:
+            raise _failure(e) from None
+        except OSError as e:
             raise fail(str(e)) from None
         except KeyboardInterrupt:
             sys.exit(130)
 
     return run
+
+
+def _failure(e: ShoalError) -> typer.Exit:
+    # The client is imported only now: commands that never use it (`shoal agent`) start
+    # without httpx, and a client error can only come from a command that imported it.
+    from shoal.client import ApiError, Unreachable
+
+    if isinstance(e, ApiError):
+        details = [f"[yellow]{f.field}[/]: {f.reason}" for f in e.fields if f.reason not in e.message]
+        code = EXIT_USAGE if e.status < 500 else 1
+        return fail(e.message, _HINTS.get(e.status, ""), code, details)
+    if isinstance(e, Unreachable):
+        return fail(str(e), code=EXIT_UNAVAILABLE)
+    return fail(str(e))

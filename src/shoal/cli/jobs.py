@@ -23,10 +23,13 @@ from shoal.cli.render import (
 )
 from shoal.client import Client
 from shoal.model import JobSpec, Resources, RestartPolicy, Role, Strategy, TaskState
-from shoal.shell.groups import NodeGroups
 from shoal.views import JobView
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+# Output streams `shoal run` follows at once (two a task), whatever the count: each is a
+# connection the client's pool holds and a log the master polls. A task further down the
+# list is followed when one before it ends; its output is kept, so none of it is lost.
+FOLLOWERS = 32
 
 
 def _task_id(name: str) -> str:
@@ -73,8 +76,11 @@ def run(
 
 
 def _stream_until_done(client: Client, job_id: int, count: int) -> JobView:
+    """Copy every task's output here, tasks in index order, FOLLOWERS streams at a time;
+    the job's final view once all have ended."""
     streams: list[tuple[str, BinaryIO]] = [("stdout", sys.stdout.buffer), ("stderr", sys.stderr.buffer)]
-    with ThreadPoolExecutor(max_workers=2 * count) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(2 * count, FOLLOWERS), thread_name_prefix="follow")
+    try:
         futures = [
             pool.submit(_copy, client, f"{job_id}.{i}", stream, sink, f"{i}: " if count > 1 else "")
             for i in range(count)
@@ -82,6 +88,10 @@ def _stream_until_done(client: Client, job_id: int, count: int) -> JobView:
         ]
         for f in futures:
             f.result()
+    finally:
+        # On an error or Ctrl-C, streams not yet begun are dropped; those under way end
+        # with their tasks, which the caller kills.
+        pool.shutdown(wait=False, cancel_futures=True)
     return client.wait(job_id, poll=0.05, limit=count)
 
 
@@ -188,6 +198,8 @@ def nodes(
     with Client.from_config() as client:
         records = client.nodes()
     if groups:
+        from shoal.shell.groups import NodeGroups  # ClusterShell, for this listing only
+
         listing = NodeGroups(records).listing()
         if as_json:
             print(json.dumps(listing, indent=2))

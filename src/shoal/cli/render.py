@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
 from shoal.model import NodeStatus, TaskState
-from shoal.shell.bootstrap import NodeResult
-from shoal.shell.protocol import AuditRecord
 from shoal.views import FrameworkView, JobView, NodeView
+
+if TYPE_CHECKING:  # what only the parallel shell's commands render, and import themselves
+    from shoal.shell.bootstrap import NodeResult
+    from shoal.shell.protocol import AuditRecord
 
 out = Console(highlight=False)
 
