@@ -57,3 +57,18 @@ def test_queues_and_weights_from_the_file(tmp_path: Path) -> None:
     file.write_text('[queues.batch]\norder = "random"\n')
     with pytest.raises(ValidationError, match="order"):
         load_settings(MasterSettings, file)
+
+
+def test_agent_custom_resources_from_file_and_env(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SHOAL_CLUSTER_TOKEN", "secret")
+    file = tmp_path / "agent.toml"
+    file.write_text("[resources]\nlicenses = 4\nfpga = 1\n")
+    assert load_settings(AgentSettings, file).resources == {"licenses": 4.0, "fpga": 1.0}
+    # Each source adds names or sets their amounts over a weaker one.
+    monkeypatch.setenv("SHOAL_RESOURCES", '{"licenses": 2}')
+    assert load_settings(AgentSettings, file).resources == {"licenses": 2.0, "fpga": 1.0}
+    flagged = load_settings(AgentSettings, file, resources={"seats": 8, "fpga": 0})
+    assert flagged.resources == {"licenses": 2.0, "fpga": 0.0, "seats": 8.0}
+    for bad in ({"Licenses": 4}, {"cpus": 2}, {"licenses": -1}):
+        with pytest.raises(ValidationError, match="resources"):
+            load_settings(AgentSettings, None, resources=bad)

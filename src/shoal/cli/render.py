@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from shoal.model import NodeStatus, TaskState
+from shoal.model import NodeStatus, Resources, TaskState
 from shoal.views import FrameworkView, JobView, NodeView
 
 if TYPE_CHECKING:  # what only the parallel shell's commands render, and import themselves
@@ -108,6 +108,9 @@ def nodes_table(nodes: Sequence[NodeView]) -> Table:
         box=None,
         header_style="bold",
     )
+    custom = any(n.info.capacity.custom for n in nodes)
+    if custom:  # a column only where some node declares resources of its own
+        table.add_column("OTHER")
     for n in nodes:
         cap, used = n.info.capacity, n.allocated
         up = n.status is NodeStatus.UP
@@ -121,8 +124,14 @@ def nodes_table(nodes: Sequence[NodeView]) -> Table:
             f"{n.usage.load1:.2f}" if up else "-",
             ago(n.last_seen),
             ",".join(f"{k}={v}" for k, v in sorted(n.info.labels.items())),
+            *([_custom(used, cap)] if custom else []),
         )
     return table
+
+
+def _custom(used: Resources, capacity: Resources) -> str:
+    """`licenses 1/4,fpga 0/1`: a node's own resources, held and offered."""
+    return ",".join(f"{k} {used.amount(k):g}/{v:g}" for k, v in sorted(capacity.custom.items()))
 
 
 def frameworks_table(frameworks: Sequence[FrameworkView]) -> Table:
