@@ -49,9 +49,9 @@ def test_help_imports_no_subcommand_and_no_client() -> None:
     assert {"httpx", "pydantic", "numpy"}.isdisjoint(loaded)
 
 
-def test_an_agent_starts_without_the_http_client_or_numpy() -> None:
+def test_an_agent_starts_without_the_http_client_rich_or_numpy() -> None:
     loaded = imported_after("from shoal.cli import load\nload('agent')\nimport shoal.agent.server")
-    assert {"httpx", *HEAVY}.isdisjoint(loaded)
+    assert {"httpx", "rich", *HEAVY}.isdisjoint(loaded)
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))

@@ -1,7 +1,8 @@
 """Long-running commands: `shoal master`, `shoal agent`, and `shoal dev` (both at once).
 
-The server stacks (uvicorn, FastAPI, websockets) are imported inside the commands that
-run them: every other `shoal` command starts in a fraction of the time without them.
+What only one command uses is imported inside it: the server stacks (uvicorn, FastAPI,
+websockets) by the daemon that runs them, httpx and the tables by `shoal dev`, so that an
+agent starts on what it needs and nothing more.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Annotated
 import typer
 
 from shoal.cli.errors import fail, friendly
-from shoal.cli.render import out
 from shoal.config import (
     DEFAULT_PORT,
     AgentSettings,
@@ -176,6 +176,8 @@ def dev(
     """A master and local agents in one command; Ctrl-C stops them all."""
     from rich.panel import Panel
 
+    from shoal.cli.render import out
+
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     admin = _token_file(state_dir / "admin.token")
@@ -228,6 +230,8 @@ def _wait_any(procs: list[subprocess.Popen[bytes]]) -> None:
         dead = next(p for p in procs if p.poll() is not None)
         raise fail(f"`{' '.join(map(str, dead.args[2:4]))}` exited with status {dead.returncode}; stopping")
     except KeyboardInterrupt:
+        from shoal.cli.render import out
+
         out.print("stopping the dev cluster")
 
 

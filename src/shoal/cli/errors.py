@@ -9,7 +9,6 @@ from typing import ParamSpec, TypeVar
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 
 from shoal.errors import ShoalError
 
@@ -18,7 +17,6 @@ R = TypeVar("R")
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
-err = Console(stderr=True, highlight=False)
 
 _HINTS = {
     401: "check the token: SHOAL_TOKEN, or the client file `shoal dev` writes",
@@ -29,6 +27,10 @@ _HINTS = {
 
 
 def fail(message: str, hint: str = "", code: int = 1, details: list[str] = ()) -> typer.Exit:
+    # Rich is imported only to say what went wrong: a daemon starts without it.
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False)
     err.print(f"[bold red]error:[/] {message}")
     for line in details:
         err.print(f"  {line}")
