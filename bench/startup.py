@@ -2,19 +2,20 @@
 
     python bench/startup.py --runs 11
 
-- cli_help_ms: `shoal --help`, the median wall time of the whole process (target <= 150);
+- cli_help_ms: `shoal --help` (target <= 150);
 - cli_jobs_ms: `shoal jobs` against a live master with one agent and a few jobs, pointed at
   it by SHOAL_URL and SHOAL_TOKEN as the tests do (target <= 200);
 - agent_start_ms: `shoal agent` from its spawn until the master lists its node up and
-  connected (the master is polled every few milliseconds);
-- agent_start_cpu_ms: the CPU (user and system) the agent process had used at that moment
-  (target <= 300);
+  connected (the master is polled every few milliseconds); agent_start_cpu_ms: the CPU the
+  agent process had used at that moment (target <= 300);
 - clush_version_ms: `clush --version`, for reference: a Python command that does little
   (left out when clush is not installed).
 
-Each figure is the median of `--runs` runs after one that warms the page cache. The timed
-processes run with bytecode caching on, in a cache of this run's own: an installed shoal has
-its `.pyc` files, and PYTHONDONTWRITEBYTECODE in the environment would otherwise time the
+Each is the median wall time of `--runs` runs after one that warms the page cache, with
+beside it (`..._cpu_ms`) the median CPU, user and system, of the process: on a machine
+other work shares, the CPU figures move far less than the wall times. The timed processes
+run with bytecode caching on, in a cache of this run's own: an installed shoal has its
+`.pyc` files, and PYTHONDONTWRITEBYTECODE in the environment would otherwise time the
 compiling of shoal's sources on every start. Prints one JSON line last, with the targets
 met or not (`targets_met`). Exits 1 when the timed work failed: a command exiting non-zero,
 an agent not registering.
@@ -26,6 +27,7 @@ import argparse
 import functools
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -34,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -65,24 +68,40 @@ def cached_bytecode(env: Mapping[str, str], cache: Path) -> dict[str, str]:
     return {**child, "PYTHONPYCACHEPREFIX": str(cache)}
 
 
-def timed_run(args: list[str], env: Mapping[str, str]) -> float:
-    """The wall milliseconds of one whole process; Failed unless it exits 0."""
+@dataclass(frozen=True, slots=True)
+class Timing:
+    wall_ms: float
+    cpu_ms: float  # user and system, of the process and any it waited for
+
+
+def timed_run(args: list[str], env: Mapping[str, str]) -> Timing:
+    """The wall and CPU time of one whole process; Failed unless it exits 0."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
     result = subprocess.run(args, env=env, capture_output=True)
-    elapsed = (time.perf_counter() - began) * 1000
+    wall = (time.perf_counter() - began) * 1000
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise Failed(f"`{' '.join(args[-2:])}` exited {result.returncode}: {result.stderr.decode()[-500:]}")
-    return elapsed
+    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1000
+    return Timing(wall, cpu)
 
 
-def median_of(runs: int, measure: Callable[[], float], advance: Callable[[], None]) -> float:
-    measure()  # warms the page cache and the bytecode cache
-    advance()
-    times = []
-    for _ in range(runs):
-        times.append(measure())
+def timed(
+    key: str, runs: int, measure: Callable[[], Timing], advance: Callable[[], None]
+) -> dict[str, float]:
+    """`key_ms` and `key_cpu_ms`: the medians of `runs` runs after one that warms the page
+    cache and the bytecode cache."""
+    timings = []
+    for run in range(runs + 1):
+        timing = measure()
         advance()
-    return round(statistics.median(times), 1)
+        if run:
+            timings.append(timing)
+    return {
+        f"{key}_ms": round(statistics.median(t.wall_ms for t in timings), 1),
+        f"{key}_cpu_ms": round(statistics.median(t.cpu_ms for t in timings), 1),
+    }
 
 
 def _registered(client: Client, name: str) -> bool:
@@ -117,10 +136,8 @@ def agent_process(cluster: LiveCluster, name: str, env: Mapping[str, str]) -> It
         proc.wait(10)
 
 
-def agent_start(
-    cluster: LiveCluster, client: Client, name: str, env: Mapping[str, str]
-) -> tuple[float, float]:
-    """Wall and CPU milliseconds of an agent from its spawn to its node being up."""
+def agent_start(cluster: LiveCluster, client: Client, name: str, env: Mapping[str, str]) -> Timing:
+    """An agent from its spawn to its node being up; its CPU then."""
     began = time.perf_counter()
     with agent_process(cluster, name, env) as proc:
         deadline = time.monotonic() + REGISTERED_WITHIN
@@ -132,24 +149,7 @@ def agent_start(
             time.sleep(POLL)
         wall = (time.perf_counter() - began) * 1000
         cpu = proc.cpu_times()
-        return wall, (cpu.user + cpu.system + cpu.children_user + cpu.children_system) * 1000
-
-
-def agent_figures(
-    cluster: LiveCluster, runs: int, env: Mapping[str, str], advance: Callable[[], None]
-) -> dict[str, float]:
-    walls, cpus = [], []
-    with cluster.client() as client:
-        for run in range(runs + 1):
-            wall, cpu = agent_start(cluster, client, f"starter{run}", env)
-            advance()
-            if run:  # the first warms up
-                walls.append(wall)
-                cpus.append(cpu)
-    return {
-        "agent_start_ms": round(statistics.median(walls), 1),
-        "agent_start_cpu_ms": round(statistics.median(cpus), 1),
-    }
+        return Timing(wall, (cpu.user + cpu.system + cpu.children_user + cpu.children_system) * 1000)
 
 
 def some_jobs(cluster: LiveCluster, count: int = 3) -> None:
@@ -167,19 +167,25 @@ def measure(runs: int, progress: Progress, step: TaskID, root: Path) -> dict[str
     tick = functools.partial(progress.advance, step)
     figures: dict[str, float] = {}
     progress.update(step, description="shoal --help")
-    figures["cli_help_ms"] = median_of(runs, lambda: timed_run([*shoal, "--help"], env), tick)
+    figures.update(timed("cli_help", runs, lambda: timed_run([*shoal, "--help"], env), tick))
     if clush := shutil.which("clush", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"):
         progress.update(step, description="clush --version")
-        figures["clush_version_ms"] = median_of(runs, lambda: timed_run([clush, "--version"], env), tick)
+        figures.update(timed("clush_version", runs, lambda: timed_run([clush, "--version"], env), tick))
     progress.update(step, description="starting a master and an agent")
     with live_cluster(root / "cluster", agents=1, heartbeat_timeout=30) as cluster:
         some_jobs(cluster)
         cli_env = cached_bytecode(cluster.cli_env(), root / "pycache")
         progress.update(step, description="shoal jobs")
-        figures["cli_jobs_ms"] = median_of(runs, lambda: timed_run([*shoal, "jobs"], cli_env), tick)
+        figures.update(timed("cli_jobs", runs, lambda: timed_run([*shoal, "jobs"], cli_env), tick))
         progress.update(step, description="agent start to registration")
         agent_env = cached_bytecode(cluster.env, root / "pycache")
-        figures.update(agent_figures(cluster, runs, agent_env, tick))
+        with cluster.client() as client:
+            names = iter(f"starter{n}" for n in range(runs + 1))
+
+            def start() -> Timing:
+                return agent_start(cluster, client, next(names), agent_env)
+
+            figures.update(timed("agent_start", runs, start, tick))
     return figures
 
 
