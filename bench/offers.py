@@ -139,7 +139,7 @@ class Ledger:
         desk = self.state.frameworks
         claimants = [Claimant(f, "default") for f in desk.frameworks]
         began = time.perf_counter()
-        allocate(self.state.table, desk.shares(), claimants, [], self.state.policy, 0)
+        allocate(self.state.ledger.table, desk.shares(), claimants, [], self.state.policy, 0)
         return time.perf_counter() - began
 
 
@@ -154,7 +154,7 @@ def cycle_figures(nodes: int, frameworks: int, rounds: int) -> dict[str, float]:
     ledger.calls(p.Suppress)
     pure = [ledger.allocate_once() for _ in range(rounds)]
     # A busy cluster: nine nodes in ten hold tasks; the rest comes free each round.
-    table = ledger.state.table
+    table = ledger.state.ledger.table
     taken = table.vector(Resources(cpus=16, mem=65536))
     for row in range(len(table)):
         if row % 10:

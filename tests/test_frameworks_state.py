@@ -27,6 +27,7 @@ from shoal.master.events import (
 )
 from shoal.master.frameworks import FrameworkPolicy
 from shoal.master.state import MasterState
+from shoal.master.store import Snapshot
 from shoal.model import JobSpec, TaskState
 from shoal.testing.sim import sim_node
 from shoal.wire import Heartbeat, Kill, Launch, Register, RunReport, RunReports, Usage
@@ -96,7 +97,7 @@ class Harness:
 
     def tick(self, seconds: float) -> None:
         self.now += seconds
-        for name in self.state.nodes:
+        for name in self.state.ledger.nodes:
             self.handle(FromAgent(name, Heartbeat(usage=Usage()), self.now))
         self.handle(Tick(self.now))
 
@@ -122,7 +123,7 @@ def test_accept_launches_on_the_offered_node_and_returns_the_rest() -> None:
     assert set(jobs) == {"a", "b"}
     [launch] = [s for s in h.sent if isinstance(s.frame, Launch)]
     assert launch.node == "n0" and len(launch.frame.runs) == 2
-    job = h.state.jobs[jobs["a"]]
+    job = h.state.ledger.jobs[jobs["a"]]
     assert job.framework == framework and job.spec.queue == "default" and job.owner == "ops"
     # What the tasks left (2 cpus) is offered again at once.
     again = h.offers(stream)[-1]
@@ -320,7 +321,7 @@ def test_native_jobs_and_frameworks_draw_from_one_ledger() -> None:
     # The node is held in the offer: the native job waits rather than take it.
     assert h.state.waiting.get(reply.value)
     h.call(framework, p.Decline(offer_ids=[offer.id], refuse_seconds=30))
-    assert h.state.tasks_of(reply.value)[0].state is TaskState.ASSIGNED
+    assert h.state.ledger.tasks_of(reply.value)[0].state is TaskState.ASSIGNED
 
 
 def test_updates_survive_a_master_restart() -> None:
@@ -335,14 +336,10 @@ def test_updates_survive_a_master_restart() -> None:
     updates = [(fw, s) for c in h.stored for fw, s in c.updates if s.uuid not in acked]
     jobs_ = {j.id: j for c in h.stored for j in c.jobs}
     tasks = {t.id: t for c in h.stored for t in c.tasks}
-    restarted = MasterState(
-        policy=POLICY,
-        jobs=jobs_.values(),
-        tasks=tasks.values(),
-        frameworks=frameworks.values(),
-        updates=updates,
-        now=100.0,
+    snapshot = Snapshot(
+        list(jobs_.values()), list(tasks.values()), [], list(frameworks.values()), updates, []
     )
+    restarted = MasterState(policy=POLICY, snapshot=snapshot, now=100.0)
     h.state, h.now = restarted, 100.0
     again, stream2 = h.subscribe(framework_id=framework)
     assert [e.status.state for e in h.events(stream2, p.Update)] == [TaskState.RUNNING]
@@ -363,7 +360,7 @@ def test_a_filter_lapses_as_soon_as_more_is_free_than_was_refused() -> None:
 def test_native_work_leaves_freed_room_to_a_framework_below_its_fair_share() -> None:
     h = Harness(nodes=1)
     [reply] = h.handle(Submit(99, "alice", JobSpec(command="sleep 9", count=8, resources={"cpus": 1}), h.now))
-    running = [t for t in h.state.tasks_of(reply.value) if t.state is TaskState.ASSIGNED]
+    running = [t for t in h.state.ledger.tasks_of(reply.value) if t.state is TaskState.ASSIGNED]
     assert len(running) == 4
     framework, stream = h.subscribe(role="heavy")
     for offer in h.offers(stream):  # what the native tasks leave: memory, no cpus
@@ -372,10 +369,10 @@ def test_native_work_leaves_freed_room_to_a_framework_below_its_fair_share() -> 
     # The queue holds 3/4 of the cpus, past its fair third while "heavy" (weight 2) has none:
     # the freed cpu is offered to the framework, and the native task waits.
     assert h.offers(stream)[-1].resources.cpus == 1
-    assert sum(t.state is TaskState.PENDING for t in h.state.tasks_of(reply.value)) == 4
+    assert sum(t.state is TaskState.PENDING for t in h.state.ledger.tasks_of(reply.value)) == 4
     h.call(framework, p.Suppress())
     # A framework with nothing to run suppresses; the native queue has the cluster again.
-    assert sum(t.state is TaskState.PENDING for t in h.state.tasks_of(reply.value)) == 3
+    assert sum(t.state is TaskState.PENDING for t in h.state.ledger.tasks_of(reply.value)) == 3
 
 
 # --- the ledger's invariants under any sequence of calls (hypothesis) ----------------------
@@ -403,7 +400,7 @@ def test_offers_and_tasks_never_hold_more_than_a_node_and_the_table_adds_up(ops)
         framework, stream = frameworks[which]
         desk = h.state.frameworks
         held = [o for o in desk.offers.values() if o.framework == framework]
-        live = [t for t in h.state.tasks.values() if t.state.active]
+        live = [t for t in h.state.ledger.tasks.values() if t.state.active]
         try:
             if op == "accept" and held:
                 offer = held[pick % len(held)]
@@ -436,11 +433,11 @@ def test_offers_and_tasks_never_hold_more_than_a_node_and_the_table_adds_up(ops)
 
 def _check(h: Harness) -> None:
     state = h.state
-    table = state.table
+    table = state.ledger.table
     expected = np.zeros_like(table.allocated)
-    for task_id in state.active:
-        t = state.tasks[task_id]
-        expected[table.index[t.node]] += table.vector(state.jobs[t.job_id].spec.resources)
+    for task_id in state.ledger.active:
+        t = state.ledger.tasks[task_id]
+        expected[table.index[t.node]] += table.vector(state.ledger.jobs[t.job_id].spec.resources)
     for offer in state.frameworks.offers.values():
         expected[offer.row, : len(offer.amount)] += offer.amount
     assert np.allclose(table.allocated, expected), "the table is off what tasks and offers hold"

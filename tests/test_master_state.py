@@ -7,6 +7,7 @@ import pytest
 from shoal.errors import ShoalError, SpecError
 from shoal.master.events import AgentGone, Disconnect, FromAgent, KillJob, Persist, Reply, Send, Submit, Tick
 from shoal.master.state import MasterState
+from shoal.master.store import Snapshot
 from shoal.model import JobSpec, NodeStatus, TaskState
 from shoal.testing.sim import sim_node
 from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReport, RunReports
@@ -58,7 +59,7 @@ def test_unschedulable_submission_is_refused_and_changes_nothing() -> None:
     commands = state.handle(Submit(7, "alice", JobSpec(command="x", resources={"cpus": 3}), 0.0))
     assert commands == [Reply(7, error=commands[0].error)]
     assert isinstance(commands[0].error, SpecError) and "the largest node has 2" in commands[0].error.reason
-    assert state.jobs == {} and state.next_job_id == 1
+    assert state.ledger.jobs == {} and state.ledger.next_job_id == 1
 
 
 def test_reports_move_tasks_and_are_acknowledged() -> None:
@@ -66,11 +67,11 @@ def test_reports_move_tasks_and_are_acknowledged() -> None:
     register(state, "n1")
     submit(state, resources={"cpus": 1})
     commands = state.handle(FromAgent("n1", RunReports(reports=[report("1.0", TaskState.RUNNING)]), 1.0))
-    assert state.tasks["1.0"].state is TaskState.RUNNING
+    assert state.ledger.tasks["1.0"].state is TaskState.RUNNING
     assert commands[-1] == Send("n1", Ack(reports=[("1.0.0", TaskState.RUNNING)]))
     state.handle(FromAgent("n1", RunReports(reports=[report("1.0", TaskState.FINISHED, exit_code=0)]), 2.0))
-    assert state.tasks["1.0"].state is TaskState.FINISHED
-    assert state.allocated("n1").cpus == 0
+    assert state.ledger.tasks["1.0"].state is TaskState.FINISHED
+    assert state.ledger.allocated("n1").cpus == 0
 
 
 def test_report_of_an_old_attempt_is_killed_not_adopted() -> None:
@@ -81,7 +82,7 @@ def test_report_of_an_old_attempt_is_killed_not_adopted() -> None:
         FromAgent("n1", RunReports(reports=[report("1.0", TaskState.RUNNING, attempt=5)]), 1.0)
     )
     assert Send("n1", Kill(run_ids=["1.0.5"])) in commands
-    assert state.tasks["1.0"].state is TaskState.ASSIGNED
+    assert state.ledger.tasks["1.0"].state is TaskState.ASSIGNED
 
 
 def test_heartbeat_timeout_loses_tasks_and_restarts_them_after_the_delay() -> None:
@@ -89,14 +90,14 @@ def test_heartbeat_timeout_loses_tasks_and_restarts_them_after_the_delay() -> No
     register(state, "n1")
     register(state, "n2")
     submit(state, resources={"cpus": 2}, restart={"attempts": 1, "delay": 10})
-    node = state.tasks["1.0"].node
+    node = state.ledger.tasks["1.0"].node
     other = "n2" if node == "n1" else "n1"
     state.handle(FromAgent(other, Heartbeat(usage={}), 3.5))
     commands = state.handle(Tick(3.5))
-    assert Disconnect(node) in commands and state.nodes[node].status is NodeStatus.DOWN
-    task = state.tasks["1.0"]
+    assert Disconnect(node) in commands and state.ledger.nodes[node].status is NodeStatus.DOWN
+    task = state.ledger.tasks["1.0"]
     assert (task.state, task.attempt, task.history[0].state) == (TaskState.PENDING, 1, TaskState.LOST)
-    assert state.handle(Tick(5.0)) == [] and state.tasks["1.0"].state is TaskState.PENDING
+    assert state.handle(Tick(5.0)) == [] and state.ledger.tasks["1.0"].state is TaskState.PENDING
     state.handle(FromAgent(other, Heartbeat(usage={}), 13.0))
     commands = state.handle(Tick(13.6))
     assert any(isinstance(c, Send) and isinstance(c.frame, Launch) and c.node == other for c in commands)
@@ -117,8 +118,8 @@ def test_register_reconciles_the_agent_table() -> None:
     commands = register(
         state, "n1", 2.0, [report("1.0", TaskState.RUNNING), report("9.0", TaskState.RUNNING)]
     )
-    assert state.tasks["1.0"].state is TaskState.RUNNING
-    assert state.tasks["1.1"].state is TaskState.LOST
+    assert state.ledger.tasks["1.0"].state is TaskState.RUNNING
+    assert state.ledger.tasks["1.1"].state is TaskState.LOST
     relaunch = [c.frame for c in commands if isinstance(c, Send) and isinstance(c.frame, Launch)]
     assert [r.run_id for r in relaunch[0].runs] == ["1.2.0"]
     assert Send("n1", Kill(run_ids=["9.0.0"])) in commands
@@ -129,11 +130,11 @@ def test_kill_pending_and_running_tasks() -> None:
     register(state, "n1")
     submit(state, count=3, resources={"cpus": 1})  # 2 fit on the 2-cpu node, 1 pends
     commands = state.handle(KillJob(2, 1, 1.0))
-    assert state.tasks["1.2"].state is TaskState.KILLED
+    assert state.ledger.tasks["1.2"].state is TaskState.KILLED
     kills = [c.frame.run_ids for c in commands if isinstance(c, Send) and isinstance(c.frame, Kill)]
     assert sorted(kills) == [["1.0.0"], ["1.1.0"]]
     state.handle(FromAgent("n1", RunReports(reports=[report("1.0", TaskState.FAILED, exit_code=-15)]), 2.0))
-    assert state.tasks["1.0"].state is TaskState.KILLED  # a requested kill is a kill, not a failure
+    assert state.ledger.tasks["1.0"].state is TaskState.KILLED  # a requested kill is a kill, not a failure
 
 
 def test_closed_connection_alone_does_not_take_a_node_down() -> None:
@@ -141,19 +142,21 @@ def test_closed_connection_alone_does_not_take_a_node_down() -> None:
     register(state, "n1")
     state.handle(AgentGone("n1", 1.0))
     state.handle(Tick(5.0))
-    assert state.nodes["n1"].status is NodeStatus.UP
+    assert state.ledger.nodes["n1"].status is NodeStatus.UP
 
 
 def test_restored_state_holds_the_same_allocations() -> None:
     state = MasterState()
     register(state, "n1")
     submit(state, count=2, resources={"cpus": 0.5, "mem": 100})
-    restored = MasterState(
-        jobs=state.jobs.values(), tasks=state.tasks.values(), nodes=state.nodes.values(), now=50.0
+    ledger = state.ledger
+    snapshot = Snapshot(
+        list(ledger.jobs.values()), list(ledger.tasks.values()), list(ledger.nodes.values()), [], [], []
     )
-    assert restored.allocated("n1") == state.allocated("n1")
-    assert restored.nodes["n1"].last_seen == 50.0
-    assert restored.next_job_id == 2
+    restored = MasterState(snapshot=snapshot, now=50.0)
+    assert restored.ledger.allocated("n1") == state.ledger.allocated("n1")
+    assert restored.ledger.nodes["n1"].last_seen == 50.0
+    assert restored.ledger.next_job_id == 2
 
 
 def test_an_illegal_transition_is_a_bug_not_a_silent_change() -> None:
@@ -162,7 +165,7 @@ def test_an_illegal_transition_is_a_bug_not_a_silent_change() -> None:
     submit(state, resources={"cpus": 1})
     state.handle(FromAgent("n1", RunReports(reports=[report("1.0", TaskState.FINISHED, exit_code=0)]), 1.0))
     with pytest.raises(ShoalError, match="illegal transition"):
-        state._move(state.tasks["1.0"], TaskState.RUNNING, 2.0)
+        state.ledger.transition(state.ledger.tasks["1.0"], TaskState.RUNNING, 2.0)
 
 
 def launched_env(commands: list) -> dict[str, dict[str, str]]:
@@ -183,7 +186,7 @@ def test_gpu_devices_and_named_ports_are_handed_out_and_taken_back() -> None:
     ports = {env[t][f"SHOAL_PORT_{p}"] for t in ("1.0", "1.1") for p in ("HTTP", "METRICS")}
     assert len(ports) == 4 and all(20000 <= int(p) <= 32000 for p in ports)
     state.handle(FromAgent("g1", RunReports(reports=[report("1.0", TaskState.FINISHED, exit_code=0)]), 1.0))
-    freed = state.tasks["1.0"]
+    freed = state.ledger.tasks["1.0"]
     commands = state.handle(Submit(2, "alice", JobSpec(command="x", resources={"cpus": 1, "gpus": 2}), 2.0))
     assert launched_env(commands)["2.0"]["CUDA_VISIBLE_DEVICES"] == env["1.0"]["CUDA_VISIBLE_DEVICES"]
     assert freed.gpus  # the finished task keeps the record of what it had

@@ -35,7 +35,7 @@ class Harness:
 
     def run_all(self) -> None:
         """Agents report every assigned task running."""
-        for task in list(self.state.tasks.values()):
+        for task in list(self.state.ledger.tasks.values()):
             if task.state is TaskState.ASSIGNED:
                 self.report(task.node, task.id, task.attempt, TaskState.RUNNING)
 
@@ -46,10 +46,10 @@ class Harness:
     def heartbeats(self, busy: float = 1.0) -> None:
         """Every node reports its tasks using `busy` cores each, CPU summed over its cpus."""
         self.now += 1
-        for name in self.state.nodes:
+        for name in self.state.ledger.nodes:
             runs = {
                 t.run_id: RunUsage(cpu_seconds=busy * self.now, rss=64)
-                for t in self.state.tasks.values()
+                for t in self.state.ledger.tasks.values()
                 if t.node == name and t.state is TaskState.RUNNING
             }
             usage = Usage(cpu_percent=min(100.0, 100 * busy * len(runs) / 4), runs=runs)
@@ -70,10 +70,10 @@ class Harness:
 def only_n1(h: Harness, *specs: JobSpec) -> list[int]:
     """Jobs started while n2 and n3 take no work: all on n1."""
     for name in ("n2", "n3"):
-        h.state.table.set_schedulable(name, False)
+        h.state.ledger.table.set_schedulable(name, False)
     jobs = [h.request(Submit(i, "alice", spec, h.now)) for i, spec in enumerate(specs, start=100)]
     for name in ("n2", "n3"):
-        h.state.table.set_schedulable(name, True)
+        h.state.ledger.table.set_schedulable(name, True)
     h.run_all()
     return jobs
 
@@ -83,22 +83,22 @@ def test_migrations_restart_on_the_target_and_are_events_with_a_duration() -> No
     [job] = only_n1(h, JobSpec(command="spin", count=3, resources={"cpus": 1}))
     for _ in range(8):
         h.heartbeats()
-    assert h.state.nodes["n1"].load > 60 and h.state.nodes["n2"].load == 0
+    assert h.state.ledger.nodes["n1"].load > 60 and h.state.ledger.nodes["n2"].load == 0
     started = h.request(RebalanceNow(2, h.now))
     assert len(started) == 2 and {m.target for m in started} == {"n2", "n3"}
     for m in started:
         assert f"{m.task_id}.0" in h.killed()
         h.report("n1", m.task_id, 0, TaskState.KILLED)
-        task = h.state.tasks[m.task_id]
+        task = h.state.ledger.tasks[m.task_id]
         assert task.history[-1].state is TaskState.MIGRATED
         assert task.state is TaskState.ASSIGNED and task.node == m.target and task.attempt == 1
         assert m.task_id in h.launched_on(m.target)
     h.now += 2
     h.run_all()
-    events = sorted(h.state.moves.migrations.values(), key=lambda m: m.id)
+    events = sorted(h.state.ledger.migrations.values(), key=lambda m: m.id)
     assert all(e.running_at == h.now and e.duration == 2 and e.node == e.target for e in events)
     # Moved tasks wait out their cooldown; the job itself never failed.
-    assert all(t.state is TaskState.RUNNING for t in h.state.tasks_of(job))
+    assert all(t.state is TaskState.RUNNING for t in h.state.ledger.tasks_of(job))
 
 
 def test_drain_moves_everything_that_may_move_and_the_rest_at_the_deadline() -> None:
@@ -111,7 +111,7 @@ def test_drain_moves_everything_that_may_move_and_the_rest_at_the_deadline() -> 
     moved = h.request(Drain(4, "n1", True, h.now, deadline=30))
     assert [m.task_id for m in moved] == [f"{movable}.0"]
     h.report("n1", f"{movable}.0", 0, TaskState.KILLED)
-    task = h.state.tasks_of(movable)[0]
+    task = h.state.ledger.tasks_of(movable)[0]
     assert task.state is TaskState.ASSIGNED and task.node != "n1"  # the scheduler placed it elsewhere
     assert f"{pinned}.0.0" not in h.killed()
     for _ in range(31):
@@ -122,9 +122,9 @@ def test_drain_moves_everything_that_may_move_and_the_rest_at_the_deadline() -> 
     late = h.request(
         Submit(5, "alice", JobSpec(command="d", resources={"cpus": 1}), h.now, frozenset({"n1"}))
     )
-    assert h.state.tasks_of(late)[0].state is TaskState.PENDING
+    assert h.state.ledger.tasks_of(late)[0].state is TaskState.PENDING
     h.request(Drain(6, "n1", False, h.now))
-    assert h.state.tasks_of(late)[0].state is TaskState.ASSIGNED
+    assert h.state.ledger.tasks_of(late)[0].state is TaskState.ASSIGNED
 
 
 def test_draining_an_unknown_node_is_a_404() -> None:
@@ -145,7 +145,7 @@ SERVICE = JobSpec(
 def test_make_before_break_starts_the_new_copy_and_stops_the_old_only_once_it_serves() -> None:
     h = Harness(policy=RebalancePolicy(cooldown=0))
     [job] = only_n1(h, SERVICE)
-    task = h.state.tasks_of(job)[0]
+    task = h.state.ledger.tasks_of(job)[0]
     old_port = task.ports["web"]
     [move] = h.request(Drain(7, "n1", True, h.now))
     copy = task.successor
@@ -167,16 +167,16 @@ def test_make_before_break_starts_the_new_copy_and_stops_the_old_only_once_it_se
     h.now += 2
     h.handle(Tick(h.now))
     assert f"{task.id}.0" in h.killed()
-    event = h.state.moves.migrations[move.id]
+    event = h.state.ledger.migrations[move.id]
     assert event.duration == 3 and event.node == copy.node
     # The table holds the task once, on its new node.
-    assert h.state.allocated("n1").cpus == 0 and h.state.allocated(copy.node).cpus == 1
+    assert h.state.ledger.allocated("n1").cpus == 0 and h.state.ledger.allocated(copy.node).cpus == 1
 
 
 def test_a_new_copy_that_never_serves_is_given_up_and_the_task_stays() -> None:
     h = Harness(policy=RebalancePolicy(cooldown=0))
     [job] = only_n1(h, SERVICE)
-    task = h.state.tasks_of(job)[0]
+    task = h.state.ledger.tasks_of(job)[0]
     [move] = h.request(Drain(7, "n1", True, h.now))
     copy = task.successor
     assert copy is not None
@@ -186,8 +186,8 @@ def test_a_new_copy_that_never_serves_is_given_up_and_the_task_stays() -> None:
         h.handle(Tick(h.now))
     assert task.successor is None and task.node == "n1" and task.state is TaskState.RUNNING
     assert f"{task.id}.1" in h.killed() and f"{task.id}.0" not in h.killed()
-    assert "did not serve" in h.state.moves.migrations[move.id].failed
-    assert h.state.allocated(copy.node).cpus == 0
+    assert "did not serve" in h.state.ledger.migrations[move.id].failed
+    assert h.state.ledger.allocated(copy.node).cpus == 0
 
 
 def _run(task_id: str, attempt: int, healthy: bool) -> RunReport:
@@ -203,7 +203,7 @@ def _run(task_id: str, attempt: int, healthy: bool) -> RunReport:
 def test_a_new_copy_that_dies_is_given_up_at_once() -> None:
     h = Harness()
     [job] = only_n1(h, SERVICE)
-    task = h.state.tasks_of(job)[0]
+    task = h.state.ledger.tasks_of(job)[0]
     [move] = h.request(Drain(7, "n1", True, h.now))
     copy = task.successor
     assert copy is not None
@@ -216,4 +216,4 @@ def test_a_new_copy_that_dies_is_given_up_at_once() -> None:
     )
     h.handle(FromAgent(copy.node, RunReports(reports=[ended]), h.now))
     assert task.successor is None and task.node == "n1" and task.state is TaskState.RUNNING
-    assert "exited with status 3" in h.state.moves.migrations[move.id].failed
+    assert "exited with status 3" in h.state.ledger.migrations[move.id].failed

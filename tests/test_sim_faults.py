@@ -21,7 +21,7 @@ def cluster(seed: int, n: int = 2, **kw) -> SimCluster:
 def job_state(sim: SimCluster, job_id: int) -> JobState:
     from shoal.model import job_state as derive
 
-    return derive(sim.master.jobs[job_id], sim.master.tasks_of(job_id))
+    return derive(sim.master.ledger.jobs[job_id], sim.master.ledger.tasks_of(job_id))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -29,9 +29,9 @@ def test_tasks_run_and_finish(seed: int) -> None:
     sim = cluster(seed)
     job = sim.submit({"command": "sleep 2", "count": 4, "resources": {"cpus": 1}})
     sim.advance(0.5)
-    assert {t.state for t in sim.master.tasks_of(job)} == {TaskState.RUNNING}
+    assert {t.state for t in sim.master.ledger.tasks_of(job)} == {TaskState.RUNNING}
     sim.run_until(lambda: job_state(sim, job) is JobState.COMPLETE)
-    assert all(sim.spawns[t.id] == 1 for t in sim.master.tasks_of(job))
+    assert all(sim.spawns[t.id] == 1 for t in sim.master.ledger.tasks_of(job))
     # acknowledged end states leave the agents' tables
     sim.advance(1.0)
     assert all(not n.state.runs for n in sim.nodes.values())
@@ -42,7 +42,7 @@ def test_exit_codes_are_kept(seed: int) -> None:
     sim = cluster(seed)
     job = sim.submit({"command": "exit 3"})
     sim.run_until(lambda: job_state(sim, job) is JobState.FAILED)
-    (task,) = sim.master.tasks_of(job)
+    (task,) = sim.master.ledger.tasks_of(job)
     assert (task.state, task.exit_code) == (TaskState.FAILED, 3)
 
 
@@ -53,7 +53,7 @@ def test_kill_stops_every_process(seed: int) -> None:
     sim.advance(1.0)
     sim.kill_job(job)
     sim.run_until(lambda: job_state(sim, job) is JobState.KILLED)
-    assert all(sim.live_processes(t.id) == [] for t in sim.master.tasks_of(job))
+    assert all(sim.live_processes(t.id) == [] for t in sim.master.ledger.tasks_of(job))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -63,17 +63,17 @@ def test_lost_agent_tasks_rerun_elsewhere(seed: int) -> None:
         {"command": "sleep 30", "count": 2, "resources": {"cpus": 3}, "restart": {"attempts": 1, "delay": 0}}
     )
     sim.advance(1.0)
-    victim = sim.master.tasks[f"{job}.0"].node
+    victim = sim.master.ledger.tasks[f"{job}.0"].node
     survivor = "node2" if victim == "node1" else "node1"
     sim.kill_agent(victim)
     sim.advance(3.0 + 1.0)  # within the heartbeat timeout plus one master tick
-    assert sim.master.nodes[victim].status is NodeStatus.DOWN
-    task = sim.master.tasks[f"{job}.0"]
+    assert sim.master.ledger.nodes[victim].status is NodeStatus.DOWN
+    task = sim.master.ledger.tasks[f"{job}.0"]
     assert task.history[0].state is TaskState.LOST
     # the survivor is full (3 of 4 cpus in use) until the other task ends; then it reruns there
-    sim.run_until(lambda: sim.master.tasks[f"{job}.0"].state is TaskState.RUNNING, limit=60)
-    assert sim.master.tasks[f"{job}.0"].node == survivor
-    assert sim.master.tasks[f"{job}.0"].attempt == 1
+    sim.run_until(lambda: sim.master.ledger.tasks[f"{job}.0"].state is TaskState.RUNNING, limit=60)
+    assert sim.master.ledger.tasks[f"{job}.0"].node == survivor
+    assert sim.master.ledger.tasks[f"{job}.0"].attempt == 1
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -81,9 +81,9 @@ def test_lost_without_attempts_left_stays_lost(seed: int) -> None:
     sim = cluster(seed, heartbeat_timeout=3.0)
     job = sim.submit({"command": "sleep 30"})
     sim.advance(1.0)
-    sim.kill_agent(sim.master.tasks[f"{job}.0"].node)
+    sim.kill_agent(sim.master.ledger.tasks[f"{job}.0"].node)
     sim.advance(5.0)
-    assert sim.master.tasks[f"{job}.0"].state is TaskState.LOST
+    assert sim.master.ledger.tasks[f"{job}.0"].state is TaskState.LOST
     assert job_state(sim, job) is JobState.FAILED
 
 
@@ -94,11 +94,11 @@ def test_master_restart_keeps_jobs_and_readopts_tasks(seed: int) -> None:
     sim.advance(1.0)
     queued = sim.submit({"command": "sleep 1", "count": 20, "resources": {"cpus": 4}})
     sim.restart_master()  # nothing in flight survives, only the store
-    assert set(sim.master.jobs) == {running, queued}
+    assert set(sim.master.ledger.jobs) == {running, queued}
     sim.run_until(lambda: job_state(sim, running) is JobState.COMPLETE, limit=30)
-    assert all(sim.spawns[t.id] == 1 for t in sim.master.tasks_of(running)), "a task ran twice"
+    assert all(sim.spawns[t.id] == 1 for t in sim.master.ledger.tasks_of(running)), "a task ran twice"
     sim.run_until(lambda: job_state(sim, queued) is JobState.COMPLETE, limit=60)
-    assert all(sim.spawns[t.id] == 1 for t in sim.master.tasks_of(queued))
+    assert all(sim.spawns[t.id] == 1 for t in sim.master.ledger.tasks_of(queued))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -109,7 +109,7 @@ def test_kill_while_agents_are_away_reaches_them_when_they_return(seed: int) -> 
     sim.restart_master()
     sim.kill_job(job)  # before any agent has reconnected: the kill frames go nowhere
     sim.run_until(lambda: job_state(sim, job) is JobState.KILLED, limit=10)
-    assert all(sim.live_processes(t.id) == [] for t in sim.master.tasks_of(job))
+    assert all(sim.live_processes(t.id) == [] for t in sim.master.ledger.tasks_of(job))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -117,10 +117,10 @@ def test_agent_restart_readopts_its_runs(seed: int) -> None:
     sim = cluster(seed)
     job = sim.submit({"command": "sleep 5", "resources": {"cpus": 1}})
     sim.advance(1.0)
-    node = sim.master.tasks[f"{job}.0"].node
+    node = sim.master.ledger.tasks[f"{job}.0"].node
     sim.restart_agent(node)
     sim.advance(1.0)
-    assert sim.master.tasks[f"{job}.0"].state is TaskState.RUNNING
+    assert sim.master.ledger.tasks[f"{job}.0"].state is TaskState.RUNNING
     sim.run_until(lambda: job_state(sim, job) is JobState.COMPLETE)
     assert sim.spawns[f"{job}.0"] == 1
 
@@ -130,12 +130,12 @@ def test_run_that_ends_while_its_agent_is_away_reports_its_exit(seed: int) -> No
     sim = SimCluster([sim_node("node1")], seed=seed, runtime=lambda spec: (2.0, 7))
     job = sim.submit({"command": "work"})
     sim.advance(1.0)
-    assert sim.master.tasks[f"{job}.0"].state is TaskState.RUNNING
+    assert sim.master.ledger.tasks[f"{job}.0"].state is TaskState.RUNNING
     sim.stop_agent("node1")
     sim.advance(2.0)  # the process ends meanwhile; the node is not yet timed out
     sim.start_agent("node1")
-    sim.run_until(lambda: sim.master.tasks[f"{job}.0"].state.terminal, limit=10)
-    task = sim.master.tasks[f"{job}.0"]
+    sim.run_until(lambda: sim.master.ledger.tasks[f"{job}.0"].state.terminal, limit=10)
+    task = sim.master.ledger.tasks[f"{job}.0"]
     assert (task.state, task.exit_code) == (TaskState.FAILED, 7)
     assert sim.spawns[f"{job}.0"] == 1
 
@@ -147,10 +147,10 @@ def test_partitioned_node_orphans_are_killed_after_heal(seed: int) -> None:
         {"command": "sleep 60", "resources": {"cpus": 1}, "restart": {"attempts": 2, "delay": 0}}
     )
     sim.advance(1.0)
-    first = sim.master.tasks[f"{job}.0"].node
+    first = sim.master.ledger.tasks[f"{job}.0"].node
     sim.partition(first)
     sim.advance(5.0)
-    task = sim.master.tasks[f"{job}.0"]
+    task = sim.master.ledger.tasks[f"{job}.0"]
     assert task.attempt == 1 and task.node != first and task.state is TaskState.RUNNING
     sim.heal(first)
     sim.advance(2.0)
@@ -163,7 +163,7 @@ def test_unschedulable_spec_is_refused_with_the_reason() -> None:
         sim.submit({"command": "x", "resources": {"cpus": 64}})
     assert info.value.field == "resources"
     assert info.value.reason == "unschedulable: needs 64 cpus, the largest node has 4"
-    assert sim.master.jobs == {}
+    assert sim.master.ledger.jobs == {}
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -171,11 +171,13 @@ def test_priority_preempts_lower_work_which_requeues_and_runs_later(seed: int) -
     sim = cluster(seed)  # 2 nodes of 4 cpus
     low = sim.submit({"command": "sleep 20", "count": 8, "resources": {"cpus": 1}, "priority": 1})
     sim.advance(1.0)
-    assert all(t.state is TaskState.RUNNING for t in sim.master.tasks_of(low))
+    assert all(t.state is TaskState.RUNNING for t in sim.master.ledger.tasks_of(low))
     high = sim.submit({"command": "sleep 5", "count": 2, "resources": {"cpus": 2}, "priority": 10})
-    sim.run_until(lambda: all(t.state is TaskState.RUNNING for t in sim.master.tasks_of(high)), limit=10)
+    sim.run_until(
+        lambda: all(t.state is TaskState.RUNNING for t in sim.master.ledger.tasks_of(high)), limit=10
+    )
     preempted = [
-        t for t in sim.master.tasks_of(low) if t.history and t.history[-1].state is TaskState.PREEMPTED
+        t for t in sim.master.ledger.tasks_of(low) if t.history and t.history[-1].state is TaskState.PREEMPTED
     ]
     assert len(preempted) == 4  # exactly the room of the two high tasks
     assert all(t.history[-1].message == f"preempted for job {high}" for t in preempted)
@@ -196,11 +198,13 @@ def test_a_queue_takes_back_its_guarantee_from_a_borrower(seed: int) -> None:
     sim = cluster(seed, policy=Policy(queues=queues))  # 2 nodes of 4 cpus
     borrower = sim.submit({"command": "sleep 100", "count": 8, "resources": {"cpus": 1}, "queue": "x"})
     sim.advance(1.0)
-    assert sum(t.state is TaskState.RUNNING for t in sim.master.tasks_of(borrower)) == 8
+    assert sum(t.state is TaskState.RUNNING for t in sim.master.ledger.tasks_of(borrower)) == 8
     owner = sim.submit({"command": "sleep 100", "count": 4, "resources": {"cpus": 1}, "queue": "y"})
-    sim.run_until(lambda: all(t.state is TaskState.RUNNING for t in sim.master.tasks_of(owner)), limit=10)
-    assert sum(t.state is TaskState.RUNNING for t in sim.master.tasks_of(borrower)) == 4
-    assert sum(t.state is TaskState.PENDING for t in sim.master.tasks_of(borrower)) == 4
+    sim.run_until(
+        lambda: all(t.state is TaskState.RUNNING for t in sim.master.ledger.tasks_of(owner)), limit=10
+    )
+    assert sum(t.state is TaskState.RUNNING for t in sim.master.ledger.tasks_of(borrower)) == 4
+    assert sum(t.state is TaskState.PENDING for t in sim.master.ledger.tasks_of(borrower)) == 4
 
 
 def test_a_large_array_runs_to_the_end_a_slice_per_cycle(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -212,15 +216,15 @@ def test_a_large_array_runs_to_the_end_a_slice_per_cycle(monkeypatch: pytest.Mon
     assert len(stored) == 50  # the first slice was placed; the rest is implied by the job row
     assert {t.state for t in stored} == {TaskState.ASSIGNED}
     sim.run_until(lambda: job_state(sim, job) is JobState.COMPLETE, limit=60)
-    assert all(sim.spawns[t.id] == 1 for t in sim.master.tasks_of(job))
+    assert all(sim.spawns[t.id] == 1 for t in sim.master.ledger.tasks_of(job))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_task_is_stopped_at_its_time_limit(seed: int) -> None:
     sim = cluster(seed)
     job = sim.submit({"command": "sleep 100", "time_limit": 2})
-    sim.run_until(lambda: sim.master.tasks[f"{job}.0"].state.terminal, limit=10)
-    task = sim.master.tasks[f"{job}.0"]
+    sim.run_until(lambda: sim.master.ledger.tasks[f"{job}.0"].state.terminal, limit=10)
+    task = sim.master.ledger.tasks[f"{job}.0"]
     assert task.state is TaskState.FAILED and task.message == "stopped at its time limit of 2s"
     assert 2.0 <= task.finished_at - task.started_at <= 3.5
 
@@ -234,8 +238,8 @@ def test_backfill_lets_short_jobs_pass_without_delaying_the_big_one(seed: int) -
     short = sim.submit({"command": "sleep 2", "resources": {"cpus": 1}, "time_limit": 3})
     endless = sim.submit({"command": "sleep 2", "resources": {"cpus": 1}})
     sim.advance(0.5)
-    assert sim.master.tasks[f"{short}.0"].state is TaskState.RUNNING  # fits before the reservation
-    assert sim.master.tasks[f"{endless}.0"].state is TaskState.PENDING  # would delay it
-    sim.run_until(lambda: sim.master.tasks[f"{big}.0"].state is TaskState.RUNNING, limit=20)
-    started = sim.master.tasks[f"{big}.0"].started_at
-    assert started <= sim.master.tasks[f"{long}.0"].finished_at + 1.0
+    assert sim.master.ledger.tasks[f"{short}.0"].state is TaskState.RUNNING  # fits before the reservation
+    assert sim.master.ledger.tasks[f"{endless}.0"].state is TaskState.PENDING  # would delay it
+    sim.run_until(lambda: sim.master.ledger.tasks[f"{big}.0"].state is TaskState.RUNNING, limit=20)
+    started = sim.master.ledger.tasks[f"{big}.0"].started_at
+    assert started <= sim.master.ledger.tasks[f"{long}.0"].finished_at + 1.0

@@ -61,6 +61,13 @@ class MasterSettings(_Settings):
         description="sync every acknowledged change to disk before answering "
         "(off: faster, but a power loss may lose the last changes)",
     )
+    job_retention: float = Field(
+        3600.0, ge=0, description="seconds a finished job is kept (then pruned, as Nomad's job GC)"
+    )
+    job_retention_count: int = Field(
+        10_000, ge=0, le=10_000_000, description="finished jobs (and migrations) kept at most"
+    )
+    audit_retention_count: int = Field(100_000, ge=1, description="audit records kept at most")
     heartbeat_timeout: float = Field(10.0, gt=0, description="seconds of silence before a node is down")
     tick: float = Field(0.5, gt=0, description="seconds between checks of timeouts and delays")
     admin_token: SecretStr | None = None

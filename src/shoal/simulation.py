@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import random
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import numpy as np
 
 from shoal.core.scheduler import Policy
 from shoal.errors import SpecError
+from shoal.master.ledger import Retention
 from shoal.model import JobSpec, Resources, TaskState
 from shoal.testing.sim import SimCluster, sim_node
 
@@ -151,6 +153,8 @@ def simulate(
         seed=seed,
         heartbeat_timeout=1e9,
         policy=policy,
+        # The report reads every job at the end: nothing finished is pruned before it.
+        retention=Retention(age=math.inf, count=sys.maxsize),
         check=False,
     )
     sim.advance(1.0)
@@ -167,7 +171,7 @@ def simulate(
         + 60
     )
     finished = 0
-    while (pending or finished < len(sim.master.tasks)) and sim.now < horizon:
+    while (pending or finished < len(sim.master.ledger.tasks)) and sim.now < horizon:
         due = start + pending[-1].submit if pending else math.inf
         sim.advance(min(sample_every, max(0.0, due - sim.now)))
         while pending and start + pending[-1].submit <= sim.now:
@@ -177,10 +181,10 @@ def simulate(
             except SpecError:
                 continue  # refused as a live master would refuse it; not part of the run
             job_of[job_id] = arrival
-        used = float(sim.master.table.allocated[:, 0].sum())
-        queued = sum(len(ids) for ids in sim.master.pending.values())
+        used = float(sim.master.ledger.table.allocated[:, 0].sum())
+        queued = sum(len(ids) for ids in sim.master.ledger.pending.values())
         samples.append((sim.now - start, used / total_cpus, queued))
-        now_finished = sum(1 for t in sim.master.tasks.values() if t.state.terminal)
+        now_finished = sum(1 for t in sim.master.ledger.tasks.values() if t.state.terminal)
         progress(now_finished - finished)
         finished = now_finished
     return _report(sim, job_of, samples)
@@ -190,15 +194,15 @@ def _report(sim: SimCluster, job_of: dict[int, Arrival], samples: list[tuple[flo
     waits_q: dict[str, list[float]] = defaultdict(list)
     waits_u: dict[str, list[float]] = defaultdict(list)
     preemptions = 0
-    for task in sim.master.tasks.values():
-        job = sim.master.jobs[task.job_id]
+    for task in sim.master.ledger.tasks.values():
+        job = sim.master.ledger.jobs[task.job_id]
         first = task.history[0].started_at if task.history else task.started_at
         preemptions += sum(a.state is TaskState.PREEMPTED for a in task.history)
         if first is not None:
             waits_q[job.spec.queue].append(first - job.submitted_at)
             waits_u[job.owner].append(first - job.submitted_at)
     makespan = samples[-1][0] if samples else 0.0
-    tasks = len(sim.master.tasks)
+    tasks = len(sim.master.ledger.tasks)
     return Report(
         jobs=len(job_of),
         tasks=tasks,

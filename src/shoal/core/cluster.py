@@ -97,13 +97,15 @@ class NodeTable:
     # --- resource vectors ----------------------------------------------------------------
 
     def vector(self, resources: Resources) -> np.ndarray:
-        """`resources` as a row over this table's dimensions (new custom ones are added)."""
-        for name in resources.custom:
-            self._ensure_dim(name)
+        """`resources` as a row over this table's dimensions. A read never widens the table:
+        a custom resource no node has declared is an error (callers refuse such asks first)."""
         row = np.zeros(len(self.dims))
         row[:4] = (resources.cpus, resources.mem, resources.disk, resources.gpus)
         for name, amount in resources.custom.items():
-            row[self._dim_index[name]] = amount
+            index = self._dim_index.get(name)
+            if index is None:
+                raise KeyError(f"no node has a resource named {name!r}")
+            row[index] = amount
         return row
 
     def _ensure_dim(self, name: str) -> None:
@@ -121,7 +123,10 @@ class NodeTable:
     # --- changes -------------------------------------------------------------------------
 
     def upsert(self, name: str, capacity: Resources, attributes: Mapping[str, str], schedulable: bool) -> int:
-        """Add a node or refresh what it reports; returns its row."""
+        """Add a node or refresh what it reports; returns its row. A custom resource the node
+        declares adds a dimension, the one way the table widens."""
+        for dim in capacity.custom:
+            self._ensure_dim(dim)
         vec = self.vector(capacity)
         row = self.index.get(name)
         if row is None:

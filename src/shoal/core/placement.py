@@ -118,7 +118,7 @@ class Placer:
         filters = self.masks.filters(g.constraints, g.nodes)
         return self.table.schedulable.copy() if filters is None else self.table.schedulable & filters
 
-    def _limits(self, g: Group, rows: Rows) -> np.ndarray | bool:
+    def limits(self, g: Group, rows: Rows) -> np.ndarray | bool:
         """Rows still under the job's per-node and per-value task limits."""
         if g.max_per_node is None and not g.max_per:
             return True
@@ -155,7 +155,7 @@ class Placer:
         return rows, self._fit(g, rows, mask, ask)
 
     def _fit(self, g: Group, rows: Rows, mask: np.ndarray, ask: np.ndarray) -> np.ndarray:
-        fit = mask[rows] & self._limits(g, rows)
+        fit = mask[rows] & self.limits(g, rows)
         free = self.table.free
         for d in np.flatnonzero(ask):
             fit &= free[rows, d] >= ask[d] - _EPS
@@ -244,7 +244,7 @@ class Placer:
         free = self.table.free[row].tolist()
         if not mask[row] or any(f < a - _EPS for f, a in zip(free, ask, strict=False)):
             return _NEG
-        if (g.max_per_node or g.max_per) and not np.all(self._limits(g, slice(row, row + 1))):
+        if (g.max_per_node or g.max_per) and not np.all(self.limits(g, slice(row, row + 1))):
             return _NEG
         if g.affinities:
             return float(self.score(g, strategy, slice(row, row + 1), np.array(ask))[0])
@@ -285,7 +285,7 @@ class Placer:
             drop(~self.masks.nodes(g.nodes), "is outside the node set", "are outside the node set")
         for c in g.constraints:
             drop(~self.masks.constraint(c), f"fails {c}", f"fail {c}")
-        under = self._limits(g, slice(0, len(self.table)))
+        under = self.limits(g, slice(0, len(self.table)))
         if under is not True:
             drop(~under, "holds the job's most tasks", "hold the job's most tasks")
         for d, dim in enumerate(self.table.dims):

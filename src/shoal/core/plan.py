@@ -25,11 +25,13 @@ class Running:
 
 
 class Placement(NamedTuple):
-    """A task to start on a node. A named tuple: cycles make these by the thousand."""
+    """A task to start on a node. A named tuple: cycles make these by the thousand.
+    `copy`: a second copy of a running task (a make-before-break move), not the task itself."""
 
     task_id: str
     node: str
     resources: Resources
+    copy: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -196,8 +196,7 @@ class _Cycle:
         self.now = now
         self.running = running
         self.reservation: _Reservation | None = None
-        # Every ask as a table row, made before any placement: a custom resource first named
-        # here adds its column to the table now, not in the middle of the cycle.
+        # Every ask as a table row, made once per job for the whole cycle.
         self.asks = {g.job_id: table.vector(g.ask) for g in groups}
         self.placer = Placer(table, masks, policy.window)
         self.queue_weights = {n: q.weight for n, q in policy.queues.items()}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import pathlib
 import random
 import time
@@ -24,11 +23,13 @@ from pydantic import SecretStr
 
 from shoal.config import MasterSettings
 from shoal.errors import Forbidden, NotFound, ShoalError, SpecError
+from shoal.files import write_secret
 from shoal.framework import protocol as fp
 from shoal.master.auth import Tokens, new_token
 from shoal.master.blobs import BlobStore
 from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, RebalanceNow, Submit
 from shoal.master.frameworks import FrameworkPolicy
+from shoal.master.ledger import Retention
 from shoal.master.server import Master, Unavailable, tune_collector
 from shoal.master.shell import Order
 from shoal.master.store.sqlite import SqliteStore
@@ -59,9 +60,7 @@ def _secret_file(path: pathlib.Path, given: str | None) -> str:
     if given is None and path.exists():
         return path.read_text().strip()
     token = given or new_token()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    write_secret(path, token + "\n")
     return token
 
 
@@ -72,7 +71,9 @@ def _reveal(secret: SecretStr | None) -> str | None:
 def open_master(settings: MasterSettings) -> Master:
     """The master over its state directory: store, tokens (made on first start), ledger."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    store = SqliteStore(settings.state_dir / "shoal.db", fsync=settings.fsync)
+    store = SqliteStore(
+        settings.state_dir / "shoal.db", fsync=settings.fsync, audit_limit=settings.audit_retention_count
+    )
     cluster = _secret_file(settings.state_dir / "cluster.token", _reveal(settings.cluster_token))
     tokens = Tokens(store, cluster)
     tokens.add(
@@ -93,6 +94,7 @@ def open_master(settings: MasterSettings) -> Master:
         settings.tick,
         frameworks,
         settings.rebalancing(),
+        Retention(settings.job_retention, settings.job_retention_count),
     )
 
 
@@ -192,24 +194,24 @@ TASKS_SHOWN = 1000  # tasks in a job's view unless asked for another page
 
 
 def _job(master: Master, caller: Caller, job_id: int, offset: int = 0, limit: int = TASKS_SHOWN) -> JobView:
-    job = master.state.jobs.get(job_id)
+    job = master.state.ledger.jobs.get(job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
     if not caller.may_see(job.owner):
         raise Forbidden(f"job {job_id} belongs to another user")
     return JobView.detail(
         job,
-        master.state.tasks_of(job_id),
+        master.state.ledger.tasks_of(job_id),
         master.state.waiting.get(job_id, ""),
         slice(offset, offset + limit),
     )
 
 
 def _task(master: Master, caller: Caller, task_id: str) -> TaskRecord:
-    task = master.state.tasks.get(task_id)
+    task = master.state.ledger.tasks.get(task_id)
     if task is None:
         raise NotFound(f"no task {task_id}")
-    if not caller.may_see(master.state.jobs[task.job_id].owner):
+    if not caller.may_see(master.state.ledger.jobs[task.job_id].owner):
         raise Forbidden(f"task {task_id} belongs to another user")
     return task
 
@@ -227,8 +229,8 @@ def _routes(app: FastAPI) -> None:
     async def jobs(master: MasterDep, caller: CallerDep) -> list[JobView]:
         state = master.state
         return [
-            JobView.summary(job, state.tasks_of(job.id))
-            for job in state.jobs.values()
+            JobView.summary(job, state.ledger.tasks_of(job.id))
+            for job in state.ledger.jobs.values()
             if caller.may_see(job.owner)
         ]
 
@@ -400,7 +402,7 @@ def _routes(app: FastAPI) -> None:
     @app.get("/v1/rebalance", response_model=list[PlannedMove])
     async def rebalance_plan(master: MasterDep, caller: CallerDep) -> list[PlannedMove]:
         """The moves a rebalancing round would make now, and why (a dry run)."""
-        names = master.state.table.names
+        names = master.state.ledger.table.names
         return [
             PlannedMove(task_id=m.task_id, source=names[m.source], target=names[m.target], reason=m.reason)
             for m in master.state.moves.plan(time.time())
@@ -438,7 +440,7 @@ def _routes(app: FastAPI) -> None:
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     ) -> list[Migration]:
         """Migrations, newest first: reason, source, target and how long the move took."""
-        return sorted(master.state.moves.migrations.values(), key=lambda m: -m.id)[:limit]
+        return sorted(master.state.ledger.migrations.values(), key=lambda m: -m.id)[:limit]
 
     @app.get("/v1/whoami", response_model=Caller)
     async def whoami(caller: CallerDep) -> Caller:

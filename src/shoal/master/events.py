@@ -123,6 +123,8 @@ class Persist:
     updates: tuple[tuple[str, p.TaskStatus], ...] = ()  # (framework, status) to deliver
     acked: tuple[str, ...] = ()  # uuids of updates delivered and acknowledged
     migrations: tuple[Migration, ...] = ()
+    forgotten_jobs: tuple[int, ...] = ()  # finished jobs past retention: gone with their tasks
+    forgotten_migrations: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,12 +24,12 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from shoal.core.fairness import Shares
 from shoal.core.offers import Claimant, Outstanding, allocate, fair_shares, native_caps
+from shoal.core.plan import Placement, Plan
 from shoal.core.scheduler import Policy
 from shoal.errors import Forbidden, NotFound, SpecError
 from shoal.framework import protocol as p
@@ -43,12 +43,9 @@ from shoal.master.events import (
     SubscribeFramework,
     ToFramework,
 )
+from shoal.master.ledger import Ledger
 from shoal.model import JobRecord, TaskRecord, TaskState
 from shoal.views import FrameworkView
-from shoal.wire import Kill as KillFrame
-
-if TYPE_CHECKING:
-    from shoal.master.state import MasterState
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +86,15 @@ class _Framework:
 class FrameworkDesk:
     def __init__(
         self,
-        ledger: MasterState,
+        ledger: Ledger,
+        scheduling: Policy,
         policy: FrameworkPolicy,
         records: list[p.FrameworkRecord],
         updates: list[tuple[str, p.TaskStatus]],
         now: float,
     ) -> None:
         self.ledger = ledger
+        self.scheduling = scheduling  # the queues (roles), their weights and limits
         self.policy = policy
         self.frameworks: dict[str, _Framework] = {}
         for record in records:
@@ -128,8 +127,8 @@ class FrameworkDesk:
                 e.request, Forbidden(f"{e.principal.name} may not subscribe frameworks in role {body.role!r}")
             )
             return
-        if body.role not in self.ledger.policy.queues:
-            known = ", ".join(sorted(self.ledger.policy.queues))
+        if body.role not in self.scheduling.queues:
+            known = ", ".join(sorted(self.scheduling.queues))
             self._deny(
                 e.request, SpecError("role", f"no role (queue) named {body.role!r}; there are: {known}")
             )
@@ -223,7 +222,7 @@ class FrameworkDesk:
             case p.Acknowledge():
                 for uuid in call.uuids:
                     if fw.updates.pop(uuid, None) is not None:
-                        self.ledger.changes.acked.append(uuid)
+                        self.ledger.acknowledged(uuid)
             case p.Reconcile():
                 self._reconcile(fw, call.tasks, now)
             case p.Teardown():
@@ -250,6 +249,11 @@ class FrameworkDesk:
         node, row = offers[0].node, offers[0].row
         offered = sum((o.amount for o in offers), np.zeros(len(ledger.table.dims)))
         specs = [t.spec(fw.record.role) for t in call.tasks]
+        for i, spec in enumerate(specs):
+            if unknown := ledger.unknown_resources(spec.resources):
+                raise SpecError(
+                    f"tasks.{i}.resources.custom.{unknown[0]}", f"no node has a resource named {unknown[0]!r}"
+                )
         asked = sum((ledger.table.vector(s.resources) for s in specs), np.zeros(len(ledger.table.dims)))
         offered = np.pad(offered, (0, len(asked) - len(offered)))
         for d, dim in enumerate(ledger.table.dims):
@@ -262,48 +266,29 @@ class FrameworkDesk:
             if job_id is not None and not ledger.tasks_of(job_id)[0].state.terminal:
                 raise SpecError(f"tasks.{i}.name", f"task {launch.name} of this framework is still live")
         ports = sum(len(s.ports) for s in specs)
-        low, high = ledger.nodes[node].info.port_range
-        if ports > high - low + 1 - len(ledger.ports[node]):
+        if ports > ledger.free_ports(node):
             raise SpecError("tasks", f"the tasks ask for {ports} ports; {node} has fewer free")
         for offer in offers:
             self._drop_offer(offer.id)
         if call.refuse_seconds:
             self._refuse(fw, row, offered - asked, now + call.refuse_seconds)
-        jobs = {
-            launch.name: self._launch(fw, node, spec, now)
-            for launch, spec in zip(call.tasks, specs, strict=True)
-        }
+        jobs = {}
+        placements = []
+        for launch, spec in zip(call.tasks, specs, strict=True):
+            job = ledger.add_job(fw.record.principal, spec, now, framework=fw.record.id)
+            fw.tasks[launch.name] = jobs[launch.name] = job.id
+            placements.append(Placement(f"{job.id}.0", node, spec.resources))
+        # The offers held this room until a moment ago: the plan is checked all the same.
+        verdict = ledger.place(Plan(tuple(placements)), now)
+        for task_id, reason in verdict.rejected.items():
+            ledger.transition(ledger.tasks[task_id], TaskState.KILLED, now, message=f"not placed: {reason}")
         return p.Accepted(jobs=jobs)
-
-    def _launch(self, fw: _Framework, node: str, spec: p.JobSpec, now: float) -> int:
-        ledger = self.ledger
-        job = JobRecord(
-            id=ledger.next_job_id,
-            owner=fw.record.principal,
-            spec=spec,
-            submitted_at=now,
-            framework=fw.record.id,
-        )
-        ledger.next_job_id += 1
-        ledger.jobs[job.id] = job
-        ledger.changes.jobs[job.id] = job
-        fw.tasks[spec.name] = job.id
-        task = TaskRecord(id=f"{job.id}.0", job_id=job.id, index=0)
-        ledger.tasks[task.id] = task
-        ledger.job_tasks[job.id].append(task.id)
-        ledger.pending[job.id][task.id] = None
-        ledger.start(task, node, now)
-        return job.id
 
     def _kill(self, fw: _Framework, name: str) -> None:
         job_id = fw.tasks.get(name)
         if job_id is None:
             raise NotFound(f"no task {name} of this framework")
-        task = self.ledger.tasks_of(job_id)[0]
-        if task.state.active and not task.kill_requested:
-            task.kill_requested = True
-            self.ledger.changes.tasks[task.id] = task
-            self.ledger.send(task.node, KillFrame(run_ids=[task.run_id]))
+        self.ledger.request_kill(self.ledger.tasks_of(job_id)[0])
 
     def _reconcile(self, fw: _Framework, names: list[str], now: float) -> None:
         if not names:
@@ -341,8 +326,17 @@ class FrameworkDesk:
             return
         status = self._status(task, job.spec.name, now)
         fw.updates[status.uuid or ""] = status
-        self.ledger.changes.updates.append((fw.record.id, status))
+        self.ledger.add_update(fw.record.id, status)
         self._emit(fw, p.Update(status=status))
+
+    def forget(self, jobs: list[int]) -> None:
+        """Finished jobs the ledger pruned: their tasks' names are free of them."""
+        if not jobs:
+            return
+        gone = set(jobs)
+        for fw in self.frameworks.values():
+            for name in [n for n, job_id in fw.tasks.items() if job_id in gone]:
+                del fw.tasks[name]
 
     def node_lost(self, node: str) -> None:
         for offer in [o for o in self.offers.values() if o.node == node]:
@@ -410,13 +404,13 @@ class FrameworkDesk:
             )
             for o in self.offers.values()
         ]
-        got = allocate(ledger.table, self.shares(), claimants, outstanding, ledger.policy, self.cycles)
+        got = allocate(ledger.table, self.shares(), claimants, outstanding, self.scheduling, self.cycles)
         for offer_id in got.rescinded:
             self._rescind(offer_id)
         names = ledger.table.names
         for offered in got.offers:
             fw = self.frameworks[offered.framework]
-            ledger.table.allocate_many(offered.rows, offered.amounts)
+            ledger.hold(offered.rows, offered.amounts)
             made = []
             first = self._serial + 1
             self._serial += len(offered.rows)
@@ -449,7 +443,7 @@ class FrameworkDesk:
         return dataclasses.replace(policy, queues=queues)
 
     def shares(self) -> Shares:
-        policy = self.ledger.policy
+        policy = self.scheduling
         return Shares(
             self.ledger.table,
             self.ledger.usage,
@@ -468,7 +462,7 @@ class FrameworkDesk:
             for fw in live
             if fw.connection is not None and not fw.record.suppressed
         ]
-        fair = fair_shares(wanting, ledger.policy)
+        fair = fair_shares(wanting, self.scheduling)
         return [
             FrameworkView(
                 id=fw.record.id,
@@ -543,8 +537,7 @@ class FrameworkDesk:
         """End an offer and give its resources back (no event: its holder ended it, or is gone)."""
         offer = self.offers.pop(offer_id)
         self.frameworks[offer.framework].offers.pop(offer_id, None)
-        self.ledger.table.release(offer.row, offer.amount)
-        self.ledger.room_freed()
+        self.ledger.unhold(offer.row, offer.amount)
         return offer
 
     def _rescind(self, offer_id: str) -> None:
@@ -558,16 +551,16 @@ class FrameworkDesk:
         if fw.connection is None:
             return
         self._emit(fw, p.Error(message=why))
-        self.ledger.changes.out.append(CloseStream(fw.connection))
+        self.ledger.emit(CloseStream(fw.connection))
         self.by_connection.pop(fw.connection, None)
         fw.connection = None
 
     def _emit(self, fw: _Framework, event: p.Told | OffersMade) -> None:
         if fw.connection is not None:
-            self.ledger.changes.out.append(ToFramework(fw.connection, event))
+            self.ledger.emit(ToFramework(fw.connection, event))
 
     def _persist(self, fw: _Framework) -> None:
-        self.ledger.changes.frameworks[fw.record.id] = fw.record
+        self.ledger.save_framework(fw.record)
 
     def _deny(self, request: int, error: Exception) -> None:
         self.ledger.reply(request, error=error)

@@ -1,25 +1,24 @@
 """Moving tasks: the master's rebalancing rounds, drains and migrations (pure, like the
-rest of the ledger). `snapshot(state)` builds the core's view (`shoal.core.rebalance`) from
-the ledger, so the loop, `shoal rebalance --dry-run` and tests judge the same figures;
-`MoveDesk` carries the moves out.
+rest of the ledger). `snapshot(ledger)` builds the core's view (`shoal.core.rebalance`)
+from the ledger, so the loop, `shoal rebalance --dry-run` and tests judge the same figures;
+`MoveDesk` carries the moves out, each target checked by the core's rules
+(`shoal.core.targets`) and placed through a plan.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from shoal.core.plan import Placement, Plan
 from shoal.core.rebalance import Cluster, Movable, Move, RebalancePolicy, rebalance
+from shoal.core.targets import admissible, best_target
 from shoal.errors import NotFound
-from shoal.expressions import parse
 from shoal.master.events import Drain
-from shoal.model import Attempt, JobRecord, Migrate, Migration, Successor, TaskRecord, TaskState, run_id
+from shoal.master.ledger import Ledger
+from shoal.model import Attempt, Migrate, Migration, Strategy, TaskRecord, TaskState
 from shoal.wire import Kill
-
-if TYPE_CHECKING:
-    from shoal.master.state import MasterState
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,42 +28,48 @@ class Rebalancing:
     every: float = 15.0
 
 
-def snapshot(state: MasterState) -> tuple[Cluster, list[Movable]]:
-    table = state.table
+def snapshot(ledger: Ledger) -> tuple[Cluster, list[Movable]]:
+    table = ledger.table
     cores = table.capacity[:, 0].copy()
-    load = np.array([state.nodes[name].load for name in table.names]) if len(table) else np.zeros(0)
+    load = np.array([ledger.nodes[name].load for name in table.names]) if len(table) else np.zeros(0)
     cluster = Cluster(cores, load / 100 * cores, table.free.copy(), table.schedulable.copy())
+    allowed: dict[tuple[int, str], np.ndarray | None] = {}
     movables = []
-    for task_id in state.active:
-        task = state.tasks[task_id]
-        job = state.jobs[task.job_id]
-        busy = (
-            task.migrating is not None
-            or task.successor is not None
-            or task.kill_requested
-            or task.evicted_by is not None
-        )
-        if task.state is not TaskState.RUNNING or busy or job.framework or task.node not in table.index:
+    for task in ledger.active_tasks():
+        job = ledger.jobs[task.job_id]
+        if (
+            task.state is not TaskState.RUNNING
+            or _busy(task)
+            or job.framework
+            or task.node not in table.index
+        ):
             continue
+        key = (job.id, task.node)
+        if key not in allowed:
+            allowed[key] = admissible(table, ledger.masks, ledger.group(job.id, ()), task.node)
         movables.append(
             Movable(
                 task_id=task.id,
                 row=table.index[task.node],
                 load=(task.load.cpu_percent / 100) if task.load is not None else 0.0,
-                ask=table.vector(job.spec.resources),
+                ask=ledger.vector(task),
                 mode=job.spec.migrate,
                 priority=job.spec.priority,
                 moved_at=task.moved_at if task.moved_at is not None else -np.inf,
-                allowed=_allowed(state, job),
+                allowed=allowed[key],
             )
         )
     return cluster, movables
 
 
-def _allowed(state: MasterState, job: JobRecord) -> np.ndarray | None:
-    """The rows a job's tasks may run on (None: any)."""
-    names = frozenset(job.node_names) if job.node_names is not None else None
-    return state.masks.filters((parse(expr) for expr in job.spec.constraints), names)
+def _busy(task: TaskRecord) -> bool:
+    """Being stopped, moved or preempted already."""
+    return (
+        task.migrating is not None
+        or task.successor is not None
+        or task.kill_requested
+        or task.evicted_by is not None
+    )
 
 
 SUCCESSOR_PATIENCE = 60.0  # seconds a make-before-break copy has to serve
@@ -72,27 +77,26 @@ RETIRE_AFTER = 1.0  # seconds a replaced copy keeps answering before it is stopp
 
 
 class MoveDesk:
-    """The moving of tasks, part of `MasterState` (pure): rebalancing rounds, drains, and
-    migrations in every mode, each kept as a `Migration` record.
+    """The moving of tasks, part of the master's state (pure): rebalancing rounds, drains,
+    and migrations in every mode, each kept as a `Migration` record in the ledger.
 
     - restart and checkpoint: the task is stopped (`migrating` names its target) and, once it
-      has ended as MIGRATED, its next attempt starts on the target (or wherever the scheduler
-      places it); a checkpoint's saved state travels with the run spec.
-    - make-before-break: a second run of the task (`successor`, attempt n+1) starts on the
-      target with its own ports while the old one serves; when it reports healthy the task
-      becomes it and the old run is stopped `RETIRE_AFTER` later; a copy that does not serve
-      within `SUCCESSOR_PATIENCE`, ends, or loses its node is given up.
+      has ended as MIGRATED, its next attempt is placed on the target if the target still
+      admits it (or wherever the scheduler places it); a checkpoint's saved state travels
+      with the run spec.
+    - make-before-break: a second run of the task (`successor`, attempt n+1) is placed on
+      the target with its own ports while the old one serves; when it reports healthy the
+      task becomes it and the old run is stopped `RETIRE_AFTER` later; a copy that does not
+      serve within `SUCCESSOR_PATIENCE`, ends, or loses its node is given up.
     """
 
-    def __init__(
-        self, ledger: MasterState, rebalancing: Rebalancing, migrations: list[Migration], now: float
-    ) -> None:
+    def __init__(self, ledger: Ledger, rebalancing: Rebalancing, strategy: Strategy, now: float) -> None:
         self.ledger = ledger
         self.rebalancing = rebalancing
+        self.strategy = strategy  # the cluster's default, for jobs that name none
         self.next_round = now + rebalancing.every
-        self.migrations: dict[int, Migration] = {m.id: m for m in migrations}
         self._open: dict[str, int] = {  # task -> its migration, until it runs again
-            m.task_id: m.id for m in self.migrations.values() if m.running_at is None and not m.failed
+            m.task_id: m.id for m in ledger.migrations.values() if m.running_at is None and not m.failed
         }
         self._retiring: dict[str, tuple[str, float]] = {}  # replaced runs: their node, when to stop
 
@@ -106,9 +110,14 @@ class MoveDesk:
     def round(self, now: float) -> list[Migration]:
         self.next_round = now + self.rebalancing.every
         names = self.ledger.table.names
-        return [
-            self.migrate(self.ledger.tasks[m.task_id], names[m.target], m.reason, now) for m in self.plan(now)
-        ]
+        done = []
+        for m in self.plan(now):
+            # An earlier move of this round may have used up what the target admits.
+            if (
+                record := self.migrate(self.ledger.tasks[m.task_id], names[m.target], m.reason, now)
+            ) is not None:
+                done.append(record)
+        return done
 
     def drain(self, event: Drain) -> None:
         ledger = self.ledger
@@ -116,25 +125,18 @@ class MoveDesk:
         if node is None:
             ledger.reply(event.request, error=NotFound(f"no node {event.node}"))
             return
-        node.drained = event.drain
-        node.drain_deadline = (
-            event.now + event.deadline if event.drain and event.deadline is not None else None
-        )
-        ledger.index_node(node)
-        ledger.changes.nodes[node.name] = node
+        deadline = event.now + event.deadline if event.drain and event.deadline is not None else None
+        ledger.update_node(node, drained=event.drain, drain_deadline=deadline)
         moved = self._move_off(node.name, event.now, "drain", every=False) if event.drain else []
-        ledger.room_freed()
         ledger.reply(event.request, moved)
 
     def tick(self, now: float) -> None:
         ledger = self.ledger
-        for node in ledger.nodes.values():
+        for node in list(ledger.nodes.values()):
             if node.drained and node.drain_deadline is not None and now >= node.drain_deadline:
-                node.drain_deadline = None
-                ledger.changes.nodes[node.name] = node
+                ledger.update_node(node, drain_deadline=None)
                 self._move_off(node.name, now, "drain deadline", every=True)
-        for task_id in list(ledger.active):
-            task = ledger.tasks[task_id]
+        for task in list(ledger.active_tasks()):
             if task.successor is not None and now - task.successor.since > SUCCESSOR_PATIENCE:
                 self.drop_successor(task, f"the new copy did not serve within {SUCCESSOR_PATIENCE:g}s")
         for old_run, (node_name, due) in list(self._retiring.items()):
@@ -146,67 +148,82 @@ class MoveDesk:
 
     def _move_off(self, node: str, now: float, reason: str, every: bool) -> list[Migration]:
         """Move the tasks of `node` elsewhere: those whose mode allows it (`every`: all)."""
-        ledger = self.ledger
         moved = []
-        for task_id in list(ledger.active):
-            task = ledger.tasks[task_id]
-            job = ledger.jobs[task.job_id]
-            busy = task.migrating is not None or task.successor is not None or task.kill_requested
-            if task.node != node or busy or job.framework:
+        for task in list(self.ledger.active_tasks()):
+            job = self.ledger.jobs[task.job_id]
+            if task.node != node or _busy(task) or job.framework:
                 continue
             if every or job.spec.migrate is not Migrate.NEVER:
-                moved.append(self.migrate(task, "", reason, now))
+                record = self.migrate(task, "", reason, now)
+                assert record is not None  # a move to wherever there is room is always made
+                moved.append(record)
         return moved
 
     # --- migrations -------------------------------------------------------------------------
 
-    def migrate(self, task: TaskRecord, target: str, reason: str, now: float) -> Migration:
-        """Move `task` to `target` ("": wherever there is room) by its job's mode."""
+    def migrate(self, task: TaskRecord, target: str, reason: str, now: float) -> Migration | None:
+        """Move `task` to `target` ("": wherever its job's rules and the room allow) by its
+        job's mode; None, and nothing done, when `target` no longer admits it."""
         ledger = self.ledger
         job = ledger.jobs[task.job_id]
+        if target and not self._admits(task, target, task.node or ""):
+            return None
+        mode = job.spec.migrate
+        copy_to = (target or self._best(task)) if mode is Migrate.MAKE_BEFORE_BREAK else None
+        if copy_to and not self._place(task, copy_to, now, copy=True):
+            copy_to = None  # no room for a copy now: stop it and place it again instead
         record = Migration(
-            id=max(self.migrations, default=0) + 1,
+            id=max(ledger.migrations, default=0) + 1,
             at=now,
             task_id=task.id,
             job_id=job.id,
             source=task.node or "",
-            target=target,
+            target=copy_to or target,
             reason=reason,
-            mode=job.spec.migrate,
+            mode=mode,
         )
-        self.migrations[record.id] = ledger.changes.migrations[record.id] = record
+        ledger.add_migration(record)
         self._open[task.id] = record.id
-        if job.spec.migrate is Migrate.MAKE_BEFORE_BREAK and (target := target or self._roomiest(task) or ""):
-            self._start_successor(task, target, now)
-            return record
-        task.migrating = target
-        ledger.changes.tasks[task.id] = task
-        ledger.send(task.node, Kill(run_ids=[task.run_id]))
+        if not copy_to:
+            ledger.update(task, migrating=target)
+            ledger.send(task.node, Kill(run_ids=[task.run_id]))
         return record
 
     def ended(self, task: TaskRecord, target: str, now: float) -> None:
-        """A stopped task's next attempt (pending now) starts on its target, if it still fits."""
-        task.moved_at = now
-        row = self.ledger.table.index.get(target)
-        if row is not None and self._holds(task)[row]:
-            self.ledger.start(task, target, now)
+        """A stopped task's next attempt (pending now) is placed on its target, if the target
+        still admits it and has room (else the scheduler places it)."""
+        self.ledger.update(task, moved_at=now)
+        source = task.history[-1].node or "" if task.history else ""
+        if target and self._admits(task, target, source):
+            self._place(task, target, now, copy=False)
 
     def running(self, task: TaskRecord, node: str, now: float) -> None:
         """A task reported running: the migration that moved it, if any, is done."""
         if task.successor is None and (move := self._open.pop(task.id, None)) is not None:
-            self._update(move, running_at=now, node=node)
+            self.ledger.update_migration(move, running_at=now, node=node)
+
+    def _place(self, task: TaskRecord, node: str, now: float, copy: bool) -> bool:
+        resources = self.ledger.jobs[task.job_id].spec.resources
+        verdict = self.ledger.place(Plan((Placement(task.id, node, resources, copy),)), now)
+        return bool(verdict.accepted)
+
+    def _admits(self, task: TaskRecord, node: str, source: str) -> bool:
+        """Whether `node` may take `task`, moving off `source`, by its job's rules (room is
+        the plan's check)."""
+        ledger = self.ledger
+        row = ledger.table.index.get(node)
+        if row is None or node == source or not ledger.table.schedulable[row]:
+            return False
+        allowed = admissible(ledger.table, ledger.masks, ledger.group(task.job_id, ()), source)
+        return allowed is None or bool(allowed[row])
+
+    def _best(self, task: TaskRecord) -> str | None:
+        ledger = self.ledger
+        spec = ledger.jobs[task.job_id].spec
+        group = ledger.group(task.job_id, (task.id,))
+        return best_target(ledger.table, ledger.masks, group, task.node or "", spec.strategy or self.strategy)
 
     # --- make-before-break ------------------------------------------------------------------
-
-    def _start_successor(self, task: TaskRecord, target: str, now: float) -> None:
-        ledger = self.ledger
-        ledger.table.allocate(ledger.table.index[target], ledger.vector(task))
-        gpus, ports = ledger.devices_for(task, target)
-        ledger.devices[target].update(gpus)
-        ledger.ports[target].update(ports.values())
-        task.successor = Successor(target, task.attempt + 1, now, gpus, ports)
-        ledger.changes.tasks[task.id] = task
-        ledger.changes.launches[target].append(ledger.run_spec(task, task.successor))
 
     def successor_report(
         self, task: TaskRecord, healthy: bool | None, state: TaskState, why: str, now: float
@@ -223,63 +240,23 @@ class MoveDesk:
         so requests already on their way to it are answered."""
         ledger = self.ledger
         copy = task.successor
-        assert copy is not None and task.node is not None
-        old_node, old_run = task.node, task.run_id
-        task.history.append(
-            Attempt(
-                attempt=task.attempt,
-                node=old_node,
-                state=TaskState.MIGRATED,
-                message=f"replaced by a healthy copy on {copy.node}",
-                started_at=task.started_at,
-                finished_at=now,
-            )
+        assert copy is not None
+        replaced = Attempt(
+            attempt=task.attempt,
+            node=task.node,
+            state=TaskState.MIGRATED,
+            message=f"replaced by a healthy copy on {copy.node}",
+            started_at=task.started_at,
+            finished_at=now,
         )
-        ledger.table.release(ledger.table.index[old_node], ledger.vector(task))
-        ledger.devices[old_node].difference_update(task.gpus)
-        ledger.ports[old_node].difference_update(task.ports.values())
-        ledger.forget_run(old_run)
-        task.attempt, task.node, task.gpus, task.ports = copy.attempt, copy.node, copy.gpus, copy.ports
-        task.started_at = task.moved_at = now
-        task.successor, task.load, task.healthy = None, None, True
-        ledger.changes.tasks[task.id] = task
+        ledger.update(task, history=[*task.history, replaced])
+        old_node, old_run = ledger.take_over(task, now)
         self._retiring[old_run] = (old_node, now + RETIRE_AFTER)
         if (move := self._open.pop(task.id, None)) is not None:
-            self._update(move, running_at=now, node=copy.node)
-        ledger.room_freed()
+            ledger.update_migration(move, running_at=now, node=copy.node)
 
     def drop_successor(self, task: TaskRecord, why: str) -> None:
         """Give the move up: the new copy is stopped, the task runs on where it was."""
-        ledger = self.ledger
-        copy = task.successor
-        assert copy is not None
-        task.successor = None
-        ledger.changes.tasks[task.id] = task
-        ledger.table.release(ledger.table.index[copy.node], ledger.vector(task))
-        ledger.devices[copy.node].difference_update(copy.gpus)
-        ledger.ports[copy.node].difference_update(copy.ports.values())
-        ledger.send(copy.node, Kill(run_ids=[run_id(task.id, copy.attempt)]))
+        self.ledger.drop_copy(task)
         if (move := self._open.pop(task.id, None)) is not None:
-            self._update(move, failed=why)
-        ledger.room_freed()
-
-    def _roomiest(self, task: TaskRecord) -> str | None:
-        """The schedulable node (not its own) with the most free cpus that holds `task`."""
-        table = self.ledger.table
-        fits = self._holds(task)
-        if task.node in table.index:
-            fits[table.index[task.node]] = False
-        if not fits.any():
-            return None
-        rows = np.flatnonzero(fits)
-        return table.names[int(rows[np.argmax(table.free[rows, 0])])]
-
-    def _holds(self, task: TaskRecord) -> np.ndarray:
-        """Per row: whether the node takes work and has room for `task` now."""
-        table = self.ledger.table
-        vec = self.ledger.vector(task)
-        return table.schedulable & np.all(table.free[:, : len(vec)] + 1e-9 >= vec, axis=1)
-
-    def _update(self, move: int, **fields: object) -> None:
-        record = self.migrations[move].model_copy(update=fields)
-        self.migrations[move] = self.ledger.changes.migrations[move] = record
+            self.ledger.update_migration(move, failed=why)

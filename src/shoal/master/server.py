@@ -41,6 +41,7 @@ from shoal.master.events import (
     ToFramework,
 )
 from shoal.master.frameworks import FrameworkPolicy
+from shoal.master.ledger import Retention
 from shoal.master.moves import Rebalancing
 from shoal.master.shell import ShellRelay
 from shoal.master.state import MasterState
@@ -126,6 +127,7 @@ class Master:
         tick: float,
         framework_policy: FrameworkPolicy | None = None,
         rebalancing: Rebalancing | None = None,
+        retention: Retention | None = None,
     ) -> None:
         snap = store.load()
         self.store = store
@@ -135,14 +137,10 @@ class Master:
         self.state = MasterState(
             heartbeat_timeout,
             policy=policy,
-            jobs=snap.jobs,
-            tasks=snap.tasks,
-            nodes=snap.nodes,
-            frameworks=snap.frameworks,
-            updates=snap.updates,
+            snapshot=snap,
             framework_policy=framework_policy,
             rebalancing=rebalancing,
-            migrations=snap.migrations,
+            retention=retention,
             now=time.time(),
         )
         self.links: dict[str, _Link] = {}
@@ -236,10 +234,10 @@ class Master:
 
     def node_views(self) -> list[NodeView]:
         state = self.state
-        placed = Counter(state.tasks[t].node for t in state.active)
+        placed = Counter(state.ledger.tasks[t].node for t in state.ledger.active)
         return [
-            NodeView(**node.model_dump(), allocated=state.allocated(name), tasks=placed[name])
-            for name, node in sorted(state.nodes.items())
+            NodeView(**node.model_dump(), allocated=state.ledger.allocated(name), tasks=placed[name])
+            for name, node in sorted(state.ledger.nodes.items())
         ]
 
     async def agent_session(self, ws: WebSocket) -> None:
@@ -365,7 +363,7 @@ class Master:
         """Output as it is written, until the attempt has ended and everything is read."""
         delay = 0.02
         while True:
-            task = self.state.tasks[task_id]
+            task = self.state.ledger.tasks[task_id]
             try:
                 piece = await self.read_log(task, attempt, stream, offset)
             except Unavailable:

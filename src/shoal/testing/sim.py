@@ -20,14 +20,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from shoal.agent import state as agent
-from shoal.core.fairness import UsageBook
 from shoal.core.scheduler import Policy
-from shoal.master import state as master
+from shoal.master import events as master
+from shoal.master.ledger import Retention
+from shoal.master.state import MasterState
 from shoal.master.store.sqlite import SqliteStore
-from shoal.model import NO_RESOURCES, JobSpec, NodeInfo, NodeStatus, Resources, Usage
+from shoal.model import JobSpec, NodeInfo, Resources, Usage
+from shoal.testing import invariants
 from shoal.wire import RunSpec, decode, encode
 
 Runtime = Callable[[RunSpec], tuple[float, int]]
@@ -78,6 +78,7 @@ class SimCluster:
         master_tick: float = 0.5,
         runtime: Runtime = shell_runtime,
         policy: Policy | None = None,
+        retention: Retention | None = None,
         check: bool = True,
     ) -> None:
         self.now = 0.0
@@ -89,7 +90,8 @@ class SimCluster:
         self.checking = check
         self.store = SqliteStore(":memory:")
         self.policy = policy
-        self.master = master.MasterState(heartbeat_timeout, policy=policy, now=0.0)
+        self.retention = retention
+        self.master = MasterState(heartbeat_timeout, policy=policy, retention=retention, now=0.0)
         self.nodes = {n.name: _Node(n) for n in nodes}
         self.spawns: Counter[str] = Counter()  # task id -> processes ever started for it
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
@@ -165,13 +167,8 @@ class SimCluster:
         for node in self.nodes.values():
             node.connected = False
             node.epoch += 1
-        self.master = master.MasterState(
-            self.heartbeat_timeout,
-            policy=self.policy,
-            jobs=snap.jobs,
-            tasks=snap.tasks,
-            nodes=snap.nodes,
-            now=self.now,
+        self.master = MasterState(
+            self.heartbeat_timeout, policy=self.policy, snapshot=snap, retention=self.retention, now=self.now
         )
         for name in self.nodes:
             self._schedule_reconnect(name)
@@ -329,25 +326,5 @@ class SimCluster:
         ]
 
     def check(self) -> None:
-        """The ledger's invariants: allocations add up and never exceed a node."""
-        held: dict[str, Resources] = {name: NO_RESOURCES for name in self.master.nodes}
-        for task in self.master.tasks.values():
-            if task.state.active:
-                assert task.node in self.master.nodes, f"task {task.id} is on unknown node {task.node}"
-                held[task.node] = held[task.node] + self.master.jobs[task.job_id].spec.resources
-        expected = UsageBook.of(
-            self.master.table, (self.master.running(self.master.tasks[t]) for t in self.master.active)
-        )
-        for key, amount in self.master.usage.by_user.items():
-            want_usage = expected.by_user.get(key, np.zeros_like(amount))
-            assert np.allclose(amount[: len(want_usage)], want_usage), f"usage book of {key} drifted"
-        for name, record in self.master.nodes.items():
-            got, want = self.master.allocated(name), held[name]
-            assert _same(got, want), f"{name}: allocated {got} but its tasks hold {want}"
-            assert got.shortfall(record.info.capacity) is None, f"{name} is over-committed: {got}"
-            if record.status is NodeStatus.DOWN:
-                assert _same(want, NO_RESOURCES), f"{name} is down but still holds {want}"
-
-
-def _same(a: Resources, b: Resources) -> bool:
-    return abs(a.cpus - b.cpus) < 1e-6 and (a.mem, a.disk, a.gpus) == (b.mem, b.disk, b.gpus)
+        """The ledger's invariants (`shoal.testing.invariants`)."""
+        invariants.check(self.master)

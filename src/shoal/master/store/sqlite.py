@@ -25,6 +25,7 @@ from shoal.shell.protocol import AuditRecord
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, job_id INTEGER NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS tasks_by_job ON tasks (job_id);
 CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (digest TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, doc TEXT NOT NULL);
@@ -41,7 +42,8 @@ CREATE TABLE IF NOT EXISTS migrations (id INTEGER PRIMARY KEY, doc TEXT NOT NULL
 
 
 class SqliteStore:
-    def __init__(self, path: Path | str, fsync: bool = True) -> None:
+    def __init__(self, path: Path | str, fsync: bool = True, audit_limit: int = 100_000) -> None:
+        self._audit_limit = audit_limit  # audit records kept, the newest
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode syncs only at checkpoints; FULL syncs the log on every commit.
@@ -98,6 +100,12 @@ class SqliteStore:
                 "INSERT OR REPLACE INTO migrations VALUES (?, ?)",
                 [(m.id, m.model_dump_json()) for m in changes.migrations],
             )
+            gone = [(job_id,) for job_id in changes.forgotten_jobs]
+            db.executemany("DELETE FROM tasks WHERE job_id = ?", gone)
+            db.executemany("DELETE FROM jobs WHERE id = ?", gone)
+            db.executemany(
+                "DELETE FROM migrations WHERE id = ?", [(m,) for m in changes.forgotten_migrations]
+            )
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -125,6 +133,8 @@ class SqliteStore:
     def add_audit(self, record: AuditRecord) -> int:
         cursor = self._db.execute("INSERT INTO audit (doc) VALUES (?)", (record.model_dump_json(),))
         assert cursor.lastrowid is not None
+        # Ids only grow: the oldest records beyond the limit are those below this line.
+        self._db.execute("DELETE FROM audit WHERE id <= ?", (cursor.lastrowid - self._audit_limit,))
         return cursor.lastrowid
 
     def end_audit(self, record: AuditRecord) -> None:

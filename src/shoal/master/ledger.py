@@ -1,0 +1,648 @@
+"""The ledger: the master's records and their indexes behind a narrow API (pure, no I/O).
+
+It holds the jobs, their tasks and the nodes, and keeps in step with them: the node table
+(capacity, allocation and free room, as the core reads it), the pending tasks of each job,
+the active tasks, the usage book (per queue and consumer) and the book of GPU devices and
+ports in use per node.
+
+Rules kept here, and only here:
+- Every change goes through a method of this class, and each records what it changed for
+  the store (`commands()` puts it first, as one `Persist`). No caller marks changes by hand.
+- A task moves only along `model.TRANSITIONS` (`transition`).
+- Allocations are written only by `place`, which takes a plan, checks it against the table
+  as it is now (`core.scheduler.apply_plan`), and gives each placement its devices and
+  ports; they are released when a task, or a task's new copy, stops holding them. Offers
+  hold room through `hold` and `unhold`.
+- A refused request never widens the node table: resource dimensions come from the nodes.
+- Finished jobs are kept for a retention window (age and count), then pruned from memory
+  and the store; so are finished migrations.
+
+Desks (frameworks, moves) use this API and `watch` transitions; they never write the
+records' indexes themselves.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shoal.core.cluster import MaskCache, NodeTable
+from shoal.core.fairness import UsageBook
+from shoal.core.placement import Group, SpreadTarget
+from shoal.core.plan import Placement, Plan, Running
+from shoal.core.scheduler import Verdict, apply_plan, never_fits
+from shoal.errors import ShoalError, SpecError
+from shoal.expressions import parse
+from shoal.framework.protocol import FrameworkRecord, TaskStatus
+from shoal.master.events import Command, Persist, Reply, Send
+from shoal.model import (
+    TRANSITIONS,
+    JobRecord,
+    JobSpec,
+    Migrate,
+    Migration,
+    NodeInfo,
+    NodeRecord,
+    NodeStatus,
+    Resources,
+    Successor,
+    TaskRecord,
+    TaskState,
+    run_id,
+)
+from shoal.wire import Ack, Kill, Launch, RunSpec
+
+NO_PORT = "node has too few free ports (stale plan)"
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long finished work is kept: Nomad's job GC, Slurm's MinJobAge and MaxJobCount."""
+
+    age: float = 3600.0  # seconds after a job ended
+    count: int = 10_000  # finished jobs (and finished migrations) kept at most
+
+
+@dataclass
+class _Changes:
+    """What one `handle` changed and must say: persisted first, then sent."""
+
+    jobs: dict[int, JobRecord] = field(default_factory=dict)
+    tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    frameworks: dict[str, FrameworkRecord] = field(default_factory=dict)
+    updates: list[tuple[str, TaskStatus]] = field(default_factory=list)
+    acked: list[str] = field(default_factory=list)
+    migrations: dict[int, Migration] = field(default_factory=dict)
+    forgotten_jobs: list[int] = field(default_factory=list)
+    forgotten_migrations: list[int] = field(default_factory=list)
+    out: list[Command] = field(default_factory=list)
+    launches: dict[str, list[RunSpec]] = field(default_factory=lambda: defaultdict(list))
+
+
+class _Book:
+    """GPU device indices and ports in use, per node."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, set[int]] = defaultdict(set)
+        self.ports: dict[str, set[int]] = defaultdict(set)
+
+    def mark(self, node: str, gpus: Iterable[int], ports: Iterable[int]) -> None:
+        self.devices[node].update(gpus)
+        self.ports[node].update(ports)
+
+    def give(self, node: str, gpus: Iterable[int], ports: Iterable[int]) -> None:
+        self.devices[node].difference_update(gpus)
+        self.ports[node].difference_update(ports)
+
+    def free_ports(self, info: NodeInfo) -> int:
+        low, high = info.port_range
+        return high - low + 1 - len(self.ports[info.name])
+
+    def take(self, info: NodeInfo, spec: JobSpec) -> tuple[list[int], dict[str, int]] | None:
+        """Free device indices and named ports for one copy of a task of `spec` (None: too few)."""
+        if not spec.resources.gpus and not spec.ports:
+            return [], {}
+        used = self.devices[info.name]
+        gpus = [i for i in range(info.capacity.gpus) if i not in used][: spec.resources.gpus]
+        taken = self.ports[info.name]
+        low, high = info.port_range
+        ports = dict(zip(spec.ports, (p for p in range(low, high + 1) if p not in taken), strict=False))
+        if len(gpus) < spec.resources.gpus or len(ports) < len(spec.ports):
+            return None
+        self.mark(info.name, gpus, ports.values())
+        return gpus, ports
+
+
+def consumer(job: JobRecord) -> str:
+    """Whose share a job's tasks count in, within its queue: its framework's, or its owner's."""
+    return job.framework or job.owner
+
+
+Watcher = Callable[[TaskRecord, JobRecord, TaskState, float], None]
+
+
+class Ledger:
+    def __init__(
+        self,
+        *,
+        jobs: Iterable[JobRecord] = (),
+        tasks: Iterable[TaskRecord] = (),
+        nodes: Iterable[NodeRecord] = (),
+        migrations: Iterable[Migration] = (),
+        retention: Retention | None = None,
+        now: float = 0.0,
+    ) -> None:
+        self.retention = retention or Retention()
+        self.table = NodeTable()
+        self.masks = MaskCache(self.table)
+        self.usage = UsageBook()
+        self._vectors: dict[int, np.ndarray] = {}
+        self._book = _Book()
+        self._watchers: list[Watcher] = []
+        self._changes = _Changes()
+        self._freed = False
+        self.jobs: dict[int, JobRecord] = {j.id: j for j in jobs}
+        self.tasks: dict[str, TaskRecord] = {t.id: t for t in tasks}
+        self.nodes: dict[str, NodeRecord] = {}
+        self.migrations: dict[int, Migration] = {m.id: m for m in sorted(migrations, key=lambda m: m.id)}
+        self.pending: dict[int, dict[str, None]] = defaultdict(dict)  # job id -> ordered task ids
+        self.active: dict[str, None] = {}  # tasks holding resources on a node
+        self._job_tasks: dict[int, list[str]] = defaultdict(list)
+        self._live: dict[int, int] = defaultdict(int)  # job id -> tasks not in an end state
+        self._finished: dict[int, float] = {}  # job id -> when its last task ended, oldest first
+        for node in nodes:
+            # A restarted master gives every node a full timeout to reconnect.
+            self._index_node(node.model_copy(update={"last_seen": now, "connected": False}))
+        for job in self.jobs.values():
+            for task in _implied_tasks(job):
+                self.tasks.setdefault(task.id, task)
+        self._rebuild_indexes()
+        self.next_job_id = max(self.jobs, default=0) + 1
+
+    def _rebuild_indexes(self) -> None:
+        ended: list[tuple[float, int]] = []
+        for task in sorted(self.tasks.values(), key=lambda t: (t.job_id, t.index)):
+            self._job_tasks[task.job_id].append(task.id)
+            if not task.state.terminal:
+                self._live[task.job_id] += 1
+            if task.state is TaskState.PENDING:
+                self.pending[task.job_id][task.id] = None
+            elif task.state.active:
+                self._hold(task)
+                self._allocate(task.node, task)
+                self._book.mark(task.node or "", task.gpus, task.ports.values())
+                if (copy := task.successor) is not None:
+                    self._allocate(copy.node, task)
+                    self._book.mark(copy.node, copy.gpus, copy.ports.values())
+        for job_id in self.jobs:
+            if not self._live[job_id]:
+                ended.append(
+                    (max((t.finished_at or 0.0 for t in self.tasks_of(job_id)), default=0.0), job_id)
+                )
+        self._finished = {job_id: at for at, job_id in sorted(ended)}
+
+    # --- reads ------------------------------------------------------------------------
+
+    def tasks_of(self, job_id: int) -> list[TaskRecord]:
+        return [self.tasks[t] for t in self._job_tasks.get(job_id, ())]
+
+    def active_tasks(self) -> Iterator[TaskRecord]:
+        return (self.tasks[t] for t in self.active)
+
+    def vector(self, task: TaskRecord) -> np.ndarray:
+        """The task's ask as a table row; one per job, remade if the table gains dimensions."""
+        vec = self._vectors.get(task.job_id)
+        if vec is None or len(vec) != len(self.table.dims):
+            vec = self._vectors[task.job_id] = self.table.vector(self.jobs[task.job_id].spec.resources)
+        return vec
+
+    def allocated(self, node: str) -> Resources:
+        """What the tasks (and offers) on `node` hold, as the scheduler counts it."""
+        row = self.table.allocated[self.table.index[node]]
+        custom = {d: float(v) for d, v in zip(self.table.dims[4:], row[4:], strict=True) if v}
+        return Resources(
+            cpus=round(float(row[0]), 6), mem=int(row[1]), disk=int(row[2]), gpus=int(row[3]), custom=custom
+        )
+
+    def free_ports(self, node: str) -> int:
+        return self._book.free_ports(self.nodes[node].info)
+
+    def unknown_resources(self, resources: Resources) -> list[str]:
+        """Custom resources no node has declared (a request for them can never run)."""
+        return sorted(set(resources.custom) - set(self.table.dims))
+
+    def refuse(self, spec: JobSpec) -> SpecError | None:
+        """Why a job of `spec` can never run here (None: it may)."""
+        unknown = self.unknown_resources(spec.resources)
+        if unknown:
+            return SpecError(
+                f"resources.custom.{unknown[0]}",
+                f"no node has a resource named {unknown[0]!r}; agents declare them with --resource",
+            )
+        reason = never_fits(self.table, spec.resources)
+        return SpecError("resources", reason) if reason is not None else None
+
+    def group(self, job_id: int, task_ids: Iterable[str]) -> Group:
+        """The core's view of a job and some of its tasks (all pending, or one being moved)."""
+        job = self.jobs[job_id]
+        spec = job.spec
+        placed: dict[str, int] = defaultdict(int)
+        if spec.max_per_node or spec.max_per or spec.spread:
+            for task in self.tasks_of(job_id):
+                if task.state.active and task.node is not None:
+                    placed[task.node] += 1
+                if task.successor is not None and task.state.active:
+                    placed[task.successor.node] += 1
+        ids = tuple(task_ids)
+        return Group(
+            job_id=job_id,
+            tasks=ids,
+            ask=spec.resources,
+            user=job.owner,
+            queue=spec.queue,
+            priority=spec.priority,
+            preemptible=spec.preemptible,
+            strategy=spec.strategy,
+            constraints=tuple(parse(c) for c in spec.constraints),
+            nodes=frozenset(job.node_names) if job.node_names is not None else None,
+            max_per_node=spec.max_per_node,
+            max_per=tuple(spec.max_per.items()),
+            affinities=tuple((parse(a.expr), float(a.weight)) for a in spec.affinities),
+            spread=_spread(spec),
+            gang=spec.gang,
+            time_limit=spec.time_limit,
+            placed=tuple(placed.items()),
+            nominated=tuple(
+                (t, n) for t in ids if (n := self.tasks[t].nominated) is not None and n in self.table.index
+            ),
+        )
+
+    def running(self, task: TaskRecord) -> Running:
+        job = self.jobs[task.job_id]
+        spec = job.spec
+        return Running(
+            task_id=task.id,
+            job_id=job.id,
+            node=task.node or "",
+            ask=spec.resources,
+            user=consumer(job),
+            queue=spec.queue,
+            priority=spec.priority,
+            preemptible=spec.preemptible,
+            evicting=task.evicted_by is not None or task.kill_requested,
+            ends_at=(
+                task.started_at + spec.time_limit
+                if task.started_at is not None and spec.time_limit is not None
+                else None
+            ),
+        )
+
+    def run_spec(self, task: TaskRecord, copy: Successor | None = None) -> RunSpec:
+        """What an agent runs for `task` (or for its new copy, in a make-before-break move)."""
+        spec = self.jobs[task.job_id].spec
+        attempt = copy.attempt if copy is not None else task.attempt
+        ports = copy.ports if copy is not None else task.ports
+        gpus = copy.gpus if copy is not None else task.gpus
+        env = spec.task_env(task.index) if spec.env else {}
+        env["SHOAL_JOB_ID"] = str(task.job_id)
+        env["SHOAL_TASK_ID"] = task.id
+        env["SHOAL_TASK_INDEX"] = str(task.index)
+        env["SHOAL_ATTEMPT"] = str(attempt)
+        for name, port in ports.items():
+            env[f"SHOAL_PORT_{name.upper()}"] = str(port)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = env["SHOAL_GPUS"] = ",".join(map(str, gpus))
+        checkpoint = spec.migrate is Migrate.CHECKPOINT
+        return RunSpec(
+            run_id=run_id(task.id, attempt),
+            task_id=task.id,
+            attempt=attempt,
+            argv=spec.argv(task.index),
+            env=env,
+            workdir=spec.workdir,
+            resources=spec.resources,
+            kill_grace=spec.kill_grace,
+            time_limit=spec.time_limit,
+            checkpoint=checkpoint,
+            restore=task.checkpoint if checkpoint else None,
+            health=spec.health,
+        )
+
+    # --- jobs and tasks ---------------------------------------------------------------
+
+    def add_job(
+        self,
+        owner: str,
+        spec: JobSpec,
+        now: float,
+        node_names: Iterable[str] | None = None,
+        framework: str | None = None,
+    ) -> JobRecord:
+        job = JobRecord(
+            id=self.next_job_id,
+            owner=owner,
+            spec=spec,
+            submitted_at=now,
+            node_names=sorted(node_names) if node_names is not None else None,
+            framework=framework,
+        )
+        self.next_job_id += 1
+        self.jobs[job.id] = self._changes.jobs[job.id] = job
+        # The new tasks are not persisted one by one: a stored job implies all its tasks,
+        # pending, until each changes (see `_implied_tasks`), so a 100,000-task array is
+        # one row in the store.
+        tasks = _implied_tasks(job)
+        ids = [task.id for task in tasks]
+        self.tasks.update(zip(ids, tasks, strict=True))
+        self._job_tasks[job.id] = ids
+        self.pending[job.id] = dict.fromkeys(ids)
+        self._live[job.id] = len(ids)
+        return job
+
+    def kill_job(self, job_id: int, now: float) -> None:
+        """Kill every task of a job: pending ones at once, active ones by their agents."""
+        job = self.jobs[job_id]
+        job.killed = True
+        self._changes.jobs[job.id] = job
+        for task in self.tasks_of(job_id):
+            if task.state is TaskState.PENDING:
+                self.transition(task, TaskState.KILLED, now, message="killed before it started")
+            else:
+                self.request_kill(task)
+
+    def update(self, task: TaskRecord, **fields: object) -> None:
+        """Change fields of `task` that are not its state (`transition` moves that)."""
+        for key, value in fields.items():
+            setattr(task, key, value)
+        self._changes.tasks[task.id] = task
+
+    def request_kill(self, task: TaskRecord) -> None:
+        """Ask the agent to stop an active task (once: a lost Kill is resent on reports)."""
+        if task.state.active and not task.kill_requested:
+            self.update(task, kill_requested=True)
+            self.send(task.node, Kill(run_ids=[task.run_id]))
+
+    def watch(self, watcher: Watcher) -> None:
+        """Call `watcher(task, job, was, now)` after every transition."""
+        self._watchers.append(watcher)
+
+    def transition(self, task: TaskRecord, to: TaskState, now: float, **fields: object) -> None:
+        """The one way a task changes state; keeps the indexes and the books in step."""
+        was = task.state
+        if to not in TRANSITIONS[was]:
+            raise ShoalError(f"illegal transition of task {task.id}: {was.value} -> {to.value}")
+        if was.active and not to.active:
+            self._unhold(task)
+        if was is TaskState.PENDING:
+            waiting = self.pending[task.job_id]
+            waiting.pop(task.id, None)
+            if not waiting:
+                del self.pending[task.job_id]
+            task.nominated = None
+        task.state = to
+        for key, value in fields.items():
+            setattr(task, key, value)
+        if to is TaskState.PENDING:
+            self.pending[task.job_id][task.id] = None
+        if to.active and not was.active:
+            self._hold(task)
+        if to.terminal:
+            task.finished_at = now
+        self._count_live(task.job_id, was, to, now)
+        self._changes.tasks[task.id] = task
+        job = self.jobs[task.job_id]
+        for watcher in self._watchers:
+            watcher(task, job, was, now)
+
+    def _count_live(self, job_id: int, was: TaskState, to: TaskState, now: float) -> None:
+        if was.terminal == to.terminal:
+            return
+        self._live[job_id] += 1 if was.terminal else -1
+        if self._live[job_id]:
+            self._finished.pop(job_id, None)
+        else:
+            self._finished[job_id] = now
+
+    def _hold(self, task: TaskRecord) -> None:
+        job = self.jobs[task.job_id]
+        self.active[task.id] = None
+        self.usage.add(job.spec.queue, consumer(job), self.vector(task))
+
+    def _unhold(self, task: TaskRecord) -> None:
+        job = self.jobs[task.job_id]
+        self.active.pop(task.id, None)
+        self.usage.remove(job.spec.queue, consumer(job), self.vector(task))
+        task.load = task.healthy = None
+        self._book.give(task.node or "", task.gpus, task.ports.values())
+        self._release(task.node, task)
+
+    def _allocate(self, node: str | None, task: TaskRecord) -> None:
+        if node in self.table.index:
+            self.table.allocate(self.table.index[node], self.vector(task))
+
+    def _release(self, node: str | None, task: TaskRecord) -> None:
+        if node in self.table.index:
+            self.table.release(self.table.index[node], self.vector(task))
+            self._freed = True
+
+    def take_freed(self) -> bool:
+        """Whether room went back to the pool (or a node changed) since the last call: then
+        native jobs and frameworks may use it."""
+        freed, self._freed = self._freed, False
+        return freed
+
+    # --- placing ------------------------------------------------------------------------
+
+    def place(self, plan: Plan, now: float) -> Verdict:
+        """Carry out what of `plan` still fits: each accepted task (or new copy, for a
+        make-before-break move) is allocated, equipped with devices and ports, and launched."""
+        verdict = apply_plan(self.table, plan)
+        accepted: list[Placement] = []
+        rejected = dict(verdict.rejected)
+        for p in verdict.accepted:
+            task = self.tasks[p.task_id]
+            equipped = self._book.take(self.nodes[p.node].info, self.jobs[task.job_id].spec)
+            if equipped is None:
+                self.table.release(self.table.index[p.node], self.vector(task))
+                rejected[p.task_id] = NO_PORT
+                continue
+            gpus, ports = equipped
+            if p.copy:
+                self.update(task, successor=Successor(p.node, task.attempt + 1, now, gpus, ports))
+                self._changes.launches[p.node].append(self.run_spec(task, task.successor))
+            else:
+                self.transition(
+                    task, TaskState.ASSIGNED, now, node=p.node, gpus=gpus, ports=ports, message=""
+                )
+                self._changes.launches[p.node].append(self.run_spec(task))
+            accepted.append(p)
+        return Verdict(tuple(accepted), rejected)
+
+    def relaunch(self, task: TaskRecord) -> None:
+        """Send an assigned task's run again (its agent never received it)."""
+        self._changes.launches[task.node or ""].append(self.run_spec(task))
+
+    def take_over(self, task: TaskRecord, now: float) -> tuple[str, str]:
+        """The task's new copy becomes the task; the old copy's room, devices and ports are
+        released. Returns the old copy's node and run id (the caller stops it)."""
+        copy = task.successor
+        assert copy is not None and task.node is not None
+        old_node, old_run = task.node, task.run_id
+        self._release(old_node, task)
+        self._book.give(old_node, task.gpus, task.ports.values())
+        self.update(
+            task,
+            attempt=copy.attempt,
+            node=copy.node,
+            gpus=copy.gpus,
+            ports=copy.ports,
+            started_at=now,
+            moved_at=now,
+            successor=None,
+            load=None,
+            healthy=True,
+        )
+        return old_node, old_run
+
+    def drop_copy(self, task: TaskRecord) -> Successor:
+        """Stop and forget the task's new copy; its room, devices and ports go back."""
+        copy = task.successor
+        assert copy is not None
+        self.update(task, successor=None)
+        self._release(copy.node, task)
+        self._book.give(copy.node, copy.gpus, copy.ports.values())
+        self.send(copy.node, Kill(run_ids=[run_id(task.id, copy.attempt)]))
+        return copy
+
+    def hold(self, rows: np.ndarray, amounts: np.ndarray) -> None:
+        """Hold room for offers: no plan may place on it until `unhold`."""
+        self.table.allocate_many(rows, amounts)
+
+    def unhold(self, row: int, amount: np.ndarray) -> None:
+        self.table.release(row, amount)
+        self._freed = True
+
+    # --- nodes ----------------------------------------------------------------------------
+
+    def register_node(self, info: NodeInfo, now: float) -> NodeRecord:
+        node = self.nodes.get(info.name) or NodeRecord(info=info, last_seen=now)
+        node.info = info
+        node.status = NodeStatus.UP
+        node.connected = True
+        node.last_seen = now
+        self._index_node(node)
+        self._changes.nodes[node.name] = node
+        return node
+
+    def update_node(self, node: NodeRecord, **fields: object) -> None:
+        """Change a node's record (status, drain) and what the table knows of it."""
+        for key, value in fields.items():
+            setattr(node, key, value)
+        self._index_node(node)
+        self._changes.nodes[node.name] = node
+
+    def _index_node(self, node: NodeRecord) -> None:
+        self.nodes[node.name] = node
+        info = node.info
+        attributes = {**info.labels, **info.attributes, "name": info.name, "hostname": info.hostname}
+        self.table.upsert(
+            info.name, info.capacity, attributes, node.status is NodeStatus.UP and not node.drained
+        )
+        self._freed = True
+
+    # --- frameworks and migrations (records the desks keep here, so they are stored) ----------
+
+    def save_framework(self, record: FrameworkRecord) -> None:
+        self._changes.frameworks[record.id] = record
+
+    def add_update(self, framework: str, status: TaskStatus) -> None:
+        self._changes.updates.append((framework, status))
+
+    def acknowledged(self, uuid: str) -> None:
+        self._changes.acked.append(uuid)
+
+    def add_migration(self, record: Migration) -> None:
+        self.migrations[record.id] = self._changes.migrations[record.id] = record
+
+    def update_migration(self, move: int, **fields: object) -> Migration:
+        record = self.migrations[move].model_copy(update=fields)
+        self.migrations[move] = self._changes.migrations[move] = record
+        return record
+
+    # --- retention --------------------------------------------------------------------------
+
+    def prune(self, now: float) -> list[int]:
+        """Forget finished jobs past the retention window, and finished migrations beyond it;
+        returns the jobs forgotten."""
+        keep = self.retention
+        gone: list[int] = []
+        for job_id, ended_at in list(self._finished.items()):
+            if len(self._finished) <= keep.count and now - ended_at < keep.age:
+                break
+            del self._finished[job_id]
+            self._forget_job(job_id)
+            gone.append(job_id)
+        self._changes.forgotten_jobs.extend(gone)
+        done = [m for m in self.migrations.values() if m.running_at is not None or m.failed]
+        for record in done[: max(0, len(done) - keep.count)]:
+            self._forget_migration(record.id)
+        for record in done[max(0, len(done) - keep.count) :]:
+            if now - record.at < keep.age:
+                break
+            self._forget_migration(record.id)
+        return gone
+
+    def _forget_job(self, job_id: int) -> None:
+        for task_id in self._job_tasks.pop(job_id, ()):
+            del self.tasks[task_id]
+        del self.jobs[job_id]
+        self._live.pop(job_id, None)
+        self._vectors.pop(job_id, None)
+        self._changes.jobs.pop(job_id, None)
+
+    def _forget_migration(self, move: int) -> None:
+        del self.migrations[move]
+        self._changes.migrations.pop(move, None)
+        self._changes.forgotten_migrations.append(move)
+
+    # --- output ---------------------------------------------------------------------------
+
+    def send(self, node: str | None, frame: Launch | Kill | Ack) -> None:
+        if node is not None:
+            self._changes.out.append(Send(node, frame))
+
+    def reply(self, request: int, value: object = None, error: ShoalError | None = None) -> None:
+        self._changes.out.append(Reply(request, value, error))
+
+    def emit(self, command: Command) -> None:
+        self._changes.out.append(command)
+
+    def commands(self) -> list[Command]:
+        """Everything the events since the last call changed: one `Persist` first, then the
+        launches, frames and replies in the order they were made."""
+        c, self._changes = self._changes, _Changes()
+        commands: list[Command] = []
+        forgotten = set(c.forgotten_jobs)
+        tasks = tuple(t for t in c.tasks.values() if t.job_id not in forgotten)
+        if (
+            c.jobs
+            or tasks
+            or c.nodes
+            or c.frameworks
+            or c.updates
+            or c.acked
+            or c.migrations
+            or forgotten
+            or c.forgotten_migrations
+        ):
+            commands.append(
+                Persist(
+                    tuple(c.jobs.values()),
+                    tasks,
+                    tuple(c.nodes.values()),
+                    tuple(c.frameworks.values()),
+                    tuple(c.updates),
+                    tuple(c.acked),
+                    tuple(c.migrations.values()),
+                    tuple(c.forgotten_jobs),
+                    tuple(c.forgotten_migrations),
+                )
+            )
+        commands.extend(Send(node, Launch(runs=runs)) for node, runs in c.launches.items())
+        commands.extend(c.out)
+        return commands
+
+
+def _implied_tasks(job: JobRecord) -> list[TaskRecord]:
+    """The tasks a job has as submitted: all pending, first attempt."""
+    return [TaskRecord(id=f"{job.id}.{i}", job_id=job.id, index=i) for i in range(job.spec.count)]
+
+
+def _spread(spec: JobSpec) -> SpreadTarget | None:
+    if spec.spread is None:
+        return None
+    return SpreadTarget(spec.spread.attribute, tuple((v, p / 100.0) for v, p in spec.spread.targets.items()))

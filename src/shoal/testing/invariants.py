@@ -1,0 +1,103 @@
+"""The master's invariants, checked against its state as it is: what every test of the
+ledger asserts after every step (SimCluster after each delivery, the state-machine property
+test after each event).
+
+- The node table's allocation of each node is exactly what its active tasks, their
+  make-before-break copies and the offers on it hold, and never more than the node has.
+- A node that is down holds nothing.
+- The usage book is the sum of the active tasks, per queue and consumer.
+- Every active task and copy stands on a node its job may use (node set, constraints),
+  within the job's `max_per_node` and `max_per`, with its own GPU devices and ports, each
+  in use by one copy only.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from shoal.core.fairness import UsageBook
+from shoal.master.state import MasterState
+from shoal.model import JobRecord, NodeStatus, TaskRecord
+
+
+def check(state: MasterState) -> None:
+    _allocations(state)
+    _usage(state)
+    _placements(state)
+
+
+def _allocations(state: MasterState) -> None:
+    ledger = state.ledger
+    table = ledger.table
+    held = np.zeros((len(table), len(table.dims)))
+    for task in ledger.active_tasks():
+        assert task.node in table.index, f"task {task.id} is on unknown node {task.node}"
+        vec = ledger.vector(task)
+        held[table.index[task.node], : len(vec)] += vec
+        if task.successor is not None:
+            held[table.index[task.successor.node], : len(vec)] += vec
+    for offer in state.frameworks.offers.values():
+        held[offer.row, : len(offer.amount)] += offer.amount
+    for name, row in table.index.items():
+        got = table.allocated[row]
+        assert np.allclose(got, held[row], atol=1e-6), f"{name}: allocated {got} but holders hold {held[row]}"
+        assert np.all(got <= table.capacity[row] + 1e-6), f"{name} is over-committed: {got}"
+        assert np.allclose(table.free[row], table.capacity[row] - got), f"{name}: free room drifted"
+        if ledger.nodes[name].status is NodeStatus.DOWN:
+            assert not held[row].any(), f"{name} is down but still holds {held[row]}"
+
+
+def _usage(state: MasterState) -> None:
+    ledger = state.ledger
+    expected = UsageBook.of(ledger.table, (ledger.running(t) for t in ledger.active_tasks()))
+    for key, amount in ledger.usage.by_user.items():
+        want = expected.by_user.get(key, np.zeros_like(amount))
+        assert np.allclose(amount[: len(want)], want), f"usage book of {key} drifted"
+
+
+def _placements(state: MasterState) -> None:
+    ledger = state.ledger
+    per_node: dict[int, Counter[str]] = defaultdict(Counter)
+    devices: Counter[tuple[str, int]] = Counter()
+    ports: Counter[tuple[str, int]] = Counter()
+    for task in ledger.active_tasks():
+        job = ledger.jobs[task.job_id]
+        copies = [(task.node or "", task.gpus, task.ports)]
+        if task.successor is not None:
+            copies.append((task.successor.node, task.successor.gpus, task.successor.ports))
+        for node, gpus, named in copies:
+            _may_run(state, job, task, node)
+            per_node[job.id][node] += 1
+            devices.update((node, g) for g in gpus)
+            ports.update((node, p) for p in named.values())
+            assert len(gpus) == job.spec.resources.gpus, f"{task.id} has devices {gpus}"
+            assert sorted(named) == sorted(job.spec.ports), f"{task.id} has ports {named}"
+            low, high = ledger.nodes[node].info.port_range
+            assert all(low <= p <= high for p in named.values()), f"{task.id}: ports {named} out of range"
+    assert all(n == 1 for n in devices.values()), f"a GPU is given twice: {devices.most_common(1)}"
+    assert all(n == 1 for n in ports.values()), f"a port is given twice: {ports.most_common(1)}"
+    for job_id, counts in per_node.items():
+        _limits(state, ledger.jobs[job_id], counts)
+
+
+def _may_run(state: MasterState, job: JobRecord, task: TaskRecord, node: str) -> None:
+    ledger = state.ledger
+    attributes = ledger.table.attributes[ledger.table.index[node]]
+    if job.node_names is not None:
+        assert node in job.node_names, f"task {task.id} runs on {node}, outside its node set"
+    for constraint in ledger.group(job.id, ()).constraints:
+        assert constraint.matches(attributes), f"task {task.id} runs on {node}, which fails {constraint}"
+
+
+def _limits(state: MasterState, job: JobRecord, counts: Counter[str]) -> None:
+    spec = job.spec
+    if spec.max_per_node is not None:
+        assert max(counts.values()) <= spec.max_per_node, f"job {job.id} has {counts} over max_per_node"
+    table = state.ledger.table
+    for attribute, limit in spec.max_per.items():
+        by_value: Counter[str | None] = Counter()
+        for node, n in counts.items():
+            by_value[table.attributes[table.index[node]].get(attribute)] += n
+        assert max(by_value.values()) <= limit, f"job {job.id} has {by_value} per {attribute}, limit {limit}"
