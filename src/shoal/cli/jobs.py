@@ -26,9 +26,9 @@ from shoal.model import JobSpec, Resources, RestartPolicy, Role, Strategy, TaskS
 from shoal.views import JobView
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
-# Output streams `shoal run` follows at once (two a task), whatever the count: each is a
-# connection the client's pool holds and a log the master polls. A task further down the
-# list is followed when one before it ends; its output is kept, so none of it is lost.
+# Output streams `shoal run` follows at once (two a task: 16 tasks), whatever the count:
+# each is a connection the client's pool holds and a log the master polls. A task further
+# down the list is followed when one before it ends; its output is kept, so none is lost.
 FOLLOWERS = 32
 
 
@@ -52,7 +52,12 @@ def run(
     priority: Annotated[int, typer.Option(help="0-1000; higher may preempt lower")] = 0,
     strategy: Annotated[Strategy | None, typer.Option(help="binpack, spread or least-loaded")] = None,
 ) -> None:
-    """Run a command on the cluster as if it were local: output back, exit code kept."""
+    """Run a command on the cluster as if it were local: output back, exit code kept.
+
+    With -n, each line comes prefixed by its task's index, and the exit code is the worst
+    task's. Up to 16 tasks are followed at a time, in index order: a later task's output,
+    none of it lost, shows once one before it has ended.
+    """
     spec = JobSpec(
         name=name or Path(command[0]).name,
         command=command,
