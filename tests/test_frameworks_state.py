@@ -227,9 +227,14 @@ def test_offers_expire() -> None:
     h = Harness(nodes=1, offer_timeout=3)
     framework, stream = h.subscribe()
     [offer] = h.offers(stream)
-    h.tick(4)
+    h.tick(2)
+    assert h.events(stream, p.Rescind) == []  # still good before its timeout
+    h.tick(2)
     assert [e.offer_id for e in h.events(stream, p.Rescind)] == [offer.id]
     assert len(h.offers(stream)) == 2  # offered anew
+    with pytest.raises(SpecError) as refused:
+        h.call(framework, p.Accept(offer_ids=[offer.id], tasks=[task("late")]))
+    assert refused.value.status == 409 and refused.value.field == "offer_ids"
 
 
 def test_tasks_outlive_a_disconnect_within_the_failover_timeout_only() -> None:

@@ -42,6 +42,7 @@ NAMED_PURE = (
     "master/frameworks.py",
     "master/moves.py",
     "master/events.py",
+    "master/shapes.py",
     "model.py",
     "expressions.py",
 )

@@ -190,3 +190,63 @@ def test_gpu_devices_and_named_ports_are_handed_out_and_taken_back() -> None:
     commands = state.handle(Submit(2, "alice", JobSpec(command="x", resources={"cpus": 1, "gpus": 2}), 2.0))
     assert launched_env(commands)["2.0"]["CUDA_VISIBLE_DEVICES"] == env["1.0"]["CUDA_VISIBLE_DEVICES"]
     assert freed.gpus  # the finished task keeps the record of what it had
+
+
+def test_a_resource_no_node_declares_is_refused_naming_it_and_never_widens_the_table() -> None:
+    state = MasterState()
+    state.handle(
+        FromAgent("n1", Register(node=sim_node("n1").model_copy(update={"capacity": licensed})), 0.0)
+    )
+    commands = state.handle(
+        Submit(1, "alice", JobSpec(command="x", resources={"custom": {"tokens": 1}}), 0.0)
+    )
+    [reply] = commands
+    assert isinstance(reply.error, SpecError) and reply.error.status == 422
+    assert reply.error.field == "resources.custom.tokens" and "tokens" in reply.error.reason
+    assert state.ledger.table.dims == ["cpus", "mem", "disk", "gpus", "licenses"]
+    assert state.ledger.jobs == {}
+    job, _ = submit(state, resources={"cpus": 1, "custom": {"licenses": 2}})
+    assert state.ledger.allocated("n1").custom == {"licenses": 2.0}
+    too_many = state.handle(
+        Submit(2, "alice", JobSpec(command="x", resources={"custom": {"licenses": 5}}), 0.0)
+    )
+    assert too_many[0].error.field == "resources" and "licenses" in too_many[0].error.reason
+
+
+licensed = sim_node("n1").capacity.model_copy(update={"custom": {"licenses": 4.0}})
+
+
+def test_finished_jobs_are_pruned_by_age_and_by_count_from_memory_and_the_store() -> None:
+    from shoal.master.ledger import Retention
+    from shoal.master.store.sqlite import SqliteStore
+
+    store = SqliteStore(":memory:", fsync=False)
+    state = MasterState(heartbeat_timeout=1e9, retention=Retention(age=60, count=2))
+
+    def handle(*events) -> None:
+        for command in state.handle(*events):
+            if isinstance(command, Persist):
+                store.apply(command)
+
+    handle(FromAgent("n1", Register(node=sim_node("n1", cpus=8)), 0.0))
+    jobs = []
+    for i in range(4):
+        handle(Submit(i, "alice", JobSpec(command="true", count=2, resources={"cpus": 1}), float(i)))
+        jobs.append(max(state.ledger.jobs))
+    running = jobs.pop()  # the last one never ends
+    for i, job in enumerate(jobs):
+        handle(FromAgent("n1", RunReports(reports=[report(f"{job}.0", TaskState.RUNNING)]), 10.0 + i))
+        handle(FromAgent("n1", RunReports(reports=[report(f"{job}.1", TaskState.RUNNING)]), 10.0 + i))
+        finish_events = [report(t, TaskState.FINISHED, exit_code=0) for t in (f"{job}.0", f"{job}.1")]
+        handle(FromAgent("n1", RunReports(reports=finish_events), 20.0 + i))
+    handle(Tick(30.0))  # three finished, two kept: the oldest goes
+    assert sorted(state.ledger.jobs) == [jobs[1], jobs[2], running]
+    assert sorted(j.id for j in store.load().jobs) == [jobs[1], jobs[2], running]
+    assert {t.job_id for t in store.load().tasks} <= {jobs[1], jobs[2], running}
+    assert f"{jobs[0]}.0" not in state.ledger.tasks
+    handle(Tick(81.5))  # past the age of the one that ended at 21
+    assert sorted(state.ledger.jobs) == [jobs[2], running]
+    handle(Tick(200.0))
+    assert sorted(state.ledger.jobs) == [running] == sorted(j.id for j in store.load().jobs)
+    restarted = MasterState(snapshot=store.load(), now=200.0)
+    assert sorted(restarted.ledger.jobs) == [running] and restarted.ledger.next_job_id == running + 1

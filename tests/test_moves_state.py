@@ -217,3 +217,74 @@ def test_a_new_copy_that_dies_is_given_up_at_once() -> None:
     h.handle(FromAgent(copy.node, RunReports(reports=[ended]), h.now))
     assert task.successor is None and task.node == "n1" and task.state is TaskState.RUNNING
     assert "exited with status 3" in h.state.ledger.migrations[move.id].failed
+
+
+def labelled(h: Harness, name: str, **labels: str) -> None:
+    info = sim_node(name, cpus=4).model_copy(update={"labels": labels})
+    h.handle(FromAgent(name, Register(node=info), h.now))
+
+
+def test_a_drained_service_moves_only_to_a_node_its_constraints_allow() -> None:
+    h = Harness(nodes=0, policy=RebalancePolicy(cooldown=0))
+    labelled(h, "n1", rack="r1")
+    labelled(h, "n2", rack="r2")  # roomier than n3, but outside the job's constraint
+    labelled(h, "n3", rack="r1")
+    h.state.ledger.table.set_schedulable("n3", False)
+    [job] = [h.request(Submit(1, "alice", SERVICE.model_copy(update={"constraints": ["rack == r1"]}), h.now))]
+    h.state.ledger.table.set_schedulable("n3", True)
+    h.run_all()
+    h.request(
+        Submit(2, "bob", JobSpec(command="x", resources={"cpus": 3}, nodes="n3"), h.now, frozenset({"n3"}))
+    )
+    task = h.state.ledger.tasks_of(job)[0]
+    assert task.node == "n1"
+    [move] = h.request(Drain(3, "n1", True, h.now))
+    assert task.successor is not None and task.successor.node == "n3" and move.target == "n3"
+
+
+def test_a_drain_with_no_allowed_target_stops_the_service_rather_than_break_its_rules() -> None:
+    h = Harness(nodes=0, policy=RebalancePolicy(cooldown=0))
+    labelled(h, "n1", rack="r1")
+    labelled(h, "n2", rack="r2")
+    [job] = [h.request(Submit(1, "alice", SERVICE.model_copy(update={"constraints": ["rack == r1"]}), h.now))]
+    h.run_all()
+    task = h.state.ledger.tasks_of(job)[0]
+    [move] = h.request(Drain(2, "n1", True, h.now))
+    assert task.successor is None and move.target == "" and task.migrating == ""
+    assert f"{task.id}.0" in h.killed()
+    h.report("n1", task.id, 0, TaskState.KILLED)
+    assert task.state is TaskState.PENDING and "1 node fails rack == r1" in h.state.waiting[job]
+
+
+def on(h: Harness, nodes: set[str], spec: JobSpec) -> int:
+    """A job placed while only `nodes` take work (it may move anywhere later)."""
+    others = [name for name in h.state.ledger.nodes if name not in nodes]
+    for name in others:
+        h.state.ledger.table.set_schedulable(name, False)
+    job = h.request(Submit(len(h.sent) + 100, "alice", spec, h.now))
+    for name in others:
+        h.state.ledger.table.set_schedulable(name, True)
+    return job
+
+
+def test_rebalancing_keeps_a_job_within_max_per_node() -> None:
+    """The coolest node already runs the job's other task: the busiest task stays, and the
+    round relieves the hot node with others'."""
+    h = Harness(nodes=3, policy=RebalancePolicy(cooldown=0, threshold=0.05))
+    pair = JobSpec(command="a", count=2, resources={"cpus": 1}, max_per_node=1)
+    light = JobSpec(command="b", count=2, resources={"cpus": 0.5})
+    jobs = [on(h, {"n1", "n2"}, pair), on(h, {"n1"}, light), on(h, {"n3"}, light)]
+    h.run_all()
+    tasks = {t.id: t for job in jobs for t in h.state.ledger.tasks_of(job)}
+    [busy] = [t for t in h.state.ledger.tasks_of(jobs[0]) if t.node == "n1"]
+    rate = {busy.id: 0.8, f"{jobs[1]}.0": 0.2, f"{jobs[1]}.1": 0.2, f"{jobs[2]}.0": 0.5, f"{jobs[2]}.1": 0.5}
+    for _ in range(4):
+        h.now += 1
+        for name in ("n1", "n2", "n3"):
+            mine = [t for t in tasks.values() if t.node == name]
+            runs = {t.run_id: RunUsage(cpu_seconds=rate.get(t.id, 0.0) * h.now) for t in mine}
+            percent = 100 * sum(rate.get(t.id, 0.0) for t in mine) / 4
+            h.handle(FromAgent(name, Heartbeat(usage=Usage(cpu_percent=percent, runs=runs)), h.now))
+    moves = h.request(RebalanceNow(4, h.now))
+    assert moves and all(m.task_id != busy.id for m in moves), moves
+    assert all(m.target == "n2" for m in moves)

@@ -32,17 +32,17 @@ import numpy as np
 from shoal.core.cluster import MaskCache, NodeTable
 from shoal.core.fairness import UsageBook
 from shoal.core.placement import Group, SpreadTarget
-from shoal.core.plan import Placement, Plan, Running
+from shoal.core.plan import Placement, Plan
 from shoal.core.scheduler import Verdict, apply_plan, never_fits
 from shoal.errors import ShoalError, SpecError
 from shoal.expressions import parse
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.events import Command, Persist, Reply, Send
+from shoal.master.shapes import consumer, run_spec
 from shoal.model import (
     TRANSITIONS,
     JobRecord,
     JobSpec,
-    Migrate,
     Migration,
     NodeInfo,
     NodeRecord,
@@ -115,11 +115,6 @@ class _Book:
             return None
         self.mark(info.name, gpus, ports.values())
         return gpus, ports
-
-
-def consumer(job: JobRecord) -> str:
-    """Whose share a job's tasks count in, within its queue: its framework's, or its owner's."""
-    return job.framework or job.owner
 
 
 Watcher = Callable[[TaskRecord, JobRecord, TaskState, float], None]
@@ -259,57 +254,6 @@ class Ledger:
             nominated=tuple(
                 (t, n) for t in ids if (n := self.tasks[t].nominated) is not None and n in self.table.index
             ),
-        )
-
-    def running(self, task: TaskRecord) -> Running:
-        job = self.jobs[task.job_id]
-        spec = job.spec
-        return Running(
-            task_id=task.id,
-            job_id=job.id,
-            node=task.node or "",
-            ask=spec.resources,
-            user=consumer(job),
-            queue=spec.queue,
-            priority=spec.priority,
-            preemptible=spec.preemptible,
-            evicting=task.evicted_by is not None or task.kill_requested,
-            ends_at=(
-                task.started_at + spec.time_limit
-                if task.started_at is not None and spec.time_limit is not None
-                else None
-            ),
-        )
-
-    def run_spec(self, task: TaskRecord, copy: Successor | None = None) -> RunSpec:
-        """What an agent runs for `task` (or for its new copy, in a make-before-break move)."""
-        spec = self.jobs[task.job_id].spec
-        attempt = copy.attempt if copy is not None else task.attempt
-        ports = copy.ports if copy is not None else task.ports
-        gpus = copy.gpus if copy is not None else task.gpus
-        env = spec.task_env(task.index) if spec.env else {}
-        env["SHOAL_JOB_ID"] = str(task.job_id)
-        env["SHOAL_TASK_ID"] = task.id
-        env["SHOAL_TASK_INDEX"] = str(task.index)
-        env["SHOAL_ATTEMPT"] = str(attempt)
-        for name, port in ports.items():
-            env[f"SHOAL_PORT_{name.upper()}"] = str(port)
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = env["SHOAL_GPUS"] = ",".join(map(str, gpus))
-        checkpoint = spec.migrate is Migrate.CHECKPOINT
-        return RunSpec(
-            run_id=run_id(task.id, attempt),
-            task_id=task.id,
-            attempt=attempt,
-            argv=spec.argv(task.index),
-            env=env,
-            workdir=spec.workdir,
-            resources=spec.resources,
-            kill_grace=spec.kill_grace,
-            time_limit=spec.time_limit,
-            checkpoint=checkpoint,
-            restore=task.checkpoint if checkpoint else None,
-            health=spec.health,
         )
 
     # --- jobs and tasks ---------------------------------------------------------------
@@ -453,18 +397,20 @@ class Ledger:
             gpus, ports = equipped
             if p.copy:
                 self.update(task, successor=Successor(p.node, task.attempt + 1, now, gpus, ports))
-                self._changes.launches[p.node].append(self.run_spec(task, task.successor))
+                self._changes.launches[p.node].append(
+                    run_spec(self.jobs[task.job_id].spec, task, task.successor)
+                )
             else:
                 self.transition(
                     task, TaskState.ASSIGNED, now, node=p.node, gpus=gpus, ports=ports, message=""
                 )
-                self._changes.launches[p.node].append(self.run_spec(task))
+                self._changes.launches[p.node].append(run_spec(self.jobs[task.job_id].spec, task))
             accepted.append(p)
         return Verdict(tuple(accepted), rejected)
 
     def relaunch(self, task: TaskRecord) -> None:
         """Send an assigned task's run again (its agent never received it)."""
-        self._changes.launches[task.node or ""].append(self.run_spec(task))
+        self._changes.launches[task.node or ""].append(run_spec(self.jobs[task.job_id].spec, task))
 
     def take_over(self, task: TaskRecord, now: float) -> tuple[str, str]:
         """The task's new copy becomes the task; the old copy's room, devices and ports are

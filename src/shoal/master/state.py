@@ -50,6 +50,7 @@ from shoal.master.events import (
 from shoal.master.frameworks import FrameworkDesk, FrameworkPolicy
 from shoal.master.ledger import Ledger, Retention
 from shoal.master.moves import MoveDesk, Rebalancing
+from shoal.master.shapes import running
 from shoal.master.store import Snapshot
 from shoal.model import (
     Attempt,
@@ -389,9 +390,9 @@ class MasterState:
                 self.waiting[job_id] = "waiting for its restart delay"
         if not groups:
             return
-        running = (ledger.running(t) for t in ledger.active_tasks())
+        holding = (running(ledger.jobs[t.job_id], t) for t in ledger.active_tasks())
         policy = self.frameworks.capped(self.policy, {g.queue for g in groups})
-        plan = schedule(ledger.table, ledger.masks, groups, ledger.usage, running, policy, now)
+        plan = schedule(ledger.table, ledger.masks, groups, ledger.usage, holding, policy, now)
         verdict = ledger.place(plan, now)
         self.waiting.update(plan.waiting)
         # A large array placed all it was shown: there may be room for the rest of it.

@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from shoal.core.fairness import UsageBook
+from shoal.master.shapes import running
 from shoal.master.state import MasterState
 from shoal.model import JobRecord, NodeStatus, TaskRecord
 
@@ -51,7 +52,7 @@ def _allocations(state: MasterState) -> None:
 
 def _usage(state: MasterState) -> None:
     ledger = state.ledger
-    expected = UsageBook.of(ledger.table, (ledger.running(t) for t in ledger.active_tasks()))
+    expected = UsageBook.of(ledger.table, (running(ledger.jobs[t.job_id], t) for t in ledger.active_tasks()))
     for key, amount in ledger.usage.by_user.items():
         want = expected.by_user.get(key, np.zeros_like(amount))
         assert np.allclose(amount[: len(want)], want), f"usage book of {key} drifted"

@@ -1,0 +1,65 @@
+"""The ledger's records in the shapes others read: the core's `Running` (what a task holds,
+for preemption, backfill and shares) and an agent's `RunSpec` (what to run). Pure."""
+
+from __future__ import annotations
+
+from shoal.core.plan import Running
+from shoal.model import JobRecord, JobSpec, Migrate, Successor, TaskRecord, run_id
+from shoal.wire import RunSpec
+
+
+def consumer(job: JobRecord) -> str:
+    """Whose share a job's tasks count in, within its queue: its framework's, or its owner's."""
+    return job.framework or job.owner
+
+
+def running(job: JobRecord, task: TaskRecord) -> Running:
+    """A task holding resources, as the core weighs it (preemption, backfill, shares)."""
+    spec = job.spec
+    return Running(
+        task_id=task.id,
+        job_id=job.id,
+        node=task.node or "",
+        ask=spec.resources,
+        user=consumer(job),
+        queue=spec.queue,
+        priority=spec.priority,
+        preemptible=spec.preemptible,
+        evicting=task.evicted_by is not None or task.kill_requested,
+        ends_at=(
+            task.started_at + spec.time_limit
+            if task.started_at is not None and spec.time_limit is not None
+            else None
+        ),
+    )
+
+
+def run_spec(spec: JobSpec, task: TaskRecord, copy: Successor | None = None) -> RunSpec:
+    """What an agent runs for `task` (or for its new copy, in a make-before-break move)."""
+    attempt = copy.attempt if copy is not None else task.attempt
+    ports = copy.ports if copy is not None else task.ports
+    gpus = copy.gpus if copy is not None else task.gpus
+    env = spec.task_env(task.index) if spec.env else {}
+    env["SHOAL_JOB_ID"] = str(task.job_id)
+    env["SHOAL_TASK_ID"] = task.id
+    env["SHOAL_TASK_INDEX"] = str(task.index)
+    env["SHOAL_ATTEMPT"] = str(attempt)
+    for name, port in ports.items():
+        env[f"SHOAL_PORT_{name.upper()}"] = str(port)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = env["SHOAL_GPUS"] = ",".join(map(str, gpus))
+    checkpoint = spec.migrate is Migrate.CHECKPOINT
+    return RunSpec(
+        run_id=run_id(task.id, attempt),
+        task_id=task.id,
+        attempt=attempt,
+        argv=spec.argv(task.index),
+        env=env,
+        workdir=spec.workdir,
+        resources=spec.resources,
+        kill_grace=spec.kill_grace,
+        time_limit=spec.time_limit,
+        checkpoint=checkpoint,
+        restore=task.checkpoint if checkpoint else None,
+        health=spec.health,
+    )
