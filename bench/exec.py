@@ -88,11 +88,11 @@ def main() -> None:
         "--start-timeout",
         type=float,
         default=None,
-        help="seconds for all agents to register (default: 60 + 4 per agent per core)",
+        help="seconds for all agents to register (default: 60 + 6 per agent per core)",
     )
     args = parser.parse_args()
     n, runs = args.nodes, max(5, args.runs)
-    start_timeout = args.start_timeout or 60 + 4.0 * n / cores
+    start_timeout = args.start_timeout or 60 + 6.0 * n / cores
     nodeset = f"node[1-{n}]"
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as root, Progress(transient=True) as progress:

@@ -57,6 +57,7 @@ class LiveCluster:
         agent_batch: int | None = None,
         start_timeout: float | None = None,
         registered: Callable[[int, int], None] | None = None,
+        agent_settings: Mapping[str, str] | None = None,
     ) -> None:
         self.root = root
         self.agent_batch = agent_batch
@@ -71,8 +72,9 @@ class LiveCluster:
         self.agent_names = [f"node{i}" for i in range(1, agents + 1)]
         self.master: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
-        # Settings of the master only, as SHOAL_* variables: {"offer_timeout": "2"}.
+        # Settings of the master, and of every agent, as SHOAL_* variables: {"offer_timeout": "2"}.
         self.master_env = {f"SHOAL_{k.upper()}": v for k, v in (master_settings or {}).items()}
+        self.agent_env = {f"SHOAL_{k.upper()}": v for k, v in (agent_settings or {}).items()}
 
     @property
     def env(self) -> dict[str, str]:
@@ -167,8 +169,20 @@ class LiveCluster:
             f"agent={name}",
             "--utilization",
             "tasks",  # the agents share this machine: each measures its own tasks
-            env={"SHOAL_PORT_RANGE": json.dumps(shared_host_ports(self.agent_names.index(name)))},
+            env={
+                **self.agent_env,
+                "SHOAL_PORT_RANGE": json.dumps(self.port_range(name)),
+            },
         )
+
+    def port_range(self, name: str) -> tuple[int, int]:
+        """The agent's own range of ports for its tasks: as `shoal dev` gives, narrower when
+        there are too many agents for 500 ports each below 65536."""
+        index = self.agent_names.index(name)
+        low, high = shared_host_ports(index)
+        width = min(high - low + 1, (65536 - 20000) // len(self.agent_names))
+        low = 20000 + width * index
+        return (low, low + width - 1)
 
     def kill_agent(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.agents.pop(name)
@@ -205,9 +219,11 @@ class LiveCluster:
                     if registered is not None:
                         registered(len(up), len(names))
                     if dead := [n for n in chunk if self.agents[n].poll() is not None]:
+                        log = (self.root / f"{dead[0]}.log").read_text(errors="replace").splitlines()
                         raise RuntimeError(
                             f"agent {dead[0]} exited with code {self.agents[dead[0]].returncode}"
-                            f" ({len(dead)} of this batch did); see {self.root / dead[0]}.log"
+                            f" ({len(dead)} of this batch did; {len(up)} of {len(names)} registered);"
+                            " the end of its log:\n" + "\n".join(log[-8:])
                         )
                     if (elapsed := time.monotonic() - began) > limit:
                         raise TimeoutError(
@@ -251,8 +267,10 @@ def live_cluster(
     agent_batch: int | None = None,
     start_timeout: float | None = None,
     registered: Callable[[int, int], None] | None = None,
+    agent_settings: Mapping[str, str] | None = None,
 ) -> Iterator[LiveCluster]:
-    """A started cluster; `agent_batch`, `start_timeout` and `registered` as in `start_agents`."""
+    """A started cluster; `agent_batch`, `start_timeout` and `registered` as in `start_agents`;
+    `master_settings` and `agent_settings` as SHOAL_* variables ({"fsync": "false"})."""
     root.mkdir(parents=True, exist_ok=True)
     cluster = LiveCluster(
         root,
@@ -263,6 +281,7 @@ def live_cluster(
         agent_batch,
         start_timeout,
         registered,
+        agent_settings,
     )
     try:
         cluster.start()
