@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from shoal.agent.server import Agent
 from shoal.config import AgentSettings, load_settings
 from shoal.model import NodeStatus
-from shoal.testing.live import live_cluster, wait_for
+from shoal.testing.live import LiveCluster, live_cluster, wait_for
+from shoal.views import NodeView
 
 
 def test_the_settings_resources_are_in_the_nodes_capacity(tmp_path: Path) -> None:
@@ -21,19 +25,24 @@ def test_the_settings_resources_are_in_the_nodes_capacity(tmp_path: Path) -> Non
     assert capacity.cpus > 0 and capacity.mem > 0  # what the machine has, as without them
 
 
-def test_an_agent_started_with_resources_registers_them(tmp_path: Path) -> None:
-    with live_cluster(tmp_path, agents=0) as cluster:
+@pytest.fixture(scope="module")
+def licensed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveCluster, NodeView]]:
+    """A master and one agent started verbose, with resources of its own: the cluster and the
+    agent's node as the master lists it."""
+    root = tmp_path_factory.mktemp("licensed")
+    with live_cluster(root, agents=0) as cluster:
         args = [
             "agent",
+            "-v",
             "--master",
             cluster.url,
             "--name",
             "licensed",
             "--state-dir",
-            str(tmp_path / "licensed"),
+            str(root / "node"),
         ]
         flags = ["--resource", "licenses=4", "--resource", "fpga=1", "--cpus", "1", "--utilization", "tasks"]
-        with open(tmp_path / "licensed.log", "wb") as log:
+        with open(root / "licensed.log", "wb") as log:
             agent = subprocess.Popen(
                 [sys.executable, "-m", "shoal", *args, *flags], env=cluster.env, stdout=log, stderr=log
             )
@@ -43,17 +52,29 @@ def test_an_agent_started_with_resources_registers_them(tmp_path: Path) -> None:
                     lambda: next((n for n in client.nodes() if n.status is NodeStatus.UP), None),
                     what="the agent registering",
                 )
-            assert node.info.capacity.custom == {"licenses": 4.0, "fpga": 1.0}  # type: ignore[attr-defined]
-            listing = subprocess.run(
-                [sys.executable, "-m", "shoal", "nodes"],
-                env={**cluster.cli_env(), "COLUMNS": "200"},
-                capture_output=True,
-                text=True,
-            )
-            assert "fpga 0/1,licenses 0/4" in listing.stdout
+            yield cluster, node  # type: ignore[misc]
         finally:
             agent.kill()
             agent.wait(10)
+
+
+def test_an_agent_started_with_resources_registers_them(licensed: tuple[LiveCluster, NodeView]) -> None:
+    cluster, node = licensed
+    assert node.info.capacity.custom == {"licenses": 4.0, "fpga": 1.0}
+    listing = subprocess.run(
+        [sys.executable, "-m", "shoal", "nodes"],
+        env={**cluster.cli_env(), "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+    )
+    assert "fpga 0/1,licenses 0/4" in listing.stdout
+
+
+def test_a_verbose_agent_logs_no_token(licensed: tuple[LiveCluster, NodeView]) -> None:
+    cluster, _ = licensed
+    log = (cluster.root / "licensed.log").read_text()
+    assert "connected to" in log
+    assert cluster.cluster_token not in log  # nor the handshake's headers, at DEBUG
 
 
 def test_a_resource_that_is_not_a_number_is_refused(tmp_path: Path) -> None:

@@ -38,6 +38,8 @@ def _logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # At DEBUG, websockets logs every header of a handshake: the cluster token among them.
+    logging.getLogger("websockets").setLevel(logging.INFO)
 
 
 @friendly
