@@ -5,8 +5,11 @@ a seeded random latency; time is virtual and moves only with `advance`. Processe
 simulated: `runtime(spec)` says how long a run lasts and how it exits. Faults are methods:
 `kill_agent` (the machine dies with its processes), `restart_agent` (the agent process
 restarts; its runs go on), `partition` / `heal`, and `restart_master` (a new master state
-rebuilt from the store, as after a SIGKILL). After every delivery `check()` asserts the
-ledger's invariants, so a fault test fails at the first step that breaks one.
+rebuilt from the store, as after a SIGKILL: frameworks' streams break and they subscribe
+again). Frameworks (`add_framework`) speak the offer API through its real JSON encoding;
+`drain` and `rebalance` move tasks; a run with a health check passes it `HEALTHY_AFTER`
+seconds after it starts. After every delivery `check()` asserts the ledger's invariants
+(`shoal.testing.invariants`), so a fault test fails at the first step that breaks one.
 """
 
 from __future__ import annotations
@@ -16,21 +19,24 @@ import itertools
 import random
 import re
 import signal
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoal.agent import state as agent
 from shoal.core.scheduler import Policy
+from shoal.framework import protocol as p
 from shoal.master import events as master
 from shoal.master.ledger import Retention
 from shoal.master.state import MasterState
 from shoal.master.store.sqlite import SqliteStore
-from shoal.model import JobSpec, NodeInfo, Resources, Usage
+from shoal.model import JobSpec, NodeInfo, Resources, TaskState, Usage
 from shoal.testing import invariants
 from shoal.wire import RunSpec, decode, encode
 
 Runtime = Callable[[RunSpec], tuple[float, int]]
+HEALTHY_AFTER = 0.5  # seconds from a run's start to its health check's first pass
+REFUSE = 5.0  # seconds a simulated framework refuses an offer it declined (Mesos's default)
 
 
 def shell_runtime(spec: RunSpec) -> tuple[float, int]:
@@ -61,6 +67,25 @@ class _Node:
     connected: bool = False
     partitioned: bool = False
     epoch: int = 0  # bumped on every (re)connection: frames of an old connection are dropped
+
+
+@dataclass
+class SimFramework:
+    """A framework as the SDK drives one: it launches its tasks one to an offer, declines
+    what does not fit (for `REFUSE` seconds), suppresses offers once all are launched,
+    acknowledges every update, and subscribes again as itself when its stream breaks."""
+
+    name: str
+    todo: list[p.TaskLaunch]
+    id: str | None = None
+    connection: int | None = None
+    told: dict[str, list[TaskState]] = field(default_factory=lambda: defaultdict(list))  # task -> states
+
+    def ended(self, task: str) -> bool:
+        return any(state.terminal for state in self.told.get(task, ()))
+
+
+SIM_PRINCIPAL = master.Principal("sim", admin=True)
 
 
 def sim_node(name: str, cpus: float = 4, mem: int = 8192, gpus: int = 0) -> NodeInfo:
@@ -97,6 +122,8 @@ class SimCluster:
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._requests = itertools.count(1)
+        self._connections = itertools.count(1)
+        self.frameworks: list[SimFramework] = []
         self._at(master_tick, self._master_tick)
         for name in self.nodes:
             self.start_agent(name)
@@ -142,6 +169,9 @@ class SimCluster:
                     replies[command.request] = command
                 case master.Disconnect(node=name):
                     self._drop_connection(name)
+                case master.ToFramework(connection=c, event=event):
+                    data = self.master.frameworks.encode(event)
+                    self._at(self.now + self._latency(), lambda c=c, data=data: self._to_framework(c, data))
         if self.master.wants_cycle:
             self._at(self.now, lambda: self._master_handle(master.Tick(self.now)))
         return replies
@@ -161,6 +191,65 @@ class SimCluster:
     def kill_job(self, job_id: int) -> None:
         self._master_handle(master.KillJob(next(self._requests), job_id, self.now))
 
+    def _request(self, make: Callable[[int], master.Request]) -> object:
+        request = next(self._requests)
+        reply = self._master_handle(make(request))[request]
+        if reply.error is not None:
+            raise reply.error
+        return reply.value
+
+    def drain(self, node: str, drain: bool = True, deadline: float | None = None) -> object:
+        return self._request(lambda r: master.Drain(r, node, drain, self.now, deadline))
+
+    def rebalance(self) -> object:
+        return self._request(lambda r: master.RebalanceNow(r, self.now))
+
+    # --- frameworks -----------------------------------------------------------------------
+
+    def add_framework(self, name: str, tasks: list[p.TaskLaunch]) -> SimFramework:
+        framework = SimFramework(name, list(tasks))
+        self.frameworks.append(framework)
+        self._subscribe(framework)
+        return framework
+
+    def _subscribe(self, framework: SimFramework) -> None:
+        framework.connection = connection = next(self._connections)
+        body = p.Subscribe(name=framework.name, framework_id=framework.id, failover_timeout=3600)
+        framework.id = self._request(  # type: ignore[assignment]
+            lambda r: master.SubscribeFramework(r, SIM_PRINCIPAL, body, connection, self.now)
+        )
+
+    def _call(self, framework: SimFramework, call: p.Call) -> master.Reply:
+        request = next(self._requests)
+        event = master.FrameworkCall(request, SIM_PRINCIPAL, framework.id or "", call, self.now)
+        return self._master_handle(event)[request]
+
+    def _to_framework(self, connection: int, data: bytes) -> None:
+        framework = next((f for f in self.frameworks if f.connection == connection), None)
+        if framework is None:
+            return  # a stream that broke meanwhile
+        match p.EVENT.validate_json(data):
+            case p.Offers(offers=offers):
+                for offer in offers:
+                    self._answer(framework, offer)
+            case p.Update(status=status):
+                framework.told[status.task].append(status.state)
+                if status.uuid is not None:
+                    self._call(framework, p.Acknowledge(uuids=[status.uuid]))
+            case p.Error():
+                framework.connection = None
+
+    def _answer(self, framework: SimFramework, offer: p.OfferInfo) -> None:
+        fits = [t for t in framework.todo if t.resources.shortfall(offer.resources) is None]
+        if not fits:
+            self._call(framework, p.Decline(offer_ids=[offer.id], refuse_seconds=REFUSE))
+            return
+        reply = self._call(framework, p.Accept(offer_ids=[offer.id], tasks=[fits[0]]))
+        if reply.error is None:
+            framework.todo.remove(fits[0])
+            if not framework.todo:
+                self._call(framework, p.Suppress())
+
     def restart_master(self) -> None:
         """The master dies (SIGKILL) and a new one starts from what the store holds."""
         snap = self.store.load()
@@ -172,6 +261,10 @@ class SimCluster:
         )
         for name in self.nodes:
             self._schedule_reconnect(name)
+        for framework in self.frameworks:
+            if framework.connection is not None:
+                framework.connection = None
+                self._at(self.now + 0.5 + self._latency(), lambda f=framework: self._subscribe(f))
 
     # --- links ----------------------------------------------------------------------------
 
@@ -298,6 +391,13 @@ class SimCluster:
             name, agent.Spawned(spec.run_id, pid=1000 + len(node.processes), pid_start=self.now, now=self.now)
         )
         self._at(proc.ends_at, lambda: self._process_ended(name, proc, None))
+        if spec.health is not None:
+            self._at(self.now + HEALTHY_AFTER, lambda: self._healthy(name, proc))
+
+    def _healthy(self, name: str, proc: _Process) -> None:
+        node = self.nodes[name]
+        if proc.alive and node.state is not None and node.processes.get(proc.run_id) is proc:
+            self._agent_handle(name, agent.Health(proc.run_id, True, self.now))
 
     def _signal(self, name: str, run: str, sig: int) -> None:
         proc = self.nodes[name].processes.get(run)
