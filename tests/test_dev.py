@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 
 from shoal.client import Client
-from shoal.config import ClientConfig, load_client_config
+from shoal.clientfile import ClientConfig, load_client_config
 from shoal.model import JobSpec, NodeStatus, TaskState
 from shoal.testing.live import free_port, wait_for
 

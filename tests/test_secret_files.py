@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shoal.cli.daemons import _token_file
-from shoal.config import ClientConfig, save_client_config
+from shoal.clientfile import ClientConfig, save_client_config
 from shoal.files import write_secret
 
 OLD = "not a secret\n"

@@ -24,7 +24,7 @@ sys.modules.setdefault("httpx._main", None)
 import httpx  # noqa: E402 - after the line above
 from pydantic import BaseModel, TypeAdapter  # noqa: E402
 
-from shoal.config import ClientConfig, load_client_config  # noqa: E402
+from shoal.clientfile import ClientConfig, load_client_config  # noqa: E402
 from shoal.errors import ShoalError  # noqa: E402
 from shoal.model import TASK_RECORD, Caller, JobSpec, Migration, Role, TaskRecord  # noqa: E402
 from shoal.views import (  # noqa: E402

@@ -1,4 +1,4 @@
-"""Settings of the master, the agent and the client.
+"""Settings of the master and the agent (the client's file is `clientfile.py`).
 
 Each comes from, strongest first: command-line flags, `SHOAL_*` environment variables, a
 TOML file (`--config FILE`), then the defaults here.
@@ -7,21 +7,18 @@ TOML file (`--config FILE`), then the defaults here.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
 
-from shoal.files import write_secret
+from shoal.clientfile import DEFAULT_PORT
 from shoal.model import Resources, Strategy
 
 if TYPE_CHECKING:
     from shoal.core.scheduler import Policy
     from shoal.master.moves import Rebalancing
-
-DEFAULT_PORT = 8470
 
 
 def data_home() -> Path:
@@ -182,32 +179,3 @@ def load_settings(cls: type[S], config_file: Path | None, **flags: Any) -> S:
         model_config = {**cls.model_config, "toml_file": config_file}
 
     return Configured(**{k: v for k, v in flags.items() if v is not None})
-
-
-class ClientConfig(BaseModel):
-    """Where the API is and which token to present: the client's whole configuration."""
-
-    url: str = f"http://127.0.0.1:{DEFAULT_PORT}"
-    token: str = ""
-
-
-def client_config_path() -> Path:
-    default = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "shoal" / "client.toml"
-    return Path(os.environ.get("SHOAL_CONFIG", default))
-
-
-def load_client_config() -> ClientConfig:
-    """The client file, then SHOAL_URL and SHOAL_TOKEN over it."""
-    path = client_config_path()
-    values: dict[str, Any] = tomllib.loads(path.read_text()) if path.exists() else {}
-    for key in ("url", "token"):
-        if env := os.environ.get(f"SHOAL_{key.upper()}"):
-            values[key] = env
-    return ClientConfig(**values)
-
-
-def save_client_config(config: ClientConfig) -> Path:
-    path = client_config_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_secret(path, f'url = "{config.url}"\ntoken = "{config.token}"\n')
-    return path

@@ -20,15 +20,8 @@ from typing import Annotated
 import typer
 
 from shoal.cli.errors import fail, friendly
-from shoal.config import (
-    DEFAULT_PORT,
-    AgentSettings,
-    ClientConfig,
-    MasterSettings,
-    load_settings,
-    save_client_config,
-    shared_host_ports,
-)
+from shoal.clientfile import DEFAULT_PORT, ClientConfig, save_client_config
+from shoal.config import AgentSettings, MasterSettings, load_settings, shared_host_ports
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="a TOML file of settings", dir_okay=False)]
 

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from shoal.client import ApiError, Unreachable, _api_error
-from shoal.config import load_client_config
+from shoal.clientfile import load_client_config
 from shoal.framework import protocol as p
 
 log = logging.getLogger("shoal.framework")
