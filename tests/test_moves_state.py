@@ -288,3 +288,13 @@ def test_rebalancing_keeps_a_job_within_max_per_node() -> None:
     moves = h.request(RebalanceNow(4, h.now))
     assert moves and all(m.task_id != busy.id for m in moves), moves
     assert all(m.target == "n2" for m in moves)
+
+
+def test_a_task_that_ends_while_moving_closes_its_migration() -> None:
+    h = Harness()
+    [job] = only_n1(h, JobSpec(command="c", resources={"cpus": 1}))
+    [move] = h.request(Drain(4, "n1", True, h.now))
+    h.report("n1", f"{job}.0", 0, TaskState.FINISHED)  # it ended on its own before the stop
+    record = h.state.ledger.migrations[move.id]
+    assert record.failed == "the task ended (finished) before it moved" and record.running_at is None
+    assert h.state.ledger.tasks_of(job)[0].state is TaskState.FINISHED

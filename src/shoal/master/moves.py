@@ -197,6 +197,12 @@ class MoveDesk:
         if target and self._admits(task, target, source):
             self._place(task, target, now, copy=False)
 
+    def ended_for_good(self, task: TaskRecord) -> None:
+        """A task ended and will not run again as part of a move (it finished, failed, was
+        killed or lost): a move still open for it is over."""
+        if (move := self._open.pop(task.id, None)) is not None:
+            self.ledger.update_migration(move, failed=f"the task ended ({task.state.value}) before it moved")
+
     def running(self, task: TaskRecord, node: str, now: float) -> None:
         """A task reported running: the migration that moved it, if any, is done."""
         if task.successor is None and (move := self._open.pop(task.id, None)) is not None:

@@ -301,6 +301,8 @@ class MasterState:
     def _transitioned(self, task: TaskRecord, job: JobRecord, was: TaskState, now: float) -> None:
         if was.active and not task.state.active:
             self._cpu_seen.pop(task.run_id, None)
+        if task.state.terminal and task.state is not TaskState.MIGRATED:
+            self.moves.ended_for_good(task)
         if job.framework is not None:
             self.frameworks.task_changed(job, task, now)
 
