@@ -250,3 +250,51 @@ def test_finished_jobs_are_pruned_by_age_and_by_count_from_memory_and_the_store(
     assert sorted(state.ledger.jobs) == [running] == sorted(j.id for j in store.load().jobs)
     restarted = MasterState(snapshot=store.load(), now=200.0)
     assert sorted(restarted.ledger.jobs) == [running] and restarted.ledger.next_job_id == running + 1
+
+
+def test_job_ids_are_never_given_twice_even_once_pruned_and_after_a_restart() -> None:
+    from shoal.master.ledger import Retention
+    from shoal.master.store.sqlite import SqliteStore
+
+    store = SqliteStore(":memory:", fsync=False)
+    state = MasterState(heartbeat_timeout=1e9, retention=Retention(age=0, count=0))
+
+    def handle(*events) -> list:
+        commands = state.handle(*events)
+        for command in commands:
+            if isinstance(command, Persist):
+                store.apply(command)
+        return commands
+
+    handle(FromAgent("n1", Register(node=sim_node("n1")), 0.0))
+    for i in (1, 2):
+        handle(Submit(i, "alice", JobSpec(command="true"), 0.0))
+        handle(FromAgent("n1", RunReports(reports=[report(f"{i}.0", TaskState.FINISHED, exit_code=0)]), 1.0))
+    handle(Tick(2.0))
+    assert state.ledger.jobs == {} and store.load().jobs == []  # the newest job is gone too
+    state = MasterState(heartbeat_timeout=1e9, snapshot=store.load(), now=3.0)
+    handle(FromAgent("n1", Register(node=sim_node("n1")), 3.0))
+    [reply] = [c for c in handle(Submit(3, "alice", JobSpec(command="true"), 3.0)) if isinstance(c, Reply)]
+    assert reply.value == 3
+
+
+def test_a_restart_keeps_working_when_no_node_declares_a_resource_a_stored_job_asks_for() -> None:
+    node = sim_node("n1").model_copy(update={"capacity": licensed})
+    state = MasterState()
+    state.handle(FromAgent("n1", Register(node=node), 0.0))
+    job, _ = submit(state, count=2, resources={"cpus": 1, "custom": {"licenses": 4}})
+    ledger = state.ledger
+    snapshot = Snapshot(list(ledger.jobs.values()), list(ledger.tasks.values()), [], [], [], [])
+    restarted = MasterState(snapshot=snapshot, now=10.0)  # its nodes are not back yet
+    restarted.handle(FromAgent("n2", Register(node=sim_node("n2")), 10.0))
+    restarted.handle(Tick(11.0))
+    tasks = restarted.ledger.tasks_of(job)
+    assert [t.state for t in tasks] == [TaskState.ASSIGNED, TaskState.PENDING]
+    assert restarted.waiting[job] == "1 node lacks free licenses"
+
+
+def test_killing_a_job_that_is_gone_is_a_404_and_disturbs_nothing() -> None:
+    state = MasterState()
+    register(state, "n1")
+    [reply] = state.handle(KillJob(7, 99, 0.0))
+    assert reply.error is not None and "no job 99" in str(reply.error)

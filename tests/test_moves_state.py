@@ -242,18 +242,53 @@ def test_a_drained_service_moves_only_to_a_node_its_constraints_allow() -> None:
     assert task.successor is not None and task.successor.node == "n3" and move.target == "n3"
 
 
-def test_a_drain_with_no_allowed_target_stops_the_service_rather_than_break_its_rules() -> None:
+def test_a_drained_service_with_no_allowed_target_serves_on_until_room_or_the_deadline() -> None:
     h = Harness(nodes=0, policy=RebalancePolicy(cooldown=0))
     labelled(h, "n1", rack="r1")
     labelled(h, "n2", rack="r2")
-    [job] = [h.request(Submit(1, "alice", SERVICE.model_copy(update={"constraints": ["rack == r1"]}), h.now))]
+    service = SERVICE.model_copy(update={"constraints": ["rack == r1"]})
+    [job] = [h.request(Submit(1, "alice", service, h.now))]
     h.run_all()
     task = h.state.ledger.tasks_of(job)[0]
-    [move] = h.request(Drain(2, "n1", True, h.now))
-    assert task.successor is None and move.target == "" and task.migrating == ""
-    assert f"{task.id}.0" in h.killed()
-    h.report("n1", task.id, 0, TaskState.KILLED)
-    assert task.state is TaskState.PENDING and "1 node fails rack == r1" in h.state.waiting[job]
+    assert h.request(Drain(2, "n1", True, h.now, deadline=10)) == []  # nowhere to go yet
+    h.now += 1
+    h.handle(Tick(h.now))
+    assert task.successor is None and f"{task.id}.0" not in h.killed()  # it serves on
+    labelled(h, "n3", rack="r1")  # room where it may go: the drain moves it there
+    h.now += 1
+    h.handle(Tick(h.now))
+    assert task.successor is not None and task.successor.node == "n3"
+
+
+def test_a_drained_service_with_nowhere_to_go_is_stopped_at_the_deadline() -> None:
+    h = Harness(nodes=0, policy=RebalancePolicy(cooldown=0))
+    labelled(h, "n1", rack="r1")
+    labelled(h, "n2", rack="r2")
+    service = SERVICE.model_copy(update={"constraints": ["rack == r1"]})
+    [job] = [h.request(Submit(1, "alice", service, h.now))]
+    h.run_all()
+    task = h.state.ledger.tasks_of(job)[0]
+    h.request(Drain(2, "n1", True, h.now, deadline=5))
+    for _ in range(6):
+        h.now += 1
+        h.handle(Tick(h.now))
+    assert task.migrating == "" and f"{task.id}.0" in h.killed()
+    [move] = h.state.ledger.migrations.values()
+    assert move.reason == "drain deadline"
+
+
+def test_a_move_never_targets_a_node_without_free_ports() -> None:
+    h = Harness(nodes=0, policy=RebalancePolicy(cooldown=0))
+    for name in ("n1", "n2"):
+        info = sim_node(name, cpus=4).model_copy(update={"port_range": (20000, 20000)})
+        h.handle(FromAgent(name, Register(node=info), h.now))
+    [first, second] = [h.request(Submit(i, "alice", SERVICE, h.now)) for i in (1, 2)]
+    h.run_all()
+    nodes = {h.state.ledger.tasks_of(j)[0].node for j in (first, second)}
+    assert nodes == {"n1", "n2"}  # one port each: both nodes are out of ports
+    assert h.request(Drain(3, "n1", True, h.now)) == []
+    assert all(h.state.ledger.tasks_of(j)[0].successor is None for j in (first, second))
+    assert not h.killed()  # nothing stopped for a move that cannot happen
 
 
 def on(h: Harness, nodes: set[str], spec: JobSpec) -> int:

@@ -444,6 +444,12 @@ class TaskRecord:
     def run_id(self) -> str:
         return run_id(self.id, self.attempt)
 
+    @property
+    def next_attempt(self) -> int:
+        """The number of the task's next run: above every run it had, a new copy given up
+        included, so no run id is ever used twice."""
+        return 1 + max([self.attempt, *(a.attempt for a in self.history)])
+
 
 TASK_RECORD = TypeAdapter(TaskRecord)
 

@@ -108,7 +108,8 @@ class NodeTable:
             row[index] = amount
         return row
 
-    def _ensure_dim(self, name: str) -> None:
+    def declare(self, name: str) -> None:
+        """A resource dimension, added unless the table has it (new columns are all zero)."""
         if name in self._dim_index:
             return
         self._dim_index[name] = len(self.dims)
@@ -126,7 +127,7 @@ class NodeTable:
         """Add a node or refresh what it reports; returns its row. A custom resource the node
         declares adds a dimension, the one way the table widens."""
         for dim in capacity.custom:
-            self._ensure_dim(dim)
+            self.declare(dim)
         vec = self.vector(capacity)
         row = self.index.get(name)
         if row is None:

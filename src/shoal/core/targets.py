@@ -34,11 +34,19 @@ def admissible(table: NodeTable, masks: MaskCache, g: Group, source: str) -> np.
     return ok
 
 
-def best_target(table: NodeTable, masks: MaskCache, g: Group, source: str, strategy: Strategy) -> str | None:
+def best_target(
+    table: NodeTable,
+    masks: MaskCache,
+    g: Group,
+    source: str,
+    strategy: Strategy,
+    usable: np.ndarray | None = None,
+) -> str | None:
     """The node a task of `g` moving off `source` should go to, by the job's strategy, among
-    the admissible nodes with room for it now; None when there is none."""
+    the admissible nodes with room for it now (and in `usable`, where given: say, those with
+    free ports); None when there is none."""
     ask = table.vector(g.ask)
-    ok = table.schedulable.copy()
+    ok = table.schedulable.copy() if usable is None else table.schedulable & usable
     if (allowed := admissible(table, masks, g, source)) is not None:
         ok &= allowed
     for d in np.flatnonzero(ask):

@@ -125,6 +125,8 @@ class Persist:
     migrations: tuple[Migration, ...] = ()
     forgotten_jobs: tuple[int, ...] = ()  # finished jobs past retention: gone with their tasks
     forgotten_migrations: tuple[int, ...] = ()
+    # The next id of each kind, so an id is never given twice, even once its record is pruned.
+    counters: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,7 +105,7 @@ class FrameworkDesk:
         for framework_id, status in updates:
             if (fw := self.frameworks.get(framework_id)) is not None:
                 fw.updates[status.uuid or ""] = status
-        for job in ledger.jobs.values():
+        for job in sorted(ledger.jobs.values(), key=lambda j: j.id):  # a name is its newest job's
             if job.framework is not None and job.framework in self.frameworks:
                 self.frameworks[job.framework].tasks[job.spec.name] = job.id
         self.offers: dict[str, Offer] = {}
@@ -261,6 +261,11 @@ class FrameworkDesk:
                 raise SpecError(
                     "tasks", f"the tasks ask for {asked[d]:g} {dim}; the offers hold {offered[d]:g}"
                 )
+        names = [launch.name for launch in call.tasks]
+        if len(set(names)) != len(names):
+            raise SpecError(
+                "tasks", "a task name is given twice: names are the framework's ids for its tasks"
+            )
         for i, launch in enumerate(call.tasks):
             job_id = fw.tasks.get(launch.name)
             if job_id is not None and not ledger.tasks_of(job_id)[0].state.terminal:
@@ -314,6 +319,8 @@ class FrameworkDesk:
         self._close(fw, f"framework {fw.record.id} ended: {why}")
         fw.record.removed = True
         fw.record.connected = False
+        for uuid in fw.updates:
+            self.ledger.acknowledged(uuid)  # nobody is left to hear them
         fw.updates.clear()
         self._persist(fw)
 
@@ -338,9 +345,17 @@ class FrameworkDesk:
             for name in [n for n, job_id in fw.tasks.items() if job_id in gone]:
                 del fw.tasks[name]
 
-    def node_lost(self, node: str) -> None:
+    def pinned(self) -> set[int]:
+        """Jobs whose updates their frameworks have not acknowledged: kept past retention."""
+        return {s.job_id for fw in self.frameworks.values() for s in fw.updates.values()}
+
+    def rescind_node(self, node: str) -> None:
+        """Take back the offers of `node` (lost, or taking no new work)."""
         for offer in [o for o in self.offers.values() if o.node == node]:
             self._rescind(offer.id)
+
+    def node_lost(self, node: str) -> None:
+        self.rescind_node(node)
         for fw in self.frameworks.values():
             if fw.connection is not None:
                 self._emit(fw, p.Failure(node=node))

@@ -24,7 +24,7 @@ records' indexes themselves.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +41,7 @@ from shoal.master.events import Command, Persist, Reply, Send
 from shoal.master.shapes import consumer, run_spec
 from shoal.model import (
     TRANSITIONS,
+    Attempt,
     JobRecord,
     JobSpec,
     Migration,
@@ -51,6 +52,7 @@ from shoal.model import (
     Successor,
     TaskRecord,
     TaskState,
+    Usage,
     run_id,
 )
 from shoal.wire import Ack, Kill, Launch, RunSpec
@@ -77,6 +79,7 @@ class _Changes:
     updates: list[tuple[str, TaskStatus]] = field(default_factory=list)
     acked: list[str] = field(default_factory=list)
     migrations: dict[int, Migration] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
     forgotten_jobs: list[int] = field(default_factory=list)
     forgotten_migrations: list[int] = field(default_factory=list)
     out: list[Command] = field(default_factory=list)
@@ -128,6 +131,7 @@ class Ledger:
         tasks: Iterable[TaskRecord] = (),
         nodes: Iterable[NodeRecord] = (),
         migrations: Iterable[Migration] = (),
+        counters: Mapping[str, int] | None = None,
         retention: Retention | None = None,
         now: float = 0.0,
     ) -> None:
@@ -150,18 +154,25 @@ class Ledger:
         self._live: dict[int, int] = defaultdict(int)  # job id -> tasks not in an end state
         self._finished: dict[int, float] = {}  # job id -> when its last task ended, oldest first
         for node in nodes:
-            # A restarted master gives every node a full timeout to reconnect.
-            self._index_node(node.model_copy(update={"last_seen": now, "connected": False}))
+            # A restarted master gives every node a full timeout to reconnect; its load is
+            # measured afresh.
+            fresh = {"last_seen": now, "connected": False, "load": 0.0, "history": [], "usage": Usage()}
+            self._index_node(node.model_copy(update=fresh))
         for job in self.jobs.values():
+            for dim in job.spec.resources.custom:
+                self.table.declare(dim)  # even if the nodes that had it are gone
             for task in _implied_tasks(job):
                 self.tasks.setdefault(task.id, task)
         self._rebuild_indexes()
-        self.next_job_id = max(self.jobs, default=0) + 1
+        counters = counters or {}
+        self.next_job_id = max(counters.get("job", 1), max(self.jobs, default=0) + 1)
+        self._next_migration = max(counters.get("migration", 1), max(self.migrations, default=0) + 1)
 
     def _rebuild_indexes(self) -> None:
         ended: list[tuple[float, int]] = []
         for task in sorted(self.tasks.values(), key=lambda t: (t.job_id, t.index)):
             self._job_tasks[task.job_id].append(task.id)
+            task.load = None  # measured afresh
             if not task.state.terminal:
                 self._live[task.job_id] += 1
             if task.state is TaskState.PENDING:
@@ -205,6 +216,12 @@ class Ledger:
 
     def free_ports(self, node: str) -> int:
         return self._book.free_ports(self.nodes[node].info)
+
+    def port_room(self, ports: int) -> np.ndarray | None:
+        """Per row: whether its node has `ports` free ports (None when none are asked for)."""
+        if not ports:
+            return None
+        return np.fromiter((self.free_ports(n) >= ports for n in self.table.names), bool, len(self.table))
 
     def unknown_resources(self, resources: Resources) -> list[str]:
         """Custom resources no node has declared (a request for them can never run)."""
@@ -275,6 +292,7 @@ class Ledger:
             framework=framework,
         )
         self.next_job_id += 1
+        self._changes.counters["job"] = self.next_job_id
         self.jobs[job.id] = self._changes.jobs[job.id] = job
         # The new tasks are not persisted one by one: a stored job implies all its tasks,
         # pending, until each changes (see `_implied_tasks`), so a 100,000-task array is
@@ -303,6 +321,14 @@ class Ledger:
         for key, value in fields.items():
             setattr(task, key, value)
         self._changes.tasks[task.id] = task
+
+    def observe(self, record: TaskRecord | NodeRecord, **fields: object) -> None:
+        """Live readings (heartbeats, load, the connection): kept in memory, stored only with
+        the record's next change, and measured afresh after a restart."""
+        for key, value in fields.items():
+            setattr(record, key, value)
+        if isinstance(record, NodeRecord) and "load" in fields:
+            self.table.set_utilization(record.name, record.load / 100.0)
 
     def request_kill(self, task: TaskRecord) -> None:
         """Ask the agent to stop an active task (once: a lost Kill is resent on reports)."""
@@ -396,7 +422,7 @@ class Ledger:
                 continue
             gpus, ports = equipped
             if p.copy:
-                self.update(task, successor=Successor(p.node, task.attempt + 1, now, gpus, ports))
+                self.update(task, successor=Successor(p.node, task.next_attempt, now, gpus, ports))
                 self._changes.launches[p.node].append(
                     run_spec(self.jobs[task.job_id].spec, task, task.successor)
                 )
@@ -434,11 +460,19 @@ class Ledger:
         )
         return old_node, old_run
 
-    def drop_copy(self, task: TaskRecord) -> Successor:
-        """Stop and forget the task's new copy; its room, devices and ports go back."""
+    def drop_copy(self, task: TaskRecord, why: str, now: float) -> Successor:
+        """Stop the task's new copy, kept in its history; its room, devices and ports go back."""
         copy = task.successor
         assert copy is not None
-        self.update(task, successor=None)
+        given_up = Attempt(
+            attempt=copy.attempt,
+            node=copy.node,
+            state=TaskState.KILLED,
+            message=f"new copy given up: {why}",
+            started_at=copy.since,
+            finished_at=now,
+        )
+        self.update(task, successor=None, history=[*task.history, given_up])
         self._release(copy.node, task)
         self._book.give(copy.node, copy.gpus, copy.ports.values())
         self.send(copy.node, Kill(run_ids=[run_id(task.id, copy.attempt)]))
@@ -491,8 +525,13 @@ class Ledger:
     def acknowledged(self, uuid: str) -> None:
         self._changes.acked.append(uuid)
 
-    def add_migration(self, record: Migration) -> None:
+    def add_migration(self, **fields: object) -> Migration:
+        """A new migration record, under an id never given before."""
+        record = Migration(id=self._next_migration, **fields)  # type: ignore[arg-type]
+        self._next_migration += 1
+        self._changes.counters["migration"] = self._next_migration
         self.migrations[record.id] = self._changes.migrations[record.id] = record
+        return record
 
     def update_migration(self, move: int, **fields: object) -> Migration:
         record = self.migrations[move].model_copy(update=fields)
@@ -501,14 +540,16 @@ class Ledger:
 
     # --- retention --------------------------------------------------------------------------
 
-    def prune(self, now: float) -> list[int]:
-        """Forget finished jobs past the retention window, and finished migrations beyond it;
-        returns the jobs forgotten."""
+    def prune(self, now: float, pinned: Container[int] = ()) -> list[int]:
+        """Forget finished jobs past the retention window (but the `pinned`, still wanted by
+        a desk), and finished migrations beyond it; returns the jobs forgotten."""
         keep = self.retention
         gone: list[int] = []
         for job_id, ended_at in list(self._finished.items()):
             if len(self._finished) <= keep.count and now - ended_at < keep.age:
                 break
+            if job_id in pinned:
+                continue
             del self._finished[job_id]
             self._forget_job(job_id)
             gone.append(job_id)
@@ -517,9 +558,8 @@ class Ledger:
         for record in done[: max(0, len(done) - keep.count)]:
             self._forget_migration(record.id)
         for record in done[max(0, len(done) - keep.count) :]:
-            if now - record.at < keep.age:
-                break
-            self._forget_migration(record.id)
+            if now - (record.running_at or record.at) >= keep.age:
+                self._forget_migration(record.id)
         return gone
 
     def _forget_job(self, job_id: int) -> None:
@@ -564,6 +604,7 @@ class Ledger:
             or c.migrations
             or forgotten
             or c.forgotten_migrations
+            or c.counters
         ):
             commands.append(
                 Persist(
@@ -576,6 +617,7 @@ class Ledger:
                     tuple(c.migrations.values()),
                     tuple(c.forgotten_jobs),
                     tuple(c.forgotten_migrations),
+                    tuple(c.counters.items()),
                 )
             )
         commands.extend(Send(node, Launch(runs=runs)) for node, runs in c.launches.items())

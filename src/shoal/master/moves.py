@@ -46,7 +46,7 @@ def snapshot(ledger: Ledger) -> tuple[Cluster, list[Movable]]:
             continue
         key = (job.id, task.node)
         if key not in allowed:
-            allowed[key] = admissible(table, ledger.masks, ledger.group(job.id, ()), task.node)
+            allowed[key] = _allowed(ledger, job.id, task.node)
         movables.append(
             Movable(
                 task_id=task.id,
@@ -60,6 +60,16 @@ def snapshot(ledger: Ledger) -> tuple[Cluster, list[Movable]]:
             )
         )
     return cluster, movables
+
+
+def _allowed(ledger: Ledger, job_id: int, source: str) -> np.ndarray | None:
+    """Rows a task of the job, moving off `source`, may go to by its job's rules and where
+    the ledger has the ports to equip it (None: any row)."""
+    allowed = admissible(ledger.table, ledger.masks, ledger.group(job_id, ()), source)
+    ports = ledger.port_room(len(ledger.jobs[job_id].spec.ports))
+    if ports is None:
+        return allowed
+    return ports if allowed is None else allowed & ports
 
 
 def _busy(task: TaskRecord) -> bool:
@@ -133,12 +143,16 @@ class MoveDesk:
     def tick(self, now: float) -> None:
         ledger = self.ledger
         for node in list(ledger.nodes.values()):
-            if node.drained and node.drain_deadline is not None and now >= node.drain_deadline:
+            if not node.drained:
+                continue
+            if node.drain_deadline is not None and now >= node.drain_deadline:
                 ledger.update_node(node, drain_deadline=None)
                 self._move_off(node.name, now, "drain deadline", every=True)
+            else:
+                self._move_off(node.name, now, "drain", every=False)  # services waiting for room
         for task in list(ledger.active_tasks()):
             if task.successor is not None and now - task.successor.since > SUCCESSOR_PATIENCE:
-                self.drop_successor(task, f"the new copy did not serve within {SUCCESSOR_PATIENCE:g}s")
+                self.drop_successor(task, f"the new copy did not serve within {SUCCESSOR_PATIENCE:g}s", now)
         for old_run, (node_name, due) in list(self._retiring.items()):
             if now >= due:
                 del self._retiring[old_run]
@@ -154,46 +168,53 @@ class MoveDesk:
             if task.node != node or _busy(task) or job.framework:
                 continue
             if every or job.spec.migrate is not Migrate.NEVER:
-                record = self.migrate(task, "", reason, now)
-                assert record is not None  # a move to wherever there is room is always made
-                moved.append(record)
+                record = self.migrate(task, "", reason, now, force=every)
+                if record is not None:
+                    moved.append(record)
         return moved
 
     # --- migrations -------------------------------------------------------------------------
 
-    def migrate(self, task: TaskRecord, target: str, reason: str, now: float) -> Migration | None:
+    def migrate(
+        self, task: TaskRecord, target: str, reason: str, now: float, force: bool = False
+    ) -> Migration | None:
         """Move `task` to `target` ("": wherever its job's rules and the room allow) by its
-        job's mode; None, and nothing done, when `target` no longer admits it."""
+        job's mode. A make-before-break task moves only once its new copy has a place, so a
+        service is never stopped for a move that may not happen (`force`, at a drain's
+        deadline: stopped all the same). None, and nothing done, when no move is made now."""
         ledger = self.ledger
-        job = ledger.jobs[task.job_id]
         if target and not self._admits(task, target, task.node or ""):
             return None
-        mode = job.spec.migrate
-        copy_to = (target or self._best(task)) if mode is Migrate.MAKE_BEFORE_BREAK else None
-        if copy_to and not self._place(task, copy_to, now, copy=True):
-            copy_to = None  # no room for a copy now: stop it and place it again instead
-        record = Migration(
-            id=max(ledger.migrations, default=0) + 1,
+        if ledger.jobs[task.job_id].spec.migrate is Migrate.MAKE_BEFORE_BREAK:
+            copy_to = target or self._best(task)
+            if copy_to and self._place(task, copy_to, now, copy=True):
+                return self._record(task, copy_to, reason, now)
+            if not force:
+                return None
+        record = self._record(task, target, reason, now)
+        ledger.update(task, migrating=target)
+        ledger.send(task.node, Kill(run_ids=[task.run_id]))
+        return record
+
+    def _record(self, task: TaskRecord, target: str, reason: str, now: float) -> Migration:
+        job = self.ledger.jobs[task.job_id]
+        record = self.ledger.add_migration(
             at=now,
             task_id=task.id,
             job_id=job.id,
             source=task.node or "",
-            target=copy_to or target,
+            target=target,
             reason=reason,
-            mode=mode,
+            mode=job.spec.migrate,
         )
-        ledger.add_migration(record)
         self._open[task.id] = record.id
-        if not copy_to:
-            ledger.update(task, migrating=target)
-            ledger.send(task.node, Kill(run_ids=[task.run_id]))
         return record
 
     def ended(self, task: TaskRecord, target: str, now: float) -> None:
         """A stopped task's next attempt (pending now) is placed on its target, if the target
         still admits it and has room (else the scheduler places it)."""
         self.ledger.update(task, moved_at=now)
-        source = task.history[-1].node or "" if task.history else ""
+        source = (task.history[-1].node or "") if task.history else ""
         if target and self._admits(task, target, source):
             self._place(task, target, now, copy=False)
 
@@ -220,14 +241,16 @@ class MoveDesk:
         row = ledger.table.index.get(node)
         if row is None or node == source or not ledger.table.schedulable[row]:
             return False
-        allowed = admissible(ledger.table, ledger.masks, ledger.group(task.job_id, ()), source)
+        allowed = _allowed(ledger, task.job_id, source)
         return allowed is None or bool(allowed[row])
 
     def _best(self, task: TaskRecord) -> str | None:
         ledger = self.ledger
         spec = ledger.jobs[task.job_id].spec
         group = ledger.group(task.job_id, (task.id,))
-        return best_target(ledger.table, ledger.masks, group, task.node or "", spec.strategy or self.strategy)
+        strategy = spec.strategy or self.strategy
+        usable = ledger.port_room(len(spec.ports))
+        return best_target(ledger.table, ledger.masks, group, task.node or "", strategy, usable)
 
     # --- make-before-break ------------------------------------------------------------------
 
@@ -239,7 +262,7 @@ class MoveDesk:
         if state is TaskState.RUNNING and healthy:
             self._take_over(task, now)
         elif state.terminal:
-            self.drop_successor(task, f"the new copy on {copy.node} ended: {why or state.value}")
+            self.drop_successor(task, f"the new copy on {copy.node} ended: {why or state.value}", now)
 
     def _take_over(self, task: TaskRecord, now: float) -> None:
         """The new copy serves: it becomes the task; the old run is stopped a moment later,
@@ -261,8 +284,8 @@ class MoveDesk:
         if (move := self._open.pop(task.id, None)) is not None:
             ledger.update_migration(move, running_at=now, node=copy.node)
 
-    def drop_successor(self, task: TaskRecord, why: str) -> None:
+    def drop_successor(self, task: TaskRecord, why: str, now: float) -> None:
         """Give the move up: the new copy is stopped, the task runs on where it was."""
-        self.ledger.drop_copy(task)
+        self.ledger.drop_copy(task, why, now)
         if (move := self._open.pop(task.id, None)) is not None:
             self.ledger.update_migration(move, failed=why)

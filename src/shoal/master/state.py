@@ -31,7 +31,7 @@ import math
 
 from shoal.core.rebalance import smooth
 from shoal.core.scheduler import Policy, schedule
-from shoal.errors import SpecError
+from shoal.errors import NotFound, SpecError
 from shoal.master.events import (
     AgentGone,
     Command,
@@ -94,6 +94,7 @@ class MasterState:
             tasks=snap.tasks,
             nodes=snap.nodes,
             migrations=snap.migrations,
+            counters=snap.counters,
             retention=retention,
             now=now,
         )
@@ -146,8 +147,7 @@ class MasterState:
             case Submit():
                 self._submit(event)
             case KillJob():
-                self.ledger.kill_job(event.job_id, event.now)
-                self.ledger.reply(event.request, event.job_id)
+                self._kill_job(event)
             case FromAgent(frame=Register()):
                 self._register(event.node, event.frame, event.now)
             case FromAgent(frame=Heartbeat()):
@@ -157,11 +157,13 @@ class MasterState:
             case AgentGone(node=name):
                 # The heartbeat timeout, not a closed socket, decides that a node is down.
                 if (node := self.ledger.nodes.get(name)) is not None:
-                    node.connected = False
+                    self.ledger.observe(node, connected=False)
             case Tick():
                 self._tick(event.now)
             case Drain():
                 self.moves.drain(event)
+                if event.drain:
+                    self.frameworks.rescind_node(event.node)  # no new work goes there
             case RebalanceNow():
                 self.ledger.reply(event.request, self.moves.round(event.now))
             case SubscribeFramework():
@@ -189,6 +191,13 @@ class MasterState:
             return SpecError("nodes", f"{spec.nodes!r} names no node")
         return self.ledger.refuse(spec)
 
+    def _kill_job(self, event: KillJob) -> None:
+        if event.job_id not in self.ledger.jobs:  # pruned since the API looked it up
+            self.ledger.reply(event.request, error=NotFound(f"no job {event.job_id}"))
+            return
+        self.ledger.kill_job(event.job_id, event.now)
+        self.ledger.reply(event.request, event.job_id)
+
     def _register(self, name: str, frame: Register, now: float) -> None:
         self.ledger.register_node(frame.node, now)
         self._needs_schedule = True
@@ -209,12 +218,10 @@ class MasterState:
         node = self.ledger.nodes.get(name)
         if node is None or node.status is not NodeStatus.UP:
             return
-        node.last_seen = now
-        node.usage = frame.usage
         # Decisions judge load smoothed over heartbeats, never one spike.
-        node.load = round(smooth(node.load if node.history else None, frame.usage.cpu_percent), 2)
-        node.history = [*node.history[-(HISTORY - 1) :], node.load]
-        self.ledger.table.set_utilization(name, node.load / 100.0)
+        load = round(smooth(node.load if node.history else None, frame.usage.cpu_percent), 2)
+        history = [*node.history[-(HISTORY - 1) :], load]
+        self.ledger.observe(node, last_seen=now, usage=frame.usage, load=load, history=history)
         for run, used in frame.usage.runs.items():
             self._task_load(name, run, used, now)
 
@@ -230,13 +237,13 @@ class MasterState:
             return
         percent = max(0.0, 100 * (used.cpu_seconds - seen[0]) / (now - seen[1]))
         before = task.load.cpu_percent if task.load is not None else None
-        task.load = TaskLoad(cpu_percent=round(smooth(before, percent), 1), rss=used.rss)
+        self.ledger.observe(task, load=TaskLoad(cpu_percent=round(smooth(before, percent), 1), rss=used.rss))
 
     def _reports(self, name: str, reports: list[RunReport], now: float) -> None:
         node = self.ledger.nodes.get(name)
         if node is None or node.status is not NodeStatus.UP:
             return  # a node that is down must register again; its reports come with it
-        node.last_seen = now
+        self.ledger.observe(node, last_seen=now)
         for report in reports:
             self._report(name, report, now)
         if reports:
@@ -277,7 +284,7 @@ class MasterState:
             self._needs_schedule = True
         self.frameworks.tick(now)
         self.moves.tick(now)
-        self.frameworks.forget(self.ledger.prune(now))
+        self.frameworks.forget(self.ledger.prune(now, pinned=self.frameworks.pinned()))
 
     def _node_down(self, node: NodeRecord, now: float) -> None:
         ledger = self.ledger
@@ -286,7 +293,7 @@ class MasterState:
         message = f"{node.name} missed heartbeats for {self.heartbeat_timeout:g}s"
         for task in list(ledger.active_tasks()):
             if task.successor is not None and task.successor.node == node.name:
-                self.moves.drop_successor(task, f"{node.name} was lost")
+                self.moves.drop_successor(task, f"{node.name} was lost", now)
             if task.node == node.name:
                 self._end(task, TaskState.LOST, now, message=message)
         for ids in ledger.pending.values():
@@ -310,8 +317,8 @@ class MasterState:
         self, task: TaskRecord, to: TaskState, now: float, exit_code: int | None = None, message: str = ""
     ) -> None:
         """Move to an end state; then restart if the policy grants another attempt."""
-        if task.kill_requested and to is TaskState.LOST:
-            to = TaskState.KILLED
+        if task.kill_requested and to is not TaskState.FINISHED:
+            to = TaskState.KILLED  # a kill asked for wins over a move or an eviction under way
         elif task.evicted_by is not None and to is not TaskState.FINISHED:
             to = TaskState.PREEMPTED
             message = f"preempted for job {task.evicted_by}"
@@ -320,7 +327,7 @@ class MasterState:
             message = f"moved off {task.node}" + (f" to {task.migrating}" if task.migrating else "")
         target = task.migrating
         if task.successor is not None:
-            self.moves.drop_successor(task, "the task ended before its new copy served")
+            self.moves.drop_successor(task, "the task ended before its new copy served", now)
         self.ledger.transition(task, to, now, exit_code=exit_code, message=message)
         job = self.ledger.jobs[task.job_id]
         if job.framework is not None:
@@ -336,6 +343,7 @@ class MasterState:
                 self._restart(task, now, now + job.spec.restart.delay)
 
     def _restart(self, task: TaskRecord, now: float, not_before: float) -> None:
+        attempt = task.next_attempt
         history = [
             *task.history,
             Attempt(
@@ -353,7 +361,7 @@ class MasterState:
             TaskState.PENDING,
             now,
             history=history,
-            attempt=task.attempt + 1,
+            attempt=attempt,
             node=None,
             exit_code=None,
             message="",

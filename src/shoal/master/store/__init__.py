@@ -6,7 +6,7 @@ command atomically, so a batch of changes is either all there after a crash or n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
@@ -23,6 +23,7 @@ class Snapshot:
     frameworks: list[FrameworkRecord]
     updates: list[tuple[str, TaskStatus]]  # (framework, status) not yet acknowledged, in order
     migrations: list[Migration]
+    counters: dict[str, int] = field(default_factory=dict)  # the next id of each kind ("job", ...)
 
 
 @dataclass(frozen=True, slots=True)

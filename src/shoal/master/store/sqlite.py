@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS updates (
 );
 CREATE TABLE IF NOT EXISTS token_roles (digest TEXT PRIMARY KEY, roles TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS migrations (id INTEGER PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, next INTEGER NOT NULL);
 """
 
 
@@ -69,6 +70,7 @@ class SqliteStore:
             migrations=[
                 Migration.model_validate_json(d) for (d,) in self._db.execute("SELECT doc FROM migrations")
             ],
+            counters=dict(self._db.execute("SELECT name, next FROM counters")),
         )
 
     def apply(self, changes: Persist) -> None:
@@ -100,6 +102,7 @@ class SqliteStore:
                 "INSERT OR REPLACE INTO migrations VALUES (?, ?)",
                 [(m.id, m.model_dump_json()) for m in changes.migrations],
             )
+            db.executemany("INSERT OR REPLACE INTO counters VALUES (?, ?)", changes.counters)
             gone = [(job_id,) for job_id in changes.forgotten_jobs]
             db.executemany("DELETE FROM tasks WHERE job_id = ?", gone)
             db.executemany("DELETE FROM jobs WHERE id = ?", gone)
