@@ -299,10 +299,13 @@ class _Cycle:
         ask = self.asks[g.job_id]
         mask = self.placer.static_mask(g)
         ending: dict[int, list[tuple[float, np.ndarray]]] = defaultdict(list)
+        vectors: dict[int, np.ndarray] = {}  # a job's tasks share one Resources: one vector each
         for r in self.running():
             row = self.table.index.get(r.node)
             if r.ends_at is not None and row is not None and mask[row]:
-                ending[row].append((r.ends_at, self.table.vector(r.ask)))
+                if (vec := vectors.get(id(r.ask))) is None:
+                    vec = vectors[id(r.ask)] = self.table.vector(r.ask)
+                ending[row].append((r.ends_at, vec))
         best: tuple[float, int] | None = None
         for row, events in ending.items():
             free = self.placer.free_at(row)
