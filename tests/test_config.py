@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from shoal.config import AgentSettings, MasterSettings, load_settings
+from shoal.config import AgentSettings, MasterSettings, load_settings, shared_host_ports
 
 
 def test_precedence_flags_env_file_defaults(tmp_path: Path, monkeypatch) -> None:
@@ -72,3 +72,12 @@ def test_agent_custom_resources_from_file_and_env(tmp_path: Path, monkeypatch) -
     for bad in ({"Licenses": 4}, {"cpus": 2}, {"licenses": -1}):
         with pytest.raises(ValidationError, match="resources"):
             load_settings(AgentSettings, None, resources=bad)
+
+
+@pytest.mark.parametrize("agents", [1, 3, 64, 91, 92, 128, 1000])
+def test_agents_sharing_a_machine_get_disjoint_port_ranges_below_65536(agents: int) -> None:
+    ranges = [shared_host_ports(i, agents) for i in range(agents)]
+    assert all(20000 <= low <= high <= 65535 for low, high in ranges)
+    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    width = ranges[0][1] - ranges[0][0] + 1
+    assert width == (500 if agents <= 91 else (65536 - 20000) // agents)

@@ -162,11 +162,13 @@ class AgentSettings(_Settings):
         return value
 
 
-def shared_host_ports(index: int) -> tuple[int, int]:
-    """A port range of its own for the `index`-th of several agents on one machine (`shoal
-    dev`, tests): their tasks' dynamic ports must not collide, as on separate machines."""
-    low = 20000 + 500 * index
-    return (low, low + 499)
+def shared_host_ports(index: int, agents: int) -> tuple[int, int]:
+    """A port range of its own for the `index`-th of `agents` agents on one machine (`shoal
+    dev`, tests): their tasks' dynamic ports must not collide, as on separate machines.
+    500 ports each, fewer when that many agents would run past 65535."""
+    width = min(500, (65536 - 20000) // agents)
+    low = 20000 + width * index
+    return (low, low + width - 1)
 
 
 S = TypeVar("S", bound=_Settings)

@@ -197,7 +197,7 @@ def dev(
                 subprocess.Popen(
                     [*shoal, "agent", "--master", url, "--name", node_dir.name, "--state-dir", str(node_dir)]
                     + ["--utilization", "tasks"],  # the agents share this machine
-                    env={**env, "SHOAL_PORT_RANGE": json.dumps(shared_host_ports(index))},
+                    env={**env, "SHOAL_PORT_RANGE": json.dumps(shared_host_ports(index, agents))},
                 )
             )
         config_path = save_client_config(ClientConfig(url=url, token=admin))

@@ -176,13 +176,8 @@ class LiveCluster:
         )
 
     def port_range(self, name: str) -> tuple[int, int]:
-        """The agent's own range of ports for its tasks: as `shoal dev` gives, narrower when
-        there are too many agents for 500 ports each below 65536."""
-        index = self.agent_names.index(name)
-        low, high = shared_host_ports(index)
-        width = min(high - low + 1, (65536 - 20000) // len(self.agent_names))
-        low = 20000 + width * index
-        return (low, low + width - 1)
+        """The agent's own range of ports for its tasks, as `shoal dev` gives."""
+        return shared_host_ports(self.agent_names.index(name), len(self.agent_names))
 
     def kill_agent(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.agents.pop(name)
