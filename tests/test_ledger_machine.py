@@ -25,6 +25,7 @@ from shoal.master.events import (
     Drain,
     FrameworkCall,
     FromAgent,
+    KillJob,
     Persist,
     Principal,
     RebalanceNow,
@@ -41,7 +42,7 @@ from shoal.master.ledger import Retention
 from shoal.master.moves import Rebalancing
 from shoal.master.state import MasterState
 from shoal.master.store.sqlite import SqliteStore
-from shoal.model import JobSpec, NodeInfo, Resources, RunUsage, TaskState, Usage
+from shoal.model import TASK_RECORD, JobSpec, NodeInfo, Resources, RunUsage, TaskState, Usage
 from shoal.testing import invariants
 from shoal.wire import Heartbeat, Kill, Launch, Register, RunReport, RunReports, RunSpec
 
@@ -55,7 +56,7 @@ def node_info(i: int) -> NodeInfo:
     return NodeInfo(
         name=NODES[i],
         hostname=NODES[i],
-        capacity=Resources(cpus=4, mem=4096, gpus=2 if i % 2 else 0),
+        capacity=Resources(cpus=4, mem=4096, gpus=2 if i % 2 else 0, custom={"licenses": 2} if i < 2 else {}),
         labels={"rack": f"r{i % 2}", "zone": f"z{i % 3}"},
         port_range=(20000, 20003),  # few ports: running out of them is a case too
     )
@@ -84,6 +85,10 @@ def job_specs(draw: st.DrawFn) -> JobSpec:
     if migrate == "make-before-break":
         spec["health"] = {"tcp": "web"}
     if draw(st.booleans()):
+        spec["restart"] = {"attempts": draw(st.integers(1, 2)), "delay": draw(st.sampled_from([0, 1.0]))}
+    if draw(st.booleans()):
+        spec["resources"]["custom"] = {"licenses": 1}
+    if draw(st.booleans()):
         spec["constraints"] = [draw(st.sampled_from(["rack == r0", "zone != z2", "rack in r0,r1"]))]
     if draw(st.booleans()):
         spec["max_per_node"] = draw(st.integers(1, 2))
@@ -94,6 +99,31 @@ def job_specs(draw: st.DrawFn) -> JobSpec:
     if draw(st.booleans()):
         spec["nodes"] = "n[0-3]"
     return JobSpec.model_validate(spec)
+
+
+def remembered(state: MasterState) -> dict[str, object]:
+    """What a master must know again after a restart: every record and what it implies."""
+    ledger = state.ledger
+    live = {"load", "healthy"}  # readings measured afresh
+    return {
+        "jobs": {j.id: j.model_dump() for j in ledger.jobs.values()},
+        "tasks": {
+            t.id: {k: v for k, v in TASK_RECORD.dump_python(t).items() if k not in live}
+            for t in ledger.tasks.values()
+        },
+        "pending": {job: sorted(ids) for job, ids in ledger.pending.items() if ids},
+        "nodes": {n.name: (n.drained, n.drain_deadline, n.status) for n in ledger.nodes.values()},
+        "migrations": dict(ledger.migrations),
+        "next_job_id": ledger.next_job_id,
+        "frameworks": {
+            f: (
+                fw.record.model_dump(exclude={"connected", "disconnected_at"}),
+                dict(fw.tasks),
+                list(fw.updates),
+            )
+            for f, fw in state.frameworks.frameworks.items()
+        },
+    }
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -128,7 +158,9 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def handle(self, *events) -> list[Reply]:
         replies = []
-        for command in self.state.handle(*events):
+        commands = self.state.handle(*events)
+        invariants.check(self.state)  # after every event, not only after every rule
+        for command in commands:
             match command:
                 case Persist():
                     self.store.apply(command)
@@ -193,6 +225,13 @@ class LedgerMachine(RuleBasedStateMachine):
                 for r in fresh
             ]
             self._report(node, reports)
+
+    @rule(data=st.data())
+    def a_job_is_killed(self, data: st.DataObject) -> None:
+        if self.state.ledger.jobs:
+            self.requests += 1
+            job = data.draw(st.sampled_from(sorted(self.state.ledger.jobs)))
+            self.handle(KillJob(self.requests, job, self.now))
 
     @rule()
     def agents_stop_what_they_were_told_to(self) -> None:
@@ -272,8 +311,11 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule()
     def the_master_restarts(self) -> None:
-        """A new master from what the store holds; agents and frameworks connect again."""
+        """A new master from what the store holds (everything it knew, but offers and live
+        readings); agents and frameworks connect again."""
+        before = remembered(self.state)
         self.state = self._master()
+        assert remembered(self.state) == before
         self.offers.clear()
         streams, self.frameworks = self.frameworks, {}
         for i, name in enumerate(NODES):

@@ -78,23 +78,27 @@ def test_a_make_before_break_drain_completes_across_a_master_restart(seed: int) 
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_a_restart_migration_lands_once_across_a_master_restart(seed: int) -> None:
-    rng = random.Random(seed)
+@pytest.mark.parametrize("restart_after", [0.0, 0.003, 0.05])
+def test_a_restart_migration_lands_once_across_a_master_restart(seed: int, restart_after: float) -> None:
+    """The master restarts as its Kill is on the way (lost with the connection), or as the
+    task is stopping, or once it has moved: the move completes, once, within the job's rules."""
     sim = cluster(seed)
     job = sim.submit({"command": "sleep 1000", "count": 2, "resources": {"cpus": 1}, "max_per_node": 1})
     sim.run_until(lambda: all(t.state is TaskState.RUNNING for t in sim.master.ledger.tasks_of(job)))
     first = sim.master.ledger.tasks_of(job)[0]
     source = first.node
     sim.drain(source)
-    sim.advance(rng.uniform(0.0, 0.5))
+    sim.advance(restart_after)
     sim.restart_master()
-    sim.run_until(
-        lambda: all(
-            t.state is TaskState.RUNNING and t.node != source for t in sim.master.ledger.tasks_of(job)
-        ),
-        limit=60,
-    )
-    nodes = [t.node for t in sim.master.ledger.tasks_of(job)]
-    assert len(set(nodes)) == 2  # max_per_node held on the way
-    for t in sim.master.ledger.tasks_of(job):
+
+    def moved() -> bool:
+        tasks = sim.master.ledger.tasks_of(job)
+        return all(t.state is TaskState.RUNNING and t.node != source for t in tasks)
+
+    sim.run_until(moved, limit=60)
+    tasks = sim.master.ledger.tasks_of(job)
+    assert len({t.node for t in tasks}) == 2  # max_per_node held on the way
+    for t in tasks:
         assert sim.live_processes(t.id) == [t.node]
+    [move] = [m for m in sim.master.ledger.migrations.values() if m.task_id == first.id]
+    assert move.running_at is not None and move.node == sim.master.ledger.tasks[first.id].node

@@ -374,7 +374,7 @@ def _apply_all(table: NodeTable, placements: tuple[Placement, ...]) -> bool:
         np.fromiter(map(id, (p.resources for p in placements)), np.int64, count), return_inverse=True
     )
     vectors = [table.vector(by_id[int(k)]) for k in kinds]
-    asks = np.zeros((len(vectors), len(table.dims)))  # the last may have added a dimension
+    asks = np.zeros((len(vectors), len(table.dims)))
     for i, vec in enumerate(vectors):
         asks[i, : len(vec)] = vec
     touched, slot = np.unique(rows, return_inverse=True)

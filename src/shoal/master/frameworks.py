@@ -1,10 +1,11 @@
-"""The frameworks' part of the ledger: subscriptions, offers, filters and status updates.
+"""The frameworks' desk: subscriptions, offers, filters and status updates (pure, no I/O).
 
 Frameworks draw from the same ledger as native jobs: a task a framework launches is a
-one-task job of the framework's role (its queue), so it holds resources, runs on an agent,
-is reconciled, lost and killed exactly as a native task is; only its placement came from the
-framework. `FrameworkDesk` is part of `MasterState` (pure, no I/O): it is handed the
-framework events, keeps the records below, and adds its commands to the state's changes.
+one-task job of the framework's role (its queue), placed by a plan the ledger checks, so it
+holds resources, runs on an agent, is reconciled, lost and killed exactly as a native task
+is; only the choice of its node came from the framework. `MasterState` hands the desk the
+framework events; the desk keeps the records below and speaks through the ledger's API
+(which records what it changes for the store, and carries its commands out).
 
 Theory of operation
 - Offers are held in the node table as allocated, so neither the native scheduler nor the
@@ -425,7 +426,7 @@ class FrameworkDesk:
         names = ledger.table.names
         for offered in got.offers:
             fw = self.frameworks[offered.framework]
-            ledger.hold(offered.rows, offered.amounts)
+            ledger.hold_offers(offered.rows, offered.amounts)
             made = []
             first = self._serial + 1
             self._serial += len(offered.rows)
@@ -552,7 +553,7 @@ class FrameworkDesk:
         """End an offer and give its resources back (no event: its holder ended it, or is gone)."""
         offer = self.offers.pop(offer_id)
         self.frameworks[offer.framework].offers.pop(offer_id, None)
-        self.ledger.unhold(offer.row, offer.amount)
+        self.ledger.release_offer(offer.row, offer.amount)
         return offer
 
     def _rescind(self, offer_id: str) -> None:

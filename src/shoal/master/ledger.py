@@ -9,16 +9,16 @@ Rules kept here, and only here:
 - Every change goes through a method of this class, and each records what it changed for
   the store (`commands()` puts it first, as one `Persist`). No caller marks changes by hand.
 - A task moves only along `model.TRANSITIONS` (`transition`).
-- Allocations are written only by `place`, which takes a plan, checks it against the table
-  as it is now (`core.scheduler.apply_plan`), and gives each placement its devices and
-  ports; they are released when a task, or a task's new copy, stops holding them. Offers
-  hold room through `hold` and `unhold`.
+- Tasks are allocated only by `place`, which takes a plan, checks it against the table as
+  it is now (`core.scheduler.apply_plan`), and gives each placement its devices and ports;
+  they are released when a task, or a task's new copy, stops holding them. Offers hold room
+  through `hold_offers` and `release_offer`; a restart rebuilds allocations from the records.
 - A refused request never widens the node table: resource dimensions come from the nodes.
 - Finished jobs are kept for a retention window (age and count), then pruned from memory
   and the store; so are finished migrations.
 
-Desks (frameworks, moves) use this API and `watch` transitions; they never write the
-records' indexes themselves.
+Desks (frameworks, moves) use this API only; they never write the records' indexes
+themselves. `MasterState` composes them and `watch`es transitions for them.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class _Book:
         self.devices[node].update(gpus)
         self.ports[node].update(ports)
 
-    def give(self, node: str, gpus: Iterable[int], ports: Iterable[int]) -> None:
+    def release(self, node: str, gpus: Iterable[int], ports: Iterable[int]) -> None:
         self.devices[node].difference_update(gpus)
         self.ports[node].difference_update(ports)
 
@@ -387,7 +387,7 @@ class Ledger:
         self.active.pop(task.id, None)
         self.usage.remove(job.spec.queue, consumer(job), self.vector(task))
         task.load = task.healthy = None
-        self._book.give(task.node or "", task.gpus, task.ports.values())
+        self._book.release(task.node or "", task.gpus, task.ports.values())
         self._release(task.node, task)
 
     def _allocate(self, node: str | None, task: TaskRecord) -> None:
@@ -445,7 +445,7 @@ class Ledger:
         assert copy is not None and task.node is not None
         old_node, old_run = task.node, task.run_id
         self._release(old_node, task)
-        self._book.give(old_node, task.gpus, task.ports.values())
+        self._book.release(old_node, task.gpus, task.ports.values())
         self.update(
             task,
             attempt=copy.attempt,
@@ -474,15 +474,15 @@ class Ledger:
         )
         self.update(task, successor=None, history=[*task.history, given_up])
         self._release(copy.node, task)
-        self._book.give(copy.node, copy.gpus, copy.ports.values())
+        self._book.release(copy.node, copy.gpus, copy.ports.values())
         self.send(copy.node, Kill(run_ids=[run_id(task.id, copy.attempt)]))
         return copy
 
-    def hold(self, rows: np.ndarray, amounts: np.ndarray) -> None:
-        """Hold room for offers: no plan may place on it until `unhold`."""
+    def hold_offers(self, rows: np.ndarray, amounts: np.ndarray) -> None:
+        """Hold room for offers: no plan may place on it until `release_offer`."""
         self.table.allocate_many(rows, amounts)
 
-    def unhold(self, row: int, amount: np.ndarray) -> None:
+    def release_offer(self, row: int, amount: np.ndarray) -> None:
         self.table.release(row, amount)
         self._freed = True
 

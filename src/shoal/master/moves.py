@@ -1,8 +1,9 @@
-"""Moving tasks: the master's rebalancing rounds, drains and migrations (pure, like the
-rest of the ledger). `snapshot(ledger)` builds the core's view (`shoal.core.rebalance`)
-from the ledger, so the loop, `shoal rebalance --dry-run` and tests judge the same figures;
-`MoveDesk` carries the moves out, each target checked by the core's rules
-(`shoal.core.targets`) and placed through a plan.
+"""Moving tasks: the master's rebalancing rounds, drains and migrations (pure, no I/O).
+
+`snapshot(ledger)` builds the core's view (`shoal.core.rebalance`) from the ledger, so the
+loop, `shoal rebalance --dry-run` and tests judge the same figures; `MoveDesk` carries the
+moves out, each target checked by the core's rules (`shoal.core.targets`) and placed
+through a plan.
 """
 
 from __future__ import annotations

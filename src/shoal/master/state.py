@@ -266,8 +266,8 @@ class MasterState:
             if task.state is TaskState.ASSIGNED:
                 ledger.transition(task, TaskState.RUNNING, now, started_at=now)
                 self.moves.running(task, name, now)
-            if task.kill_requested:
-                ledger.send(name, Kill(run_ids=[r.run_id]))  # the first may have been lost
+            if task.kill_requested or task.migrating is not None or task.evicted_by is not None:
+                ledger.send(name, Kill(run_ids=[r.run_id]))  # asked to stop: the first may be lost
             if r.healthy is not None and task.healthy != r.healthy:
                 ledger.update(task, healthy=r.healthy)
         elif r.state.terminal:

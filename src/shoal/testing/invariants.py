@@ -53,9 +53,12 @@ def _allocations(state: MasterState) -> None:
 def _usage(state: MasterState) -> None:
     ledger = state.ledger
     expected = UsageBook.of(ledger.table, (running(ledger.jobs[t.job_id], t) for t in ledger.active_tasks()))
-    for key, amount in ledger.usage.by_user.items():
-        want = expected.by_user.get(key, np.zeros_like(amount))
-        assert np.allclose(amount[: len(want)], want), f"usage book of {key} drifted"
+    for key in ledger.usage.by_user.keys() | expected.by_user.keys():
+        got = ledger.usage.by_user.get(key, np.zeros(len(ledger.table.dims)))
+        want = expected.by_user.get(key, np.zeros(len(ledger.table.dims)))
+        n = max(len(got), len(want))
+        got, want = np.pad(got, (0, n - len(got))), np.pad(want, (0, n - len(want)))
+        assert np.allclose(got, want), f"usage book of {key} drifted: {got} against {want}"
 
 
 def _placements(state: MasterState) -> None:
