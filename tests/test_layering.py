@@ -43,6 +43,8 @@ NAMED_PURE = (
     "master/moves.py",
     "master/events.py",
     "master/shapes.py",
+    "master/book.py",
+    "master/outbox.py",
     "model.py",
     "expressions.py",
 )

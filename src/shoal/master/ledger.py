@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,7 +37,9 @@ from shoal.core.scheduler import Verdict, apply_plan, never_fits
 from shoal.errors import ShoalError, SpecError
 from shoal.expressions import parse
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
-from shoal.master.events import Command, Persist, Reply, Send
+from shoal.master.book import Book
+from shoal.master.events import Command, Reply, Send
+from shoal.master.outbox import Outbox
 from shoal.master.shapes import consumer, run_spec
 from shoal.model import (
     TRANSITIONS,
@@ -55,7 +57,7 @@ from shoal.model import (
     Usage,
     run_id,
 )
-from shoal.wire import Ack, Kill, Launch, RunSpec
+from shoal.wire import Ack, Kill, Launch
 
 NO_PORT = "node has too few free ports (stale plan)"
 
@@ -66,58 +68,6 @@ class Retention:
 
     age: float = 3600.0  # seconds after a job ended
     count: int = 10_000  # finished jobs (and finished migrations) kept at most
-
-
-@dataclass
-class _Changes:
-    """What one `handle` changed and must say: persisted first, then sent."""
-
-    jobs: dict[int, JobRecord] = field(default_factory=dict)
-    tasks: dict[str, TaskRecord] = field(default_factory=dict)
-    nodes: dict[str, NodeRecord] = field(default_factory=dict)
-    frameworks: dict[str, FrameworkRecord] = field(default_factory=dict)
-    updates: list[tuple[str, TaskStatus]] = field(default_factory=list)
-    acked: list[str] = field(default_factory=list)
-    migrations: dict[int, Migration] = field(default_factory=dict)
-    counters: dict[str, int] = field(default_factory=dict)
-    forgotten_jobs: list[int] = field(default_factory=list)
-    forgotten_migrations: list[int] = field(default_factory=list)
-    out: list[Command] = field(default_factory=list)
-    launches: dict[str, list[RunSpec]] = field(default_factory=lambda: defaultdict(list))
-
-
-class _Book:
-    """GPU device indices and ports in use, per node."""
-
-    def __init__(self) -> None:
-        self.devices: dict[str, set[int]] = defaultdict(set)
-        self.ports: dict[str, set[int]] = defaultdict(set)
-
-    def mark(self, node: str, gpus: Iterable[int], ports: Iterable[int]) -> None:
-        self.devices[node].update(gpus)
-        self.ports[node].update(ports)
-
-    def release(self, node: str, gpus: Iterable[int], ports: Iterable[int]) -> None:
-        self.devices[node].difference_update(gpus)
-        self.ports[node].difference_update(ports)
-
-    def free_ports(self, info: NodeInfo) -> int:
-        low, high = info.port_range
-        return high - low + 1 - len(self.ports[info.name])
-
-    def take(self, info: NodeInfo, spec: JobSpec) -> tuple[list[int], dict[str, int]] | None:
-        """Free device indices and named ports for one copy of a task of `spec` (None: too few)."""
-        if not spec.resources.gpus and not spec.ports:
-            return [], {}
-        used = self.devices[info.name]
-        gpus = [i for i in range(info.capacity.gpus) if i not in used][: spec.resources.gpus]
-        taken = self.ports[info.name]
-        low, high = info.port_range
-        ports = dict(zip(spec.ports, (p for p in range(low, high + 1) if p not in taken), strict=False))
-        if len(gpus) < spec.resources.gpus or len(ports) < len(spec.ports):
-            return None
-        self.mark(info.name, gpus, ports.values())
-        return gpus, ports
 
 
 Watcher = Callable[[TaskRecord, JobRecord, TaskState, float], None]
@@ -140,9 +90,9 @@ class Ledger:
         self.masks = MaskCache(self.table)
         self.usage = UsageBook()
         self._vectors: dict[int, np.ndarray] = {}
-        self._book = _Book()
+        self._book = Book()
         self._watchers: list[Watcher] = []
-        self._changes = _Changes()
+        self._changes = Outbox()
         self._freed = False
         self.jobs: dict[int, JobRecord] = {j.id: j for j in jobs}
         self.tasks: dict[str, TaskRecord] = {t.id: t for t in tasks}
@@ -439,15 +389,25 @@ class Ledger:
         self._changes.launches[task.node or ""].append(run_spec(self.jobs[task.job_id].spec, task))
 
     def take_over(self, task: TaskRecord, now: float) -> tuple[str, str]:
-        """The task's new copy becomes the task; the old copy's room, devices and ports are
-        released. Returns the old copy's node and run id (the caller stops it)."""
+        """The task's new copy becomes the task (the old one kept in its history); the old
+        copy's room, devices and ports are released. Returns the old copy's node and run id
+        (the caller stops it)."""
         copy = task.successor
         assert copy is not None and task.node is not None
         old_node, old_run = task.node, task.run_id
+        replaced = Attempt(
+            attempt=task.attempt,
+            node=old_node,
+            state=TaskState.MIGRATED,
+            message=f"replaced by a healthy copy on {copy.node}",
+            started_at=task.started_at,
+            finished_at=now,
+        )
         self._release(old_node, task)
         self._book.release(old_node, task.gpus, task.ports.values())
         self.update(
             task,
+            history=[*task.history, replaced],
             attempt=copy.attempt,
             node=copy.node,
             gpus=copy.gpus,
@@ -590,39 +550,8 @@ class Ledger:
     def commands(self) -> list[Command]:
         """Everything the events since the last call changed: one `Persist` first, then the
         launches, frames and replies in the order they were made."""
-        c, self._changes = self._changes, _Changes()
-        commands: list[Command] = []
-        forgotten = set(c.forgotten_jobs)
-        tasks = tuple(t for t in c.tasks.values() if t.job_id not in forgotten)
-        if (
-            c.jobs
-            or tasks
-            or c.nodes
-            or c.frameworks
-            or c.updates
-            or c.acked
-            or c.migrations
-            or forgotten
-            or c.forgotten_migrations
-            or c.counters
-        ):
-            commands.append(
-                Persist(
-                    tuple(c.jobs.values()),
-                    tasks,
-                    tuple(c.nodes.values()),
-                    tuple(c.frameworks.values()),
-                    tuple(c.updates),
-                    tuple(c.acked),
-                    tuple(c.migrations.values()),
-                    tuple(c.forgotten_jobs),
-                    tuple(c.forgotten_migrations),
-                    tuple(c.counters.items()),
-                )
-            )
-        commands.extend(Send(node, Launch(runs=runs)) for node, runs in c.launches.items())
-        commands.extend(c.out)
-        return commands
+        changes, self._changes = self._changes, Outbox()
+        return changes.commands()
 
 
 def _implied_tasks(job: JobRecord) -> list[TaskRecord]:

@@ -18,7 +18,7 @@ from shoal.core.targets import admissible, best_target
 from shoal.errors import NotFound
 from shoal.master.events import Drain
 from shoal.master.ledger import Ledger
-from shoal.model import Attempt, Migrate, Migration, Strategy, TaskRecord, TaskState
+from shoal.model import Migrate, Migration, Strategy, TaskRecord, TaskState
 from shoal.wire import Kill
 
 
@@ -271,15 +271,6 @@ class MoveDesk:
         ledger = self.ledger
         copy = task.successor
         assert copy is not None
-        replaced = Attempt(
-            attempt=task.attempt,
-            node=task.node,
-            state=TaskState.MIGRATED,
-            message=f"replaced by a healthy copy on {copy.node}",
-            started_at=task.started_at,
-            finished_at=now,
-        )
-        ledger.update(task, history=[*task.history, replaced])
         old_node, old_run = ledger.take_over(task, now)
         self._retiring[old_run] = (old_node, now + RETIRE_AFTER)
         if (move := self._open.pop(task.id, None)) is not None:
