@@ -267,7 +267,13 @@ class Ledger:
                 self.request_kill(task)
 
     def update(self, task: TaskRecord, **fields: object) -> None:
-        """Change fields of `task` that are not its state (`transition` moves that)."""
+        """Change fields of `task` that are not its state or placement (`transition` and
+        `place` change those, keeping the indexes and the books in step)."""
+        if placed := _PLACEMENT & fields.keys():
+            raise ShoalError(f"{sorted(placed)} of task {task.id} change only by transition or place")
+        self._write(task, fields)
+
+    def _write(self, task: TaskRecord, fields: dict[str, object]) -> None:
         for key, value in fields.items():
             setattr(task, key, value)
         self._changes.tasks[task.id] = task
@@ -405,18 +411,20 @@ class Ledger:
         )
         self._release(old_node, task)
         self._book.release(old_node, task.gpus, task.ports.values())
-        self.update(
+        self._write(
             task,
-            history=[*task.history, replaced],
-            attempt=copy.attempt,
-            node=copy.node,
-            gpus=copy.gpus,
-            ports=copy.ports,
-            started_at=now,
-            moved_at=now,
-            successor=None,
-            load=None,
-            healthy=True,
+            {
+                "history": [*task.history, replaced],
+                "attempt": copy.attempt,
+                "node": copy.node,
+                "gpus": copy.gpus,
+                "ports": copy.ports,
+                "started_at": now,
+                "moved_at": now,
+                "successor": None,
+                "load": None,
+                "healthy": True,
+            },
         )
         return old_node, old_run
 
@@ -552,6 +560,9 @@ class Ledger:
         launches, frames and replies in the order they were made."""
         changes, self._changes = self._changes, Outbox()
         return changes.commands()
+
+
+_PLACEMENT = frozenset({"state", "node", "gpus", "ports"})
 
 
 def _implied_tasks(job: JobRecord) -> list[TaskRecord]:
