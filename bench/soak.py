@@ -182,10 +182,19 @@ def main() -> int:
     parser.add_argument("--array", type=int, default=1000, help="tasks in each array")
     parser.add_argument("--singles", type=float, default=0.1, help="share of tasks run as single-task jobs")
     parser.add_argument("--window", type=int, default=2500, help="tasks unfinished at a time, at most")
-    parser.add_argument("--warmup", type=int, default=5000, help="tasks run before the first RSS")
-    parser.add_argument("--retention", type=float, default=5.0, help="the master's job_retention, seconds")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="tasks run before the first RSS (default: a tenth of --tasks)",
+    )
+    # Short, but longer than this bench may take to read a job back on a loaded machine: a
+    # job pruned before it was read counts as lost.
+    parser.add_argument("--retention", type=float, default=30.0, help="the master's job_retention, seconds")
     parser.add_argument("--retention-count", type=int, default=2000, help="the master's job_retention_count")
     args = parser.parse_args()
+    if args.warmup is None:
+        args.warmup = args.tasks // 10
     if not 0 <= args.singles <= 1:
         parser.error("--singles is a share: 0 to 1")
     missing = [s for s in ("job_retention", "job_retention_count") if s not in MasterSettings.model_fields]
