@@ -318,15 +318,15 @@ class Ledger:
             self._hold(task)
         if to.terminal:
             task.finished_at = now
-        self._count_live(task.job_id, was, to, now)
+        if was.terminal != to.terminal:
+            self._count_live(task.job_id, was, now)
         self._changes.tasks[task.id] = task
         job = self.jobs[task.job_id]
         for watcher in self._watchers:
             watcher(task, job, was, now)
 
-    def _count_live(self, job_id: int, was: TaskState, to: TaskState, now: float) -> None:
-        if was.terminal == to.terminal:
-            return
+    def _count_live(self, job_id: int, was: TaskState, now: float) -> None:
+        """A task of the job entered or left an end state: the job finished, or runs again."""
         self._live[job_id] += 1 if was.terminal else -1
         if self._live[job_id]:
             self._finished.pop(job_id, None)
@@ -369,9 +369,15 @@ class Ledger:
         verdict = apply_plan(self.table, plan)
         accepted: list[Placement] = []
         rejected = dict(verdict.rejected)
+        launches = self._changes.launches
         for p in verdict.accepted:
             task = self.tasks[p.task_id]
-            equipped = self._book.take(self.nodes[p.node].info, self.jobs[task.job_id].spec)
+            spec = self.jobs[task.job_id].spec
+            equipped = (
+                self._book.take(self.nodes[p.node].info, spec)
+                if spec.resources.gpus or spec.ports
+                else ([], {})
+            )
             if equipped is None:
                 self.table.release(self.table.index[p.node], self.vector(task))
                 rejected[p.task_id] = NO_PORT
@@ -379,14 +385,12 @@ class Ledger:
             gpus, ports = equipped
             if p.copy:
                 self.update(task, successor=Successor(p.node, task.next_attempt, now, gpus, ports))
-                self._changes.launches[p.node].append(
-                    run_spec(self.jobs[task.job_id].spec, task, task.successor)
-                )
+                launches[p.node].append(run_spec(spec, task, task.successor))
             else:
                 self.transition(
                     task, TaskState.ASSIGNED, now, node=p.node, gpus=gpus, ports=ports, message=""
                 )
-                self._changes.launches[p.node].append(run_spec(self.jobs[task.job_id].spec, task))
+                launches[p.node].append(run_spec(spec, task))
             accepted.append(p)
         return Verdict(tuple(accepted), rejected)
 

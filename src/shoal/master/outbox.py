@@ -34,7 +34,9 @@ class Outbox:
         then the frames, replies and events in the order they were made."""
         commands: list[Command] = []
         forgotten = set(self.forgotten_jobs)
-        tasks = tuple(t for t in self.tasks.values() if t.job_id not in forgotten)
+        tasks = tuple(self.tasks.values())
+        if forgotten:  # a job pruned in this handle takes its tasks' changes with it
+            tasks = tuple(t for t in tasks if t.job_id not in forgotten)
         stored = (
             self.jobs,
             tasks,
