@@ -6,7 +6,7 @@ from shoal.core.rebalance import RebalancePolicy
 from shoal.master.events import Drain, FromAgent, RebalanceNow, Reply, Send, Submit, Tick
 from shoal.master.moves import Rebalancing
 from shoal.master.state import MasterState
-from shoal.model import JobSpec, RunUsage, TaskState, Usage
+from shoal.model import JobSpec, RunUsage, TaskRecord, TaskState, Usage
 from shoal.testing.sim import sim_node
 from shoal.wire import Heartbeat, Kill, Launch, Register, RunReport, RunReports
 
@@ -242,14 +242,19 @@ def test_a_drained_service_moves_only_to_a_node_its_constraints_allow() -> None:
     assert task.successor is not None and task.successor.node == "n3" and move.target == "n3"
 
 
-def test_a_drained_service_with_no_allowed_target_serves_on_until_room_or_the_deadline() -> None:
+def pinned_service() -> tuple[Harness, TaskRecord]:
+    """A service that may run on rack r1 only, running on n1, the one node of r1."""
     h = Harness(nodes=0, policy=RebalancePolicy(cooldown=0))
     labelled(h, "n1", rack="r1")
     labelled(h, "n2", rack="r2")
     service = SERVICE.model_copy(update={"constraints": ["rack == r1"]})
-    [job] = [h.request(Submit(1, "alice", service, h.now))]
+    job = h.request(Submit(1, "alice", service, h.now))
     h.run_all()
-    task = h.state.ledger.tasks_of(job)[0]
+    return h, h.state.ledger.tasks_of(job)[0]
+
+
+def test_a_drained_service_with_no_allowed_target_serves_on_until_room_or_the_deadline() -> None:
+    h, task = pinned_service()
     assert h.request(Drain(2, "n1", True, h.now, deadline=10)) == []  # nowhere to go yet
     h.now += 1
     h.handle(Tick(h.now))
@@ -261,13 +266,7 @@ def test_a_drained_service_with_no_allowed_target_serves_on_until_room_or_the_de
 
 
 def test_a_drained_service_with_nowhere_to_go_is_stopped_at_the_deadline() -> None:
-    h = Harness(nodes=0, policy=RebalancePolicy(cooldown=0))
-    labelled(h, "n1", rack="r1")
-    labelled(h, "n2", rack="r2")
-    service = SERVICE.model_copy(update={"constraints": ["rack == r1"]})
-    [job] = [h.request(Submit(1, "alice", service, h.now))]
-    h.run_all()
-    task = h.state.ledger.tasks_of(job)[0]
+    h, task = pinned_service()
     h.request(Drain(2, "n1", True, h.now, deadline=5))
     for _ in range(6):
         h.now += 1
