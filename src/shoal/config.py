@@ -41,6 +41,16 @@ class QueueSettings(BaseModel):
     weight: float = Field(1.0, gt=0)
     guarantee: float = Field(0.0, ge=0, le=1, description="share of the cluster it is sure to get")
     limit: float = Field(1.0, gt=0, le=1, description="share of the cluster it never passes")
+    backfill: Literal["easy", "conservative", "none"] = Field(
+        "easy",
+        description="easy: the first job that cannot start holds a reservation, later ones start "
+        "only where they delay it; conservative: the first `backfill_depth` such jobs hold one; "
+        "none: strict order, a job that cannot start holds back every job behind it",
+    )
+    backfill_depth: int = Field(100, ge=1, le=10_000, description="reservations per cycle (conservative)")
+    default_time_limit: float | None = Field(
+        None, gt=0, le=365 * 86_400, description="seconds assumed for jobs without a time limit of their own"
+    )
 
     @model_validator(mode="after")
     def _guarantee_within_limit(self) -> QueueSettings:
@@ -119,7 +129,16 @@ class MasterSettings(_Settings):
 
         return Policy(
             queues={
-                name: QueuePolicy(q.order, q.weight, q.guarantee, q.limit) for name, q in self.queues.items()
+                name: QueuePolicy(
+                    q.order,
+                    q.weight,
+                    q.guarantee,
+                    q.limit,
+                    backfill=q.backfill,
+                    depth=q.backfill_depth,
+                    default_limit=q.default_time_limit,
+                )
+                for name, q in self.queues.items()
             },
             user_weights=self.user_weights,
             strategy=self.strategy,

@@ -21,7 +21,8 @@ class Running:
     priority: int = 0
     preemptible: bool = True
     evicting: bool = False
-    ends_at: float | None = None  # by its time limit, where it has one
+    started_at: float | None = None  # None: placed, not yet started
+    time_limit: float | None = None  # seconds it may run; None: its queue's default, if any
 
 
 class Placement(NamedTuple):
@@ -42,9 +43,18 @@ class Eviction:
 
 
 @dataclass(frozen=True, slots=True)
+class Reservation:
+    """Room held for a waiting job from `start` on: so many tasks on each node."""
+
+    job_id: int
+    start: float
+    nodes: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     placements: tuple[Placement, ...] = ()
     evictions: tuple[Eviction, ...] = ()
     nominations: tuple[tuple[str, str], ...] = ()  # (task, node) the evictions make room for
-    reserved: tuple[int, str, float] | None = None  # (job, node, start): the backfill reservation
+    reservations: tuple[Reservation, ...] = ()  # backfill's promises, in the order they were made
     waiting: dict[int, str] = field(default_factory=dict)  # job id -> why its tasks wait

@@ -27,6 +27,7 @@ randomness: the same inputs give the same plan.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,15 +36,18 @@ from typing import Literal
 import numpy as np
 
 from shoal.core import preemption
+from shoal.core.backfill import Profile
 from shoal.core.cluster import MaskCache, NodeTable
 from shoal.core.fairness import Shares, UsageBook
 from shoal.core.placement import Group, Placer
-from shoal.core.plan import Eviction, Placement, Plan, Running
+from shoal.core.plan import Eviction, Placement, Plan, Reservation, Running
 from shoal.model import Resources, Strategy
 
 STALE = "node no longer has room (stale plan)"
 UNKNOWN_NODE = "node is not schedulable"
+Backfill = Literal["easy", "conservative", "none"]
 SLICE = 32  # tasks a job places per turn while other queues or users wait
+_FAILURES = 32  # failed asks a cycle remembers
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,9 @@ class QueuePolicy:
     weight: float = 1.0
     guarantee: float = 0.0
     limit: float = 1.0
+    backfill: Backfill = "easy"
+    depth: int = 100  # conservative backfill: blocked jobs given a reservation per cycle
+    default_limit: float | None = None  # seconds, for jobs without a time limit of their own
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +109,12 @@ class _Queue:
     def drop(self, g: Group) -> None:
         self.lines[g.user if self.fair else ""].remove(g)
 
+    def clear(self) -> list[Group]:
+        """Take every group out of the queue; returns them in the queue's order."""
+        left = [g for line in self.lines.values() for g in line]
+        self.lines.clear()
+        return left
+
 
 def schedule(
     table: NodeTable,
@@ -138,9 +151,8 @@ def schedule(
             )
     finally:
         cycle.placer.restore()
-    r = cycle.reservation
-    reserved = (r.job_id, table.names[r.row], r.start) if r is not None else None
-    return Plan(tuple(cycle.placements), tuple(evictions), tuple(nominations), reserved, cycle.waiting)
+    placements, reservations = tuple(cycle.placements), tuple(cycle.reservations)
+    return Plan(placements, tuple(evictions), tuple(nominations), reservations, cycle.waiting)
 
 
 def _give_back(shares: Shares, queues: list[_Queue], policy: Policy) -> preemption.Rule:
@@ -168,16 +180,6 @@ class _Lazy:
         return self._list
 
 
-@dataclass(frozen=True, slots=True)
-class _Reservation:
-    """Room held on one node for the first job that could not start, from `start` on."""
-
-    job_id: int
-    row: int
-    ask: np.ndarray
-    start: float
-
-
 class _Cycle:
     """The working state of one scheduling cycle."""
 
@@ -195,7 +197,12 @@ class _Cycle:
         self.policy = policy
         self.now = now
         self.running = running
-        self.reservation: _Reservation | None = None
+        self.profile: Profile | None = None
+        self.reservations: list[Reservation] = []
+        self._tried: Counter[str] = Counter()  # per queue: blocked jobs a reservation was sought for
+        self._made: Counter[str] = Counter()  # per queue: reservations made
+        # What the cycle started before it needed a profile: the profile takes it in when made.
+        self._started: list[tuple[list[tuple[int, int]], np.ndarray, float]] = []
         # Every ask as a table row, made once per job for the whole cycle.
         self.asks = {g.job_id: table.vector(g.ask) for g in groups}
         self.placer = Placer(table, masks, policy.window)
@@ -205,9 +212,9 @@ class _Cycle:
         self.placements: list[Placement] = []
         self.waiting: dict[int, str] = {}
         self.blocked: list[Group] = []
-        # Asks of plain jobs that found no room: a plain job asking as much or more cannot
-        # fit either this cycle (room only shrinks), so it is not searched again.
-        self._failed: list[tuple[np.ndarray, str]] = []
+        # Asks (and durations) of plain jobs that found no room: a plain job asking as much or
+        # more, for as long or longer, cannot fit either, so it is not searched again.
+        self._failed: list[tuple[np.ndarray, float, str]] = []
         # Room that evictions made for a nominated task is held for it: no one else may take it.
         self.held = {g.job_id: Counter(table.index[n] for _, n in g.nominated) for g in groups if g.nominated}
         for g in groups:
@@ -238,104 +245,153 @@ class _Cycle:
         if limit < 1.0:
             want = min(want, self.shares.room_under(g.queue, limit, ask))
             if want == 0:
-                self._block(queue, g, f"queue {g.queue} is at its max share ({limit:.0%})")
+                self._block(queue, g, f"queue {g.queue} is at its max share ({limit:.0%})", reserve=False)
                 return
-        backfill = self._may_backfill(g)
-        plain = _plain(g) and not backfill
-        known = (
-            next((why for failed, why in self._failed if np.all(failed <= ask + 1e-9)), None)
-            if plain
-            else None
-        )
-        if known is not None:
+        duration = self.duration(g)
+        plain = _plain(g)
+        if plain and (known := self._known_failure(ask, duration)) is not None:
             self._block(queue, g, known)
             return
-        self._hold(g, ask, -1)
-        if backfill:
-            self._reserve_hold(-1)
-        got = self.placer.place(g, want, g.strategy or self.policy.strategy, ask)
-        if backfill:
-            self._reserve_hold(+1)
-        if held := self.held.get(g.job_id):
-            for row, k in got:
-                if row in held:
-                    held[row] = max(0, held[row] - k)
-        self._hold(g, ask, +1)
+        got, why = self._place(g, want, ask, duration)
         placed = sum(k for _, k in got)
         if g.gang and placed < len(todo):
             self.placer.undo(got, g, ask)
-            self.waiting[g.job_id] = (
-                f"gang: {placed} of {len(todo)} tasks fit now; {self.placer.explain(g, ask)}"
-            )
-            queue.drop(g)
+            self._block(queue, g, f"gang: {placed} of {len(todo)} tasks fit now; {why}")
             return
+        self._start(g, got, ask, duration)
+        if not todo:
+            queue.drop(g)
+        elif placed < want:
+            if plain:
+                self._failed.append((ask, 0.0 if self.profile is None else duration, why))
+                del self._failed[:-_FAILURES]
+            self._block(queue, g, why)
+
+    def duration(self, g: Group) -> float:
+        """How long `g`'s tasks may run: their time limit, else their queue's default limit."""
+        limit = g.time_limit if g.time_limit is not None else self.policy.queue(g.queue).default_limit
+        return math.inf if limit is None else limit
+
+    def _expected_end(self, r: Running) -> float:
+        limit = r.time_limit if r.time_limit is not None else self.policy.queue(r.queue).default_limit
+        start = r.started_at if r.started_at is not None else self.now
+        return math.inf if limit is None else start + limit
+
+    def _known_failure(self, ask: np.ndarray, duration: float) -> str | None:
+        """Why a plain job found no room, if one asking no more for no longer failed before:
+        room only shrinks within a cycle, so this one cannot fit either."""
+        return next(
+            (why for failed, d, why in self._failed if d <= duration and np.all(failed <= ask + 1e-9)),
+            None,
+        )
+
+    def _place(
+        self, g: Group, want: int, ask: np.ndarray, duration: float
+    ) -> tuple[list[tuple[int, int]], str]:
+        """Up to `want` tasks of `g` where they delay no reservation; why the rest did not fit."""
+        self._hold(g, ask, -1)
+        shaded = self._shade(duration) if self.profile is not None and not g.nominated else []
+        got = self.placer.place(g, want, g.strategy or self.policy.strategy, ask)
+        why = self.placer.explain(g, ask) if sum(k for _, k in got) < want else ""
+        for row, amount in shaded:
+            self.placer.take(row, -amount)
+        if held := self.held.get(g.job_id):
+            used = [(row, min(k, held[row])) for row, k in got if held.get(row)]
+            for row, k in used:
+                held[row] -= k
+            if self.profile is not None:
+                # The held room it used is now its own: the profile gets it back, then holds it
+                # again below for the task's own window.
+                self.profile.hold([(row, -k) for row, k in used], ask, self.now, math.inf)
+        self._hold(g, ask, +1)
+        return got, why
+
+    def _shade(self, duration: float) -> list[tuple[int, np.ndarray]]:
+        """Take from the placer's view whatever room a task of `duration` may not use now
+        (room reservations need before it would end); returns what to give back."""
+        assert self.profile is not None
+        free = self.table.free
+        short = free[:, : self.profile.room.shape[2]] - self.profile.room_for(duration)
+        shaded = []
+        for row in np.flatnonzero((short > 1e-9).any(axis=1)):
+            amount = np.maximum(short[row], 0.0)
+            self.placer.take(int(row), amount)
+            shaded.append((int(row), amount))
+        return shaded
+
+    def _start(self, g: Group, got: list[tuple[int, int]], ask: np.ndarray, duration: float) -> None:
+        todo = self.remaining[g.job_id]
         done = 0
         for row, k in got:
             node = self.table.names[row]
             self.placements.extend(Placement(t, node, g.ask) for t in todo[done : done + k])
             done += k
         del todo[:done]
-        if done:
-            self.shares.add(g.queue, g.user, done * ask)
-        if not todo:
-            queue.drop(g)
-        elif placed < want:
-            reason = self.placer.explain(g, ask)
-            if plain:
-                self._failed.append((ask, reason))
-            self._block(queue, g, reason)
+        if not done:
+            return
+        self.shares.add(g.queue, g.user, done * ask)
+        if self.profile is not None:
+            self.profile.hold(got, ask, self.now, duration)
+        else:
+            self._started.append((got, ask, duration))
 
-    def _block(self, queue: _Queue, g: Group, reason: str) -> None:
+    def _block(self, queue: _Queue, g: Group, reason: str, reserve: bool = True) -> None:
+        """`g` waits; under strict order its whole queue waits behind it; under backfill it
+        may get a reservation."""
         self.waiting[g.job_id] = reason
-        self.blocked.append(g)
+        if not g.gang:
+            self.blocked.append(g)  # a gang is not given evictions: it would take part of its room
         queue.drop(g)
-        if self.reservation is None and not g.gang:
+        rules = self.policy.queue(g.queue)
+        if rules.backfill == "none":
+            for behind in queue.clear():
+                self.waiting[behind.job_id] = f"behind job {g.job_id}: queue {g.queue} keeps strict order"
+            return
+        tried = self._tried[g.queue]
+        if reserve and (self._made[g.queue] == 0 if rules.backfill == "easy" else tried < rules.depth):
+            self._tried[g.queue] += 1
             self._reserve(g)
 
-    # --- backfill: EASY, one reservation per cycle ------------------------------------------
+    # --- backfill: reservations on the profile of time limits --------------------------------
 
     def _reserve(self, g: Group) -> None:
-        """Hold room for `g` on the node that frees it soonest, as time limits tell."""
+        """Hold room for `g`'s waiting tasks from the first moment the profile has it."""
+        profile = self._profile()
         ask = self.asks[g.job_id]
-        mask = self.placer.static_mask(g)
-        ending: dict[int, list[tuple[float, np.ndarray]]] = defaultdict(list)
-        vectors: dict[int, np.ndarray] = {}  # a job's tasks share one Resources: one vector each
-        for r in self.running():
-            row = self.table.index.get(r.node)
-            if r.ends_at is not None and row is not None and mask[row]:
-                if (vec := vectors.get(id(r.ask))) is None:
-                    vec = vectors[id(r.ask)] = self.table.vector(r.ask)
-                ending[row].append((r.ends_at, vec))
-        best: tuple[float, int] | None = None
-        for row, events in ending.items():
-            free = self.placer.free_at(row)
-            for ends_at, vec in sorted(events, key=lambda e: e[0]):
-                free[: len(vec)] += vec[: len(free)]
-                if np.all(free + 1e-9 >= ask[: len(free)]):
-                    best = min(best or (ends_at, row), (ends_at, row))
-                    break
-        if best is None:
-            return  # no end in sight (no time limits): nothing to reserve against
-        start, row = best
-        self.reservation = _Reservation(g.job_id, row, ask, start)
-        self._reserve_hold(+1)
-        self.waiting[g.job_id] += (
-            f"; {self.table.names[row]} is held for it from {max(0.0, start - self.now):.0f}s on"
-        )
+        duration = self.duration(g)
+        room = np.full(len(self.table), np.inf)
+        if g.max_per_node is not None:
+            room = g.max_per_node - self.placer.counts(g)
+        rows = np.flatnonzero(self.placer.static_mask(g) & self.placer.limits(g, slice(0, len(self.table))))
+        found = profile.earliest(ask, len(self.remaining[g.job_id]), duration, rows, room)
+        if found is None or found[0] <= self.now:
+            # No end in sight (work without time limits holds the room it needs), or what
+            # keeps it waiting is not room (a per-value limit, a spread) and time will not tell.
+            return
+        start, slots = found
+        profile.hold([(s.row, s.count) for s in slots], ask, start, duration)
+        names = self.table.names
+        self.reservations.append(Reservation(g.job_id, start, tuple((names[s.row], s.count) for s in slots)))
+        self._made[g.queue] += 1
+        where = f"{names[slots[0].row]} is" if len(slots) == 1 else f"{len(slots)} nodes are"
+        self.waiting[g.job_id] += f"; {where} held for it from {max(0.0, start - self.now):.0f}s on"
 
-    def _reserve_hold(self, sign: int) -> None:
-        assert self.reservation is not None
-        self.placer.take(self.reservation.row, sign * self.reservation.ask)
-
-    def _may_backfill(self, g: Group) -> bool:
-        """Work that ends, by its time limit, before the reservation starts may use its room."""
-        r = self.reservation
-        return (
-            r is not None
-            and g.job_id != r.job_id
-            and g.time_limit is not None
-            and self.now + g.time_limit <= r.start
-        )
+    def _profile(self) -> Profile:
+        """The profile of room over time, made when the cycle's first reservation needs it."""
+        if self.profile is None:
+            releases = []
+            vectors: dict[int, np.ndarray] = {}  # a job's tasks share one Resources: one vector each
+            for r in self.running():
+                row = self.table.index.get(r.node)
+                end = self._expected_end(r)
+                if row is not None and math.isfinite(end):
+                    if (vec := vectors.get(id(r.ask))) is None:
+                        vec = vectors[id(r.ask)] = self.table.vector(r.ask)
+                    releases.append((end, row, vec))
+            for got, ask, duration in self._started:
+                releases.extend((self.now + duration, row, k * ask) for row, k in got)
+            self.profile = Profile(self.now, self.table.free.copy(), releases)
+        return self.profile
 
 
 def _plain(g: Group) -> bool:

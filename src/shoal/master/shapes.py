@@ -26,11 +26,8 @@ def running(job: JobRecord, task: TaskRecord) -> Running:
         priority=spec.priority,
         preemptible=spec.preemptible,
         evicting=task.evicted_by is not None or task.kill_requested,
-        ends_at=(
-            task.started_at + spec.time_limit
-            if task.started_at is not None and spec.time_limit is not None
-            else None
-        ),
+        started_at=task.started_at,
+        time_limit=spec.time_limit,
     )
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 
+from shoal.core.plan import Reservation
 from shoal.core.rebalance import smooth
 from shoal.core.scheduler import Policy, schedule
 from shoal.errors import NotFound, SpecError
@@ -99,6 +100,7 @@ class MasterState:
             now=now,
         )
         self.waiting: dict[int, str] = {}  # job id -> why its pending tasks wait
+        self.promised: dict[int, float] = {}  # job id -> the earliest start backfill promised it
         self._needs_schedule = True
         self._wakeup = math.inf  # the earliest restart delay still running
         self._cpu_seen: dict[str, tuple[float, float]] = {}  # run id -> (cpu seconds, when)
@@ -376,6 +378,14 @@ class MasterState:
 
     # --- scheduling ---------------------------------------------------------------------
 
+    def _promise(self, reservations: tuple[Reservation, ...]) -> None:
+        """Keep, for each job still pending, the earliest start a reservation promised it:
+        a job that starts later than that is one backfill let down."""
+        pending = self.ledger.pending
+        self.promised = {job: start for job, start in self.promised.items() if job in pending}
+        for r in reservations:
+            self.promised[r.job_id] = min(r.start, self.promised.get(r.job_id, math.inf))
+
     def _schedule(self, now: float) -> None:
         ledger = self.ledger
         self._needs_schedule = False
@@ -403,6 +413,7 @@ class MasterState:
         holding = (running(ledger.jobs[t.job_id], t) for t in ledger.active_tasks())
         policy = self.frameworks.capped(self.policy, {g.queue for g in groups})
         plan = schedule(ledger.table, ledger.masks, groups, ledger.usage, holding, policy, now)
+        self._promise(plan.reservations)
         verdict = ledger.place(plan, now)
         self.waiting.update(plan.waiting)
         # A large array placed all it was shown: there may be room for the rest of it.
