@@ -9,11 +9,14 @@ Order of service, one cycle:
    and `fair` the user with the lowest weighted dominant share (so users interleave task by
    task).
 2. Each turn places a slice of one job through `Placer` (masks, fit, strategy score). A job
-   that cannot place its slice is set aside with the reason, and the jobs behind it go on.
-3. Gangs place all their tasks or none.
-   Backfill (EASY): the first job set aside gets a reservation on the node whose running
-   tasks' time limits free room for it soonest; later jobs may use that room only if their
-   own time limit ends them before the reservation starts.
+   that cannot place its slice is set aside with the reason. Gangs place all their tasks or
+   none.
+3. What happens behind a job set aside is its queue's `backfill` (`core/backfill.py`):
+   `none` keeps strict order (the jobs behind it wait too); `easy` gives the first such job a
+   reservation, the earliest time its tasks fit as the time limits of what runs tell, and
+   jobs behind it start only where they delay it; `conservative` gives one to each of the
+   first `depth` such jobs. A task's duration is its time limit, else its queue's default
+   limit, else forever (it may then use only room that no reservation ever needs).
 4. Jobs set aside get evictions (`preemption.plan`) when there is something they may
    evict: strictly lower-priority preemptible work, or, for a queue below its guarantee,
    the preemptible work of queues beyond theirs. It picks the node needing the fewest
