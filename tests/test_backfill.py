@@ -17,6 +17,7 @@ from shoal.core.placement import Group
 from shoal.core.plan import Plan, Reservation, Running
 from shoal.core.scheduler import Policy, QueuePolicy, apply_plan, schedule
 from shoal.model import Resources
+from shoal.testing import backfill_reference as reference
 
 
 def table(**cpus: float) -> NodeTable:
@@ -258,3 +259,26 @@ def test_with_finite_limits_every_job_starts_within_a_bound(jobs, backfill) -> N
     # The last submission, then each job in turn for its whole time limit.
     bound = max(j.submit for j in jobs) + sum(j.limit or 0 for j in jobs)
     assert all(max(outcome.starts[j.id]) <= bound for j in jobs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 80), st.integers(1, 8), st.integers(0, 40), st.integers(0, 40)),
+        min_size=1,
+        max_size=25,
+    ),
+    st.sampled_from(["none", "easy", "conservative"]),
+    st.integers(1, 4),
+)
+def test_one_pool_starts_every_job_when_the_reference_does(shapes, backfill, depth) -> None:
+    """On one node the core's decisions are the textbook's: the same start for every job."""
+    shapes = sorted(shapes, key=lambda s: s[0])
+    rigid = [
+        reference.Job(i, submit, procs, run, run + slack or 1)
+        for i, (submit, procs, run, slack) in enumerate(shapes, 1)
+    ]
+    jobs = [Job(j.id, int(j.submit), 1, j.procs, int(j.run), int(j.limit)) for j in rigid]
+    ours = replay(jobs, {"pool": 8}, backfill, depth)
+    theirs = reference.simulate(rigid, 8, backfill, depth)
+    assert {j: s[0] for j, s in ours.starts.items()} == theirs.starts
