@@ -3,6 +3,9 @@ for preemption, backfill and shares) and an agent's `RunSpec` (what to run). Pur
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import replace
+
 from shoal.core.plan import Running
 from shoal.model import JobRecord, JobSpec, Migrate, Successor, TaskRecord, run_id
 from shoal.wire import RunSpec
@@ -29,6 +32,14 @@ def running(job: JobRecord, task: TaskRecord) -> Running:
         started_at=task.started_at,
         time_limit=spec.time_limit,
     )
+
+
+def holding(job: JobRecord, task: TaskRecord) -> Iterator[Running]:
+    """What `task` holds: itself, and the new copy a make-before-break move is starting
+    (held until one of the two ends; never evicted on its own, so not preemptible)."""
+    yield running(job, task)
+    if (copy := task.successor) is not None:
+        yield replace(running(job, task), node=copy.node, preemptible=False, started_at=copy.since)
 
 
 def run_spec(spec: JobSpec, task: TaskRecord, copy: Successor | None = None) -> RunSpec:
