@@ -38,16 +38,18 @@ class Profile:
     ) -> None:
         """`free`: the room on every row now (rows by dims); `releases`: (when, row, amount)
         for everything that holds room and has an expected end (later than now)."""
-        by_time: dict[float, list[tuple[int, np.ndarray]]] = {}
-        for when, row, amount in releases:
-            if math.isfinite(when):
-                by_time.setdefault(max(when, now), []).append((row, amount))
+        later = [(max(when, now), row, amount) for when, row, amount in releases if math.isfinite(when)]
         self.now = now
-        self.times = np.array([now, *sorted(t for t in by_time if t > now)])
-        self.room = np.repeat(free[np.newaxis], len(self.times), axis=0)
-        for k, when in enumerate(self.times):
-            for row, amount in by_time.get(float(when), ()):
-                self.room[k:, row, : len(amount)] += amount
+        self.times = np.unique(np.array([now] + [when for when, _, _ in later]))
+        steps = np.zeros((len(self.times), *free.shape))
+        if later:
+            at = np.searchsorted(self.times, [when for when, _, _ in later])
+            rows = np.fromiter((row for _, row, _ in later), np.int64, len(later))
+            amounts = np.zeros((len(later), free.shape[1]))
+            for i, (_, _, amount) in enumerate(later):
+                amounts[i, : len(amount)] = amount
+            np.add.at(steps, (at, rows), amounts)
+        self.room = free[np.newaxis] + np.cumsum(steps, axis=0)
         self.floor = np.minimum.accumulate(self.room, axis=0)
 
     def _index(self, when: float) -> int:

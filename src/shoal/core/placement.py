@@ -97,6 +97,11 @@ class Placer:
         self.table.free[row, : len(amount)] -= amount
         self._touched.add(row)
 
+    def take_many(self, rows: np.ndarray, amounts: np.ndarray) -> None:
+        """`take` on several rows at once (`amounts`: one row of the table's width each)."""
+        self.table.free[rows] -= amounts
+        self._touched.update(rows.tolist())
+
     def restore(self) -> None:
         """Give back all the cycle took: the table's free room as before the cycle."""
         if self._touched:

@@ -293,11 +293,12 @@ class _Cycle:
     ) -> tuple[list[tuple[int, int]], str]:
         """Up to `want` tasks of `g` where they delay no reservation; why the rest did not fit."""
         self._hold(g, ask, -1)
-        shaded = self._shade(duration) if self.profile is not None and not g.nominated else []
+        shaded = self._shade(duration) if self.profile is not None and not g.nominated else None
         got = self.placer.place(g, want, g.strategy or self.policy.strategy, ask)
         why = self.placer.explain(g, ask) if sum(k for _, k in got) < want else ""
-        for row, amount in shaded:
-            self.placer.take(row, -amount)
+        if shaded is not None:
+            rows, amounts = shaded
+            self.placer.take_many(rows, -amounts)
         if held := self.held.get(g.job_id):
             used = [(row, min(k, held[row])) for row, k in got if held.get(row)]
             for row, k in used:
@@ -309,18 +310,17 @@ class _Cycle:
         self._hold(g, ask, +1)
         return got, why
 
-    def _shade(self, duration: float) -> list[tuple[int, np.ndarray]]:
+    def _shade(self, duration: float) -> tuple[np.ndarray, np.ndarray] | None:
         """Take from the placer's view whatever room a task of `duration` may not use now
         (room reservations need before it would end); returns what to give back."""
         assert self.profile is not None
-        free = self.table.free
-        short = free[:, : self.profile.room.shape[2]] - self.profile.room_for(duration)
-        shaded = []
-        for row in np.flatnonzero((short > 1e-9).any(axis=1)):
-            amount = np.maximum(short[row], 0.0)
-            self.placer.take(int(row), amount)
-            shaded.append((int(row), amount))
-        return shaded
+        short = self.table.free - self.profile.room_for(duration)
+        rows = np.flatnonzero((short > 1e-9).any(axis=1))
+        if len(rows) == 0:
+            return None
+        amounts = np.maximum(short[rows], 0.0)
+        self.placer.take_many(rows, amounts)
+        return rows, amounts
 
     def _start(self, g: Group, got: list[tuple[int, int]], ask: np.ndarray, duration: float) -> None:
         todo = self.remaining[g.job_id]
