@@ -161,9 +161,6 @@ class Job:
     limit: int | None
     gang: bool = False
 
-    @property
-    def ask(self) -> Resources:
-        return Resources(cpus=self.cpus, mem=0)
 
 
 @dataclass
@@ -177,6 +174,7 @@ def replay(jobs: list[Job], nodes: dict[str, float], backfill: str, depth: int =
     t = table(**nodes)
     policy = Policy(queues={"default": QueuePolicy(order="fifo", backfill=backfill, depth=depth)})
     by_id = {j.id: j for j in jobs}
+    asks = {j.id: Resources(cpus=j.cpus, mem=0) for j in jobs}  # one per job, as a master has
     waiting: dict[int, list[str]] = {}
     running: dict[str, tuple[Running, float]] = {}
     ends: list[tuple[float, str]] = []
@@ -194,7 +192,7 @@ def replay(jobs: list[Job], nodes: dict[str, float], backfill: str, depth: int =
             j = arrivals.pop(0)
             waiting[j.id] = [f"{j.id}.{i}" for i in range(j.count)]
         groups = [
-            Group(i, tuple(ids), by_id[i].ask, time_limit=by_id[i].limit, gang=by_id[i].gang)
+            Group(i, tuple(ids), asks[i], time_limit=by_id[i].limit, gang=by_id[i].gang)
             for i, ids in sorted(waiting.items())
         ]
         holding = [r for r, _ in running.values()]

@@ -34,23 +34,34 @@ class Slot:
 
 class Profile:
     def __init__(
-        self, now: float, free: np.ndarray, releases: Iterable[tuple[float, int, np.ndarray]]
+        self,
+        now: float,
+        free: np.ndarray,
+        releases: Iterable[tuple[float, int, np.ndarray]],
+        dims: np.ndarray,
     ) -> None:
-        """`free`: the room on every row now (rows by dims); `releases`: (when, row, amount)
-        for everything that holds room and has an expected end (later than now)."""
+        """`free`: the room on every row now (rows by the table's dims); `releases`: (when,
+        row, amount) for everything that holds room and has an expected end. Only `dims`
+        are followed: those someone waiting asks for (no other can keep anyone waiting)."""
         later = [(max(when, now), row, amount) for when, row, amount in releases if math.isfinite(when)]
         self.now = now
+        self.dims = dims
         self.times = np.unique(np.array([now] + [when for when, _, _ in later]))
-        steps = np.zeros((len(self.times), *free.shape))
+        steps = np.zeros((len(self.times), len(free), len(dims)))
         if later:
             at = np.searchsorted(self.times, [when for when, _, _ in later])
             rows = np.fromiter((row for _, row, _ in later), np.int64, len(later))
-            amounts = np.zeros((len(later), free.shape[1]))
-            for i, (_, _, amount) in enumerate(later):
-                amounts[i, : len(amount)] = amount
-            np.add.at(steps, (at, rows), amounts)
-        self.room = free[np.newaxis] + np.cumsum(steps, axis=0)
-        self.floor = np.minimum.accumulate(self.room, axis=0)
+            np.add.at(steps, (at, rows), np.array([amount[dims] for _, _, amount in later]))
+        self.room = free[:, dims][np.newaxis] + np.cumsum(steps, axis=0)
+        self._floor: np.ndarray | None = None  # the running minimum of `room` over time
+
+    @property
+    def floor(self) -> np.ndarray:
+        """Breakpoint k's row: the least room each node has from now to that step's end. Made
+        again after a hold, once: a cycle asks it for every job it serves, and holds seldom."""
+        if self._floor is None:
+            self._floor = np.minimum.accumulate(self.room, axis=0)
+        return self._floor
 
     def _index(self, when: float) -> int:
         """The breakpoint at or before `when`."""
@@ -63,11 +74,11 @@ class Profile:
             return k
         self.times = np.insert(self.times, k + 1, when)
         self.room = np.insert(self.room, k + 1, self.room[k], axis=0)
-        self.floor = np.insert(self.floor, k + 1, self.floor[k], axis=0)
         return k + 1
 
     def room_for(self, duration: float) -> np.ndarray:
-        """The room on every row over [now, now + duration): what a task may use now. A view."""
+        """The room on every row over [now, now + duration), in the followed dims: what a task
+        may use now. A view."""
         if math.isinf(duration):
             return self.floor[-1]
         return self.floor[max(0, int(np.searchsorted(self.times, self.now + duration, side="left")) - 1)]
@@ -78,18 +89,10 @@ class Profile:
         """Take `count` x `amount` on each (row, count) over [start, start + duration)."""
         first = self._split(start)
         last = len(self.times) if math.isinf(duration) else self._split(start + duration)
-        touched = []
+        amount = amount[self.dims]
         for row, count in rows:
-            self.room[first:last, row, : len(amount)] -= count * amount
-            touched.append(row)
-        self._refloor(first, touched)
-
-    def _refloor(self, first: int, rows: list[int]) -> None:
-        if first == 0:
-            self.floor[:, rows] = np.minimum.accumulate(self.room[:, rows], axis=0)
-        else:
-            tail = np.concatenate([self.floor[first - 1 : first, rows], self.room[first:, rows]])
-            self.floor[first - 1 :, rows] = np.minimum.accumulate(tail, axis=0)
+            self.room[first:last, row] -= count * amount
+        self._floor = None
 
     def earliest(
         self, ask: np.ndarray, count: int, duration: float, rows: np.ndarray, room: np.ndarray
@@ -97,18 +100,19 @@ class Profile:
         """The first breakpoint from which `count` tasks of `ask` fit for `duration` on the
         candidate `rows` (each row holding at most `room[row]` more of them), and where;
         None if they never do (what holds room without an end holds it forever)."""
-        need = np.flatnonzero(ask[: self.room.shape[2]] > _EPS)
+        ask = ask[self.dims]
+        need = np.flatnonzero(ask > _EPS)
         if len(need) == 0 or len(rows) == 0:
             return None if len(rows) == 0 else (self.now, [Slot(int(rows[0]), count)])
-        per = ask[need] - _EPS
+        per = ask[need]
         # Tasks each breakpoint's room holds on each row: an upper bound for any window from it.
-        fits = np.floor(np.min(self.room[:, rows][:, :, need] / per, axis=2))
+        fits = np.floor(np.min((self.room[:, rows][:, :, need] + _EPS) / per, axis=2))
         fits = np.minimum(fits, room[rows])
         for k in np.flatnonzero(fits.sum(axis=1) >= count):
             start = float(self.times[k])
             end = len(self.times) if math.isinf(duration) else self._index_before(start + duration) + 1
             window = self.room[k:end][:, rows][:, :, need].min(axis=0)
-            held = np.minimum(np.floor(np.min(window / per, axis=1)), room[rows])
+            held = np.minimum(np.floor(np.min((window + _EPS) / per, axis=1)), room[rows])
             if held.sum() >= count:
                 return start, _slots(rows, held, count)
         return None
@@ -120,13 +124,8 @@ class Profile:
 
 def _slots(rows: np.ndarray, held: np.ndarray, count: int) -> list[Slot]:
     """`count` tasks on the rows that hold the most (fewest rows held), ties by row."""
-    slots = []
-    for j in np.argsort(-held, kind="stable"):
-        take = int(min(held[j], count))
-        if take <= 0:
-            break
-        slots.append(Slot(int(rows[j]), take))
-        count -= take
-        if count == 0:
-            break
-    return slots
+    order = np.argsort(-held, kind="stable")
+    before = np.cumsum(held[order]) - held[order]  # tasks the rows ahead of each take
+    used = order[before < count]
+    takes = np.minimum(held[used], count - before[: len(used)])
+    return [Slot(int(rows[j]), int(k)) for j, k in zip(used, takes, strict=True)]

@@ -21,6 +21,8 @@ import numpy as np
 from shoal.expressions import Constraint
 from shoal.model import Resources
 
+_VECTORS = 4096  # resource vectors remembered (a job's tasks share one)
+
 BASE_DIMS = ("cpus", "mem", "disk", "gpus")
 
 
@@ -39,6 +41,7 @@ class NodeTable:
         self.attributes: list[Mapping[str, str]] = []
         # Bumped whenever attributes or membership change: caches of masks key on it.
         self.version = 0
+        self._vectors: dict[int, tuple[Resources, np.ndarray]] = {}  # id -> (resources, vector)
         self._derived: dict[str, np.ndarray] = {}  # totals and inverses, dropped on any change
         self._fits: dict[bytes, bool] = {}
 
@@ -97,8 +100,21 @@ class NodeTable:
     # --- resource vectors ----------------------------------------------------------------
 
     def vector(self, resources: Resources) -> np.ndarray:
-        """`resources` as a row over this table's dimensions. A read never widens the table:
-        a custom resource no node has declared is an error (callers refuse such asks first)."""
+        """`resources` as a row over this table's dimensions (read-only: it is shared). A read
+        never widens the table: a custom resource no node has declared is an error (callers
+        refuse such asks first)."""
+        # A job's tasks share one Resources object: its vector is made once, not per task.
+        hit = self._vectors.get(id(resources))
+        if hit is not None and hit[0] is resources and len(hit[1]) == len(self.dims):
+            return hit[1]
+        row = self._vector(resources)
+        row.flags.writeable = False
+        if len(self._vectors) >= _VECTORS:
+            self._vectors.clear()
+        self._vectors[id(resources)] = (resources, row)
+        return row
+
+    def _vector(self, resources: Resources) -> np.ndarray:
         row = np.zeros(len(self.dims))
         row[:4] = (resources.cpus, resources.mem, resources.disk, resources.gpus)
         for name, amount in resources.custom.items():

@@ -235,6 +235,18 @@ class Placer:
                 score[j] = self._refresh(g, strategy, row, mask, asked)
         return out
 
+    def capacity(self, g: Group, ask: np.ndarray) -> int:
+        """At most how many tasks of `g` the free room holds now, each node on its own (exact
+        for tasks alike, short of per-value limits and spread targets)."""
+        need = np.flatnonzero(ask > _EPS)
+        if len(need) == 0:
+            return len(g.tasks)
+        per_row = np.floor(np.min((self.table.free[:, need] + _EPS) / ask[need], axis=1))
+        per_row = np.where(self.static_mask(g) & self.limits(g, slice(0, len(self.table))), per_row, 0)
+        if g.max_per_node is not None:
+            per_row = np.minimum(per_row, g.max_per_node - self.counts(g))
+        return int(np.maximum(per_row, 0).sum())
+
     def _how_many(self, g: Group, row: int, ask: np.ndarray, n: int, counts: np.ndarray | None) -> int:
         need = ask > 0
         free = self.table.free[row, : len(ask)]

@@ -215,9 +215,9 @@ class _Cycle:
         self.placements: list[Placement] = []
         self.waiting: dict[int, str] = {}
         self.blocked: list[Group] = []
-        # Asks (and durations) of plain jobs that found no room: a plain job asking as much or
-        # more, for as long or longer, cannot fit either, so it is not searched again.
-        self._failed: list[tuple[np.ndarray, float, str]] = []
+        # Asks, durations and tasks needed at once of plain jobs that found no room: a plain
+        # job asking as much or more of each cannot fit either, so it is not searched again.
+        self._failed: list[tuple[np.ndarray, float, int, str]] = []
         # Room that evictions made for a nominated task is held for it: no one else may take it.
         self.held = {g.job_id: Counter(table.index[n] for _, n in g.nominated) for g in groups if g.nominated}
         for g in groups:
@@ -252,22 +252,23 @@ class _Cycle:
                 return
         duration = self.duration(g)
         plain = _plain(g)
-        if plain and (known := self._known_failure(ask, duration)) is not None:
+        need = len(todo) if g.gang else 1  # fewer than this fitting is a failure
+        if plain and (known := self._known_failure(ask, duration, need)) is not None:
             self._block(queue, g, known)
             return
         got, why = self._place(g, want, ask, duration)
         placed = sum(k for _, k in got)
+        if placed < want and plain:
+            self._failed.append((ask, 0.0 if self.profile is None else duration, need, why))
+            del self._failed[:-_FAILURES]
         if g.gang and placed < len(todo):
             self.placer.undo(got, g, ask)
-            self._block(queue, g, f"gang: {placed} of {len(todo)} tasks fit now; {why}")
+            self._block(queue, g, why)
             return
         self._start(g, got, ask, duration)
         if not todo:
             queue.drop(g)
         elif placed < want:
-            if plain:
-                self._failed.append((ask, 0.0 if self.profile is None else duration, why))
-                del self._failed[:-_FAILURES]
             self._block(queue, g, why)
 
     def duration(self, g: Group) -> float:
@@ -275,18 +276,14 @@ class _Cycle:
         limit = g.time_limit if g.time_limit is not None else self.policy.queue(g.queue).default_limit
         return math.inf if limit is None else limit
 
-    def _expected_end(self, r: Running) -> float:
-        limit = r.time_limit if r.time_limit is not None else self.policy.queue(r.queue).default_limit
-        start = r.started_at if r.started_at is not None else self.now
-        return math.inf if limit is None else start + limit
-
-    def _known_failure(self, ask: np.ndarray, duration: float) -> str | None:
-        """Why a plain job found no room, if one asking no more for no longer failed before:
-        room only shrinks within a cycle, so this one cannot fit either."""
-        return next(
-            (why for failed, d, why in self._failed if d <= duration and np.all(failed <= ask + 1e-9)),
-            None,
-        )
+    def _known_failure(self, ask: np.ndarray, duration: float, need: int) -> str | None:
+        """Why a plain job found no room, if one asking no more, for no longer, to start no
+        more tasks at once failed before: room only shrinks within a cycle, so this one
+        cannot fit either."""
+        for failed, d, n, why in self._failed:
+            if d <= duration and n <= need and np.all(failed <= ask + 1e-9):
+                return why
+        return None
 
     def _place(
         self, g: Group, want: int, ask: np.ndarray, duration: float
@@ -294,8 +291,14 @@ class _Cycle:
         """Up to `want` tasks of `g` where they delay no reservation; why the rest did not fit."""
         self._hold(g, ask, -1)
         shaded = self._shade(duration) if self.profile is not None and not g.nominated else None
-        got = self.placer.place(g, want, g.strategy or self.policy.strategy, ask)
-        why = self.placer.explain(g, ask) if sum(k for _, k in got) < want else ""
+        fit = self.placer.capacity(g, ask) if g.gang else want
+        got = self.placer.place(g, want, g.strategy or self.policy.strategy, ask) if fit >= want else []
+        placed = sum(k for _, k in got)
+        why = ""
+        if placed < want:
+            why = self.placer.explain(g, ask)
+            if g.gang:
+                why = f"gang: {placed if got else fit} of {want} tasks fit now; {why}"
         if shaded is not None:
             rows, amounts = shaded
             self.placer.take_many(rows, -amounts)
@@ -314,11 +317,13 @@ class _Cycle:
         """Take from the placer's view whatever room a task of `duration` may not use now
         (room reservations need before it would end); returns what to give back."""
         assert self.profile is not None
-        short = self.table.free - self.profile.room_for(duration)
+        dims = self.profile.dims
+        short = self.table.free[:, dims] - self.profile.room_for(duration)
         rows = np.flatnonzero((short > 1e-9).any(axis=1))
         if len(rows) == 0:
             return None
-        amounts = np.maximum(short[rows], 0.0)
+        amounts = np.zeros((len(rows), len(self.table.dims)))
+        amounts[:, dims] = np.maximum(short[rows], 0.0)
         self.placer.take_many(rows, amounts)
         return rows, amounts
 
@@ -383,23 +388,24 @@ class _Cycle:
         """The profile of room over time, made when the cycle's first reservation needs it."""
         if self.profile is None:
             releases = []
-            vectors: dict[int, np.ndarray] = {}  # a job's tasks share one Resources: one vector each
+            index, vector, now = self.table.index, self.table.vector, self.now
+            defaults = {name: q.default_limit for name, q in self.policy.queues.items()}
             for r in self.running():
-                row = self.table.index.get(r.node)
-                end = self._expected_end(r)
-                if row is not None and math.isfinite(end):
-                    if (vec := vectors.get(id(r.ask))) is None:
-                        vec = vectors[id(r.ask)] = self.table.vector(r.ask)
-                    releases.append((end, row, vec))
+                limit = r.time_limit if r.time_limit is not None else defaults.get(r.queue)
+                row = index.get(r.node)
+                if limit is not None and row is not None:
+                    start = r.started_at if r.started_at is not None else now
+                    releases.append((start + limit, row, vector(r.ask)))
             for got, ask, duration in self._started:
                 releases.extend((self.now + duration, row, k * ask) for row, k in got)
-            self.profile = Profile(self.now, self.table.free.copy(), releases)
+            asked = np.flatnonzero(np.any([ask > 0 for ask in self.asks.values()], axis=0))
+            self.profile = Profile(self.now, self.table.free, releases, asked)
         return self.profile
 
 
 def _plain(g: Group) -> bool:
     """Whether only `g`'s ask decides where it fits (no filters, limits or held room)."""
-    return not (g.nodes is not None or g.constraints or g.max_per_node or g.max_per or g.nominated or g.gang)
+    return not (g.nodes is not None or g.constraints or g.max_per_node or g.max_per or g.nominated)
 
 
 @dataclass(frozen=True, slots=True)
