@@ -15,10 +15,14 @@ Theory of operation
 - A kill sends SIGTERM to the run's process group, then SIGKILL once its grace has passed;
   so does a run's time limit, and the run then ends FAILED.
 - The table is saved after every change, so a restarted agent re-adopts its runs.
+- A `Tick` sends a heartbeat and does what time has made due (time limits, SIGKILL after
+  the grace, reports to send again); `next_due` says when that is next, for a shell that
+  ticks only then (a simulator).
 """
 
 from __future__ import annotations
 
+import math
 import signal
 from dataclasses import dataclass, field
 
@@ -311,20 +315,42 @@ class AgentState:
         """Runs whose processes were started and have not been seen to end."""
         return [e for e in self.runs.values() if e.state is TaskState.RUNNING and e.pid is not None]
 
+    def next_due(self) -> float:
+        """The earliest time a `Tick` does more than send a heartbeat: a run reaches its time
+        limit, a stopped run's grace ends, or a report is due again (math.inf: none)."""
+        due = math.inf
+        for entry in self.runs.values():
+            due = min(due, self._limit_at(entry), self._sigkill_at(entry), self._resend_at(entry))
+        return due
+
+    def _limit_at(self, entry: RunEntry) -> float:
+        """When a running run is stopped for its time limit (math.inf: never, or stopping)."""
+        limit = entry.spec.time_limit
+        if limit is None or entry.started_at is None or entry.state is not TaskState.RUNNING:
+            return math.inf
+        return math.inf if entry.timed_out or entry.kill_requested else entry.started_at + limit
+
+    def _sigkill_at(self, entry: RunEntry) -> float:
+        """When a stopped run's grace ends and SIGKILL follows its SIGTERM."""
+        return entry.kill_deadline if entry.kill_deadline is not None and entry.pid is not None else math.inf
+
+    def _resend_at(self, entry: RunEntry) -> float:
+        """When an unacknowledged report of the run is sent again."""
+        if entry.acked or entry.state is TaskState.ASSIGNED:
+            return math.inf
+        return entry.reported_at + self.resend_after
+
     def _tick(self, now: float, usage: Usage) -> None:
         self._o.commands.append(SendToMaster(Heartbeat(usage=usage)))
         for entry in self.runs.values():
-            limit = entry.spec.time_limit
-            overdue = limit is not None and entry.started_at is not None and now >= entry.started_at + limit
-            if overdue and entry.state is TaskState.RUNNING and not (entry.timed_out or entry.kill_requested):
+            if now >= self._limit_at(entry):
                 entry.timed_out = True
                 self._o.changed = True
                 self._signal(entry, signal.SIGTERM, now)
-            if entry.kill_deadline is not None and now >= entry.kill_deadline and entry.pid is not None:
-                entry.kill_deadline = None
+            if entry.pid is not None and now >= self._sigkill_at(entry):
                 self._o.commands.append(Signal(entry.spec.run_id, entry.pid, signal.SIGKILL))
-            due = not entry.acked and now - entry.reported_at >= self.resend_after
-            if due and entry.state is not TaskState.ASSIGNED:
+                entry.kill_deadline = None
+            if now >= self._resend_at(entry):
                 self._o.reports.append(self._reported(entry, now))
 
 

@@ -363,24 +363,48 @@ class FrameworkDesk:
 
     def tick(self, now: float) -> None:
         for offer in list(self.offers.values()):
-            if now - offer.made_at >= self.policy.offer_timeout:
+            if now >= self._expires(offer):
                 self._rescind(offer.id)
         for fw in self.frameworks.values():
             record = fw.record
             if record.removed:
                 continue
-            if (
-                record.disconnected_at is not None
-                and fw.connection is None
-                and now - record.disconnected_at > record.failover_timeout
-            ):
+            if now > self._gone_after(fw):
                 self._teardown(
                     fw, f"not back within its failover timeout ({record.failover_timeout:g}s)", now
                 )
-            elif fw.connection is not None and fw.updates and now - fw.sent_at >= self.policy.retry:
+            elif now >= self._resend_at(fw):
                 self._deliver_updates(fw, now)
         if now >= self._wakeup:
             self.needs_cycle = True
+
+    def next_due(self) -> float:
+        """The earliest time `tick`, or the offer cycle after it, has something to do: an
+        offer expires, a framework's failover timeout passes, unacknowledged updates are
+        due again, a refusal filter lapses, or the next offer cycle (math.inf: none)."""
+        cycle = self.due()
+        due = min(self._expires(o) for o in self.offers.values()) if self.offers else math.inf
+        due = min(due, cycle if cycle is not None else self._wakeup)
+        for fw in self.frameworks.values():
+            if not fw.record.removed:
+                due = min(due, math.nextafter(self._gone_after(fw), math.inf), self._resend_at(fw))
+        return due
+
+    def _expires(self, offer: Offer) -> float:
+        return offer.made_at + self.policy.offer_timeout
+
+    def _gone_after(self, fw: _Framework) -> float:
+        """The end of a disconnected framework's failover timeout (math.inf: connected)."""
+        record = fw.record
+        if record.disconnected_at is None or fw.connection is not None:
+            return math.inf
+        return record.disconnected_at + record.failover_timeout
+
+    def _resend_at(self, fw: _Framework) -> float:
+        """When its unacknowledged updates are delivered again (math.inf: none, or no stream)."""
+        if fw.connection is None or not fw.updates:
+            return math.inf
+        return fw.sent_at + self.policy.retry
 
     # --- the offer cycle ----------------------------------------------------------------
 

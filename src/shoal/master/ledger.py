@@ -23,6 +23,7 @@ themselves. `MasterState` composes them and `watch`es transitions for them.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -517,22 +518,46 @@ class Ledger:
         a desk), and finished migrations beyond it; returns the jobs forgotten."""
         keep = self.retention
         gone: list[int] = []
-        for job_id, ended_at in list(self._finished.items()):
-            if len(self._finished) <= keep.count and now - ended_at < keep.age:
+        for job_id, ended_at in self._finished.items():  # oldest first: the loop stops early
+            if len(self._finished) - len(gone) <= keep.count and now < ended_at + keep.age:
                 break
-            if job_id in pinned:
-                continue
+            if job_id not in pinned:
+                gone.append(job_id)
+        for job_id in gone:
             del self._finished[job_id]
             self._forget_job(job_id)
-            gone.append(job_id)
         self._changes.forgotten_jobs.extend(gone)
-        done = [m for m in self.migrations.values() if m.running_at is not None or m.failed]
+        done = self._done_migrations()
         for record in done[: max(0, len(done) - keep.count)]:
             self._forget_migration(record.id)
         for record in done[max(0, len(done) - keep.count) :]:
-            if now - (record.running_at or record.at) >= keep.age:
+            if now >= (record.running_at or record.at) + keep.age:
                 self._forget_migration(record.id)
         return gone
+
+    def next_prune(self, pinned: Container[int] = ()) -> float:
+        """When `prune` will next forget something (a time already past: now; math.inf: not
+        until more work ends)."""
+        keep = self.retention
+        due = math.inf
+        if self.migrations:
+            done = self._done_migrations()
+            if len(done) > keep.count:
+                return -math.inf
+            due = min(((m.running_at or m.at) + keep.age for m in done), default=math.inf)
+        latest = -math.inf  # `prune` reaches a job only once every older one is past the age
+        for job_id, ended_at in self._finished.items():
+            if len(self._finished) > keep.count:
+                if job_id not in pinned:
+                    return -math.inf
+                continue
+            latest = max(latest, ended_at + keep.age)
+            if job_id not in pinned:
+                return min(due, latest)
+        return due
+
+    def _done_migrations(self) -> list[Migration]:
+        return [m for m in self.migrations.values() if m.running_at is not None or m.failed]
 
     def _forget_job(self, job_id: int) -> None:
         for task_id in self._job_tasks.pop(job_id, ()):

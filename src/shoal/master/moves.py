@@ -8,6 +8,7 @@ through a plan.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,6 +111,13 @@ class MoveDesk:
             m.task_id: m.id for m in ledger.migrations.values() if m.running_at is None and not m.failed
         }
         self._retiring: dict[str, tuple[str, float]] = {}  # replaced runs: their node, when to stop
+        self._drained = {n.name for n in ledger.nodes.values() if n.drained}
+        self._copies = {t.id for t in ledger.active_tasks() if t.successor is not None}
+        # A drained node keeps tasks that may move but found no room: a tick tries them
+        # again once room is freed (`room_freed`), not before, since nothing else could
+        # place them.
+        self._stuck = False
+        self._room = False
 
     # --- rounds and drains ------------------------------------------------------------------
 
@@ -138,21 +146,25 @@ class MoveDesk:
             return
         deadline = event.now + event.deadline if event.drain and event.deadline is not None else None
         ledger.update_node(node, drained=event.drain, drain_deadline=deadline)
+        if event.drain:
+            self._drained.add(node.name)
+        else:
+            self._drained.discard(node.name)
         moved = self._move_off(node.name, event.now, "drain", every=False) if event.drain else []
         ledger.reply(event.request, moved)
 
     def tick(self, now: float) -> None:
         ledger = self.ledger
-        for node in list(ledger.nodes.values()):
-            if not node.drained:
-                continue
+        self._stuck = self._room = False
+        drained = [n for n in ledger.nodes.values() if n.drained] if self._drained else []
+        for node in drained:  # in the table's order, as every pass before
             if node.drain_deadline is not None and now >= node.drain_deadline:
                 ledger.update_node(node, drain_deadline=None)
                 self._move_off(node.name, now, "drain deadline", every=True)
             else:
                 self._move_off(node.name, now, "drain", every=False)  # services waiting for room
-        for task in list(ledger.active_tasks()):
-            if task.successor is not None and now - task.successor.since > SUCCESSOR_PATIENCE:
+        if overdue := {t for t in self._copies if now > self._patience_ends(t)}:
+            for task in [t for t in ledger.active_tasks() if t.id in overdue]:
                 self.drop_successor(task, f"the new copy did not serve within {SUCCESSOR_PATIENCE:g}s", now)
         for old_run, (node_name, due) in list(self._retiring.items()):
             if now >= due:
@@ -160,6 +172,32 @@ class MoveDesk:
                 ledger.send(node_name, Kill(run_ids=[old_run]))
         if self.rebalancing.loop and now >= self.next_round:
             self.round(now)
+
+    def next_due(self) -> float:
+        """The earliest time `tick` has something to do: a drain's deadline, a new copy's
+        patience running out, a replaced run to stop, the next round (math.inf: none; a
+        time already past: now)."""
+        if self._stuck and self._room:
+            return -math.inf
+        due = self.next_round if self.rebalancing.loop else math.inf
+        for name in self._drained:
+            if (deadline := self.ledger.nodes[name].drain_deadline) is not None:
+                due = min(due, deadline)
+        for task_id in self._copies:
+            due = min(due, math.nextafter(self._patience_ends(task_id), math.inf))
+        for _, at in self._retiring.values():
+            due = min(due, at)
+        return due
+
+    def room_freed(self) -> None:
+        """Room (or a node) came back to the pool: tasks stuck on a drained node may move."""
+        self._room = True
+
+    def _patience_ends(self, task_id: str) -> float:
+        """When the task's new copy is given up unless it serves (math.inf: it has none)."""
+        task = self.ledger.tasks.get(task_id)
+        copy = task.successor if task is not None and task.state.active else None
+        return copy.since + SUCCESSOR_PATIENCE if copy is not None else math.inf
 
     def _move_off(self, node: str, now: float, reason: str, every: bool) -> list[Migration]:
         """Move the tasks of `node` elsewhere: those whose mode allows it (`every`: all)."""
@@ -172,6 +210,8 @@ class MoveDesk:
                 record = self.migrate(task, "", reason, now, force=every)
                 if record is not None:
                     moved.append(record)
+                else:
+                    self._stuck = True
         return moved
 
     # --- migrations -------------------------------------------------------------------------
@@ -233,6 +273,8 @@ class MoveDesk:
     def _place(self, task: TaskRecord, node: str, now: float, copy: bool) -> bool:
         resources = self.ledger.jobs[task.job_id].spec.resources
         verdict = self.ledger.place(Plan((Placement(task.id, node, resources, copy),)), now)
+        if copy and verdict.accepted:
+            self._copies.add(task.id)
         return bool(verdict.accepted)
 
     def _admits(self, task: TaskRecord, node: str, source: str) -> bool:
@@ -272,6 +314,8 @@ class MoveDesk:
         copy = task.successor
         assert copy is not None
         old_node, old_run = ledger.take_over(task, now)
+        self._copies.discard(task.id)
+        self._may_move_again(task)
         self._retiring[old_run] = (old_node, now + RETIRE_AFTER)
         if (move := self._open.pop(task.id, None)) is not None:
             ledger.update_migration(move, running_at=now, node=copy.node)
@@ -279,5 +323,12 @@ class MoveDesk:
     def drop_successor(self, task: TaskRecord, why: str, now: float) -> None:
         """Give the move up: the new copy is stopped, the task runs on where it was."""
         self.ledger.drop_copy(task, why, now)
+        self._copies.discard(task.id)
+        self._may_move_again(task)
         if (move := self._open.pop(task.id, None)) is not None:
             self.ledger.update_migration(move, failed=why)
+
+    def _may_move_again(self, task: TaskRecord) -> None:
+        """The task is free to move again: if its node is drained, the next pass tries it."""
+        if task.node in self._drained:
+            self._stuck = True

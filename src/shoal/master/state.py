@@ -23,10 +23,16 @@ Theory of operation
   agent never received, and marks running ones the agent no longer has as LOST.
 - A node that misses heartbeats for `heartbeat_timeout` seconds is DOWN, its tasks LOST, and
   its connection dropped; it comes back only by registering again.
+- A `Tick` does what time has made due: heartbeat deadlines, restart delays, the desks'
+  timeouts, retention. `next_due` says when the next Tick has anything to do, so a shell may
+  sleep until then (or until `wants_cycle`) and decide exactly as one that ticks all along.
+  With `cycle_on_tick` a scheduling cycle runs on a Tick only, never after each event: a
+  simulator delivers everything of one instant first, and the cycle sees it all at once.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 
 from shoal.core.plan import Reservation
@@ -86,9 +92,11 @@ class MasterState:
         rebalancing: Rebalancing | None = None,
         retention: Retention | None = None,
         now: float = 0.0,
+        cycle_on_tick: bool = False,
     ) -> None:
         snap = snapshot or Snapshot([], [], [], [], [], [])
         self.heartbeat_timeout = heartbeat_timeout
+        self.cycle_on_tick = cycle_on_tick
         self.policy = policy or Policy()
         self.ledger = Ledger(
             jobs=snap.jobs,
@@ -114,18 +122,27 @@ class MasterState:
             now,
         )
         self.ledger.watch(self._transitioned)
+        # (last_seen + heartbeat_timeout, node) of UP nodes, oldest first. An entry is fixed
+        # only when it reaches the top: last_seen only grows, so it is never too late.
+        self._silence: list[tuple[float, str]] = []
+        self._watched: set[str] = set()
+        for node in self.ledger.nodes.values():
+            self._watch(node)
 
     # --- the interface ----------------------------------------------------------------
 
     def handle(self, *events: Event) -> list[Command]:
         now = 0.0
+        ticked = False
         for event in events:
             now = event.now
+            ticked = ticked or isinstance(event, Tick)
             self._dispatch(event)
         if self.ledger.take_freed():
             self._needs_schedule = True
             self.frameworks.needs_cycle = True
-        if self._needs_schedule:
+            self.moves.room_freed()
+        if self._needs_schedule and (ticked or not self.cycle_on_tick):
             self._schedule(now)
         if (due := self.frameworks.due()) is not None and now >= due:
             self.frameworks.cycle(now)
@@ -133,8 +150,22 @@ class MasterState:
 
     @property
     def wants_cycle(self) -> bool:
-        """Work was left for another cycle (a large array): the shell should not wait long."""
+        """A scheduling cycle is owed (with `cycle_on_tick`, whenever there is new work or
+        room; else only when work was left for another cycle, as a large array): the shell
+        should send a Tick without waiting long."""
         return self._needs_schedule
+
+    def next_due(self) -> float:
+        """The earliest time a `Tick` would do anything: a node's heartbeat deadline, a
+        restart delay ending, and what the desks and the ledger's retention have due
+        (math.inf: nothing until another event; a time already past: now)."""
+        return min(
+            self._next_silent(),
+            self._wakeup,
+            self.frameworks.next_due(),
+            self.moves.next_due(),
+            self.ledger.next_prune(self.frameworks.pinned()),
+        )
 
     @property
     def offers_due(self) -> float | None:
@@ -201,7 +232,7 @@ class MasterState:
         self.ledger.reply(event.request, event.job_id)
 
     def _register(self, name: str, frame: Register, now: float) -> None:
-        self.ledger.register_node(frame.node, now)
+        self._watch(self.ledger.register_node(frame.node, now))
         self._needs_schedule = True
         self._reports(name, frame.runs, now)
         self._reconcile_missing(name, {r.run_id for r in frame.runs}, now)
@@ -279,14 +310,37 @@ class MasterState:
             self._end(task, TaskState.KILLED if killed else r.state, now, r.exit_code, r.message)
 
     def _tick(self, now: float) -> None:
-        for node in list(self.ledger.nodes.values()):
-            if node.status is NodeStatus.UP and now - node.last_seen > self.heartbeat_timeout:
+        if self._next_silent() <= now:
+            for node in [n for n in self.ledger.nodes.values() if self._silent(n, now)]:
                 self._node_down(node, now)
         if now >= self._wakeup:
             self._needs_schedule = True
         self.frameworks.tick(now)
         self.moves.tick(now)
         self.frameworks.forget(self.ledger.prune(now, pinned=self.frameworks.pinned()))
+
+    def _silent(self, node: NodeRecord, now: float) -> bool:
+        return node.status is NodeStatus.UP and now > node.last_seen + self.heartbeat_timeout
+
+    def _watch(self, node: NodeRecord) -> None:
+        if node.status is NodeStatus.UP and node.name not in self._watched:
+            self._watched.add(node.name)
+            heapq.heappush(self._silence, (node.last_seen + self.heartbeat_timeout, node.name))
+
+    def _next_silent(self) -> float:
+        """The first instant a node is past its heartbeat deadline (math.inf: none is UP)."""
+        heap = self._silence
+        while heap:
+            deadline, name = heap[0]
+            node = self.ledger.nodes[name]
+            if node.status is not NodeStatus.UP:
+                heapq.heappop(heap)
+                self._watched.discard(name)
+            elif (actual := node.last_seen + self.heartbeat_timeout) != deadline:
+                heapq.heapreplace(heap, (actual, name))
+            else:
+                return math.nextafter(deadline, math.inf)
+        return math.inf
 
     def _node_down(self, node: NodeRecord, now: float) -> None:
         ledger = self.ledger

@@ -1,21 +1,32 @@
 """SimCluster: the real master and agent state machines joined by in-memory links.
 
 Every frame goes through the real encoder (`wire.encode` / `wire.decode`) and arrives after
-a seeded random latency; time is virtual and moves only with `advance`. Processes are
-simulated: `runtime(spec)` says how long a run lasts and how it exits. Faults are methods:
-`kill_agent` (the machine dies with its processes), `restart_agent` (the agent process
-restarts; its runs go on), `partition` / `heal`, and `restart_master` (a new master state
-rebuilt from the store, as after a SIGKILL: frameworks' streams break and they subscribe
-again). Frameworks (`add_framework`) speak the offer API through its real JSON encoding;
-`drain` and `rebalance` move tasks; a run with a health check passes it `HEALTHY_AFTER`
-seconds after it starts. After every delivery `check()` asserts the ledger's invariants
-(`shoal.testing.invariants`), so a fault test fails at the first step that breaks one.
+a seeded random latency (`latency`; (0, 0) delivers it at the same instant). Time is virtual
+and goes from one event to the next (`advance`, `run`): the master ticks when its
+`next_due` or `wants_cycle` says a Tick has something to do, an agent at its next heartbeat
+or its own `next_due`, so a quiet month of a trace costs nothing. The master schedules on
+ticks only (`cycle_on_tick`), and its tick comes last of its instant: the cycle sees every
+end and submission of that instant at once, as a batch scheduler does. `at` does a driver's
+own actions at their times (a trace's submissions).
+
+Processes are simulated: `runtime(spec)` says how long a run lasts and how it exits. Faults
+are methods: `kill_agent` (the machine dies with its processes), `restart_agent` (the agent
+process restarts; its runs go on), `partition` / `heal`, and `restart_master` (a new master
+state rebuilt from the store, as after a SIGKILL: frameworks' streams break and they
+subscribe again). Frameworks (`add_framework`) speak the offer API through its real JSON
+encoding; `drain` and `rebalance` move tasks; a run with a health check passes it
+`HEALTHY_AFTER` seconds after it starts. After every delivery `check()` asserts the ledger's
+invariants (`shoal.testing.invariants`), so a fault test fails at the first step that breaks
+one. `persist=False` drops what the master would store: a long trace replay needs no store
+(and cannot `restart_master`).
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
+import math
 import random
 import re
 import signal
@@ -25,10 +36,12 @@ from dataclasses import dataclass, field
 
 from shoal.agent import state as agent
 from shoal.core.scheduler import Policy
+from shoal.errors import ShoalError
 from shoal.framework import protocol as p
 from shoal.master import events as master
 from shoal.master.ledger import Retention
 from shoal.master.state import MasterState
+from shoal.master.store import Snapshot
 from shoal.master.store.sqlite import SqliteStore
 from shoal.model import JobSpec, NodeInfo, Resources, TaskState, Usage
 from shoal.testing import invariants
@@ -37,6 +50,9 @@ from shoal.wire import RunSpec, decode, encode
 Runtime = Callable[[RunSpec], tuple[float, int]]
 HEALTHY_AFTER = 0.5  # seconds from a run's start to its health check's first pass
 REFUSE = 5.0  # seconds a simulated framework refuses an offer it declined (Mesos's default)
+# The phases of one instant, in order: the master's scheduling cycle comes after everything
+# else due then, so it sees all of that instant's ends and submissions.
+EVENT, CYCLE = 0, 1
 
 
 def shell_runtime(spec: RunSpec) -> tuple[float, int]:
@@ -62,11 +78,14 @@ class _Process:
 class _Node:
     info: NodeInfo
     state: agent.AgentState | None = None
-    disk: tuple[agent.RunEntry, ...] = ()
+    disk: tuple[dict[str, object], ...] = ()  # the saved table: each entry's fields as saved
     processes: dict[str, _Process] = field(default_factory=dict)
     connected: bool = False
     partitioned: bool = False
     epoch: int = 0  # bumped on every (re)connection: frames of an old connection are dropped
+    next_beat: float = math.inf  # the agent's next heartbeat
+    tick_at: float = math.inf  # when its armed tick fires
+    timer: int = 0  # the armed tick's number: an older one, or one of a former agent process, is void
 
 
 @dataclass
@@ -100,52 +119,73 @@ class SimCluster:
         seed: int = 0,
         heartbeat_timeout: float = 5.0,
         heartbeat_interval: float = 1.0,
-        master_tick: float = 0.5,
+        latency: tuple[float, float] = (0.001, 0.005),
         runtime: Runtime = shell_runtime,
         policy: Policy | None = None,
         retention: Retention | None = None,
+        persist: bool = True,
         check: bool = True,
     ) -> None:
+        """`heartbeat_interval=math.inf`: agents never heartbeat (with `heartbeat_timeout`
+        math.inf too, nodes are never lost); `latency`: the range of a frame's delay, seconds."""
         self.now = 0.0
         self.rng = random.Random(seed)
         self.runtime = runtime
         self.heartbeat_timeout = heartbeat_timeout
         self.heartbeat_interval = heartbeat_interval
-        self.master_tick = master_tick
+        self.latency = latency
         self.checking = check
-        self.store = SqliteStore(":memory:")
+        self.store = SqliteStore(":memory:") if persist else None
         self.policy = policy
         self.retention = retention
-        self.master = MasterState(heartbeat_timeout, policy=policy, retention=retention, now=0.0)
         self.nodes = {n.name: _Node(n) for n in nodes}
         self.spawns: Counter[str] = Counter()  # task id -> processes ever started for it
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._heap: list[tuple[float, int, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._requests = itertools.count(1)
         self._connections = itertools.count(1)
         self.frameworks: list[SimFramework] = []
-        self._at(master_tick, self._master_tick)
+        self._master_at = math.inf  # when the master's armed tick fires
+        self._master_timer = 0  # the armed tick's number: an older one is void
+        self._start_master(None)
         for name in self.nodes:
             self.start_agent(name)
 
     # --- the clock ------------------------------------------------------------------------
 
-    def _at(self, when: float, action: Callable[[], None]) -> None:
-        heapq.heappush(self._heap, (when, next(self._seq), action))
+    def at(self, when: float, action: Callable[[], None]) -> None:
+        """Do `action` at virtual time `when` (a driver's submissions, say)."""
+        if when < self.now:
+            raise ShoalError(f"{when:g} is past: the virtual time is {self.now:g}")
+        self._push(when, EVENT, action)
+
+    def _push(self, when: float, phase: int, action: Callable[[], None]) -> None:
+        heapq.heappush(self._heap, (when, phase, next(self._seq), action))
 
     def _latency(self) -> float:
-        return self.rng.uniform(0.001, 0.005)
+        return self.rng.uniform(*self.latency)
 
     def advance(self, seconds: float) -> None:
         """Run everything due within the next `seconds` of virtual time."""
         until = self.now + seconds
         while self._heap and self._heap[0][0] <= until:
-            when, _, action = heapq.heappop(self._heap)
-            self.now = when
-            action()
-            if self.checking:
-                self.check()
+            self._step()
         self.now = until
+
+    def run(self, done: Callable[[], bool], until: float = math.inf) -> None:
+        """Run events in order until `done()` (asked after each one), until none is left, or
+        until the next is past `until`; `now` is then the time of the last one run."""
+        while self._heap and self._heap[0][0] <= until:
+            self._step()
+            if done():
+                return
+
+    def _step(self) -> None:
+        when, _, _, action = heapq.heappop(self._heap)
+        self.now = when
+        action()
+        if self.checking:
+            self.check()
 
     def run_until(self, done: Callable[[], bool], limit: float = 120.0, step: float = 0.1) -> None:
         waited = 0.0
@@ -157,12 +197,41 @@ class SimCluster:
 
     # --- the master side ------------------------------------------------------------------
 
+    def _start_master(self, snap: Snapshot | None) -> None:
+        self.master = MasterState(
+            self.heartbeat_timeout,
+            policy=self.policy,
+            snapshot=snap,
+            retention=self.retention,
+            now=self.now,
+            cycle_on_tick=True,
+        )
+        self._master_at = math.inf
+        self._master_timer += 1  # the former master's tick is void
+        self._arm_master()
+
+    def _arm_master(self) -> None:
+        """Arm the master's tick for when it has something to do, unless one comes sooner."""
+        due = self.now if self.master.wants_cycle else max(self.now, self.master.next_due())
+        if due < self._master_at:
+            self._master_at = due
+            self._master_timer += 1
+            self._push(due, CYCLE, functools.partial(self._master_tick, self._master_timer))
+
+    def _master_tick(self, timer: int) -> None:
+        """The armed tick. It may come early (what was due moved later: a heartbeat came);
+        then the master does nothing and it is armed again."""
+        if timer == self._master_timer:  # else a sooner tick took its place
+            self._master_at = math.inf
+            self._master_handle(master.Tick(self.now))
+
     def _master_handle(self, *events: master.Event) -> dict[int, master.Reply]:
         replies = {}
         for command in self.master.handle(*events):
             match command:
                 case master.Persist():
-                    self.store.apply(command)
+                    if self.store is not None:
+                        self.store.apply(command)
                 case master.Send(node=name, frame=frame):
                     self._to_agent(name, encode(frame))
                 case master.Reply():
@@ -171,14 +240,9 @@ class SimCluster:
                     self._drop_connection(name)
                 case master.ToFramework(connection=c, event=event):
                     data = self.master.frameworks.encode(event)
-                    self._at(self.now + self._latency(), lambda c=c, data=data: self._to_framework(c, data))
-        if self.master.wants_cycle:
-            self._at(self.now, lambda: self._master_handle(master.Tick(self.now)))
+                    self.at(self.now + self._latency(), lambda c=c, data=data: self._to_framework(c, data))
+        self._arm_master()
         return replies
-
-    def _master_tick(self) -> None:
-        self._master_handle(master.Tick(self.now))
-        self._at(self.now + self.master_tick, self._master_tick)
 
     def submit(self, spec: JobSpec | dict, owner: str = "alice") -> int:
         spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
@@ -252,19 +316,19 @@ class SimCluster:
 
     def restart_master(self) -> None:
         """The master dies (SIGKILL) and a new one starts from what the store holds."""
+        if self.store is None:
+            raise ShoalError("a master restarts from its store: this SimCluster runs with persist=False")
         snap = self.store.load()
         for node in self.nodes.values():
             node.connected = False
             node.epoch += 1
-        self.master = MasterState(
-            self.heartbeat_timeout, policy=self.policy, snapshot=snap, retention=self.retention, now=self.now
-        )
+        self._start_master(snap)
         for name in self.nodes:
             self._schedule_reconnect(name)
         for framework in self.frameworks:
             if framework.connection is not None:
                 framework.connection = None
-                self._at(self.now + 0.5 + self._latency(), lambda f=framework: self._subscribe(f))
+                self.at(self.now + 0.5 + self._latency(), lambda f=framework: self._subscribe(f))
 
     # --- links ----------------------------------------------------------------------------
 
@@ -273,7 +337,7 @@ class SimCluster:
         node = self.nodes[name]
         if node.connected and not node.partitioned:
             epoch = node.epoch
-            self._at(self.now + self._latency(), lambda: deliver(epoch))
+            self.at(self.now + self._latency(), lambda: deliver(epoch))
 
     def _to_agent(self, name: str, data: bytes) -> None:
         self._carry(name, lambda epoch: self._deliver_to_agent(name, data, epoch))
@@ -300,7 +364,7 @@ class SimCluster:
         self._schedule_reconnect(name)
 
     def _schedule_reconnect(self, name: str) -> None:
-        self._at(self.now + 0.1 + self._latency(), lambda: self._reconnect(name))
+        self.at(self.now + 0.1 + self._latency(), lambda: self._reconnect(name))
 
     def _reconnect(self, name: str) -> None:
         node = self.nodes[name]
@@ -330,13 +394,15 @@ class SimCluster:
     def start_agent(self, name: str) -> None:
         """Start an agent process on `name`, recovering its saved table if there is one."""
         node = self.nodes[name]
-        node.state = agent.AgentState(node.info, [e.model_copy() for e in node.disk])
+        node.state = agent.AgentState(node.info, [agent.RunEntry.model_validate(e) for e in node.disk])
+        node.next_beat = self.now + self.heartbeat_interval
+        node.tick_at = math.inf
+        node.timer += 1  # a former agent process's tick is void
         alive = frozenset(r for r, p in node.processes.items() if p.alive)
         exits = {r: p.exit_code for r, p in node.processes.items() if not p.alive}
         self._agent_handle(name, agent.Recovered(alive, exits, self.now))
         node.connected = False
         self._schedule_reconnect(name)
-        self._at(self.now + self.heartbeat_interval, lambda: self._agent_tick(name, node.state))
 
     def kill_agent(self, name: str) -> None:
         """The machine dies: the agent and every process on it, with its disk."""
@@ -360,12 +426,32 @@ class SimCluster:
         self.stop_agent(name)
         self.start_agent(name)
 
-    def _agent_tick(self, name: str, state: agent.AgentState | None) -> None:
+    def _agent_due(self, node: _Node) -> float:
+        assert node.state is not None
+        return max(self.now, min(node.next_beat, node.state.next_due()))
+
+    def _arm_agent(self, name: str) -> None:
+        """Arm the agent's tick for its next heartbeat or deadline, unless one comes sooner."""
         node = self.nodes[name]
-        if node.state is None or node.state is not state:
-            return  # that agent process is gone; its successor ticks on its own
+        due = self._agent_due(node)
+        if due < node.tick_at:
+            node.tick_at = due
+            node.timer += 1
+            self.at(due, functools.partial(self._agent_tick, name, node.timer))
+
+    def _agent_tick(self, name: str, timer: int) -> None:
+        node = self.nodes[name]
+        if node.state is None or timer != node.timer:
+            return  # that agent process is gone, or a sooner tick took its place
+        node.tick_at = math.inf
+        if self._agent_due(node) > self.now:
+            # Armed for what is no longer due (a report was acknowledged): a tick now would
+            # add a heartbeat the agent does not send.
+            self._arm_agent(name)
+            return
+        if self.now >= node.next_beat:
+            node.next_beat = self.now + self.heartbeat_interval
         self._agent_handle(name, agent.Tick(self.now, Usage()))
-        self._at(self.now + self.heartbeat_interval, lambda: self._agent_tick(name, state))
 
     def _agent_handle(self, name: str, *events: agent.Event) -> None:
         node = self.nodes[name]
@@ -373,13 +459,14 @@ class SimCluster:
         for command in node.state.handle(*events):
             match command:
                 case agent.SaveTable(entries=entries):
-                    node.disk = tuple(e.model_copy() for e in entries)  # fields are immutable values
+                    node.disk = tuple(vars(e).copy() for e in entries)  # fields are immutable values
                 case agent.Spawn(spec=spec):
                     self._spawn(name, spec)
                 case agent.Signal(run_id=run, signal=sig):
                     self._signal(name, run, sig)
                 case agent.SendToMaster(frame=frame):
                     self._to_master(name, encode(frame))
+        self._arm_agent(name)
 
     def _spawn(self, name: str, spec: RunSpec) -> None:
         duration, code = self.runtime(spec)
@@ -390,9 +477,9 @@ class SimCluster:
         self._agent_handle(
             name, agent.Spawned(spec.run_id, pid=1000 + len(node.processes), pid_start=self.now, now=self.now)
         )
-        self._at(proc.ends_at, lambda: self._process_ended(name, proc, None))
+        self.at(proc.ends_at, lambda: self._process_ended(name, proc, None))
         if spec.health is not None:
-            self._at(self.now + HEALTHY_AFTER, lambda: self._healthy(name, proc))
+            self.at(self.now + HEALTHY_AFTER, lambda: self._healthy(name, proc))
 
     def _healthy(self, name: str, proc: _Process) -> None:
         node = self.nodes[name]
