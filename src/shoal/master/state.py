@@ -39,6 +39,7 @@ from shoal.core.plan import Reservation
 from shoal.core.rebalance import smooth
 from shoal.core.scheduler import Policy, schedule
 from shoal.errors import NotFound, SpecError
+from shoal.master import shapes
 from shoal.master.events import (
     AgentGone,
     Command,
@@ -57,7 +58,6 @@ from shoal.master.events import (
 from shoal.master.frameworks import FrameworkDesk, FrameworkPolicy
 from shoal.master.ledger import Ledger, Retention
 from shoal.master.moves import MoveDesk, Rebalancing
-from shoal.master.shapes import running
 from shoal.master.store import Snapshot
 from shoal.model import (
     Attempt,
@@ -464,7 +464,7 @@ class MasterState:
                 self.waiting[job_id] = "waiting for its restart delay"
         if not groups:
             return
-        holding = (running(ledger.jobs[t.job_id], t) for t in ledger.active_tasks())
+        holding = (r for t in ledger.active_tasks() for r in shapes.holding(ledger.jobs[t.job_id], t))
         policy = self.frameworks.capped(self.policy, {g.queue for g in groups})
         plan = schedule(ledger.table, ledger.masks, groups, ledger.usage, holding, policy, now)
         self._promise(plan.reservations)
