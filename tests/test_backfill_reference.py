@@ -7,7 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shoal.core.scheduler import Policy, QueuePolicy
+from shoal.simulation import Cluster
+from shoal.simulation import simulate as run_simulation
 from shoal.testing.backfill_reference import Job, Mode, simulate
+from shoal.workload import Arrival, Workload
 
 
 def starts(jobs: list[Job], procs: int, mode: Mode, depth: int = 1) -> dict[int, float]:
@@ -128,3 +132,29 @@ def test_under_easy_a_reserved_job_starts_no_later_than_first_promised(jobs: lis
 def test_a_job_larger_than_the_pool_is_refused() -> None:
     with pytest.raises(ValueError, match="job 7: 9 processors, the pool has 8"):
         simulate([Job(7, 0, 9, 1, 1)], POOL)
+
+
+# --- shoal against the reference ------------------------------------------------------------
+
+
+def shoal_starts(jobs: list[Job], procs: int, mode: Mode, depth: int) -> dict[int, float]:
+    """Each job as one task of `procs` cpus on a single node of the pool's size."""
+    arrivals = [
+        Arrival(id=j.id, submit=j.submit, duration=j.run, procs=j.procs, time_limit=j.limit) for j in jobs
+    ]
+    policy = Policy(queues={"default": QueuePolicy(order="fifo", backfill=mode, depth=depth)})
+    report = run_simulation(Workload(arrivals), Cluster(nodes=1, cpus=procs, mem=1024), policy)
+    assert report.failed == 0
+    return {r.id: r.start for r in report.runs}
+
+
+@settings(max_examples=60, deadline=None)
+@given(traces(count=30), MODES, st.integers(1, 4))
+def test_shoal_starts_every_job_when_the_reference_does(jobs: list[Job], mode: Mode, depth: int) -> None:
+    assert shoal_starts(jobs, POOL, mode, depth) == starts(jobs, POOL, mode, depth)
+
+
+@pytest.mark.parametrize("mode", ["none", "easy", "conservative"])
+def test_shoal_agrees_on_the_cases_worked_by_hand(mode: Mode) -> None:
+    for jobs, procs in ((EXTRA, 10), (CROWD, 4)):
+        assert shoal_starts(jobs, procs, mode, 2) == starts(jobs, procs, mode, 2)
