@@ -236,7 +236,7 @@ def test_backfill_lets_short_jobs_pass_without_delaying_the_big_one(seed: int) -
     sim = cluster(seed, n=1)  # one node of 4 cpus
     long = sim.submit({"command": "sleep 10", "resources": {"cpus": 3}, "time_limit": 12})
     sim.advance(1.0)
-    big = sim.submit({"command": "sleep 1", "resources": {"cpus": 4}, "priority": 5})
+    big = sim.submit({"command": "sleep 1", "resources": {"cpus": 4}})
     short = sim.submit({"command": "sleep 2", "resources": {"cpus": 1}, "time_limit": 3})
     endless = sim.submit({"command": "sleep 2", "resources": {"cpus": 1}})
     sim.advance(0.5)
