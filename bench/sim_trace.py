@@ -3,8 +3,8 @@
     python bench/sim_trace.py ../shared/traces/SDSC-BLUE-2000-4.2-cln.first10000.swf.gz
     python bench/sim_trace.py PATH.swf --jobs 2000
 
-The trace (SWF, plain or gzipped; every queue put in one FIFO queue; `skipped_in_trace`:
-the jobs of the whole file the reader left out, by reason) runs first through
+The trace (SWF, plain or gzipped, read as far as its first `--jobs`; every queue put in one
+FIFO queue; `skipped`: the jobs the reader left out, by reason) runs first through
 `shoal.simulation` on `--nodes` nodes of `--node-cpus` cpus (144 of 8: SDSC Blue Horizon)
 with EASY backfill: `jobs_per_s` (jobs simulated per wall second), `wall_s`, `late_heads`
 (jobs started after the start a reservation promised them), `wait_mean`, `slowdown_mean`
@@ -85,15 +85,14 @@ def main() -> int:
         "--depth", type=int, default=100, help="conservative backfill's reservations per pass"
     )
     args = parser.parse_args()
-    workload = read(args.trace)
-    workload = workload.first(args.jobs) if args.jobs else workload
+    workload = read(args.trace, args.jobs)
     workload = map_queues(workload, {"default"}, {"*": "default"})
     pool = args.nodes * args.node_cpus
     arrivals, assumed = with_limits(workload.arrivals)
     figures: dict[str, object] = {
         "trace": args.trace.name,
         "jobs": len(arrivals),
-        "skipped_in_trace": dict(workload.skipped),
+        "skipped": dict(workload.skipped),
     }
     failed = 0
     mismatched = 0

@@ -129,11 +129,14 @@ def test_a_bad_jsonl_record_is_named(tmp_path: Path, text: str, message: str) ->
         read(path)
 
 
-def test_a_workload_is_cut_to_its_first_jobs() -> None:
-    workload = read_swf([swf(i, i, 1, 1) for i in range(1, 6)] + [swf(6, 6, -1, 1)])
-    first = workload.first(2)
-    assert [a.id for a in first.arrivals] == [1, 2]
-    assert first.skipped == workload.skipped
+def test_a_trace_is_read_as_far_as_its_first_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "log.swf"
+    path.write_text(
+        "\n".join([swf(1, 0, 1, 1), swf(2, 1, -1, 1), swf(3, 2, 9, 1, limit=5), swf(4, 3, -1, 1)])
+    )
+    workload = read(path, jobs=2)
+    assert [a.id for a in workload.arrivals] == [1, 3]
+    assert (dict(workload.skipped), workload.cut) == ({NO_RUN_TIME: 1}, 1)
 
 
 def test_generated_workloads_are_seeded_and_numbered() -> None:

@@ -72,20 +72,17 @@ class Workload:
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> jobs left out
     cut: int = 0  # runs cut to their time limit
 
-    def first(self, jobs: int) -> Workload:
-        """The first `jobs` arrivals (what was skipped is kept as read)."""
-        return Workload(self.arrivals[:jobs], self.skipped, self.cut)
 
-
-def read(path: Path) -> Workload:
-    """A trace, its format told by its name (`.swf`, `.jsonl`, otherwise CSV; `.gz` too)."""
+def read(path: Path, jobs: int | None = None) -> Workload:
+    """A trace, its format told by its name (`.swf`, `.jsonl`, otherwise CSV; `.gz` too);
+    with `jobs`, only as far as its first `jobs` jobs that can run."""
     name = path.name.removesuffix(".gz")
     with _open(path) as lines:
         if name.endswith(".swf"):
-            return read_swf(lines, str(path))
+            return read_swf(lines, str(path), jobs)
         if name.endswith(".jsonl"):
-            return _records(_jsonl(lines, str(path)), str(path))
-        return _records(csv.DictReader(lines), str(path))
+            return _records(_jsonl(lines, str(path)), str(path), jobs)
+        return _records(csv.DictReader(lines), str(path), jobs)
 
 
 def _open(path: Path) -> Iterator[str]:
@@ -101,7 +98,7 @@ _SWF_FIELDS = 18
 _ID, _SUBMIT, _RUN, _ALLOCATED, _REQUESTED, _LIMIT, _USER, _QUEUE = 0, 1, 3, 4, 7, 8, 11, 14
 
 
-def read_swf(lines: Iterable[str], source: str = "trace") -> Workload:
+def read_swf(lines: Iterable[str], source: str = "trace", jobs: int | None = None) -> Workload:
     """Rigid jobs from SWF lines: processors allocated (else requested), the requested
     time as time limit; submit times from the first job's. Jobs with no run time or no
     processors are skipped, and counted."""
@@ -109,6 +106,8 @@ def read_swf(lines: Iterable[str], source: str = "trace") -> Workload:
     skipped: Counter[str] = Counter()
     cut = 0
     for number, line in enumerate(lines, start=1):
+        if len(arrivals) == jobs:
+            break
         if not line.strip() or line.lstrip().startswith(";"):
             continue
         try:
@@ -196,12 +195,14 @@ def _jsonl(lines: Iterable[str], source: str) -> Iterator[Mapping[str | None, ob
         yield record
 
 
-def _records(rows: Iterable[Mapping[str | None, object]], source: str) -> Workload:
+def _records(rows: Iterable[Mapping[str | None, object]], source: str, jobs: int | None) -> Workload:
     """Arrivals from records of named fields; the record number is the default id."""
     arrivals: list[Arrival] = []
     seen: set[int] = set()
     cut = 0
     for number, row in enumerate(rows, start=1):
+        if len(arrivals) == jobs:
+            break
         try:
             arrival, was_cut = _record(row, number)
             if arrival.id in seen:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -69,8 +70,7 @@ def sim(
         if trace is None:
             workload = generate(jobs or GENERATED, seed=seed, rate=rate, mean_duration=duration)
         else:
-            workload = read(trace)
-            workload = workload.first(jobs) if jobs else workload
+            workload = read(trace, jobs)
         workload = map_queues(workload, policy.queues, parse_queue_map(queue or []))
         with Progress(console=Console(stderr=True), transient=True) as progress:
             bar = progress.add_task("simulating", total=len(workload.arrivals))
@@ -82,7 +82,7 @@ def sim(
                 progress=lambda: progress.advance(bar),
             )
     except WorkloadError as e:
-        raise fail(str(e), "see `shoal sim --help` and the README", code=EXIT_USAGE) from None
+        raise fail(escape(str(e)), "see `shoal sim --help` and the README", code=EXIT_USAGE) from None
     if jobs_out is not None:
         jobs_out.write_text("".join(json.dumps(r.record()) + "\n" for r in report.runs))
     if plot_to is not None:
