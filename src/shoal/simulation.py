@@ -341,7 +341,6 @@ def simulate(
     cluster: Cluster,
     policy: Policy | None = None,
     *,
-    seed: int = 0,
     skip_unfit: bool = False,
     progress: Callable[[], None] = lambda: None,
 ) -> Report:
@@ -349,7 +348,7 @@ def simulate(
     policy = policy or Policy()
     map_queues(workload, policy.queues, {})  # every queue must be configured
     arrivals, unfit_jobs = _fitting(workload.arrivals, cluster, skip_unfit)
-    sim = _cluster(cluster, policy, seed)
+    sim = _cluster(cluster, policy)
     # Whole seconds from a whole second on: a trace's integer times stay exact.
     origin = float(math.ceil(sim.now))
     watcher = _Watcher(sim.master, progress)
@@ -365,11 +364,10 @@ def simulate(
     return _report(watcher, origin, cluster.nodes * cluster.cpus, skipped, workload.cut)
 
 
-def _cluster(cluster: Cluster, policy: Policy, seed: int) -> SimCluster:
+def _cluster(cluster: Cluster, policy: Policy) -> SimCluster:
     """Nodes of `cluster`, registered; instant links, no heartbeats, nothing stored."""
     sim = SimCluster(
         [sim_node(f"node{i}", cpus=cluster.cpus, mem=cluster.mem) for i in range(1, cluster.nodes + 1)],
-        seed=seed,
         heartbeat_timeout=math.inf,
         heartbeat_interval=math.inf,
         latency=(0.0, 0.0),
