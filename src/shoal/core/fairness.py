@@ -8,18 +8,21 @@ holds, divided by its weight: the quantity weighted Dominant Resource Fairness e
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 
 import numpy as np
 
 from shoal.core.cluster import NodeTable
 from shoal.core.plan import Running
 
+K = TypeVar("K")
+
 
 class UsageBook:
     def __init__(self) -> None:
         self.by_user: dict[tuple[str, str], np.ndarray] = {}
+        self.by_queue: dict[str, np.ndarray] = {}
 
     @classmethod
     def of(cls, table: NodeTable, running: Iterable[Running]) -> UsageBook:
@@ -29,20 +32,40 @@ class UsageBook:
         return book
 
     def add(self, queue: str, user: str, amount: np.ndarray) -> None:
-        have = self.by_user.get((queue, user))
-        if have is None or len(have) < len(amount):
-            grown = np.zeros(len(amount))
-            if have is not None:
-                grown[: len(have)] = have
-            have = self.by_user[(queue, user)] = grown
-        have[: len(amount)] += amount
+        _grow(self.by_user, (queue, user), amount)
+        _grow(self.by_queue, queue, amount)
 
     def remove(self, queue: str, user: str, amount: np.ndarray) -> None:
         self.add(queue, user, -amount)
 
 
+def _grow(usage: dict[K, np.ndarray], key: K, amount: np.ndarray) -> None:
+    """Add `amount` to `usage[key]`, widening it to the amount's dimensions."""
+    have = usage.get(key)
+    if have is None or len(have) < len(amount):
+        grown = np.zeros(len(amount))
+        if have is not None:
+            grown[: len(have)] = have
+        have = usage[key] = grown
+    have[: len(amount)] += amount
+
+
+class _Usage(dict[K, np.ndarray]):
+    """Usage by key, each entry made from the book when first read."""
+
+    def __init__(self, make: Callable[[K], np.ndarray]) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key: K) -> np.ndarray:
+        usage = self[key] = self._make(key)
+        return usage
+
+
 class Shares:
-    """One cycle's view of usage: starts from the book, grows with the cycle's placements."""
+    """One cycle's view of usage: starts from the book, grows with the cycle's placements.
+    An entry is copied from the book when the cycle first reads it: a cycle reads a few
+    queues and users, the book may hold many."""
 
     def __init__(
         self,
@@ -57,10 +80,25 @@ class Shares:
         self._dims = len(total)
         self._queue_weights = queue_weights
         self._user_weights = user_weights
-        self.queue: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(self._dims))
-        self.user: dict[tuple[str, str], np.ndarray] = defaultdict(lambda: np.zeros(self._dims))
-        for (queue, user), amount in book.by_user.items():
-            self.add(queue, user, amount[: self._dims])
+        self._book = book
+        self.queue: _Usage[str] = _Usage(self._queue_from_book)
+        self.user: _Usage[tuple[str, str]] = _Usage(self._user_from_book)
+
+    def _user_from_book(self, key: tuple[str, str]) -> np.ndarray:
+        usage = np.zeros(self._dims)
+        if (have := self._book.by_user.get(key)) is not None:
+            usage[: min(len(have), self._dims)] += have[: self._dims]
+        return usage
+
+    def _queue_from_book(self, queue: str) -> np.ndarray:
+        usage = np.zeros(self._dims)
+        if (have := self._book.by_queue.get(queue)) is not None:
+            usage[: min(len(have), self._dims)] += have[: self._dims]
+        return usage
+
+    def queues(self) -> set[str]:
+        """Every queue that holds something, or was given something this cycle."""
+        return set(self._book.by_queue) | set(self.queue)
 
     def add(self, queue: str, user: str, amount: np.ndarray) -> None:
         self.queue[queue][: len(amount)] += amount

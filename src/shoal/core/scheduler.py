@@ -166,7 +166,7 @@ def _give_back(shares: Shares, queues: list[_Queue], policy: Policy) -> preempti
 
     return preemption.Rule(
         starved=frozenset(q.name for q in queues if shares.share(q.name) < guarantee(q.name)),
-        borrowers=frozenset(n for n in shares.queue if shares.share(n) > guarantee(n) + 1e-9),
+        borrowers=frozenset(n for n in shares.queues() if shares.share(n) > guarantee(n) + 1e-9),
     )
 
 

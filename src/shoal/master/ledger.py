@@ -33,11 +33,12 @@ import numpy as np
 from shoal.core.cluster import MaskCache, NodeTable
 from shoal.core.fairness import UsageBook
 from shoal.core.placement import Group, SpreadTarget
-from shoal.core.plan import Placement, Plan
+from shoal.core.plan import Placement, Plan, Running
 from shoal.core.scheduler import Verdict, apply_plan, never_fits
 from shoal.errors import ShoalError, SpecError
 from shoal.expressions import parse
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
+from shoal.master import shapes
 from shoal.master.book import Book
 from shoal.master.events import Command, Reply, Send
 from shoal.master.outbox import Outbox
@@ -91,6 +92,8 @@ class Ledger:
         self.masks = MaskCache(self.table)
         self.usage = UsageBook()
         self._vectors: dict[int, np.ndarray] = {}
+        self._holding: dict[str, tuple[Running, ...]] = {}  # task id -> what it holds
+        self._groups: dict[int, Group] = {}  # job id -> its waiting tasks, as the core sees them
         self._book = Book()
         self._watchers: list[Watcher] = []
         self._changes = Outbox()
@@ -190,7 +193,15 @@ class Ledger:
         return SpecError("resources", reason) if reason is not None else None
 
     def group(self, job_id: int, task_ids: Iterable[str]) -> Group:
-        """The core's view of a job and some of its tasks (all pending, or one being moved)."""
+        """The core's view of a job and some of its tasks (all pending, or one being moved);
+        kept until a task of the job changes (every cycle reads every waiting job)."""
+        ids = tuple(task_ids)
+        kept = self._groups.get(job_id)
+        if kept is None or kept.tasks != ids:
+            kept = self._groups[job_id] = self._group(job_id, ids)
+        return kept
+
+    def _group(self, job_id: int, ids: tuple[str, ...]) -> Group:
         job = self.jobs[job_id]
         spec = job.spec
         placed: dict[str, int] = defaultdict(int)
@@ -200,7 +211,6 @@ class Ledger:
                     placed[task.node] += 1
                 if task.successor is not None and task.state.active:
                     placed[task.successor.node] += 1
-        ids = tuple(task_ids)
         return Group(
             job_id=job_id,
             tasks=ids,
@@ -277,7 +287,21 @@ class Ledger:
     def _write(self, task: TaskRecord, fields: dict[str, object]) -> None:
         for key, value in fields.items():
             setattr(task, key, value)
+        self._changed(task)
+
+    def _changed(self, task: TaskRecord) -> None:
+        """Record that `task` changed; the views made of it are made again when next read."""
         self._changes.tasks[task.id] = task
+        self._holding.pop(task.id, None)
+        self._groups.pop(task.job_id, None)
+
+    def holding(self, task: TaskRecord) -> tuple[Running, ...]:
+        """What an active task holds, as the scheduler weighs it; kept until the task changes
+        (a cycle that looks ahead reads every active task)."""
+        held = self._holding.get(task.id)
+        if held is None:
+            held = self._holding[task.id] = tuple(shapes.holding(self.jobs[task.job_id], task))
+        return held
 
     def observe(self, record: TaskRecord | NodeRecord, **fields: object) -> None:
         """Live readings (heartbeats, load, the connection): kept in memory, stored only with
@@ -321,7 +345,7 @@ class Ledger:
             task.finished_at = now
         if was.terminal != to.terminal:
             self._count_live(task.job_id, was, now)
-        self._changes.tasks[task.id] = task
+        self._changed(task)
         job = self.jobs[task.job_id]
         for watcher in self._watchers:
             watcher(task, job, was, now)
@@ -565,6 +589,7 @@ class Ledger:
         del self.jobs[job_id]
         self._live.pop(job_id, None)
         self._vectors.pop(job_id, None)
+        self._groups.pop(job_id, None)
         self._changes.jobs.pop(job_id, None)
 
     def _forget_migration(self, move: int) -> None:

@@ -39,7 +39,6 @@ from shoal.core.plan import Reservation
 from shoal.core.rebalance import smooth
 from shoal.core.scheduler import Policy, schedule
 from shoal.errors import NotFound, SpecError
-from shoal.master import shapes
 from shoal.master.events import (
     AgentGone,
     Command,
@@ -464,7 +463,7 @@ class MasterState:
                 self.waiting[job_id] = "waiting for its restart delay"
         if not groups:
             return
-        holding = (r for t in ledger.active_tasks() for r in shapes.holding(ledger.jobs[t.job_id], t))
+        holding = (r for t in ledger.active_tasks() for r in ledger.holding(t))
         policy = self.frameworks.capped(self.policy, {g.queue for g in groups})
         plan = schedule(ledger.table, ledger.masks, groups, ledger.usage, holding, policy, now)
         self._promise(plan.reservations)

@@ -53,12 +53,14 @@ def _allocations(state: MasterState) -> None:
 def _usage(state: MasterState) -> None:
     ledger = state.ledger
     expected = UsageBook.of(ledger.table, (running(ledger.jobs[t.job_id], t) for t in ledger.active_tasks()))
-    for key in ledger.usage.by_user.keys() | expected.by_user.keys():
-        got = ledger.usage.by_user.get(key, np.zeros(len(ledger.table.dims)))
-        want = expected.by_user.get(key, np.zeros(len(ledger.table.dims)))
-        n = max(len(got), len(want))
-        got, want = np.pad(got, (0, n - len(got))), np.pad(want, (0, n - len(want)))
-        assert np.allclose(got, want), f"usage book of {key} drifted: {got} against {want}"
+    for books in ("by_user", "by_queue"):
+        have, truth = getattr(ledger.usage, books), getattr(expected, books)
+        for key in have.keys() | truth.keys():
+            got = have.get(key, np.zeros(len(ledger.table.dims)))
+            want = truth.get(key, np.zeros(len(ledger.table.dims)))
+            n = max(len(got), len(want))
+            got, want = np.pad(got, (0, n - len(got))), np.pad(want, (0, n - len(want)))
+            assert np.allclose(got, want), f"usage book of {key} drifted: {got} against {want}"
 
 
 def _placements(state: MasterState) -> None:
