@@ -16,12 +16,103 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from shoal.core.cluster import NodeTable
+from shoal.core.plan import Running
+
 _EPS = 1e-9
+
+
+class Releases:
+    """When what holds room is expected to give it back: per holder (a task, or the copy a
+    move is starting), its row, amount, start (NaN until it starts) and time limit (NaN: its
+    queue's default). The ledger keeps it as tasks change, so that a cycle's profile is a
+    few array operations rather than a walk over every task."""
+
+    def __init__(self) -> None:
+        self._slot: dict[str, int] = {}
+        self._spare: list[int] = []
+        self._queues: dict[str, int] = {}
+        self.row = np.zeros(0, np.int64)
+        self.start = np.zeros(0)
+        self.limit = np.zeros(0)
+        self.queue = np.zeros(0, np.int64)
+        self.amount = np.zeros((0, 0))
+        self.used = np.zeros(0, bool)
+
+    @classmethod
+    def of(cls, table: NodeTable, running: Iterable[Running]) -> Releases:
+        book = cls()
+        for i, r in enumerate(running):
+            if (row := table.index.get(r.node)) is not None:
+                book.put(str(i), row, table.vector(r.ask), r.started_at, r.time_limit, r.queue)
+        return book
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def put(
+        self,
+        key: str,
+        row: int,
+        amount: np.ndarray,
+        started_at: float | None,
+        limit: float | None,
+        queue: str,
+    ) -> None:
+        """Record (or replace) what holder `key` holds."""
+        slot = self._slot.get(key)
+        if slot is None:
+            slot = self._slot[key] = self._spare.pop() if self._spare else self._grow()
+        if len(amount) > self.amount.shape[1]:
+            wider = np.zeros((len(self.amount), len(amount)))
+            wider[:, : self.amount.shape[1]] = self.amount
+            self.amount = wider
+        self.row[slot] = row
+        self.amount[slot] = 0.0
+        self.amount[slot, : len(amount)] = amount
+        self.start[slot] = math.nan if started_at is None else started_at
+        self.limit[slot] = math.nan if limit is None else limit
+        self.queue[slot] = self._queues.setdefault(queue, len(self._queues))
+        self.used[slot] = True
+
+    def drop(self, key: str) -> None:
+        if (slot := self._slot.pop(key, None)) is not None:
+            self.used[slot] = False
+            self._spare.append(slot)
+
+    def _grow(self) -> int:
+        size = len(self.used)
+        more = max(64, size)
+        self.row = np.concatenate([self.row, np.zeros(more, np.int64)])
+        self.start = np.concatenate([self.start, np.zeros(more)])
+        self.limit = np.concatenate([self.limit, np.zeros(more)])
+        self.queue = np.concatenate([self.queue, np.zeros(more, np.int64)])
+        self.amount = np.concatenate([self.amount, np.zeros((more, self.amount.shape[1]))])
+        self.used = np.concatenate([self.used, np.zeros(more, bool)])
+        self._spare.extend(range(size + more - 1, size, -1))
+        return size
+
+    def due(
+        self, now: float, defaults: Mapping[str, float | None], width: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ends, rows, amounts) of every holder with an end in sight: started ones at their
+        start plus limit, the others at now plus limit; a holder without a limit of its own
+        takes its queue's default, and without either holds its room for ever."""
+        default = np.full(len(self._queues) + 1, math.nan)
+        for name, index in self._queues.items():
+            if (limit := defaults.get(name)) is not None:
+                default[index] = limit
+        limit = np.where(np.isnan(self.limit), default[self.queue], self.limit)
+        ends = np.where(np.isnan(self.start), now, self.start) + limit
+        keep = self.used & np.isfinite(ends)
+        amounts = np.zeros((int(keep.sum()), width))
+        amounts[:, : min(width, self.amount.shape[1])] = self.amount[keep, :width]
+        return ends[keep], self.row[keep], amounts
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,21 +128,21 @@ class Profile:
         self,
         now: float,
         free: np.ndarray,
-        releases: Iterable[tuple[float, int, np.ndarray]],
+        ends: np.ndarray,
+        rows: np.ndarray,
+        amounts: np.ndarray,
         dims: np.ndarray,
     ) -> None:
-        """`free`: the room on every row now (rows by the table's dims); `releases`: (when,
-        row, amount) for everything that holds room and has an expected end. Only `dims`
-        are followed: those someone waiting asks for (no other can keep anyone waiting)."""
-        later = [(max(when, now), row, amount) for when, row, amount in releases if math.isfinite(when)]
+        """`free`: the room on every row now (rows by the table's dims); `ends`, `rows`,
+        `amounts`: what holds room gives it back when, where and how much (finite ends
+        only). Only `dims` are followed: those someone waiting asks for (no other dimension
+        can keep anyone waiting)."""
+        ends = np.maximum(ends, now)
         self.now = now
         self.dims = dims
-        self.times = np.unique(np.array([now] + [when for when, _, _ in later]))
+        self.times = np.unique(np.concatenate([[now], ends]))
         steps = np.zeros((len(self.times), len(free), len(dims)))
-        if later:
-            at = np.searchsorted(self.times, [when for when, _, _ in later])
-            rows = np.fromiter((row for _, row, _ in later), np.int64, len(later))
-            np.add.at(steps, (at, rows), np.array([amount[dims] for _, _, amount in later]))
+        np.add.at(steps, (np.searchsorted(self.times, ends), rows), amounts[:, dims])
         self.room = free[:, dims][np.newaxis] + np.cumsum(steps, axis=0)
         self._floor: np.ndarray | None = None  # the running minimum of `room` over time
 

@@ -85,6 +85,16 @@ class _Pool:
         return ok & self.alive
 
 
+def _may_act(blocked: Sequence[Group], running: Sequence[Running], rule: Rule) -> bool:
+    """Whether some blocked group may evict something or wait on an eviction under way: the
+    test of the loop below, made before the pool of victims is built (most cycles fail it)."""
+    if any(g.nominated or (g.queue in rule.starved and rule.borrowers - {g.queue}) for g in blocked):
+        return True
+    lowest = min((r.priority for r in running if r.preemptible and not r.evicting), default=None)
+    top = max(g.priority for g in blocked)
+    return (lowest is not None and top > lowest) or any(r.evicting for r in running)
+
+
 def plan(
     placer: Placer,
     blocked: Sequence[Group],
@@ -98,6 +108,8 @@ def plan(
     `placer` already holds back the room of earlier nominations; `coming` is the room
     that evictions under way will free.
     """
+    if not _may_act(blocked, running, rule):
+        return [], []
     table = placer.table
     dims = len(table.dims)
     pool = _Pool(table, running, dims)

@@ -39,7 +39,7 @@ from typing import Literal
 import numpy as np
 
 from shoal.core import preemption
-from shoal.core.backfill import Profile
+from shoal.core.backfill import Profile, Releases
 from shoal.core.cluster import MaskCache, NodeTable
 from shoal.core.fairness import Shares, UsageBook
 from shoal.core.placement import Group, Placer
@@ -127,13 +127,15 @@ def schedule(
     running: Iterable[Running],
     policy: Policy,
     now: float,
+    releases: Releases | None = None,
 ) -> Plan:
     """Decide where pending tasks go (and what to evict for them) on this cycle.
 
     `usage` is what runs now, per queue and user; `running` lists those tasks one by one
-    and is only walked when some job needs preemption.
+    and is only walked when some job needs preemption; `releases` says when they are
+    expected to end (made from `running` if not given).
     """
-    cycle = _Cycle(table, masks, groups, usage, _Lazy(running), policy, now)
+    cycle = _Cycle(table, masks, groups, usage, _Lazy(running), policy, now, releases)
     by_queue: dict[str, list[Group]] = defaultdict(list)
     for g in groups:
         by_queue[g.queue].append(g)
@@ -195,17 +197,19 @@ class _Cycle:
         running: _Lazy,
         policy: Policy,
         now: float,
+        releases: Releases | None,
     ) -> None:
         self.table = table
         self.policy = policy
         self.now = now
         self.running = running
+        self._releases = releases
         self.profile: Profile | None = None
         self.reservations: list[Reservation] = []
         self._tried: Counter[str] = Counter()  # per queue: blocked jobs a reservation was sought for
         self._made: Counter[str] = Counter()  # per queue: reservations made
         # What the cycle started before it needed a profile: the profile takes it in when made.
-        self._started: list[tuple[list[tuple[int, int]], np.ndarray, float]] = []
+        self._started: list[tuple[float, int, np.ndarray]] = []  # (end, row, amount)
         # Every ask as a table row, made once per job for the whole cycle.
         self.asks = {g.job_id: table.vector(g.ask) for g in groups}
         self.placer = Placer(table, masks, policy.window)
@@ -341,7 +345,7 @@ class _Cycle:
         if self.profile is not None:
             self.profile.hold(got, ask, self.now, duration)
         else:
-            self._started.append((got, ask, duration))
+            self._started.extend((self.now + duration, row, k * ask) for row, k in got)
 
     def _block(self, queue: _Queue, g: Group, reason: str, reserve: bool = True) -> None:
         """`g` waits; under strict order its whole queue waits behind it; under backfill it
@@ -384,22 +388,23 @@ class _Cycle:
         where = f"{names[slots[0].row]} is" if len(slots) == 1 else f"{len(slots)} nodes are"
         self.waiting[g.job_id] += f"; {where} held for it from {max(0.0, start - self.now):.0f}s on"
 
+    def releases(self) -> Releases:
+        if self._releases is None:
+            self._releases = Releases.of(self.table, self.running())
+        return self._releases
+
     def _profile(self) -> Profile:
         """The profile of room over time, made when the cycle's first reservation needs it."""
         if self.profile is None:
-            releases = []
-            index, vector, now = self.table.index, self.table.vector, self.now
             defaults = {name: q.default_limit for name, q in self.policy.queues.items()}
-            for r in self.running():
-                limit = r.time_limit if r.time_limit is not None else defaults.get(r.queue)
-                row = index.get(r.node)
-                if limit is not None and row is not None:
-                    start = r.started_at if r.started_at is not None else now
-                    releases.append((start + limit, row, vector(r.ask)))
-            for got, ask, duration in self._started:
-                releases.extend((self.now + duration, row, k * ask) for row, k in got)
+            ends, rows, amounts = self.releases().due(self.now, defaults, len(self.table.dims))
+            if self._started:
+                more_ends, more_rows, more = zip(*self._started, strict=True)
+                ends = np.concatenate([ends, more_ends])
+                rows = np.concatenate([rows, np.array(more_rows, np.int64)])
+                amounts = np.concatenate([amounts, more])
             asked = np.flatnonzero(np.any([ask > 0 for ask in self.asks.values()], axis=0))
-            self.profile = Profile(self.now, self.table.free, releases, asked)
+            self.profile = Profile(self.now, self.table.free, ends, rows, amounts, asked)
         return self.profile
 
 

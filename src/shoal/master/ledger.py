@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shoal.core.backfill import Releases
 from shoal.core.cluster import MaskCache, NodeTable
 from shoal.core.fairness import UsageBook
 from shoal.core.placement import Group, SpreadTarget
@@ -62,6 +63,7 @@ from shoal.model import (
 from shoal.wire import Ack, Kill, Launch
 
 NO_PORT = "node has too few free ports (stale plan)"
+_COPY = "+copy"  # the key, after its task's id, of a move's new copy in the release book
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,7 @@ class Ledger:
         self._vectors: dict[int, np.ndarray] = {}
         self._holding: dict[str, tuple[Running, ...]] = {}  # task id -> what it holds
         self._groups: dict[int, Group] = {}  # job id -> its waiting tasks, as the core sees them
+        self.releases = Releases()  # when active tasks are expected to end, for backfill
         self._book = Book()
         self._watchers: list[Watcher] = []
         self._changes = Outbox()
@@ -133,6 +136,7 @@ class Ledger:
                 self.pending[task.job_id][task.id] = None
             elif task.state.active:
                 self._hold(task)
+                self._track(task)
                 self._allocate(task.node, task)
                 self._book.mark(task.node or "", task.gpus, task.ports.values())
                 if (copy := task.successor) is not None:
@@ -294,6 +298,22 @@ class Ledger:
         self._changes.tasks[task.id] = task
         self._holding.pop(task.id, None)
         self._groups.pop(task.job_id, None)
+        self._track(task)
+
+    def _track(self, task: TaskRecord) -> None:
+        """Keep `task`'s entries in the book of expected releases: itself while active, and
+        the copy a move is starting while it has one."""
+        spec = self.jobs[task.job_id].spec
+        copy = task.successor
+        for key, node, since in (
+            (task.id, task.node, task.started_at),
+            (task.id + _COPY, copy and copy.node, copy and copy.since),
+        ):
+            row = self.table.index.get(node) if node is not None and task.state.active else None
+            if row is None:
+                self.releases.drop(key)
+            else:
+                self.releases.put(key, row, self.vector(task), since, spec.time_limit, spec.queue)
 
     def holding(self, task: TaskRecord) -> tuple[Running, ...]:
         """What an active task holds, as the scheduler weighs it; kept until the task changes

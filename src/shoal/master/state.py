@@ -33,6 +33,7 @@ Theory of operation
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 
 from shoal.core.plan import Reservation
@@ -110,6 +111,13 @@ class MasterState:
         self.promised: dict[int, float] = {}  # job id -> the earliest start backfill promised it
         self._needs_schedule = True
         self._wakeup = math.inf  # the earliest restart delay still running
+        # Jobs with a pending task that may wait out a restart delay: only their tasks are
+        # looked at one by one when a cycle gathers what is ready.
+        self._delayed = {
+            t.job_id
+            for t in self.ledger.tasks.values()
+            if t.state is TaskState.PENDING and t.not_before > now
+        }
         self._cpu_seen: dict[str, tuple[float, float]] = {}  # run id -> (cpu seconds, when)
         self.moves = MoveDesk(self.ledger, rebalancing or Rebalancing(), self.policy.strategy, now)
         self.frameworks = FrameworkDesk(
@@ -411,6 +419,8 @@ class MasterState:
                 finished_at=task.finished_at,
             ),
         ]
+        if not_before > now:
+            self._delayed.add(task.job_id)
         self.ledger.transition(
             task,
             TaskState.PENDING,
@@ -446,8 +456,16 @@ class MasterState:
         self._wakeup = math.inf
         groups = []
         truncated: set[int] = set()
+        self._delayed &= ledger.pending.keys()
         for job_id, ids in sorted(ledger.pending.items()):
+            if job_id not in self._delayed:
+                ready = list(itertools.islice(ids, GROUP_CAP))
+                if len(ready) == GROUP_CAP:
+                    truncated.add(job_id)
+                groups.append(ledger.group(job_id, ready))
+                continue
             ready = []
+            deferred = False
             for t in ids:
                 not_before = ledger.tasks[t].not_before
                 if not_before <= now:
@@ -456,7 +474,10 @@ class MasterState:
                         truncated.add(job_id)
                         break
                 else:
+                    deferred = True
                     self._wakeup = min(self._wakeup, not_before)
+            if not deferred and len(ready) < GROUP_CAP:
+                self._delayed.discard(job_id)  # every task of it looked at is ready
             if ready:
                 groups.append(ledger.group(job_id, ready))
             elif ids:
@@ -465,7 +486,9 @@ class MasterState:
             return
         holding = (r for t in ledger.active_tasks() for r in ledger.holding(t))
         policy = self.frameworks.capped(self.policy, {g.queue for g in groups})
-        plan = schedule(ledger.table, ledger.masks, groups, ledger.usage, holding, policy, now)
+        plan = schedule(
+            ledger.table, ledger.masks, groups, ledger.usage, holding, policy, now, ledger.releases
+        )
         self._promise(plan.reservations)
         verdict = ledger.place(plan, now)
         self.waiting.update(plan.waiting)
