@@ -80,6 +80,13 @@ class Releases:
         self.queue[slot] = self._queues.setdefault(queue, len(self._queues))
         self.used[slot] = True
 
+    def get(self, key: str) -> tuple[int, float | None] | None:
+        """Holder `key`'s row and start, if the book has it."""
+        if (slot := self._slot.get(key)) is None:
+            return None
+        start = float(self.start[slot])
+        return int(self.row[slot]), None if math.isnan(start) else start
+
     def drop(self, key: str) -> None:
         if (slot := self._slot.pop(key, None)) is not None:
             self.used[slot] = False

@@ -63,7 +63,7 @@ from shoal.model import (
 from shoal.wire import Ack, Kill, Launch
 
 NO_PORT = "node has too few free ports (stale plan)"
-_COPY = "+copy"  # the key, after its task's id, of a move's new copy in the release book
+COPY = "+copy"  # after a task id: the key of a move's new copy in the book of releases
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +307,7 @@ class Ledger:
         copy = task.successor
         for key, node, since in (
             (task.id, task.node, task.started_at),
-            (task.id + _COPY, copy and copy.node, copy and copy.since),
+            (task.id + COPY, copy and copy.node, copy and copy.since),
         ):
             row = self.table.index.get(node) if node is not None and task.state.active else None
             if row is None:

@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from shoal.core.fairness import UsageBook
+from shoal.master.ledger import COPY
 from shoal.master.shapes import running
 from shoal.master.state import MasterState
 from shoal.model import JobRecord, NodeStatus, TaskRecord
@@ -26,6 +27,7 @@ from shoal.model import JobRecord, NodeStatus, TaskRecord
 def check(state: MasterState) -> None:
     _allocations(state)
     _usage(state)
+    _releases(state)
     _placements(state)
 
 
@@ -61,6 +63,29 @@ def _usage(state: MasterState) -> None:
             n = max(len(got), len(want))
             got, want = np.pad(got, (0, n - len(got))), np.pad(want, (0, n - len(want)))
             assert np.allclose(got, want), f"usage book of {key} drifted: {got} against {want}"
+
+
+def _releases(state: MasterState) -> None:
+    """The book of expected releases holds every active task and every copy a move is
+    starting, where they are, from when they started; and nothing else."""
+    ledger = state.ledger
+    index = ledger.table.index
+    holders = 0
+    for task in ledger.active_tasks():
+        for key, node, since in (
+            (task.id, task.node, task.started_at),
+            (
+                task.id + COPY,
+                *((task.successor.node, task.successor.since) if task.successor else (None, None)),
+            ),
+        ):
+            if node is not None and node in index:
+                holders += 1
+                got = ledger.releases.get(key)
+                assert got == (index[node], since), (
+                    f"release book has {got} for {key}, not {(index[node], since)}"
+                )
+    assert len(ledger.releases) == holders, f"release book holds {len(ledger.releases)}, not {holders}"
 
 
 def _placements(state: MasterState) -> None:
