@@ -162,7 +162,6 @@ class Job:
     gang: bool = False
 
 
-
 @dataclass
 class Outcome:
     starts: dict[int, list[float]]  # job -> its tasks' start times
