@@ -8,9 +8,11 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shoal.core.backfill import Profile, Slot
 from shoal.core.cluster import MaskCache, NodeTable
 from shoal.core.fairness import UsageBook
 from shoal.core.placement import Group
@@ -148,6 +150,30 @@ def test_conservative_protects_the_first_jobs_easy_only_the_first() -> None:
     assert started(run(backfill="conservative", depth=1)) == ["3.0"]
 
 
+def test_work_past_its_limit_still_holds_its_room_and_the_head_keeps_its_reservation() -> None:
+    t = table(a=4, b=4)
+    running = [holding(t, "a", "90.0", 4, limit=10)]  # due to end at 10, still running at 11
+    plan = cycle(t, [job(1, count=2, cpus=4, gang=True), job(2, cpus=4, limit=1000)], running, now=11.0)
+    assert [r.job_id for r in plan.reservations] == [1] and 11.0 < plan.reservations[0].start < 11.001
+    assert started(plan) == []
+
+
+def test_a_node_short_of_room_held_for_evictions_counts_as_holding_no_task() -> None:
+    # Row 0 is 4 cpus short (room held for a nominated task while its victims still run).
+    profile = Profile(
+        0.0, np.array([[-4.0], [0.0]]), np.array([100.0]), np.array([1]), np.array([[4.0]]), np.array([0])
+    )
+    start, slots = profile.earliest(np.array([4.0]), 1, 10.0, np.array([0, 1]), np.full(2, np.inf))
+    assert start == 100.0 and slots == [Slot(1, 1)]
+
+
+def test_a_gang_its_queue_may_not_hold_whole_waits_for_its_share() -> None:
+    t = table(a=4, b=4)
+    policy = Policy(queues={"default": QueuePolicy(limit=0.5)})
+    plan = schedule(t, MaskCache(t), [job(1, count=2, cpus=4, gang=True)], UsageBook(), [], policy, 0.0)
+    assert plan.waiting == {1: "queue default is at its max share (50%)"} and plan.reservations == ()
+
+
 # --- whole workloads ------------------------------------------------------------------------
 
 
@@ -231,7 +257,7 @@ def workloads(draw, limits: bool = True) -> list[Job]:
 
 
 @settings(max_examples=150, deadline=None)
-@given(workloads(), st.sampled_from(["easy", "conservative"]))
+@given(st.booleans().flatmap(lambda limits: workloads(limits)), st.sampled_from(["easy", "conservative"]))
 def test_no_head_starts_after_the_start_it_was_promised(jobs, backfill) -> None:
     """The first job that cannot start is promised a start no later job may delay. (Under
     conservative backfill later jobs' promises are recomputed in queue order every cycle, as

@@ -44,12 +44,17 @@ class QueueSettings(BaseModel):
     backfill: Literal["easy", "conservative", "none"] = Field(
         "easy",
         description="easy: the first job that cannot start holds a reservation, later ones start "
-        "only where they delay it; conservative: the first `backfill_depth` such jobs hold one; "
+        "only where they delay it; conservative: the first `backfill_depth` such jobs get one; "
         "none: strict order, a job that cannot start holds back every job behind it",
     )
-    backfill_depth: int = Field(100, ge=1, le=10_000, description="reservations per cycle (conservative)")
+    backfill_depth: int = Field(
+        100, ge=1, le=10_000, description="waiting jobs given a reservation each cycle (conservative)"
+    )
     default_time_limit: float | None = Field(
-        None, gt=0, le=365 * 86_400, description="seconds assumed for jobs without a time limit of their own"
+        None,
+        gt=0,
+        le=365 * 86_400,
+        description="seconds assumed, for reservations, for jobs without a time limit (not enforced)",
     )
 
     @model_validator(mode="after")

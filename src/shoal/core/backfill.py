@@ -25,6 +25,7 @@ from shoal.core.cluster import NodeTable
 from shoal.core.plan import Running
 
 _EPS = 1e-9
+STEPS = 512  # most distinct release times a profile keeps (more are rounded up onto these)
 
 
 class Releases:
@@ -131,6 +132,9 @@ class Slot:
 
 
 class Profile:
+    """The room of every node from `now` on: `room[k]` holds from `times[k]` to the next
+    breakpoint (the last for ever), over the dimensions `dims`."""
+
     def __init__(
         self,
         now: float,
@@ -144,7 +148,9 @@ class Profile:
         `amounts`: what holds room gives it back when, where and how much (finite ends
         only). Only `dims` are followed: those someone waiting asks for (no other dimension
         can keep anyone waiting)."""
-        ends = np.maximum(ends, now)
+        # Work past its expected end still holds its room (it is being stopped, or its end
+        # is not yet reported): it gives it back at the first moment after now.
+        ends = _coarse(np.maximum(ends, np.nextafter(now, math.inf)), now)
         self.now = now
         self.dims = dims
         self.times = np.unique(np.concatenate([[now], ends]))
@@ -205,12 +211,12 @@ class Profile:
         per = ask[need]
         # Tasks each breakpoint's room holds on each row: an upper bound for any window from it.
         fits = np.floor(np.min((self.room[:, rows][:, :, need] + _EPS) / per, axis=2))
-        fits = np.minimum(fits, room[rows])
+        fits = np.clip(fits, 0, room[rows])  # held room for evictions can leave a row short
         for k in np.flatnonzero(fits.sum(axis=1) >= count):
             start = float(self.times[k])
             end = len(self.times) if math.isinf(duration) else self._index_before(start + duration) + 1
             window = self.room[k:end][:, rows][:, :, need].min(axis=0)
-            held = np.minimum(np.floor(np.min((window + _EPS) / per, axis=1)), room[rows])
+            held = np.clip(np.floor(np.min((window + _EPS) / per, axis=1)), 0, room[rows])
             if held.sum() >= count:
                 return start, _slots(rows, held, count)
         return None
@@ -218,6 +224,15 @@ class Profile:
     def _index_before(self, when: float) -> int:
         """The last breakpoint strictly before `when`."""
         return int(np.searchsorted(self.times, when, side="left")) - 1
+
+
+def _coarse(ends: np.ndarray, now: float) -> np.ndarray:
+    """`ends`, rounded up onto at most `STEPS` distinct times when there are more: a later
+    release only makes backfill more careful, and the profile stays small on a large cluster."""
+    if len(ends) <= STEPS or len(np.unique(ends)) <= STEPS:
+        return ends
+    step = (float(ends.max()) - now) / STEPS
+    return now + np.ceil((ends - now) / step) * step
 
 
 def _slots(rows: np.ndarray, held: np.ndarray, count: int) -> list[Slot]:

@@ -85,14 +85,14 @@ class Shares:
         self.user: _Usage[tuple[str, str]] = _Usage(self._user_from_book)
 
     def _user_from_book(self, key: tuple[str, str]) -> np.ndarray:
-        usage = np.zeros(self._dims)
-        if (have := self._book.by_user.get(key)) is not None:
-            usage[: min(len(have), self._dims)] += have[: self._dims]
-        return usage
+        return self._copy(self._book.by_user.get(key))
 
     def _queue_from_book(self, queue: str) -> np.ndarray:
+        return self._copy(self._book.by_queue.get(queue))
+
+    def _copy(self, have: np.ndarray | None) -> np.ndarray:
         usage = np.zeros(self._dims)
-        if (have := self._book.by_queue.get(queue)) is not None:
+        if have is not None:
             usage[: min(len(have), self._dims)] += have[: self._dims]
         return usage
 

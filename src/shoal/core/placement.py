@@ -90,9 +90,6 @@ class Placer:
     _turns: int = 0
     _job_rows: dict[int, np.ndarray] = field(default_factory=dict)
 
-    def free_at(self, row: int) -> np.ndarray:
-        return self.table.free[row].copy()
-
     def take(self, row: int, amount: np.ndarray) -> None:
         self.table.free[row, : len(amount)] -= amount
         self._touched.add(row)

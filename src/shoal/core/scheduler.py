@@ -251,23 +251,23 @@ class _Cycle:
         limit = self.policy.queue(g.queue).limit
         if limit < 1.0:
             want = min(want, self.shares.room_under(g.queue, limit, ask))
-            if want == 0:
+            if want == 0 or (g.gang and want < len(todo)):
                 self._block(queue, g, f"queue {g.queue} is at its max share ({limit:.0%})", reserve=False)
                 return
         duration = self.duration(g)
         plain = _plain(g)
         need = len(todo) if g.gang else 1  # fewer than this fitting is a failure
         if plain and (known := self._known_failure(ask, duration, need)) is not None:
-            self._block(queue, g, known)
+            self._block(queue, g, f"gang: its {need} tasks do not all fit now; {known}" if g.gang else known)
             return
-        got, why = self._place(g, want, ask, duration)
+        got, fit, why = self._place(g, want, ask, duration)
         placed = sum(k for _, k in got)
         if placed < want and plain:
             self._failed.append((ask, 0.0 if self.profile is None else duration, need, why))
             del self._failed[:-_FAILURES]
         if g.gang and placed < len(todo):
             self.placer.undo(got, g, ask)
-            self._block(queue, g, why)
+            self._block(queue, g, f"gang: {fit} of {len(todo)} tasks fit now; {why}")
             return
         self._start(g, got, ask, duration)
         if not todo:
@@ -291,38 +291,51 @@ class _Cycle:
 
     def _place(
         self, g: Group, want: int, ask: np.ndarray, duration: float
-    ) -> tuple[list[tuple[int, int]], str]:
-        """Up to `want` tasks of `g` where they delay no reservation; why the rest did not fit."""
+    ) -> tuple[list[tuple[int, int]], int, str]:
+        """Up to `want` tasks of `g` where they delay no reservation: where they went, how
+        many fit (for a gang, counted before placing), and why the rest did not."""
+        held = self.held.get(g.job_id)
         self._hold(g, ask, -1)
-        shaded = self._shade(duration) if self.profile is not None and not g.nominated else None
+        shaded = self._shade(duration, g, ask) if self.profile is not None else None
         fit = self.placer.capacity(g, ask) if g.gang else want
         got = self.placer.place(g, want, g.strategy or self.policy.strategy, ask) if fit >= want else []
         placed = sum(k for _, k in got)
-        why = ""
-        if placed < want:
-            why = self.placer.explain(g, ask)
-            if g.gang:
-                why = f"gang: {placed if got else fit} of {want} tasks fit now; {why}"
+        why = self._why(g, ask, shaded is not None) if placed < want else ""
         if shaded is not None:
             rows, amounts = shaded
             self.placer.take_many(rows, -amounts)
-        if held := self.held.get(g.job_id):
+        if held:
             used = [(row, min(k, held[row])) for row, k in got if held.get(row)]
             for row, k in used:
                 held[row] -= k
-            if self.profile is not None:
+            if self.profile is not None and used:
                 # The held room it used is now its own: the profile gets it back, then holds it
-                # again below for the task's own window.
+                # again for the task's own window. Later room may so grow: forget the failures.
                 self.profile.hold([(row, -k) for row, k in used], ask, self.now, math.inf)
+                self._failed.clear()
         self._hold(g, ask, +1)
-        return got, why
+        return got, fit if g.gang and not got else placed, why
 
-    def _shade(self, duration: float) -> tuple[np.ndarray, np.ndarray] | None:
+    def _why(self, g: Group, ask: np.ndarray, shaded: bool) -> str:
+        why = self.placer.explain(g, ask)
+        if shaded and self.reservations:
+            jobs = ", ".join(str(r.job_id) for r in self.reservations[:3])
+            more = f" and {len(self.reservations) - 3} more" if len(self.reservations) > 3 else ""
+            why += f" (counting the room held for job {jobs}{more})"
+        return why
+
+    def _shade(self, duration: float, g: Group, ask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Take from the placer's view whatever room a task of `duration` may not use now
-        (room reservations need before it would end); returns what to give back."""
+        (room reservations need before it would end); returns what to give back. Room held
+        for `g` itself (evictions made it) stays in view."""
         assert self.profile is not None
         dims = self.profile.dims
-        short = self.table.free[:, dims] - self.profile.room_for(duration)
+        room = self.profile.room_for(duration)
+        if held := self.held.get(g.job_id):
+            room = room.copy()
+            for row, count in held.items():
+                room[row] += count * ask[dims]
+        short = self.table.free[:, dims] - room
         rows = np.flatnonzero((short > 1e-9).any(axis=1))
         if len(rows) == 0:
             return None
@@ -344,7 +357,7 @@ class _Cycle:
         self.shares.add(g.queue, g.user, done * ask)
         if self.profile is not None:
             self.profile.hold(got, ask, self.now, duration)
-        else:
+        elif math.isfinite(duration):
             self._started.extend((self.now + duration, row, k * ask) for row, k in got)
 
     def _block(self, queue: _Queue, g: Group, reason: str, reserve: bool = True) -> None:
@@ -376,7 +389,7 @@ class _Cycle:
             room = g.max_per_node - self.placer.counts(g)
         rows = np.flatnonzero(self.placer.static_mask(g) & self.placer.limits(g, slice(0, len(self.table))))
         found = profile.earliest(ask, len(self.remaining[g.job_id]), duration, rows, room)
-        if found is None or found[0] <= self.now:
+        if found is None or not self.now < found[0] < math.inf:
             # No end in sight (work without time limits holds the room it needs), or what
             # keeps it waiting is not room (a per-value limit, a spread) and time will not tell.
             return
