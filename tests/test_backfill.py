@@ -222,9 +222,9 @@ def replay(jobs: list[Job], nodes: dict[str, float], backfill: str, depth: int =
         ]
         holding = [r for r, _ in running.values()]
         plan = schedule(t, MaskCache(t), groups, UsageBook.of(t, holding), holding, policy, now)
-        if plan.reservations:
-            head = plan.reservations[0]
-            outcome.heads[head.job_id] = min(head.start, outcome.heads.get(head.job_id, math.inf))
+        for r in plan.reservations:
+            if r.head:
+                outcome.heads[r.job_id] = min(r.start, outcome.heads.get(r.job_id, math.inf))
         verdict = apply_plan(t, plan)
         assert not verdict.rejected
         for p in verdict.accepted:

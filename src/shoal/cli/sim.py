@@ -113,10 +113,10 @@ def _table(report: Report) -> Table:
         ("late heads", f"{report.late_heads} jobs started after their promised start"),
         ("wait", _stats(report.wait)),
     ):
-        table.add_row(f"[bold]{key}[/]", str(value))
+        table.add_row(f"[bold]{key}[/]", escape(str(value)))
     for title, groups in (("queue", report.by_queue), ("user", report.by_user)):
         for name, stats in groups.items():
-            table.add_row(f"[bold]wait[/] {title} {name}", _stats(stats))
+            table.add_row(f"[bold]wait[/] {title} {escape(name)}", _stats(stats))
     return table
 
 

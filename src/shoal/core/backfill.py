@@ -105,7 +105,7 @@ class Releases:
         self._spare.extend(range(size + more - 1, size, -1))
         return size
 
-    def due(
+    def expected_ends(
         self, now: float, defaults: Mapping[str, float | None], width: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ends, rows, amounts) of every holder with an end in sight: started ones at their

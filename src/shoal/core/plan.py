@@ -44,11 +44,15 @@ class Eviction:
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """Room held for a waiting job from `start` on: so many tasks on each node."""
+    """Room held for a waiting job from `start` on: so many tasks on each node. Only a
+    queue's head is promised its start: the reservations of jobs behind it (conservative
+    backfill, or a job behind one whose end is not in sight) are made afresh every cycle, and
+    an earlier job may take their room when ends come early."""
 
     job_id: int
     start: float
     nodes: tuple[tuple[str, int], ...]
+    head: bool = True  # the first job of its queue that could not start: nothing may delay it
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,7 +61,8 @@ class QueuePolicy:
     Capacity, as in YARN's capacity scheduler: a queue below its `guarantee` (a dominant
     share of the cluster) is served before the others and may take back what borrowers hold
     beyond their own guarantees; a queue never holds more than its `limit`. Between those, a
-    queue borrows what others leave idle."""
+    queue borrows what others leave idle. `backfill`, `depth` and `default_limit`: what
+    happens behind a job that cannot start (the module's docstring, step 3)."""
 
     order: Literal["fifo", "priority", "fair"] = "priority"
     weight: float = 1.0
@@ -208,6 +209,7 @@ class _Cycle:
         self.reservations: list[Reservation] = []
         self._tried: Counter[str] = Counter()  # per queue: blocked jobs a reservation was sought for
         self._made: Counter[str] = Counter()  # per queue: reservations made
+        self._first_blocked: dict[str, int] = {}  # per queue: its first job that could not start
         # What the cycle started before it needed a profile: the profile takes it in when made.
         self._started: list[tuple[float, int, np.ndarray]] = []  # (end, row, amount)
         # Every ask as a table row, made once per job for the whole cycle.
@@ -254,7 +256,7 @@ class _Cycle:
             if want == 0 or (g.gang and want < len(todo)):
                 self._block(queue, g, f"queue {g.queue} is at its max share ({limit:.0%})", reserve=False)
                 return
-        duration = self.duration(g)
+        duration = self._duration(g)
         plain = _plain(g)
         need = len(todo) if g.gang else 1  # fewer than this fitting is a failure
         if plain and (known := self._known_failure(ask, duration, need)) is not None:
@@ -275,7 +277,7 @@ class _Cycle:
         elif placed < want:
             self._block(queue, g, why)
 
-    def duration(self, g: Group) -> float:
+    def _duration(self, g: Group) -> float:
         """How long `g`'s tasks may run: their time limit, else their queue's default limit."""
         limit = g.time_limit if g.time_limit is not None else self.policy.queue(g.queue).default_limit
         return math.inf if limit is None else limit
@@ -372,6 +374,7 @@ class _Cycle:
             for behind in queue.clear():
                 self.waiting[behind.job_id] = f"behind job {g.job_id}: queue {g.queue} keeps strict order"
             return
+        self._first_blocked.setdefault(g.queue, g.job_id)
         tried = self._tried[g.queue]
         if reserve and (self._made[g.queue] == 0 if rules.backfill == "easy" else tried < rules.depth):
             self._tried[g.queue] += 1
@@ -383,7 +386,7 @@ class _Cycle:
         """Hold room for `g`'s waiting tasks from the first moment the profile has it."""
         profile = self._profile()
         ask = self.asks[g.job_id]
-        duration = self.duration(g)
+        duration = self._duration(g)
         room = np.full(len(self.table), np.inf)
         if g.max_per_node is not None:
             room = g.max_per_node - self.placer.counts(g)
@@ -396,12 +399,15 @@ class _Cycle:
         start, slots = found
         profile.hold([(s.row, s.count) for s in slots], ask, start, duration)
         names = self.table.names
-        self.reservations.append(Reservation(g.job_id, start, tuple((names[s.row], s.count) for s in slots)))
+        nodes = tuple((names[s.row], s.count) for s in slots)
+        self.reservations.append(
+            Reservation(g.job_id, start, nodes, self._first_blocked[g.queue] == g.job_id)
+        )
         self._made[g.queue] += 1
         where = f"{names[slots[0].row]} is" if len(slots) == 1 else f"{len(slots)} nodes are"
         self.waiting[g.job_id] += f"; {where} held for it from {max(0.0, start - self.now):.0f}s on"
 
-    def releases(self) -> Releases:
+    def _releases_book(self) -> Releases:
         if self._releases is None:
             self._releases = Releases.of(self.table, self.running())
         return self._releases
@@ -410,7 +416,8 @@ class _Cycle:
         """The profile of room over time, made when the cycle's first reservation needs it."""
         if self.profile is None:
             defaults = {name: q.default_limit for name, q in self.policy.queues.items()}
-            ends, rows, amounts = self.releases().due(self.now, defaults, len(self.table.dims))
+            book = self._releases_book()
+            ends, rows, amounts = book.expected_ends(self.now, defaults, len(self.table.dims))
             if self._started:
                 more_ends, more_rows, more = zip(*self._started, strict=True)
                 ends = np.concatenate([ends, more_ends])

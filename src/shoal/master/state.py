@@ -443,16 +443,12 @@ class MasterState:
 
     def _promise(self, reservations: tuple[Reservation, ...]) -> None:
         """Keep, for each job still pending, the earliest start it was promised as the head of
-        its queue (the first reservation a queue makes in a cycle): a head that starts later
-        than that is one backfill let down. (Conservative backfill's later reservations are
-        made afresh each cycle, in queue order: they are plans, not promises.)"""
+        its queue: a head that starts later than that is one backfill let down."""
         pending = self.ledger.pending
         self.promised = {job: start for job, start in self.promised.items() if job in pending}
-        heads = {}
         for r in reservations:
-            heads.setdefault(self.ledger.jobs[r.job_id].spec.queue, r)
-        for r in heads.values():
-            self.promised[r.job_id] = min(r.start, self.promised.get(r.job_id, math.inf))
+            if r.head:
+                self.promised[r.job_id] = min(r.start, self.promised.get(r.job_id, math.inf))
 
     def _schedule(self, now: float) -> None:
         ledger = self.ledger
