@@ -193,9 +193,15 @@ class Profile:
         """Take `count` x `amount` on each (row, count) over [start, start + duration)."""
         first = self._split(start)
         last = len(self.times) if math.isinf(duration) else self._split(start + duration)
-        amount = amount[self.dims]
-        for row, count in rows:
-            self.room[first:last, row] -= count * amount
+        pairs = list(rows)
+        if len(pairs) == 1:
+            row, count = pairs[0]
+            self.room[first:last, row] -= count * amount[self.dims]
+        elif pairs:
+            where, counts = np.array(pairs, dtype=np.int64).T
+            per_row = np.bincount(where, weights=counts, minlength=self.room.shape[1])
+            touched = np.flatnonzero(per_row)
+            self.room[first:last, touched] -= per_row[touched, np.newaxis] * amount[self.dims]
         self._floor = None
 
     def earliest(

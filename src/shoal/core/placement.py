@@ -238,11 +238,19 @@ class Placer:
         need = np.flatnonzero(ask > _EPS)
         if len(need) == 0:
             return len(g.tasks)
-        per_row = np.floor(np.min((self.table.free[:, need] + _EPS) / ask[need], axis=1))
-        per_row = np.where(self.static_mask(g) & self.limits(g, slice(0, len(self.table))), per_row, 0)
+        free = self.table.free
+        if len(need) == 1:  # the usual ask, in one dimension that counts: no minimum to take
+            d = int(need[0])
+            per_row = np.floor((free[:, d] + _EPS) / ask[d])
+        else:
+            per_row = np.floor(np.min((free[:, need] + _EPS) / ask[need], axis=1))
+        filters = self.masks.filters(g.constraints, g.nodes)
+        usable = self.table.schedulable if filters is None else self.table.schedulable & filters
+        if g.max_per_node is not None or g.max_per:
+            usable = usable & self.limits(g, slice(0, len(self.table)))
         if g.max_per_node is not None:
             per_row = np.minimum(per_row, g.max_per_node - self.counts(g))
-        return int(np.maximum(per_row, 0).sum())
+        return int(per_row[usable & (per_row > 0)].sum())
 
     def _how_many(self, g: Group, row: int, ask: np.ndarray, n: int, counts: np.ndarray | None) -> int:
         need = ask > 0

@@ -223,7 +223,7 @@ class _Cycle:
         self.blocked: list[Group] = []
         # Asks, durations and tasks needed at once of plain jobs that found no room: a plain
         # job asking as much or more of each cannot fit either, so it is not searched again.
-        self._failed: list[tuple[np.ndarray, float, int, str]] = []
+        self._failed: list[tuple[list[float], float, int, str]] = []
         # Room that evictions made for a nominated task is held for it: no one else may take it.
         self.held = {g.job_id: Counter(table.index[n] for _, n in g.nominated) for g in groups if g.nominated}
         for g in groups:
@@ -265,7 +265,7 @@ class _Cycle:
         got, fit, why = self._place(g, want, ask, duration)
         placed = sum(k for _, k in got)
         if placed < want and plain:
-            self._failed.append((ask, 0.0 if self.profile is None else duration, need, why))
+            self._failed.append((ask.tolist(), 0.0 if self.profile is None else duration, need, why))
             del self._failed[:-_FAILURES]
         if g.gang and placed < len(todo):
             self.placer.undo(got, g, ask)
@@ -286,8 +286,9 @@ class _Cycle:
         """Why a plain job found no room, if one asking no more, for no longer, to start no
         more tasks at once failed before: room only shrinks within a cycle, so this one
         cannot fit either."""
+        asked = ask.tolist()
         for failed, d, n, why in self._failed:
-            if d <= duration and n <= need and np.all(failed <= ask + 1e-9):
+            if d <= duration and n <= need and all(f <= a + 1e-9 for f, a in zip(failed, asked, strict=True)):
                 return why
         return None
 
