@@ -45,6 +45,7 @@ NAMED_PURE = (
     "master/shapes.py",
     "master/book.py",
     "master/outbox.py",
+    "master/views.py",
     "model.py",
     "expressions.py",
 )

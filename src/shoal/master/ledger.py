@@ -30,20 +30,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shoal.core.backfill import Releases
 from shoal.core.cluster import MaskCache, NodeTable
 from shoal.core.fairness import UsageBook
-from shoal.core.placement import Group, SpreadTarget
+from shoal.core.placement import Group
 from shoal.core.plan import Placement, Plan, Running
 from shoal.core.scheduler import Verdict, apply_plan, never_fits
 from shoal.errors import ShoalError, SpecError
-from shoal.expressions import parse
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
-from shoal.master import shapes
 from shoal.master.book import Book
 from shoal.master.events import Command, Reply, Send
 from shoal.master.outbox import Outbox
 from shoal.master.shapes import consumer, run_spec
+from shoal.master.views import Views
 from shoal.model import (
     TRANSITIONS,
     Attempt,
@@ -63,7 +61,6 @@ from shoal.model import (
 from shoal.wire import Ack, Kill, Launch
 
 NO_PORT = "node has too few free ports (stale plan)"
-COPY = "+copy"  # after a task id: the key of a move's new copy in the book of releases
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +91,7 @@ class Ledger:
         self.masks = MaskCache(self.table)
         self.usage = UsageBook()
         self._vectors: dict[int, np.ndarray] = {}
-        self._holding: dict[str, tuple[Running, ...]] = {}  # task id -> what it holds
-        self._groups: dict[int, Group] = {}  # job id -> its waiting tasks, as the core sees them
-        self.releases = Releases()  # when active tasks are expected to end, for backfill
+        self.views = Views()  # what the scheduler reads, kept between cycles
         self._book = Book()
         self._watchers: list[Watcher] = []
         self._changes = Outbox()
@@ -136,7 +131,7 @@ class Ledger:
                 self.pending[task.job_id][task.id] = None
             elif task.state.active:
                 self._hold(task)
-                self._track(task)
+                self.views.changed(self.jobs[task.job_id], task, self.vector(task), self.table.index)
                 self._allocate(task.node, task)
                 self._book.mark(task.node or "", task.gpus, task.ports.values())
                 if (copy := task.successor) is not None:
@@ -199,44 +194,7 @@ class Ledger:
     def group(self, job_id: int, task_ids: Iterable[str]) -> Group:
         """The core's view of a job and some of its tasks (all pending, or one being moved);
         kept until a task of the job changes (every cycle reads every waiting job)."""
-        ids = tuple(task_ids)
-        kept = self._groups.get(job_id)
-        if kept is None or kept.tasks != ids:
-            kept = self._groups[job_id] = self._group(job_id, ids)
-        return kept
-
-    def _group(self, job_id: int, ids: tuple[str, ...]) -> Group:
-        job = self.jobs[job_id]
-        spec = job.spec
-        placed: dict[str, int] = defaultdict(int)
-        if spec.max_per_node or spec.max_per or spec.spread:
-            for task in self.tasks_of(job_id):
-                if task.state.active and task.node is not None:
-                    placed[task.node] += 1
-                if task.successor is not None and task.state.active:
-                    placed[task.successor.node] += 1
-        return Group(
-            job_id=job_id,
-            tasks=ids,
-            ask=spec.resources,
-            user=job.owner,
-            queue=spec.queue,
-            priority=spec.priority,
-            preemptible=spec.preemptible,
-            strategy=spec.strategy,
-            constraints=tuple(parse(c) for c in spec.constraints),
-            nodes=frozenset(job.node_names) if job.node_names is not None else None,
-            max_per_node=spec.max_per_node,
-            max_per=tuple(spec.max_per.items()),
-            affinities=tuple((parse(a.expr), float(a.weight)) for a in spec.affinities),
-            spread=_spread(spec),
-            gang=spec.gang,
-            time_limit=spec.time_limit,
-            placed=tuple(placed.items()),
-            nominated=tuple(
-                (t, n) for t in ids if (n := self.tasks[t].nominated) is not None and n in self.table.index
-            ),
-        )
+        return self.views.group(self.jobs[job_id], tuple(task_ids), self.tasks_of(job_id), self.table.index)
 
     # --- jobs and tasks ---------------------------------------------------------------
 
@@ -296,32 +254,11 @@ class Ledger:
     def _changed(self, task: TaskRecord) -> None:
         """Record that `task` changed; the views made of it are made again when next read."""
         self._changes.tasks[task.id] = task
-        self._holding.pop(task.id, None)
-        self._groups.pop(task.job_id, None)
-        self._track(task)
-
-    def _track(self, task: TaskRecord) -> None:
-        """Keep `task`'s entries in the book of expected releases: itself while active, and
-        the copy a move is starting while it has one."""
-        spec = self.jobs[task.job_id].spec
-        copy = task.successor
-        for key, node, since in (
-            (task.id, task.node, task.started_at),
-            (task.id + COPY, copy and copy.node, copy and copy.since),
-        ):
-            row = self.table.index.get(node) if node is not None and task.state.active else None
-            if row is None:
-                self.releases.drop(key)
-            else:
-                self.releases.put(key, row, self.vector(task), since, spec.time_limit, spec.queue)
+        self.views.changed(self.jobs[task.job_id], task, self.vector(task), self.table.index)
 
     def holding(self, task: TaskRecord) -> tuple[Running, ...]:
-        """What an active task holds, as the scheduler weighs it; kept until the task changes
-        (a cycle that looks ahead reads every active task)."""
-        held = self._holding.get(task.id)
-        if held is None:
-            held = self._holding[task.id] = tuple(shapes.holding(self.jobs[task.job_id], task))
-        return held
+        """What an active task holds, as the scheduler weighs it."""
+        return self.views.holding(self.jobs[task.job_id], task)
 
     def observe(self, record: TaskRecord | NodeRecord, **fields: object) -> None:
         """Live readings (heartbeats, load, the connection): kept in memory, stored only with
@@ -609,7 +546,7 @@ class Ledger:
         del self.jobs[job_id]
         self._live.pop(job_id, None)
         self._vectors.pop(job_id, None)
-        self._groups.pop(job_id, None)
+        self.views.forget_job(job_id)
         self._changes.jobs.pop(job_id, None)
 
     def _forget_migration(self, move: int) -> None:
@@ -642,9 +579,3 @@ _PLACEMENT = frozenset({"state", "node", "gpus", "ports"})
 def _implied_tasks(job: JobRecord) -> list[TaskRecord]:
     """The tasks a job has as submitted: all pending, first attempt."""
     return [TaskRecord(id=f"{job.id}.{i}", job_id=job.id, index=i) for i in range(job.spec.count)]
-
-
-def _spread(spec: JobSpec) -> SpreadTarget | None:
-    if spec.spread is None:
-        return None
-    return SpreadTarget(spec.spread.attribute, tuple((v, p / 100.0) for v, p in spec.spread.targets.items()))

@@ -3,10 +3,13 @@ for preemption, backfill and shares) and an agent's `RunSpec` (what to run). Pur
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import replace
 
+from shoal.core.placement import Group, SpreadTarget
 from shoal.core.plan import Running
+from shoal.expressions import parse
 from shoal.model import JobRecord, JobSpec, Migrate, Successor, TaskRecord, run_id
 from shoal.wire import RunSpec
 
@@ -40,6 +43,46 @@ def holding(job: JobRecord, task: TaskRecord) -> Iterator[Running]:
     yield running(job, task)
     if (copy := task.successor) is not None:
         yield replace(running(job, task), node=copy.node, preemptible=False, started_at=copy.since)
+
+
+def group(job: JobRecord, ids: tuple[str, ...], tasks: Sequence[TaskRecord], nodes: Container[str]) -> Group:
+    """The job's waiting tasks `ids` as the core places them: `tasks` are all the job's tasks
+    (where they run counts toward its per-node limits), `nodes` the nodes the table knows."""
+    spec = job.spec
+    placed: Counter[str] = Counter()
+    if spec.max_per_node or spec.max_per or spec.spread:
+        for task in tasks:
+            if task.state.active and task.node is not None:
+                placed[task.node] += 1
+            if task.successor is not None and task.state.active:
+                placed[task.successor.node] += 1
+    by_id = {t.id: t for t in tasks}
+    return Group(
+        job_id=job.id,
+        tasks=ids,
+        ask=spec.resources,
+        user=job.owner,
+        queue=spec.queue,
+        priority=spec.priority,
+        preemptible=spec.preemptible,
+        strategy=spec.strategy,
+        constraints=tuple(parse(c) for c in spec.constraints),
+        nodes=frozenset(job.node_names) if job.node_names is not None else None,
+        max_per_node=spec.max_per_node,
+        max_per=tuple(spec.max_per.items()),
+        affinities=tuple((parse(a.expr), float(a.weight)) for a in spec.affinities),
+        spread=_spread(spec),
+        gang=spec.gang,
+        time_limit=spec.time_limit,
+        placed=tuple(placed.items()),
+        nominated=tuple((t, n) for t in ids if (n := by_id[t].nominated) is not None and n in nodes),
+    )
+
+
+def _spread(spec: JobSpec) -> SpreadTarget | None:
+    if spec.spread is None:
+        return None
+    return SpreadTarget(spec.spread.attribute, tuple((v, p / 100.0) for v, p in spec.spread.targets.items()))
 
 
 def run_spec(spec: JobSpec, task: TaskRecord, copy: Successor | None = None) -> RunSpec:

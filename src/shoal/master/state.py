@@ -488,7 +488,7 @@ class MasterState:
         holding = (r for t in ledger.active_tasks() for r in ledger.holding(t))
         policy = self.frameworks.capped(self.policy, {g.queue for g in groups})
         plan = schedule(
-            ledger.table, ledger.masks, groups, ledger.usage, holding, policy, now, ledger.releases
+            ledger.table, ledger.masks, groups, ledger.usage, holding, policy, now, ledger.views.releases
         )
         self._promise(plan.reservations)
         verdict = ledger.place(plan, now)

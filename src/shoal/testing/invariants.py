@@ -18,9 +18,9 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from shoal.core.fairness import UsageBook
-from shoal.master.ledger import COPY
 from shoal.master.shapes import running
 from shoal.master.state import MasterState
+from shoal.master.views import COPY
 from shoal.model import JobRecord, NodeStatus, TaskRecord
 
 
@@ -81,11 +81,13 @@ def _releases(state: MasterState) -> None:
         ):
             if node is not None and node in index:
                 holders += 1
-                got = ledger.releases.get(key)
+                got = ledger.views.releases.get(key)
                 assert got == (index[node], since), (
                     f"release book has {got} for {key}, not {(index[node], since)}"
                 )
-    assert len(ledger.releases) == holders, f"release book holds {len(ledger.releases)}, not {holders}"
+    assert len(ledger.views.releases) == holders, (
+        f"release book holds {len(ledger.views.releases)}, not {holders}"
+    )
 
 
 def _placements(state: MasterState) -> None:
