@@ -46,6 +46,7 @@ NAMED_PURE = (
     "master/book.py",
     "master/outbox.py",
     "master/views.py",
+    "master/offer_lines.py",
     "model.py",
     "expressions.py",
 )

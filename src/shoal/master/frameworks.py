@@ -22,7 +22,6 @@ Theory of operation
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -45,6 +44,7 @@ from shoal.master.events import (
     ToFramework,
 )
 from shoal.master.ledger import Ledger
+from shoal.master.offer_lines import OfferLines
 from shoal.model import JobRecord, TaskRecord, TaskState
 from shoal.views import FrameworkView
 
@@ -117,7 +117,7 @@ class FrameworkDesk:
         self._wakeup = math.inf  # the earliest filter expiry
         self.cycles = 0
         self.last_cycle = -math.inf
-        self._node_cache: dict[str, tuple[object, str]] = {}
+        self._lines = OfferLines(ledger)
 
     # --- subscription -------------------------------------------------------------------
 
@@ -524,37 +524,7 @@ class FrameworkDesk:
 
     def encode(self, event: p.Told | OffersMade) -> bytes:
         """An event as the JSON line its framework reads."""
-        if not isinstance(event, OffersMade):
-            return event.model_dump_json().encode() + b"\n"
-        dims = self.ledger.table.dims
-        parts = []
-        for offer in event.offers:
-            a = offer.amount.tolist()
-            custom = {d: v for d, v in zip(dims[4:], a[4:], strict=False) if v > 0}
-            resources = {
-                "cpus": round(a[0], 6),
-                "mem": int(a[1]),
-                "disk": int(a[2]),
-                "gpus": int(a[3]),
-                "custom": custom,
-            }
-            parts.append(
-                f'{{"id":"{offer.id}",{self._node_json(offer.node)},"resources":{json.dumps(resources)}}}'
-            )
-        return ('{"type":"offers","offers":[' + ",".join(parts) + "]}\n").encode()
-
-    def _node_json(self, name: str) -> str:
-        """The node's part of an offer, kept while the node reports the same."""
-        info = self.ledger.nodes[name].info
-        cached = self._node_cache.get(name)
-        if cached is None or cached[0] is not info:
-            fields = {
-                "node": name,
-                "hostname": info.hostname,
-                "attributes": {**info.labels, **info.attributes},
-            }
-            cached = self._node_cache[name] = (info, json.dumps(fields)[1:-1])
-        return cached[1]
+        return self._lines.encode(event)
 
     def _status(self, task: TaskRecord, name: str, now: float) -> p.TaskStatus:
         return p.TaskStatus(
