@@ -70,6 +70,11 @@ def test_a_broken_swf_line_is_named(tmp_path: Path) -> None:
         read(path)
 
 
+def test_an_swf_job_given_twice_is_named() -> None:
+    with pytest.raises(WorkloadError, match=r"trace: line 5: job 1 is given twice"):
+        read_swf([*HEADER, swf(1, 0, 10, 4), swf(1, 5, 10, 4)])
+
+
 def test_csv_and_jsonl_traces_read_the_same(tmp_path: Path) -> None:
     csv = tmp_path / "t.csv"
     csv.write_text(
@@ -109,6 +114,8 @@ def test_csv_and_jsonl_traces_read_the_same(tmp_path: Path) -> None:
         ("submit,duration,procs,cpus\n0,1,8,2\n", "record 1: procs and nodes take the place of cpus"),
         ("submit,duration,procs,nodes\n0,1,8,2\n", "record 1: procs and nodes exclude each other"),
         ("submit,duration,nodes\n0,1,0\n", "record 1: nodes must be at least 1"),
+        ("submit,cpus\n0,1\n", "record 1: no duration"),
+        ("cpus\n1\n", "record 1: no submit and no duration"),
     ],
 )
 def test_a_bad_trace_names_the_record(tmp_path: Path, text: str, message: str) -> None:
@@ -120,7 +127,11 @@ def test_a_bad_trace_names_the_record(tmp_path: Path, text: str, message: str) -
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [('{"submit": 0, "duration": 1}\n\n[1]\n', "record 2: not a JSON object"), ("{", "record 1: Expecting")],
+    [
+        ('{"submit": 0, "duration": 1}\n\n[1]\n', "record 2: not a JSON object"),
+        ("{", "record 1: Expecting"),
+        ('{"submit": 0, "duration": 1, "mem": 512.5}\n', "record 1: 512.5 is not a whole number"),
+    ],
 )
 def test_a_bad_jsonl_record_is_named(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.jsonl"

@@ -104,6 +104,7 @@ def read_swf(lines: Iterable[str], source: str = "trace", jobs: int | None = Non
     processors are skipped, and counted."""
     arrivals: list[Arrival] = []
     skipped: Counter[str] = Counter()
+    seen: set[int] = set()
     cut = 0
     for number, line in enumerate(lines, start=1):
         if len(arrivals) == jobs:
@@ -112,12 +113,15 @@ def read_swf(lines: Iterable[str], source: str = "trace", jobs: int | None = Non
             continue
         try:
             parsed = _swf_job(line)
+            if not isinstance(parsed, str) and parsed[0].id in seen:
+                raise ValueError(f"job {parsed[0].id} is given twice")
         except ValueError as e:
             raise WorkloadError(f"{source}: line {number}: {e}") from None
         if isinstance(parsed, str):
             skipped[parsed] += 1
             continue
         arrival, was_cut = parsed
+        seen.add(arrival.id)
         cut += was_cut
         arrivals.append(arrival)
     return Workload(_from_first(arrivals), skipped, cut)
@@ -167,20 +171,30 @@ def _from_first(arrivals: list[Arrival]) -> list[Arrival]:
 
 # --- CSV and JSONL ------------------------------------------------------------------------
 
+
+def _whole(value: object) -> int:
+    """An integer field: a JSON 512.5 is refused, not cut to 512."""
+    number = float(value)  # type: ignore[arg-type]
+    if not number.is_integer():
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(number)
+
+
 _TYPES: dict[str, Callable[[str], object]] = {
-    "id": int,
+    "id": _whole,
     "submit": float,
     "duration": float,
     "cpus": float,
-    "mem": int,
-    "count": int,
+    "mem": _whole,
+    "count": _whole,
     "user": str,
     "queue": str,
-    "priority": int,
+    "priority": _whole,
     "time_limit": float,
-    "procs": int,
-    "nodes": int,
+    "procs": _whole,
+    "nodes": _whole,
 }
+_REQUIRED = ("submit", "duration")
 _PER_TASK = {"cpus", "mem", "count"}
 
 
@@ -222,6 +236,8 @@ def _record(row: Mapping[str | None, object], number: int) -> tuple[Arrival, boo
     if unknown:
         raise ValueError(f"unknown columns {sorted(map(str, unknown))}")
     values = {k: _TYPES[k](v) for k, v in row.items() if v not in (None, "")}  # type: ignore[arg-type]
+    if missing := [name for name in _REQUIRED if name not in values]:
+        raise ValueError(f"no {' and no '.join(missing)}")
     if ("procs" in values or "nodes" in values) and _PER_TASK & set(values):
         raise ValueError("procs and nodes take the place of cpus, mem and count")
     values.setdefault("id", number)
