@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import invariant
 from test_ledger_machine import LedgerMachine
 
+from shoal.checks import TASK_CHECK, CheckResult, CheckStatus
 from shoal.agent import state as agent
 from shoal.core.rebalance import RebalancePolicy
 from shoal.errors import ShoalError
@@ -71,6 +72,11 @@ def report(state: MasterState, task_id: str, to: TaskState, now: float, attempt:
     node = task.successor.node if task.successor and task.successor.attempt == attempt else task.node
     run = RunReport(run_id=f"{task_id}.{attempt}", task_id=task_id, attempt=attempt, state=to, **fields)
     state.handle(FromAgent(node or "", RunReports(reports=[run]), now))
+
+
+def verdict(passing: bool) -> dict[str, CheckResult]:
+    """A run's own check, passing or not."""
+    return {TASK_CHECK: CheckResult(CheckStatus.PASSING if passing else CheckStatus.CRITICAL)}
 
 
 def kills(commands: list[Command]) -> list[str]:
@@ -252,7 +258,7 @@ def test_a_new_copy_is_due_to_be_given_up_just_past_its_patience() -> None:
     def make() -> MasterState:
         state = moves_master(service())
         state.handle(Drain(2, "n1", True, 1.0))
-        report(state, "1.0", TaskState.RUNNING, 2.0, attempt=1, healthy=False)
+        report(state, "1.0", TaskState.RUNNING, 2.0, attempt=1, checks=verdict(False))
         return state
 
     due = make().next_due()
@@ -265,7 +271,7 @@ def test_a_replaced_run_is_due_to_stop_a_moment_after_its_copy_serves() -> None:
     def make() -> MasterState:
         state = moves_master(service())
         state.handle(Drain(2, "n1", True, 1.0))
-        report(state, "1.0", TaskState.RUNNING, 3.0, attempt=1, healthy=True)
+        report(state, "1.0", TaskState.RUNNING, 3.0, attempt=1, checks=verdict(True))
         return state
 
     assert make().next_due() == 4.0

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from shoal.checks import TASK_CHECK, CheckResult, CheckStatus
 from shoal.core.rebalance import RebalancePolicy
 from shoal.core.scheduler import Policy, QueuePolicy
 from shoal.framework import protocol as p
@@ -104,7 +105,7 @@ def job_specs(draw: st.DrawFn) -> JobSpec:
 def remembered(state: MasterState) -> dict[str, object]:
     """What a master must know again after a restart: every record and what it implies."""
     ledger = state.ledger
-    live = {"load", "healthy"}  # readings measured afresh
+    live = {"load"}  # readings measured afresh
     return {
         "jobs": {j.id: j.model_dump() for j in ledger.jobs.values()},
         "tasks": {
@@ -220,7 +221,10 @@ class LedgerMachine(RuleBasedStateMachine):
                     task_id=r.task_id,
                     attempt=r.attempt,
                     state=TaskState.RUNNING,
-                    healthy=healthy if r.health is not None else None,
+                    checks={
+                        name: CheckResult(CheckStatus.PASSING if healthy else CheckStatus.CRITICAL)
+                        for name in r.checks
+                    },
                 )
                 for r in fresh
             ]

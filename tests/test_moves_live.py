@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shoal.checks import TASK_CHECK, serves
 from shoal.model import JobSpec, TaskState
 from shoal.testing.live import live_cluster, wait_for
 
@@ -148,7 +149,9 @@ def test_a_service_moved_make_before_break_never_fails_a_request(tmp_path: Path)
             )
         )
         task_id = f"{job}.0"
-        first = wait_for(lambda: (t := client.task(task_id)).healthy and t, what="the service serving")
+        first = wait_for(
+            lambda: serves([TASK_CHECK], (t := client.task(task_id)).checks) and t, what="the service serving"
+        )
         old_url = f"http://127.0.0.1:{first.ports['web']}/"
         outcomes: list[bool] = []
         stop = threading.Event()

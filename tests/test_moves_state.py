@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from shoal.checks import TASK_CHECK, CheckResult, CheckStatus
 from shoal.core.rebalance import RebalancePolicy
 from shoal.master.events import Drain, FromAgent, RebalanceNow, Reply, Send, Submit, Tick
 from shoal.master.moves import Rebalancing
@@ -153,7 +154,7 @@ def test_make_before_break_starts_the_new_copy_and_stops_the_old_only_once_it_se
     [launch] = [
         r for s in h.sent if s.node == copy.node and isinstance(s.frame, Launch) for r in s.frame.runs
     ]
-    assert launch.run_id == f"{task.id}.1" and launch.health is not None
+    assert launch.run_id == f"{task.id}.1" and launch.checks
     assert launch.env["SHOAL_PORT_WEB"] == str(copy.ports["web"])
     assert f"{task.id}.0" not in h.killed()  # the old copy serves on meanwhile
     # Running but not serving yet: nothing changes.
@@ -196,7 +197,7 @@ def _run(task_id: str, attempt: int, healthy: bool) -> RunReport:
         task_id=task_id,
         attempt=attempt,
         state=TaskState.RUNNING,
-        healthy=healthy,
+        checks={TASK_CHECK: CheckResult(CheckStatus.PASSING if healthy else CheckStatus.CRITICAL)},
     )
 
 

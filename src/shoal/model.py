@@ -15,7 +15,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from shoal.checks import TASK_CHECK, CheckResult, HealthCheck
 from shoal.expressions import parse
+from shoal.services import ServiceSpec
 
 MAX_CPUS = 4096.0
 MAX_MEM_MB = 64 * 1024 * 1024  # 64 TiB
@@ -87,30 +89,6 @@ RESOURCE_NAMES = ("cpus", "mem", "disk", "gpus")
 NO_RESOURCES = Resources(cpus=0, mem=0, disk=0, gpus=0)
 
 
-class HealthCheck(BaseModel):
-    """How to tell that a task serves: exactly one of a command (exit 0), a TCP connect, or an
-    HTTP GET (2xx or 3xx) to one of the task's named ports on its node."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    command: str | None = Field(None, min_length=1, description="run with the task's environment")
-    tcp: str | None = Field(None, description="a named port of the task")
-    http: str | None = Field(None, description="PORT_NAME/path, e.g. web/healthz")
-    interval: float = Field(1.0, gt=0, le=3600, description="seconds between checks")
-    timeout: float = Field(2.0, gt=0, le=600, description="seconds a check may take")
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> HealthCheck:
-        if sum(x is not None for x in (self.command, self.tcp, self.http)) != 1:
-            raise ValueError("give exactly one of command, tcp or http")
-        return self
-
-    @property
-    def port(self) -> str | None:
-        """The named port the check uses, if any."""
-        return self.tcp or (self.http.split("/", 1)[0] if self.http else None)
-
-
 class RestartPolicy(BaseModel):
     """How often a failed or lost task runs again, and how long to wait first."""
 
@@ -166,6 +144,44 @@ class Spread(BaseModel):
         return value
 
 
+class PortSpec(BaseModel):
+    """A named port each task is given: a free one of its node's range, or `static`, the same
+    number on every node (a node holds one task with that port at a time)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="the task sees it as SHOAL_PORT_<NAME>")
+    static: int | None = Field(None, ge=1, le=65535)
+
+    @field_validator("name")
+    @classmethod
+    def _port_name(cls, value: str) -> str:
+        if not _CUSTOM_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a port name (lowercase, digits, _)")
+        return value
+
+
+class Colocation(BaseModel):
+    """Where a job goes relative to another job or service: nodes running tasks of it gain
+    (or, negative, lose) `weight`; `hard` makes it a rule (negative: never on such a node;
+    positive: only on such nodes)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job: str | None = Field(None, min_length=1, max_length=128, description="a job's name")
+    service: str | None = Field(None, min_length=1, max_length=63, description="a service's name")
+    weight: int = Field(-100, ge=-100, le=100)
+    hard: bool = False
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Colocation:
+        if (self.job is None) == (self.service is None):
+            raise ValueError("give exactly one of job or service")
+        if self.weight == 0:
+            raise ValueError("weight 0 says nothing: give -100..-1 to avoid, 1..100 to prefer")
+        return self
+
+
 class JobSpec(BaseModel):
     """What a person submits: the same fields in TOML and in JSON over the API."""
 
@@ -196,30 +212,74 @@ class JobSpec(BaseModel):
     affinities: list[Affinity] = Field(default_factory=list)
     spread: Spread | None = None
     gang: bool = Field(False, description="start all tasks together or none")
-    ports: list[str] = Field(
-        default_factory=list, max_length=32, description="named ports each task is given: SHOAL_PORT_<NAME>"
+    ports: list[PortSpec] = Field(
+        default_factory=list,
+        max_length=32,
+        description="named ports each task is given: SHOAL_PORT_<NAME>; a name alone, or {name, static}",
     )
     migrate: Migrate = Field(Migrate.RESTART, description="how the rebalancer and drains may move its tasks")
     health: HealthCheck | None = Field(
         None, description="when a task serves (make-before-break waits for it)"
     )
+    services: list[ServiceSpec] = Field(
+        default_factory=list, max_length=16, description="what each task offers: NAME.service.shoal"
+    )
+    shutdown_delay: float | None = Field(
+        None,
+        ge=0,
+        le=3600,
+        description="seconds from leaving the registry to SIGTERM, so requests under way finish "
+        "(default: the master's setting for jobs with services, 0 for others)",
+    )
+    colocation: list[Colocation] = Field(default_factory=list, max_length=16)
+
+    @property
+    def port_names(self) -> list[str]:
+        return [p.name for p in self.ports]
+
+    @property
+    def checks(self) -> dict[str, HealthCheck]:
+        """The checks each task runs, by name (`checks.TASK_CHECK`: the job's own)."""
+        named = {s.name: s.check for s in self.services if s.check is not None}
+        return {TASK_CHECK: self.health, **named} if self.health is not None else named
 
     @model_validator(mode="after")
-    def _health_port_named(self) -> JobSpec:
-        if self.health is not None and self.health.port is not None and self.health.port not in self.ports:
+    def _ports_named(self) -> JobSpec:
+        names = self.port_names
+        if self.health is not None and self.health.port is not None and self.health.port not in names:
             raise ValueError(f"health: port {self.health.port!r} is not one of the job's ports")
-        if self.migrate is Migrate.MAKE_BEFORE_BREAK and self.health is None:
+        for i, service in enumerate(self.services):
+            if service.port not in names:
+                raise ValueError(f"services.{i}.port: {service.port!r} is not one of the job's ports {names}")
+            check = service.check
+            if check is not None and check.port is not None and check.port not in names:
+                raise ValueError(f"services.{i}.check: port {check.port!r} is not one of the job's ports")
+        if self.migrate is Migrate.MAKE_BEFORE_BREAK and not self.checks:
             raise ValueError("migrate: make-before-break needs a health check to know the new copy serves")
         return self
 
+    @field_validator("ports", mode="before")
+    @classmethod
+    def _port_shorthand(cls, value: object) -> object:
+        # "http" is short for {name = "http"}
+        return [{"name": p} if isinstance(p, str) else p for p in value] if isinstance(value, list) else value
+
     @field_validator("ports")
     @classmethod
-    def _port_names(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if not _CUSTOM_NAME.fullmatch(name):
-                raise ValueError(f"{name!r} is not a port name (lowercase, digits, _)")
-        if len(set(value)) != len(value):
+    def _ports_distinct(cls, value: list[PortSpec]) -> list[PortSpec]:
+        if len({p.name for p in value}) != len(value):
             raise ValueError("port names repeat")
+        static = [p.static for p in value if p.static is not None]
+        if len(set(static)) != len(static):
+            raise ValueError("static ports repeat")
+        return value
+
+    @field_validator("services")
+    @classmethod
+    def _services_distinct(cls, value: list[ServiceSpec]) -> list[ServiceSpec]:
+        names = [s.name for s in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"service names repeat: {sorted({n for n in names if names.count(n) > 1})}")
         return value
 
     @field_validator("command")
@@ -407,6 +467,7 @@ class Successor:
     since: float
     gpus: list[int] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
+    checks: dict[str, CheckResult] = field(default_factory=dict)  # what its checks last said
 
 
 @dataclass(slots=True)
@@ -437,7 +498,7 @@ class TaskRecord:
     migrating: str | None = None  # being stopped to run again on this node ("": wherever it fits)
     moved_at: float | None = None  # when it was last moved
     checkpoint: str | None = None  # the blob of the state it saved when last stopped (checkpoint mode)
-    healthy: bool | None = None  # what its health check last said
+    checks: dict[str, CheckResult] = field(default_factory=dict)  # what its checks last said, by name
     successor: Successor | None = None  # its new copy, while a make-before-break move is under way
 
     @property

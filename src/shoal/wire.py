@@ -17,7 +17,8 @@ from typing import Annotated, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from shoal.model import HealthCheck, NodeInfo, Resources, TaskState, Usage
+from shoal.checks import CheckResult, HealthCheck
+from shoal.model import NodeInfo, Resources, TaskState, Usage
 from shoal.shell.protocol import CopyFile
 
 
@@ -42,7 +43,8 @@ class RunSpec:
     time_limit: float | None = None
     checkpoint: bool = False  # keeps state in SHOAL_CHECKPOINT_DIR, saved when it is stopped
     restore: str | None = None  # the blob of saved state to unpack there before it starts
-    health: HealthCheck | None = None
+    checks: dict[str, HealthCheck] = field(default_factory=dict)  # by name (checks.TASK_CHECK: its own)
+    shutdown_delay: float = 0.0  # seconds between a kill and SIGTERM: it has left the registry
 
 
 class RunReport(BaseModel):
@@ -57,7 +59,7 @@ class RunReport(BaseModel):
     exit_code: int | None = None
     message: str = ""
     checkpoint: str | None = None  # the blob of the state it saved when it was stopped
-    healthy: bool | None = None  # what its health check last said (None: it has none, or not yet)
+    checks: dict[str, CheckResult] = Field(default_factory=dict)  # what its checks last said, by name
 
 
 # agent -> master

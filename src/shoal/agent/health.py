@@ -1,8 +1,10 @@
-"""Health checks of the runs that have one: a command, a TCP connect, or an HTTP GET.
+"""Health checks of the runs that have them: a command, a TCP connect, or an HTTP GET.
 
-One asyncio task per running run with a check, from its start to its end. A change of the
-verdict goes to the agent's state machine, which reports it to the master with the run's
-state (make-before-break migrations wait on it; the service registry will too).
+One asyncio task per check of a running run, from its start to its end. A verdict changes
+only after enough checks in a row agree (`successes_before_passing`,
+`failures_before_critical`), and goes to the agent's state machine, which reports it to the
+master with the run's state: make-before-break moves and the service registry follow it.
+A run's checks start critical: an endpoint serves only once its first check passes.
 """
 
 from __future__ import annotations
@@ -15,20 +17,44 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shoal.model import HealthCheck
+from shoal.checks import OUTPUT_LIMIT, CheckResult, CheckStatus, HealthCheck
 from shoal.wire import RunSpec
 
 if TYPE_CHECKING:  # httpx itself is imported at the first HTTP check: an agent starts without it
     import httpx
 
-Verdict = Callable[[str, bool], None]  # run id, healthy
+Verdict = Callable[[str, str, CheckStatus, str], None]  # run id, check name, status, output
+
+
+class Damper:
+    """Turns the results of single checks into a verdict that changes only after `passes`
+    passes (or `failures` failures) in a row. Starts critical."""
+
+    def __init__(self, check: HealthCheck) -> None:
+        self.status = CheckStatus.CRITICAL
+        self._needed = {
+            CheckStatus.PASSING: check.successes_before_passing,
+            CheckStatus.WARNING: check.successes_before_passing,
+            CheckStatus.CRITICAL: check.failures_before_critical,
+        }
+        self._seen: CheckStatus | None = None
+        self._streak = 0
+
+    def add(self, result: CheckStatus) -> bool:
+        """Count one check's result; True when the verdict changed."""
+        self._streak = self._streak + 1 if result is self._seen else 1
+        self._seen = result
+        if result is self.status or self._streak < self._needed[result]:
+            return False
+        self.status = result
+        return True
 
 
 class HealthChecks:
     def __init__(self, sandbox: Callable[[str], Path], verdict: Verdict) -> None:
         self._sandbox = sandbox
         self._verdict = verdict
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, list[asyncio.Task[None]]] = {}
 
     @functools.cached_property
     def _http(self) -> httpx.AsyncClient:
@@ -40,11 +66,13 @@ class HealthChecks:
         return httpx.AsyncClient(verify=False)
 
     def watch(self, spec: RunSpec) -> None:
-        if spec.health is not None and spec.run_id not in self._tasks:
-            self._tasks[spec.run_id] = asyncio.ensure_future(self._loop(spec, spec.health))
+        if spec.checks and spec.run_id not in self._tasks:
+            self._tasks[spec.run_id] = [
+                asyncio.ensure_future(self._loop(spec, name, check)) for name, check in spec.checks.items()
+            ]
 
     def stop(self, run_id: str) -> None:
-        if (task := self._tasks.pop(run_id, None)) is not None:
+        for task in self._tasks.pop(run_id, ()):
             task.cancel()
 
     async def close(self) -> None:
@@ -53,49 +81,65 @@ class HealthChecks:
         if "_http" in self.__dict__:
             await self._http.aclose()
 
-    async def _loop(self, spec: RunSpec, check: HealthCheck) -> None:
-        last: bool | None = None
+    async def _loop(self, spec: RunSpec, name: str, check: HealthCheck) -> None:
+        damper = Damper(check)
+        first = True
         while True:
             try:
-                healthy = await asyncio.wait_for(self._check(spec, check), check.timeout)
-            except (TimeoutError, OSError):
-                healthy = False
-            if healthy != last:
-                last = healthy
-                self._verdict(spec.run_id, healthy)
+                status, output = await asyncio.wait_for(self._check(spec, check), check.timeout)
+            except TimeoutError:
+                status, output = CheckStatus.CRITICAL, f"timed out after {check.timeout:g}s"
+            except OSError as e:
+                status, output = CheckStatus.CRITICAL, str(e) or type(e).__name__
+            if damper.add(status) or first:
+                first = False  # the first verdict is said even when it is the critical it starts at
+                self._verdict(spec.run_id, name, damper.status, output[-OUTPUT_LIMIT:])
             await asyncio.sleep(check.interval)
 
-    async def _check(self, spec: RunSpec, check: HealthCheck) -> bool:
+    async def _check(self, spec: RunSpec, check: HealthCheck) -> tuple[CheckStatus, str]:
         if check.command is not None:
-            env = {**os.environ, **spec.env}
-            proc = await asyncio.create_subprocess_exec(
-                "/bin/sh",
-                "-c",
-                check.command,
-                env=env,
-                cwd=self._sandbox(spec.run_id),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-            try:
-                return await proc.wait() == 0
-            finally:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+            return await self._command(spec, check.command)
         port = int(spec.env[f"SHOAL_PORT_{(check.port or '').upper()}"])
         if check.tcp is not None:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.close()
-            return True
+            return CheckStatus.PASSING, f"TCP connect 127.0.0.1:{port}: ok"
         path = (check.http or "").split("/", 1)[1] if "/" in (check.http or "") else ""
-        return await self._get_ok(f"http://127.0.0.1:{port}/{path}")
+        return await self._get(f"http://127.0.0.1:{port}/{path}")
 
-    async def _get_ok(self, url: str) -> bool:
+    async def _command(self, spec: RunSpec, command: str) -> tuple[CheckStatus, str]:
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh",
+            "-c",
+            command,
+            env={**os.environ, **spec.env},
+            cwd=self._sandbox(spec.run_id),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            out, _ = await proc.communicate()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        text = out[-OUTPUT_LIMIT:].decode(errors="replace").strip()
+        return (CheckStatus.PASSING if proc.returncode == 0 else CheckStatus.CRITICAL), text
+
+    async def _get(self, url: str) -> tuple[CheckStatus, str]:
         import httpx
 
         try:
             response = await self._http.get(url)
-        except httpx.HTTPError:
-            return False
-        return response.status_code < 400
+        except httpx.HTTPError as e:
+            return CheckStatus.CRITICAL, f"GET {url}: {e or type(e).__name__}"
+        code = response.status_code
+        # As Consul: 2xx and 3xx pass, 429 Too Many Requests warns, anything else fails.
+        status = (
+            CheckStatus.PASSING
+            if code < 400
+            else CheckStatus.WARNING
+            if code == 429
+            else CheckStatus.CRITICAL
+        )
+        return status, f"HTTP GET {url}: {code} {response.reason_phrase}"

@@ -24,6 +24,7 @@ from pydantic import TypeAdapter
 
 from shoal.agent.cgroups import Cgroups
 from shoal.agent.discovery import discover
+from shoal.checks import CheckResult
 from shoal.agent.files import FileMover
 from shoal.agent.health import HealthChecks
 from shoal.agent.runner import Runner, alive, start_time
@@ -98,7 +99,10 @@ class Agent:
         token = settings.cluster_token.get_secret_value()
         self.files = FileMover(lambda frame: self._send(encode(frame)), settings.master, token)
         self.health = HealthChecks(
-            self.runner.sandbox, lambda run, healthy: self.dispatch(Health(run, healthy, time.time()))
+            self.runner.sandbox,
+            lambda run, check, status, output: self.dispatch(
+                Health(run, check, CheckResult(status, output, time.time()), time.time())
+            ),
         )
         self._outbox: asyncio.Queue[bytes] | None = None
         self._unsaved: tuple[RunEntry, ...] | None = None

@@ -26,8 +26,9 @@ import math
 import signal
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from shoal.checks import CheckResult
 from shoal.model import NodeInfo, TaskState, Usage, parse_run_id
 from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReport, RunReports, RunSpec
 
@@ -48,7 +49,8 @@ class RunEntry(BaseModel):
     started_at: float | None = None
     timed_out: bool = False
     checkpoint: str | None = None
-    healthy: bool | None = None
+    term_at: float | None = None  # when a stopped run gets SIGTERM (it first left the registry)
+    checks: dict[str, CheckResult] = Field(default_factory=dict)
 
     def report(self) -> RunReport:
         return RunReport(
@@ -59,7 +61,7 @@ class RunEntry(BaseModel):
             exit_code=self.exit_code,
             message=self.message,
             checkpoint=self.checkpoint,
-            healthy=self.healthy,
+            checks=self.checks,
         )
 
 
@@ -111,10 +113,11 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class Health:
-    """What a run's health check now says."""
+    """What one of a run's health checks now says."""
 
     run_id: str
-    healthy: bool
+    check: str
+    result: CheckResult
     now: float
 
 
@@ -211,10 +214,10 @@ class AgentState:
                 self._tick(now, usage)
             case Recovered():
                 self._recover(event)
-            case Health(run_id=run, healthy=healthy, now=now):
+            case Health(run_id=run, check=check, result=result, now=now):
                 entry = self.runs.get(run)
-                if entry is not None and entry.state is TaskState.RUNNING and entry.healthy != healthy:
-                    entry.healthy = healthy
+                if entry is not None and entry.state is TaskState.RUNNING:
+                    entry.checks[check] = result
                     self._changed(entry, now)
 
     def _launch(self, spec: RunSpec) -> None:
@@ -241,13 +244,17 @@ class AgentState:
         if entry.state.terminal or entry.kill_requested:
             return
         entry.kill_requested = True
+        # The master took it out of the registry when it asked for the kill: SIGTERM waits
+        # out the shutdown delay, so requests already sent to it are answered.
+        entry.term_at = now + entry.spec.shutdown_delay
         self._o.changed = True
-        if entry.pid is not None:
+        if entry.pid is not None and now >= entry.term_at:
             self._signal(entry, signal.SIGTERM, now)
 
     def _signal(self, entry: RunEntry, sig: int, now: float) -> None:
         assert entry.pid is not None
         if sig == signal.SIGTERM:
+            entry.term_at = None
             entry.kill_deadline = now + entry.spec.kill_grace
         self._o.commands.append(Signal(entry.spec.run_id, entry.pid, sig))
 
@@ -260,7 +267,7 @@ class AgentState:
         entry.pid_start = event.pid_start
         entry.started_at = event.now
         self._changed(entry, event.now)
-        if entry.kill_requested:
+        if entry.kill_requested and event.now >= (entry.term_at or 0.0):
             self._signal(entry, signal.SIGTERM, event.now)
 
     def _finish(
@@ -317,10 +324,16 @@ class AgentState:
 
     def next_due(self) -> float:
         """The earliest time a `Tick` does more than send a heartbeat: a run reaches its time
-        limit, a stopped run's grace ends, or a report is due again (math.inf: none)."""
+        limit, a stopped run's shutdown delay or grace ends, or a report is due again (math.inf: none)."""
         due = math.inf
         for entry in self.runs.values():
-            due = min(due, self._limit_at(entry), self._sigkill_at(entry), self._resend_at(entry))
+            due = min(
+                due,
+                self._limit_at(entry),
+                self._sigterm_at(entry),
+                self._sigkill_at(entry),
+                self._resend_at(entry),
+            )
         return due
 
     def _limit_at(self, entry: RunEntry) -> float:
@@ -329,6 +342,10 @@ class AgentState:
         if limit is None or entry.started_at is None or entry.state is not TaskState.RUNNING:
             return math.inf
         return math.inf if entry.timed_out or entry.kill_requested else entry.started_at + limit
+
+    def _sigterm_at(self, entry: RunEntry) -> float:
+        """When a run asked to stop gets its SIGTERM, its shutdown delay over."""
+        return entry.term_at if entry.term_at is not None and entry.pid is not None else math.inf
 
     def _sigkill_at(self, entry: RunEntry) -> float:
         """When a stopped run's grace ends and SIGKILL follows its SIGTERM."""
@@ -346,6 +363,8 @@ class AgentState:
             if now >= self._limit_at(entry):
                 entry.timed_out = True
                 self._o.changed = True
+                self._signal(entry, signal.SIGTERM, now)
+            if now >= self._sigterm_at(entry):
                 self._signal(entry, signal.SIGTERM, now)
             if entry.pid is not None and now >= self._sigkill_at(entry):
                 self._o.commands.append(Signal(entry.spec.run_id, entry.pid, signal.SIGKILL))

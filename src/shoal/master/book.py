@@ -36,7 +36,7 @@ class Book:
         gpus = [i for i in range(info.capacity.gpus) if i not in used][: spec.resources.gpus]
         taken = self.ports[info.name]
         low, high = info.port_range
-        ports = dict(zip(spec.ports, (p for p in range(low, high + 1) if p not in taken), strict=False))
+        ports = dict(zip(spec.port_names, (p for p in range(low, high + 1) if p not in taken), strict=False))
         if len(gpus) < spec.resources.gpus or len(ports) < len(spec.ports):
             return None
         self.mark(info.name, gpus, ports.values())

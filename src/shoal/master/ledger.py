@@ -324,7 +324,8 @@ class Ledger:
         job = self.jobs[task.job_id]
         self.active.pop(task.id, None)
         self.usage.remove(job.spec.queue, consumer(job), self.vector(task))
-        task.load = task.healthy = None
+        task.load = None
+        task.checks = {}
         self._book.release(task.node or "", task.gpus, task.ports.values())
         self._release(task.node, task)
 
@@ -409,7 +410,7 @@ class Ledger:
                 "moved_at": now,
                 "successor": None,
                 "load": None,
-                "healthy": True,
+                "checks": copy.checks,
             },
         )
         return old_node, old_run
@@ -565,6 +566,10 @@ class Ledger:
 
     def emit(self, command: Command) -> None:
         self._changes.out.append(command)
+
+    def changed(self) -> tuple[Iterable[TaskRecord], Iterable[NodeRecord]]:
+        """The tasks and nodes changed since the last `commands()`."""
+        return self._changes.tasks.values(), self._changes.nodes.values()
 
     def commands(self) -> list[Command]:
         """Everything the events since the last call changed: one `Persist` first, then the

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shoal.checks import serves
 from shoal.core.plan import Placement, Plan
 from shoal.core.rebalance import Cluster, Movable, Move, RebalancePolicy, rebalance
 from shoal.core.targets import admissible, best_target
@@ -20,7 +21,7 @@ from shoal.errors import NotFound
 from shoal.master.events import Drain
 from shoal.master.ledger import Ledger
 from shoal.model import Migrate, Migration, Strategy, TaskRecord, TaskState
-from shoal.wire import Kill
+from shoal.wire import Kill, RunReport
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,12 +298,12 @@ class MoveDesk:
 
     # --- make-before-break ------------------------------------------------------------------
 
-    def successor_report(
-        self, task: TaskRecord, healthy: bool | None, state: TaskState, why: str, now: float
-    ) -> None:
+    def successor_report(self, task: TaskRecord, report: RunReport, now: float) -> None:
         copy = task.successor
         assert copy is not None
-        if state is TaskState.RUNNING and healthy:
+        copy.checks = dict(report.checks)
+        state, why = report.state, report.message
+        if state is TaskState.RUNNING and serves(self.ledger.jobs[task.job_id].spec.checks, copy.checks):
             self._take_over(task, now)
         elif state.terminal:
             self.drop_successor(task, f"the new copy on {copy.node} ended: {why or state.value}", now)

@@ -112,5 +112,6 @@ def run_spec(spec: JobSpec, task: TaskRecord, copy: Successor | None = None) -> 
         time_limit=spec.time_limit,
         checkpoint=checkpoint,
         restore=task.checkpoint if checkpoint else None,
-        health=spec.health,
+        checks=spec.checks,
+        shutdown_delay=spec.shutdown_delay or 0.0,
     )

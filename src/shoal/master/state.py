@@ -294,7 +294,7 @@ class MasterState:
         task = ledger.tasks.get(r.task_id)
         copy = task.successor if task is not None else None
         if task is not None and copy is not None and r.attempt == copy.attempt and name == copy.node:
-            self.moves.successor_report(task, r.healthy, r.state, r.message, now)
+            self.moves.successor_report(task, r, now)
             return
         current = task is not None and task.attempt == r.attempt and task.node == name and task.state.active
         if not current:
@@ -308,8 +308,8 @@ class MasterState:
                 self.moves.running(task, name, now)
             if task.kill_requested or task.migrating is not None or task.evicted_by is not None:
                 ledger.send(name, Kill(run_ids=[r.run_id]))  # asked to stop: the first may be lost
-            if r.healthy is not None and task.healthy != r.healthy:
-                ledger.update(task, healthy=r.healthy)
+            if r.checks != task.checks:
+                ledger.update(task, checks=dict(r.checks))
         elif r.state.terminal:
             if r.checkpoint is not None:
                 ledger.update(task, checkpoint=r.checkpoint)  # its next attempt starts from this state

@@ -106,7 +106,7 @@ def _placements(state: MasterState) -> None:
             devices.update((node, g) for g in gpus)
             ports.update((node, p) for p in named.values())
             assert len(gpus) == job.spec.resources.gpus, f"{task.id} has devices {gpus}"
-            assert sorted(named) == sorted(job.spec.ports), f"{task.id} has ports {named}"
+            assert sorted(named) == sorted(job.spec.port_names), f"{task.id} has ports {named}"
             low, high = ledger.nodes[node].info.port_range
             assert all(low <= p <= high for p in named.values()), f"{task.id}: ports {named} out of range"
     assert all(n == 1 for n in devices.values()), f"a GPU is given twice: {devices.most_common(1)}"

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoal.agent import state as agent
+from shoal.checks import CheckResult, CheckStatus
 from shoal.core.scheduler import Policy
 from shoal.errors import ShoalError
 from shoal.framework import protocol as p
@@ -478,13 +479,15 @@ class SimCluster:
             name, agent.Spawned(spec.run_id, pid=1000 + len(node.processes), pid_start=self.now, now=self.now)
         )
         self.at(proc.ends_at, lambda: self._process_ended(name, proc, None))
-        if spec.health is not None:
-            self.at(self.now + HEALTHY_AFTER, lambda: self._healthy(name, proc))
+        if spec.checks:
+            self.at(self.now + HEALTHY_AFTER, lambda: self._healthy(name, proc, list(spec.checks)))
 
-    def _healthy(self, name: str, proc: _Process) -> None:
+    def _healthy(self, name: str, proc: _Process, checks: list[str]) -> None:
         node = self.nodes[name]
         if proc.alive and node.state is not None and node.processes.get(proc.run_id) is proc:
-            self._agent_handle(name, agent.Health(proc.run_id, True, self.now))
+            passing = CheckResult(CheckStatus.PASSING, "passing in the simulator", self.now)
+            for check in checks:
+                self._agent_handle(name, agent.Health(proc.run_id, check, passing, self.now))
 
     def _signal(self, name: str, run: str, sig: int) -> None:
         proc = self.nodes[name].processes.get(run)
