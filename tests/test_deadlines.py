@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import invariant
 from test_ledger_machine import LedgerMachine
 
-from shoal.checks import TASK_CHECK, CheckResult, CheckStatus
 from shoal.agent import state as agent
+from shoal.checks import TASK_CHECK, CheckResult, CheckStatus
 from shoal.core.rebalance import RebalancePolicy
 from shoal.errors import ShoalError
 from shoal.framework import protocol as p

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from shoal.checks import TASK_CHECK, CheckResult, CheckStatus
+from shoal.checks import CheckResult, CheckStatus
 from shoal.core.rebalance import RebalancePolicy
 from shoal.core.scheduler import Policy, QueuePolicy
 from shoal.framework import protocol as p

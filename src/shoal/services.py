@@ -27,7 +27,8 @@ def label(value: str) -> str:
     """`value` if it is a DNS label (RFC 1123), else a ValueError saying what one is."""
     if not _LABEL.fullmatch(value):
         raise ValueError(
-            f"{value!r} is not a DNS label: 1-63 lowercase letters, digits and '-', not starting or ending with '-'"
+            f"{value!r} is not a DNS label: 1-63 lowercase letters, digits and '-', "
+            "not starting or ending with '-'"
         )
     return value
 

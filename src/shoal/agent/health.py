@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shoal.checks import OUTPUT_LIMIT, CheckResult, CheckStatus, HealthCheck
+from shoal.checks import OUTPUT_LIMIT, CheckStatus, HealthCheck
 from shoal.wire import RunSpec
 
 if TYPE_CHECKING:  # httpx itself is imported at the first HTTP check: an agent starts without it

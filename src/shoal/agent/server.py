@@ -24,7 +24,6 @@ from pydantic import TypeAdapter
 
 from shoal.agent.cgroups import Cgroups
 from shoal.agent.discovery import discover
-from shoal.checks import CheckResult
 from shoal.agent.files import FileMover
 from shoal.agent.health import HealthChecks
 from shoal.agent.runner import Runner, alive, start_time
@@ -48,6 +47,7 @@ from shoal.agent.state import (
     Tick,
 )
 from shoal.agent.usage import Meter
+from shoal.checks import CheckResult
 from shoal.config import AgentSettings
 from shoal.errors import ShoalError
 from shoal.wire import (
