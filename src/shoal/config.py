@@ -163,6 +163,9 @@ class AgentSettings(_Settings):
     cpus: float | None = Field(None, gt=0)
     mem: int | None = Field(None, gt=0, description="MiB")
     heartbeat_interval: float = Field(1.0, gt=0)
+    address: str | None = Field(
+        None, description="the IPv4 address tasks here are reached at (default: the one facing the master)"
+    )
     port_range: tuple[int, int] = Field((20000, 32000), description="tasks' dynamic ports come from here")
     limits: bool = Field(True, description="hold tasks to their cpus and mem with cgroups")
     utilization: Literal["host", "tasks"] = Field(

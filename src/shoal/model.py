@@ -398,6 +398,7 @@ class NodeInfo(BaseModel):
     attributes: dict[str, str] = Field(default_factory=dict)
     gpu_models: list[str] = Field(default_factory=list)
     port_range: tuple[int, int] = (20000, 32000)  # where tasks' dynamic ports come from
+    address: str = ""  # the IPv4 address its tasks are reached at (its services' endpoints)
 
 
 class RunUsage(BaseModel):

@@ -94,6 +94,13 @@ class Registration(BaseModel):
             raise ValueError(f"{value!r} is not an IPv4 address") from None
 
 
+class RegistrationRecord(BaseModel):
+    """A registration as stored: who made it (only they or an admin may remove it)."""
+
+    owner: str
+    spec: Registration
+
+
 EndpointKind = Literal["task", "external", "agent", "master"]
 
 

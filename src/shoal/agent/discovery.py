@@ -6,6 +6,7 @@ import platform
 import shutil
 import socket
 import subprocess
+import urllib.parse
 from pathlib import Path
 
 import psutil
@@ -23,6 +24,7 @@ def discover(
     mem: int | None = None,
     port_range: tuple[int, int] = (20000, 32000),
     custom: dict[str, float] | None = None,
+    address: str = "",
 ) -> NodeInfo:
     """This node's description; `cpus` and `mem` override what the machine reports, and
     `custom` adds the resources it declares (licenses = 4), which no machine reports."""
@@ -50,7 +52,20 @@ def discover(
         attributes=attributes,
         gpu_models=gpus,
         port_range=port_range,
+        address=address,
     )
+
+
+def facing(url: str) -> str:
+    """The local IPv4 address this node sends from to reach `url`'s host: where others on
+    that network reach it ("" when there is no route)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((parts.hostname or "127.0.0.1", parts.port or 80))  # UDP: nothing is sent
+            return str(probe.getsockname()[0])
+    except OSError:
+        return ""
 
 
 def gpu_models() -> list[str]:

@@ -23,7 +23,7 @@ import websockets
 from pydantic import TypeAdapter
 
 from shoal.agent.cgroups import Cgroups
-from shoal.agent.discovery import discover
+from shoal.agent.discovery import discover, facing
 from shoal.agent.files import FileMover
 from shoal.agent.health import HealthChecks
 from shoal.agent.runner import Runner, alive, start_time
@@ -91,6 +91,7 @@ class Agent:
             settings.mem,
             settings.port_range,
             settings.resources,
+            settings.address or facing(settings.master),
         )
         self.state = AgentState(info, self._load_table())
         cgroups = Cgroups.detect(info.name) if settings.limits else None

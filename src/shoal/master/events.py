@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shoal.checks import CheckStatus
 from shoal.errors import ShoalError
 from shoal.framework import protocol as p
-from shoal.model import JobRecord, JobSpec, Migration, NodeRecord, TaskRecord
+from shoal.model import Caller, JobRecord, JobSpec, Migration, NodeRecord, TaskRecord
+from shoal.services import Registration, RegistrationRecord
 from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReports
 
 # --- events ---------------------------------------------------------------------------------
@@ -108,7 +110,40 @@ class RebalanceNow:
     now: float
 
 
-Request = Submit | KillJob | SubscribeFramework | FrameworkCall | Drain | RebalanceNow  # awaited replies
+@dataclass(frozen=True, slots=True)
+class RegisterService:
+    """A service shoal does not run, registered from outside (replaces one with its id)."""
+
+    request: int
+    owner: str
+    spec: Registration
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class CheckService:
+    """A registration's TTL check, refreshed with a verdict (pass, warn or fail)."""
+
+    request: int
+    caller: Caller
+    registration: str
+    status: CheckStatus
+    output: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeregisterService:
+    request: int
+    caller: Caller
+    registration: str
+    now: float
+
+
+ServiceCall = RegisterService | CheckService | DeregisterService
+Request = (
+    Submit | KillJob | SubscribeFramework | FrameworkCall | Drain | RebalanceNow | ServiceCall
+)  # awaited
 Event = Request | FromAgent | AgentGone | Tick | StreamClosed
 
 # --- commands -------------------------------------------------------------------------------
@@ -125,6 +160,8 @@ class Persist:
     migrations: tuple[Migration, ...] = ()
     forgotten_jobs: tuple[int, ...] = ()  # finished jobs past retention: gone with their tasks
     forgotten_migrations: tuple[int, ...] = ()
+    registrations: tuple[RegistrationRecord, ...] = ()  # services registered from outside
+    forgotten_registrations: tuple[str, ...] = ()  # their ids: deregistered or lapsed
     # The next id of each kind, so an id is never given twice, even once its record is pruned.
     counters: tuple[tuple[str, int], ...] = ()
 

@@ -58,6 +58,7 @@ from shoal.model import (
     Usage,
     run_id,
 )
+from shoal.services import RegistrationRecord
 from shoal.wire import Ack, Kill, Launch
 
 NO_PORT = "node has too few free ports (stale plan)"
@@ -479,6 +480,14 @@ class Ledger:
 
     def acknowledged(self, uuid: str) -> None:
         self._changes.acked.append(uuid)
+
+    def save_registration(self, record: RegistrationRecord) -> None:
+        self._changes.forgotten_registrations.pop(record.spec.id, None)
+        self._changes.registrations[record.spec.id] = record
+
+    def forget_registration(self, registration: str) -> None:
+        self._changes.registrations.pop(registration, None)
+        self._changes.forgotten_registrations[registration] = None
 
     def add_migration(self, **fields: object) -> Migration:
         """A new migration record, under an id never given before."""

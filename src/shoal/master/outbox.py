@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.events import Command, Persist, Send
 from shoal.model import JobRecord, Migration, NodeRecord, TaskRecord
+from shoal.services import RegistrationRecord
 from shoal.wire import Launch, RunSpec
 
 
@@ -26,6 +27,8 @@ class Outbox:
     counters: dict[str, int] = field(default_factory=dict)
     forgotten_jobs: list[int] = field(default_factory=list)
     forgotten_migrations: list[int] = field(default_factory=list)
+    registrations: dict[str, RegistrationRecord] = field(default_factory=dict)
+    forgotten_registrations: dict[str, None] = field(default_factory=dict)
     out: list[Command] = field(default_factory=list)
     launches: dict[str, list[RunSpec]] = field(default_factory=lambda: defaultdict(list))
 
@@ -47,6 +50,8 @@ class Outbox:
             self.migrations,
             forgotten,
             self.forgotten_migrations,
+            self.registrations,
+            self.forgotten_registrations,
             self.counters,
         )
         if any(stored):
@@ -61,6 +66,8 @@ class Outbox:
                     tuple(self.migrations.values()),
                     tuple(self.forgotten_jobs),
                     tuple(self.forgotten_migrations),
+                    tuple(self.registrations.values()),
+                    tuple(self.forgotten_registrations),
                     tuple(self.counters.items()),
                 )
             )

@@ -12,6 +12,7 @@ from typing import Protocol
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.events import Persist
 from shoal.model import JobRecord, Migration, NodeRecord, Role, TaskRecord
+from shoal.services import RegistrationRecord
 from shoal.shell.protocol import AuditRecord
 
 
@@ -24,6 +25,7 @@ class Snapshot:
     updates: list[tuple[str, TaskStatus]]  # (framework, status) not yet acknowledged, in order
     migrations: list[Migration]
     counters: dict[str, int] = field(default_factory=dict)  # the next id of each kind ("job", ...)
+    registrations: list[RegistrationRecord] = field(default_factory=list)  # services from outside
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.events import Persist
 from shoal.master.store import Snapshot, TokenEntry
 from shoal.model import TASK_RECORD, JobRecord, Migration, NodeRecord, Role
+from shoal.services import RegistrationRecord
 from shoal.shell.protocol import AuditRecord
 
 _SCHEMA = """
@@ -39,6 +40,7 @@ CREATE TABLE IF NOT EXISTS updates (
 CREATE TABLE IF NOT EXISTS token_roles (digest TEXT PRIMARY KEY, roles TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS migrations (id INTEGER PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, next INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS registrations (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 """
 
 
@@ -71,6 +73,10 @@ class SqliteStore:
                 Migration.model_validate_json(d) for (d,) in self._db.execute("SELECT doc FROM migrations")
             ],
             counters=dict(self._db.execute("SELECT name, next FROM counters")),
+            registrations=[
+                RegistrationRecord.model_validate_json(d)
+                for (d,) in self._db.execute("SELECT doc FROM registrations")
+            ],
         )
 
     def apply(self, changes: Persist) -> None:
@@ -108,6 +114,13 @@ class SqliteStore:
             db.executemany("DELETE FROM jobs WHERE id = ?", gone)
             db.executemany(
                 "DELETE FROM migrations WHERE id = ?", [(m,) for m in changes.forgotten_migrations]
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO registrations VALUES (?, ?)",
+                [(r.spec.id, r.model_dump_json()) for r in changes.registrations],
+            )
+            db.executemany(
+                "DELETE FROM registrations WHERE id = ?", [(r,) for r in changes.forgotten_registrations]
             )
         except BaseException:
             db.execute("ROLLBACK")
