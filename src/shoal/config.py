@@ -19,6 +19,7 @@ from shoal.model import Resources, Strategy
 if TYPE_CHECKING:
     from shoal.core.scheduler import Policy
     from shoal.master.moves import Rebalancing
+    from shoal.master.registry import RegistryPolicy
 
 
 def data_home() -> Path:
@@ -100,6 +101,26 @@ class MasterSettings(_Settings):
     offer_patience: float = Field(
         1.0, ge=0, description="seconds an offer is held before a starved framework may claim it"
     )
+    advertise: str | None = Field(
+        None,
+        description="the IPv4 address the master is reached at, as the registry gives it (default: host)",
+    )
+    shutdown_delay: float = Field(
+        2.0,
+        ge=0,
+        le=3600,
+        description="seconds a task with services waits, out of the registry, before SIGTERM (jobs may say)",
+    )
+    dns_port: int = Field(
+        8600, ge=0, le=65535, description="UDP and TCP port of the DNS server (0: any free)"
+    )
+    dns_host: str | None = Field(None, description="where the DNS server listens (default: host)")
+    dns_ttl: int = Field(5, ge=0, le=86_400, description="seconds answers may be cached")
+    dns_negative_ttl: int = Field(5, ge=0, le=86_400, description="seconds NXDOMAIN and NODATA may be cached")
+    dns_upstream: str | None = Field(
+        None, description="HOST:PORT of a resolver for names outside .shoal (default: REFUSED)"
+    )
+    dns_load_aware: bool = Field(True, description="answers list endpoints on the least loaded nodes first")
 
     @field_validator("queues")
     @classmethod
@@ -114,6 +135,11 @@ class MasterSettings(_Settings):
         if any(w <= 0 for w in value.values()):
             raise ValueError("weights must be positive")
         return value
+
+    def registry(self) -> RegistryPolicy:
+        from shoal.master.registry import RegistryPolicy
+
+        return RegistryPolicy(shutdown_delay=self.shutdown_delay, load_aware=self.dns_load_aware)
 
     def rebalancing(self) -> Rebalancing:
         from shoal.core.rebalance import RebalancePolicy

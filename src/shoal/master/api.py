@@ -22,11 +22,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import SecretStr
 
 from shoal.config import MasterSettings
-from shoal.errors import Forbidden, NotFound, ShoalError, SpecError
+from shoal.errors import Forbidden, NotFound, SpecError
 from shoal.files import write_secret
 from shoal.framework import protocol as fp
+from shoal.master import service_api
 from shoal.master.auth import Tokens, new_token
 from shoal.master.blobs import BlobStore
+from shoal.master.deps import CallerDep, MasterDep, Unauthorized, admin, admin_or_agent, writer
 from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, RebalanceNow, Submit
 from shoal.master.frameworks import FrameworkPolicy
 from shoal.master.ledger import Retention
@@ -34,6 +36,7 @@ from shoal.master.server import Master, Unavailable, tune_collector
 from shoal.master.shell import Order
 from shoal.master.store.sqlite import SqliteStore
 from shoal.model import Caller, JobSpec, Migration, Role, TaskRecord
+from shoal.services import MASTER_SERVICE, Endpoint
 from shoal.shell.groups import NodeGroups, choose, resolve
 from shoal.shell.protocol import AuditEnd, AuditRecord, AuditStart, CopyRequest, ExecRequest, FetchRequest
 from shoal.views import (
@@ -49,10 +52,6 @@ from shoal.views import (
 )
 
 log = logging.getLogger("shoal.master")
-
-
-class Unauthorized(ShoalError):
-    pass
 
 
 def _secret_file(path: pathlib.Path, given: str | None) -> str:
@@ -95,6 +94,20 @@ def open_master(settings: MasterSettings) -> Master:
         frameworks,
         settings.rebalancing(),
         Retention(settings.job_retention, settings.job_retention_count),
+        settings.registry(),
+        [_master_endpoint(settings)],
+    )
+
+
+def _master_endpoint(settings: MasterSettings) -> Endpoint:
+    """This master as the registry lists it (`shoal-master`): its API, with its DNS port."""
+    return Endpoint(
+        id=f"{settings.advertise or settings.host}:{settings.port}",
+        service=MASTER_SERVICE,
+        kind="master",
+        address=settings.advertise or settings.host,
+        port=settings.port,
+        meta={"dns_port": str(settings.dns_port)},
     )
 
 
@@ -146,46 +159,11 @@ def create_app(settings: MasterSettings) -> FastAPI:
     app = FastAPI(title="shoal", version="0.1.0", lifespan=lifespan)
     _errors(app)
     _routes(app)
+    app.include_router(service_api.router)
     return app
 
 
-async def _master(request: Request) -> Master:
-    return request.app.state.master
-
-
-async def _caller(request: Request) -> Caller:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    caller = request.app.state.master.tokens.caller(token) if scheme.lower() == "bearer" and token else None
-    if caller is None:
-        raise Unauthorized("a valid API token is required: Authorization: Bearer <token>")
-    return caller
-
-
-async def _writer(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
-    if caller.role is Role.READER:
-        raise Forbidden("read-only tokens cannot change anything")
-    return caller
-
-
-async def _admin(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
-    if caller.role is not Role.ADMIN:
-        raise Forbidden("this needs an admin token")
-    return caller
-
-
-async def _admin_or_agent(request: Request) -> None:
-    """Blobs move between admins (shoal copy) and agents (the cluster token)."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and request.app.state.master.tokens.is_cluster(token):
-        return
-    await _admin(await _caller(request))
-
-
 Blob = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="sha256 of the content")]
-
-
-MasterDep = Annotated[Master, Depends(_master)]
-CallerDep = Annotated[Caller, Depends(_caller)]
 
 
 _MSGPACK = "application/x-msgpack"
@@ -219,7 +197,7 @@ def _task(master: Master, caller: Caller, task_id: str) -> TaskRecord:
 def _routes(app: FastAPI) -> None:
     @app.post("/v1/jobs", status_code=201, response_model=Submitted, responses={422: {"model": ErrorBody}})
     async def submit(
-        spec: JobSpec, master: MasterDep, caller: Annotated[Caller, Depends(_writer)]
+        spec: JobSpec, master: MasterDep, caller: Annotated[Caller, Depends(writer)]
     ) -> Submitted:
         names = _node_names(spec, master)
         job_id = await master.request(lambda req, now: Submit(req, caller.name, spec, now, names))
@@ -245,7 +223,7 @@ def _routes(app: FastAPI) -> None:
         return _job(master, caller, job_id, offset, limit)
 
     @app.post("/v1/jobs/{job_id}/kill", response_model=JobView)
-    async def kill(job_id: int, master: MasterDep, caller: Annotated[Caller, Depends(_writer)]) -> JobView:
+    async def kill(job_id: int, master: MasterDep, caller: Annotated[Caller, Depends(writer)]) -> JobView:
         view = _job(master, caller, job_id)
         if not caller.may_change(view.owner):
             raise Forbidden(f"a {caller.role.value} token cannot kill job {job_id}")
@@ -287,14 +265,14 @@ def _routes(app: FastAPI) -> None:
         responses={200: {"content": {_MSGPACK: {}}, "description": "a stream of msgpack events"}},
     )
     async def exec_(
-        body: ExecRequest, master: MasterDep, caller: Annotated[Caller, Depends(_admin)]
+        body: ExecRequest, master: MasterDep, caller: Annotated[Caller, Depends(admin)]
     ) -> StreamingResponse:
         """Run a command on a node set now, through the agents (admin only; audited)."""
         return _fan_out(master, caller, body, body.command)
 
     @app.post("/v1/copy", response_class=StreamingResponse, responses={200: {"content": {_MSGPACK: {}}}})
     async def copy(
-        body: CopyRequest, master: MasterDep, caller: Annotated[Caller, Depends(_admin)]
+        body: CopyRequest, master: MasterDep, caller: Annotated[Caller, Depends(admin)]
     ) -> StreamingResponse:
         """Push uploaded blobs to a node set, through the agents (admin only; audited)."""
         if missing := sorted({f.blob for f in body.files if not master.blobs.has(f.blob)}):
@@ -306,14 +284,14 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/v1/rcopy", response_class=StreamingResponse, responses={200: {"content": {_MSGPACK: {}}}})
     async def rcopy(
-        body: FetchRequest, master: MasterDep, caller: Annotated[Caller, Depends(_admin)]
+        body: FetchRequest, master: MasterDep, caller: Annotated[Caller, Depends(admin)]
     ) -> StreamingResponse:
         """Pull one file from every node of a set into the blob store (admin only; audited)."""
         return _fan_out(master, caller, body, f"rcopy {body.path}")
 
     @app.post("/v1/audit", status_code=201, response_model=AuditRecord)
     async def audit_start(
-        body: AuditStart, master: MasterDep, caller: Annotated[Caller, Depends(_admin)]
+        body: AuditStart, master: MasterDep, caller: Annotated[Caller, Depends(admin)]
     ) -> AuditRecord:
         """Record a parallel command run around the master (over SSH), before it runs."""
         record = AuditRecord(
@@ -327,7 +305,7 @@ def _routes(app: FastAPI) -> None:
         record_id: Annotated[int, Path(ge=1, le=2**62)],
         body: AuditEnd,
         master: MasterDep,
-        caller: Annotated[Caller, Depends(_admin)],
+        caller: Annotated[Caller, Depends(admin)],
     ) -> AuditRecord:
         """Complete a record made with POST /v1/audit, once, by whoever made it."""
         record = master.store.audit_record(record_id)
@@ -339,12 +317,12 @@ def _routes(app: FastAPI) -> None:
         master.store.end_audit(record)
         return record
 
-    @app.put("/v1/blobs/{blob}", status_code=201, dependencies=[Depends(_admin_or_agent)])
+    @app.put("/v1/blobs/{blob}", status_code=201, dependencies=[Depends(admin_or_agent)])
     async def put_blob(blob: Blob, request: Request, master: MasterDep) -> dict[str, int]:
         """Upload a file's content, named by its sha256 (admins and agents)."""
         return {"size": await master.blobs.put(blob, request.stream())}
 
-    @app.api_route("/v1/blobs/{blob}", methods=["GET", "HEAD"], dependencies=[Depends(_admin_or_agent)])
+    @app.api_route("/v1/blobs/{blob}", methods=["GET", "HEAD"], dependencies=[Depends(admin_or_agent)])
     async def get_blob(blob: Blob, master: MasterDep) -> FileResponse:
         """A stored file's content (admins and agents)."""
         if not master.blobs.has(blob):
@@ -355,7 +333,7 @@ def _routes(app: FastAPI) -> None:
     @app.get("/v1/audit", response_model=list[AuditRecord])
     async def audit(
         master: MasterDep,
-        caller: Annotated[Caller, Depends(_admin)],
+        caller: Annotated[Caller, Depends(admin)],
         offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     ) -> list[AuditRecord]:
@@ -364,7 +342,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/v1/tokens", status_code=201, response_model=TokenCreated)
     async def create_token(
-        body: TokenRequest, master: MasterDep, caller: Annotated[Caller, Depends(_admin)]
+        body: TokenRequest, master: MasterDep, caller: Annotated[Caller, Depends(admin)]
     ) -> TokenCreated:
         token = master.tokens.add(body.name, body.role, roles=body.roles)
         return TokenCreated(name=body.name, role=body.role, roles=body.roles, token=token)
@@ -377,7 +355,7 @@ def _routes(app: FastAPI) -> None:
         },
     )
     async def subscribe(
-        body: fp.Subscribe, master: MasterDep, caller: Annotated[Caller, Depends(_writer)]
+        body: fp.Subscribe, master: MasterDep, caller: Annotated[Caller, Depends(writer)]
     ) -> StreamingResponse:
         """Subscribe a framework (or take one up again) and stream its events."""
         events = await master.subscribe(_principal(caller), body)
@@ -388,7 +366,7 @@ def _routes(app: FastAPI) -> None:
         framework_id: Annotated[str, Path(max_length=64)],
         call: Annotated[fp.Call, Body()],
         master: MasterDep,
-        caller: Annotated[Caller, Depends(_writer)],
+        caller: Annotated[Caller, Depends(writer)],
     ) -> object:
         """One call of a subscribed framework: accept, decline, suppress, revive, kill,
         acknowledge, reconcile or teardown."""
@@ -409,7 +387,7 @@ def _routes(app: FastAPI) -> None:
         ]
 
     @app.post("/v1/rebalance", response_model=list[Migration])
-    async def rebalance_now(master: MasterDep, caller: Annotated[Caller, Depends(_admin)]) -> object:
+    async def rebalance_now(master: MasterDep, caller: Annotated[Caller, Depends(admin)]) -> object:
         """Run one rebalancing round now (admin only)."""
         return await master.request(lambda req, now: RebalanceNow(req, now))
 
@@ -417,7 +395,7 @@ def _routes(app: FastAPI) -> None:
     async def drain(
         name: Annotated[str, Path(max_length=253)],
         master: MasterDep,
-        caller: Annotated[Caller, Depends(_admin)],
+        caller: Annotated[Caller, Depends(admin)],
         deadline: Annotated[float | None, Query(gt=0, le=7 * 86_400)] = None,
     ) -> object:
         """Take no new work on a node and move its tasks off; after `deadline` seconds, also
@@ -428,7 +406,7 @@ def _routes(app: FastAPI) -> None:
     async def undrain(
         name: Annotated[str, Path(max_length=253)],
         master: MasterDep,
-        caller: Annotated[Caller, Depends(_admin)],
+        caller: Annotated[Caller, Depends(admin)],
     ) -> object:
         """Let a drained node take work again (admin only)."""
         return await master.request(lambda req, now: Drain(req, name, False, now))

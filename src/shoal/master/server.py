@@ -9,12 +9,13 @@ state machine never sees two callers at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -43,10 +44,12 @@ from shoal.master.events import (
 from shoal.master.frameworks import FrameworkPolicy
 from shoal.master.ledger import Retention
 from shoal.master.moves import Rebalancing
+from shoal.master.registry import RegistryPolicy
 from shoal.master.shell import ShellRelay
 from shoal.master.state import MasterState
 from shoal.master.store import Store
 from shoal.model import TaskRecord, run_id
+from shoal.services import Endpoint
 from shoal.views import NodeView
 from shoal.wire import (
     ExecEnd,
@@ -66,6 +69,7 @@ log = logging.getLogger("shoal.master")
 _OUTBOX = 10_000
 _LOG_TIMEOUT = 5.0
 _SWEEP_EVERY = 60.0  # seconds between sweeps of old blobs
+ANY_SERVICE = ""  # what a blocking query on the list of services waits on
 _STREAM_BOUND = 10_000  # events a framework may leave unread before its stream is closed
 
 
@@ -128,6 +132,8 @@ class Master:
         framework_policy: FrameworkPolicy | None = None,
         rebalancing: Rebalancing | None = None,
         retention: Retention | None = None,
+        registry: RegistryPolicy | None = None,
+        masters: Iterable[Endpoint] = (),
     ) -> None:
         snap = store.load()
         self.store = store
@@ -142,6 +148,8 @@ class Master:
             rebalancing=rebalancing,
             retention=retention,
             now=time.time(),
+            registry=registry,
+            masters=masters,
         )
         self.links: dict[str, _Link] = {}
         self._ids = itertools.count(1)
@@ -151,6 +159,8 @@ class Master:
         self.shell = ShellRelay(self._send_to)
         self.streams: dict[int, asyncio.Queue[bytes | None]] = {}
         self._offer_timer: asyncio.TimerHandle | None = None
+        # Blocking queries waiting on a service ("": on any), woken only by its changes.
+        self._service_changes: dict[str, asyncio.Event] = {}
 
     # --- the door into the ledger ---------------------------------------------------------
 
@@ -172,6 +182,10 @@ class Master:
                     self._to_stream(connection, self.state.frameworks.encode(event))
                 case CloseStream(connection=connection):
                     self._to_stream(connection, None)
+        if changed := self.state.registry.take_changed():
+            for name in (*changed, ANY_SERVICE):
+                if (event := self._service_changes.pop(name, None)) is not None:
+                    event.set()
         loop = asyncio.get_running_loop()
         if self.state.wants_cycle:
             loop.call_soon(lambda: self.soon(Tick(time.time())))
@@ -332,6 +346,20 @@ class Master:
         queue.put_nowait(line)
         if line is None:
             self.streams.pop(connection, None)
+
+    # --- the registry -------------------------------------------------------------------------
+
+    async def service_changed(self, service: str, index: int, wait: float) -> None:
+        """Return once `service` ("": any service) has changed past `index`, or after `wait`
+        seconds. An index above the registry's (a client that knew a master before a
+        restart) is answered at once."""
+        registry = self.state.registry
+        current = registry.index if service == ANY_SERVICE else registry.index_of(service)
+        if current > index or index > registry.index:
+            return
+        event = self._service_changes.setdefault(service, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), wait)
 
     # --- logs -----------------------------------------------------------------------------
 

@@ -35,14 +35,17 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Iterable
 
 from shoal.core.plan import Reservation
 from shoal.core.rebalance import smooth
 from shoal.core.scheduler import Policy, schedule
-from shoal.errors import NotFound, SpecError
+from shoal.errors import Forbidden, NotFound, ShoalError, SpecError
 from shoal.master.events import (
     AgentGone,
+    CheckService,
     Command,
+    DeregisterService,
     Disconnect,
     Drain,
     Event,
@@ -50,6 +53,7 @@ from shoal.master.events import (
     FromAgent,
     KillJob,
     RebalanceNow,
+    RegisterService,
     StreamClosed,
     Submit,
     SubscribeFramework,
@@ -58,9 +62,11 @@ from shoal.master.events import (
 from shoal.master.frameworks import FrameworkDesk, FrameworkPolicy
 from shoal.master.ledger import Ledger, Retention
 from shoal.master.moves import MoveDesk, Rebalancing
+from shoal.master.registry import Registry, RegistryPolicy
 from shoal.master.store import Snapshot
 from shoal.model import (
     Attempt,
+    Caller,
     JobRecord,
     NodeRecord,
     NodeStatus,
@@ -70,6 +76,7 @@ from shoal.model import (
     TaskState,
     parse_run_id,
 )
+from shoal.services import Endpoint
 from shoal.wire import Ack, Heartbeat, Kill, Register, RunReport, RunReports
 
 HISTORY = 60  # smoothed load samples kept per node
@@ -93,6 +100,8 @@ class MasterState:
         retention: Retention | None = None,
         now: float = 0.0,
         cycle_on_tick: bool = False,
+        registry: RegistryPolicy | None = None,
+        masters: Iterable[Endpoint] = (),
     ) -> None:
         snap = snapshot or Snapshot([], [], [], [], [], [])
         self.heartbeat_timeout = heartbeat_timeout
@@ -128,6 +137,7 @@ class MasterState:
             snap.updates,
             now,
         )
+        self.registry = Registry(self.ledger, registry or RegistryPolicy(), snap.registrations, masters, now)
         self.ledger.watch(self._transitioned)
         # (last_seen + heartbeat_timeout, node) of UP nodes, oldest first. An entry is fixed
         # only when it reaches the top: last_seen only grows, so it is never too late.
@@ -153,6 +163,7 @@ class MasterState:
             self._schedule(now)
         if (due := self.frameworks.due()) is not None and now >= due:
             self.frameworks.cycle(now)
+        self.registry.follow(*self.ledger.changed())
         return self.ledger.commands()
 
     @property
@@ -171,6 +182,7 @@ class MasterState:
             self._wakeup,
             self.frameworks.next_due(),
             self.moves.next_due(),
+            self.registry.next_due(),
             self.ledger.next_prune(self.frameworks.pinned()),
         )
 
@@ -198,6 +210,7 @@ class MasterState:
                 # The heartbeat timeout, not a closed socket, decides that a node is down.
                 if (node := self.ledger.nodes.get(name)) is not None:
                     self.ledger.observe(node, connected=False)
+                    self.registry.follow((), [node])
             case Tick():
                 self._tick(event.now)
             case Drain():
@@ -212,13 +225,18 @@ class MasterState:
                 self.frameworks.call(event)
             case StreamClosed():
                 self.frameworks.stream_closed(event)
+            case RegisterService() | CheckService() | DeregisterService():
+                self._service_call(event)
 
     def _submit(self, event: Submit) -> None:
         error = self._refuse(event)
         if error is not None:
             self.ledger.reply(event.request, error=error)
             return
-        job = self.ledger.add_job(event.owner, event.spec, event.now, node_names=event.node_names)
+        spec = event.spec
+        if spec.services and spec.shutdown_delay is None:
+            spec = spec.model_copy(update={"shutdown_delay": self.registry.policy.shutdown_delay})
+        job = self.ledger.add_job(event.owner, spec, event.now, node_names=event.node_names)
         self._needs_schedule = True
         self.ledger.reply(event.request, job.id)
 
@@ -230,6 +248,29 @@ class MasterState:
         if event.node_names is not None and not event.node_names:
             return SpecError("nodes", f"{spec.nodes!r} names no node")
         return self.ledger.refuse(spec)
+
+    def _service_call(self, event: RegisterService | CheckService | DeregisterService) -> None:
+        registry = self.registry
+        try:
+            match event:
+                case RegisterService(owner=owner, spec=spec, now=now):
+                    if spec.id in registry.registrations and registry.owner(spec.id) != owner:
+                        raise Forbidden(f"registration {spec.id!r} belongs to {registry.owner(spec.id)}")
+                    registry.register(owner, spec, now)
+                case CheckService(caller=caller, registration=rid, status=status, output=output, now=now):
+                    self._may_change_registration(caller, rid)
+                    registry.refresh(rid, status, output, now)
+                case DeregisterService(caller=caller, registration=rid):
+                    self._may_change_registration(caller, rid)
+                    registry.deregister(rid)
+        except ShoalError as e:
+            self.ledger.reply(event.request, error=e)
+            return
+        self.ledger.reply(event.request, registry.index)
+
+    def _may_change_registration(self, caller: Caller, registration: str) -> None:
+        if not caller.may_change(owner := self.registry.owner(registration)):
+            raise Forbidden(f"registration {registration!r} belongs to {owner}")
 
     def _kill_job(self, event: KillJob) -> None:
         if event.job_id not in self.ledger.jobs:  # pruned since the API looked it up
@@ -324,6 +365,7 @@ class MasterState:
             self._needs_schedule = True
         self.frameworks.tick(now)
         self.moves.tick(now)
+        self.registry.tick(now)
         self.frameworks.forget(self.ledger.prune(now, pinned=self.frameworks.pinned()))
 
     def _silent(self, node: NodeRecord, now: float) -> bool:

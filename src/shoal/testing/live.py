@@ -65,6 +65,7 @@ class LiveCluster:
         self.registered = registered
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.dns_port = free_port()  # the master's DNS server, UDP and TCP
         self.admin_token = new_token()
         self.cluster_token = new_token()
         self.heartbeat_timeout = heartbeat_timeout
@@ -73,7 +74,10 @@ class LiveCluster:
         self.master: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         # Settings of the master, and of every agent, as SHOAL_* variables: {"offer_timeout": "2"}.
-        self.master_env = {f"SHOAL_{k.upper()}": v for k, v in (master_settings or {}).items()}
+        self.master_env = {
+            "SHOAL_DNS_PORT": str(self.dns_port),
+            **{f"SHOAL_{k.upper()}": v for k, v in (master_settings or {}).items()},
+        }
         self.agent_env = {f"SHOAL_{k.upper()}": v for k, v in (agent_settings or {}).items()}
 
     @property

@@ -1,0 +1,51 @@
+"""Who is calling, and the master they reach: the dependencies every route of the API uses."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from shoal.errors import Forbidden, ShoalError
+from shoal.master.server import Master
+from shoal.model import Caller, Role
+
+
+class Unauthorized(ShoalError):
+    pass
+
+
+async def master_of(request: Request) -> Master:
+    return request.app.state.master
+
+
+async def caller_of(request: Request) -> Caller:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    caller = request.app.state.master.tokens.caller(token) if scheme.lower() == "bearer" and token else None
+    if caller is None:
+        raise Unauthorized("a valid API token is required: Authorization: Bearer <token>")
+    return caller
+
+
+async def writer(caller: Annotated[Caller, Depends(caller_of)]) -> Caller:
+    if caller.role is Role.READER:
+        raise Forbidden("read-only tokens cannot change anything")
+    return caller
+
+
+async def admin(caller: Annotated[Caller, Depends(caller_of)]) -> Caller:
+    if caller.role is not Role.ADMIN:
+        raise Forbidden("this needs an admin token")
+    return caller
+
+
+async def admin_or_agent(request: Request) -> None:
+    """Blobs move between admins (shoal copy) and agents (the cluster token)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and request.app.state.master.tokens.is_cluster(token):
+        return
+    await admin(await caller_of(request))
+
+
+MasterDep = Annotated[Master, Depends(master_of)]
+CallerDep = Annotated[Caller, Depends(caller_of)]
