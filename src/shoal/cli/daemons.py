@@ -164,6 +164,9 @@ def _wait_for_master(url: str, token: str, proc: subprocess.Popen[bytes], timeou
 def dev(
     agents: Annotated[int, typer.Option(min=1, max=64, help="how many local agents")] = 3,
     port: Annotated[int, typer.Option(help="the master's port")] = DEFAULT_PORT,
+    dns_port: Annotated[
+        int | None, typer.Option(help="the master's DNS port, UDP and TCP [8600, or any free; 0: any free]")
+    ] = None,
     state_dir: Annotated[Path, typer.Option(help="where the dev cluster keeps its state")] = Path(
         ".shoal-dev"
     ),
@@ -182,11 +185,13 @@ def dev(
         "SHOAL_CLUSTER_TOKEN": _token_file(state_dir / "cluster.token"),
     }
     url = f"http://127.0.0.1:{port}"
+    dns = _dns_port(dns_port)
     shoal = [sys.executable, "-m", "shoal"]
     procs = [
         subprocess.Popen(
             [*shoal, "master", "--port", str(port), "--state-dir", str(state_dir / "master")],
-            env={**env, "SHOAL_REBALANCE": "spread"},  # dev clusters even their load out
+            # dev clusters even their load out
+            env={**env, "SHOAL_REBALANCE": "spread", "SHOAL_DNS_PORT": str(dns)},
         )
     ]
     node_dirs = [state_dir / f"node{i}" for i in range(1, agents + 1)]
@@ -205,6 +210,7 @@ def dev(
             Panel.fit(
                 f"API      {url}/v1\n"
                 f"docs     {url}/docs\n"
+                f"DNS      127.0.0.1:{dns} UDP and TCP  (dig @127.0.0.1 -p {dns} shoal-agent.service.shoal)\n"
                 f"token    {admin}  (admin)\n"
                 f"client   {config_path}\n"
                 f"agents   {', '.join(d.name for d in node_dirs)}\n\n"
@@ -215,6 +221,16 @@ def dev(
         _wait_any(procs)
     finally:
         _stop(procs, node_dirs)
+
+
+def _dns_port(wanted: int | None) -> int:
+    """`wanted` (0: any free port); without it, the master's setting (8600 unless
+    SHOAL_DNS_PORT says) if that port is free, else any free one: dev clusters side by side."""
+    from shoal.master.dns import free_dns_port
+
+    if wanted is not None:
+        return wanted or free_dns_port()
+    return free_dns_port(prefer=MasterSettings().dns_port)
 
 
 def _wait_any(procs: list[subprocess.Popen[bytes]]) -> None:

@@ -569,9 +569,12 @@ def _bind(host: str, port: int) -> tuple[socket.socket, socket.socket]:
     raise OSError(f"no port on {host} was free for both UDP and TCP")
 
 
-def free_dns_port(host: str = "127.0.0.1") -> int:
-    """A port free, for now, on both UDP and TCP."""
-    udp, tcp = _bind(host, 0)
+def free_dns_port(host: str = "127.0.0.1", prefer: int = 0) -> int:
+    """`prefer` if it is free on both UDP and TCP, else a port that is (for now)."""
+    try:
+        udp, tcp = _bind(host, prefer)
+    except OSError:
+        udp, tcp = _bind(host, 0)
     with udp, tcp:
         return udp.getsockname()[1]
 
