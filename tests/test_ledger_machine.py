@@ -85,6 +85,9 @@ def job_specs(draw: st.DrawFn) -> JobSpec:
     }
     if migrate == "make-before-break":
         spec["health"] = {"tcp": "web"}
+    if ports and draw(st.booleans()):
+        check = draw(st.sampled_from([None, {"tcp": "web"}]))
+        spec["services"] = [{"name": draw(st.sampled_from(["web", "api"])), "port": "web", "check": check}]
     if draw(st.booleans()):
         spec["restart"] = {"attempts": draw(st.integers(1, 2)), "delay": draw(st.sampled_from([0, 1.0]))}
     if draw(st.booleans()):

@@ -95,10 +95,15 @@ class Registration(BaseModel):
 
 
 class RegistrationRecord(BaseModel):
-    """A registration as stored: who made it (only they or an admin may remove it)."""
+    """A registration as stored: who made it (only they or an admin may remove it), and what
+    its TTL check last said (when the TTL runs out is not stored: a restarted master gives
+    every registration its whole TTL again)."""
 
     owner: str
     spec: Registration
+    status: CheckStatus = CheckStatus.PASSING  # a service registering itself is up
+    output: str = "registered"
+    since: float = 0.0
 
 
 EndpointKind = Literal["task", "external", "agent", "master"]

@@ -60,6 +60,7 @@ class Registry:
     ) -> None:
         self.ledger = ledger
         self.policy = policy
+        self.masters = tuple(masters)
         self.index = 1  # grows with every change of any service
         self._endpoints: dict[str, dict[str, Endpoint]] = defaultdict(dict)  # service -> id -> endpoint
         self._indexes: dict[str, int] = {}  # service -> the index of its last change
@@ -68,7 +69,7 @@ class Registry:
         self.registrations: dict[str, RegistrationRecord] = {}
         self._lapses: dict[str, float] = {}  # registration id -> when its TTL runs out
         self._node_names: dict[str, str] = {}  # lowercase -> as the node spells it
-        for master in masters:
+        for master in self.masters:
             self._put(master)
         for record in registrations:
             self._registered(record, now)
@@ -161,7 +162,17 @@ class Registry:
         registering itself is up; it lapses unless passed again within its TTL."""
         if (old := self.registrations.get(spec.id)) is not None and old.spec.name != spec.name:
             self._drop(old.spec.name, spec.id)
-        record = RegistrationRecord(owner=owner, spec=spec)
+        self._save(RegistrationRecord(owner=owner, spec=spec, since=now), now)
+
+    def refresh(self, registration: str, status: CheckStatus, output: str, now: float) -> None:
+        """A registration's TTL check was passed (or warned, or failed): it has `ttl` again."""
+        record = self._registration(registration)
+        if record.status is not status or record.output != output:
+            self._save(record.model_copy(update={"status": status, "output": output, "since": now}), now)
+        else:
+            self._lapses[registration] = now + record.spec.ttl
+
+    def _save(self, record: RegistrationRecord, now: float) -> None:
         self.ledger.save_registration(record)
         self._registered(record, now)
 
@@ -169,30 +180,20 @@ class Registry:
         spec = record.spec
         self.registrations[spec.id] = record
         self._lapses[spec.id] = now + spec.ttl
-        self._put(self._registration_endpoint(spec, CheckStatus.PASSING, "registered", now))
-
-    @staticmethod
-    def _registration_endpoint(spec: Registration, status: CheckStatus, output: str, now: float) -> Endpoint:
-        return Endpoint(
-            id=spec.id,
-            service=spec.name,
-            kind="external",
-            address=spec.address,
-            port=spec.port,
-            tags=tuple(spec.tags),
-            meta=spec.meta,
-            status=status,
-            output=output,
-            since=now,
+        self._put(
+            Endpoint(
+                id=spec.id,
+                service=spec.name,
+                kind="external",
+                address=spec.address,
+                port=spec.port,
+                tags=tuple(spec.tags),
+                meta=spec.meta,
+                status=record.status,
+                output=record.output,
+                since=record.since,
+            )
         )
-
-    def refresh(self, registration: str, status: CheckStatus, output: str, now: float) -> None:
-        """A registration's TTL check was passed (or warned, or failed): it has `ttl` again."""
-        record = self._registration(registration)
-        self._lapses[registration] = now + record.spec.ttl
-        current = self._endpoints[record.spec.name][registration]
-        if current.status is not status or current.output != output:
-            self._put(self._registration_endpoint(record.spec, status, output, now))
 
     def deregister(self, registration: str) -> None:
         record = self._registration(registration)

@@ -108,8 +108,10 @@ class SimFramework:
 SIM_PRINCIPAL = master.Principal("sim", admin=True)
 
 
-def sim_node(name: str, cpus: float = 4, mem: int = 8192, gpus: int = 0) -> NodeInfo:
-    return NodeInfo(name=name, hostname=name, capacity=Resources(cpus=cpus, mem=mem, gpus=gpus))
+def sim_node(name: str, cpus: float = 4, mem: int = 8192, gpus: int = 0, address: str = "") -> NodeInfo:
+    return NodeInfo(
+        name=name, hostname=name, capacity=Resources(cpus=cpus, mem=mem, gpus=gpus), address=address
+    )
 
 
 class SimCluster:
