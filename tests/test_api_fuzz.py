@@ -44,9 +44,11 @@ def test_no_operation_answers_a_server_error(lone_master: LiveCluster) -> None:
             for token in (lone_master.admin_token, "not-a-token"):
                 headers = {"Authorization": f"Bearer {token}"}
                 where = f"{case.method} {case.formatted_path}"
-                if case.formatted_path.endswith("/subscribe"):
-                    _subscribe(case, lone_master.url, headers)
+                if case.formatted_path.endswith(("/subscribe", "/watch")):
+                    _stream(case, lone_master.url, headers)
                     continue
+                if case.method == "GET" and case.formatted_path.startswith("/v1/services"):
+                    case.query = {**(case.query or {}), "wait": "10ms"}  # a blocking query: briefly
                 response = case.call(base_url=lone_master.url, headers=headers)
                 assert response.status_code < 500, f"{where}: {response.status_code} {response.text}"
                 if response.status_code >= 400 and case.method != "HEAD":  # a HEAD answer has no body
@@ -55,8 +57,9 @@ def test_no_operation_answers_a_server_error(lone_master: LiveCluster) -> None:
         fuzz()
 
 
-def _subscribe(case, url: str, headers: dict[str, str]) -> None:
-    """A framework's event stream never ends by itself: read its status, then hang up."""
+def _stream(case, url: str, headers: dict[str, str]) -> None:
+    """A framework's event stream, or a watch, never ends by itself: read its status, then
+    hang up."""
     kwargs = case.as_transport_kwargs(base_url=url, headers=headers)
     with (
         httpx.Client(timeout=10) as http,
@@ -64,6 +67,6 @@ def _subscribe(case, url: str, headers: dict[str, str]) -> None:
             kwargs["method"], kwargs["url"], headers=kwargs["headers"], json=kwargs.get("json")
         ) as response,
     ):
-        assert response.status_code < 500, f"subscribe: {response.status_code}"
+        assert response.status_code < 500, f"{case.formatted_path}: {response.status_code}"
         if response.status_code >= 400:
             assert "error" in json.loads(response.read())

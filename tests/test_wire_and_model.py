@@ -7,6 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from shoal.model import JobSpec, Resources, TaskState
+from shoal.services import Registration
 from shoal.testing.sim import sim_node
 from shoal.wire import Ack, Kill, Launch, LogChunk, Register, RunReport, RunSpec, decode, encode
 
@@ -48,6 +49,34 @@ def test_garbage_frames_are_refused(garbage: bytes) -> None:
         ({"command": "x", "restart": {"attempts": -2}}, "restart.attempts"),
         ({"command": "x", "env": {"A=B": "c"}}, "env"),
         ({}, "command"),
+        (
+            {"command": "x", "ports": ["http"], "services": [{"name": "Web_1", "port": "http"}]},
+            "services.0.name",
+        ),
+        (
+            {"command": "x", "ports": ["http"], "services": [{"name": "-web", "port": "http"}]},
+            "services.0.name",
+        ),
+        ({"command": "x", "ports": ["http"], "services": [{"name": "web", "port": "dns"}]}, "services"),
+        ({"command": "x", "ports": ["http"], "services": [{"name": "w", "port": "http"}] * 2}, "services"),
+        (
+            {"command": "x", "ports": ["a"], "services": [{"name": "w", "port": "a", "tags": ["A B"]}]},
+            "services.0.tags",
+        ),
+        (
+            {"command": "x", "ports": ["a"], "services": [{"name": "w", "port": "a", "check": {"tcp": "b"}}]},
+            "services",
+        ),
+        ({"command": "x", "health": {"command": "true", "interval": 0}}, "health.interval"),
+        ({"command": "x", "health": {"command": "true", "interval": 10**6}}, "health.interval"),
+        (
+            {"command": "x", "health": {"command": "true", "failures_before_critical": 0}},
+            "health.failures_before_critical",
+        ),
+        ({"command": "x", "ports": [{"name": "dns", "static": 70000}]}, "ports.0.static"),
+        ({"command": "x", "ports": [{"name": "a", "static": 53}, {"name": "b", "static": 53}]}, "ports"),
+        ({"command": "x", "colocation": [{"job": "db", "service": "db"}]}, "colocation.0"),
+        ({"command": "x", "shutdown_delay": -1}, "shutdown_delay"),
     ],
 )
 def test_bad_specs_name_the_field(spec: dict, field: str) -> None:
@@ -63,3 +92,20 @@ def test_bad_specs_name_the_field(spec: dict, field: str) -> None:
 def test_argv_of_a_list_command_is_not_run_by_a_shell() -> None:
     spec = JobSpec(command=["echo", "{index}", "$HOME"])
     assert spec.argv(4) == ["echo", "4", "$HOME"]
+
+
+@pytest.mark.parametrize(
+    ("registration", "field"),
+    [
+        ({"id": "db1", "name": "db", "address": "db.example", "port": 5432}, "address"),
+        ({"id": "db1", "name": "db", "address": "10.0.0.1", "port": 0}, "port"),
+        ({"id": "db1", "name": "db.x", "address": "10.0.0.1", "port": 1}, "name"),
+        ({"id": "/db1", "name": "db", "address": "10.0.0.1", "port": 1}, "id"),
+        ({"id": "db1", "name": "db", "address": "10.0.0.1", "port": 1, "ttl": 0}, "ttl"),
+        ({"id": "db1", "name": "db", "address": "10.0.0.1", "port": 1, "meta": {"k": "v" * 600}}, "meta"),
+    ],
+)
+def test_bad_registrations_name_the_field(registration: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        Registration.model_validate(registration)
+    assert [e["loc"][0] for e in info.value.errors()] == [field]

@@ -13,7 +13,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from shoal.checks import TASK_CHECK, CheckResult, HealthCheck
 from shoal.expressions import parse
@@ -248,12 +256,6 @@ class JobSpec(BaseModel):
         names = self.port_names
         if self.health is not None and self.health.port is not None and self.health.port not in names:
             raise ValueError(f"health: port {self.health.port!r} is not one of the job's ports")
-        for i, service in enumerate(self.services):
-            if service.port not in names:
-                raise ValueError(f"services.{i}.port: {service.port!r} is not one of the job's ports {names}")
-            check = service.check
-            if check is not None and check.port is not None and check.port not in names:
-                raise ValueError(f"services.{i}.check: port {check.port!r} is not one of the job's ports")
         if self.migrate is Migrate.MAKE_BEFORE_BREAK and not self.checks:
             raise ValueError("migrate: make-before-break needs a health check to know the new copy serves")
         return self
@@ -276,10 +278,19 @@ class JobSpec(BaseModel):
 
     @field_validator("services")
     @classmethod
-    def _services_distinct(cls, value: list[ServiceSpec]) -> list[ServiceSpec]:
+    def _services_named_and_distinct(
+        cls, value: list[ServiceSpec], info: ValidationInfo
+    ) -> list[ServiceSpec]:
         names = [s.name for s in value]
         if len(set(names)) != len(names):
             raise ValueError(f"service names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+        ports = [p.name for p in info.data.get("ports", [])]
+        for i, service in enumerate(value):
+            if service.port not in ports:
+                raise ValueError(f"{i}.port: {service.port!r} is not one of the job's ports {ports}")
+            check = service.check
+            if check is not None and check.port is not None and check.port not in ports:
+                raise ValueError(f"{i}.check: port {check.port!r} is not one of the job's ports {ports}")
         return value
 
     @field_validator("command")
