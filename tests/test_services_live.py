@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -167,3 +168,34 @@ def test_a_restarted_master_keeps_the_registry(tmp_path: Path) -> None:
         with registry(cluster) as again:
             # At once, before the agent is back: what was acknowledged is there.
             assert {name: passing(again, name) for name in ("web", "db")} == before
+
+
+def test_answers_list_the_least_loaded_nodes_first_as_load_moves(tmp_path: Path) -> None:
+    # A band above what this shared machine reaches: loadgen keeps its one worker fully busy,
+    # a core of the node's two, whatever else runs here.
+    loadgen = [sys.executable, "-m", "shoal", "loadgen", "--min", "95", "--max", "100", "--workers", "1"]
+    with live_cluster(tmp_path, agents=2) as cluster, cluster.client() as client, registry(cluster) as http:
+        idle = {"command": "sleep 600", "ports": ["http"], "resources": {"cpus": 0.1, "mem": 32}}
+        client.submit(
+            JobSpec.model_validate(
+                {**idle, "count": 2, "max_per_node": 1, "services": [{"name": "web", "port": "http"}]}
+            )
+        )
+        wait_for(lambda: len(passing(http)) == 2, what="an endpoint on each node")
+
+        def first_nodes() -> set[str]:
+            return {passing(http)[0]["node"] for _ in range(10)}
+
+        def busier(busy: str, calm: str) -> Callable[[], bool]:
+            def done() -> bool:
+                loads = {n.name: n.load for n in client.nodes()}
+                return loads[busy] > loads[calm] + 20
+
+            return done
+
+        for busy, calm in (("node1", "node2"), ("node2", "node1")):
+            burn = client.submit(JobSpec(command=loadgen, nodes=busy, resources={"cpus": 1, "mem": 64}))
+            wait_for(busier(busy, calm), timeout=30, what=f"{busy} busier than {calm}")
+            assert first_nodes() == {calm}
+            client.kill(burn)
+            client.wait(burn, timeout=20)
