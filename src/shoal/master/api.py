@@ -29,6 +29,7 @@ from shoal.master import service_api
 from shoal.master.auth import Tokens, new_token
 from shoal.master.blobs import BlobStore
 from shoal.master.deps import CallerDep, MasterDep, Unauthorized, admin, admin_or_agent, writer
+from shoal.master.dns import serve_dns
 from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, RebalanceNow, Submit
 from shoal.master.frameworks import FrameworkPolicy
 from shoal.master.ledger import Retention
@@ -151,9 +152,12 @@ def create_app(settings: MasterSettings) -> FastAPI:
         master = open_master(settings)
         tune_collector()
         app.state.master = master
+        dns = await serve_dns(master.state.registry, settings)
+        log.info("DNS for .shoal on %s port %d (UDP and TCP)", settings.dns_host or settings.host, dns.port)
         ticker = asyncio.create_task(master.tick_loop())
         yield
         ticker.cancel()
+        await dns.close()
         master.store.close()
 
     app = FastAPI(title="shoal", version="0.1.0", lifespan=lifespan)
