@@ -24,6 +24,7 @@ from dnslib import DNSRecord
 from dnslib.server import BaseResolver, DNSServer
 
 from shoal.config import MasterSettings
+from shoal.master import dns as dns_server
 from shoal.master.dns import FORWARD, RECHECK, Answers, serve_dns
 from shoal.master.events import FromAgent, Submit
 from shoal.master.state import MasterState
@@ -167,6 +168,9 @@ def test_nodes_have_names_and_names_any_case(cluster: Cluster) -> None:
     assert sorted(records(reply)) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
     assert str(reply.question[0].name) == "WeB.SERVICE.Shoal."  # the question as asked
     assert records(cluster.ask("N2.Node.SHOAL")) == ["10.0.0.2"]
+    assert cluster.ask("n4.node.shoal").rcode() == dns.rcode.NXDOMAIN
+    cluster.state.handle(FromAgent("n4", Register(node=sim_node("n4", address="10.0.0.4")), 2))
+    assert records(cluster.ask("n4.node.shoal")) == ["10.0.0.4"]  # not the NXDOMAIN cached
 
 
 def test_unknown_names_are_nxdomain_and_known_ones_without_the_type_nodata(cluster: Cluster) -> None:
@@ -445,3 +449,28 @@ def test_an_upstream_that_does_not_answer_gives_servfail(loop: Loop, cluster: Cl
             )
         finally:
             loop.run(server.close())
+
+
+def test_idle_tcp_connections_are_closed_and_their_number_is_capped(
+    loop: Loop, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dns_server, "TCP_IDLE", 0.3)
+    monkeypatch.setattr(dns_server, "TCP_CLIENTS", 2)
+    server = serve(loop, cluster)
+    try:
+        address = ("127.0.0.1", server.port)
+        with (
+            socket.create_connection(address, timeout=3) as a,
+            socket.create_connection(address, timeout=3) as b,
+        ):
+            wire = Cluster.wire("n1.node.shoal")
+            a.sendall(len(wire).to_bytes(2, "big") + wire)
+            assert records(dns.message.from_wire(_framed(a))) == ["10.0.0.1"]
+            with socket.create_connection(address, timeout=3) as c:
+                assert c.recv(10) == b""  # a third, while two are open: closed at once
+            assert a.recv(10) == b"" and b.recv(10) == b""  # silent for 0.3 s: closed
+        with socket.create_connection(address, timeout=3) as d:  # room again
+            d.sendall(len(wire).to_bytes(2, "big") + wire)
+            assert records(dns.message.from_wire(_framed(d))) == ["10.0.0.1"]
+    finally:
+        loop.run(server.close())

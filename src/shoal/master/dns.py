@@ -25,10 +25,11 @@ Answers, as Consul gives them (names in any case; the question echoed as asked):
   header, or a response, is not answered. Other opcodes: NOTIMP; EDNS versions above 0: BADVERS.
 
 Speed: `Answers` keeps each answer packed, keyed by the query's bytes after its id (a reply
-is the query's id and the packed rest), for UDP and TCP apart, and forgets them all when the
-registry's index moves. A service's answer is kept in `VARIANTS` orders, taken in turn, so
-that ties spread; as node loads move without the index, an answer older than `RECHECK`
-seconds has its order looked at again, and is packed anew only if that changed.
+is the query's id and the packed rest), for UDP and TCP apart, and makes it afresh when the
+index of its service moves (for a node's name: of the agents'). A service's answer is kept
+in `VARIANTS` orders, taken in turn, so that ties spread; as node loads move without an
+index, an answer older than `RECHECK` seconds has its order looked at again, and is packed
+anew only if that changed.
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dnslib import CLASS, EDNS0, NS, OPCODE, QTYPE, RCODE, RR, SOA, SRV, A, DNSHeader, DNSLabel, DNSRecord
 
 from shoal.config import MasterSettings
 from shoal.master.registry import Registry
-from shoal.services import Endpoint
+from shoal.services import AGENT_SERVICE, Endpoint
 
 log = logging.getLogger("shoal.master.dns")
 
@@ -83,13 +84,16 @@ _DROP: tuple[bytes, ...] = ()
 
 @dataclass(slots=True)
 class _Entry:
-    """A cached answer: its packed variants (after the id), taken in turn; for a service's,
+    """A cached answer: its packed variants (after the id), taken in turn; the service whose
+    index it was made at (`guard`: a node's name has the agents'); for a service's answer,
     the service and tag it lists and the order its endpoints were in, as last seen."""
 
     replies: tuple[bytes, ...] | Forward
     service: tuple[str, str | None] | None = None
     order: tuple[str, ...] = ()
     checked: float = 0.0
+    guard: str | None = None
+    index: int = 0
     turn: Iterator[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -110,6 +114,7 @@ class _Found:
     orders: list[list[Hashable]] = field(default_factory=list)
     service: tuple[str, str | None] | None = None
     order: tuple[str, ...] = ()
+    guard: str | None = None  # the service whose changes change it
 
 
 _NXDOMAIN = _Found(RCODE.NXDOMAIN)
@@ -139,20 +144,15 @@ class Answers:
         self.forward = forward
         self.shuffle = shuffle
         self.clock = clock
-        self._index = registry.index
         self._udp: dict[bytes, _Entry] = {}
         self._tcp: dict[bytes, _Entry] = {}
 
     def answer(self, query: bytes, udp: bool = True) -> bytes | Forward | None:
         """The reply to `query`; FORWARD to forward it upstream; None to give none."""
-        if self._index != self.registry.index:
-            self._index = self.registry.index
-            self._udp.clear()
-            self._tcp.clear()
         cache = self._udp if udp else self._tcp
         key = query[2:]
         entry = cache.get(key)
-        if entry is None:
+        if entry is None or (entry.guard is not None and self.registry.index_of(entry.guard) != entry.index):
             if len(cache) >= CACHE_LIMIT:
                 cache.clear()
             entry = cache[key] = self._entry(query, udp)
@@ -206,7 +206,8 @@ class Answers:
         found = self._find(labels[:-1], question.qtype, question.qname)
         rest = self._pack(record, found.rcode, found.answer, found.extra, opt, limit)
         replies = _permuted(rest, found.keys, found.orders) if found.orders else (rest,)
-        return _Entry(replies, found.service, found.order, self.clock())
+        index = self.registry.index_of(found.guard) if found.guard is not None else 0
+        return _Entry(replies, found.service, found.order, self.clock(), found.guard, index)
 
     def _plain(self, record: DNSRecord, rcode: int, opt: RR | None = None) -> _Entry:
         return _Entry((self._pack(record, rcode, [], [], opt, 65_535),))
@@ -256,11 +257,10 @@ class Answers:
             return _NXDOMAIN
         if kind == b"service":
             return self._service(text, qtype, qname)
-        if kind == b"node":
+        if kind == b"node":  # nodes come and go, and change address, with their agents
             address = self.registry.node_address(".".join(text))
-            if address is None:
-                return _NXDOMAIN
-            return self._address(address, qtype, qname)
+            found = _NXDOMAIN if address is None else self._address(address, qtype, qname)
+            return replace(found, guard=AGENT_SERVICE)
         if kind == b"addr" and len(text) == 1 and (address := _unhex(text[0])) is not None:
             return self._address(address, qtype, qname)
         return _NXDOMAIN
@@ -285,10 +285,10 @@ class Answers:
                 return _NXDOMAIN
         endpoints = self.registry.endpoints(name, tag=tag)
         if not endpoints:
-            return _NXDOMAIN
+            return replace(_NXDOMAIN, guard=name)
         service, order = (name, tag), self._order(endpoints)
         if qtype not in (QTYPE.A, QTYPE.SRV, _ANY):
-            return _Found(service=service, order=order)
+            return _Found(service=service, order=order, guard=name)
         srv = qtype == QTYPE.SRV
         answer: dict[Hashable, RR] = {}
         extra: dict[str, RR] = {}
@@ -308,6 +308,7 @@ class Answers:
             orders=orders,
             service=service,
             order=order,
+            guard=name,
         )
 
     def _srv(self, qname: DNSLabel, e: Endpoint, answer: dict[Hashable, RR], extra: dict[str, RR]) -> None:
