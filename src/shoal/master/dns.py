@@ -594,5 +594,4 @@ async def serve_dns(registry: Registry, settings: MasterSettings) -> DnsServer:
     server = DnsServer(answers, upstream)
     udp, tcp = _bind(host, settings.dns_port)
     await server.start(udp, tcp)
-    log.info("DNS on %s port %d (UDP and TCP); names under shoal.", host, server.port)
     return server
