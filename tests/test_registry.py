@@ -137,7 +137,7 @@ def test_a_killed_task_leaves_its_services_before_the_kill_goes_out() -> None:
     for task in h.state.ledger.tasks_of(job):
         h.report(task.id, web=PASSING)
     launched = [r for s in h.sent if isinstance(s.frame, Launch) for r in s.frame.runs]
-    assert {r.shutdown_delay for r in launched} == {2.0}  # the master's default for jobs with services
+    assert {r.shutdown_delay for r in launched} == {3.0}  # the master's default for jobs with services
     assert set(launched[0].checks) == {"web"}
     before = h.state.registry.index_of("web")
     h.sent.clear()

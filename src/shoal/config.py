@@ -105,17 +105,18 @@ class MasterSettings(_Settings):
         None,
         description="the IPv4 address the master is reached at, as the registry gives it (default: host)",
     )
-    shutdown_delay: float = Field(
-        2.0,
+    shutdown_delay: float | None = Field(
+        None,
         ge=0,
         le=3600,
-        description="seconds a task with services waits, out of the registry, before SIGTERM (jobs may say)",
+        description="seconds a task with services waits, out of the registry, before SIGTERM (jobs may "
+        "say; default: dns_ttl + 1, so clients that cached an answer have let it go)",
     )
     dns_port: int = Field(
         8600, ge=0, le=65535, description="UDP and TCP port of the DNS server (0: any free)"
     )
     dns_host: str | None = Field(None, description="where the DNS server listens (default: host)")
-    dns_ttl: int = Field(5, ge=0, le=86_400, description="seconds answers may be cached")
+    dns_ttl: int = Field(2, ge=0, le=86_400, description="seconds answers may be cached")
     dns_negative_ttl: int = Field(5, ge=0, le=86_400, description="seconds NXDOMAIN and NODATA may be cached")
     dns_upstream: str | None = Field(
         None, description="HOST:PORT of a resolver for names outside .shoal (default: REFUSED)"
@@ -139,7 +140,8 @@ class MasterSettings(_Settings):
     def registry(self) -> RegistryPolicy:
         from shoal.master.registry import RegistryPolicy
 
-        return RegistryPolicy(shutdown_delay=self.shutdown_delay, load_aware=self.dns_load_aware)
+        delay = self.shutdown_delay if self.shutdown_delay is not None else self.dns_ttl + 1.0
+        return RegistryPolicy(shutdown_delay=delay, load_aware=self.dns_load_aware)
 
     def rebalancing(self) -> Rebalancing:
         from shoal.core.rebalance import RebalancePolicy

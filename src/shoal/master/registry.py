@@ -44,7 +44,7 @@ from shoal.services import (
 
 @dataclass(frozen=True, slots=True)
 class RegistryPolicy:
-    shutdown_delay: float = 2.0  # seconds a stopped task with services waits before SIGTERM
+    shutdown_delay: float = 3.0  # seconds a stopped task with services waits before SIGTERM
     load_aware: bool = True  # answers list endpoints on the least loaded nodes first
     load_band: float = 10.0  # loads (percent) within the same band of this width are ties
 
