@@ -200,6 +200,7 @@ def test_the_zone_has_an_soa_and_a_name_server(cluster: Cluster) -> None:
 def test_names_outside_the_zone_are_refused_or_forwarded(cluster: Cluster) -> None:
     reply = cluster.ask("example.com")
     assert reply.rcode() == dns.rcode.REFUSED and str(reply.question[0].name) == "example.com."
+    assert not reply.flags & dns.flags.AA  # not ours to answer
     forwarding = Answers(cluster.registry, forward=True)
     assert forwarding.answer(cluster.wire("example.com")) is FORWARD
     assert forwarding.answer(cluster.wire("shoal-agent.service.shoal")) is not FORWARD

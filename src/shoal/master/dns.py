@@ -217,20 +217,20 @@ class Answers:
     ) -> bytes:
         """The reply packed, less its id: with the SOA for a negative answer; without the
         additional records if they make it too big; truncated if it is still too big."""
-        header = DNSHeader(id=0, bitmap=0, qr=1, aa=1, rd=record.header.rd, ra=int(self.forward))
+        ours = rcode in (RCODE.NOERROR, RCODE.NXDOMAIN)  # an answer from the zone: authoritative
+        header = DNSHeader(id=0, bitmap=0, qr=1, aa=int(ours), rd=record.header.rd, ra=int(self.forward))
         header.cd = record.header.cd
         header.rcode = rcode & 0xF
-        negative = rcode in (RCODE.NOERROR, RCODE.NXDOMAIN) and not answer
-        authority = [self._soa()] if negative and record.questions else []
-        ours = [EDNS0(udp_len=MAX_UDP, ext_rcode=rcode >> 4)] if opt is not None else []
-        reply = DNSRecord(header, list(record.questions[:1]), list(answer), auth=authority, ar=extra + ours)
+        authority = [self._soa()] if ours and not answer and record.questions else []
+        edns = [EDNS0(udp_len=MAX_UDP, ext_rcode=rcode >> 4)] if opt is not None else []
+        reply = DNSRecord(header, list(record.questions[:1]), list(answer), auth=authority, ar=extra + edns)
         packed = reply.pack()
         if len(packed) > limit and extra:
-            reply.ar = ours
+            reply.ar = edns
             packed = reply.pack()
         if len(packed) > limit:
             header.tc = 1
-            reply.rr, reply.auth, reply.ar = [], [], ours
+            reply.rr, reply.auth, reply.ar = [], [], edns
             packed = reply.pack()
         return bytes(packed[2:])
 
@@ -277,8 +277,8 @@ class Answers:
         match labels:
             case [name] if not name.startswith("_"):
                 tag = None
-            case [tag, name] if tag.startswith("_") and name.startswith("_"):  # _NAME._TAG
-                tag, name = (None if name == "_tcp" else name[1:]), tag[1:]
+            case [first, second] if first.startswith("_") and second.startswith("_"):  # _NAME._TAG
+                name, tag = first[1:], (None if second == "_tcp" else second[1:])
             case [tag, name] if not tag.startswith("_") and not name.startswith("_"):
                 pass
             case _:
