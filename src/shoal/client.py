@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import socket
 import sys
+import threading
 import time
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 # httpx imports its own command line (click, pygments, rich's syntax and progress) unless
 # that import fails; the SDK never runs it, and it costs more to import than the rest of httpx.
@@ -27,6 +30,7 @@ from pydantic import BaseModel, TypeAdapter  # noqa: E402
 from shoal.clientfile import ClientConfig, load_client_config  # noqa: E402
 from shoal.errors import ShoalError  # noqa: E402
 from shoal.model import TASK_RECORD, Caller, JobSpec, Migration, Role, TaskRecord  # noqa: E402
+from shoal.services import Endpoint, Registration, ServiceSummary  # noqa: E402
 from shoal.views import (  # noqa: E402
     ErrorBody,
     FieldError,
@@ -55,6 +59,11 @@ _NODES = TypeAdapter(list[NodeView])
 _FRAMEWORKS = TypeAdapter(list[FrameworkView])
 _PLANNED = TypeAdapter(list[PlannedMove])
 _MIGRATIONS = TypeAdapter(list[Migration])
+_SUMMARIES = TypeAdapter(list[ServiceSummary])
+_ENDPOINTS = TypeAdapter(list[Endpoint])
+INDEX_HEADER = "X-Shoal-Index"
+Verdict = Literal["pass", "warn", "fail"]
+_DEFAULT_WAIT, _MAX_WAIT = 300.0, 600.0  # seconds: a blocking query's, as the master has them
 _CHUNK = 1 << 20
 _ENDED = ("complete", "failed", "killed")
 
@@ -151,6 +160,72 @@ class Client:
     def frameworks(self) -> list[FrameworkView]:
         """Frameworks subscribed (or within their failover timeout), with shares and offers."""
         return _FRAMEWORKS.validate_python(self._call("GET", "/v1/frameworks"))
+
+    # --- the service registry ---------------------------------------------------------------
+
+    def services(self) -> list[ServiceSummary]:
+        """Every service with its tags and how many of its endpoints pass, warn and fail."""
+        return _SUMMARIES.validate_python(self._call("GET", "/v1/services"))
+
+    def service(
+        self,
+        name: str,
+        *,
+        all: bool = False,  # noqa: A002 - the API's own name for it
+        tag: str | None = None,
+        index: int = 0,
+        wait: float | None = None,
+    ) -> tuple[list[Endpoint], int]:
+        """The service's passing endpoints (`all`: every one, failing or not), in the order the
+        master gives them, and the service's index. With `index`, a blocking query: it answers
+        once the service has changed past `index`, or after `wait` seconds (None: the master's
+        default, five minutes)."""
+        response = self._request(
+            "GET", _service_path(name), params=_query(all, tag, index, wait), timeout=_timeout(index, wait)
+        )
+        return _ENDPOINTS.validate_python(response.json()), int(response.headers.get(INDEX_HEADER, 0))
+
+    def resolve(self, name: str, tag: str | None = None) -> list[tuple[str, int]]:
+        """(address, port) of the service's passing endpoints, in the order the master gives
+        (least loaded nodes first): try them in turn."""
+        endpoints, _ = self.service(name, tag=tag)
+        return [(e.address, e.port) for e in endpoints]
+
+    def watch(
+        self,
+        name: str,
+        *,
+        all: bool = False,  # noqa: A002 - as in `service`
+        tag: str | None = None,
+        wait: float = 60.0,
+    ) -> Watch:
+        """The service's endpoints now, then at every change, until closed (see `Watch`):
+
+        with client.watch("web") as endpoints:
+            for current in endpoints:
+                ...
+        """
+        return Watch(self, name, every=all, tag=tag, wait=wait)
+
+    def register(self, registration: Registration | Mapping[str, Any]) -> int:
+        """Register a service shoal does not run (or replace the registration with its id);
+        it lapses unless `check`ed within its TTL. Returns the registry's index."""
+        if isinstance(registration, Registration):
+            body = registration.model_dump(mode="json")
+        else:
+            body = dict(registration)  # validated by the master, which names a bad field
+        return int(self._call("PUT", "/v1/services/register", json=body)["index"])
+
+    def check(self, registration_id: str, verdict: Verdict = "pass", note: str = "") -> int:
+        """A registration's TTL check, now: passed, warned or failed, with a note its endpoint
+        shows as its output. The TTL starts again whatever the verdict."""
+        params = {"note": note} if note else {}
+        path = f"/v1/services/{_segment(registration_id)}/{verdict}"
+        return int(self._call("PUT", path, params=params)["index"])
+
+    def deregister(self, registration_id: str) -> int:
+        """Remove a registration (its owner's, or an admin's, to remove)."""
+        return int(self._call("PUT", f"/v1/services/deregister/{_segment(registration_id)}")["index"])
 
     def logs(
         self, task_id: str, stream: str = "stdout", offset: int = 0, attempt: int | None = None
@@ -274,6 +349,145 @@ class Client:
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._request(method, path, **kwargs).json()
+
+
+class Watch:
+    """A service's endpoints now, then again at every change: an iterator of lists, each in
+    the order the master gives. Made by `Client.watch`; a context manager.
+
+    It runs on blocking queries (`?index=N&wait=...`), not on the server-sent events stream:
+    every query is a bounded request (the wait, then a read timeout), so a master that dies
+    or a connection that silently drops is noticed within one wait, not never; the index
+    makes each query resume where the last left off, over any connection; and nothing parses
+    a stream. A lost master is retried with a backoff (up to `MAX_BACKOFF` seconds) and then
+    asked afresh, without an index, so a change made meanwhile (or an index that started over
+    with a new master) is not missed. Only the first query raises for a lost master (a wrong
+    URL fails at once); API errors (401, 403, 422) always raise.
+
+    A list is given only when it differs from the last one given, as a set: answers list
+    endpoints of equally loaded nodes in a new order every time. `close()`, from any thread,
+    cuts off the query under way and ends the iteration; the watch has its own connection.
+    """
+
+    MAX_BACKOFF = 5.0
+
+    def __init__(self, client: Client, name: str, *, every: bool, tag: str | None, wait: float) -> None:
+        self._path = _service_path(name)
+        self._params = _query(every, tag, 0, wait)
+        self._http = httpx.Client(
+            base_url=client.url,
+            headers={"Authorization": client._http.headers["Authorization"]},
+            timeout=_timeout(1, wait),
+            verify=_verify(client.url),
+            limits=httpx.Limits(max_connections=1),
+        )
+        self._closed = threading.Event()
+        self._lock = threading.Lock()  # between close() and the thread querying
+        self._socket: socket.socket | None = None  # the connection's, to cut a query off
+        self._busy = False
+        self._index: int | None = None  # None: no answer yet; 0: ask without blocking
+        self._last: list[Endpoint] | None = None
+
+    def __iter__(self) -> Watch:
+        return self
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __next__(self) -> list[Endpoint]:
+        delay = 0.0
+        while not self._closed.is_set():
+            try:
+                endpoints, index = self._query()
+            except (Unreachable, ApiError) as e:
+                if self._closed.is_set():
+                    break
+                if self._index is None or (isinstance(e, ApiError) and e.status < 500):
+                    raise
+                self._index = 0
+                delay = min(self.MAX_BACKOFF, max(0.1, 2 * delay))
+                self._closed.wait(delay)
+                continue
+            if self._closed.is_set():
+                break
+            delay = 0.0
+            self._index = max(index, 1)  # index 0 (never had an endpoint) would not block
+            if self._last is None or _by_id(endpoints) != _by_id(self._last):
+                self._last = endpoints
+                return endpoints
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop watching: a query under way is cut off; iterating ends."""
+        with self._lock:
+            self._closed.set()
+            if self._socket is not None:
+                with contextlib.suppress(OSError):
+                    self._socket.shutdown(socket.SHUT_RDWR)
+            if not self._busy:
+                self._http.close()
+
+    def _query(self) -> tuple[list[Endpoint], int]:
+        with self._lock:
+            if self._closed.is_set():
+                raise Unreachable("the watch is closed")
+            self._busy = True
+        params = {**self._params, "index": str(self._index or 0)}
+        try:
+            response = self._http.get(self._path, params=params, extensions={"trace": self._trace})
+        except httpx.TransportError as e:
+            raise Unreachable(f"lost the master at {self._http.base_url}: {e}") from e
+        finally:
+            with self._lock:
+                self._busy = False
+        if response.is_error:
+            raise _api_error(response)
+        return _ENDPOINTS.validate_python(response.json()), int(response.headers.get(INDEX_HEADER, 0))
+
+    def _trace(self, event: str, info: Mapping[str, Any]) -> None:
+        """httpcore's trace of the request: keeps the socket of each new connection."""
+        if event == "connection.connect_tcp.complete":
+            with self._lock:
+                self._socket = info["return_value"].get_extra_info("socket")
+                if self._closed.is_set() and self._socket is not None:
+                    self._socket.shutdown(socket.SHUT_RDWR)
+
+
+def _by_id(endpoints: list[Endpoint]) -> list[Endpoint]:
+    return sorted(endpoints, key=lambda e: e.id)
+
+
+def _segment(value: str) -> str:
+    """`value` as one segment of a path, whatever it holds."""
+    return urllib.parse.quote(value, safe="")
+
+
+def _service_path(name: str) -> str:
+    return f"/v1/services/{_segment(name)}"
+
+
+def _query(every: bool, tag: str | None, index: int, wait: float | None) -> dict[str, str]:
+    params = {"all": "true"} if every else {}
+    if tag is not None:
+        params["tag"] = tag
+    if index:
+        params["index"] = str(index)
+    if wait is not None:
+        params["wait"] = f"{max(0, round(wait * 1000))}ms"
+    return params
+
+
+def _timeout(index: int, wait: float | None) -> httpx.Timeout | Any:
+    """A blocking query may take its whole wait (the master caps it at ten minutes) before
+    answering; anything else, the client's timeout."""
+    if not index:
+        return httpx.USE_CLIENT_DEFAULT
+    waits = min(_MAX_WAIT, _DEFAULT_WAIT if wait is None else wait)
+    return httpx.Timeout(30.0, read=waits + 15.0)
 
 
 def _verify(url: str) -> bool:

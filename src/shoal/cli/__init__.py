@@ -102,6 +102,15 @@ COMMANDS: dict[str, Entry] = {
         "Hold this node's total CPU utilization between --min and --max with busy worker "
         "processes, adapting as other load comes and goes. Runs by hand or as a shoal task.",
     ),
+    "services": Entry(
+        "services", "services", "List services with their tags and how many endpoints pass, warn and fail."
+    ),
+    "service": Entry(
+        "services",
+        "service_app",
+        "Show a service's endpoints (`shoal service NAME`), or register, check and deregister "
+        "services shoal does not run.",
+    ),
     "token": Entry("jobs", "token_app", "API tokens (admin only)."),
 }
 
