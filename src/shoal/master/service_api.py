@@ -43,12 +43,15 @@ RegistrationId = Annotated[str, Path(max_length=128)]
 
 
 def _seconds(wait: str | None) -> float:
+    """The wait asked for, plus up to a sixteenth (as Consul): watchers that started together
+    do not all time out and ask again in the same instant."""
     if wait is None:
-        return DEFAULT_WAIT
-    match = _DURATION.fullmatch(wait.strip())
-    if match is None:
+        seconds = DEFAULT_WAIT
+    elif (match := _DURATION.fullmatch(wait.strip())) is None:
         raise SpecError("wait", f"{wait!r} is not a duration such as 30s, 500ms or 5m")
-    return min(MAX_WAIT, float(match[1]) * _UNIT[match[2]])
+    else:
+        seconds = min(MAX_WAIT, float(match[1]) * _UNIT[match[2]])
+    return seconds + random.uniform(0, seconds / 16)
 
 
 def _set(flag: str | None) -> bool:
