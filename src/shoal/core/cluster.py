@@ -1,7 +1,8 @@
 """The cluster as the scheduler sees it: nodes as rows of numpy arrays, updated in place.
 
 A `NodeTable` holds, per node, its capacity, allocation and free room (one column per
-resource dimension), whether it takes new work, its live CPU utilization and its attributes.
+resource dimension), whether it takes new work, its live CPU utilization, its attributes
+and the tags of the tasks on it (`core/tags.py`).
 The ledger keeps it current with `upsert`, `allocate` and `release`: nothing is rebuilt per
 scheduling cycle, so a cycle costs what its decisions cost, not what the cluster weighs.
 The matrices are column-major: scoring reads one resource over many rows, which is then a
@@ -18,6 +19,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from shoal.core.tags import Tags
 from shoal.expressions import Constraint
 from shoal.model import Resources
 
@@ -39,6 +41,8 @@ class NodeTable:
         self._schedulable = np.zeros(rows, dtype=bool)
         self._utilization = np.zeros(rows)
         self.attributes: list[Mapping[str, str]] = []
+        # Who is on each row (job names, services, ports): kept by the ledger as free room is.
+        self.tags = Tags()
         # Bumped whenever attributes or membership change: caches of masks key on it.
         self.version = 0
         self._vectors: dict[int, tuple[Resources, np.ndarray]] = {}  # id -> (resources, vector)
@@ -123,6 +127,13 @@ class NodeTable:
                 raise KeyError(f"no node has a resource named {name!r}")
             row[index] = amount
         return row
+
+    def resources(self, row: np.ndarray) -> Resources:
+        """A row over this table's dimensions (a node's allocation, say) as `Resources`."""
+        custom = {d: float(v) for d, v in zip(self.dims[4:], row[4:], strict=True) if v}
+        return Resources(
+            cpus=round(float(row[0]), 6), mem=int(row[1]), disk=int(row[2]), gpus=int(row[3]), custom=custom
+        )
 
     def declare(self, name: str) -> None:
         """A resource dimension, added unless the table has it (new columns are all zero)."""

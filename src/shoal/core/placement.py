@@ -5,6 +5,9 @@ in its node set, passing its constraints) comes from the MaskCache; the resource
 score are computed over a window of candidate rows, and each placement updates only the
 chosen row, so placing k tasks costs one setup plus k argmaxes. With binpack a node keeps
 taking tasks until it is full, so a large array fills node after node in bulk.
+A job with static ports or colocation rules (`Group.presence`, `core/tags.py`) also reads
+the tags of the tasks on each node, those placed earlier in the cycle included: each
+placement adds its job's tags to its node at once, and the cycle takes them back at its end.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from shoal.core import tags
 from shoal.core.cluster import MaskCache, NodeTable
+from shoal.core.tags import Presence, Tag
 from shoal.expressions import Constraint
 from shoal.model import Resources, Strategy
 
@@ -73,6 +78,7 @@ class Group:
     placed: tuple[tuple[str, int], ...] = ()  # the job's tasks already on each node
     nominated: tuple[tuple[str, str], ...] = ()  # (task, node) where preemption makes it room
     time_limit: float | None = None  # seconds a task runs at most
+    presence: Presence | None = None  # its static ports and colocation rules
 
 
 @dataclass
@@ -89,6 +95,7 @@ class Placer:
     _touched: set[int] = field(default_factory=set)
     _turns: int = 0
     _job_rows: dict[int, np.ndarray] = field(default_factory=dict)
+    _marks: list[tuple[int, tuple[Tag, ...], int]] = field(default_factory=list)  # (row, tags, n)
 
     def take(self, row: int, amount: np.ndarray) -> None:
         self.table.free[row, : len(amount)] -= amount
@@ -99,11 +106,20 @@ class Placer:
         self.table.free[rows] -= amounts
         self._touched.update(rows.tolist())
 
+    def mark(self, g: Group, row: int, n: int) -> None:
+        """`n` more tasks of `g` on `row` (fewer, if negative): their tags are on it."""
+        if g.presence is not None:
+            self.table.tags.add(row, g.presence.provides, n)
+            self._marks.append((row, g.presence.provides, n))
+
     def restore(self) -> None:
-        """Give back all the cycle took: the table's free room as before the cycle."""
+        """Give back all the cycle took: the table's free room and tags as before the cycle."""
         if self._touched:
             self.table.reset_free(np.fromiter(self._touched, dtype=np.int64, count=len(self._touched)))
             self._touched.clear()
+        for row, marked, n in reversed(self._marks):
+            self.table.tags.add(row, marked, -n)
+        self._marks.clear()
 
     def counts(self, g: Group) -> np.ndarray:
         """Tasks of `g`'s job per row: those running plus those placed this cycle."""
@@ -117,8 +133,15 @@ class Placer:
         return counts
 
     def static_mask(self, g: Group) -> np.ndarray:
+        """Rows `g` may use, room and per-node limits aside (a fresh array)."""
         filters = self.masks.filters(g.constraints, g.nodes)
-        return self.table.schedulable.copy() if filters is None else self.table.schedulable & filters
+        mask = self.table.schedulable.copy() if filters is None else self.table.schedulable & filters
+        if (
+            g.presence is not None
+            and (ok := tags.allowed(self.table.tags, len(mask), g.presence)) is not None
+        ):
+            mask &= ok
+        return mask
 
     def limits(self, g: Group, rows: Rows) -> np.ndarray | bool:
         """Rows still under the job's per-node and per-value task limits."""
@@ -141,7 +164,7 @@ class Placer:
         n = len(self.table)
         if n <= self.window:
             return slice(0, n), self._fit(g, slice(0, n), mask, ask)
-        if g.nodes is not None or g.constraints:
+        if g.nodes is not None or g.constraints or (g.presence is not None and g.presence.need):
             hits = np.flatnonzero(mask)
             if len(hits) <= self.window:
                 return hits, self._fit(g, hits, mask, ask)
@@ -176,6 +199,8 @@ class Placer:
             score = _fullness(strategy, left_cpu, left_mem)
         for c, weight in g.affinities:
             score = score + (weight / 100.0) * self.masks.constraint(c)[rows]
+        if g.presence is not None and g.presence.prefer:
+            score = score + tags.score(self.table.tags, len(self.table), g.presence, rows)
         if g.spread is not None:
             # Heavier than any strategy or affinity term: the targets are what the job asked for.
             score = score + 10.0 * self._spread_bonus(g, rows)
@@ -206,7 +231,9 @@ class Placer:
         rows, fit = self._rows(g, mask, ask)
         looked = _size(rows)
         score = np.where(fit, self.score(g, strategy, rows, ask), _NEG)
-        bulk = strategy is Strategy.BINPACK and g.spread is None and not g.max_per
+        # A job whose tasks change what it reads of a node places one task at a time.
+        reflexive = g.presence is not None and g.presence.reflexive
+        bulk = strategy is Strategy.BINPACK and g.spread is None and not g.max_per and not reflexive
         counts = self.counts(g) if (g.max_per_node or g.max_per or g.spread) else None
         asked = ask.tolist()
         out: list[tuple[int, int]] = []
@@ -222,15 +249,22 @@ class Placer:
             row = _row(rows, j)
             k = self._how_many(g, row, ask, n, counts) if bulk else 1
             self.take(row, k * ask)
+            self.mark(g, row, k)
             if counts is not None:
                 counts[row] += k
             out.append((row, k))
             n -= k
+            if reflexive:
+                mask[row] = self._admits(g, row)
             if g.spread is not None or g.max_per:
                 score = self._rescore(g, strategy, rows, mask, ask)
             else:
                 score[j] = self._refresh(g, strategy, row, mask, asked)
         return out
+
+    def _admits(self, g: Group, row: int) -> bool:
+        """Whether `row` takes a task of `g` by the tags on it now (its own tasks' included)."""
+        return g.presence is None or tags.refusal(self.table.tags, row, g.presence) is None
 
     def capacity(self, g: Group, ask: np.ndarray) -> int:
         """At most how many tasks of `g` the free room holds now, each node on its own (exact
@@ -250,6 +284,11 @@ class Placer:
             usable = usable & self.limits(g, slice(0, len(self.table)))
         if g.max_per_node is not None:
             per_row = np.minimum(per_row, g.max_per_node - self.counts(g))
+        if g.presence is not None:
+            if (ok := tags.allowed(self.table.tags, len(self.table), g.presence)) is not None:
+                usable = usable & ok
+            if g.presence.one_per_node:
+                per_row = np.minimum(per_row, 1)
         return int(per_row[usable & (per_row > 0)].sum())
 
     def _how_many(self, g: Group, row: int, ask: np.ndarray, n: int, counts: np.ndarray | None) -> int:
@@ -268,7 +307,7 @@ class Placer:
             return _NEG
         if (g.max_per_node or g.max_per) and not np.all(self.limits(g, slice(row, row + 1))):
             return _NEG
-        if g.affinities:
+        if g.affinities or (g.presence is not None and g.presence.prefer):
             return float(self.score(g, strategy, slice(row, row + 1), np.array(ask))[0])
         inverse = self.table.inverse_capacity()[row]
         if strategy is Strategy.LEAST_LOADED:
@@ -287,6 +326,7 @@ class Placer:
         counts = self._job_rows.get(g.job_id)
         for row, k in placed:
             self.take(row, -k * ask)
+            self.mark(g, row, -k)
             if counts is not None:
                 counts[row] -= k
 
@@ -307,6 +347,9 @@ class Placer:
             drop(~self.masks.nodes(g.nodes), "is outside the node set", "are outside the node set")
         for c in g.constraints:
             drop(~self.masks.constraint(c), f"fails {c}", f"fail {c}")
+        if g.presence is not None:
+            for failing, one, many in tags.reasons(self.table.tags, len(self.table), g.presence):
+                drop(failing, one, many)
         under = self.limits(g, slice(0, len(self.table)))
         if under is not True:
             drop(~under, "holds the job's most tasks", "hold the job's most tasks")

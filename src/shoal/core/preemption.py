@@ -142,6 +142,8 @@ def plan(
             pool.alive[chosen] = False
             coming[row] += pool.vec[chosen].sum(axis=0) - ask  # freed, and spoken for
             choices.taken(row, len(chosen))
+            if g.presence is not None and g.presence.one_per_node:
+                choices.drop(row)  # its next task may not join this one there
             nominations.append((task, table.names[row]))
             evicted += len(chosen)
             nominated += 1
@@ -198,6 +200,11 @@ class _Choices:
         i = int(able[np.lexsort((self.rows[able], self.priorities[able, k], k))[0]])
         first = self.start[i] + self.taken_at[i]
         return int(self.rows[i]), self.members[first : first + int(np.argmax(covers[i])) + 1]
+
+    def drop(self, row: int) -> None:
+        """`row` is no choice any more: no victims there make room enough."""
+        i = int(np.searchsorted(self.rows, row))
+        self.room[i] = -np.inf
 
     def taken(self, row: int, victims: int) -> None:
         """A choice on `row` was made: its first `victims` are gone, and `ask` is spoken for."""

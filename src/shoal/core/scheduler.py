@@ -44,6 +44,7 @@ from shoal.core.cluster import MaskCache, NodeTable
 from shoal.core.fairness import Shares, UsageBook
 from shoal.core.placement import Group, Placer
 from shoal.core.plan import Eviction, Placement, Plan, Reservation, Running
+from shoal.core.tags import Tags, binding
 from shoal.model import Resources, Strategy
 
 STALE = "node no longer has room (stale plan)"
@@ -257,7 +258,7 @@ class _Cycle:
                 self._block(queue, g, f"queue {g.queue} is at its max share ({limit:.0%})", reserve=False)
                 return
         duration = self._duration(g)
-        plain = _plain(g)
+        plain = _plain(g, self.table.tags)
         need = len(todo) if g.gang else 1  # fewer than this fitting is a failure
         if plain and (known := self._known_failure(ask, duration, need)) is not None:
             self._block(queue, g, f"gang: its {need} tasks do not all fit now; {known}" if g.gang else known)
@@ -391,6 +392,8 @@ class _Cycle:
         room = np.full(len(self.table), np.inf)
         if g.max_per_node is not None:
             room = g.max_per_node - self.placer.counts(g)
+        if g.presence is not None and g.presence.one_per_node:
+            room = np.minimum(room, 1)
         rows = np.flatnonzero(self.placer.static_mask(g) & self.placer.limits(g, slice(0, len(self.table))))
         found = profile.earliest(ask, len(self.remaining[g.job_id]), duration, rows, room)
         if found is None or not self.now < found[0] < math.inf:
@@ -429,9 +432,17 @@ class _Cycle:
         return self.profile
 
 
-def _plain(g: Group) -> bool:
-    """Whether only `g`'s ask decides where it fits (no filters, limits or held room)."""
-    return not (g.nodes is not None or g.constraints or g.max_per_node or g.max_per or g.nominated)
+def _plain(g: Group, tags: Tags) -> bool:
+    """Whether only `g`'s ask decides where it fits (no filters, limits, held room, or
+    colocation rule or static port that binds now)."""
+    return not (
+        g.nodes is not None
+        or g.constraints
+        or g.max_per_node
+        or g.max_per
+        or g.nominated
+        or binding(tags, g.presence)
+    )
 
 
 @dataclass(frozen=True, slots=True)

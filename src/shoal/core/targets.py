@@ -4,8 +4,9 @@ A moving task is one more task of its job while its present copy still runs (a
 make-before-break copy starts before the old one stops; a restarted one is placed again
 by a plan), so a target must pass what the scheduler checks for any task of the job: the
 node takes work, is in the job's node set, passes its constraints, and stays within
-`max_per_node` and `max_per` counting every copy of the job. A job that spreads over an
-attribute keeps its spread: its tasks move only between nodes of the same value.
+`max_per_node` and `max_per` counting every copy of the job, and keeps to its static ports
+and hard colocation rules (`core/tags.py`). A job that spreads over an attribute keeps its
+spread: its tasks move only between nodes of the same value.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from shoal.core.cluster import MaskCache, NodeTable
 from shoal.core.placement import Group, Placer
+from shoal.core.tags import binding
 from shoal.model import Strategy
 
 _EPS = 1e-9
@@ -22,7 +24,7 @@ _EPS = 1e-9
 def admissible(table: NodeTable, masks: MaskCache, g: Group, source: str) -> np.ndarray | None:
     """Rows that may take the task of `g` moving off `source`, room aside (None: every
     row the table calls schedulable)."""
-    if g.nodes is None and not g.constraints and not _limited(g):
+    if g.nodes is None and not g.constraints and not _limited(g) and not binding(table.tags, g.presence):
         return None
     placer = Placer(table, masks, window=max(len(table), 1))
     ok = placer.static_mask(g)

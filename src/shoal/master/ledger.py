@@ -2,15 +2,16 @@
 
 It holds the jobs, their tasks and the nodes, and keeps in step with them: the node table
 (capacity, allocation and free room, as the core reads it), the pending tasks of each job,
-the active tasks, the usage book (per queue and consumer) and the book of GPU devices and
-ports in use per node.
+the active tasks, the usage book (per queue and consumer) and the book of GPU devices,
+ports and tags (who is where, for static ports and colocation) per node.
 
 Rules kept here, and only here:
 - Every change goes through a method of this class, and each records what it changed for
   the store (`commands()` puts it first, as one `Persist`). No caller marks changes by hand.
 - A task moves only along `model.TRANSITIONS` (`transition`).
 - Tasks are allocated only by `place`, which takes a plan, checks it against the table as
-  it is now (`core.scheduler.apply_plan`), and gives each placement its devices and ports;
+  it is now (`core.scheduler.apply_plan`), and gives each placement its devices and ports
+  (`Book.take`: refused where the node's tags break a static port or a colocation rule);
   they are released when a task, or a task's new copy, stops holding them. Offers hold room
   through `hold_offers` and `release_offer`; a restart rebuilds allocations from the records.
 - A refused request never widens the node table: resource dimensions come from the nodes.
@@ -35,12 +36,13 @@ from shoal.core.fairness import UsageBook
 from shoal.core.placement import Group
 from shoal.core.plan import Placement, Plan, Running
 from shoal.core.scheduler import Verdict, apply_plan, never_fits
+from shoal.core.tags import Presence
 from shoal.errors import ShoalError, SpecError
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.book import Book
 from shoal.master.events import Command, Reply, Send
 from shoal.master.outbox import Outbox
-from shoal.master.shapes import consumer, run_spec
+from shoal.master.shapes import consumer, implied_tasks, run_spec
 from shoal.master.views import Views
 from shoal.model import (
     TRANSITIONS,
@@ -60,8 +62,6 @@ from shoal.model import (
 )
 from shoal.services import RegistrationRecord
 from shoal.wire import Ack, Kill, Launch
-
-NO_PORT = "node has too few free ports (stale plan)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +93,13 @@ class Ledger:
         self.usage = UsageBook()
         self._vectors: dict[int, np.ndarray] = {}
         self.views = Views()  # what the scheduler reads, kept between cycles
-        self._book = Book()
         self._watchers: list[Watcher] = []
         self._changes = Outbox()
         self._freed = False
         self.jobs: dict[int, JobRecord] = {j.id: j for j in jobs}
         self.tasks: dict[str, TaskRecord] = {t.id: t for t in tasks}
         self.nodes: dict[str, NodeRecord] = {}
+        self._book = Book(self.table, self.nodes)
         self.migrations: dict[int, Migration] = {m.id: m for m in sorted(migrations, key=lambda m: m.id)}
         self.pending: dict[int, dict[str, None]] = defaultdict(dict)  # job id -> ordered task ids
         self.active: dict[str, None] = {}  # tasks holding resources on a node
@@ -114,7 +114,7 @@ class Ledger:
         for job in self.jobs.values():
             for dim in job.spec.resources.custom:
                 self.table.declare(dim)  # even if the nodes that had it are gone
-            for task in _implied_tasks(job):
+            for task in implied_tasks(job):
                 self.tasks.setdefault(task.id, task)
         self._rebuild_indexes()
         counters = counters or {}
@@ -134,12 +134,14 @@ class Ledger:
                 self._hold(task)
                 self.views.changed(self.jobs[task.job_id], task, self.vector(task), self.table.index)
                 self._allocate(task.node, task)
-                self._book.mark(task.node or "", task.gpus, task.ports.values())
+                self._book.mark(task.node or "", self._presence(task), task.gpus, task.ports)
                 if (copy := task.successor) is not None:
                     self._allocate(copy.node, task)
-                    self._book.mark(copy.node, copy.gpus, copy.ports.values())
+                    self._book.mark(copy.node, self._presence(task), copy.gpus, copy.ports)
         for job_id in self.jobs:
-            if not self._live[job_id]:
+            if self._live[job_id]:
+                self._book.reserve(self.views.presence(self.jobs[job_id]), 1)
+            else:
                 ended.append(
                     (max((t.finished_at or 0.0 for t in self.tasks_of(job_id)), default=0.0), job_id)
                 )
@@ -162,20 +164,13 @@ class Ledger:
 
     def allocated(self, node: str) -> Resources:
         """What the tasks (and offers) on `node` hold, as the scheduler counts it."""
-        row = self.table.allocated[self.table.index[node]]
-        custom = {d: float(v) for d, v in zip(self.table.dims[4:], row[4:], strict=True) if v}
-        return Resources(
-            cpus=round(float(row[0]), 6), mem=int(row[1]), disk=int(row[2]), gpus=int(row[3]), custom=custom
-        )
+        return self.table.resources(self.table.allocated[self.table.index[node]])
 
     def free_ports(self, node: str) -> int:
-        return self._book.free_ports(self.nodes[node].info)
+        return self._book.free_ports(node)
 
-    def port_room(self, ports: int) -> np.ndarray | None:
-        """Per row: whether its node has `ports` free ports (None when none are asked for)."""
-        if not ports:
-            return None
-        return np.fromiter((self.free_ports(n) >= ports for n in self.table.names), bool, len(self.table))
+    def port_room(self, spec: JobSpec) -> np.ndarray | None:
+        return self._book.port_room(spec)
 
     def unknown_resources(self, resources: Resources) -> list[str]:
         """Custom resources no node has declared (a request for them can never run)."""
@@ -218,10 +213,11 @@ class Ledger:
         self.next_job_id += 1
         self._changes.counters["job"] = self.next_job_id
         self.jobs[job.id] = self._changes.jobs[job.id] = job
+        self._book.reserve(self.views.presence(job), 1)
         # The new tasks are not persisted one by one: a stored job implies all its tasks,
-        # pending, until each changes (see `_implied_tasks`), so a 100,000-task array is
-        # one row in the store.
-        tasks = _implied_tasks(job)
+        # pending, until each changes (see `shapes.implied_tasks`), so a 100,000-task array
+        # is one row in the store.
+        tasks = implied_tasks(job)
         ids = [task.id for task in tasks]
         self.tasks.update(zip(ids, tasks, strict=True))
         self._job_tasks[job.id] = ids
@@ -311,6 +307,8 @@ class Ledger:
     def _count_live(self, job_id: int, was: TaskState, now: float) -> None:
         """A task of the job entered or left an end state: the job finished, or runs again."""
         self._live[job_id] += 1 if was.terminal else -1
+        if self._live[job_id] == (1 if was.terminal else 0):  # the job ran again, or finished
+            self._book.reserve(self.views.presence(self.jobs[job_id]), 1 if was.terminal else -1)
         if self._live[job_id]:
             self._finished.pop(job_id, None)
         else:
@@ -327,8 +325,11 @@ class Ledger:
         self.usage.remove(job.spec.queue, consumer(job), self.vector(task))
         task.load = None
         task.checks = {}
-        self._book.release(task.node or "", task.gpus, task.ports.values())
+        self._book.release(task.node or "", self._presence(task), task.gpus, task.ports)
         self._release(task.node, task)
+
+    def _presence(self, task: TaskRecord) -> Presence | None:
+        return self.views.presence(self.jobs[task.job_id])
 
     def _allocate(self, node: str | None, task: TaskRecord) -> None:
         if node in self.table.index:
@@ -357,14 +358,15 @@ class Ledger:
         for p in verdict.accepted:
             task = self.tasks[p.task_id]
             spec = self.jobs[task.job_id].spec
+            presence = self._presence(task)
             equipped = (
-                self._book.take(self.nodes[p.node].info, spec)
-                if spec.resources.gpus or spec.ports
+                self._book.take(self.nodes[p.node].info, spec, presence)
+                if spec.resources.gpus or spec.ports or presence is not None
                 else ([], {})
             )
-            if equipped is None:
+            if isinstance(equipped, str):
                 self.table.release(self.table.index[p.node], self.vector(task))
-                rejected[p.task_id] = NO_PORT
+                rejected[p.task_id] = equipped
                 continue
             gpus, ports = equipped
             if p.copy:
@@ -398,7 +400,7 @@ class Ledger:
             finished_at=now,
         )
         self._release(old_node, task)
-        self._book.release(old_node, task.gpus, task.ports.values())
+        self._book.release(old_node, self._presence(task), task.gpus, task.ports)
         self._write(
             task,
             {
@@ -430,7 +432,7 @@ class Ledger:
         )
         self.update(task, successor=None, history=[*task.history, given_up])
         self._release(copy.node, task)
-        self._book.release(copy.node, copy.gpus, copy.ports.values())
+        self._book.release(copy.node, self._presence(task), copy.gpus, copy.ports)
         self.send(copy.node, Kill(run_ids=[run_id(task.id, copy.attempt)]))
         return copy
 
@@ -588,8 +590,3 @@ class Ledger:
 
 
 _PLACEMENT = frozenset({"state", "node", "gpus", "ports"})
-
-
-def _implied_tasks(job: JobRecord) -> list[TaskRecord]:
-    """The tasks a job has as submitted: all pending, first attempt."""
-    return [TaskRecord(id=f"{job.id}.{i}", job_id=job.id, index=i) for i in range(job.spec.count)]

@@ -66,10 +66,11 @@ def snapshot(ledger: Ledger) -> tuple[Cluster, list[Movable]]:
 
 
 def _allowed(ledger: Ledger, job_id: int, source: str) -> np.ndarray | None:
-    """Rows a task of the job, moving off `source`, may go to by its job's rules and where
-    the ledger has the ports to equip it (None: any row)."""
+    """Rows a task of the job, moving off `source`, may go to by its job's rules (static ports
+    and colocation among them) and where the ledger has the dynamic ports to equip it (None:
+    any row)."""
     allowed = admissible(ledger.table, ledger.masks, ledger.group(job_id, ()), source)
-    ports = ledger.port_room(len(ledger.jobs[job_id].spec.ports))
+    ports = ledger.port_room(ledger.jobs[job_id].spec)
     if ports is None:
         return allowed
     return ports if allowed is None else allowed & ports
@@ -293,7 +294,7 @@ class MoveDesk:
         spec = ledger.jobs[task.job_id].spec
         group = ledger.group(task.job_id, (task.id,))
         strategy = spec.strategy or self.strategy
-        usable = ledger.port_room(len(spec.ports))
+        usable = ledger.port_room(spec)
         return best_target(ledger.table, ledger.masks, group, task.node or "", strategy, usable)
 
     # --- make-before-break ------------------------------------------------------------------

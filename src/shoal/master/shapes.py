@@ -1,5 +1,7 @@
 """The ledger's records in the shapes others read: the core's `Running` (what a task holds,
-for preemption, backfill and shares) and an agent's `RunSpec` (what to run). Pure."""
+for preemption, backfill and shares), `Group` (a job's waiting tasks) and `Presence` (its
+tags and colocation rules), the tasks a job implies as submitted, and an agent's `RunSpec`
+(what to run). Pure."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ from collections import Counter
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import replace
 
+from shoal.core import tags
 from shoal.core.placement import Group, SpreadTarget
 from shoal.core.plan import Running
+from shoal.core.tags import JOB, SERVICE, Colocate, Presence
 from shoal.expressions import parse
 from shoal.model import JobRecord, JobSpec, Migrate, Successor, TaskRecord, run_id
 from shoal.wire import RunSpec
@@ -45,9 +49,31 @@ def holding(job: JobRecord, task: TaskRecord) -> Iterator[Running]:
         yield replace(running(job, task), node=copy.node, preemptible=False, started_at=copy.since)
 
 
-def group(job: JobRecord, ids: tuple[str, ...], tasks: Sequence[TaskRecord], nodes: Container[str]) -> Group:
+def presence(spec: JobSpec) -> Presence | None:
+    """The job's part in who is where: its name, services, static ports, colocation rules."""
+    return tags.presence(
+        spec.name,
+        (s.name for s in spec.services),
+        (p.static for p in spec.ports if p.static is not None),
+        (
+            Colocate(
+                (JOB, c.job) if c.job is not None else (SERVICE, c.service or ""), float(c.weight), c.hard
+            )
+            for c in spec.colocation
+        ),
+    )
+
+
+def group(
+    job: JobRecord,
+    ids: tuple[str, ...],
+    tasks: Sequence[TaskRecord],
+    nodes: Container[str],
+    present: Presence | None = None,
+) -> Group:
     """The job's waiting tasks `ids` as the core places them: `tasks` are all the job's tasks
-    (where they run counts toward its per-node limits), `nodes` the nodes the table knows."""
+    (where they run counts toward its per-node limits), `nodes` the nodes the table knows,
+    `present` the job's `presence`."""
     spec = job.spec
     placed: Counter[str] = Counter()
     if spec.max_per_node or spec.max_per or spec.spread:
@@ -76,6 +102,7 @@ def group(job: JobRecord, ids: tuple[str, ...], tasks: Sequence[TaskRecord], nod
         time_limit=spec.time_limit,
         placed=tuple(placed.items()),
         nominated=tuple((t, n) for t in ids if (n := by_id[t].nominated) is not None and n in nodes),
+        presence=present,
     )
 
 
@@ -83,6 +110,11 @@ def _spread(spec: JobSpec) -> SpreadTarget | None:
     if spec.spread is None:
         return None
     return SpreadTarget(spec.spread.attribute, tuple((v, p / 100.0) for v, p in spec.spread.targets.items()))
+
+
+def implied_tasks(job: JobRecord) -> list[TaskRecord]:
+    """The tasks a job has as submitted: all pending, first attempt."""
+    return [TaskRecord(id=f"{job.id}.{i}", job_id=job.id, index=i) for i in range(job.spec.count)]
 
 
 def run_spec(spec: JobSpec, task: TaskRecord, copy: Successor | None = None) -> RunSpec:

@@ -1,5 +1,6 @@
 """What the scheduler reads of the ledger, kept between cycles: each waiting job's `Group`,
-each active task's holdings, and the book of when active tasks are expected to end.
+each job's `Presence` (its tags and colocation rules), each active task's holdings, and the
+book of when active tasks are expected to end.
 
 Every cycle reads every waiting job, and a cycle that looks ahead reads every active task:
 these are made once and kept until a task of theirs changes (the ledger says which). Pure.
@@ -14,6 +15,7 @@ import numpy as np
 from shoal.core.backfill import Releases
 from shoal.core.placement import Group
 from shoal.core.plan import Running
+from shoal.core.tags import Presence
 from shoal.master import shapes
 from shoal.model import JobRecord, TaskRecord
 
@@ -24,6 +26,7 @@ class Views:
     def __init__(self) -> None:
         self._holding: dict[str, tuple[Running, ...]] = {}  # task id -> what it holds
         self._groups: dict[int, Group] = {}  # job id -> its waiting tasks, as the core sees them
+        self._presence: dict[int, Presence | None] = {}  # job id -> its part in who is where
         self.releases = Releases()  # when active tasks are expected to end, for backfill
 
     def group(
@@ -31,8 +34,16 @@ class Views:
     ) -> Group:
         kept = self._groups.get(job.id)
         if kept is None or kept.tasks != ids:
-            kept = self._groups[job.id] = shapes.group(job, ids, tasks, nodes)
+            kept = self._groups[job.id] = shapes.group(job, ids, tasks, nodes, self.presence(job))
         return kept
+
+    def presence(self, job: JobRecord) -> Presence | None:
+        """The job's presence (its spec never changes: made once)."""
+        try:
+            return self._presence[job.id]
+        except KeyError:
+            made = self._presence[job.id] = shapes.presence(job.spec)
+            return made
 
     def holding(self, job: JobRecord, task: TaskRecord) -> tuple[Running, ...]:
         held = self._holding.get(task.id)
@@ -59,3 +70,4 @@ class Views:
 
     def forget_job(self, job_id: int) -> None:
         self._groups.pop(job_id, None)
+        self._presence.pop(job_id, None)

@@ -8,7 +8,12 @@ test after each event).
 - The usage book is the sum of the active tasks, per queue and consumer.
 - Every active task and copy stands on a node its job may use (node set, constraints),
   within the job's `max_per_node` and `max_per`, with its own GPU devices and ports, each
-  in use by one copy only.
+  in use by one copy only: no node holds a port twice, a static one included; a static
+  port is its number, a dynamic one is of its node's range.
+- No active task or copy shares its node with a task of a job or service its job's hard
+  colocation rules keep away (its own job's other tasks count). Rules that need a job or
+  service nearby are checked when a task is placed, not after: what it went to may end.
+- The tags of each node in the table are those its active tasks and copies put there.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from shoal.core.fairness import UsageBook
-from shoal.master.shapes import running
+from shoal.core.tags import PORT, Tag
+from shoal.master.shapes import presence, running
 from shoal.master.state import MasterState
 from shoal.master.views import COPY
-from shoal.model import JobRecord, NodeStatus, TaskRecord
+from shoal.model import Colocation, JobRecord, JobSpec, NodeStatus, TaskRecord
 
 
 def check(state: MasterState) -> None:
@@ -29,6 +35,8 @@ def check(state: MasterState) -> None:
     _usage(state)
     _releases(state)
     _placements(state)
+    _colocation(state)
+    _tags(state)
 
 
 def _allocations(state: MasterState) -> None:
@@ -108,7 +116,12 @@ def _placements(state: MasterState) -> None:
             assert len(gpus) == job.spec.resources.gpus, f"{task.id} has devices {gpus}"
             assert sorted(named) == sorted(job.spec.port_names), f"{task.id} has ports {named}"
             low, high = ledger.nodes[node].info.port_range
-            assert all(low <= p <= high for p in named.values()), f"{task.id}: ports {named} out of range"
+            for port in job.spec.ports:
+                given = named[port.name]
+                if port.static is not None:
+                    assert given == port.static, f"{task.id}: static port {port.name} is {given}"
+                else:
+                    assert low <= given <= high, f"{task.id}: port {port.name} {given} out of range"
     assert all(n == 1 for n in devices.values()), f"a GPU is given twice: {devices.most_common(1)}"
     assert all(n == 1 for n in ports.values()), f"a port is given twice: {ports.most_common(1)}"
     for job_id, counts in per_node.items():
@@ -134,3 +147,52 @@ def _limits(state: MasterState, job: JobRecord, counts: Counter[str]) -> None:
         for node, n in counts.items():
             by_value[table.attributes[table.index[node]].get(attribute)] += n
         assert max(by_value.values()) <= limit, f"job {job.id} has {by_value} per {attribute}, limit {limit}"
+
+
+def _copies(task: TaskRecord) -> list[tuple[str, dict[str, int]]]:
+    """Where a task and its make-before-break copy stand, with the ports each holds."""
+    copies = [(task.node or "", task.ports)]
+    if task.successor is not None:
+        copies.append((task.successor.node, task.successor.ports))
+    return copies
+
+
+def _colocation(state: MasterState) -> None:
+    """Read from the job specs alone (not from the tags the scheduler decided on)."""
+    ledger = state.ledger
+    on_node: dict[str, list[tuple[str, JobSpec]]] = defaultdict(list)  # node -> (task, its job)
+    for task in ledger.active_tasks():
+        for node, _ in _copies(task):
+            on_node[node].append((task.id, ledger.jobs[task.job_id].spec))
+    for node, copies in on_node.items():
+        for task_id, spec in copies:
+            for rule in spec.colocation:
+                if rule.hard and rule.weight < 0:
+                    near = [other for other, s in copies if other != task_id and _is(s, rule)]
+                    assert not near, (
+                        f"{task_id} keeps {rule.job or rule.service} away, yet {near} run on {node}"
+                    )
+
+
+def _is(spec: JobSpec, rule: Colocation) -> bool:
+    """Whether a task of `spec` is what `rule` names: its job, or a service it offers."""
+    if rule.job is not None:
+        return spec.name == rule.job
+    return any(s.name == rule.service for s in spec.services)
+
+
+def _tags(state: MasterState) -> None:
+    ledger = state.ledger
+    index = ledger.table.index
+    want: dict[Tag, Counter[int]] = defaultdict(Counter)
+    for task in ledger.active_tasks():
+        job_presence = presence(ledger.jobs[task.job_id].spec)
+        static = job_presence.static if job_presence is not None else ()
+        for node, ports in _copies(task):
+            if node not in index:
+                continue
+            provided = job_presence.provides if job_presence is not None else ()
+            for tag in [*provided, *((PORT, p) for p in ports.values() if p not in static)]:
+                want[tag][index[node]] += 1
+    have = ledger.table.tags.counts()
+    assert have == {tag: dict(rows) for tag, rows in want.items()}, f"node tags {have} against {dict(want)}"
