@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 import dns.edns
@@ -473,5 +474,23 @@ def test_idle_tcp_connections_are_closed_and_their_number_is_capped(
         with socket.create_connection(address, timeout=3) as d:  # room again
             d.sendall(len(wire).to_bytes(2, "big") + wire)
             assert records(dns.message.from_wire(_framed(d))) == ["10.0.0.1"]
+    finally:
+        loop.run(server.close())
+
+
+def test_tcp_queries_may_come_split_or_together(loop: Loop, cluster: Cluster) -> None:
+    server = serve(loop, cluster)
+    try:
+        framed = [
+            len(w).to_bytes(2, "big") + w for w in map(Cluster.wire, ("n1.node.shoal", "n3.node.shoal"))
+        ]
+        with socket.create_connection(("127.0.0.1", server.port), timeout=3) as s:
+            s.sendall(framed[0][:1])  # half a length
+            time.sleep(0.05)
+            s.sendall(framed[0][1:9])
+            time.sleep(0.05)
+            s.sendall(framed[0][9:] + framed[1])  # the rest, and the next query whole
+            replies = [dns.message.from_wire(_framed(s)) for _ in range(2)]
+        assert [records(r) for r in replies] == [["10.0.0.1"], ["10.0.0.3"]]
     finally:
         loop.run(server.close())

@@ -24,12 +24,10 @@ Answers, as Consul gives them (names in any case; the question echoed as asked):
 - A packet whose header reads but whose rest does not is answered FORMERR; one without a
   header, or a response, is not answered. Other opcodes: NOTIMP; EDNS versions above 0: BADVERS.
 
-Speed: `Answers` keeps each answer packed, keyed by the query's bytes after its id (a reply
-is the query's id and the packed rest), for UDP and TCP apart, and makes it afresh when the
-index of its service moves (for a node's name: of the agents'). A service's answer is kept
-in `VARIANTS` orders, taken in turn, so that ties spread; as node loads move without an
-index, an answer older than `RECHECK` seconds has its order looked at again, and is packed
-anew only if that changed.
+Speed: each answer is kept packed, keyed by the query's bytes after its id (a reply is the
+query's id and the packed rest), made afresh when its service's index moves (a node's: the
+agents'); a service's in `VARIANTS` orders taken in turn, so ties spread. Node loads move
+without an index: an answer older than `RECHECK` seconds has its order checked again.
 """
 
 from __future__ import annotations
@@ -157,21 +155,14 @@ class Answers:
                 cache.clear()
             entry = cache[key] = self._entry(query, udp)
         elif entry.service is not None and self.clock() - entry.checked > RECHECK:
-            entry = self._recheck(cache, key, entry, query, udp)
+            name, tag = entry.service  # loads may have moved: the order, as it is now
+            if self._order(self.registry.endpoints(name, tag=tag)) == entry.order:
+                entry.checked = self.clock()
+            else:
+                entry = cache[key] = self._entry(query, udp)
         if entry.turn is None:
             return None if entry.replies == _DROP else FORWARD
         return query[:2] + next(entry.turn)
-
-    def _recheck(
-        self, cache: dict[bytes, _Entry], key: bytes, entry: _Entry, query: bytes, udp: bool
-    ) -> _Entry:
-        assert entry.service is not None
-        name, tag = entry.service
-        if self._order(self.registry.endpoints(name, tag=tag)) == entry.order:
-            entry.checked = self.clock()
-            return entry
-        entry = cache[key] = self._entry(query, udp)
-        return entry
 
     def _order(self, endpoints: list[Endpoint]) -> tuple[str, ...]:
         return tuple(e.id for e in self.registry.ordered(endpoints, _keep))
@@ -182,7 +173,7 @@ class Answers:
         try:
             record = DNSRecord.parse(query)
         except Exception:  # whatever dnslib raises, the packet is malformed
-            reply = failure(query, RCODE.FORMERR, question=False)
+            reply = failure(query, RCODE.FORMERR)
             return _Entry((reply[2:],) if reply is not None else _DROP)
         header = record.header
         if header.qr:  # a response: answering it could start a loop between two servers
@@ -364,9 +355,9 @@ def _unhex(label: str) -> str | None:
     return None
 
 
-def failure(query: bytes, rcode: int, question: bool = True) -> bytes | None:
-    """A reply of `rcode` alone to `query`, with its question when it can be read (and
-    `question`); None when not even its header can be read, or it is a response."""
+def failure(query: bytes, rcode: int) -> bytes | None:
+    """A reply of `rcode` alone to `query`, with its question when that can be read; None
+    when not even its header can be read, or it is a response."""
     if len(query) < _HEADER.size:
         return None
     ident, flags, *_ = _HEADER.unpack_from(query)
@@ -374,71 +365,102 @@ def failure(query: bytes, rcode: int, question: bool = True) -> bytes | None:
         return None
     flags = 0x8000 | (flags & 0x7910) | (rcode & 0xF)  # QR; the opcode, RD and CD asked with
     body = b""
-    if question:
-        with contextlib.suppress(Exception):  # malformed: the header alone
-            if asked := DNSRecord.parse(query).questions[:1]:
-                body = DNSRecord(DNSHeader(), asked).pack()[12:]
+    with contextlib.suppress(Exception):  # malformed: the header alone
+        if asked := DNSRecord.parse(query).questions[:1]:
+            body = DNSRecord(DNSHeader(), asked).pack()[12:]
     return _HEADER.pack(ident, flags, 1 if body else 0, 0, 0, 0) + body
 
 
 # --- the server ---------------------------------------------------------------------------------
 
 
-class _Udp(asyncio.DatagramProtocol):
-    """Queries over UDP, answered as they arrive (no task per packet)."""
+def _answered(answers: Answers, query: bytes, udp: bool) -> bytes | Forward | None:
+    try:
+        return answers.answer(query, udp)
+    except Exception:  # a bug: the server goes on answering the others
+        log.exception("DNS query %r", query[:512])
+        return failure(query, RCODE.SERVFAIL)
+
+
+class _Tcp(asyncio.Protocol):
+    """One TCP connection: queries framed by a 2-byte length, several in a row, answered as
+    they arrive (forwarded ones when the upstream answers: RFC 7766 allows any order);
+    closed when silent for TCP_IDLE seconds, or on a query without a header."""
 
     def __init__(self, server: DnsServer) -> None:
         self.server = server
-        self.answer = server.answers.answer
-        self.transport: asyncio.DatagramTransport | None = None
+        self.loop = asyncio.get_running_loop()
+        self.buffer = b""
+        self.heard = self.loop.time()
+        self.transport: asyncio.Transport  # from connection_made on
+        self.idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if len(self.server.clients) >= TCP_CLIENTS:
+            transport.close()
+            return
+        self.server.clients.add(self)
+        self.idle = self.loop.call_later(TCP_IDLE, self._silent)
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        try:
-            reply = self.answer(data, True)
-        except Exception:  # a bug: the server goes on answering the others
-            log.exception("DNS query %r", data[:512])
-            reply = failure(data, RCODE.SERVFAIL)
-        if type(reply) is bytes:
-            self.transport.sendto(reply, addr)  # type: ignore[union-attr]
-        elif reply is FORWARD:
-            self.server.forward(data, addr)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.clients.discard(self)
+        if self.idle is not None:
+            self.idle.cancel()
 
-    def error_received(self, exc: Exception) -> None:
-        pass  # an ICMP error for an answer to a client that has gone: nothing to do
+    def _silent(self) -> None:
+        if (left := self.heard + TCP_IDLE - self.loop.time()) > 0:
+            self.idle = self.loop.call_later(left, self._silent)
+        else:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = self.loop.time()
+        self.buffer += data
+        replies = []
+        while len(self.buffer) >= 2 and len(self.buffer) >= 2 + (size := int.from_bytes(self.buffer[:2])):
+            query, self.buffer = self.buffer[2 : 2 + size], self.buffer[2 + size :]
+            reply = _answered(self.server.answers, query, False)
+            if reply is FORWARD:
+                self.server.forward(query, self.send, udp=False)
+            elif type(reply) is bytes:
+                replies.append(len(reply).to_bytes(2, "big") + reply)
+            else:  # no header: there is no telling where the next query starts
+                self.buffer = b""
+                self.transport.close()
+        if replies:
+            self.send(b"".join(replies), framed=True)
+
+    def send(self, reply: bytes, framed: bool = False) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(reply if framed else len(reply).to_bytes(2, "big") + reply)
+
+    def pause_writing(self) -> None:  # a client that does not read its answers is not read
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
 
 
-class _Once(asyncio.DatagramProtocol):
-    """One answer from the upstream, to the query with `ident`."""
-
-    def __init__(self, ident: bytes) -> None:
-        self.ident = ident
-        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if data[:2] == self.ident and len(data) >= _HEADER.size and not self.answer.done():
-            self.answer.set_result(data)
-
-
-class DnsServer:
-    """The DNS server on its sockets; `await close()` stops it."""
+class DnsServer(asyncio.DatagramProtocol):
+    """The DNS server on its sockets, answering UDP queries as they arrive (no task per
+    packet); `await close()` stops it."""
 
     def __init__(self, answers: Answers, upstream: tuple[str, int] | None) -> None:
         self.answers = answers
         self.upstream = upstream
+        self._family = socket.getaddrinfo(*upstream, type=socket.SOCK_DGRAM)[0][0] if upstream else 0
         self.port = 0
+        self.clients: set[_Tcp] = set()
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
-        self._clients: set[asyncio.StreamWriter] = set()
         self._forwards: set[asyncio.Task[None]] = set()
 
     async def start(self, udp: socket.socket, tcp: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         self.port = udp.getsockname()[1]
-        self._udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
-        self._tcp = await asyncio.start_server(self._client, sock=tcp, limit=2**16 + 2)
+        await loop.create_datagram_endpoint(lambda: self, sock=udp)
+        self._tcp = await loop.create_server(lambda: _Tcp(self), sock=tcp)
 
     async def close(self) -> None:
         assert self._udp is not None and self._tcp is not None, "close() before start()"
@@ -446,78 +468,56 @@ class DnsServer:
         self._tcp.close()
         for task in list(self._forwards):
             task.cancel()
-        for writer in list(self._clients):
-            writer.close()
+        for client in list(self.clients):
+            client.transport.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._tcp.wait_closed(), 2)
 
-    # --- TCP ----------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._udp = transport  # type: ignore[assignment]
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._clients) >= TCP_CLIENTS:
-            writer.close()
-            return
-        self._clients.add(writer)
-        try:
-            while True:
-                async with asyncio.timeout(TCP_IDLE):
-                    size = int.from_bytes(await reader.readexactly(2), "big")
-                    query = await reader.readexactly(size)
-                reply = self.answers.answer(query, False)
-                if reply is FORWARD:
-                    reply = await self._ask_upstream(query, udp=False)
-                if not isinstance(reply, bytes):
-                    return  # unreadable: there is no telling where the next query starts
-                writer.write(len(reply).to_bytes(2, "big") + reply)
-                async with asyncio.timeout(TCP_IDLE):
-                    await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except Exception:
-            log.exception("DNS over TCP")
-        finally:
-            self._clients.discard(writer)
-            writer.close()
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        reply = _answered(self.answers, data, True)
+        if type(reply) is bytes:
+            self._udp.sendto(reply, addr)  # type: ignore[union-attr]
+        elif reply is FORWARD:
+            self.forward(data, lambda reply: self._udp.sendto(reply, addr), udp=True)  # type: ignore[union-attr]
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # an ICMP error for an answer to a client that has gone: nothing to do
 
     # --- forwarding ---------------------------------------------------------------------------
 
-    def forward(self, query: bytes, addr: tuple[str, int]) -> None:
-        """Ask the upstream, and relay its answer to `addr` (UDP)."""
+    def forward(self, query: bytes, send: Callable[[bytes], None], udp: bool) -> None:
+        """Ask the upstream, over the transport the query came on, and `send` its answer."""
         if len(self._forwards) >= FORWARDS:
-            if (reply := failure(query, RCODE.SERVFAIL)) is not None and self._udp is not None:
-                self._udp.sendto(reply, addr)
+            if (reply := failure(query, RCODE.SERVFAIL)) is not None:
+                send(reply)
             return
-        task = asyncio.get_running_loop().create_task(self._relay(query, addr))
+        task = asyncio.get_running_loop().create_task(self._relay(query, send, udp))
         self._forwards.add(task)
         task.add_done_callback(self._forwards.discard)
 
-    async def _relay(self, query: bytes, addr: tuple[str, int]) -> None:
-        reply = await self._ask_upstream(query, udp=True)
-        if reply is not None and self._udp is not None and not self._udp.is_closing():
-            self._udp.sendto(reply, addr)
-
-    async def _ask_upstream(self, query: bytes, udp: bool) -> bytes | None:
-        """The upstream's answer to `query`; SERVFAIL when it gives none in time."""
+    async def _relay(self, query: bytes, send: Callable[[bytes], None], udp: bool) -> None:
         assert self.upstream is not None
         try:
             async with asyncio.timeout(FORWARD_TIMEOUT):
-                if udp:
-                    return await self._upstream_udp(query)
-                return await self._upstream_tcp(query)
+                reply = await (self._upstream_udp(query) if udp else self._upstream_tcp(query))
         except (TimeoutError, OSError, asyncio.IncompleteReadError) as e:
             log.debug("upstream %s:%d gave no answer: %r", *self.upstream, e)
-            return failure(query, RCODE.SERVFAIL)
+            reply = failure(query, RCODE.SERVFAIL)
+        if reply is not None:
+            send(reply)
 
     async def _upstream_udp(self, query: bytes) -> bytes:
         loop = asyncio.get_running_loop()
-        transport, once = await loop.create_datagram_endpoint(
-            lambda: _Once(query[:2]), remote_addr=self.upstream
-        )
-        try:
-            transport.sendto(query)
-            return await once.answer
-        finally:
-            transport.close()
+        with socket.socket(self._family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, self.upstream)
+            await loop.sock_sendall(sock, query)
+            while (answer := await loop.sock_recv(sock, 65_535))[:2] != query[:2]:
+                pass  # not the answer to this query: a late one to another
+            return answer
 
     async def _upstream_tcp(self, query: bytes) -> bytes:
         assert self.upstream is not None
@@ -585,13 +585,8 @@ async def serve_dns(registry: Registry, settings: MasterSettings) -> DnsServer:
     dns_port: 0 for any free port, then in `DnsServer.port`)."""
     host = settings.dns_host or settings.host
     upstream = _upstream(settings.dns_upstream)
-    answers = Answers(
-        registry,
-        ttl=settings.dns_ttl,
-        negative_ttl=settings.dns_negative_ttl,
-        forward=upstream is not None,
-    )
-    server = DnsServer(answers, upstream)
+    ttls = {"ttl": settings.dns_ttl, "negative_ttl": settings.dns_negative_ttl}
+    server = DnsServer(Answers(registry, **ttls, forward=upstream is not None), upstream)
     udp, tcp = _bind(host, settings.dns_port)
     await server.start(udp, tcp)
     return server
