@@ -24,6 +24,7 @@ import numpy as np
 
 from shoal.core.fairness import UsageBook
 from shoal.core.tags import PORT, Tag
+from shoal.master.registry import Registry
 from shoal.master.shapes import presence, running
 from shoal.master.state import MasterState
 from shoal.master.views import COPY
@@ -37,6 +38,18 @@ def check(state: MasterState) -> None:
     _placements(state)
     _colocation(state)
     _tags(state)
+    _registry(state)
+
+
+def _registry(state: MasterState) -> None:
+    """The registry, kept up to date change by change, holds what one built afresh from the
+    ledger would: no endpoint missed, none left behind."""
+    registry = state.registry
+    fresh = Registry(state.ledger, registry.policy, registry.registrations.values(), registry.masters)
+    assert fresh.summaries() == registry.summaries(), f"{registry.summaries()} != {fresh.summaries()}"
+    for summary in registry.summaries():
+        name = summary.name
+        assert fresh.endpoints(name, passing=False) == registry.endpoints(name, passing=False), name
 
 
 def _allocations(state: MasterState) -> None:
