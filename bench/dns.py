@@ -104,6 +104,7 @@ class JobLoad:
     rate: float
     submitted: list[int] = field(default_factory=list)
     errors: int = 0
+    seconds: float = 0.0  # how long it ran
     stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -120,8 +121,9 @@ class JobLoad:
                     self.submitted.append(client.submit(spec))
                 except Exception:  # counted, and the load goes on
                     self.errors += 1
-                due = began + len(self.submitted) / self.rate
+                due = began + (len(self.submitted) + self.errors) / self.rate
                 self.stop.wait(max(0.0, due - time.monotonic()))
+                self.seconds = time.monotonic() - began
 
     def finished(self) -> int:
         with self.cluster.client() as client:
@@ -216,7 +218,6 @@ def measure(cluster: LiveCluster, args: argparse.Namespace, root: Path) -> dict[
         say(f"at {args.rate:,} queries/s for {args.duration:g}s, every latency recorded")
         steady = dnsperf(port, queries, args.duration, args, rate=args.rate)
         say(f"  p50 {steady.percentile(0.5):.3f} ms, p99 {steady.percentile(0.99):.3f} ms")
-        job_seconds = time.monotonic() - began
     finally:
         load.stop.set()
         load.thread.join(10)
@@ -243,7 +244,7 @@ def measure(cluster: LiveCluster, args: argparse.Namespace, root: Path) -> dict[
         "jobs_submitted": len(load.submitted),
         "jobs_finished": finished,
         "job_errors": load.errors,
-        "jobs_per_s": round(len(load.submitted) / job_seconds, 1),
+        "jobs_per_s": round(len(load.submitted) / max(load.seconds, 1e-9), 1),
         "goal_met": flat.qps >= GOAL_QPS and p99 <= GOAL_P99_MS and args.rate >= GOAL_QPS,
         "reference": None,
     }
