@@ -29,7 +29,7 @@ from shoal.master import service_api
 from shoal.master.auth import Tokens, new_token
 from shoal.master.blobs import BlobStore
 from shoal.master.deps import CallerDep, MasterDep, Unauthorized, admin, admin_or_agent, writer
-from shoal.master.dns import serve_dns
+from shoal.master.dns import free_dns_port, serve_dns
 from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, RebalanceNow, Submit
 from shoal.master.frameworks import FrameworkPolicy
 from shoal.master.ledger import Retention
@@ -149,10 +149,13 @@ def _fan_out(
 def create_app(settings: MasterSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        master = open_master(settings)
+        # A DNS port of 0 is chosen now, so the registry lists the port DNS is served on.
+        dns_port = settings.dns_port or free_dns_port(settings.dns_host or settings.host)
+        served = settings.model_copy(update={"dns_port": dns_port})
+        master = open_master(served)
         tune_collector()
         app.state.master = master
-        dns = await serve_dns(master.state.registry, settings)
+        dns = await serve_dns(master.state.registry, served)
         log.info("DNS for .shoal on %s port %d (UDP and TCP)", settings.dns_host or settings.host, dns.port)
         ticker = asyncio.create_task(master.tick_loop())
         yield
