@@ -321,6 +321,9 @@ class LedgerMachine(RuleBasedStateMachine):
         """A new master from what the store holds (everything it knew, but offers and live
         readings); agents and frameworks connect again."""
         before = remembered(self.state)
+        # A restart takes time: the new master's ids (framework ids carry the time it started
+        # at, to the millisecond) never repeat the old one's.
+        self.now += 1
         self.state = self._master()
         assert remembered(self.state) == before
         self.offers.clear()
