@@ -66,10 +66,9 @@ class CheckResult:
 
 def serves(names: Collection[str], checks: Mapping[str, CheckResult]) -> bool | None:
     """Whether a run with the checks `names` serves, as a make-before-break move judges it:
-    its own check passes or, with none of its own, every service check does. None: it has no
-    check."""
+    every one of them passes, its own and its services' (a new copy that took over with a
+    service check still failing would leave that service without the old copy's endpoint).
+    None: it has no check."""
     if not names:
         return None
-    if TASK_CHECK in names:
-        names = (TASK_CHECK,)
     return all(n in checks and checks[n].status is CheckStatus.PASSING for n in names)
