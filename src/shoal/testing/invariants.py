@@ -28,7 +28,8 @@ from shoal.master.registry import Registry
 from shoal.master.shapes import presence, running
 from shoal.master.state import MasterState
 from shoal.master.views import COPY
-from shoal.model import Colocation, JobRecord, JobSpec, NodeStatus, TaskRecord
+from shoal.model import JobRecord, JobSpec, NodeStatus, TaskRecord
+from shoal.placing import Colocation
 
 
 def check(state: MasterState) -> None:
