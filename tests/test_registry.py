@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from shoal.checks import CheckResult, CheckStatus
-from shoal.errors import Forbidden
+from shoal.errors import Forbidden, SpecError
 from shoal.master.events import (
     CheckService,
     DeregisterService,
@@ -22,6 +22,7 @@ from shoal.master.events import (
     Submit,
     Tick,
 )
+from shoal.master.registry import RegistryPolicy
 from shoal.master.state import MasterState
 from shoal.master.store.sqlite import SqliteStore
 from shoal.model import Caller, JobSpec, Role, TaskState, Usage
@@ -190,6 +191,8 @@ def test_a_make_before_break_move_switches_the_endpoint_when_the_new_copy_passes
     assert copy is not None
     h.report(task.id, web=CRITICAL, **{"": CRITICAL})  # the new copy runs, does not serve yet
     assert h.endpoints("web") == old  # the old copy answers meanwhile
+    h.report(task.id, web=CRITICAL, **{"": PASSING})  # its own check passes, its service's not yet
+    assert h.endpoints("web") == old and task.successor is copy
     h.report(task.id, web=PASSING, **{"": PASSING})
     [(_, address, port, status)] = h.endpoints("web")
     assert (address, port, status) == (f"10.0.0.{copy.node[1:]}", copy.ports["http"], PASSING)
@@ -202,7 +205,7 @@ def test_a_change_to_one_service_moves_only_its_index() -> None:
     web = h.state.registry.index_of("web")
     h.request(
         lambda r: RegisterService(
-            r, "alice", Registration(id="db1", name="db", address="10.1.0.1", port=5432), h.now
+            r, ALICE, Registration(id="db1", name="db", address="10.1.0.1", port=5432), h.now
         )
     )
     assert h.state.registry.take_changed() == {"db"}
@@ -212,7 +215,7 @@ def test_a_change_to_one_service_moves_only_its_index() -> None:
 def test_a_registration_lapses_unless_passed_within_its_ttl() -> None:
     h = Harness()
     spec = Registration(id="db1", name="db", address="10.1.0.1", port=5432, ttl=5)
-    h.request(lambda r: RegisterService(r, "alice", spec, h.now))
+    h.request(lambda r: RegisterService(r, ALICE, spec, h.now))
     assert h.state.next_due() == h.now + 5
     h.now += 4
     h.request(lambda r: CheckService(r, ALICE, "db1", WARNING, "replica lag 3s", h.now))
@@ -229,12 +232,12 @@ def test_a_registration_lapses_unless_passed_within_its_ttl() -> None:
 def test_only_its_owner_or_an_admin_changes_a_registration() -> None:
     h = Harness()
     spec = Registration(id="db1", name="db", address="10.1.0.1", port=5432)
-    h.request(lambda r: RegisterService(r, "alice", spec, h.now))
+    h.request(lambda r: RegisterService(r, ALICE, spec, h.now))
     bob = Caller(name="bob", role=Role.USER)
     with pytest.raises(Forbidden):
         h.request(lambda r: DeregisterService(r, bob, "db1", h.now))
     with pytest.raises(Forbidden):
-        h.request(lambda r: RegisterService(r, "bob", spec, h.now))
+        h.request(lambda r: RegisterService(r, bob, spec, h.now))
     h.request(lambda r: DeregisterService(r, Caller(name="root", role=Role.ADMIN), "db1", h.now))
     assert h.endpoints("db", passing=False) == []
 
@@ -248,12 +251,12 @@ def test_a_restarted_master_has_the_same_registry(tmp_path: Path) -> None:
     h.report(second.id, web=CRITICAL)
     h.request(
         lambda r: RegisterService(
-            r, "alice", Registration(id="db1", name="db", address="10.1.0.1", port=1), h.now
+            r, ALICE, Registration(id="db1", name="db", address="10.1.0.1", port=1), h.now
         )
     )
     h.request(lambda r: CheckService(r, ALICE, "db1", WARNING, "slow", h.now))
     gone = Registration(id="old", name="db", address="10.1.0.2", port=1)
-    h.request(lambda r: RegisterService(r, "alice", gone, h.now))
+    h.request(lambda r: RegisterService(r, ALICE, gone, h.now))
     h.request(lambda r: DeregisterService(r, ALICE, "old", h.now))
     restarted = MasterState(heartbeat_timeout=5, snapshot=store.load(), now=h.now)
     for name in ("web", "web-metrics", "db"):
@@ -261,3 +264,52 @@ def test_a_restarted_master_has_the_same_registry(tmp_path: Path) -> None:
             name, passing=False
         )
     assert restarted.registry.next_due() == h.now + 30  # a whole TTL again
+
+
+def test_services_left_without_endpoints_are_forgotten_yet_never_answer_an_old_index_late() -> None:
+    h = Harness()
+    registry = h.state.registry
+    for i in range(3):
+        spec = Registration(id=f"r{i}", name=f"gone{i}", address="10.1.0.1", port=1)
+        h.request(lambda r, spec=spec: RegisterService(r, ALICE, spec, h.now))
+        index = registry.index_of(spec.name)
+        h.request(lambda r, i=i: DeregisterService(r, ALICE, f"r{i}", h.now))
+        # A client that saw the service at `index` is told of its removal at once.
+        assert registry.index_of(spec.name) > index
+    assert {s.name for s in registry.summaries()} == {"shoal-agent"}
+    assert not {f"gone{i}" for i in range(3)} & set(registry._indexes)
+
+
+def test_registrations_are_capped_per_owner_and_in_all() -> None:
+    h = Harness(registry=RegistryPolicy(max_registrations=3, registrations_per_owner=2))
+    bob = Caller(name="bob", role=Role.USER)
+
+    def register(caller: Caller, rid: str) -> None:
+        spec = Registration(id=rid, name="db", address="10.1.0.1", port=1)
+        h.request(lambda r: RegisterService(r, caller, spec, h.now))
+
+    register(ALICE, "a1")
+    register(ALICE, "a2")
+    register(ALICE, "a2")  # registering again replaces: no more room taken
+    with pytest.raises(SpecError) as too_many:
+        register(ALICE, "a3")
+    assert too_many.value.status == 429 and "alice holds 2" in str(too_many.value)
+    register(bob, "b1")
+    with pytest.raises(SpecError) as full:
+        register(bob, "b2")
+    assert full.value.status == 429
+
+
+def test_a_node_back_at_another_address_moves_its_endpoints() -> None:
+    h = Harness()
+    job = running_web(h)
+    node = h.state.ledger.tasks_of(job)[0].node
+    moved = sim_node(node, address="10.7.7.7")
+    runs = [
+        RunReport(run_id=t.run_id, task_id=t.id, attempt=t.attempt, state=TaskState.RUNNING)
+        for t in h.state.ledger.tasks_of(job)
+        if t.node == node
+    ]
+    h.handle(FromAgent(node, Register(node=moved, runs=runs), h.now))
+    on_it = [e for e in h.state.registry.endpoints("web-metrics") if e.node == node]
+    assert on_it and all(e.address == "10.7.7.7" for e in on_it)

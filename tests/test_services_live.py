@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shoal.model import JobSpec
+from shoal.model import JobSpec, Role
 from shoal.services import Registration
 from shoal.testing.live import LiveCluster, live_cluster, wait_for
 
@@ -72,14 +72,18 @@ def test_a_failing_check_takes_an_endpoint_out_and_a_passing_one_brings_it_back(
     spec = web_job(tmp_path, check={"failures_before_critical": 3, "successes_before_passing": 2})
     with live_cluster(tmp_path, agents=1) as cluster, cluster.client() as client, registry(cluster) as http:
         client.submit(spec)
-        wait_for(lambda: len(passing(http)) == 1, what="the endpoint passing")
+        [endpoint] = wait_for(lambda: passing(http), what="the endpoint passing")
         sick = tmp_path / "sick-0"
-        sick.touch()  # one failed check (of three needed) is a flap, not a verdict
-        time.sleep(0.25)
+        sick.touch()  # a failed check or two (of three needed) is a flap, not a verdict
+        flapping = []
+        for _ in range(4):  # about 0.3 s: a check or two, every 0.2 s
+            time.sleep(0.08)
+            flapping.append(passing(http))
         sick.unlink()
         time.sleep(1.0)
-        [endpoint] = http.get("/v1/services/web?all").json()
-        assert endpoint["status"] == "passing" and "200" in endpoint["output"]
+        # It never left, and its verdict never changed (a change would be a new `since`).
+        assert all(now == [endpoint] for now in flapping)
+        assert passing(http) == [endpoint] and "200" in endpoint["output"]
         sick.touch()
         wait_for(lambda: passing(http) == [], what="the endpoint out")
         [endpoint] = http.get("/v1/services/web?all").json()
@@ -94,23 +98,24 @@ def test_a_killed_job_leaves_the_registry_before_its_processes_get_sigterm(tmp_p
         job = client.submit(spec)
         wait_for(lambda: len(passing(http)) == 2, what="two endpoints passing")
         index = int(http.get("/v1/services/web").headers["X-Shoal-Index"])
-        gone: list[float] = []
+        answers: list[tuple[float, list[dict]]] = []
 
         def watch() -> None:
             response = http.get(f"/v1/services/web?index={index}&wait=20s")
-            gone.append(time.time())
-            assert response.json() == []
+            answers.append((time.time(), response.json()))
 
         watcher = threading.Thread(target=watch)
         watcher.start()
         time.sleep(0.2)
         client.kill(job)
         watcher.join()
+        [(gone, endpoints)] = answers
+        assert endpoints == []  # both went in the one change that woke the watcher
         terms = tmp_path / "terms"
         wait_for(lambda: terms.exists() and len(terms.read_text().split()) == 2, what="both tasks signalled")
         signalled = [float(t) for t in terms.read_text().split()]
         # The registry let go of them first, and SIGTERM waited out the delay after that.
-        assert min(signalled) - gone[0] > 0.5, (gone, signalled)
+        assert min(signalled) - gone > 0.5, (gone, signalled)
 
 
 def test_a_killed_agent_takes_its_endpoints_within_the_detection_window(tmp_path: Path) -> None:
@@ -155,6 +160,16 @@ def test_a_blocking_query_answers_at_the_change_and_not_before(tmp_path: Path) -
         [(at, endpoints)] = answered
         assert at - sent < 0.1, at - sent
         assert [(e["status"], e["output"]) for e in endpoints] == [("critical", "disk full")]
+        with cluster.client() as admin:
+            reader = admin.create_token("watcher", Role.READER).token
+        looks = {"Authorization": f"Bearer {reader}"}
+        with httpx.Client(base_url=cluster.url, headers=looks, timeout=10) as ro:
+            assert ro.get("/v1/services/db?all").json() == endpoints  # a reader may look
+            assert ro.put("/v1/services/db1/pass").status_code == 403  # and touch nothing
+            assert ro.put("/v1/services/deregister/db1").status_code == 403
+            assert ro.put("/v1/services/register", json=other.model_dump()).status_code == 403
+        shoal = http.put("/v1/services/register", json={**other.model_dump(), "name": "shoal-agent"})
+        assert shoal.status_code == 422 and shoal.json()["fields"][0]["field"] == "name"
 
 
 def test_a_restarted_master_keeps_the_registry(tmp_path: Path) -> None:

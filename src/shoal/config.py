@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettin
 
 from shoal.clientfile import DEFAULT_PORT
 from shoal.model import Resources, Strategy
+from shoal.services import IPv4
 
 if TYPE_CHECKING:
     from shoal.core.scheduler import Policy
@@ -101,7 +102,7 @@ class MasterSettings(_Settings):
     offer_patience: float = Field(
         1.0, ge=0, description="seconds an offer is held before a starved framework may claim it"
     )
-    advertise: str | None = Field(
+    advertise: IPv4 | None = Field(
         None,
         description="the IPv4 address the master is reached at, as the registry gives it (default: host)",
     )
@@ -191,7 +192,7 @@ class AgentSettings(_Settings):
     cpus: float | None = Field(None, gt=0)
     mem: int | None = Field(None, gt=0, description="MiB")
     heartbeat_interval: float = Field(1.0, gt=0)
-    address: str | None = Field(
+    address: IPv4 | None = Field(
         None, description="the IPv4 address tasks here are reached at (default: the one facing the master)"
     )
     port_range: tuple[int, int] = Field((20000, 32000), description="tasks' dynamic ports come from here")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -25,7 +25,7 @@ from pydantic import (
 from shoal.checks import TASK_CHECK, CheckResult, HealthCheck
 from shoal.expressions import parse
 from shoal.placing import NAME, Affinity, Colocation, PortSpec, Spread
-from shoal.services import ServiceSpec
+from shoal.services import IPv4, ServiceSpec
 
 MAX_CPUS = 4096.0
 MAX_MEM_MB = 64 * 1024 * 1024  # 64 TiB
@@ -338,7 +338,7 @@ class NodeInfo(BaseModel):
     attributes: dict[str, str] = Field(default_factory=dict)
     gpu_models: list[str] = Field(default_factory=list)
     port_range: tuple[int, int] = (20000, 32000)  # where tasks' dynamic ports come from
-    address: str = ""  # the IPv4 address its tasks are reached at (its services' endpoints)
+    address: IPv4 | Literal[""] = ""  # the address its tasks are reached at (its services' endpoints)
 
 
 class RunUsage(BaseModel):

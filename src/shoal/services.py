@@ -19,8 +19,10 @@ _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 MAX_TAGS = 32
 MAX_META = 64
-AGENT_SERVICE = "shoal-agent"
-MASTER_SERVICE = "shoal-master"
+RESERVED = "shoal-"  # the prefix of the services shoal itself registers
+AGENT_SERVICE = RESERVED + "agent"
+MASTER_SERVICE = RESERVED + "master"
+ROUTES = frozenset({"register", "deregister"})  # words of the API's paths: no registration's id
 
 
 def label(value: str) -> str:
@@ -30,6 +32,20 @@ def label(value: str) -> str:
             f"{value!r} is not a DNS label: 1-63 lowercase letters, digits and '-', "
             "not starting or ending with '-'"
         )
+    return value
+
+
+def ipv4(value: str) -> str:
+    """`value` if it is an IPv4 address (DNS answers A records), else a ValueError."""
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 address") from None
+
+
+def _unreserved(value: str) -> str:
+    if value.startswith(RESERVED):
+        raise ValueError(f"names starting {RESERVED!r} are shoal's own (its masters and agents)")
     return value
 
 
@@ -46,7 +62,9 @@ def _meta_sizes(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
+IPv4 = Annotated[str, AfterValidator(ipv4)]
 Label = Annotated[str, AfterValidator(label)]
+ServiceName = Annotated[str, AfterValidator(label), AfterValidator(_unreserved)]
 Tags = Annotated[list[Label], Field(max_length=MAX_TAGS), AfterValidator(_distinct)]
 Meta = Annotated[dict[str, str], Field(max_length=MAX_META), AfterValidator(_meta_sizes)]
 
@@ -57,7 +75,7 @@ class ServiceSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Label = Field(description="a DNS label: NAME.service.shoal")
+    name: ServiceName = Field(description="a DNS label: NAME.service.shoal")
     port: str = Field(description="a named port of the job")
     tags: Tags = Field(default_factory=list)
     meta: Meta = Field(default_factory=dict)
@@ -71,8 +89,8 @@ class Registration(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(description="unique among registrations: registering it again replaces it")
-    name: Label = Field(description="a DNS label: NAME.service.shoal")
-    address: str = Field(description="an IPv4 address")
+    name: ServiceName = Field(description="a DNS label: NAME.service.shoal")
+    address: IPv4 = Field(description="an IPv4 address")
     port: int = Field(ge=1, le=65535)
     tags: Tags = Field(default_factory=list)
     meta: Meta = Field(default_factory=dict)
@@ -83,15 +101,9 @@ class Registration(BaseModel):
     def _id(cls, value: str) -> str:
         if not _ID.fullmatch(value):
             raise ValueError("1-128 letters, digits and '._:-', starting with a letter or digit")
+        if value in ROUTES:
+            raise ValueError(f"{value!r} is a word of the API's paths; choose another id")
         return value
-
-    @field_validator("address")
-    @classmethod
-    def _ipv4(cls, value: str) -> str:
-        try:
-            return str(ipaddress.IPv4Address(value))
-        except ValueError:
-            raise ValueError(f"{value!r} is not an IPv4 address") from None
 
 
 class RegistrationRecord(BaseModel):

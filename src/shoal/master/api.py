@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import pathlib
 import random
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
@@ -102,14 +104,30 @@ def open_master(settings: MasterSettings) -> Master:
 
 def _master_endpoint(settings: MasterSettings) -> Endpoint:
     """This master as the registry lists it (`shoal-master`): its API, with its DNS port."""
+    address = settings.advertise or _address_of(settings.host)
     return Endpoint(
-        id=f"{settings.advertise or settings.host}:{settings.port}",
+        id=f"{address}:{settings.port}",
         service=MASTER_SERVICE,
         kind="master",
-        address=settings.advertise or settings.host,
+        address=address,
         port=settings.port,
         meta={"dns_port": str(settings.dns_port)},
     )
+
+
+def _address_of(host: str) -> str:
+    """The IPv4 address a master listening on `host` is reached at: the host itself, or for a
+    wildcard or a name, what this machine's name resolves to (`advertise` says better)."""
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        address = None
+    if address is not None and not address.is_unspecified:
+        return host
+    try:
+        return socket.gethostbyname(host if address is None else socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def _principal(caller: Caller) -> Principal:

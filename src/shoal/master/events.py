@@ -115,7 +115,7 @@ class RegisterService:
     """A service shoal does not run, registered from outside (replaces one with its id)."""
 
     request: int
-    owner: str
+    caller: Caller
     spec: Registration
     now: float
 

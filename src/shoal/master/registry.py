@@ -15,8 +15,12 @@ Rules
   lives there. A lost node's tasks are LOST, so their endpoints go with them.
 - Every change of a service's endpoints raises the registry's index and gives it to the
   service, so a blocking query on one service is woken by that service's changes only
-  (`take_changed`). Indexes start afresh with the master: a client holding an index above
-  the current one is answered at once, as Consul clients expect after a leader change.
+  (`take_changed`). A service left without endpoints is forgotten (what grows is bounded by
+  what is registered now); its index, and any unknown service's, is then the index of the
+  last such removal, so a client holding an older one is answered at once.
+- Indexes start from the master's start time in microseconds: above what the master before
+  it gave, unless that one changed a million times a second. A client holding an index above
+  the current one is answered at once all the same, as Consul clients expect.
 - The registry is rebuilt from the ledger on a restart: tasks keep their checks' results
   and registrations are stored, each given a full TTL again.
 """
@@ -24,12 +28,11 @@ Rules
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from shoal.checks import CheckStatus
-from shoal.errors import NotFound
+from shoal.errors import NotFound, SpecError
 from shoal.master.ledger import Ledger
 from shoal.model import JobRecord, NodeRecord, NodeStatus, TaskRecord, TaskState
 from shoal.services import (
@@ -47,6 +50,8 @@ class RegistryPolicy:
     shutdown_delay: float = 3.0  # seconds a stopped task with services waits before SIGTERM
     load_aware: bool = True  # answers list endpoints on the least loaded nodes first
     load_band: float = 10.0  # loads (percent) within the same band of this width are ties
+    max_registrations: int = 10_000  # registrations from outside, in all
+    registrations_per_owner: int = 1_000
 
 
 class Registry:
@@ -61,9 +66,10 @@ class Registry:
         self.ledger = ledger
         self.policy = policy
         self.masters = tuple(masters)
-        self.index = 1  # grows with every change of any service
-        self._endpoints: dict[str, dict[str, Endpoint]] = defaultdict(dict)  # service -> id -> endpoint
+        self.index = max(1, int(now * 1_000_000))  # grows with every change of any service
+        self._endpoints: dict[str, dict[str, Endpoint]] = {}  # service -> id -> endpoint
         self._indexes: dict[str, int] = {}  # service -> the index of its last change
+        self._removed = self.index  # the index of the last removal of a whole service
         self._of_task: dict[str, set[tuple[str, str]]] = {}  # task id -> (service, endpoint id)
         self._changed: set[str] = set()
         self.registrations: dict[str, RegistrationRecord] = {}
@@ -133,6 +139,11 @@ class Registry:
 
     def _node_changed(self, node: NodeRecord) -> None:
         self._node_names[node.name.lower()] = node.name
+        known = self._endpoints.get(AGENT_SERVICE, {}).get(node.name)
+        if known is not None and known.address != node.info.address:
+            for task_id in self.ledger.active:  # its tasks' endpoints are at its new address
+                if (task := self.ledger.tasks[task_id]).node == node.name:
+                    self._task_changed(task)
         if node.status is not NodeStatus.UP or not node.connected:
             status, output = (
                 CheckStatus.CRITICAL,
@@ -160,9 +171,23 @@ class Registry:
     def register(self, owner: str, spec: Registration, now: float) -> None:
         """Add a registration, or replace the one with its id. It starts passing, as a service
         registering itself is up; it lapses unless passed again within its TTL."""
-        if (old := self.registrations.get(spec.id)) is not None and old.spec.name != spec.name:
+        if (old := self.registrations.get(spec.id)) is None:
+            self._may_add(owner)
+        elif old.spec.name != spec.name:
             self._drop(old.spec.name, spec.id)
         self._save(RegistrationRecord(owner=owner, spec=spec, since=now), now)
+
+    def _may_add(self, owner: str) -> None:
+        policy = self.policy
+        if len(self.registrations) >= policy.max_registrations:
+            raise SpecError(
+                "id", f"the registry holds {policy.max_registrations} registrations, its most", 429
+            )
+        held = sum(r.owner == owner for r in self.registrations.values())
+        if held >= policy.registrations_per_owner:
+            raise SpecError(
+                "id", f"{owner} holds {held} registrations, the most one may: deregister some first", 429
+            )
 
     def refresh(self, registration: str, status: CheckStatus, output: str, now: float) -> None:
         """A registration's TTL check was passed (or warned, or failed): it has `ttl` again."""
@@ -226,14 +251,13 @@ class Registry:
         return changed
 
     def index_of(self, service: str) -> int:
-        """The index of the service's last change (0: it never had an endpoint)."""
-        return self._indexes.get(service, 0)
+        """The index of the service's last change (a service without endpoints: of the last
+        removal of one)."""
+        return self._indexes.get(service, self._removed)
 
     def summaries(self) -> list[ServiceSummary]:
         out = []
         for name, endpoints in sorted(self._endpoints.items()):
-            if not endpoints:
-                continue
             counts = {s: 0 for s in CheckStatus}
             tags: set[str] = set()
             for endpoint in endpoints.values():
@@ -272,14 +296,19 @@ class Registry:
     # --- the one writer of endpoints --------------------------------------------------------------
 
     def _put(self, endpoint: Endpoint) -> None:
-        known = self._endpoints[endpoint.service]
+        known = self._endpoints.setdefault(endpoint.service, {})
         if known.get(endpoint.id) != endpoint:
             known[endpoint.id] = endpoint
             self._bump(endpoint.service)
 
     def _drop(self, service: str, endpoint_id: str) -> None:
-        if self._endpoints[service].pop(endpoint_id, None) is not None:
-            self._bump(service)
+        known = self._endpoints.get(service, {})
+        if known.pop(endpoint_id, None) is None:
+            return
+        self._bump(service)
+        if not known:
+            del self._endpoints[service], self._indexes[service]
+            self._removed = self.index
 
     def _bump(self, service: str) -> None:
         self.index += 1

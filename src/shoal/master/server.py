@@ -16,7 +16,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -114,6 +114,14 @@ class _Link:
             await self.ws.send_bytes(await self.outbox.get())
 
 
+@dataclass(slots=True)
+class _Parked:
+    """The blocking queries waiting on one service: woken together by its next change."""
+
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class LogSlice:
     data: bytes
@@ -160,7 +168,7 @@ class Master:
         self.streams: dict[int, asyncio.Queue[bytes | None]] = {}
         self._offer_timer: asyncio.TimerHandle | None = None
         # Blocking queries waiting on a service ("": on any), woken only by its changes.
-        self._service_changes: dict[str, asyncio.Event] = {}
+        self._service_changes: dict[str, _Parked] = {}
 
     # --- the door into the ledger ---------------------------------------------------------
 
@@ -184,8 +192,8 @@ class Master:
                     self._to_stream(connection, None)
         if changed := self.state.registry.take_changed():
             for name in (*changed, ANY_SERVICE):
-                if (event := self._service_changes.pop(name, None)) is not None:
-                    event.set()
+                if (parked := self._service_changes.pop(name, None)) is not None:
+                    parked.changed.set()
         loop = asyncio.get_running_loop()
         if self.state.wants_cycle:
             loop.call_soon(lambda: self.soon(Tick(time.time())))
@@ -357,9 +365,15 @@ class Master:
         current = registry.index if service == ANY_SERVICE else registry.index_of(service)
         if current > index or index > registry.index:
             return
-        event = self._service_changes.setdefault(service, asyncio.Event())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), wait)
+        parked = self._service_changes.setdefault(service, _Parked())
+        parked.waiting += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(parked.changed.wait(), wait)
+        finally:
+            parked.waiting -= 1
+            if not parked.waiting and self._service_changes.get(service) is parked:
+                del self._service_changes[service]  # no entry outlives its last waiter
 
     # --- logs -----------------------------------------------------------------------------
 

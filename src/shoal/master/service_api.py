@@ -39,19 +39,21 @@ Name = Annotated[str, Path(description="a service: a DNS label")]
 Index = Annotated[int, Query(ge=0, description="answer once the index passes this (a blocking query)")]
 Wait = Annotated[str | None, Query(description="how long a blocking query may wait: 30s, 500ms, 5m")]
 Flag = Annotated[str | None, Query()]
+Tag = Annotated[str | None, Query(max_length=63)]
 RegistrationId = Annotated[str, Path(max_length=128)]
 
 
 def _seconds(wait: str | None) -> float:
-    """The wait asked for, plus up to a sixteenth (as Consul): watchers that started together
-    do not all time out and ask again in the same instant."""
+    """The wait asked for, less up to a sixteenth: watchers that started together do not all
+    time out and ask again in the same instant (Consul adds its jitter; taking it off keeps
+    every answer within a client's timeout for the wait it asked)."""
     if wait is None:
         seconds = DEFAULT_WAIT
     elif (match := _DURATION.fullmatch(wait.strip())) is None:
         raise SpecError("wait", f"{wait!r} is not a duration such as 30s, 500ms or 5m")
     else:
         seconds = min(MAX_WAIT, float(match[1]) * _UNIT[match[2]])
-    return seconds + random.uniform(0, seconds / 16)
+    return seconds - random.uniform(0, seconds / 16)
 
 
 def _set(flag: str | None) -> bool:
@@ -90,16 +92,15 @@ async def service(
     response: Response,
     index: Index = 0,
     wait: Wait = None,
-    tag: Annotated[str | None, Query(max_length=63)] = None,
+    tag: Tag = None,
     all: Flag = None,  # noqa: A002 - the query parameter's name, as Consul's
-    passing: Flag = None,
 ) -> list[Endpoint]:
-    """The service's endpoints: those passing (`?passing`, the default), or all (`?all`)."""
+    """The service's endpoints: those passing, or all (`?all`)."""
     name = _service_name(name)
     if index:
         await master.service_changed(name, index, _seconds(wait))
     response.headers[INDEX_HEADER] = str(master.state.registry.index_of(name))
-    return _endpoints(master, name, _set(all) and not _set(passing), tag)
+    return _endpoints(master, name, _set(all), tag)
 
 
 @router.get("/v1/services/{name}/watch", response_class=StreamingResponse)
@@ -107,8 +108,8 @@ async def watch(
     name: Name,
     master: MasterDep,
     caller: CallerDep,
-    all: Flag = None,
-    tag: Annotated[str | None, Query()] = None,
+    all: Flag = None,  # noqa: A002 - the query parameter's name, as Consul's
+    tag: Tag = None,
 ) -> StreamingResponse:
     """Server-sent events: `endpoints` now, then again at every change of this service."""
     name = _service_name(name)
@@ -133,7 +134,7 @@ async def register(
     spec: Annotated[Registration, Body()], master: MasterDep, caller: Annotated[Caller, Depends(writer)]
 ) -> dict[str, int]:
     """Register a service shoal does not run; it lapses unless passed within its TTL."""
-    index = await master.request(lambda req, now: RegisterService(req, caller.name, spec, now))
+    index = await master.request(lambda req, now: RegisterService(req, caller, spec, now))
     return {"index": int(index)}  # type: ignore[call-overload]
 
 

@@ -253,10 +253,10 @@ class MasterState:
         registry = self.registry
         try:
             match event:
-                case RegisterService(owner=owner, spec=spec, now=now):
-                    if spec.id in registry.registrations and registry.owner(spec.id) != owner:
-                        raise Forbidden(f"registration {spec.id!r} belongs to {registry.owner(spec.id)}")
-                    registry.register(owner, spec, now)
+                case RegisterService(caller=caller, spec=spec, now=now):
+                    if spec.id in registry.registrations:
+                        self._may_change_registration(caller, spec.id)
+                    registry.register(caller.name, spec, now)
                 case CheckService(caller=caller, registration=rid, status=status, output=output, now=now):
                     self._may_change_registration(caller, rid)
                     registry.refresh(rid, status, output, now)
