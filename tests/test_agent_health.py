@@ -1,16 +1,23 @@
-"""Health checks of runs: a verdict when it changes, HTTP checks with a client made at need."""
+"""Health checks of runs: a verdict when it changes (from the last one, for a re-adopted run),
+HTTP checks with a client made at need."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import TypeAdapter
 
 from shoal.agent.health import Damper, HealthChecks
-from shoal.checks import CheckStatus, HealthCheck
-from shoal.model import Resources
+from shoal.agent.runner import start_time
+from shoal.agent.server import Agent
+from shoal.agent.state import RunEntry
+from shoal.checks import CheckResult, CheckStatus, HealthCheck
+from shoal.config import AgentSettings, load_settings
+from shoal.model import Resources, TaskState
 from shoal.wire import RunSpec
 
 PASSING, WARNING, CRITICAL = CheckStatus.PASSING, CheckStatus.WARNING, CheckStatus.CRITICAL
@@ -105,23 +112,120 @@ def test_a_command_check_says_its_output(tmp_path: Path) -> None:
 @given(
     passes=st.integers(1, 4),
     failures=st.integers(1, 4),
+    start=st.sampled_from([PASSING, WARNING, CRITICAL]),
     results=st.lists(st.sampled_from([PASSING, WARNING, CRITICAL]), max_size=40),
 )
 def test_a_verdict_changes_only_after_enough_results_in_a_row(
-    passes: int, failures: int, results: list[CheckStatus]
+    passes: int, failures: int, start: CheckStatus, results: list[CheckStatus]
 ) -> None:
-    damper = Damper(
-        HealthCheck(command="true", successes_before_passing=passes, failures_before_critical=failures)
-    )
-    verdict = CRITICAL  # where every check starts: not serving until it passes
+    """To passing takes `passes` results in a row; away from passing, or between warning and
+    critical, `failures`. From any verdict it starts at (a re-adopted run's last one)."""
+    check = HealthCheck(command="true", successes_before_passing=passes, failures_before_critical=failures)
+    damper = Damper(check, start)
+    verdict = start
     for i, result in enumerate(results):
         changed = damper.add(result)
         streak = next((j for j, r in enumerate(reversed(results[: i + 1])) if r is not result), i + 1)
-        needed = failures if result is CRITICAL else passes
-        expected = result if streak >= needed else verdict
+        if result is verdict:
+            expected = verdict  # nothing to change
+        elif result is PASSING:
+            expected = PASSING if streak >= passes else verdict
+        else:  # away from passing, or warning <-> critical: as wary as of a failure
+            expected = result if streak >= failures else verdict
         assert changed == (expected is not verdict)
         verdict = expected
         assert damper.status is verdict
+
+
+def test_a_new_damper_starts_critical() -> None:
+    assert Damper(HealthCheck(command="true")).status is CRITICAL
+
+
+def test_one_warning_does_not_take_a_passing_check_out_of_the_answers() -> None:
+    damper = Damper(
+        HealthCheck(command="true", failures_before_critical=3, successes_before_passing=1), PASSING
+    )
+    assert [damper.add(r) for r in (WARNING, PASSING, WARNING, WARNING)] == [False] * 4
+    assert damper.status is PASSING
+    assert damper.add(WARNING) and damper.status is WARNING  # the third in a row
+    assert not damper.add(CRITICAL) and not damper.add(CRITICAL)  # warning -> critical: three too
+    assert damper.add(CRITICAL) and damper.status is CRITICAL
+    assert damper.add(PASSING) and damper.status is PASSING  # back in at the first pass
+
+
+def test_known_verdicts_are_kept_and_only_changes_said(tmp_path: Path) -> None:
+    """A re-adopted run's checks start from what they last said: a passing one says nothing
+    while it passes (its endpoint stays in the answers), one that now fails says so, and a
+    check with no verdict yet starts critical and says its first."""
+
+    async def scenario() -> dict[str, list[CheckStatus]]:
+        said: dict[str, list[CheckStatus]] = {}
+        checks = HealthChecks(
+            lambda run: tmp_path, lambda run, check, status, out: said.setdefault(run, []).append(status)
+        )
+        ok, failing = await _serve(200), await _serve(503)
+        was_passing = {"web": CheckResult(PASSING, "HTTP GET: 200 OK", 1.0)}
+        checks.watch(_spec("kept", _port(ok)), was_passing)
+        checks.watch(_spec("fell", _port(failing)), was_passing)
+        checks.watch(_spec("new", _port(ok)))
+        checks.watch(_spec("other", _port(ok)), {"db": CheckResult(PASSING)})  # not this check's
+        for _ in range(100):
+            if {"fell", "new", "other"} <= said.keys():
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # several more checks of each
+        await checks.close()
+        for server in (ok, failing):
+            server.close()
+        return said
+
+    said = asyncio.run(scenario())
+    assert said == {"fell": [CRITICAL], "new": [PASSING], "other": [PASSING]}
+
+
+def test_a_restarted_agent_keeps_its_runs_verdicts(tmp_path: Path) -> None:
+    """The agent re-adopts a running run with the check results in its saved table."""
+    sleeps = [subprocess.Popen(["sleep", "30"], start_new_session=True) for _ in range(2)]
+
+    async def scenario() -> dict[str, CheckResult]:
+        ok = await _serve(200)
+        entries = [
+            RunEntry(
+                spec=_spec(run, _port(ok)),
+                state=TaskState.RUNNING,
+                pid=proc.pid,
+                pid_start=start_time(proc.pid),
+                started_at=1.0,
+                acked=True,
+                checks=checks,
+            )
+            for run, proc, checks in (
+                ("kept", sleeps[0], {"web": CheckResult(PASSING, "HTTP GET: 200 OK", 1.0)}),
+                ("new", sleeps[1], {}),
+            )
+        ]
+        (tmp_path / "runs.json").write_bytes(TypeAdapter(list[RunEntry]).dump_json(entries))
+        settings = load_settings(AgentSettings, None, cluster_token="t", state_dir=tmp_path, limits=False)
+        agent = Agent(settings)
+        agent._adopt()
+        for _ in range(100):
+            if "web" in agent.state.runs["new"].checks:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # several more checks of each
+        await agent.health.close()
+        agent.runner.close()
+        ok.close()
+        return {run: entry.checks["web"] for run, entry in agent.state.runs.items()}
+
+    try:
+        got = asyncio.run(scenario())
+    finally:
+        for proc in sleeps:
+            proc.kill()
+            proc.wait()
+    assert got["kept"] == CheckResult(PASSING, "HTTP GET: 200 OK", 1.0)  # not said again
+    assert got["new"].status is PASSING and got["new"].since > 1.0
 
 
 def test_no_http_client_is_made_until_an_http_check_runs(tmp_path: Path) -> None:

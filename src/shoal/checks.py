@@ -22,9 +22,11 @@ class HealthCheck(BaseModel):
     """How to tell that a task serves: exactly one of a command (exit 0), a TCP connect, or an
     HTTP GET (2xx or 3xx; 429 is a warning) to one of the task's named ports on its node.
 
-    A verdict changes only after `successes_before_passing` checks in a row say so (or
-    `failures_before_critical` for the worse), so a flapping task does not flap its
-    endpoints (Consul's names)."""
+    A verdict changes only after enough checks in a row say the new status, so a flapping
+    task does not flap its endpoints (Consul's names): `successes_before_passing` to pass,
+    `failures_before_critical` for any change away from passing (to warning or critical) or
+    between warning and critical. Only passing endpoints answer, so a warning is damped as a
+    failure is."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -33,7 +35,9 @@ class HealthCheck(BaseModel):
     http: str | None = Field(None, description="PORT_NAME/path, e.g. web/healthz")
     interval: float = Field(1.0, ge=0.05, le=3600, description="seconds between checks")
     timeout: float = Field(2.0, ge=0.05, le=600, description="seconds a check may take")
-    failures_before_critical: int = Field(1, ge=1, le=100, description="failed checks in a row to fail")
+    failures_before_critical: int = Field(
+        1, ge=1, le=100, description="checks in a row to turn warning or critical"
+    )
     successes_before_passing: int = Field(1, ge=1, le=100, description="passed checks in a row to pass")
 
     @model_validator(mode="after")

@@ -1,10 +1,12 @@
 """Health checks of the runs that have them: a command, a TCP connect, or an HTTP GET.
 
 One asyncio task per check of a running run, from its start to its end. A verdict changes
-only after enough checks in a row agree (`successes_before_passing`,
-`failures_before_critical`), and goes to the agent's state machine, which reports it to the
-master with the run's state: make-before-break moves and the service registry follow it.
-A run's checks start critical: an endpoint serves only once its first check passes.
+only after enough checks in a row agree (`Damper`), and goes to the agent's state machine,
+which reports it to the master with the run's state: make-before-break moves and the service
+registry follow it. A new run's checks start critical and say their first verdict (the
+master learns "not yet passing" with the output): an endpoint serves only once its first
+check passes. A run a restarted agent re-adopts starts from the verdicts it last had, and
+says only real changes: a passing endpoint stays in the answers through the restart.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import asyncio
 import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shoal.checks import OUTPUT_LIMIT, CheckStatus, HealthCheck
+from shoal.checks import OUTPUT_LIMIT, CheckResult, CheckStatus, HealthCheck
 from shoal.wire import RunSpec
 
 if TYPE_CHECKING:  # httpx itself is imported at the first HTTP check: an agent starts without it
@@ -27,14 +29,21 @@ Verdict = Callable[[str, str, CheckStatus, str], None]  # run id, check name, st
 
 
 class Damper:
-    """Turns the results of single checks into a verdict that changes only after `passes`
-    passes (or `failures` failures) in a row. Starts critical."""
+    """Turns the results of single checks into a verdict that changes only after enough
+    results in a row say the new status:
 
-    def __init__(self, check: HealthCheck) -> None:
-        self.status = CheckStatus.CRITICAL
+    - to passing: `successes_before_passing`;
+    - away from passing (to warning or critical), or between warning and critical:
+      `failures_before_critical`.
+
+    So a warning (HTTP 429) takes an endpoint out of the answers no sooner than a failure
+    would. Starts at `status`: critical for a new run, the last verdict for a re-adopted one."""
+
+    def __init__(self, check: HealthCheck, status: CheckStatus = CheckStatus.CRITICAL) -> None:
+        self.status = status
         self._needed = {
             CheckStatus.PASSING: check.successes_before_passing,
-            CheckStatus.WARNING: check.successes_before_passing,
+            CheckStatus.WARNING: check.failures_before_critical,
             CheckStatus.CRITICAL: check.failures_before_critical,
         }
         self._seen: CheckStatus | None = None
@@ -65,10 +74,14 @@ class HealthChecks:
 
         return httpx.AsyncClient(verify=False)
 
-    def watch(self, spec: RunSpec) -> None:
+    def watch(self, spec: RunSpec, known: Mapping[str, CheckResult] | None = None) -> None:
+        """Check a run until `stop`. `known`: what its checks last said, by name (a run a
+        restarted agent re-adopts); each check without one starts critical."""
         if spec.checks and spec.run_id not in self._tasks:
+            known = known or {}
             self._tasks[spec.run_id] = [
-                asyncio.ensure_future(self._loop(spec, name, check)) for name, check in spec.checks.items()
+                asyncio.ensure_future(self._loop(spec, name, check, known.get(name)))
+                for name, check in spec.checks.items()
             ]
 
     def stop(self, run_id: str) -> None:
@@ -81,9 +94,9 @@ class HealthChecks:
         if "_http" in self.__dict__:
             await self._http.aclose()
 
-    async def _loop(self, spec: RunSpec, name: str, check: HealthCheck) -> None:
-        damper = Damper(check)
-        first = True
+    async def _loop(self, spec: RunSpec, name: str, check: HealthCheck, known: CheckResult | None) -> None:
+        damper = Damper(check, known.status if known is not None else CheckStatus.CRITICAL)
+        first = known is None  # a new check says its first verdict even when it is the critical it starts at
         while True:
             try:
                 status, output = await asyncio.wait_for(self._check(spec, check), check.timeout)
@@ -92,7 +105,7 @@ class HealthChecks:
             except OSError as e:
                 status, output = CheckStatus.CRITICAL, str(e) or type(e).__name__
             if damper.add(status) or first:
-                first = False  # the first verdict is said even when it is the critical it starts at
+                first = False
                 self._verdict(spec.run_id, name, damper.status, output[-OUTPUT_LIMIT:])
             await asyncio.sleep(check.interval)
 

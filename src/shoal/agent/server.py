@@ -179,7 +179,7 @@ class Agent:
             self.dispatch(SpawnFailed(spec.run_id, str(e), time.time()))
         else:
             self.dispatch(Spawned(spec.run_id, pid, start, time.time()))
-            self.health.watch(spec)
+            self.health.watch(spec)  # a new run: its checks start critical
 
     async def _restore_then_spawn(self, spec: RunSpec) -> None:
         """A run that moves with its state: unpack the state it saved, then start it."""
@@ -242,7 +242,8 @@ class Agent:
             log.info("re-adopted runs %s", ", ".join(sorted(alive)))
         self.dispatch(Recovered(alive, exits, time.time()))
         for entry in self.state.running():
-            self.health.watch(entry.spec)
+            # From the verdicts it had: a passing endpoint stays in the answers meanwhile.
+            self.health.watch(entry.spec, entry.checks)
 
     # --- loops ----------------------------------------------------------------------------
 
