@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+from pydantic import TypeAdapter
+
 from shoal.agent.state import (
     AgentState,
+    Command,
     Connected,
     Exited,
     FromMaster,
     Recovered,
+    RunEntry,
     SaveTable,
     SendToMaster,
     Signal,
@@ -23,10 +28,19 @@ from shoal.testing.sim import sim_node
 from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReports, RunSpec
 
 
-def spec(run: str = "1.0.0", grace: float = 5.0) -> RunSpec:
+def spec(
+    run: str = "1.0.0", grace: float = 5.0, delay: float = 0.0, time_limit: float | None = None
+) -> RunSpec:
     task, _, attempt = run.rpartition(".")
     return RunSpec(
-        run_id=run, task_id=task, attempt=int(attempt), argv=["true"], resources=Resources(), kill_grace=grace
+        run_id=run,
+        task_id=task,
+        attempt=int(attempt),
+        argv=["true"],
+        resources=Resources(),
+        kill_grace=grace,
+        shutdown_delay=delay,
+        time_limit=time_limit,
     )
 
 
@@ -130,3 +144,115 @@ def test_tick_sends_a_heartbeat_with_usage() -> None:
     state = AgentState(sim_node("n1"))
     (command,) = state.handle(Tick(1.0, Usage(cpu_percent=50)))
     assert command == SendToMaster(Heartbeat(usage=Usage(cpu_percent=50)))
+
+
+# --- the shutdown delay: out of the registry first, SIGTERM after -------------------------
+
+
+def signals(commands: list[Command]) -> list[signal.Signals]:
+    return [signal.Signals(c.signal) for c in commands if isinstance(c, Signal)]
+
+
+def launched_with(run_spec: RunSpec) -> AgentState:
+    state = AgentState(sim_node("n1"))
+    state.handle(FromMaster(Launch(runs=[run_spec]), 0.0))
+    return state
+
+
+def running(run_spec: RunSpec, pid: int = 42) -> AgentState:
+    """A node running `run_spec` since 0.0, its report acknowledged: only signals are due."""
+    state = launched_with(run_spec)
+    state.handle(Spawned(run_spec.run_id, pid, 1.0, 0.0))
+    state.handle(FromMaster(Ack(reports=[(run_spec.run_id, TaskState.RUNNING)]), 0.0))
+    return state
+
+
+def test_a_kill_waits_out_the_shutdown_delay_then_terms_then_kills_after_the_grace() -> None:
+    state = running(spec(grace=2.0, delay=3.0))
+    assert signals(state.handle(FromMaster(Kill(run_ids=["1.0.0"]), 1.0))) == []
+    assert state.next_due() == 4.0  # the kill plus its delay
+    assert signals(state.handle(Tick(3.9, Usage()))) == []
+    assert signals(state.handle(Tick(4.0, Usage()))) == [signal.SIGTERM]
+    assert state.next_due() == 6.0  # then the grace
+    assert signals(state.handle(Tick(5.9, Usage()))) == []
+    assert signals(state.handle(Tick(6.0, Usage()))) == [signal.SIGKILL]
+    assert signals(state.handle(Tick(20.0, Usage()))) == []
+    assert reports(state.handle(Exited("1.0.0", -9, 20.1))) == [("1.0.0", TaskState.KILLED, -9)]
+
+
+def test_a_delay_of_zero_terms_at_once() -> None:
+    state = running(spec(grace=2.0, delay=0.0))
+    assert signals(state.handle(FromMaster(Kill(run_ids=["1.0.0"]), 1.0))) == [signal.SIGTERM]
+    assert state.next_due() == 3.0
+    assert signals(state.handle(Tick(3.0, Usage()))) == [signal.SIGKILL]
+
+
+def test_a_repeated_kill_does_not_restart_the_delay() -> None:
+    state = running(spec(delay=3.0))
+    state.handle(FromMaster(Kill(run_ids=["1.0.0"]), 1.0))
+    assert state.handle(FromMaster(Kill(run_ids=["1.0.0"]), 2.0)) == []
+    assert signals(state.handle(Tick(4.0, Usage()))) == [signal.SIGTERM]
+    assert signals(state.handle(FromMaster(Kill(run_ids=["1.0.0"]), 5.0))) == []
+
+
+def test_a_time_limit_terms_at_once_whatever_the_delay() -> None:
+    state = running(spec(grace=2.0, delay=3.0, time_limit=10.0))
+    assert state.next_due() == 10.0
+    assert signals(state.handle(Tick(10.0, Usage()))) == [signal.SIGTERM]
+    assert signals(state.handle(Tick(12.0, Usage()))) == [signal.SIGKILL]
+    assert reports(state.handle(Exited("1.0.0", -9, 12.1)))[0][1] is TaskState.FAILED
+
+
+@pytest.mark.parametrize("kill_at", [10.5, 12.5], ids=["in its grace", "after its SIGKILL"])
+def test_a_kill_after_a_time_limits_sigterm_sends_nothing_more(kill_at: float) -> None:
+    state = running(spec(grace=2.0, delay=3.0, time_limit=10.0))
+    sent = signals(state.handle(Tick(10.0, Usage())))
+    if kill_at > 12.0:
+        sent += signals(state.handle(Tick(12.0, Usage())))
+    commands = state.handle(FromMaster(Kill(run_ids=["1.0.0"]), kill_at))
+    assert commands == [SaveTable(tuple(state.runs.values()))]  # marked, and saved: nothing sent
+    for now in (11.0, 12.0, 13.0, 13.5, 14.0, 15.5, 20.0):
+        if now > kill_at:
+            sent += signals(state.handle(Tick(now, Usage())))
+    assert sent == [signal.SIGTERM, signal.SIGKILL]  # once each, SIGKILL at the grace's end
+    assert reports(state.handle(Exited("1.0.0", -15, 20.1))) == [("1.0.0", TaskState.KILLED, -15)]
+
+
+@pytest.mark.parametrize(
+    ("spawned_at", "at_spawn"), [(1.0, []), (5.0, [signal.SIGTERM])], ids=["within", "after"]
+)
+def test_a_run_killed_before_it_started_still_waits_out_its_delay(
+    spawned_at: float, at_spawn: list[signal.Signals]
+) -> None:
+    state = launched_with(spec(delay=3.0))
+    assert state.handle(FromMaster(Kill(run_ids=["1.0.0"]), 0.0)) == [SaveTable(tuple(state.runs.values()))]
+    assert signals(state.handle(Spawned("1.0.0", 7, 1.0, spawned_at))) == at_spawn
+    state.handle(FromMaster(Ack(reports=[("1.0.0", TaskState.RUNNING)]), spawned_at))
+    if not at_spawn:
+        assert state.next_due() == 3.0
+        assert signals(state.handle(Tick(2.9, Usage()))) == []
+        assert signals(state.handle(Tick(3.0, Usage()))) == [signal.SIGTERM]
+    assert state.next_due() == max(spawned_at, 3.0) + 5.0  # SIGKILL after the grace
+
+
+def test_a_run_that_ends_within_its_delay_gets_no_signal() -> None:
+    state = running(spec(delay=3.0))
+    state.handle(FromMaster(Kill(run_ids=["1.0.0"]), 1.0))
+    assert reports(state.handle(Exited("1.0.0", 0, 1.5))) == [("1.0.0", TaskState.KILLED, 0)]
+    assert state.next_due() == 3.5  # its report again, no more
+    assert signals(state.handle(Tick(4.0, Usage()))) == []
+
+
+def test_a_restarted_agent_honours_a_delay_under_way() -> None:
+    state = running(spec(delay=3.0))
+    saved = next(
+        c for c in state.handle(FromMaster(Kill(run_ids=["1.0.0"]), 1.0)) if isinstance(c, SaveTable)
+    )
+    table = TypeAdapter(list[RunEntry])  # as the agent writes runs.json and reads it back
+    entries = table.validate_json(table.dump_json(list(saved.entries)))
+    assert entries[0].term_at == 4.0
+    restarted = AgentState(sim_node("n1"), entries)
+    assert signals(restarted.handle(Recovered(frozenset({"1.0.0"}), {}, 2.0))) == []
+    assert restarted.next_due() == 4.0
+    assert signals(restarted.handle(Tick(3.9, Usage()))) == []
+    assert signals(restarted.handle(Tick(4.0, Usage()))) == [signal.SIGTERM]

@@ -12,12 +12,14 @@ Theory of operation
   until the master acknowledges that run in that state; a run in an end state leaves the
   table once acknowledged. On each (re)connection the agent registers with the whole table,
   which is how the master reconciles after any reconnect or restart of either side.
-- A kill sends SIGTERM to the run's process group, then SIGKILL once its grace has passed;
-  so does a run's time limit, and the run then ends FAILED.
+- A kill sends SIGTERM to the run's process group once its `shutdown_delay` has passed
+  (the master took it out of the registry first), then SIGKILL once its grace has passed.
+  A run's time limit sends SIGTERM at once, and the run then ends FAILED; a kill that
+  comes after that SIGTERM sends nothing more, and the run ends KILLED.
 - The table is saved after every change, so a restarted agent re-adopts its runs.
-- A `Tick` sends a heartbeat and does what time has made due (time limits, SIGKILL after
-  the grace, reports to send again); `next_due` says when that is next, for a shell that
-  ticks only then (a simulator).
+- A `Tick` sends a heartbeat and does what time has made due (time limits, SIGTERM after
+  the shutdown delay, SIGKILL after the grace, reports to send again); `next_due` says when
+  that is next, for a shell that ticks only then (a simulator).
 """
 
 from __future__ import annotations
@@ -244,10 +246,14 @@ class AgentState:
         if entry.state.terminal or entry.kill_requested:
             return
         entry.kill_requested = True
+        self._o.changed = True
+        if entry.timed_out:
+            # Its time limit sent SIGTERM already (and SIGKILL follows, or went: hence not
+            # `kill_deadline`, cleared then): nothing more to send. It ends KILLED.
+            return
         # The master took it out of the registry when it asked for the kill: SIGTERM waits
         # out the shutdown delay, so requests already sent to it are answered.
         entry.term_at = now + entry.spec.shutdown_delay
-        self._o.changed = True
         if entry.pid is not None and now >= entry.term_at:
             self._signal(entry, signal.SIGTERM, now)
 
@@ -288,7 +294,7 @@ class AgentState:
             entry.state = TaskState.FAILED
         entry.exit_code = code
         entry.message = message or _describe_exit(code)
-        entry.kill_deadline = None
+        entry.term_at = entry.kill_deadline = None  # no signal to a process that has ended
         self._changed(entry, now)
 
     def _changed(self, entry: RunEntry, now: float) -> None:
