@@ -118,20 +118,25 @@ def test_a_command_check_says_its_output(tmp_path: Path) -> None:
 def test_a_verdict_changes_only_after_enough_results_in_a_row(
     passes: int, failures: int, start: CheckStatus, results: list[CheckStatus]
 ) -> None:
-    """To passing takes `passes` results in a row; away from passing, or between warning and
-    critical, `failures`. From any verdict it starts at (a re-adopted run's last one)."""
+    """To passing takes `passes` passes in a row; away from passing, `failures` results in a
+    row that are not passes (the verdict is then the last); between warning and critical,
+    `failures` of the new one in a row. From any verdict it starts at (a re-adopted run's)."""
     check = HealthCheck(command="true", successes_before_passing=passes, failures_before_critical=failures)
     damper = Damper(check, start)
     verdict = start
     for i, result in enumerate(results):
         changed = damper.add(result)
-        streak = next((j for j, r in enumerate(reversed(results[: i + 1])) if r is not result), i + 1)
+        seen = list(reversed(results[: i + 1]))
+        same = next((j for j, r in enumerate(seen) if r is not result), i + 1)
+        alike = next((j for j, r in enumerate(seen) if (r is PASSING) != (result is PASSING)), i + 1)
         if result is verdict:
             expected = verdict  # nothing to change
         elif result is PASSING:
-            expected = PASSING if streak >= passes else verdict
-        else:  # away from passing, or warning <-> critical: as wary as of a failure
-            expected = result if streak >= failures else verdict
+            expected = PASSING if same >= passes else verdict
+        elif verdict is PASSING:  # leaving it: warnings and failures count alike
+            expected = result if alike >= failures else verdict
+        else:  # warning <-> critical
+            expected = result if same >= failures else verdict
         assert changed == (expected is not verdict)
         verdict = expected
         assert damper.status is verdict
@@ -235,3 +240,9 @@ def test_no_http_client_is_made_until_an_http_check_runs(tmp_path: Path) -> None
         return "_http" in checks.__dict__
 
     assert asyncio.run(scenario()) is False
+
+
+def test_alternating_warnings_and_failures_take_a_passing_check_out() -> None:
+    damper = Damper(HealthCheck(command="true", failures_before_critical=3), PASSING)
+    assert [damper.add(r) for r in (WARNING, CRITICAL, WARNING)] == [False, False, True]
+    assert damper.status is WARNING

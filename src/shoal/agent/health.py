@@ -30,33 +30,42 @@ Verdict = Callable[[str, str, CheckStatus, str], None]  # run id, check name, st
 
 class Damper:
     """Turns the results of single checks into a verdict that changes only after enough
-    results in a row say the new status:
+    results in a row say so:
 
-    - to passing: `successes_before_passing`;
-    - away from passing (to warning or critical), or between warning and critical:
-      `failures_before_critical`.
+    - to passing: `successes_before_passing` passes in a row;
+    - away from passing: `failures_before_critical` results in a row that are not passes
+      (warnings and failures alike, as Consul counts them); the verdict is then the last;
+    - between warning and critical: `failures_before_critical` of the new one in a row.
 
     So a warning (HTTP 429) takes an endpoint out of the answers no sooner than a failure
     would. Starts at `status`: critical for a new run, the last verdict for a re-adopted one."""
 
     def __init__(self, check: HealthCheck, status: CheckStatus = CheckStatus.CRITICAL) -> None:
         self.status = status
-        self._needed = {
-            CheckStatus.PASSING: check.successes_before_passing,
-            CheckStatus.WARNING: check.failures_before_critical,
-            CheckStatus.CRITICAL: check.failures_before_critical,
-        }
-        self._seen: CheckStatus | None = None
-        self._streak = 0
+        self._passes = check.successes_before_passing
+        self._failures = check.failures_before_critical
+        self._last: CheckStatus | None = None
+        self._alike = 0  # results in a row on the same side: passes, or not passes
+        self._same = 0  # results in a row equal to the last
 
     def add(self, result: CheckStatus) -> bool:
         """Count one check's result; True when the verdict changed."""
-        self._streak = self._streak + 1 if result is self._seen else 1
-        self._seen = result
-        if result is self.status or self._streak < self._needed[result]:
+        passing = CheckStatus.PASSING
+        last = self._last
+        self._alike = self._alike + 1 if last is not None and (last is passing) == (result is passing) else 1
+        self._same = self._same + 1 if result is last else 1
+        self._last = result
+        if result is self.status:
             return False
-        self.status = result
-        return True
+        if result is passing:
+            enough = self._alike >= self._passes
+        elif self.status is passing:
+            enough = self._alike >= self._failures
+        else:
+            enough = self._same >= self._failures
+        if enough:
+            self.status = result
+        return enough
 
 
 class HealthChecks:
