@@ -267,18 +267,6 @@ def test_a_new_copy_is_due_to_be_given_up_just_past_its_patience() -> None:
     assert early == [] and kills(on_time) == ["1.0.1"]
 
 
-def test_a_replaced_run_is_due_to_stop_a_moment_after_its_copy_serves() -> None:
-    def make() -> MasterState:
-        state = moves_master(service())
-        state.handle(Drain(2, "n1", True, 1.0))
-        report(state, "1.0", TaskState.RUNNING, 3.0, attempt=1, checks=verdict(True))
-        return state
-
-    assert make().next_due() == 4.0
-    early, on_time = ticks(make, 4.0)
-    assert early == [] and kills(on_time) == ["1.0.0"]
-
-
 def test_a_rebalancing_round_is_due_every_period() -> None:
     assert moves_master(loop=True, every=15.0).next_due() == 15.0
     assert moves_master().next_due() == math.inf

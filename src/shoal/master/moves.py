@@ -87,7 +87,6 @@ def _busy(task: TaskRecord) -> bool:
 
 
 SUCCESSOR_PATIENCE = 60.0  # seconds a make-before-break copy has to serve
-RETIRE_AFTER = 1.0  # seconds a replaced copy keeps answering before it is stopped
 
 
 class MoveDesk:
@@ -99,9 +98,11 @@ class MoveDesk:
       admits it (or wherever the scheduler places it); a checkpoint's saved state travels
       with the run spec.
     - make-before-break: a second run of the task (`successor`, attempt n+1) is placed on
-      the target with its own ports while the old one serves; when it reports healthy the
-      task becomes it and the old run is stopped `RETIRE_AFTER` later; a copy that does not
-      serve within `SUCCESSOR_PATIENCE`, ends, or loses its node is given up.
+      the target with its own ports while the old one serves; when all its checks pass the
+      task becomes it and the old run is asked to stop at once (its agent waits out the
+      job's shutdown delay before SIGTERM, so requests on their way to it are answered); a
+      copy that does not serve within `SUCCESSOR_PATIENCE`, ends, or loses its node is given
+      up.
     """
 
     def __init__(self, ledger: Ledger, rebalancing: Rebalancing, strategy: Strategy, now: float) -> None:
@@ -112,7 +113,6 @@ class MoveDesk:
         self._open: dict[str, int] = {  # task -> its migration, until it runs again
             m.task_id: m.id for m in ledger.migrations.values() if m.running_at is None and not m.failed
         }
-        self._retiring: dict[str, tuple[str, float]] = {}  # replaced runs: their node, when to stop
         self._drained = {n.name for n in ledger.nodes.values() if n.drained}
         self._copies = {t.id for t in ledger.active_tasks() if t.successor is not None}
         # A drained node keeps tasks that may move but found no room: a tick tries them
@@ -168,17 +168,12 @@ class MoveDesk:
         if overdue := {t for t in self._copies if now > self._patience_ends(t)}:
             for task in [t for t in ledger.active_tasks() if t.id in overdue]:
                 self.drop_successor(task, f"the new copy did not serve within {SUCCESSOR_PATIENCE:g}s", now)
-        for old_run, (node_name, due) in list(self._retiring.items()):
-            if now >= due:
-                del self._retiring[old_run]
-                ledger.send(node_name, Kill(run_ids=[old_run]))
         if self.rebalancing.loop and now >= self.next_round:
             self.round(now)
 
     def next_due(self) -> float:
         """The earliest time `tick` has something to do: a drain's deadline, a new copy's
-        patience running out, a replaced run to stop, the next round (math.inf: none; a
-        time already past: now)."""
+        patience running out, the next round (math.inf: none; a time already past: now)."""
         if self._stuck and self._room:
             return -math.inf
         due = self.next_round if self.rebalancing.loop else math.inf
@@ -187,8 +182,6 @@ class MoveDesk:
                 due = min(due, deadline)
         for task_id in self._copies:
             due = min(due, math.nextafter(self._patience_ends(task_id), math.inf))
-        for _, at in self._retiring.values():
-            due = min(due, at)
         return due
 
     def room_freed(self) -> None:
@@ -310,15 +303,15 @@ class MoveDesk:
             self.drop_successor(task, f"the new copy on {copy.node} ended: {why or state.value}", now)
 
     def _take_over(self, task: TaskRecord, now: float) -> None:
-        """The new copy serves: it becomes the task; the old run is stopped a moment later,
-        so requests already on their way to it are answered."""
+        """The new copy serves: it becomes the task, and the old run is asked to stop (after
+        the job's shutdown delay, on its agent)."""
         ledger = self.ledger
         copy = task.successor
         assert copy is not None
         old_node, old_run = ledger.take_over(task, now)
         self._copies.discard(task.id)
         self._may_move_again(task)
-        self._retiring[old_run] = (old_node, now + RETIRE_AFTER)
+        ledger.send(old_node, Kill(run_ids=[old_run]))
         if (move := self._open.pop(task.id, None)) is not None:
             ledger.update_migration(move, running_at=now, node=copy.node)
 

@@ -68,6 +68,7 @@ from shoal.model import (
     Attempt,
     Caller,
     JobRecord,
+    Migrate,
     NodeRecord,
     NodeStatus,
     RunUsage,
@@ -234,7 +235,8 @@ class MasterState:
             self.ledger.reply(event.request, error=error)
             return
         spec = event.spec
-        if spec.services and spec.shutdown_delay is None:
+        followed = spec.services or spec.migrate is Migrate.MAKE_BEFORE_BREAK  # clients find it
+        if followed and spec.shutdown_delay is None:
             spec = spec.model_copy(update={"shutdown_delay": self.registry.policy.shutdown_delay})
         job = self.ledger.add_job(event.owner, spec, event.now, node_names=event.node_names)
         self._needs_schedule = True
