@@ -11,6 +11,7 @@ import pytest
 from shoal.checks import CheckResult, CheckStatus
 from shoal.errors import Forbidden, SpecError
 from shoal.master.events import (
+    AgentGone,
     CheckService,
     DeregisterService,
     Drain,
@@ -313,3 +314,12 @@ def test_a_node_back_at_another_address_moves_its_endpoints() -> None:
     h.handle(FromAgent(node, Register(node=moved, runs=runs), h.now))
     on_it = [e for e in h.state.registry.endpoints("web-metrics") if e.node == node]
     assert on_it and all(e.address == "10.7.7.7" for e in on_it)
+
+
+def test_an_agent_whose_connection_closes_is_critical_until_it_registers_again() -> None:
+    h = Harness()
+    h.handle(AgentGone("n2", h.now))
+    agents = {e.id: (e.status, e.output) for e in h.state.registry.endpoints(AGENT_SERVICE, passing=False)}
+    assert agents["n2"] == (CRITICAL, "disconnected") and agents["n1"][0] is PASSING
+    h.handle(FromAgent("n2", Register(node=sim_node("n2", address="10.0.0.2")), h.now))
+    assert [e.id for e in h.state.registry.endpoints(AGENT_SERVICE)] == ["n1", "n2", "n3"]

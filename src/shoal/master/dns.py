@@ -484,7 +484,8 @@ class DnsServer(asyncio.DatagramProtocol):
             self.forward(data, lambda reply: self._udp.sendto(reply, addr), udp=True)  # type: ignore[union-attr]
 
     def error_received(self, exc: Exception) -> None:
-        pass  # an ICMP error for an answer to a client that has gone: nothing to do
+        # An ICMP error for an answer to a client that has gone: the client is not waiting.
+        log.debug("a UDP answer was not delivered: %r", exc)
 
     # --- forwarding ---------------------------------------------------------------------------
 
@@ -515,9 +516,10 @@ class DnsServer(asyncio.DatagramProtocol):
             sock.setblocking(False)
             await loop.sock_connect(sock, self.upstream)
             await loop.sock_sendall(sock, query)
-            while (answer := await loop.sock_recv(sock, 65_535))[:2] != query[:2]:
-                pass  # not the answer to this query: a late one to another
-            return answer
+            while True:
+                answer = await loop.sock_recv(sock, 65_535)
+                if answer[:2] == query[:2]:  # another id: a late answer to an earlier query
+                    return answer
 
     async def _upstream_tcp(self, query: bytes) -> bytes:
         assert self.upstream is not None

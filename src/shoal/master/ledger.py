@@ -264,6 +264,8 @@ class Ledger:
             setattr(record, key, value)
         if isinstance(record, NodeRecord) and "load" in fields:
             self.table.set_utilization(record.name, record.load / 100.0)
+        if isinstance(record, NodeRecord) and "connected" in fields:
+            self._changes.seen_nodes[record.name] = record  # what follows nodes must hear of it
 
     def request_kill(self, task: TaskRecord) -> None:
         """Ask the agent to stop an active task (once: a lost Kill is resent on reports)."""
@@ -579,8 +581,10 @@ class Ledger:
         self._changes.out.append(command)
 
     def changed(self) -> tuple[Iterable[TaskRecord], Iterable[NodeRecord]]:
-        """The tasks and nodes changed since the last `commands()`."""
-        return self._changes.tasks.values(), self._changes.nodes.values()
+        """The tasks and nodes changed since the last `commands()`: stored changes, and a node's
+        connection coming or going (a live reading, not stored)."""
+        changes = self._changes
+        return changes.tasks.values(), {**changes.seen_nodes, **changes.nodes}.values()
 
     def commands(self) -> list[Command]:
         """Everything the events since the last call changed: one `Persist` first, then the

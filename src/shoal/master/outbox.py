@@ -29,6 +29,7 @@ class Outbox:
     forgotten_migrations: list[int] = field(default_factory=list)
     registrations: dict[str, RegistrationRecord] = field(default_factory=dict)
     forgotten_registrations: dict[str, None] = field(default_factory=dict)
+    seen_nodes: dict[str, NodeRecord] = field(default_factory=dict)  # connection changed: not stored
     out: list[Command] = field(default_factory=list)
     launches: dict[str, list[RunSpec]] = field(default_factory=lambda: defaultdict(list))
 

@@ -211,7 +211,6 @@ class MasterState:
                 # The heartbeat timeout, not a closed socket, decides that a node is down.
                 if (node := self.ledger.nodes.get(name)) is not None:
                     self.ledger.observe(node, connected=False)
-                    self.registry.follow((), [node])
             case Tick():
                 self._tick(event.now)
             case Drain():
