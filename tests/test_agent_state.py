@@ -5,9 +5,13 @@ from __future__ import annotations
 import signal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from shoal.agent.state import (
+    FENCE_AFTER,
+    FENCE_GRACE,
     AgentState,
     Command,
     Connected,
@@ -25,7 +29,7 @@ from shoal.agent.state import (
 )
 from shoal.model import Resources, TaskState, Usage
 from shoal.testing.sim import sim_node
-from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReports, RunSpec
+from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReports, RunSpec, Welcome
 
 
 def spec(
@@ -256,3 +260,80 @@ def test_a_restarted_agent_honours_a_delay_under_way() -> None:
     assert restarted.next_due() == 4.0
     assert signals(restarted.handle(Tick(3.9, Usage()))) == []
     assert signals(restarted.handle(Tick(4.0, Usage()))) == [signal.SIGTERM]
+
+
+# --- self-fencing: a node cut off from every master stops its runs before they are lost ---
+
+
+def _signals(commands: list) -> list[tuple[str, int]]:
+    return [(c.run_id, c.signal) for c in commands if isinstance(c, Signal)]
+
+
+def welcomed(timeout: float = 10.0, grace: float = 5.0) -> AgentState:
+    state = AgentState(sim_node("n1"))
+    state.handle(FromMaster(Welcome(heartbeat_timeout=timeout), 0.0))
+    state.handle(FromMaster(Launch(runs=[spec("1.0.0", grace=grace)]), 0.0))
+    state.handle(Spawned("1.0.0", 42, 1.0, 0.0))
+    return state
+
+
+def test_no_fencing_before_a_master_has_said_its_timeout() -> None:
+    state = launched("1.0.0")
+    state.handle(Spawned("1.0.0", 42, 1.0, 0.0))
+    assert _signals(state.handle(Tick(1000.0, Usage()))) == []
+
+
+def test_silence_stops_every_run_before_the_master_would_call_it_lost() -> None:
+    state = welcomed(timeout=10.0, grace=5.0)
+    assert _signals(state.handle(Tick(5.9, Usage()))) == []
+    assert state.next_due() == pytest.approx(FENCE_AFTER * 10)
+    assert _signals(state.handle(Tick(6.0, Usage()))) == [("1.0.0", signal.SIGTERM)]
+    # Its grace is cut to FENCE_GRACE of the timeout: killed by 8 s, before the master's 10.
+    assert _signals(state.handle(Tick(7.9, Usage()))) == []
+    assert _signals(state.handle(Tick(8.0, Usage()))) == [("1.0.0", signal.SIGKILL)]
+    ended = reports(state.handle(Exited("1.0.0", -9, 8.1)))
+    assert ended == [("1.0.0", TaskState.LOST, -9)]
+    assert "no master heard for 6.0s" in state.runs["1.0.0"].message
+
+
+def test_each_answer_of_a_master_puts_the_fence_off() -> None:
+    state = welcomed(timeout=10.0)
+    state.handle(FromMaster(Ack(reports=[]), 5.0))  # a heartbeat answered
+    assert _signals(state.handle(Tick(10.9, Usage()))) == []
+    assert _signals(state.handle(Tick(11.0, Usage()))) == [("1.0.0", signal.SIGTERM)]
+
+
+def test_a_run_launched_as_the_fence_falls_is_stopped_once_it_starts() -> None:
+    state = AgentState(sim_node("n1"))
+    state.handle(FromMaster(Welcome(heartbeat_timeout=10.0), 0.0))
+    state.handle(FromMaster(Launch(runs=[spec("1.0.0")]), 0.0))
+    state.handle(Tick(6.0, Usage()))
+    assert _signals(state.handle(Spawned("1.0.0", 42, 1.0, 6.5))) == [("1.0.0", signal.SIGTERM)]
+
+
+@given(
+    heard=st.lists(st.floats(0, 100), max_size=5),
+    timeout=st.floats(2, 30),
+    grace=st.floats(0, 30),
+    tick=st.floats(0.1, 1),
+)
+def test_a_silent_agent_has_killed_every_run_before_the_masters_timeout(
+    heard: list[float], timeout: float, grace: float, tick: float
+) -> None:
+    """Whatever the master's last answer, every run has had SIGKILL by FENCE_AFTER +
+    FENCE_GRACE of the master's timeout after it (give or take the agent's ticks): before the
+    master, counting from then, calls the node down."""
+    state = welcomed(timeout=timeout, grace=grace)
+    last = 0.0
+    killed_at = None
+    now = 0.0
+    answers = sorted(heard)
+    while now < 200 and killed_at is None:
+        now += tick
+        while answers and answers[0] <= now:
+            last = answers.pop(0)
+            state.handle(FromMaster(Ack(reports=[]), last))
+        if ("1.0.0", signal.SIGKILL) in _signals(state.handle(Tick(now, Usage()))):
+            killed_at = now
+    assert killed_at is not None
+    assert killed_at <= last + (FENCE_AFTER + FENCE_GRACE) * timeout + 2 * tick

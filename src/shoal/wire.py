@@ -137,8 +137,19 @@ class Kill(_Frame):
 
 
 class Ack(_Frame):
+    """Reports the master has taken; an empty one answers a heartbeat (the agent counts the
+    time since it last heard the master by them)."""
+
     kind: Literal["ack"] = "ack"
     reports: list[tuple[str, TaskState]]
+
+
+class Welcome(_Frame):
+    """The master's answer to a registration: its heartbeat timeout, after which it calls a
+    silent node down and its tasks lost (the agent stops them before that: see AgentState)."""
+
+    kind: Literal["welcome"] = "welcome"
+    heartbeat_timeout: float
 
 
 class LogRequest(_Frame):
@@ -203,6 +214,7 @@ Frame = Annotated[
     | Launch
     | Kill
     | Ack
+    | Welcome
     | LogRequest
     | ExecStart
     | CopyFiles

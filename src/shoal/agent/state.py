@@ -17,6 +17,13 @@ Theory of operation
   A run's time limit sends SIGTERM at once, and the run then ends FAILED; a kill that
   comes after that SIGTERM sends nothing more, and the run ends KILLED.
 - The table is saved after every change, so a restarted agent re-adopts its runs.
+- Self-fencing: the master calls a node down, and its tasks lost (to run them elsewhere),
+  after `heartbeat_timeout` seconds without hearing from it; it says that timeout when the
+  agent registers (`Welcome`) and answers every heartbeat. An agent that has not heard
+  from any master for `FENCE_AFTER` of that timeout stops every run, with a grace cut to
+  `FENCE_GRACE` of it, so they are all gone before the master can start them again
+  elsewhere: a task never runs twice at once, whatever cut the network. Its runs end LOST,
+  which the master counts against their restart policy, as it would have.
 - A `Tick` sends a heartbeat and does what time has made due (time limits, SIGTERM after
   the shutdown delay, SIGKILL after the grace, reports to send again); `next_due` says when
   that is next, for a shell that ticks only then (a simulator).
@@ -32,7 +39,10 @@ from pydantic import BaseModel, Field
 
 from shoal.checks import CheckResult
 from shoal.model import NodeInfo, TaskState, Usage, parse_run_id
-from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReport, RunReports, RunSpec
+from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReport, RunReports, RunSpec, Welcome
+
+FENCE_AFTER = 0.6  # of the master's heartbeat timeout: silence before the runs are stopped
+FENCE_GRACE = 0.2  # of it: the longest grace a stopped run then gets before SIGKILL
 
 
 class RunEntry(BaseModel):
@@ -52,6 +62,7 @@ class RunEntry(BaseModel):
     timed_out: bool = False
     checkpoint: str | None = None
     term_at: float | None = None  # when a stopped run gets SIGTERM (it first left the registry)
+    fenced: bool = False  # stopped because no master was heard: it ends LOST
     checks: dict[str, CheckResult] = Field(default_factory=dict)
 
     def report(self) -> RunReport:
@@ -77,7 +88,7 @@ class Connected:
 
 @dataclass(frozen=True, slots=True)
 class FromMaster:
-    frame: Launch | Kill | Ack
+    frame: Launch | Kill | Ack | Welcome
     now: float
 
 
@@ -178,6 +189,9 @@ class AgentState:
         self.runs: dict[str, RunEntry] = {e.spec.run_id: e for e in entries}
         self.resend_after = resend_after
         self._o = _Out()
+        self.heartbeat_timeout: float | None = None  # the master's, once it has said
+        self.heard_at = -math.inf  # when a master last answered (a restart waits to hear)
+        self.fenced = False  # runs stopped for silence, until a master is heard again
 
     def handle(self, *events: Event) -> list[Command]:
         self._o = _Out()
@@ -192,6 +206,8 @@ class AgentState:
         return commands
 
     def _dispatch(self, event: Event) -> None:
+        if isinstance(event, FromMaster):
+            self.heard_at, self.fenced = event.now, False
         match event:
             case Connected(now=now):
                 reports = [
@@ -206,6 +222,8 @@ class AgentState:
                     self._kill(run, now)
             case FromMaster(frame=Ack(reports=acks)):
                 self._ack(acks)
+            case FromMaster(frame=Welcome(heartbeat_timeout=timeout)):
+                self.heartbeat_timeout = timeout
             case Spawned():
                 self._spawned(event)
             case SpawnFailed(run_id=run, message=message, now=now):
@@ -261,7 +279,10 @@ class AgentState:
         assert entry.pid is not None
         if sig == signal.SIGTERM:
             entry.term_at = None
-            entry.kill_deadline = now + entry.spec.kill_grace
+            grace = entry.spec.kill_grace
+            if entry.fenced and self.heartbeat_timeout is not None:
+                grace = min(grace, FENCE_GRACE * self.heartbeat_timeout)
+            entry.kill_deadline = now + grace
         self._o.commands.append(Signal(entry.spec.run_id, entry.pid, sig))
 
     def _spawned(self, event: Spawned) -> None:
@@ -283,7 +304,10 @@ class AgentState:
         if entry is None or entry.state.terminal:
             return
         entry.checkpoint = checkpoint
-        if entry.kill_requested:
+        if entry.fenced:
+            entry.state = TaskState.LOST
+            message = entry.message
+        elif entry.kill_requested:
             entry.state = TaskState.KILLED
         elif entry.timed_out:
             entry.state = TaskState.FAILED
@@ -330,8 +354,9 @@ class AgentState:
 
     def next_due(self) -> float:
         """The earliest time a `Tick` does more than send a heartbeat: a run reaches its time
-        limit, a stopped run's shutdown delay or grace ends, or a report is due again (math.inf: none)."""
-        due = math.inf
+        limit, a stopped run's shutdown delay or grace ends, a report is due again, or the
+        runs are stopped for silence (math.inf: none)."""
+        due = self._fence_at()
         for entry in self.runs.values():
             due = min(
                 due,
@@ -363,8 +388,32 @@ class AgentState:
             return math.inf
         return entry.reported_at + self.resend_after
 
+    def _fence_at(self) -> float:
+        """When the runs are stopped for want of a master (math.inf: not before one speaks)."""
+        if self.heartbeat_timeout is None or self.fenced or not self.runs:
+            return math.inf
+        return self.heard_at + FENCE_AFTER * self.heartbeat_timeout
+
+    def _fence(self, now: float) -> None:
+        """Stop every run now: the master is about to call this node lost (see the module)."""
+        assert self.heartbeat_timeout is not None
+        self.fenced = True
+        silent = now - self.heard_at
+        for entry in self.runs.values():
+            if entry.state.terminal or (entry.kill_requested and entry.term_at is None):
+                continue
+            entry.fenced = True
+            entry.kill_requested = True
+            entry.message = f"stopped: no master heard for {silent:.1f}s, so it could not run twice"
+            entry.term_at = now
+            if entry.pid is not None:
+                self._signal(entry, signal.SIGTERM, now)
+        self._o.changed = True
+
     def _tick(self, now: float, usage: Usage) -> None:
         self._o.commands.append(SendToMaster(Heartbeat(usage=usage)))
+        if now >= self._fence_at():
+            self._fence(now)
         for entry in self.runs.values():
             if now >= self._limit_at(entry):
                 entry.timed_out = True

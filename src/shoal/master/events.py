@@ -15,7 +15,7 @@ from shoal.errors import ShoalError
 from shoal.framework import protocol as p
 from shoal.model import Caller, JobRecord, JobSpec, Migration, NodeRecord, TaskRecord
 from shoal.services import Registration, RegistrationRecord
-from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReports
+from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReports, Welcome
 
 # --- events ---------------------------------------------------------------------------------
 
@@ -169,7 +169,7 @@ class Persist:
 @dataclass(frozen=True, slots=True)
 class Send:
     node: str
-    frame: Launch | Kill | Ack
+    frame: Launch | Kill | Ack | Welcome
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,7 +61,7 @@ from shoal.model import (
     run_id,
 )
 from shoal.services import RegistrationRecord
-from shoal.wire import Ack, Kill, Launch
+from shoal.wire import Ack, Kill, Launch, Welcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -570,7 +570,7 @@ class Ledger:
 
     # --- output ---------------------------------------------------------------------------
 
-    def send(self, node: str | None, frame: Launch | Kill | Ack) -> None:
+    def send(self, node: str | None, frame: Launch | Kill | Ack | Welcome) -> None:
         if node is not None:
             self._changes.out.append(Send(node, frame))
 

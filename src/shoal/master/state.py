@@ -78,13 +78,16 @@ from shoal.model import (
     parse_run_id,
 )
 from shoal.services import Endpoint
-from shoal.wire import Ack, Heartbeat, Kill, Register, RunReport, RunReports
+from shoal.wire import Ack, Heartbeat, Kill, Register, RunReport, RunReports, Welcome
 
 HISTORY = 60  # smoothed load samples kept per node
 
 # Tasks of one job a cycle considers: a large array is placed a slice per cycle, so no
 # cycle (and no API call that triggers one) walks all of it.
 GROUP_CAP = 4096
+
+
+_HEARD = Ack(reports=[])
 
 
 class MasterState:
@@ -282,6 +285,7 @@ class MasterState:
 
     def _register(self, name: str, frame: Register, now: float) -> None:
         self._watch(self.ledger.register_node(frame.node, now))
+        self.ledger.send(name, Welcome(heartbeat_timeout=self.heartbeat_timeout))
         self._needs_schedule = True
         self._reports(name, frame.runs, now)
         self._reconcile_missing(name, {r.run_id for r in frame.runs}, now)
@@ -304,6 +308,7 @@ class MasterState:
         load = round(smooth(node.load if node.history else None, frame.usage.cpu_percent), 2)
         history = [*node.history[-(HISTORY - 1) :], load]
         self.ledger.observe(node, last_seen=now, usage=frame.usage, load=load, history=history)
+        self.ledger.send(name, _HEARD)  # the agent knows, by these, that it is not cut off
         for run, used in frame.usage.runs.items():
             self._task_load(name, run, used, now)
 
