@@ -78,9 +78,9 @@ def test_corrupt_uploads_are_refused_and_unknown_blobs_not_copied(
 ) -> None:
     with cluster.client() as admin:
         wrong = hashlib.sha256(b"other").hexdigest()
-        response = admin._http.put(f"/v1/blobs/{wrong}", content=b"these bytes")
+        response = admin._calls.send("PUT", f"/v1/blobs/{wrong}", content=b"these bytes")
         assert response.status_code == 422 and "sha256" in response.json()["error"]
-        assert admin._http.head(f"/v1/blobs/{wrong}").status_code == 404
+        assert admin._calls.send("HEAD", f"/v1/blobs/{wrong}").status_code == 404
         request = CopyRequest(
             select=Selection(all=True), dest=str(tmp_path), files=[CopyFile(path="x", blob=wrong, size=5)]
         )
@@ -89,7 +89,7 @@ def test_corrupt_uploads_are_refused_and_unknown_blobs_not_copied(
         assert missing.value.status == 409
         user = admin.create_token("dave", Role.USER).token
     with cluster.client(user) as dave:
-        assert dave._http.put(f"/v1/blobs/{wrong}", content=b"other").status_code == 403
+        assert dave._calls.send("PUT", f"/v1/blobs/{wrong}", content=b"other").status_code == 403
         with pytest.raises(ApiError) as refused:
             list(dave.copy(request))
         assert refused.value.status == 403
@@ -103,7 +103,7 @@ def test_paths_may_not_climb_out_of_the_destination(cluster: LiveCluster, tmp_pa
             "dest": str(tmp_path),
             "files": [{"path": "../escape", "blob": blob, "size": 1}],
         }
-        response = admin._http.post("/v1/copy", json=body)
+        response = admin._calls.send("POST", "/v1/copy", json=body)
     assert response.status_code == 422
     assert response.json()["fields"][0]["field"] == "files.0.path"
     assert not (tmp_path.parent / "escape").exists()

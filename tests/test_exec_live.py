@@ -158,7 +158,7 @@ def test_bad_requests_name_the_field(cluster: LiveCluster) -> None:
             ({"select": {"nodes": ["n[1-"]}, "command": "true"}, "select.nodes"),
             ({"select": {"all": True}, "command": "true", "connect_timeout": -1}, "connect_timeout"),
         ):
-            response = admin._http.post("/v1/exec", json=request)
+            response = admin._calls.send("POST", "/v1/exec", json=request)
             assert response.status_code == 422, request
             assert field in {f["field"] for f in response.json()["fields"]}, response.json()
 

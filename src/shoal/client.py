@@ -4,6 +4,10 @@ from shoal.client import Client
 with Client.from_config() as shoal:
     job = shoal.submit(JobSpec(command="hostname", count=3))
     print(shoal.wait(job).state)
+
+A client may be given several masters ("http://m1:8470,http://m2:8470"): every call goes to
+the leader, following a follower's redirect with its token, and past masters that are down
+or in an election (see `shoal.masters` for the rules and when a call is repeated).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,8 +31,10 @@ sys.modules.setdefault("httpx._main", None)
 import httpx  # noqa: E402 - after the line above
 from pydantic import BaseModel, TypeAdapter  # noqa: E402
 
+from shoal.calls import Calls  # noqa: E402
 from shoal.clientfile import ClientConfig, load_client_config  # noqa: E402
 from shoal.errors import ShoalError  # noqa: E402
+from shoal.masters import FAILOVER, Masters, Unreachable  # noqa: E402
 from shoal.model import TASK_RECORD, Caller, JobSpec, Migration, Role, TaskRecord  # noqa: E402
 from shoal.services import Endpoint, Registration, ServiceSummary  # noqa: E402
 from shoal.views import (  # noqa: E402
@@ -66,6 +72,7 @@ Verdict = Literal["pass", "warn", "fail"]
 _DEFAULT_WAIT, _MAX_WAIT = 300.0, 600.0  # seconds: a blocking query's, as the master has them
 _CHUNK = 1 << 20
 _ENDED = ("complete", "failed", "killed")
+_STREAMING = httpx.Timeout(30.0, read=None)
 
 
 class ApiError(ShoalError):
@@ -78,19 +85,26 @@ class ApiError(ShoalError):
         self.fields = fields
 
 
-class Unreachable(ShoalError):
-    """No master answered at the configured URL."""
-
-
 class Client:
-    def __init__(self, url: str, token: str, timeout: float = 30.0) -> None:
-        self.url = url.rstrip("/")
-        self._http = httpx.Client(
-            base_url=self.url,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=timeout,
-            verify=_verify(self.url),
-        )
+    """Calls to the masters at `url`: one URL, several (a list, or separated by commas), or
+    a `Masters` shared with other clients. A call that finds no master serving it keeps trying them for
+    `failover` seconds (an election takes a few) before it raises `Unreachable`."""
+
+    def __init__(
+        self,
+        url: str | Sequence[str] | Masters,
+        token: str,
+        timeout: float = 30.0,
+        failover: float = FAILOVER,
+    ) -> None:
+        self.masters = url if isinstance(url, Masters) else Masters(url)
+        self._token = token
+        self._calls = Calls(self.masters, token, timeout, failover)
+
+    @property
+    def url(self) -> str:
+        """The master calls go to now: the leader, once one is known."""
+        return self.masters.current
 
     @classmethod
     def from_config(cls, config: ClientConfig | None = None) -> Client:
@@ -104,7 +118,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._http.close()
+        self._calls.close()
 
     # --- calls ----------------------------------------------------------------------------
 
@@ -263,9 +277,9 @@ class Client:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
         blob = digest.hexdigest()
-        if self._http.head(f"/v1/blobs/{blob}").status_code != 200:
-            with open(path, "rb") as f:
-                self._request("PUT", f"/v1/blobs/{blob}", content=iter(lambda: f.read(_CHUNK), b""))
+        if self._calls.send("HEAD", f"/v1/blobs/{blob}").status_code != 200:
+            # Content-addressed: a repeat stores the same bytes, so it is safe to repeat.
+            self._request("PUT", f"/v1/blobs/{blob}", content=_Chunks(path), safe=True)
         return blob
 
     def download(self, blob: str, target: Path) -> None:
@@ -292,19 +306,24 @@ class Client:
                 yield from events.feed(chunk)
 
     @contextlib.contextmanager
-    def _stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
-        """A response read as it arrives, with no read timeout (streams may idle); API
-        errors raised as for any call, a lost connection as Unreachable."""
+    def _stream(
+        self, method: str, path: str, timeout: httpx.Timeout = _STREAMING, **kwargs: Any
+    ) -> Iterator[httpx.Response]:
+        """A response read as it arrives, by default with no read timeout (streams may idle);
+        it starts as any call does, past followers and masters that are down; API errors
+        raised as for any call, a connection lost while reading as Unreachable."""
+        response = self._calls.send(method, path, stream=True, timeout=timeout, **kwargs)
         try:
-            with self._http.stream(
-                method, path, timeout=httpx.Timeout(30.0, read=None), **kwargs
-            ) as response:
-                if response.is_error:
-                    response.read()
-                    raise _api_error(response)
-                yield response
+            if response.is_error:
+                response.read()
+                raise _api_error(response)
+            yield response
         except httpx.TransportError as e:
-            raise Unreachable(f"lost the master at {self.url}: {e}") from e
+            raise Unreachable(
+                f"lost the master at {response.url.copy_with(path='/', query=None)}: {e}"
+            ) from e
+        finally:
+            response.close()
 
     def audit(self, offset: int = 0, limit: int = 100) -> list[AuditRecord]:
         """Parallel commands run on the cluster, newest first (admin only)."""
@@ -337,18 +356,26 @@ class Client:
     # --- plumbing -------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as e:
-            raise Unreachable(
-                f"no master answers at {self.url} ({e}); start one with `shoal dev`, or set SHOAL_URL"
-            ) from e
+        response = self._calls.send(method, path, **kwargs)
         if response.is_error:
             raise _api_error(response)
         return response
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._request(method, path, **kwargs).json()
+
+
+class _Chunks:
+    """A file's bytes in chunks, read afresh at each iteration: a call redirected or repeated
+    sends the whole file again."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def __iter__(self) -> Iterator[bytes]:
+        with open(self._path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                yield chunk
 
 
 class Watch:
@@ -359,10 +386,12 @@ class Watch:
     every query is a bounded request (the wait, then a read timeout), so a master that dies
     or a connection that silently drops is noticed within one wait, not never; the index
     makes each query resume where the last left off, over any connection; and nothing parses
-    a stream. A lost master is retried with a backoff (up to `MAX_BACKOFF` seconds) and then
-    asked afresh, without an index, so a change made meanwhile (or an index that started over
-    with a new master) is not missed. Only the first query raises for a lost master (a wrong
-    URL fails at once); API errors (401, 403, 422) always raise.
+    a stream. Each query goes where the client's calls go (it shares their `Masters`): to the
+    leader, on past masters that are down. When none serves, it is retried with a backoff (up
+    to `MAX_BACKOFF` seconds) and then asked afresh, without an index, so a change made
+    meanwhile (or an index that started over with another master) is not missed. Only the
+    first query raises for lost masters (a wrong URL fails at once); API errors (401, 403,
+    422) always raise.
 
     A list is given only when it differs from the last one given, as a set: answers list
     endpoints of equally loaded nodes in a new order every time. `close()`, from any thread,
@@ -374,14 +403,14 @@ class Watch:
     def __init__(self, client: Client, name: str, *, every: bool, tag: str | None, wait: float) -> None:
         self._path = _service_path(name)
         self._params = _query(every, tag, 0, wait)
-        self._http = httpx.Client(
-            base_url=client.url,
-            headers={"Authorization": client._http.headers["Authorization"]},
-            timeout=_timeout(1, wait),
-            verify=_verify(client.url),
-            limits=httpx.Limits(max_connections=1),
+        self._calls = Calls(
+            client.masters,
+            client._token,
+            _timeout(1, wait),
+            client._calls.failover,
+            httpx.Limits(max_connections=1),
         )
-        self._closed = threading.Event()
+        self._closed = self._calls.closed
         self._lock = threading.Lock()  # between close() and the thread querying
         self._socket: socket.socket | None = None  # the connection's, to cut a query off
         self._busy = False
@@ -429,7 +458,7 @@ class Watch:
                 with contextlib.suppress(OSError):
                     self._socket.shutdown(socket.SHUT_RDWR)
             if not self._busy:
-                self._http.close()
+                self._calls.close()
 
     def _query(self) -> tuple[list[Endpoint], int]:
         with self._lock:
@@ -438,9 +467,7 @@ class Watch:
             self._busy = True
         params = {**self._params, "index": str(self._index or 0)}
         try:
-            response = self._http.get(self._path, params=params, extensions={"trace": self._trace})
-        except httpx.TransportError as e:
-            raise Unreachable(f"lost the master at {self._http.base_url}: {e}") from e
+            response = self._calls.send("GET", self._path, params=params, extensions={"trace": self._trace})
         finally:
             with self._lock:
                 self._busy = False
@@ -488,13 +515,6 @@ def _timeout(index: int, wait: float | None) -> httpx.Timeout | Any:
         return httpx.USE_CLIENT_DEFAULT
     waits = min(_MAX_WAIT, _DEFAULT_WAIT if wait is None else wait)
     return httpx.Timeout(30.0, read=waits + 15.0)
-
-
-def _verify(url: str) -> bool:
-    """Certificates are checked for an https master. A plain http one is never spoken to
-    over TLS (every call is a path under it, and redirects are not followed), so it needs
-    no CA bundle: loading one costs a command more CPU than its request."""
-    return not url.startswith("http://")
 
 
 @functools.cache

@@ -6,19 +6,27 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel, Field
 
 from shoal.files import write_secret
+from shoal.masters import parse_urls
 
 DEFAULT_PORT = 8470
+
+# One master's URL, or several separated by commas; kept as given, less spaces, trailing
+# slashes and repeats, so it is written back as it is read.
+MasterURLs = Annotated[str, AfterValidator(lambda text: ",".join(parse_urls(text)))]
 
 
 class ClientConfig(BaseModel):
     """Where the API is and which token to present: the client's whole configuration."""
 
-    url: str = f"http://127.0.0.1:{DEFAULT_PORT}"
+    url: MasterURLs = Field(
+        f"http://127.0.0.1:{DEFAULT_PORT}",
+        description="the master's URL, or several masters' separated by commas: calls go to the leader",
+    )
     token: str = ""
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
 
-from shoal.clientfile import DEFAULT_PORT
+from shoal.clientfile import DEFAULT_PORT, MasterURLs
 from shoal.model import Resources, Strategy
 from shoal.services import IPv4
 
@@ -181,7 +181,10 @@ class MasterSettings(_Settings):
 
 
 class AgentSettings(_Settings):
-    master: str = f"http://127.0.0.1:{DEFAULT_PORT}"
+    master: MasterURLs = Field(
+        f"http://127.0.0.1:{DEFAULT_PORT}",
+        description="the master's URL, or several masters' separated by commas: the agent joins the leader",
+    )
     cluster_token: SecretStr
     name: str | None = None
     state_dir: Path = Field(default_factory=lambda: data_home() / "agent")

@@ -4,7 +4,8 @@ A push names blobs by sha256; the agent streams each from the master in chunks, 
 digest while writing beside the destination, then sets mode and mtime and renames it into
 place, so a reader never sees half a file and a corrupt transfer changes nothing. A pull
 hashes the file, uploads it unless the master already holds those bytes, and reports the
-blob with the file's mode and mtime.
+blob with the file's mode and mtime. Transfers go to the master the agent is connected to
+(the leader), following a redirect as any client's call does.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shoal.masters import FAILOVER, Masters, Unreachable
 from shoal.shell.protocol import CopyFile
 from shoal.wire import CopyFiles, ExecEnd, ExecStarted, FetchFile, FileFetched
 
 if TYPE_CHECKING:  # httpx itself is imported at the first transfer: an agent starts without it
-    import httpx
+    from shoal.calls import AsyncCalls
 
 CHUNK = 1 << 20
 
@@ -31,23 +33,19 @@ Send = Callable[[ExecStarted | FileFetched | ExecEnd], None]
 
 
 class FileMover:
-    def __init__(self, send: Send, master: str, token: str) -> None:
+    def __init__(self, send: Send, masters: Masters, token: str) -> None:
         self._send = send
-        self._master = master.rstrip("/")
+        self._masters = masters
         self._token = token
         self._jobs: dict[int, asyncio.Task[None]] = {}
 
     @functools.cached_property
-    def _http(self) -> httpx.AsyncClient:
+    def _http(self) -> AsyncCalls:
         # Made at the first transfer, not with the agent: most agents never copy a file,
         # and httpx and a client's TLS context cost a start-up a good part of its CPU.
-        import httpx
+        from shoal.calls import AsyncCalls
 
-        return httpx.AsyncClient(
-            base_url=self._master,
-            headers={"Authorization": f"Bearer {self._token}"},
-            timeout=httpx.Timeout(30.0),
-        )
+        return AsyncCalls(self._masters, self._token, 30.0, FAILOVER)
 
     def handle(self, frame: CopyFiles | FetchFile) -> None:
         if frame.exec_id in self._jobs:
@@ -75,7 +73,7 @@ class FileMover:
 
         try:
             await work
-        except (OSError, httpx.HTTPError, ValueError) as e:
+        except (OSError, httpx.HTTPError, ValueError, Unreachable) as e:
             self._send(ExecEnd(exec_id=exec_id, code=1, error=str(e) or type(e).__name__))
         else:
             self._send(ExecEnd(exec_id=exec_id, code=0))
@@ -103,9 +101,7 @@ class FileMover:
         if not stat.S_ISREG(info.st_mode):
             raise ValueError(f"{path} is not a regular file")
         blob = await asyncio.to_thread(_sha256, path)
-        if (await self._http.head(f"/v1/blobs/{blob}")).status_code != 200:
-            response = await self._http.put(f"/v1/blobs/{blob}", content=_chunks(path))
-            response.raise_for_status()
+        await self._upload(blob, path)
         self._send(
             FileFetched(
                 exec_id=frame.exec_id,
@@ -122,9 +118,7 @@ class FileMover:
         await asyncio.to_thread(_pack, directory, packed)
         try:
             blob = await asyncio.to_thread(_sha256, packed)
-            if (await self._http.head(f"/v1/blobs/{blob}")).status_code != 200:
-                response = await self._http.put(f"/v1/blobs/{blob}", content=_chunks(packed))
-                response.raise_for_status()
+            await self._upload(blob, packed)
             return blob
         finally:
             packed.unlink(missing_ok=True)
@@ -139,15 +133,25 @@ class FileMover:
         finally:
             packed.unlink(missing_ok=True)
 
+    async def _upload(self, blob: str, path: Path) -> None:
+        """`path`, whose sha256 is `blob`, into the master's store, unless it is there."""
+        if (await self._http.send("HEAD", f"/v1/blobs/{blob}")).status_code != 200:
+            # Content-addressed: a repeat stores the same bytes, so it is safe to repeat.
+            response = await self._http.send("PUT", f"/v1/blobs/{blob}", content=_Chunks(path), safe=True)
+            response.raise_for_status()
+
     async def _download(self, blob: str, path: Path) -> None:
         """A blob into `path`, its sha256 checked (ValueError on a mismatch)."""
         digest = hashlib.sha256()
-        async with self._http.stream("GET", f"/v1/blobs/{blob}") as response:
+        response = await self._http.send("GET", f"/v1/blobs/{blob}", stream=True)
+        try:
             response.raise_for_status()
             with open(path, "wb") as f:
                 async for chunk in response.aiter_bytes(CHUNK):
                     digest.update(chunk)
                     f.write(chunk)
+        finally:
+            await response.aclose()
         if digest.hexdigest() != blob:
             raise ValueError(f"{path.name}: checksum mismatch (got {digest.hexdigest()}, want {blob})")
 
@@ -171,7 +175,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def _chunks(path: Path) -> AsyncIterator[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            yield chunk
+class _Chunks:
+    """A file's bytes in chunks, read afresh at each iteration: an upload redirected or
+    repeated sends the whole file again."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with open(self._path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                yield chunk

@@ -2,7 +2,9 @@
 
 It turns I/O into events for `AgentState` and the commands that come back into I/O. It
 dials the master and keeps redialling with a capped backoff; tasks keep running while the
-master is away, and a restarted agent re-adopts them from its saved table.
+master is away, and a restarted agent re-adopts them from its saved table. Given several
+masters, it dials one after another until the leader takes it: a follower closes the
+connection at once (code 4307) naming the leader, which is dialled straight away.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from shoal.agent.usage import Meter
 from shoal.checks import CheckResult
 from shoal.config import AgentSettings
 from shoal.errors import ShoalError
+from shoal.masters import MAX_HOPS, NOT_LEADER_CLOSE, Masters, Unreachable, check_url
 from shoal.wire import (
     CopyFiles,
     ExecAck,
@@ -81,6 +84,7 @@ class TokenRefused(ShoalError):
 class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
+        self.masters = Masters(settings.master)
         self.state_dir = settings.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         info = discover(
@@ -91,14 +95,14 @@ class Agent:
             settings.mem,
             settings.port_range,
             settings.resources,
-            settings.address or facing(settings.master),
+            settings.address or facing(self.masters.current),
         )
         self.state = AgentState(info, self._load_table())
         cgroups = Cgroups.detect(info.name) if settings.limits else None
         self.runner = Runner(self.state_dir / "sandboxes", self._on_exit, cgroups)
         self.shell = ShellRunner(lambda frame: self._send(encode(frame)), info.name)
         token = settings.cluster_token.get_secret_value()
-        self.files = FileMover(lambda frame: self._send(encode(frame)), settings.master, token)
+        self.files = FileMover(lambda frame: self._send(encode(frame)), self.masters, token)
         self.health = HealthChecks(
             self.runner.sandbox,
             lambda run, check, status, output: self.dispatch(
@@ -188,7 +192,7 @@ class Agent:
         assert spec.restore is not None
         try:
             await self.files.restore(spec.restore, self.runner.checkpoint_dir(spec.run_id))
-        except (OSError, ValueError, httpx.HTTPError, tarfile.TarError) as e:
+        except (OSError, ValueError, httpx.HTTPError, tarfile.TarError, Unreachable) as e:
             self.dispatch(
                 SpawnFailed(spec.run_id, f"its saved state could not be restored: {e}", time.time())
             )
@@ -215,7 +219,7 @@ class Agent:
         if directory.is_dir() and any(directory.iterdir()):
             try:
                 blob = await self.files.save(directory)
-            except (OSError, httpx.HTTPError) as e:
+            except (OSError, httpx.HTTPError, Unreachable) as e:
                 log.warning(
                     "run %s: its saved state could not be kept (%s); it restarts without it", run_id, e
                 )
@@ -271,31 +275,67 @@ class Agent:
                 self.runner.prune(set(self.state.runs), now - self.settings.keep_sandboxes)
 
     async def _connect_loop(self) -> None:
-        url = _ws_url(self.settings.master)
         headers = {"Authorization": f"Bearer {self.settings.cluster_token.get_secret_value()}"}
         # Redial at least every two heartbeats: a restarted master waits a heartbeat timeout
         # (several heartbeats) for its agents before it calls their nodes down.
         cap = min(_REDIAL_CAP, 2 * self.settings.heartbeat_interval)
-        backoff = 0.1
+        backoff, hops = 0.1, 0
         while True:
+            url = self.masters.current
+            # What came of the dial: None, a session; a URL, the leader a follower named; "", a failure.
             try:
-                async with websockets.connect(
-                    url, additional_headers=headers, max_size=_MAX_FRAME, ping_interval=5, ping_timeout=10
-                ) as ws:
-                    log.info("connected to %s as %s", url, self.state.node.name)
-                    backoff = 0.1
-                    await self._session(ws)
+                leader = await self._dial(url, headers)
             except websockets.InvalidStatus as e:
                 if e.response.status_code in (401, 403):
                     raise TokenRefused(
-                        f"the master at {self.settings.master} refused the cluster token; "
+                        f"the master at {url} refused the cluster token; "
                         "pass the one it printed with --token or SHOAL_CLUSTER_TOKEN"
                     ) from e
-                log.warning("master answered %s; retrying", e.response.status_code)
+                log.warning("the master at %s answered %s; trying again", url, e.response.status_code)
+                leader = ""
             except (TimeoutError, OSError, websockets.ConnectionClosed) as e:
                 log.debug("connection to %s failed: %s", url, e)
+                leader = ""
+            if leader and hops < MAX_HOPS:  # a follower named the leader: dial it at once
+                hops += 1
+                self.masters.learned(leader)
+                continue
+            if leader is None:  # a session ran and ended: the same master again, soon
+                backoff = 0.1
+            else:
+                self.masters.failed(url)
+            hops = 0
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, cap)
+
+    async def _dial(self, url: str, headers: dict[str, str]) -> str | None:
+        """A connection to the master at `url`, and the session it carries until it ends or
+        is lost: None then; the leader's URL when `url` is a follower that names it. Raises
+        when the dial fails, or a follower knows no leader yet."""
+        try:
+            async with websockets.connect(
+                _ws_url(url),
+                additional_headers=headers,
+                max_size=_MAX_FRAME,
+                ping_interval=5,
+                ping_timeout=10,
+            ) as ws:
+                log.info("connected to %s as %s", url, self.state.node.name)
+                await self._session(ws)
+        except websockets.ConnectionClosed as e:
+            if e.rcvd is None or e.rcvd.code != NOT_LEADER_CLOSE:
+                log.info("lost the master at %s: %s", url, e)
+                return None
+            if not e.rcvd.reason:
+                raise  # a follower that knows no leader: an election under way
+            try:
+                leader = check_url(e.rcvd.reason)
+            except ValueError as bad:
+                log.warning("the master at %s names a leader that is no URL: %s", url, bad)
+                raise e from None
+            log.info("%s follows %s", url, leader)
+            return leader
+        return None
 
     async def _session(self, ws: websockets.ClientConnection) -> None:
         self._outbox = asyncio.Queue()

@@ -14,9 +14,12 @@ driver (`launch`, `decline`, `suppress`, `revive`, `kill`, `acknowledge`, `recon
 own thread. `AsyncDriver` is the asyncio flavour: the same calls as coroutines, callbacks
 that may be coroutines. An exception a callback raises is logged, and the driver goes on.
 
-A driver re-subscribes (as the same framework) whenever its stream is lost, with backoff,
-so a master restart or failover costs the framework nothing: its tasks keep running, and
-status updates it had not acknowledged are delivered again. Updates are acknowledged once
+A driver may be given several masters (`url="http://m1:8470,http://m2:8470"`): it subscribes
+at the leader, following a follower's redirect, and its calls go there as a client's do
+(`shoal.masters`). It re-subscribes (as the same framework) whenever its stream is lost,
+with backoff, at the next master or at the leader one names, so a master restart or
+failover costs the framework nothing: its tasks keep running, and status updates it had
+not acknowledged are delivered again. Updates are acknowledged once
 `status_update` returns (batched: one call for a burst), unless
 `implicit_acknowledgements=False`.
 """
@@ -34,14 +37,18 @@ from typing import Any
 
 import httpx
 
-from shoal.client import ApiError, Unreachable, _api_error
+from shoal.calls import AsyncCalls
+from shoal.client import ApiError, Client, Unreachable, _api_error
 from shoal.clientfile import load_client_config
 from shoal.framework import protocol as p
+from shoal.masters import FAILOVER, Masters
 
 log = logging.getLogger("shoal.framework")
 _BACKOFF = (0.1, 5.0)  # first and largest wait between re-subscriptions, seconds
 _ACK_DELAY = 0.02  # seconds implicit acknowledgements wait to go out together
 _LOST = (httpx.TransportError, httpx.StreamError, Unreachable)  # a stream cut, or closed by stop()
+_SUBSCRIBE = "/v1/frameworks/subscribe"
+_LISTENING = httpx.Timeout(30.0, read=30.0)  # the master sends heartbeats well within a read
 
 
 class Scheduler:
@@ -140,6 +147,13 @@ def _backoff(delay: float) -> float:
     return min(delay * 2, _BACKOFF[1])
 
 
+def _again(error: Exception) -> bool:
+    """Whether subscribing again may help: not after a refusal (a bad role, a framework
+    that ended), which a driver raises; yes after a lost master, or a master's 5xx (one
+    that lost its leadership in the middle of the call answers 503)."""
+    return not isinstance(error, ApiError) or error.status >= 500
+
+
 class _Driver(abc.ABC):
     """What both drivers are made of: the scheduler, the session, where the master is."""
 
@@ -158,12 +172,17 @@ class _Driver(abc.ABC):
         config = load_client_config()
         self.scheduler = scheduler
         self._session = _Session(name, role, failover_timeout, framework_id, implicit_acknowledgements)
-        self.url = (url or config.url).rstrip("/")
-        self._open({"Authorization": f"Bearer {token or config.token}"})
+        self._masters = Masters(url or config.url)
+        self._open(token or config.token)
 
     @abc.abstractmethod
-    def _open(self, headers: dict[str, str]) -> None:
-        """Make the HTTP clients this flavour talks to the master with."""
+    def _open(self, token: str) -> None:
+        """Make the HTTP clients this flavour talks to the masters with."""
+
+    @property
+    def url(self) -> str:
+        """The master the driver talks to now: the leader, once one is known."""
+        return self._masters.current
 
     @property
     def framework_id(self) -> str | None:
@@ -173,11 +192,12 @@ class _Driver(abc.ABC):
 class Driver(_Driver):
     """The blocking driver. `run()` returns when the framework is stopped or ended."""
 
-    def _open(self, headers: dict[str, str]) -> None:
+    def _open(self, token: str) -> None:
         # The stream and the calls each have a client: calls come from the scheduler's
-        # callbacks and from any other thread, one at a time (the lock), while the stream reads.
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
-        self._listen = httpx.Client(base_url=self.url, headers=headers)
+        # callbacks and from any other thread, one at a time (the lock), while the stream
+        # reads. They share the masters: what one learns of the leader, the other uses.
+        self._http = Client(self._masters, token)
+        self._listen = Client(self._masters, token)
         self._lock = threading.Lock()
         self._stream: httpx.Response | None = None
         self._thread: threading.Thread | None = None
@@ -191,20 +211,24 @@ class Driver(_Driver):
         """Subscribe and serve the scheduler until `stop()` or the master ends the framework.
         A refused subscription raises `ApiError`; a lost stream is re-subscribed."""
         delay = _BACKOFF[0]
-        while not self._session.stopped:
-            try:
-                for event in self._events():
-                    delay = _BACKOFF[0]
-                    self._handle(event)
+        try:
+            while not self._session.stopped:
+                try:
+                    for event in self._events():
+                        delay = _BACKOFF[0]
+                        self._handle(event)
+                        if self._session.stopped:
+                            break
+                except (*_LOST, ApiError) as e:
+                    if not _again(e):
+                        raise
                     if self._session.stopped:
                         break
-            except _LOST as e:
-                if self._session.stopped:
-                    break
-                log.warning("lost the master at %s (%s); subscribing again in %.1fs", self.url, e, delay)
-                time.sleep(delay)
-                delay = _backoff(delay)
-        self._listen.close()
+                    log.warning("lost the master at %s (%s); subscribing again in %.1fs", self.url, e, delay)
+                    time.sleep(delay)
+                    delay = _backoff(delay)
+        finally:
+            self._listen.close()
 
     def start(self) -> Driver:
         """Run on a thread of its own; returns once subscribed."""
@@ -228,22 +252,17 @@ class Driver(_Driver):
             self._thread.join(timeout)
 
     def _events(self) -> Iterator[p.Event]:
-        with self._listen.stream(
-            "POST",
-            "/v1/frameworks/subscribe",
-            json=self._session.subscribe_body(),
-            timeout=httpx.Timeout(30.0, read=30.0),
-        ) as response:
-            if response.is_error:
-                response.read()
-                error = _api_error(response)
-                # Refused (bad role, a framework that ended): subscribing again cannot help.
-                self._session.stopped = error.status < 500
-                raise error
-            self._stream = response
-            for line in response.iter_lines():
-                if line:
-                    yield p.EVENT.validate_json(line)
+        # Subscribing twice is subscribing: safe to repeat when a connection broke mid-call.
+        body = self._session.subscribe_body()
+        try:
+            with self._listen._stream("POST", _SUBSCRIBE, _LISTENING, json=body, safe=True) as response:
+                self._stream = response
+                for line in response.iter_lines():
+                    if line:
+                        yield p.EVENT.validate_json(line)
+        except ApiError as e:
+            self._session.stopped = not _again(e)
+            raise
 
     def _handle(self, event: p.Event) -> None:
         callback = self._session.callbacks(event)
@@ -320,21 +339,15 @@ class Driver(_Driver):
             self._stream.close()
 
     def _call(self, body: dict[str, Any]) -> Any:
-        try:
-            with self._lock:
-                response = self._http.post(self._session.call_path(), json=body)
-        except httpx.TransportError as e:
-            raise Unreachable(f"lost the master at {self.url}: {e}") from e
-        if response.is_error:
-            raise _api_error(response)
-        return response.json()
+        with self._lock:
+            return self._http._call("POST", self._session.call_path(), json=body)
 
 
 class AsyncDriver(_Driver):
     """The asyncio driver: `await driver.run()`; callbacks may be coroutines."""
 
-    def _open(self, headers: dict[str, str]) -> None:
-        self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30.0)
+    def _open(self, token: str) -> None:
+        self._http = AsyncCalls(self._masters, token, 30.0, FAILOVER)
         self._stream: httpx.Response | None = None
         self._acks: list[p.TaskStatus] = []
 
@@ -348,7 +361,9 @@ class AsyncDriver(_Driver):
                         await self._handle(event)
                         if self._session.stopped:
                             break
-                except _LOST as e:
+                except (*_LOST, ApiError) as e:
+                    if not _again(e):
+                        raise
                     if self._session.stopped:
                         break
                     log.warning("lost the master at %s (%s); subscribing again in %.1fs", self.url, e, delay)
@@ -358,21 +373,22 @@ class AsyncDriver(_Driver):
             await self._http.aclose()
 
     async def _events(self) -> AsyncIterator[p.Event]:
-        async with self._http.stream(
-            "POST",
-            "/v1/frameworks/subscribe",
-            json=self._session.subscribe_body(),
-            timeout=httpx.Timeout(30.0, read=30.0),
-        ) as response:
+        body = self._session.subscribe_body()
+        response = await self._http.send(
+            "POST", _SUBSCRIBE, stream=True, safe=True, json=body, timeout=_LISTENING
+        )
+        try:
             if response.is_error:
                 await response.aread()
                 error = _api_error(response)
-                self._session.stopped = error.status < 500
+                self._session.stopped = not _again(error)
                 raise error
             self._stream = response
             async for line in response.aiter_lines():
                 if line:
                     yield p.EVENT.validate_json(line)
+        finally:
+            await response.aclose()
 
     async def _handle(self, event: p.Event) -> None:
         callback = self._session.callbacks(event)
@@ -437,10 +453,7 @@ class AsyncDriver(_Driver):
             await self._stream.aclose()
 
     async def _call(self, body: dict[str, Any]) -> Any:
-        try:
-            response = await self._http.post(self._session.call_path(), json=body)
-        except httpx.TransportError as e:
-            raise Unreachable(f"lost the master at {self.url}: {e}") from e
+        response = await self._http.send("POST", self._session.call_path(), json=body)
         if response.is_error:
             raise _api_error(response)
         return response.json()
