@@ -15,23 +15,29 @@
    `fsync` setting off (SHOAL_FSYNC=false: acknowledged changes are not synced to disk
    before the answer), with an array of `--nofsync-tasks` (default: as many as in 1, so
    the two rates compare). The default figures are with the master's default (fsync on).
+5. With `--store etcd`, the cost of the replicated store: instead of 4, the same array on a
+   cluster of three masters on three etcd members (all on this machine); `e2e_tasks_per_s`,
+   the start latencies and the CPU figures are then that cluster's, and `sqlite_tasks_per_s`
+   is 1's (one master on SQLite, fsync on), measured in the same run.
 Prints one JSON line last: agents, tasks, ok_tasks, e2e_tasks_per_s, spawn_ceiling_per_s,
 start_p50_ms, start_p99_ms, submit_ms (how long the API took to accept the array), where the
 array's CPU went: shoal_cpu_ms_per_task (the master and agents themselves) and
 machine_cpu_ms_per_task (every core, the tasks' own processes and the kernel included), and
 with fsync off: nofsync_tasks, e2e_tasks_per_s_nofsync, start_p50_ms_nofsync,
-start_p99_ms_nofsync. Exits 1, naming the tasks, unless every task of both clusters ran and
-exited 0.
+start_p99_ms_nofsync (with `--store etcd`: store, sqlite_tasks_per_s, sqlite_start_p50_ms
+instead). Exits 1, naming the tasks, unless every task of both clusters ran and exited 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +50,8 @@ from rich.progress import Progress
 from shoal.client import Client
 from shoal.config import MasterSettings, data_home
 from shoal.model import JobSpec, JobState, Resources, TaskState
-from shoal.testing.live import live_cluster
+from shoal.testing.ha import ha_cluster
+from shoal.testing.live import LiveCluster, live_cluster
 from shoal.views import TaskView
 
 TINY = Resources(cpus=0.01, mem=16)
@@ -109,14 +116,34 @@ class Run:
         return round(float(np.percentile(self.latencies, q)), 1) if self.latencies else None
 
 
+@contextlib.contextmanager
+def cluster_on(store: str, root: Path, agents: int, settings: dict[str, str]) -> Iterator[LiveCluster]:
+    """A fresh cluster: one master on SQLite, or three masters on three etcd members."""
+    if store == "etcd":
+        with ha_cluster(
+            root, masters=3, agents=agents, etcd_members=3, heartbeat_timeout=30, master_settings=settings
+        ) as cluster:
+            yield cluster
+    else:
+        with live_cluster(root, agents=agents, heartbeat_timeout=30, master_settings=settings) as cluster:
+            yield cluster
+
+
 def measure(
-    root: Path, agents: int, tasks: int, starts: int, progress: Progress, what: str, **settings: str
+    root: Path,
+    agents: int,
+    tasks: int,
+    starts: int,
+    progress: Progress,
+    what: str,
+    store: str = "sqlite",
+    **settings: str,
 ) -> Run:
     """The array's throughput and the start latency on a fresh cluster with these master settings."""
     run = Run(tasks)
-    progress.console.print(f"{what}: starting a master and {agents} agents")
-    with live_cluster(root, agents=agents, heartbeat_timeout=30, master_settings=settings) as cluster:
-        daemons = [psutil.Process(p.pid) for p in (cluster.master, *cluster.agents.values()) if p]
+    progress.console.print(f"{what}: starting the masters, etcd if any, and {agents} agents")
+    with cluster_on(store, root, agents, settings) as cluster:
+        daemons = [psutil.Process(p.pid) for p in (*cluster.daemons(), *cluster.agents.values())]
         with cluster.client() as client:
             cpu_before = _cpu(daemons)
             machine_before = psutil.cpu_times()
@@ -159,6 +186,12 @@ def main() -> int:
     parser.add_argument(
         "--nofsync-tasks", type=int, default=None, help="the array with fsync off (default: --tasks)"
     )
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "etcd"),
+        default="sqlite",
+        help="etcd: compare three masters on etcd with one on SQLite, instead of fsync off",
+    )
     args = parser.parse_args()
     nofsync_tasks = args.nofsync_tasks or args.tasks
     if "fsync" not in MasterSettings.model_fields:
@@ -172,38 +205,51 @@ def main() -> int:
         Progress(transient=True) as progress,
     ):
         synced = measure(Path(root) / "fsync", args.agents, args.tasks, args.starts, progress, "fsync on")
-        unsynced = measure(
-            Path(root) / "nofsync",
-            args.agents,
-            nofsync_tasks,
-            args.starts,
-            progress,
-            "fsync off",
-            fsync="false",
-        )
+        if args.store == "etcd":
+            other = measure(
+                Path(root) / "etcd", args.agents, args.tasks, args.starts, progress, "etcd", "etcd"
+            )
+        else:
+            other = measure(
+                Path(root) / "nofsync",
+                args.agents,
+                nofsync_tasks,
+                args.starts,
+                progress,
+                "fsync off",
+                fsync="false",
+            )
         progress.console.print("timing the machine's own spawn ceiling")
         ceiling = spawn_ceiling()
-    print(
-        json.dumps(
-            {
-                "agents": args.agents,
-                "tasks": args.tasks,
-                "ok_tasks": synced.ok,
-                "e2e_tasks_per_s": round(synced.ok / synced.elapsed),
-                "spawn_ceiling_per_s": round(ceiling),
-                "shoal_cpu_ms_per_task": round(synced.shoal_cpu / args.tasks * 1000, 3),
-                "machine_cpu_ms_per_task": round(synced.machine_cpu / args.tasks * 1000, 3),
-                "submit_ms": round(synced.submit_ms, 1),
-                "start_p50_ms": synced.percentile(50),
-                "start_p99_ms": synced.percentile(99),
-                "nofsync_tasks": nofsync_tasks,
-                "e2e_tasks_per_s_nofsync": round(unsynced.ok / unsynced.elapsed),
-                "start_p50_ms_nofsync": unsynced.percentile(50),
-                "start_p99_ms_nofsync": unsynced.percentile(99),
-            }
-        )
-    )
-    failed = [*synced.failed, *unsynced.failed]
+    main_run = other if args.store == "etcd" else synced
+    figures: dict[str, Any] = {
+        "agents": args.agents,
+        "tasks": args.tasks,
+        "ok_tasks": main_run.ok,
+        "e2e_tasks_per_s": round(main_run.ok / main_run.elapsed),
+        "spawn_ceiling_per_s": round(ceiling),
+        "shoal_cpu_ms_per_task": round(main_run.shoal_cpu / args.tasks * 1000, 3),
+        "machine_cpu_ms_per_task": round(main_run.machine_cpu / args.tasks * 1000, 3),
+        "submit_ms": round(main_run.submit_ms, 1),
+        "start_p50_ms": main_run.percentile(50),
+        "start_p99_ms": main_run.percentile(99),
+    }
+    if args.store == "etcd":
+        figures |= {
+            "store": "etcd",
+            "sqlite_tasks_per_s": round(synced.ok / synced.elapsed),
+            "sqlite_start_p50_ms": synced.percentile(50),
+            "etcd_vs_sqlite": round((other.ok / other.elapsed) / (synced.ok / synced.elapsed), 2),
+        }
+    else:
+        figures |= {
+            "nofsync_tasks": nofsync_tasks,
+            "e2e_tasks_per_s_nofsync": round(other.ok / other.elapsed),
+            "start_p50_ms_nofsync": other.percentile(50),
+            "start_p99_ms_nofsync": other.percentile(99),
+        }
+    print(json.dumps(figures))
+    failed = [*synced.failed, *other.failed]
     if failed:
         shown = "\n  ".join(failed[:10])
         more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""

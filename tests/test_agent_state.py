@@ -26,6 +26,7 @@ from shoal.agent.state import (
     Spawned,
     SpawnFailed,
     Tick,
+    Unled,
 )
 from shoal.model import Resources, TaskState, Usage
 from shoal.testing.sim import sim_node
@@ -300,6 +301,17 @@ def test_each_answer_of_a_master_puts_the_fence_off() -> None:
     state = welcomed(timeout=10.0)
     state.handle(FromMaster(Ack(reports=[]), 5.0))  # a heartbeat answered
     assert _signals(state.handle(Tick(10.9, Usage()))) == []
+    assert _signals(state.handle(Tick(11.0, Usage()))) == [("1.0.0", signal.SIGTERM)]
+
+
+def test_masters_that_all_refuse_or_hold_an_election_count_no_silence() -> None:
+    state = welcomed(timeout=10.0)
+    state.handle(Unled(5.0))  # every master refused, or knew no leader, from 5 s on
+    assert _signals(state.handle(Tick(10.9, Usage()))) == []
+    assert _signals(state.handle(Tick(11.0, Usage()))) == [("1.0.0", signal.SIGTERM)]
+    state = welcomed(timeout=10.0)
+    state.handle(FromMaster(Ack(reports=[]), 5.0))
+    state.handle(Unled(3.0))  # older than the last answer: changes nothing
     assert _signals(state.handle(Tick(11.0, Usage()))) == [("1.0.0", signal.SIGTERM)]
 
 

@@ -210,7 +210,7 @@ def test_a_leader_not_given_is_asked_for_every_master_once() -> None:
     with follower(leading) as leader, follower(redirect_to(leader.url)) as given:
         with Client(given.url, "token") as client:
             assert client.jobs() == [] and client.jobs() == []
-            assert client.masters.urls == [given.url, leader.url, far]
+            assert client.known.urls == [given.url, leader.url, far]
         assert [c[:2] for c in leader.calls] == [
             ("GET", "/v1/jobs"),
             ("GET", MASTERS_PATH),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shoal.config import MasterSettings
-from shoal.master.api import open_master
+from shoal.master.opening import open_master
 from shoal.master.store.sqlite import SqliteStore
 
 FULL, NORMAL = 2, 1

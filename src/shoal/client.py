@@ -34,7 +34,7 @@ from pydantic import BaseModel, TypeAdapter  # noqa: E402
 from shoal.calls import Calls  # noqa: E402
 from shoal.clientfile import ClientConfig, load_client_config  # noqa: E402
 from shoal.errors import ShoalError  # noqa: E402
-from shoal.masters import FAILOVER, Masters, Unreachable  # noqa: E402
+from shoal.masters import FAILOVER, MASTERS_PATH, Masters, Unreachable  # noqa: E402
 from shoal.model import TASK_RECORD, Caller, JobSpec, Migration, Role, TaskRecord  # noqa: E402
 from shoal.services import Endpoint, Registration, ServiceSummary  # noqa: E402
 from shoal.views import (  # noqa: E402
@@ -42,6 +42,7 @@ from shoal.views import (  # noqa: E402
     FieldError,
     FrameworkView,
     JobView,
+    MasterView,
     NodeView,
     PlannedMove,
     Submitted,
@@ -62,6 +63,7 @@ if TYPE_CHECKING:  # the parallel shell's types, imported where it is used
 
 _JOBS = TypeAdapter(list[JobView])
 _NODES = TypeAdapter(list[NodeView])
+_MASTERS = TypeAdapter(list[MasterView])
 _FRAMEWORKS = TypeAdapter(list[FrameworkView])
 _PLANNED = TypeAdapter(list[PlannedMove])
 _MIGRATIONS = TypeAdapter(list[Migration])
@@ -97,14 +99,14 @@ class Client:
         timeout: float = 30.0,
         failover: float = FAILOVER,
     ) -> None:
-        self.masters = url if isinstance(url, Masters) else Masters(url)
+        self.known = url if isinstance(url, Masters) else Masters(url)
         self._token = token
-        self._calls = Calls(self.masters, token, timeout, failover)
+        self._calls = Calls(self.known, token, timeout, failover)
 
     @property
     def url(self) -> str:
         """The master calls go to now: the leader, once one is known."""
-        return self.masters.current
+        return self.known.current
 
     @classmethod
     def from_config(cls, config: ClientConfig | None = None) -> Client:
@@ -145,6 +147,10 @@ class Client:
 
     def whoami(self) -> Caller:
         return Caller.model_validate(self._call("GET", "/v1/whoami"))
+
+    def masters(self) -> list[MasterView]:
+        """The masters alive, the leader marked (any master answers this)."""
+        return _MASTERS.validate_python(self._call("GET", MASTERS_PATH))
 
     def create_token(self, name: str, role: Role, roles: tuple[str, ...] = ()) -> TokenCreated:
         """A token for `name`; `roles` are the roles its frameworks may subscribe in."""
@@ -404,7 +410,7 @@ class Watch:
         self._path = _service_path(name)
         self._params = _query(every, tag, 0, wait)
         self._calls = Calls(
-            client.masters,
+            client.known,
             client._token,
             _timeout(1, wait),
             client._calls.failover,

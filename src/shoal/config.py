@@ -123,6 +123,35 @@ class MasterSettings(_Settings):
         None, description="HOST:PORT of a resolver for names outside .shoal (default: REFUSED)"
     )
     dns_load_aware: bool = Field(True, description="answers list endpoints on the least loaded nodes first")
+    store: str = Field(
+        "sqlite",
+        description="sqlite (a file in state_dir, for one master) or etcd://HOST:PORT,HOST:PORT,... "
+        "(several masters share it; one leads)",
+    )
+    name: str | None = Field(None, description="this master's name among several (default: ADDRESS:PORT)")
+    lease_ttl: float = Field(
+        2.0, ge=2, le=60, description="seconds a silent leader keeps its lease (failover takes about this)"
+    )
+    etcd_prefix: str = Field("/shoal/", pattern=r"^/[\w./-]*/$", description="the keys' prefix in etcd")
+
+    @field_validator("store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value != "sqlite" and not value.startswith("etcd://"):
+            raise ValueError("expected sqlite or etcd://HOST:PORT[,HOST:PORT...]")
+        return value
+
+    @model_validator(mode="after")
+    def _outlasts_a_failover(self) -> MasterSettings:
+        # Agents stop their tasks after 0.6 of the heartbeat timeout without a master (see
+        # agent/state.py); a failover takes the lease's TTL and a little more.
+        if self.store != "sqlite" and self.heartbeat_timeout < 3 * self.lease_ttl:
+            raise ValueError(
+                f"heartbeat_timeout {self.heartbeat_timeout:g}s is too short for lease_ttl "
+                f"{self.lease_ttl:g}s: agents would stop their tasks during a failover; "
+                f"make it {3 * self.lease_ttl:g}s or more"
+            )
+        return self
 
     @field_validator("queues")
     @classmethod

@@ -99,6 +99,14 @@ class ErrorBody(BaseModel):
     fields: list[FieldError] = Field(default_factory=list)
 
 
+class MasterView(BaseModel):
+    """One master alive, as `shoal masters` shows it."""
+
+    name: str
+    url: str
+    leader: bool
+
+
 class FrameworkView(BaseModel):
     """One framework as `shoal frameworks` shows it."""
 

@@ -47,6 +47,7 @@ from shoal.agent.state import (
     Spawned,
     SpawnFailed,
     Tick,
+    Unled,
 )
 from shoal.agent.usage import Meter
 from shoal.checks import CheckResult
@@ -81,10 +82,16 @@ class TokenRefused(ShoalError):
     """The master does not accept this agent's cluster token."""
 
 
+class _Leaderless(ShoalError):
+    """A follower closed the connection naming no leader: an election is under way."""
+
+
 class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self.masters = Masters(settings.master)
+        # Master URL -> since when it has shown no leader can be counting this node's silence.
+        self._absent: dict[str, float] = {}
         self.state_dir = settings.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         info = discover(
@@ -280,11 +287,16 @@ class Agent:
         # (several heartbeats) for its agents before it calls their nodes down.
         cap = min(_REDIAL_CAP, 2 * self.settings.heartbeat_interval)
         backoff, hops = 0.1, 0
+        named_by: str | None = None  # the follower that named the leader dialled now
         while True:
             url = self.masters.current
             # What came of the dial: None, a session; a URL, the leader a follower named; "", a failure.
+            unled = False  # whether it showed no leader can be counting this node's silence
             try:
                 leader = await self._dial(url, headers)
+            except (ConnectionRefusedError, _Leaderless) as e:
+                log.debug("no leader at %s: %s", url, e)
+                leader, unled = "", True
             except websockets.InvalidStatus as e:
                 if e.response.status_code in (401, 403):
                     raise TokenRefused(
@@ -296,10 +308,23 @@ class Agent:
             except (TimeoutError, OSError, websockets.ConnectionClosed) as e:
                 log.debug("connection to %s failed: %s", url, e)
                 leader = ""
+            if leader and leader in self._absent:
+                # A follower names a leader found absent (its lease has not run out yet): no
+                # leader for now; the other masters are tried, as in an election.
+                leader, unled = "", True
+            if unled:
+                self._unled(url)
+                if named_by is not None:  # it named a leader that is not there: no leader
+                    self._unled(named_by)
+            elif leader is None:
+                self._absent.clear()  # a session: its master heard this node
+            else:
+                self._absent.pop(url, None)  # this master may be alive, and counting
             if leader and hops < MAX_HOPS:  # a follower named the leader: dial it at once
-                hops += 1
+                hops, named_by = hops + 1, url
                 self.masters.learned(leader)
                 continue
+            named_by = None
             if leader is None:  # a session ran and ended: the same master again, soon
                 backoff = 0.1
             else:
@@ -307,6 +332,14 @@ class Agent:
             hops = 0
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, cap)
+
+    def _unled(self, url: str) -> None:
+        """`url` showed no leader can be counting this node's silence; once every master has,
+        the state machine may count it from the first of them (`Unled`)."""
+        self._absent.setdefault(url, time.time())
+        if set(self.masters.urls) <= self._absent.keys():
+            self.dispatch(Unled(min(self._absent.values())))
+            self._absent.clear()
 
     async def _dial(self, url: str, headers: dict[str, str]) -> str | None:
         """A connection to the master at `url`, and the session it carries until it ends or
@@ -327,7 +360,7 @@ class Agent:
                 log.info("lost the master at %s: %s", url, e)
                 return None
             if not e.rcvd.reason:
-                raise  # a follower that knows no leader: an election under way
+                raise _Leaderless(f"{url} knows no leader: an election is under way") from e
             try:
                 leader = check_url(e.rcvd.reason)
             except ValueError as bad:

@@ -23,7 +23,11 @@ Theory of operation
   from any master for `FENCE_AFTER` of that timeout stops every run, with a grace cut to
   `FENCE_GRACE` of it, so they are all gone before the master can start them again
   elsewhere: a task never runs twice at once, whatever cut the network. Its runs end LOST,
-  which the master counts against their restart policy, as it would have.
+  which the master counts against their restart policy, as it would have. Silence counts
+  only while some master may be alive and not hearing the agent: when every master it
+  knows refused a connection or said no leader is elected (`Unled`), a master that leads
+  later gives this node a whole heartbeat timeout from its own start, so a restart or a
+  failover of the masters, however long, stops nothing.
 - A `Tick` sends a heartbeat and does what time has made due (time limits, SIGTERM after
   the shutdown delay, SIGKILL after the grace, reports to send again); `next_due` says when
   that is next, for a shell that ticks only then (a simulator).
@@ -93,6 +97,14 @@ class FromMaster:
 
 
 @dataclass(frozen=True, slots=True)
+class Unled:
+    """Every master the agent knows showed, since `now`, that none can be counting this
+    node's silence: its port refused the connection, or it said no leader is elected."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class Spawned:
     run_id: str
     pid: int
@@ -144,7 +156,7 @@ class Recovered:
     now: float
 
 
-Event = Connected | FromMaster | Spawned | SpawnFailed | Exited | Tick | Recovered | Health
+Event = Connected | FromMaster | Unled | Spawned | SpawnFailed | Exited | Tick | Recovered | Health
 
 # --- commands -------------------------------------------------------------------------
 
@@ -224,6 +236,8 @@ class AgentState:
                 self._ack(acks)
             case FromMaster(frame=Welcome(heartbeat_timeout=timeout)):
                 self.heartbeat_timeout = timeout
+            case Unled(now=now):
+                self.heard_at = max(self.heard_at, now)
             case Spawned():
                 self._spawned(event)
             case SpawnFailed(run_id=run, message=message, now=now):

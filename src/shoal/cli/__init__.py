@@ -50,6 +50,7 @@ COMMANDS: dict[str, Entry] = {
         "nodes",
         "List nodes with their capacity, allocation and live load, or the groups they form.",
     ),
+    "masters": Entry("jobs", "masters", "List the masters alive, the leader marked (any of them answers)."),
     "top": Entry(
         "top",
         "top",

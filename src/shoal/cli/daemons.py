@@ -7,6 +7,7 @@ agent starts on what it needs and nothing more.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,9 @@ def _logging(verbose: bool) -> None:
     )
     # At DEBUG, websockets logs every header of a handshake: the cluster token among them.
     logging.getLogger("websockets").setLevel(logging.INFO)
+    # httpx logs each request at INFO: every renewal of a master's lease in etcd.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 @friendly
@@ -43,6 +47,11 @@ def master(
     heartbeat_timeout: Annotated[
         float | None, typer.Option(help="seconds of silence before a node is down [10]")
     ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(help="sqlite, or etcd://HOST:PORT,... for one of several masters [sqlite]"),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="this master's name among several [ADDRESS:PORT]")] = None,
     config: ConfigOpt = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
@@ -53,7 +62,14 @@ def master(
 
     _logging(verbose)
     settings = load_settings(
-        MasterSettings, config, host=host, port=port, state_dir=state_dir, heartbeat_timeout=heartbeat_timeout
+        MasterSettings,
+        config,
+        host=host,
+        port=port,
+        state_dir=state_dir,
+        heartbeat_timeout=heartbeat_timeout,
+        store=store,
+        name=name,
     )
     logging.getLogger("shoal.master").info(
         "state in %s; the admin and cluster tokens are in admin.token and cluster.token there",
@@ -163,10 +179,15 @@ def _wait_for_master(url: str, token: str, proc: subprocess.Popen[bytes], timeou
 @friendly
 def dev(
     agents: Annotated[int, typer.Option(min=1, max=64, help="how many local agents")] = 3,
-    port: Annotated[int, typer.Option(help="the master's port")] = DEFAULT_PORT,
+    port: Annotated[
+        int, typer.Option(help="the master's port (with --ha: the first master's)")
+    ] = DEFAULT_PORT,
     dns_port: Annotated[
         int | None, typer.Option(help="the master's DNS port, UDP and TCP [8600, or any free; 0: any free]")
     ] = None,
+    ha: Annotated[
+        bool, typer.Option("--ha", help="3 etcd members and 3 masters, one leading (needs etcd-server)")
+    ] = False,
     state_dir: Annotated[Path, typer.Option(help="where the dev cluster keeps its state")] = Path(
         ".shoal-dev"
     ),
@@ -183,44 +204,122 @@ def dev(
         **os.environ,
         "SHOAL_ADMIN_TOKEN": admin,
         "SHOAL_CLUSTER_TOKEN": _token_file(state_dir / "cluster.token"),
+        "SHOAL_REBALANCE": "spread",  # dev clusters even their load out
     }
-    url = f"http://127.0.0.1:{port}"
     dns = _dns_port(dns_port)
-    shoal = [sys.executable, "-m", "shoal"]
-    procs = [
-        subprocess.Popen(
-            [*shoal, "master", "--port", str(port), "--state-dir", str(state_dir / "master")],
-            # dev clusters even their load out
-            env={**env, "SHOAL_REBALANCE": "spread", "SHOAL_DNS_PORT": str(dns)},
-        )
-    ]
     node_dirs = [state_dir / f"node{i}" for i in range(1, agents + 1)]
-    try:
-        _wait_for_master(url, admin, procs[0])
-        for index, node_dir in enumerate(node_dirs):
-            procs.append(
-                subprocess.Popen(
-                    [*shoal, "agent", "--master", url, "--name", node_dir.name, "--state-dir", str(node_dir)]
-                    + ["--utilization", "tasks"],  # the agents share this machine
-                    env={**env, "SHOAL_PORT_RANGE": json.dumps(shared_host_ports(index, agents))},
+    procs: list[subprocess.Popen[bytes]] = []
+    with contextlib.ExitStack() as stack:
+        if ha:
+            urls = _several_masters(stack, state_dir, port, dns, env, procs)
+            url = ",".join(urls)
+            _wait_for_leader(urls, admin, procs)
+        else:
+            url = f"http://127.0.0.1:{port}"
+            procs.append(_master_process(port, dns, state_dir / "master", env))
+            _wait_for_master(url, admin, procs[0])
+        try:
+            for index, node_dir in enumerate(node_dirs):
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            *_SHOAL,
+                            "agent",
+                            "--master",
+                            url,
+                            "--name",
+                            node_dir.name,
+                            "--state-dir",
+                            str(node_dir),
+                        ]
+                        + ["--utilization", "tasks"],  # the agents share this machine
+                        env={**env, "SHOAL_PORT_RANGE": json.dumps(shared_host_ports(index, agents))},
+                    )
                 )
-            )
-        config_path = save_client_config(ClientConfig(url=url, token=admin))
-        out.print(
-            Panel.fit(
-                f"API      {url}/v1\n"
-                f"docs     {url}/docs\n"
-                f"DNS      127.0.0.1:{dns} UDP and TCP  (dig @127.0.0.1 -p {dns} shoal-agent.service.shoal)\n"
-                f"token    {admin}  (admin)\n"
-                f"client   {config_path}\n"
-                f"agents   {', '.join(d.name for d in node_dirs)}\n\n"
+            config_path = save_client_config(ClientConfig(url=url, token=admin))
+            dig = f"dig @127.0.0.1 -p {dns} shoal-agent.service.shoal"
+            lines = [
+                *(f"master   {u}" for u in url.split(",")),
+                f"docs     {url.split(',')[0]}/docs",
+                f"DNS      127.0.0.1:{dns} UDP and TCP  ({dig})",
+                f"token    {admin}  (admin)",
+                f"client   {config_path}",
+                f"agents   {', '.join(d.name for d in node_dirs)}",
+                "",
                 "try      shoal nodes · shoal run -- hostname · shoal submit job.toml · shoal jobs",
-                title="shoal dev",
+            ]
+            if ha:
+                lines[2] += "; only the leader serves DNS: `shoal service shoal-master` gives its port"
+                lines.append("         shoal masters, then kill the leader's process and run it again")
+            out.print(Panel.fit("\n".join(lines), title="shoal dev --ha" if ha else "shoal dev"))
+            _wait_any(procs)
+        finally:
+            _stop(procs, node_dirs)
+
+
+_SHOAL = [sys.executable, "-m", "shoal"]
+_MASTERS = 3  # with --ha: etcd members, and masters
+
+
+def _master_process(
+    port: int, dns: int, state_dir: Path, env: dict[str, str], *extra: str
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*_SHOAL, "master", "--port", str(port), "--state-dir", str(state_dir), *extra],
+        env={**env, "SHOAL_DNS_PORT": str(dns)},
+    )
+
+
+def _several_masters(
+    stack: contextlib.ExitStack,
+    state_dir: Path,
+    port: int,
+    dns: int,
+    env: dict[str, str],
+    procs: list[subprocess.Popen[bytes]],
+) -> list[str]:
+    """Three etcd members, then three masters on them (ports port..port+2); their URLs.
+    Only the leader serves DNS, on `dns`; each master has a port of its own for it, as a
+    leader elsewhere would, so the first master's is `dns`."""
+    import shutil
+
+    from shoal.master.dns import free_dns_port
+    from shoal.testing.etcd import EtcdCluster
+
+    if shutil.which("etcd") is None:
+        raise fail("etcd is not installed", "apt-get install etcd-server (Debian), then run this again")
+    etcd = stack.enter_context(EtcdCluster(_MASTERS, state_dir / "etcd"))
+    urls = []
+    for i in range(_MASTERS):
+        name = f"m{i + 1}"
+        procs.append(
+            _master_process(
+                port + i,
+                dns if i == 0 else free_dns_port(),
+                state_dir / name,
+                env,
+                *("--store", etcd.store_url, "--name", name),
             )
         )
-        _wait_any(procs)
-    finally:
-        _stop(procs, node_dirs)
+        urls.append(f"http://127.0.0.1:{port + i}")
+    return urls
+
+
+def _wait_for_leader(urls: list[str], token: str, procs: list[subprocess.Popen[bytes]]) -> None:
+    """Until one of the masters at `urls` leads and answers."""
+    import httpx
+
+    deadline = time.monotonic() + 30
+    headers = {"Authorization": f"Bearer {token}"}
+    while time.monotonic() < deadline:
+        if dead := [p for p in procs if p.poll() is not None]:
+            raise fail(f"a master exited with status {dead[0].returncode}", "are the ports free? try --port")
+        for url in urls:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/v1/whoami", headers=headers, timeout=1).is_success:
+                    return
+        time.sleep(0.1)
+    raise fail("no master was elected within 30s", "see the masters' logs above")
 
 
 def _dns_port(wanted: int | None) -> int:

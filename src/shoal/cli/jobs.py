@@ -17,6 +17,7 @@ from shoal.cli.render import (
     groups_table,
     job_detail,
     jobs_table,
+    masters_table,
     nodes_table,
     out,
     print_json,
@@ -220,6 +221,14 @@ def frameworks(as_json: JsonOpt = False) -> None:
     with Client.from_config() as client:
         records = client.frameworks()
     print_json(records) if as_json else out.print(frameworks_table(records))
+
+
+@friendly
+def masters(as_json: JsonOpt = False) -> None:
+    """List the masters alive, the leader marked (any of them answers)."""
+    with Client.from_config() as client:
+        records = client.masters()
+    print_json(records) if as_json else out.print(masters_table(records))
 
 
 token_app = typer.Typer(help="API tokens (admin only).", no_args_is_help=True)

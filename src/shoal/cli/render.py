@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shoal.model import NodeStatus, Resources, TaskState
-from shoal.views import FrameworkView, JobView, NodeView
+from shoal.views import FrameworkView, JobView, MasterView, NodeView
 
 if TYPE_CHECKING:  # what only the parallel shell's commands render, and import themselves
     from shoal.shell.bootstrap import NodeResult
@@ -154,6 +154,13 @@ def frameworks_table(frameworks: Sequence[FrameworkView]) -> Table:
         shares = (f"{f.share:.1%}", f"{f.fair_share:.1%}")
         counts = (str(f.offers), str(f.tasks), str(f.unacknowledged))
         table.add_row(f.id, f.name, f.role, f.principal, state, *shares, *counts)
+    return table
+
+
+def masters_table(masters: Sequence[MasterView]) -> Table:
+    table = Table("MASTER", "URL", "ROLE", box=None, header_style="bold")
+    for m in masters:
+        table.add_row(m.name, m.url, "[bold green]leader[/]" if m.leader else "follower")
     return table
 
 

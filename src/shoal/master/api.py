@@ -6,40 +6,28 @@ agents. Bad input answers 4xx with the field and the reason (`ErrorBody`), never
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import ipaddress
 import logging
-import pathlib
 import random
-import socket
 import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from ClusterShell.NodeSet import NodeSet
 from fastapi import Body, Depends, FastAPI, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import SecretStr
 
 from shoal.config import MasterSettings
 from shoal.errors import Forbidden, NotFound, SpecError
-from shoal.files import write_secret
 from shoal.framework import protocol as fp
-from shoal.master import service_api
-from shoal.master.auth import Tokens, new_token
-from shoal.master.blobs import BlobStore
-from shoal.master.deps import CallerDep, MasterDep, Unauthorized, admin, admin_or_agent, writer
-from shoal.master.dns import free_dns_port, serve_dns
+from shoal.master import ha, service_api
+from shoal.master.deps import CallerDep, MasterDep, Unauthorized, admin, admin_or_agent, anyone, writer
 from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, RebalanceNow, Submit
-from shoal.master.frameworks import FrameworkPolicy
-from shoal.master.ledger import Retention
-from shoal.master.server import Master, Unavailable, tune_collector
+from shoal.master.ha import FollowerGate
+from shoal.master.opening import lifespan
+from shoal.master.server import Master, Unavailable
 from shoal.master.shell import Order
-from shoal.master.store.sqlite import SqliteStore
+from shoal.master.store import Deposed
 from shoal.model import Caller, JobSpec, Migration, Role, TaskRecord
-from shoal.services import MASTER_SERVICE, Endpoint
 from shoal.shell.groups import NodeGroups, choose, resolve
 from shoal.shell.protocol import AuditEnd, AuditRecord, AuditStart, CopyRequest, ExecRequest, FetchRequest
 from shoal.views import (
@@ -47,6 +35,7 @@ from shoal.views import (
     FieldError,
     FrameworkView,
     JobView,
+    MasterView,
     NodeView,
     PlannedMove,
     Submitted,
@@ -55,79 +44,6 @@ from shoal.views import (
 )
 
 log = logging.getLogger("shoal.master")
-
-
-def _secret_file(path: pathlib.Path, given: str | None) -> str:
-    """The token in `path`; made (or taken from `given`) and saved there, mode 0600."""
-    if given is None and path.exists():
-        return path.read_text().strip()
-    token = given or new_token()
-    write_secret(path, token + "\n")
-    return token
-
-
-def _reveal(secret: SecretStr | None) -> str | None:
-    return secret.get_secret_value() if secret is not None else None
-
-
-def open_master(settings: MasterSettings) -> Master:
-    """The master over its state directory: store, tokens (made on first start), ledger."""
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    store = SqliteStore(
-        settings.state_dir / "shoal.db", fsync=settings.fsync, audit_limit=settings.audit_retention_count
-    )
-    cluster = _secret_file(settings.state_dir / "cluster.token", _reveal(settings.cluster_token))
-    tokens = Tokens(store, cluster)
-    tokens.add(
-        "admin", Role.ADMIN, _secret_file(settings.state_dir / "admin.token", _reveal(settings.admin_token))
-    )
-    blobs = BlobStore(settings.state_dir / "blobs")
-    frameworks = FrameworkPolicy(
-        offer_timeout=settings.offer_timeout,
-        patience=settings.offer_patience,
-        interval=settings.offer_interval,
-    )
-    return Master(
-        store,
-        tokens,
-        blobs,
-        settings.policy(),
-        settings.heartbeat_timeout,
-        settings.tick,
-        frameworks,
-        settings.rebalancing(),
-        Retention(settings.job_retention, settings.job_retention_count),
-        settings.registry(),
-        [_master_endpoint(settings)],
-    )
-
-
-def _master_endpoint(settings: MasterSettings) -> Endpoint:
-    """This master as the registry lists it (`shoal-master`): its API, with its DNS port."""
-    address = settings.advertise or _address_of(settings.host)
-    return Endpoint(
-        id=f"{address}:{settings.port}",
-        service=MASTER_SERVICE,
-        kind="master",
-        address=address,
-        port=settings.port,
-        meta={"dns_port": str(settings.dns_port)},
-    )
-
-
-def _address_of(host: str) -> str:
-    """The IPv4 address a master listening on `host` is reached at: the host itself, or for a
-    wildcard or a name, what this machine's name resolves to (`advertise` says better)."""
-    try:
-        address = ipaddress.IPv4Address(host)
-    except ValueError:
-        address = None
-    if address is not None and not address.is_unspecified:
-        return host
-    try:
-        return socket.gethostbyname(host if address is None else socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
 
 
 def _principal(caller: Caller) -> Principal:
@@ -165,26 +81,15 @@ def _fan_out(
 
 
 def create_app(settings: MasterSettings) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # A DNS port of 0 is chosen now, so the registry lists the port DNS is served on.
-        dns_port = settings.dns_port or free_dns_port(settings.dns_host or settings.host)
-        served = settings.model_copy(update={"dns_port": dns_port})
-        master = open_master(served)
-        tune_collector()
-        app.state.master = master
-        dns = await serve_dns(master.state.registry, served)
-        log.info("DNS for .shoal on %s port %d (UDP and TCP)", settings.dns_host or settings.host, dns.port)
-        ticker = asyncio.create_task(master.tick_loop())
-        yield
-        ticker.cancel()
-        await dns.close()
-        master.store.close()
-
-    app = FastAPI(title="shoal", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="shoal", version="0.1.0", lifespan=lambda app: lifespan(app, settings))
     _errors(app)
     _routes(app)
     app.include_router(service_api.router)
+    app.add_middleware(
+        FollowerGate,
+        leader=lambda: app.state.seat.leader if app.state.seat is not None else None,
+        serving=lambda: app.state.master is not None,
+    )
     return app
 
 
@@ -449,6 +354,11 @@ def _routes(app: FastAPI) -> None:
     async def whoami(caller: CallerDep) -> Caller:
         return caller
 
+    @app.get("/v1/masters", response_model=list[MasterView], dependencies=[Depends(anyone)])
+    async def masters(request: Request) -> list[MasterView]:
+        """Every master alive, the leader marked; followers answer this too."""
+        return await ha.masters(request.app.state.seat, request.app.state.me)
+
     @app.websocket("/v1/agent")
     async def agent(ws: WebSocket) -> None:
         master: Master = ws.app.state.master
@@ -497,3 +407,7 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(Unavailable)
     async def unavailable(_: Request, exc: Unavailable) -> JSONResponse:
         return _body(503, str(exc))
+
+    @app.exception_handler(Deposed)
+    async def deposed(_: Request, exc: Deposed) -> JSONResponse:
+        return _body(503, f"{exc} (a change asked for may or may not have been made)", **{"Retry-After": "1"})

@@ -21,7 +21,7 @@ async def master_of(request: Request) -> Master:
 
 async def caller_of(request: Request) -> Caller:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    caller = request.app.state.master.tokens.caller(token) if scheme.lower() == "bearer" and token else None
+    caller = request.app.state.tokens.caller(token) if scheme.lower() == "bearer" and token else None
     if caller is None:
         raise Unauthorized("a valid API token is required: Authorization: Bearer <token>")
     return caller
@@ -39,12 +39,21 @@ async def admin(caller: Annotated[Caller, Depends(caller_of)]) -> Caller:
     return caller
 
 
+def _is_agent(request: Request) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and request.app.state.tokens.is_cluster(token)
+
+
 async def admin_or_agent(request: Request) -> None:
     """Blobs move between admins (shoal copy) and agents (the cluster token)."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and request.app.state.master.tokens.is_cluster(token):
-        return
-    await admin(await caller_of(request))
+    if not _is_agent(request):
+        await admin(await caller_of(request))
+
+
+async def anyone(request: Request) -> None:
+    """Any API token or the cluster token: what agents and clients both ask."""
+    if not _is_agent(request):
+        await caller_of(request)
 
 
 MasterDep = Annotated[Master, Depends(master_of)]

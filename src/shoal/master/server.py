@@ -47,7 +47,7 @@ from shoal.master.moves import Rebalancing
 from shoal.master.registry import RegistryPolicy
 from shoal.master.shell import ShellRelay
 from shoal.master.state import MasterState
-from shoal.master.store import Store
+from shoal.master.store import Deposed, Store
 from shoal.model import TaskRecord, run_id
 from shoal.services import Endpoint
 from shoal.views import NodeView
@@ -169,15 +169,29 @@ class Master:
         self._offer_timer: asyncio.TimerHandle | None = None
         # Blocking queries waiting on a service ("": on any), woken only by its changes.
         self._service_changes: dict[str, _Parked] = {}
+        # With several masters: whether this one may still act as leader (its lease), and
+        # whether it has stopped for good. A lone master always may.
+        self.may_act: Callable[[], bool] = lambda: True
+        self.deposed = False
 
     # --- the door into the ledger ---------------------------------------------------------
 
     def dispatch(self, *events: Event) -> dict[int, Reply]:
+        if self.deposed or not self.may_act():
+            self.deposed = True
+            raise Deposed("this master no longer leads; retry at the leader (`shoal masters` names it)")
         replies: dict[int, Reply] = {}
         for command in self.state.handle(*events):
             match command:
                 case Persist():
-                    self.store.apply(command)
+                    try:
+                        self.store.apply(command)
+                    except Deposed:
+                        # The ledger in memory is now ahead of the store: nothing of it may
+                        # act again. The shell throws this master away and the next leader
+                        # (maybe this process, afresh) rebuilds from the store.
+                        self.deposed = True
+                        raise
                 case Send(node=node, frame=frame):
                     if (link := self.links.get(node)) is not None:
                         link.send(encode(frame))
@@ -214,13 +228,15 @@ class Master:
 
     def _flush(self) -> None:
         events, self._batch = self._batch, []
-        requests = [e for e in events if isinstance(e, Request)]
+        requests = [e for e in events if isinstance(e, Request) and e.request in self._replies]
         waiters = [self._replies.pop(e.request) for e in requests]
         try:
             replies = self.dispatch(*events)
-        except Exception as e:  # a bug: every caller of this batch hears of it
+        except Exception as e:  # every caller of this batch hears of it
             for waiter in waiters:
                 waiter.set_exception(e)
+            if isinstance(e, Deposed):
+                return  # not a bug: the shell stands this master down
             raise
         for waiter, event in zip(waiters, requests, strict=True):
             waiter.set_result(replies[event.request])
@@ -238,13 +254,33 @@ class Master:
 
     async def tick_loop(self) -> None:
         swept = time.time()
-        while True:
+        while not self.deposed:
             await asyncio.sleep(self.tick)
             now = time.time()
-            self.dispatch(Tick(now))
+            with contextlib.suppress(Deposed):  # the shell stands this master down
+                self.dispatch(Tick(now))
             if now - swept > _SWEEP_EVERY:
                 swept = now
                 self.blobs.sweep(now)
+
+    def stand_down(self) -> None:
+        """Stop for good (another master leads, or this one is stopping): agents and
+        frameworks are let go, to find the leader; calls waiting on the ledger fail."""
+        self.deposed = True
+        if self._offer_timer is not None:
+            self._offer_timer.cancel()
+        for link in self.links.values():
+            link.close()
+        self.links.clear()
+        for connection in list(self.streams):
+            self._to_stream(connection, None)
+        gone = Deposed("this master stopped leading before it answered; retry at the leader")
+        for waiter in self._replies.values():
+            if not waiter.done():
+                waiter.set_exception(gone)
+        self._replies.clear()
+        for parked in self._service_changes.values():
+            parked.changed.set()
 
     # --- agents ---------------------------------------------------------------------------
 
@@ -279,13 +315,16 @@ class Master:
             old.close()
         link = self.links[name] = _Link(ws)
         log.info("agent %s registered", name)
-        self.dispatch(FromAgent(name, first, time.time()))
         try:
+            self.dispatch(FromAgent(name, first, time.time()))
             await self._serve(name, ws)
+        except Deposed:
+            link.close()  # the agent redials, and finds the leader
         finally:
             if self.links.get(name) is link:
                 del self.links[name]
-                self.dispatch(AgentGone(name, time.time()))
+                with contextlib.suppress(Deposed):
+                    self.dispatch(AgentGone(name, time.time()))
                 self.shell.on_gone(name)
             link.writer.cancel()
 

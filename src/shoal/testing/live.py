@@ -139,6 +139,10 @@ class LiveCluster:
         with self.client() as c:
             wait_for(c.whoami, what="the master answering")
 
+    def daemons(self) -> list[subprocess.Popen[bytes]]:
+        """The master processes (etcd's members not included)."""
+        return [self.master] if self.master is not None else []
+
     def kill_master(self, sig: int = signal.SIGKILL) -> None:
         assert self.master is not None
         self.master.send_signal(sig)

@@ -9,11 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from shoal.errors import ShoalError
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.events import Persist
 from shoal.model import JobRecord, Migration, NodeRecord, Role, TaskRecord
 from shoal.services import RegistrationRecord
 from shoal.shell.protocol import AuditRecord
+
+
+class Deposed(ShoalError):
+    """The store refused a write of this master, or cannot say whether it took it: another
+    master leads now, or this one lost the store. Nothing more may be done as leader."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,129 @@
+"""Several masters on etcd: the elected one serves, the others point at it.
+
+`reign` runs for the life of a master process: whenever its `Seat` is elected it opens a
+`Master` on the store fenced by the new token (the ledger rebuilt from etcd), serves until
+the seat says it may no longer act or a write is refused, then stands that master down and
+throws it away, so a master that leads again starts from what etcd holds, never from what
+it believed. `FollowerGate` answers every call a follower receives: a 307 to the leader
+(HTTP) or a close with code 4307 naming it (the agents' WebSocket), or a 503 while no leader
+is known. `GET /v1/masters` is the one call every master answers itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from shoal.master.leadership import Member, Seat
+from shoal.master.server import Master
+from shoal.masters import LEADER_HEADER, NOT_LEADER_CLOSE
+from shoal.views import MasterView
+
+log = logging.getLogger("shoal.master")
+OPEN_PATHS = frozenset({"/v1/masters"})  # answered by followers too
+_LEADER = LEADER_HEADER.lower().encode()
+_CHECK_EVERY = 0.1  # seconds between checks that a leader may still act
+
+
+async def reign(seat: Seat, serving: Callable[[int], AbstractAsyncContextManager[Master]]) -> None:
+    """Serve as leader each time `seat` is elected; stand down the moment it may not act."""
+    while True:
+        await _until(seat, lambda: seat.leading)
+        token = seat.token
+        try:
+            async with serving(token) as master:
+                master.may_act = seat.may_act
+                log.info("leading: the ledger holds %d jobs", len(master.state.ledger.jobs))
+                await _until(seat, functools.partial(_must_stand_down, seat, master, token))
+        except Exception:
+            log.exception("leading failed; standing down")
+        if seat.leading and seat.token == token:
+            # We stood down for a reason of our own (a refused write, a failed load): give
+            # the lease up, so the next leader, maybe this master again, starts from etcd.
+            await asyncio.to_thread(seat.abdicate)
+
+
+def _must_stand_down(seat: Seat, master: Master, token: int) -> bool:
+    return master.deposed or not seat.may_act() or seat.token != token
+
+
+async def _until(seat: Seat, condition: Callable[[], bool]) -> None:
+    """Wait until `condition` holds: woken by the seat, and checked every `_CHECK_EVERY`
+    seconds besides (a lease deadline passes with no news from anyone)."""
+    while not condition():
+        seat.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(seat.changed.wait(), _CHECK_EVERY)
+
+
+class FollowerGate:
+    """ASGI middleware: calls reach the routes only while this master serves as leader."""
+
+    def __init__(
+        self, app: ASGIApp, leader: Callable[[], Member | None], serving: Callable[[], bool]
+    ) -> None:
+        self.app = app
+        self.leader = leader
+        self.serving = serving
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or self.serving() or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        leader = self.leader()
+        if scope["type"] == "websocket":
+            await _refuse_websocket(receive, send, leader.url if leader is not None else "")
+            return
+        await _redirect(scope, send, leader)
+
+
+async def _refuse_websocket(receive: Receive, send: Send, leader: str) -> None:
+    """Accept, then close with the leader's URL as the reason: an agent dials it next."""
+    if (await receive())["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.close", "code": NOT_LEADER_CLOSE, "reason": leader})
+
+
+async def _redirect(scope: Scope, send: Send, leader: Member | None) -> None:
+    if leader is None:
+        await _respond(
+            send,
+            503,
+            b'{"error": "no master leads yet (an election is under way); retry in a second", "fields": []}',
+            # An empty leader header: nothing was done, so the caller may go to another master.
+            [(b"retry-after", b"1"), (b"content-type", b"application/json"), (_LEADER, b"")],
+        )
+        return
+    query = scope.get("query_string", b"")
+    path = scope.get("raw_path") or scope["path"].encode()
+    location = leader.url.encode() + path + (b"?" + query if query else b"")
+    await _respond(
+        send,
+        307,
+        b"",
+        [(b"location", location), (_LEADER, leader.url.encode())],
+    )
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    length = (b"content-length", str(len(body)).encode())
+    await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def masters(seat: Seat | None, me: Member) -> list[MasterView]:
+    """What `GET /v1/masters` answers: every master alive, the leader marked."""
+    if seat is None:
+        return [MasterView(name=me.name, url=me.url, leader=True)]
+    alive = await asyncio.to_thread(seat.members)
+    leader = seat.leader
+    return [
+        MasterView(name=m.name, url=m.url, leader=leader is not None and m.name == leader.name) for m in alive
+    ]

@@ -1,0 +1,192 @@
+"""How a master process comes up and goes down: alone on SQLite, or one of several on etcd.
+
+`lifespan` is the API's: it opens the store, the tokens and the ledger, serves DNS and the
+clock, and on etcd campaigns for the leadership (`ha.reign`), serving only while it leads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import pathlib
+import socket
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from shoal.config import MasterSettings
+from shoal.files import write_secret
+from shoal.master.auth import Tokens, new_token
+from shoal.master.blobs import BlobStore
+from shoal.master.dns import free_dns_port, serve_dns
+from shoal.master.frameworks import FrameworkPolicy
+from shoal.master.ha import reign
+from shoal.master.leadership import Member, Seat
+from shoal.master.ledger import Retention
+from shoal.master.server import Master, tune_collector
+from shoal.master.store import Store
+from shoal.master.store.etcd import EtcdStore
+from shoal.master.store.gateway import Gateway, parse_store_url
+from shoal.master.store.sqlite import SqliteStore
+from shoal.model import Role
+from shoal.services import MASTER_SERVICE, Endpoint
+
+log = logging.getLogger("shoal.master")
+
+
+def _secret_file(path: pathlib.Path, given: str | None) -> str:
+    """The token in `path`; made (or taken from `given`) and saved there, mode 0600."""
+    if given is None and path.exists():
+        return path.read_text().strip()
+    token = given or new_token()
+    write_secret(path, token + "\n")
+    return token
+
+
+def _reveal(secret: SecretStr | None) -> str | None:
+    return secret.get_secret_value() if secret is not None else None
+
+
+def open_master(settings: MasterSettings, store: Store | None = None) -> Master:
+    """The master over its state directory and `store` (default: SQLite there): tokens
+    (made on first start), blobs, the ledger loaded from the store."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    store = store or SqliteStore(
+        settings.state_dir / "shoal.db", fsync=settings.fsync, audit_limit=settings.audit_retention_count
+    )
+    tokens = _tokens(settings, store)
+    tokens.add(
+        "admin", Role.ADMIN, _secret_file(settings.state_dir / "admin.token", _reveal(settings.admin_token))
+    )
+    blobs = BlobStore(settings.state_dir / "blobs")
+    frameworks = FrameworkPolicy(
+        offer_timeout=settings.offer_timeout,
+        patience=settings.offer_patience,
+        interval=settings.offer_interval,
+    )
+    return Master(
+        store,
+        tokens,
+        blobs,
+        settings.policy(),
+        settings.heartbeat_timeout,
+        settings.tick,
+        frameworks,
+        settings.rebalancing(),
+        Retention(settings.job_retention, settings.job_retention_count),
+        settings.registry(),
+        [_master_endpoint(settings)],
+    )
+
+
+def _tokens(settings: MasterSettings, store: Store) -> Tokens:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    return Tokens(store, _secret_file(settings.state_dir / "cluster.token", _reveal(settings.cluster_token)))
+
+
+def _me(settings: MasterSettings) -> Member:
+    """This master as its peers and clients reach it."""
+    endpoint = _master_endpoint(settings)
+    return Member(settings.name or endpoint.id, f"http://{endpoint.address}:{endpoint.port}")
+
+
+def _master_endpoint(settings: MasterSettings) -> Endpoint:
+    """This master as the registry lists it (`shoal-master`): its API, with its DNS port."""
+    address = settings.advertise or _address_of(settings.host)
+    return Endpoint(
+        id=f"{address}:{settings.port}",
+        service=MASTER_SERVICE,
+        kind="master",
+        address=address,
+        port=settings.port,
+        meta={"dns_port": str(settings.dns_port)},
+    )
+
+
+def _address_of(host: str) -> str:
+    """The IPv4 address a master listening on `host` is reached at: the host itself, or for a
+    wildcard or a name, what this machine's name resolves to (`advertise` says better)."""
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        address = None
+    if address is not None and not address.is_unspecified:
+        return host
+    try:
+        return socket.gethostbyname(host if address is None else socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+@contextlib.asynccontextmanager
+async def _serving(
+    app: FastAPI, settings: MasterSettings, store: Store | None = None
+) -> AsyncIterator[Master]:
+    """Serve as the leader (or the only master) on `store` until the block ends."""
+    master = open_master(settings, store)
+    tune_collector()
+    dns = await serve_dns(master.state.registry, settings)
+    log.info("DNS for .shoal on %s port %d (UDP and TCP)", settings.dns_host or settings.host, dns.port)
+    ticker = asyncio.create_task(master.tick_loop())
+    app.state.master = master
+    try:
+        yield master
+    finally:
+        app.state.master = None
+        master.stand_down()
+        ticker.cancel()
+        await dns.close()
+        master.store.close()
+
+
+@contextlib.asynccontextmanager
+async def _several(app: FastAPI, settings: MasterSettings) -> AsyncIterator[None]:
+    """One of several masters on etcd: serve whenever elected, point at the leader otherwise."""
+    gateway = Gateway(parse_store_url(settings.store))
+    prefix = settings.etcd_prefix
+    seat = Seat(gateway, prefix, _me(settings), settings.lease_ttl)
+    app.state.seat = seat
+    # Followers authenticate too (`GET /v1/masters`): the tokens are read from etcd.
+    app.state.tokens = _tokens(settings, EtcdStore(gateway, prefix, fence=0, leader_key=seat.leader_key))
+
+    def serving(token: int) -> contextlib.AbstractAsyncContextManager[Master]:
+        store = EtcdStore(
+            gateway,
+            prefix,
+            fence=token,
+            leader_key=seat.leader_key,
+            audit_limit=settings.audit_retention_count,
+        )
+        return _serving(app, settings, store)
+
+    seat.start()
+    reigning = asyncio.create_task(reign(seat, serving))
+    try:
+        yield
+    finally:
+        reigning.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reigning
+        await asyncio.to_thread(seat.resign)  # a follower takes over now, not a TTL later
+        gateway.close()
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI, settings: MasterSettings) -> AsyncIterator[None]:
+    """A master process's life: alone on SQLite, or one of several on etcd."""
+    # A DNS port of 0 is chosen now, so the registry lists the port DNS is served on.
+    dns_port = settings.dns_port or free_dns_port(settings.dns_host or settings.host)
+    served = settings.model_copy(update={"dns_port": dns_port})
+    app.state.me = _me(served)
+    app.state.seat = None
+    app.state.master = None
+    if settings.store == "sqlite":
+        async with _serving(app, served) as master:
+            app.state.tokens = master.tokens
+            yield
+    else:
+        async with _several(app, served):
+            yield
