@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 
+from shoal.client import Client
 from shoal.model import JobSpec, TaskState
 from shoal.testing.ha import HaCluster, ha_cluster
 from shoal.testing.live import wait_for
@@ -86,3 +87,35 @@ def test_a_stopped_leader_hands_over_at_once(cluster: HaCluster) -> None:
     assert handed < 2.0, f"the handover took {handed:.1f}s"
     cluster.start_master_named(old)
     wait_for(lambda: len(cluster.listing()) == 3, what="the stopped master back")
+
+
+def test_a_paused_leader_wakes_deposed_and_acts_no_more(cluster: HaCluster) -> None:
+    """A leader frozen past its lease (a long GC pause, a stopped VM) is replaced; woken, it
+    must not launch, kill or answer as leader: it follows the new one."""
+    old = cluster.leader()
+    proc = cluster.masters[old]
+    # A frozen process's port still accepts connections (the kernel does), and a call to it
+    # waits out its timeout: this client knows only the other masters.
+    others = Client([url for name, url in cluster.urls.items() if name != old], cluster.admin_token)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        with others:
+            # Followers name the frozen leader until its lease runs out; then another leads.
+            new = wait_for(
+                lambda: next((m.name for m in others.masters() if m.leader and m.name != old), None),
+                what="a new leader",
+            )
+            job = others.submit(JobSpec(command="true", resources={"cpus": 0.1}))
+            # The agents hang up on the frozen master and find the new one: the job runs.
+            assert others.wait(job, timeout=30).state.value == "complete"
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    headers = {"Authorization": f"Bearer {cluster.admin_token}"}
+    answer = wait_for(
+        lambda: (r := httpx.get(f"{cluster.urls[old]}/v1/jobs", headers=headers)).status_code == 307 and r,
+        what="the woken master following",
+    )
+    assert answer.headers["x-shoal-leader"] == cluster.urls[new]
+    assert cluster.leader() == new
+    with cluster.client() as c:
+        assert c.job(job).state.value == "complete"

@@ -75,6 +75,7 @@ _TABLE = TypeAdapter(list[RunEntry])
 _MAX_FRAME = 16 * 1024 * 1024
 _OUTBOX = 10_000
 _PRUNE_EVERY = 60.0  # seconds between sweeps of old sandboxes
+_OPEN_TIMEOUT = 3.0  # seconds a dial may take: a frozen master's port still accepts
 _REDIAL_CAP = 3.0  # seconds between redials of the master, at most
 
 
@@ -92,6 +93,7 @@ class Agent:
         self.masters = Masters(settings.master)
         # Master URL -> since when it has shown no leader can be counting this node's silence.
         self._absent: dict[str, float] = {}
+        self._hung_up = False  # whether this side ended the session, the master gone quiet
         self.state_dir = settings.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         info = discover(
@@ -305,6 +307,9 @@ class Agent:
                     ) from e
                 log.warning("the master at %s answered %s; trying again", url, e.response.status_code)
                 leader = ""
+            except websockets.InvalidHandshake as e:  # e.g. a master frozen mid-handshake
+                log.warning("the master at %s did not complete the handshake (%s); trying again", url, e)
+                leader = ""
             except (TimeoutError, OSError, websockets.ConnectionClosed) as e:
                 log.debug("connection to %s failed: %s", url, e)
                 leader = ""
@@ -352,10 +357,14 @@ class Agent:
                 max_size=_MAX_FRAME,
                 ping_interval=5,
                 ping_timeout=10,
+                open_timeout=_OPEN_TIMEOUT,
             ) as ws:
                 log.info("connected to %s as %s", url, self.state.node.name)
+                self._hung_up = False
                 await self._session(ws)
         except websockets.ConnectionClosed as e:
+            if self._hung_up:
+                raise TimeoutError(f"{url} stopped answering") from e
             if e.rcvd is None or e.rcvd.code != NOT_LEADER_CLOSE:
                 log.info("lost the master at %s: %s", url, e)
                 return None
@@ -370,9 +379,21 @@ class Agent:
             return leader
         return None
 
+    async def _watch_master(self, ws: websockets.ClientConnection) -> None:
+        """Hang up on a master that stopped answering heartbeats (frozen, or cut off with
+        the connection still open), so the next dial finds whoever leads now."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            if self.state.gone_quiet(time.time()):
+                log.warning("the master has not answered for a while; dialling another")
+                self._hung_up = True
+                ws.transport.abort()  # not close(): that waits on the silent master's answer
+                return
+
     async def _session(self, ws: websockets.ClientConnection) -> None:
         self._outbox = asyncio.Queue()
         writer = asyncio.create_task(self._write(ws, self._outbox))
+        watchdog = asyncio.create_task(self._watch_master(ws))
         try:
             self.dispatch(Connected(time.time()))
             async for data in ws:
@@ -395,6 +416,7 @@ class Agent:
         finally:
             self._outbox = None
             writer.cancel()
+            watchdog.cancel()
             self.shell.cancel_all()
             self.files.cancel_all()
 

@@ -45,6 +45,7 @@ from shoal.checks import CheckResult
 from shoal.model import NodeInfo, TaskState, Usage, parse_run_id
 from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReport, RunReports, RunSpec, Welcome
 
+REDIAL_AFTER = 0.25  # of the master's heartbeat timeout: silence before the agent redials
 FENCE_AFTER = 0.6  # of the master's heartbeat timeout: silence before the runs are stopped
 FENCE_GRACE = 0.2  # of it: the longest grace a stopped run then gets before SIGKILL
 
@@ -401,6 +402,12 @@ class AgentState:
         if entry.acked or entry.state is TaskState.ASSIGNED:
             return math.inf
         return entry.reported_at + self.resend_after
+
+    def gone_quiet(self, now: float) -> bool:
+        """Whether the master has not answered for `REDIAL_AFTER` of its timeout: time to
+        hang up and dial whoever leads now, well before the runs would be stopped."""
+        timeout = self.heartbeat_timeout
+        return timeout is not None and now - self.heard_at > REDIAL_AFTER * timeout
 
     def _fence_at(self) -> float:
         """When the runs are stopped for want of a master (math.inf: not before one speaks)."""

@@ -314,9 +314,9 @@ class Master:
         if (old := self.links.pop(name, None)) is not None:
             old.close()
         link = self.links[name] = _Link(ws)
-        log.info("agent %s registered", name)
         try:
             self.dispatch(FromAgent(name, first, time.time()))
+            log.info("agent %s registered", name)
             await self._serve(name, ws)
         except Deposed:
             link.close()  # the agent redials, and finds the leader
