@@ -8,6 +8,7 @@ agent starts on what it needs and nothing more.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -209,9 +211,10 @@ def dev(
     dns = _dns_port(dns_port)
     node_dirs = [state_dir / f"node{i}" for i in range(1, agents + 1)]
     procs: list[subprocess.Popen[bytes]] = []
+    restarts: dict[int, Callable[[], subprocess.Popen[bytes]]] = {}
     with contextlib.ExitStack() as stack:
         if ha:
-            urls = _several_masters(stack, state_dir, port, dns, env, procs)
+            urls = _several_masters(stack, state_dir, port, dns, env, procs, restarts)
             url = ",".join(urls)
             _wait_for_leader(urls, admin, procs)
         else:
@@ -250,9 +253,9 @@ def dev(
             ]
             if ha:
                 lines[2] += "; only the leader serves DNS: `shoal service shoal-master` gives its port"
-                lines.append("         shoal masters, then kill the leader's process and run it again")
+                lines.append("         shoal masters; pkill -9 -f 'name m1' (the leader); shoal masters")
             out.print(Panel.fit("\n".join(lines), title="shoal dev --ha" if ha else "shoal dev"))
-            _wait_any(procs)
+            _wait_any(procs, restarts)
         finally:
             _stop(procs, node_dirs)
 
@@ -277,10 +280,12 @@ def _several_masters(
     dns: int,
     env: dict[str, str],
     procs: list[subprocess.Popen[bytes]],
+    restarts: dict[int, Callable[[], subprocess.Popen[bytes]]],
 ) -> list[str]:
     """Three etcd members, then three masters on them (ports port..port+2); their URLs.
     Only the leader serves DNS, on `dns`; each master has a port of its own for it, as a
-    leader elsewhere would, so the first master's is `dns`."""
+    leader elsewhere would, so the first master's is `dns`. `restarts` gets, by index in
+    `procs`, how to start each master again, as a supervisor would when one dies."""
     import shutil
 
     from shoal.master.dns import free_dns_port
@@ -292,15 +297,15 @@ def _several_masters(
     urls = []
     for i in range(_MASTERS):
         name = f"m{i + 1}"
-        procs.append(
-            _master_process(
-                port + i,
-                dns if i == 0 else free_dns_port(),
-                state_dir / name,
-                env,
-                *("--store", etcd.store_url, "--name", name),
-            )
+        restarts[len(procs)] = functools.partial(
+            _master_process,
+            port + i,
+            dns if i == 0 else free_dns_port(),
+            state_dir / name,
+            env,
+            *("--store", etcd.store_url, "--name", name),
         )
+        procs.append(restarts[len(procs)]())
         urls.append(f"http://127.0.0.1:{port + i}")
     return urls
 
@@ -332,16 +337,26 @@ def _dns_port(wanted: int | None) -> int:
     return free_dns_port(prefer=MasterSettings().dns_port)
 
 
-def _wait_any(procs: list[subprocess.Popen[bytes]]) -> None:
+def _wait_any(
+    procs: list[subprocess.Popen[bytes]], restarts: dict[int, Callable[[], subprocess.Popen[bytes]]]
+) -> None:
+    """Until Ctrl-C or SIGTERM, or a process exits: the processes of `restarts` (the masters
+    of --ha) are started again, the others stop the cluster."""
+    from shoal.cli.render import out
+
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        while all(p.poll() is None for p in procs):
+        while True:
             time.sleep(0.2)
-        dead = next(p for p in procs if p.poll() is not None)
-        raise fail(f"`{' '.join(map(str, dead.args[2:4]))}` exited with status {dead.returncode}; stopping")
+            for i, proc in enumerate(procs):
+                if proc.poll() is None:
+                    continue
+                what = " ".join(map(str, proc.args[2:4]))
+                if i not in restarts:
+                    raise fail(f"`{what}` exited with status {proc.returncode}; stopping")
+                out.print(f"`{what}` exited with status {proc.returncode}; starting it again")
+                procs[i] = restarts[i]()
     except KeyboardInterrupt:
-        from shoal.cli.render import out
-
         out.print("stopping the dev cluster")
 
 
