@@ -4,15 +4,18 @@ stopped leader is replaced without losing a job or disturbing a task that keeps 
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import httpx
 import pytest
 
 from shoal.client import Client
+from shoal.framework import Driver, OfferInfo, TaskLaunch
 from shoal.model import JobSpec, TaskState
 from shoal.testing.ha import HaCluster, ha_cluster
 from shoal.testing.live import wait_for
+from shoal.testing.recorder import Recorder
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +122,48 @@ def test_a_paused_leader_wakes_deposed_and_acts_no_more(cluster: HaCluster) -> N
     assert cluster.leader() == new
     with cluster.client() as c:
         assert c.job(job).state.value == "complete"
+
+
+def test_a_framework_follows_the_new_leader_with_its_tasks_and_updates(cluster: HaCluster) -> None:
+    """Its subscription, its running task and the update it did not acknowledge outlive the
+    leader; the new leader offers again and takes a launch."""
+    launched: list[str] = []
+    lock = threading.Lock()
+
+    def launch(d: Driver, offers: list[OfferInfo]) -> None:
+        with lock:
+            wanted = [n for n in ("keeper", "brief", "after") if n not in launched]
+            if not wanted or (wanted[0] == "after" and not killed.is_set()):
+                d.decline([o.id for o in offers], refuse_seconds=0.5)
+                return
+            name = wanted[0]
+            launched.append(name)
+        command = "sleep 300" if name == "keeper" else "true"
+        d.launch([offers[0].id], [TaskLaunch(name=name, command=command, resources={"cpus": 0.1, "mem": 16})])
+
+    killed = threading.Event()
+    recorder = Recorder(launch)
+    d = Driver(recorder, "ha", url=cluster.url, token=cluster.admin_token, implicit_acknowledgements=False)
+    d.start()
+    try:
+        wait_for(lambda: TaskState.FINISHED in recorder.states("brief"), timeout=30, what="brief finished")
+        wait_for(lambda: TaskState.RUNNING in recorder.states("keeper"), timeout=30, what="keeper running")
+        unacked = next(u for u in recorder.updates if u.task == "brief" and u.state is TaskState.FINISHED)
+        subscriptions = recorder.subscriptions
+        cluster.kill_master(cluster.leader())
+        killed.set()
+        wait_for(
+            lambda: recorder.subscriptions > subscriptions, timeout=30, what="the driver at the new leader"
+        )
+        wait_for(
+            lambda: sum(u.uuid == unacked.uuid for u in recorder.updates) >= 2, timeout=30, what="redelivery"
+        )
+        wait_for(lambda: TaskState.FINISHED in recorder.states("after"), timeout=30, what="a launch after")
+        assert TaskState.LOST not in recorder.states("keeper")
+        with cluster.client() as c:
+            keeper = next(f for f in c.frameworks() if f.name == "ha")
+            assert keeper.connected
+    finally:
+        d.stop()
+    cluster.start_master_named(next(n for n in cluster.names if n not in cluster.masters))
+    wait_for(lambda: len(cluster.listing()) == 3, what="all three masters back")

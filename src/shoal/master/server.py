@@ -303,7 +303,9 @@ class Master:
         await ws.accept()
         try:
             first = decode(await ws.receive_bytes())
-        except (WebSocketDisconnect, ValueError, KeyError, TypeError) as e:
+        except WebSocketDisconnect:
+            return  # gone before it registered (an agent hanging up on a slow master)
+        except (ValueError, KeyError, TypeError) as e:
             log.warning("agent connection without a valid registration: %s", e)
             await ws.close(code=1008)
             return
