@@ -13,6 +13,7 @@ import pytest
 from shoal.client import Client
 from shoal.framework import Driver, OfferInfo, TaskLaunch
 from shoal.model import JobSpec, TaskState
+from shoal.services import MASTER_SERVICE
 from shoal.testing.ha import HaCluster, ha_cluster
 from shoal.testing.live import wait_for
 from shoal.testing.recorder import Recorder
@@ -47,6 +48,10 @@ def test_one_leader_and_followers_point_at_it(cluster: HaCluster) -> None:
         # The listing is every master's to give, and it needs a token like any call.
         assert httpx.get(f"{cluster.urls[name]}/v1/masters").status_code == 401
         assert httpx.get(f"{cluster.urls[name]}/v1/masters", headers=headers).status_code == 200
+    # The registry lists them too, for clients that find masters through it (or its DNS).
+    with cluster.client() as c:
+        wait_for(lambda: len(c.service(MASTER_SERVICE)[0]) == 3, what="three masters in the registry")
+        assert {e.meta["name"] for e in c.service(MASTER_SERVICE)[0]} == set(cluster.names)
 
 
 def test_a_killed_leader_is_replaced_and_running_work_is_kept(cluster: HaCluster) -> None:

@@ -17,17 +17,20 @@ from shoal.master.events import (
     Drain,
     FromAgent,
     KillJob,
+    MastersSeen,
     RegisterService,
     Reply,
     Send,
     Submit,
     Tick,
 )
+from shoal.master.ha import endpoint_of
+from shoal.master.leadership import Member
 from shoal.master.registry import RegistryPolicy
 from shoal.master.state import MasterState
 from shoal.master.store.sqlite import SqliteStore
 from shoal.model import Caller, JobSpec, Role, TaskState, Usage
-from shoal.services import AGENT_SERVICE, Registration
+from shoal.services import AGENT_SERVICE, MASTER_SERVICE, Endpoint, Registration
 from shoal.testing import invariants
 from shoal.testing.sim import sim_node
 from shoal.wire import Heartbeat, Kill, Launch, Register, RunReport, RunReports
@@ -323,3 +326,17 @@ def test_an_agent_whose_connection_closes_is_critical_until_it_registers_again()
     assert agents["n2"] == (CRITICAL, "disconnected") and agents["n1"][0] is PASSING
     h.handle(FromAgent("n2", Register(node=sim_node("n2", address="10.0.0.2")), h.now))
     assert [e.id for e in h.state.registry.endpoints(AGENT_SERVICE)] == ["n1", "n2", "n3"]
+
+
+def test_the_masters_alive_are_listed_and_those_gone_leave() -> None:
+    def master(name: str, port: int) -> Endpoint:
+        return endpoint_of(Member(name, f"http://10.0.1.1:{port}", dns_port=8600))
+
+    h = Harness(masters=[master("m1", 8470)])
+    index = h.state.registry.index_of(MASTER_SERVICE)
+    h.handle(MastersSeen((master("m1", 8470), master("m2", 8471), master("m3", 8472)), h.now))
+    assert [e[0] for e in h.endpoints(MASTER_SERVICE)] == ["10.0.1.1:8470", "10.0.1.1:8471", "10.0.1.1:8472"]
+    assert h.state.registry.index_of(MASTER_SERVICE) > index
+    h.handle(MastersSeen((master("m2", 8471), master("m3", 8472)), h.now))
+    assert [e[0] for e in h.endpoints(MASTER_SERVICE)] == ["10.0.1.1:8471", "10.0.1.1:8472"]
+    assert {e.meta["name"] for e in h.state.registry.endpoints(MASTER_SERVICE)} == {"m2", "m3"}

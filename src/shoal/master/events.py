@@ -14,7 +14,7 @@ from shoal.checks import CheckStatus
 from shoal.errors import ShoalError
 from shoal.framework import protocol as p
 from shoal.model import Caller, JobRecord, JobSpec, Migration, NodeRecord, TaskRecord
-from shoal.services import Registration, RegistrationRecord
+from shoal.services import Endpoint, Registration, RegistrationRecord
 from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReports, Welcome
 
 # --- events ---------------------------------------------------------------------------------
@@ -144,7 +144,17 @@ ServiceCall = RegisterService | CheckService | DeregisterService
 Request = (
     Submit | KillJob | SubscribeFramework | FrameworkCall | Drain | RebalanceNow | ServiceCall
 )  # awaited
-Event = Request | FromAgent | AgentGone | Tick | StreamClosed
+
+
+@dataclass(frozen=True, slots=True)
+class MastersSeen:
+    """The masters alive now, as the registry lists them (`shoal-master`)."""
+
+    masters: tuple[Endpoint, ...]
+    now: float
+
+
+Event = Request | FromAgent | AgentGone | Tick | StreamClosed | MastersSeen
 
 # --- commands -------------------------------------------------------------------------------
 

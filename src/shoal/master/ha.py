@@ -15,19 +15,25 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
+import urllib.parse
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from shoal.master.events import MastersSeen
 from shoal.master.leadership import Member, Seat
 from shoal.master.server import Master
+from shoal.master.store.gateway import EtcdError
 from shoal.masters import LEADER_HEADER, NOT_LEADER_CLOSE
+from shoal.services import MASTER_SERVICE, Endpoint
 from shoal.views import MasterView
 
 log = logging.getLogger("shoal.master")
 OPEN_PATHS = frozenset({"/v1/masters"})  # answered by followers too
 _LEADER = LEADER_HEADER.lower().encode()
+_LIST_EVERY = 2.0  # seconds between reads of the masters alive, for the registry
 _CHECK_EVERY = 0.1  # seconds between checks that a leader may still act
 
 
@@ -40,13 +46,42 @@ async def reign(seat: Seat, serving: Callable[[int], AbstractAsyncContextManager
             async with serving(token) as master:
                 master.may_act = seat.may_act
                 log.info("leading: the ledger holds %d jobs", len(master.state.ledger.jobs))
-                await _until(seat, functools.partial(_must_stand_down, seat, master, token))
+                lister = asyncio.create_task(_list_masters(seat, master))
+                try:
+                    await _until(seat, functools.partial(_must_stand_down, seat, master, token))
+                finally:
+                    lister.cancel()
         except Exception:
             log.exception("leading failed; standing down")
         if seat.leading and seat.token == token:
             # We stood down for a reason of our own (a refused write, a failed load): give
             # the lease up, so the next leader, maybe this master again, starts from etcd.
             await asyncio.to_thread(seat.abdicate)
+
+
+async def _list_masters(seat: Seat, master: Master) -> None:
+    """Keep `shoal-master` in the registry listing the masters alive, as etcd has them."""
+    listed: tuple[Endpoint, ...] = ()
+    while True:
+        with contextlib.suppress(EtcdError):
+            alive = tuple(endpoint_of(m) for m in await asyncio.to_thread(seat.members))
+            if alive != listed:
+                master.soon(MastersSeen(alive, time.time()))
+                listed = alive
+        await asyncio.sleep(_LIST_EVERY)
+
+
+def endpoint_of(member: Member) -> Endpoint:
+    """A master as the registry lists it: its API's address and port, its DNS port in meta."""
+    url = urllib.parse.urlsplit(member.url)
+    return Endpoint(
+        id=url.netloc,
+        service=MASTER_SERVICE,
+        kind="master",
+        address=url.hostname or "",
+        port=url.port or 80,
+        meta={"dns_port": str(member.dns_port), "name": member.name},
+    )
 
 
 def _must_stand_down(seat: Seat, master: Master, token: int) -> bool:

@@ -56,18 +56,20 @@ _RETRY = 0.2  # seconds between attempts while etcd does not answer
 
 @dataclass(frozen=True, slots=True)
 class Member:
-    """A master as its peers and clients see it."""
+    """A master as its peers and clients see it: its API, and the port it serves DNS on
+    when it leads."""
 
     name: str
     url: str
+    dns_port: int = 0
 
     def encode(self) -> bytes:
-        return json.dumps({"name": self.name, "url": self.url}).encode()
+        return json.dumps({"name": self.name, "url": self.url, "dns_port": self.dns_port}).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> Member:
         fields = json.loads(raw)
-        return cls(str(fields["name"]), str(fields["url"]))
+        return cls(str(fields["name"]), str(fields["url"]), int(fields.get("dns_port", 0)))
 
 
 class Seat:

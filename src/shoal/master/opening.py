@@ -23,7 +23,7 @@ from shoal.master.auth import Tokens, new_token
 from shoal.master.blobs import BlobStore
 from shoal.master.dns import free_dns_port, serve_dns
 from shoal.master.frameworks import FrameworkPolicy
-from shoal.master.ha import reign
+from shoal.master.ha import endpoint_of, reign
 from shoal.master.leadership import Member, Seat
 from shoal.master.ledger import Retention
 from shoal.master.server import Master, tune_collector
@@ -32,7 +32,6 @@ from shoal.master.store.etcd import EtcdStore
 from shoal.master.store.gateway import Gateway, parse_store_url
 from shoal.master.store.sqlite import SqliteStore
 from shoal.model import Role
-from shoal.services import MASTER_SERVICE, Endpoint
 
 log = logging.getLogger("shoal.master")
 
@@ -78,7 +77,7 @@ def open_master(settings: MasterSettings, store: Store | None = None) -> Master:
         settings.rebalancing(),
         Retention(settings.job_retention, settings.job_retention_count),
         settings.registry(),
-        [_master_endpoint(settings)],
+        [endpoint_of(_me(settings))],
     )
 
 
@@ -88,22 +87,9 @@ def _tokens(settings: MasterSettings, store: Store) -> Tokens:
 
 
 def _me(settings: MasterSettings) -> Member:
-    """This master as its peers and clients reach it."""
-    endpoint = _master_endpoint(settings)
-    return Member(settings.name or endpoint.id, f"http://{endpoint.address}:{endpoint.port}")
-
-
-def _master_endpoint(settings: MasterSettings) -> Endpoint:
-    """This master as the registry lists it (`shoal-master`): its API, with its DNS port."""
-    address = settings.advertise or _address_of(settings.host)
-    return Endpoint(
-        id=f"{address}:{settings.port}",
-        service=MASTER_SERVICE,
-        kind="master",
-        address=address,
-        port=settings.port,
-        meta={"dns_port": str(settings.dns_port)},
-    )
+    """This master as its peers and clients reach it, and as the registry lists it."""
+    address = f"{settings.advertise or _address_of(settings.host)}:{settings.port}"
+    return Member(settings.name or address, f"http://{address}", settings.dns_port)
 
 
 def _address_of(host: str) -> str:

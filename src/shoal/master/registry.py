@@ -37,6 +37,7 @@ from shoal.master.ledger import Ledger
 from shoal.model import JobRecord, NodeRecord, NodeStatus, TaskRecord, TaskState
 from shoal.services import (
     AGENT_SERVICE,
+    MASTER_SERVICE,
     Endpoint,
     Registration,
     RegistrationRecord,
@@ -294,6 +295,15 @@ class Registry:
         return node.info.address if node is not None else None
 
     # --- the one writer of endpoints --------------------------------------------------------------
+
+    def list_masters(self, masters: Iterable[Endpoint]) -> None:
+        """The masters alive now (several on etcd): those gone leave `shoal-master`."""
+        masters = tuple(masters)
+        for gone in {m.id for m in self.masters} - {m.id for m in masters}:
+            self._drop(MASTER_SERVICE, gone)
+        for master in masters:
+            self._put(master)
+        self.masters = masters
 
     def _put(self, endpoint: Endpoint) -> None:
         known = self._endpoints.setdefault(endpoint.service, {})

@@ -52,6 +52,7 @@ from shoal.master.events import (
     FrameworkCall,
     FromAgent,
     KillJob,
+    MastersSeen,
     RebalanceNow,
     RegisterService,
     StreamClosed,
@@ -230,6 +231,8 @@ class MasterState:
                 self.frameworks.stream_closed(event)
             case RegisterService() | CheckService() | DeregisterService():
                 self._service_call(event)
+            case MastersSeen(masters=masters):
+                self.registry.list_masters(masters)
 
     def _submit(self, event: Submit) -> None:
         error = self._refuse(event)
