@@ -6,7 +6,8 @@
 `shoal.testing.chaos` lays out three hosts each running one etcd member and one master,
 `--agents` agent hosts and a host for this driver, all in network namespaces (root needed),
 runs a steady workload (arrays of short sleeps, tasks failing a few attempts before they
-succeed, long tasks that should run across every failover) and injects, in an order drawn
+succeed, long tasks that should run across every failover, a service, a framework's short
+tasks) and injects, in an order drawn
 from `--seed`: `--kills` SIGKILLs of the leader and `--others` other faults (an etcd member
 killed, a master's or an agent's host isolated, the leader cut from etcd or from an agent),
 each healed before the next; no fault starts after `--minutes`. Then it heals everything,
@@ -19,7 +20,9 @@ failover_p50_s, failover_max_s (the launch ones, the stricter); kills, faults (b
 kind of fault, counted from each fault to the next: elections (of a leader), interrupted
 (runs of long tasks that ended: stopped, to run again) and unacknowledged (submissions whose
 call failed); lost, duplicates, repeated_runs, over_restarted, false_lost, lost_reports,
-long_restarts, unended_runs; submitted, acknowledged, complete, kept_unacknowledged (jobs
+long_restarts, unended_runs; framework_tasks and framework_unended (launched by the
+framework, and of those never heard by it to end), service_wrong (endpoints the registry
+gave wrongly at the end); submitted, acknowledged, complete, kept_unacknowledged (jobs
 that exist though their submission's call failed); invariants_ok; goals_met (failover
 p50 <= 3 s, max <= 5 s, lost = duplicates = false_lost = 0); seed, elapsed_s and root (where
 the logs, the histories and the timeline chaos.log are; kept with --keep). Every finding is
@@ -79,6 +82,9 @@ def figures(result: ChaosResult, root: Path) -> dict[str, object]:
         "false_lost": result.false_lost,
         "lost_reports": result.lost_reports,
         "long_restarts": result.long_restarts,
+        "framework_tasks": result.framework_tasks,
+        "framework_unended": result.framework_unended,
+        "service_wrong": result.service_wrong,
         "unended_runs": result.unended_runs,
         "submitted": result.submitted,
         "acknowledged": result.acknowledged,

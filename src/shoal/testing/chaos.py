@@ -13,10 +13,11 @@ the masters over the bridge as a machine on that network would, with no helper p
 no link or address in the root namespace. Everything else is started with `Hosts.run`, so it
 dies with its namespace.
 
-What really ran: every task is a bash script that appends a line to `history.log` in its
-agent's directory as it starts and as it ends (task id, attempt, wall-clock time; a SIGTERM,
-the way an agent stops a run, ends it too), so the driver reads at the end every run on
-every host, whatever the masters believed. Namespaces share the filesystem.
+What runs (`chaos_workload`): jobs submitted at random intervals, long tasks (a service
+among them) that should run across every fault, and a framework launching short tasks from
+offers. Every task notes its start and end in `history.log` in its agent's directory, so
+the driver reads at the end every run on every host, whatever the masters believed
+(namespaces share the filesystem).
 
 The faults, one at a time while the workload goes on: SIGKILL of the leader (started again
 later), SIGKILL of an etcd member (started again), a master's or an agent's host isolated,
@@ -29,9 +30,10 @@ accepted, and to the first start of a task of a job submitted after the kill.
 
 Once every fault is healed and every job has ended, `chaos_checks.verdict` says what the
 records show (lost jobs, runs at once, attempts over the policy, false LOST reports); the
-long tasks should have run all along (each stop is counted, by the fault it came in); and
-the ledger's invariants (`shoal.testing.invariants`) must hold on the state a new leader
-would load from etcd, with nothing left allocated on any node.
+long tasks should have run all along (each stop is counted, by the fault it came in); the
+framework should have heard every task it launched end; the registry should give exactly
+the service's running tasks; and the ledger's invariants (`shoal.testing.invariants`) must
+hold on the state a new leader would load from etcd, with nothing left allocated anywhere.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ import os
 import random
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -58,7 +59,7 @@ from shoal.master.auth import new_token
 from shoal.master.state import MasterState
 from shoal.master.store.etcd import EtcdStore
 from shoal.master.store.gateway import Gateway
-from shoal.model import JobSpec, NodeStatus, Resources, RestartPolicy, TaskState
+from shoal.model import NodeStatus, TaskState
 from shoal.testing import invariants
 from shoal.testing.chaos_checks import (
     ENDED,
@@ -72,6 +73,7 @@ from shoal.testing.chaos_checks import (
     read_history,
     verdict,
 )
+from shoal.testing.chaos_workload import LONG, PROBE, SERVICE, SERVICE_NAME, Framework, Workload, job_spec
 from shoal.testing.etcd import EtcdCluster
 from shoal.testing.hosts import Hosts
 from shoal.views import JobView, NodeView
@@ -84,24 +86,9 @@ CUT_LEADER_ETCD = "cut_leader_etcd"
 CUT_LEADER_AGENT = "cut_leader_agent"
 OTHER_FAULTS = (KILL_ETCD, ISOLATE_MASTER, ISOLATE_AGENT, CUT_LEADER_ETCD, CUT_LEADER_AGENT)
 
-ARRAY, RESTARTING, LONG, PROBE = "array", "restarting", "long", "probe"
 MASTERS = 3  # and as many etcd members, one beside each master
 MASTER_PORT, DNS_PORT, ETCD_PORTS = 8470, 8600, (2379, 2380)  # every host has its own ports
-TASK_RESOURCES = Resources(cpus=0.1, mem=32)
 _CLONE_NEWNET = 0x40000000
-
-# $1: seconds to sleep ("infinity" for a long task), $2: the attempts that fail (exit 1)
-# before one succeeds. The trap comes first, so a run stopped at any point notes its end.
-_TASK = r"""
-h="${SHOAL_SANDBOX%/*/*}/history.log"
-note() { echo "$1 $SHOAL_TASK_ID $SHOAL_ATTEMPT ${EPOCHREALTIME/,/.} $2" >> "$h"; }
-trap 'note end 143; exit 143' TERM INT HUP
-note start 0
-sleep "$1" & wait $!
-rc=0; [ "$SHOAL_ATTEMPT" -lt "$2" ] && rc=1
-note end $rc
-exit $rc
-"""
 
 
 @dataclass(frozen=True)
@@ -112,10 +99,12 @@ class ChaosConfig:
     plan: tuple[str, ...] = ()  # these faults in this order, instead of drawn ones
     minutes: float = 15.0  # no fault starts later than this after the cluster is up
     agents: int = 3
-    heartbeat_timeout: float = 6.0  # the masters'
+    # The masters'. Agents stop their runs after 0.6 of it without a master: at 4 s that
+    # comes before a leader's failover (2.5 to 3 s) is over, and every run stops.
+    heartbeat_timeout: float = 6.0
     heartbeat_interval: float = 0.4  # the agents'
     submit_every: float = 1.0  # mean seconds between the workload's submissions
-    long_jobs: int = 2  # tasks that run from start to end, across every failover
+    long_jobs: int = 2  # tasks that run from start to end, across every fault; the first a service
     end_timeout: float = 120.0  # seconds the jobs have to end once the faults are over
 
     def faults(self, rng: random.Random) -> list[str]:
@@ -141,6 +130,9 @@ class ChaosResult(Verdict):
     unacknowledged: dict[str, int] = field(default_factory=dict)
     submitted: int = 0
     long_restarts: int = 0  # runs of long tasks that ended before the end of the run
+    framework_tasks: int = 0  # launched by the framework (its launch call answered)
+    framework_unended: int = 0  # of those, never heard by the framework to end
+    service_wrong: int = 0  # endpoints the registry gave wrongly at the end (missing or extra)
     invariants: str = ""  # "" when the ledger's invariants hold, else what broke
     elapsed_s: float = 0.0
 
@@ -160,30 +152,6 @@ def entered(namespace: str) -> Iterator[None]:
             yield
         finally:
             setns(own.fileno())
-
-
-def job_spec(kind: str, rng: random.Random) -> JobSpec:
-    """A job of the workload: arrays of short sleeps, single tasks failing a few attempts
-    before one succeeds, long tasks, probes that only start and end."""
-    count, seconds, fail, restart = 1, "0", 0, RestartPolicy(attempts=0)
-    if kind == ARRAY:
-        count, seconds = rng.randint(5, 20), f"{rng.uniform(0.2, 2.0):.2f}"
-        restart = RestartPolicy(attempts=1, delay=0.2)
-    elif kind == RESTARTING:
-        attempts = rng.randint(1, 3)
-        seconds, fail = f"{rng.uniform(0.2, 1.5):.2f}", rng.randint(0, attempts)
-        restart = RestartPolicy(attempts=attempts, delay=round(rng.uniform(0.1, 0.5), 2))
-    elif kind == LONG:
-        # As many attempts as a policy may give: each stop is counted, not given up on.
-        seconds, restart = "infinity", RestartPolicy(attempts=1000, delay=0.2)
-    return JobSpec(
-        name=f"chaos-{kind}",
-        command=["bash", "-c", _TASK, "chaos-task", seconds, str(fail)],
-        count=count,
-        resources=TASK_RESOURCES,
-        restart=restart,
-        kill_grace=2.0,
-    )
 
 
 class ChaosCluster:
@@ -293,46 +261,6 @@ class ChaosCluster:
         while (why := self.unsettled(client)) and time.monotonic() < deadline:
             time.sleep(0.2)
         return why
-
-
-class Workload:
-    """Submissions at random intervals on a thread of their own, each recorded."""
-
-    def __init__(self, cluster: ChaosCluster, config: ChaosConfig, rng: random.Random) -> None:
-        self.client = cluster.client()
-        self.config = config
-        self.rng = rng
-        self.submissions: list[Submission] = []
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="chaos workload", daemon=True)
-
-    def submit(self, client: Client, kind: str, spec: JobSpec) -> Submission:
-        """One submission; one whose call failed is unacknowledged (it may or may not exist)."""
-        done = Submission(kind, time.time())
-        try:
-            done.job_id = client.submit(spec)
-            done.acked = time.time()
-        except (Unreachable, ApiError) as e:
-            done.error = str(e)
-        with self._lock:
-            self.submissions.append(done)
-        return done
-
-    def start(self) -> None:
-        for _ in range(self.config.long_jobs):
-            self.submit(self.client, LONG, job_spec(LONG, self.rng))
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join()
-        self.client.close()
-
-    def _loop(self) -> None:
-        while not self._stopping.wait(self.rng.uniform(0.5, 1.5) * self.config.submit_every):
-            kind = self.rng.choice((ARRAY, RESTARTING))
-            self.submit(self.client, kind, job_spec(kind, self.rng))
 
 
 class Chaos:
@@ -464,24 +392,32 @@ def run_chaos(
 def _run(cluster: ChaosCluster, progress: Callable[[int, int, str], None]) -> ChaosResult:
     config = cluster.config
     rng = random.Random(config.seed)
-    timeline = open(cluster.root / "chaos.log", "a")  # noqa: SIM115 - closed below
+    with contextlib.ExitStack() as stack:
+        timeline = stack.enter_context(open(cluster.root / "chaos.log", "a"))
 
-    def note(what: str) -> None:
-        timeline.write(f"{time.time():.3f} {what}\n")
-        timeline.flush()
+        def note(what: str) -> None:
+            timeline.write(f"{time.time():.3f} {what}\n")
+            timeline.flush()
 
-    with timeline, cluster.client() as client:
+        client = stack.enter_context(cluster.client())
         for name in cluster.host_of:
             cluster.start_master(name)
         for node in cluster.nodes:
             cluster.start_agent(node)
         if why := cluster.settle(client, timeout=60):
-            raise RuntimeError(f"the cluster did not come up: {why}; its logs are in {cluster.root / 'logs'}")
-        workload = Workload(cluster, config, random.Random(rng.random()))
+            tail = cluster.master_logs()[0].read_text(errors="replace").splitlines()[-6:]
+            raise RuntimeError(f"the cluster did not come up: {why}; m1's log ends:\n" + "\n".join(tail))
+        seeded = random.Random(rng.random())
+        workload = Workload(cluster.client(), seeded, config.submit_every, config.long_jobs)
+        urls, log = list(cluster.urls.values()), cluster.root / "logs" / "framework.log"
+        framework = stack.enter_context(
+            Framework(urls, cluster.admin_token, random.Random(seeded.random()), log)
+        )
         chaos = Chaos(cluster, workload, rng, note)
         faults, injected = config.faults(rng), Counter[str]()
         deadline = time.monotonic() + config.minutes * 60
         workload.start()
+        stack.callback(workload.stop)  # on the way out of a failed run too
         for done, kind in enumerate(faults):
             if time.monotonic() > deadline:
                 note(f"out of time: {len(faults) - done} faults not injected")
@@ -494,15 +430,20 @@ def _run(cluster: ChaosCluster, progress: Callable[[int, int, str], None]) -> Ch
         note("healing everything")
         chaos.heal_everything()
         workload.stop()
-        stopped = _stop_long_jobs(client, cluster, workload.submissions, chaos.problems)
+        if why := cluster.settle(client, timeout=60):
+            chaos.problems.append(f"not settled at the end: {why}")
+        framework.finish(config.end_timeout / 2, chaos.problems)
+        framework.close()
+        service_wrong = _check_service(client, workload.submissions, chaos.problems)
+        stopped = _stop_long_jobs(client, workload.submissions, chaos.problems)
         views = _final_views(client, cluster, workload.submissions)
         nodes = client.nodes()
         note("checking")
     subs = workload.submissions
     (cluster.root / "submissions.json").write_text(json.dumps([vars(s) for s in subs], indent=1))
     runs = read_history(cluster.history_files())
-    found = verdict(subs, views, runs)
-    long_jobs = {s.job_id for s in subs if s.kind == LONG}
+    found = verdict(subs, views, runs, set(framework.sweeper.launched.values()))
+    long_jobs = {s.job_id for s in subs if s.kind in (LONG, SERVICE)}
     interrupted = [r.end for r in runs if r.job_id in long_jobs and r.end is not None and r.end < stopped]
     return ChaosResult(
         **vars(found) | {"problems": chaos.problems + found.problems},
@@ -514,25 +455,44 @@ def _run(cluster: ChaosCluster, progress: Callable[[int, int, str], None]) -> Ch
         unacknowledged=by_fault(chaos.faults, [s.sent for s in subs if s.job_id is None]),
         submitted=len(subs),
         long_restarts=len(interrupted),
+        framework_tasks=len(framework.sweeper.launched),
+        framework_unended=len(framework.sweeper.unended()),
+        service_wrong=service_wrong,
         invariants=_invariants(cluster, nodes),
     )
 
 
-def _stop_long_jobs(
-    client: Client, cluster: ChaosCluster, submissions: list[Submission], problems: list[str]
-) -> float:
-    """Once the faults are over: every long task that did not run all along named in
-    `problems`, then every long job killed; when the kills began (wall clock)."""
-    if why := cluster.settle(client, timeout=60):
-        problems.append(f"not settled at the end: {why}")
+def _check_service(client: Client, submissions: list[Submission], problems: list[str]) -> int:
+    """How many endpoints the registry gives wrongly for the service (missing or extra, against
+    its running tasks), once it had 10 s to catch up."""
+    addresses = {n.name: n.info.address for n in client.nodes()}
+    jobs = [s.job_id for s in submissions if s.kind == SERVICE and s.job_id is not None]
+    deadline = time.monotonic() + 10
+    while True:
+        tasks = [t for job in jobs for t in client.job(job).tasks if t.state is TaskState.RUNNING]
+        running = {(addresses[t.node or ""], t.ports["http"]) for t in tasks}
+        given = set(client.resolve(SERVICE_NAME))
+        if running == given or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if running != given:
+        problems.append(
+            f"service {SERVICE_NAME}: the registry gives {sorted(given)}, its tasks run at {sorted(running)}"
+        )
+    return len(running ^ given)
+
+
+def _stop_long_jobs(client: Client, submissions: list[Submission], problems: list[str]) -> float:
+    """Every long task that did not run all along named in `problems`, then every long job
+    killed; when the kills began (wall clock)."""
     began = time.time()
     for s in submissions:
-        if s.kind == LONG and s.job_id is not None:
+        if s.kind in (LONG, SERVICE) and s.job_id is not None:
             task = client.job(s.job_id).tasks[0]
             if task.attempt or task.state is not TaskState.RUNNING:
                 why = Counter(a.message for a in task.history)
                 problems.append(
-                    f"long task {task.id} ran {task.attempt + 1} times, now {task.state.value}: {why}"
+                    f"long task {task.id} ran {task.attempt + 1} times ({task.state.value}): {why}"
                 )
             client.kill(s.job_id)
     return began

@@ -119,13 +119,15 @@ def overlapping(runs: list[Run]) -> list[tuple[Run, Run]]:
     return pairs
 
 
-def verdict(submissions: list[Submission], views: dict[int, JobView], runs: list[Run]) -> Verdict:
+def verdict(
+    submissions: list[Submission], views: dict[int, JobView], runs: list[Run], launched: set[int]
+) -> Verdict:
     """What the records say, once every job had its time to end; `views`: the final leader's
-    view of every job it has, by id."""
+    view of every job it has, by id; `launched`: the jobs a framework launched."""
     found = Verdict()
     acked = {s.job_id: s for s in submissions if s.job_id is not None}
     found.acknowledged = len(acked)
-    found.kept_unacknowledged = len(set(views) - set(acked))
+    found.kept_unacknowledged = len(set(views) - set(acked) - launched)
     for job_id, s in sorted(acked.items()):
         view = views.get(job_id)
         if view is not None and view.state is JobState.COMPLETE:
