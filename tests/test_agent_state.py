@@ -349,3 +349,11 @@ def test_a_silent_agent_has_killed_every_run_before_the_masters_timeout(
             killed_at = now
     assert killed_at is not None
     assert killed_at <= last + (FENCE_AFTER + FENCE_GRACE) * timeout + 2 * tick
+
+
+def test_the_agent_hangs_up_on_a_quiet_master_but_not_between_heartbeats() -> None:
+    state = welcomed(timeout=10.0)  # the master last answered at 0
+    assert not state.gone_quiet(2.5, interval=1.0)
+    assert state.gone_quiet(2.6, interval=1.0)  # a quarter of the timeout
+    assert not state.gone_quiet(2.6, interval=2.0)  # but never within two heartbeats and a half
+    assert state.gone_quiet(5.1, interval=2.0)

@@ -384,7 +384,7 @@ class Agent:
         the connection still open), so the next dial finds whoever leads now."""
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
-            if self.state.gone_quiet(time.time()):
+            if self.state.gone_quiet(time.time(), self.settings.heartbeat_interval):
                 log.warning("the master has not answered for a while; dialling another")
                 self._hung_up = True
                 ws.transport.abort()  # not close(): that waits on the silent master's answer

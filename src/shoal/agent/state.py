@@ -403,11 +403,12 @@ class AgentState:
             return math.inf
         return entry.reported_at + self.resend_after
 
-    def gone_quiet(self, now: float) -> bool:
-        """Whether the master has not answered for `REDIAL_AFTER` of its timeout: time to
-        hang up and dial whoever leads now, well before the runs would be stopped."""
+    def gone_quiet(self, now: float, interval: float) -> bool:
+        """Whether the master has not answered for `REDIAL_AFTER` of its timeout (and for
+        more than two of this agent's heartbeats every `interval` seconds, each of which it
+        answers): time to hang up and dial whoever leads now, before the runs are stopped."""
         timeout = self.heartbeat_timeout
-        return timeout is not None and now - self.heard_at > REDIAL_AFTER * timeout
+        return timeout is not None and now - self.heard_at > max(REDIAL_AFTER * timeout, 2.5 * interval)
 
     def _fence_at(self) -> float:
         """When the runs are stopped for want of a master (math.inf: not before one speaks)."""

@@ -87,7 +87,7 @@ def create_app(settings: MasterSettings) -> FastAPI:
     app.include_router(service_api.router)
     app.add_middleware(
         FollowerGate,
-        leader=lambda: app.state.seat.leader if app.state.seat is not None else None,
+        leader=lambda: ha.leader_elsewhere(app.state.seat),
         serving=lambda: app.state.master is not None,
     )
     return app

@@ -97,6 +97,14 @@ async def _until(seat: Seat, condition: Callable[[], bool]) -> None:
             await asyncio.wait_for(seat.changed.wait(), _CHECK_EVERY)
 
 
+def leader_elsewhere(seat: Seat | None) -> Member | None:
+    """The leader to send callers to: None while none is known, and while this master is
+    elected but still loading the ledger (they are told to come back in a second)."""
+    if seat is None or (leader := seat.leader) is None or leader.name == seat.me.name:
+        return None
+    return leader
+
+
 class FollowerGate:
     """ASGI middleware: calls reach the routes only while this master serves as leader."""
 
@@ -131,7 +139,8 @@ async def _redirect(scope: Scope, send: Send, leader: Member | None) -> None:
         await _respond(
             send,
             503,
-            b'{"error": "no master leads yet (an election is under way); retry in a second", "fields": []}',
+            b'{"error": "no master serves as leader yet (an election is under way, or the new leader '
+            b'is loading the ledger); retry in a second", "fields": []}',
             # An empty leader header: nothing was done, so the caller may go to another master.
             [(b"retry-after", b"1"), (b"content-type", b"application/json"), (_LEADER, b"")],
         )
