@@ -267,14 +267,18 @@ class Chaos:
     """The faults, injected one at a time; each heals what it did before it returns."""
 
     def __init__(
-        self, cluster: ChaosCluster, workload: Workload, rng: random.Random, note: Callable[[str], None]
+        self,
+        cluster: ChaosCluster,
+        workload: Workload,
+        client: Client,
+        rng: random.Random,
+        note: Callable[[str], None],
     ) -> None:
-        self.cluster, self.workload, self.rng, self.note = cluster, workload, rng, note
-        self.client = cluster.client()
+        self.cluster, self.workload, self.client, self.rng, self.note = cluster, workload, client, rng, note
         self.faults: list[Fault] = []
         self.problems: list[str] = []
         self.etcd_down: set[int] = set()
-        self.brief = cluster.config.heartbeat_timeout / 2  # longest a fault may keep an agent away
+        self.away = cluster.config.heartbeat_timeout / 2  # longest a fault may keep an agent away
 
     def inject(self, kind: str) -> None:
         getattr(self, f"_{kind}")()
@@ -338,7 +342,7 @@ class Chaos:
 
     def _isolate_agent(self) -> None:
         node = self.rng.choice(sorted(self.cluster.nodes))
-        seconds = self.rng.uniform(0.5, self.brief)
+        seconds = self.rng.uniform(0.5, self.away)
         self._isolate(ISOLATE_AGENT, self.cluster.nodes[node], seconds, f"agent {node}")
 
     def _cut(self, kind: str, leader: str, peers: list[str], seconds: float, what: str) -> None:
@@ -360,7 +364,7 @@ class Chaos:
         if (leader := self._leader(CUT_LEADER_AGENT)) is None:
             return
         node = self.rng.choice(sorted(self.cluster.nodes))
-        seconds = self.rng.uniform(0.5, self.brief)
+        seconds = self.rng.uniform(0.5, self.away)
         self._cut(CUT_LEADER_AGENT, leader, [self.cluster.nodes[node]], seconds, node)
 
     def heal_everything(self) -> None:
@@ -413,7 +417,7 @@ def _run(cluster: ChaosCluster, progress: Callable[[int, int, str], None]) -> Ch
         framework = stack.enter_context(
             Framework(urls, cluster.admin_token, random.Random(seeded.random()), log)
         )
-        chaos = Chaos(cluster, workload, rng, note)
+        chaos = Chaos(cluster, workload, client, rng, note)
         faults, injected = config.faults(rng), Counter[str]()
         deadline = time.monotonic() + config.minutes * 60
         workload.start()
