@@ -272,16 +272,18 @@ def _signals(commands: list) -> list[tuple[str, int]]:
 
 def welcomed(timeout: float = 10.0, grace: float = 5.0) -> AgentState:
     state = AgentState(sim_node("n1"))
-    state.handle(FromMaster(Welcome(heartbeat_timeout=timeout), 0.0))
+    state.handle(FromMaster(Welcome(heartbeat_timeout=timeout, fence=True), 0.0))
     state.handle(FromMaster(Launch(runs=[spec("1.0.0", grace=grace)]), 0.0))
     state.handle(Spawned("1.0.0", 42, 1.0, 0.0))
     return state
 
 
-def test_no_fencing_before_a_master_has_said_its_timeout() -> None:
+def test_no_fencing_before_a_master_has_said_its_timeout_nor_unless_it_asks() -> None:
     state = launched("1.0.0")
     state.handle(Spawned("1.0.0", 42, 1.0, 0.0))
     assert _signals(state.handle(Tick(1000.0, Usage()))) == []
+    state.handle(FromMaster(Welcome(heartbeat_timeout=10.0), 1000.0))  # fence: False
+    assert _signals(state.handle(Tick(2000.0, Usage()))) == []
 
 
 def test_silence_stops_every_run_before_the_master_would_call_it_lost() -> None:
@@ -317,7 +319,7 @@ def test_masters_that_all_refuse_or_hold_an_election_count_no_silence() -> None:
 
 def test_a_run_launched_as_the_fence_falls_is_stopped_once_it_starts() -> None:
     state = AgentState(sim_node("n1"))
-    state.handle(FromMaster(Welcome(heartbeat_timeout=10.0), 0.0))
+    state.handle(FromMaster(Welcome(heartbeat_timeout=10.0, fence=True), 0.0))
     state.handle(FromMaster(Launch(runs=[spec("1.0.0")]), 0.0))
     state.handle(Tick(6.0, Usage()))
     assert _signals(state.handle(Spawned("1.0.0", 42, 1.0, 6.5))) == [("1.0.0", signal.SIGTERM)]

@@ -133,6 +133,14 @@ class MasterSettings(_Settings):
         2.0, ge=2, le=60, description="seconds a silent leader keeps its lease (failover takes about this)"
     )
     etcd_prefix: str = Field("/shoal/", pattern=r"^/[\w./-]*/$", description="the keys' prefix in etcd")
+    fence_agents: bool | None = Field(
+        None,
+        description="agents cut off from every master stop their tasks before the heartbeat timeout, "
+        "so none runs twice at once (default: on with etcd, off with sqlite)",
+    )
+
+    def fences_agents(self) -> bool:
+        return self.fence_agents if self.fence_agents is not None else self.store != "sqlite"
 
     @field_validator("store")
     @classmethod

@@ -146,10 +146,12 @@ class Ack(_Frame):
 
 class Welcome(_Frame):
     """The master's answer to a registration: its heartbeat timeout, after which it calls a
-    silent node down and its tasks lost (the agent stops them before that: see AgentState)."""
+    silent node down and its tasks lost, and whether the agent is to stop them before that
+    when it is cut off (see AgentState)."""
 
     kind: Literal["welcome"] = "welcome"
     heartbeat_timeout: float
+    fence: bool = False
 
 
 class LogRequest(_Frame):

@@ -2,9 +2,13 @@
 
 It turns I/O into events for `AgentState` and the commands that come back into I/O. It
 dials the master and keeps redialling with a capped backoff; tasks keep running while the
-master is away, and a restarted agent re-adopts them from its saved table. Given several
-masters, it dials one after another until the leader takes it: a follower closes the
-connection at once (code 4307) naming the leader, which is dialled straight away.
+master is away (unless the master asked the agent to fence itself, and a master may be
+alive and not hearing it: see agent/state.py), and a restarted agent re-adopts them from
+its saved table. Given several masters, it dials one after another until the leader takes
+it: a follower closes the connection at once (code 4307) naming the leader, which is
+dialled straight away; a master that stops answering heartbeats is hung up on. Dials that
+show no master can be counting this node's silence (refused, or a follower with no leader)
+are told to the state machine (`Unled`).
 """
 
 from __future__ import annotations
@@ -381,8 +385,9 @@ class Agent:
 
     async def _watch_master(self, ws: websockets.ClientConnection) -> None:
         """Hang up on a master that stopped answering heartbeats (frozen, or cut off with
-        the connection still open), so the next dial finds whoever leads now."""
-        while True:
+        the connection still open), so the next dial finds whoever leads now. With one
+        master there is no one else to find: its connection is left to its own keepalive."""
+        while len(self.masters.urls) > 1:
             await asyncio.sleep(self.settings.heartbeat_interval)
             if self.state.gone_quiet(time.time(), self.settings.heartbeat_interval):
                 log.warning("the master has not answered for a while; dialling another")

@@ -17,13 +17,15 @@ Theory of operation
   A run's time limit sends SIGTERM at once, and the run then ends FAILED; a kill that
   comes after that SIGTERM sends nothing more, and the run ends KILLED.
 - The table is saved after every change, so a restarted agent re-adopts its runs.
-- Self-fencing: the master calls a node down, and its tasks lost (to run them elsewhere),
-  after `heartbeat_timeout` seconds without hearing from it; it says that timeout when the
-  agent registers (`Welcome`) and answers every heartbeat. An agent that has not heard
-  from any master for `FENCE_AFTER` of that timeout stops every run, with a grace cut to
+- Self-fencing (when the master asks for it, as it does by default with several masters):
+  the master calls a node down, and its tasks lost (to run them elsewhere), after
+  `heartbeat_timeout` seconds without hearing from it; it says that timeout when the agent
+  registers (`Welcome`) and answers every heartbeat. An agent that has not heard from any
+  master for `FENCE_AFTER` of that timeout stops every run, with a grace cut to
   `FENCE_GRACE` of it, so they are all gone before the master can start them again
-  elsewhere: a task never runs twice at once, whatever cut the network. Its runs end LOST,
-  which the master counts against their restart policy, as it would have. Silence counts
+  elsewhere: a task cut off from the masters by the network does not run twice at once.
+  Its runs end LOST, which the master counts against their restart policy, as it would
+  have. Without fencing, runs go on whatever happens, as they always did. Silence counts
   only while some master may be alive and not hearing the agent: when every master it
   knows refused a connection or said no leader is elected (`Unled`), a master that leads
   later gives this node a whole heartbeat timeout from its own start, so a restart or a
@@ -203,6 +205,7 @@ class AgentState:
         self.resend_after = resend_after
         self._o = _Out()
         self.heartbeat_timeout: float | None = None  # the master's, once it has said
+        self.fencing = False  # whether the master asked for self-fencing
         self.heard_at = -math.inf  # when a master last answered (a restart waits to hear)
         self.fenced = False  # runs stopped for silence, until a master is heard again
 
@@ -235,8 +238,8 @@ class AgentState:
                     self._kill(run, now)
             case FromMaster(frame=Ack(reports=acks)):
                 self._ack(acks)
-            case FromMaster(frame=Welcome(heartbeat_timeout=timeout)):
-                self.heartbeat_timeout = timeout
+            case FromMaster(frame=Welcome(heartbeat_timeout=timeout, fence=fence)):
+                self.heartbeat_timeout, self.fencing = timeout, fence
             case Unled(now=now):
                 self.heard_at = max(self.heard_at, now)
             case Spawned():
@@ -412,7 +415,7 @@ class AgentState:
 
     def _fence_at(self) -> float:
         """When the runs are stopped for want of a master (math.inf: not before one speaks)."""
-        if self.heartbeat_timeout is None or self.fenced or not self.runs:
+        if self.heartbeat_timeout is None or not self.fencing or self.fenced or not self.runs:
             return math.inf
         return self.heard_at + FENCE_AFTER * self.heartbeat_timeout
 

@@ -44,7 +44,6 @@ async def reign(seat: Seat, serving: Callable[[int], AbstractAsyncContextManager
         token = seat.token
         try:
             async with serving(token) as master:
-                master.may_act = seat.may_act
                 log.info("leading: the ledger holds %d jobs", len(master.state.ledger.jobs))
                 lister = asyncio.create_task(_list_masters(seat, master))
                 try:

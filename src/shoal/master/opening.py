@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import pathlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from pydantic import SecretStr
@@ -49,9 +49,12 @@ def _reveal(secret: SecretStr | None) -> str | None:
     return secret.get_secret_value() if secret is not None else None
 
 
-def open_master(settings: MasterSettings, store: Store | None = None) -> Master:
+def open_master(
+    settings: MasterSettings, store: Store | None = None, may_act: Callable[[], bool] = lambda: True
+) -> Master:
     """The master over its state directory and `store` (default: SQLite there): tokens
-    (made on first start), blobs, the ledger loaded from the store."""
+    (made on first start), blobs, the ledger loaded from the store. `may_act`: whether it
+    may still act as leader (several masters)."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     store = store or SqliteStore(
         settings.state_dir / "shoal.db", fsync=settings.fsync, audit_limit=settings.audit_retention_count
@@ -78,6 +81,8 @@ def open_master(settings: MasterSettings, store: Store | None = None) -> Master:
         Retention(settings.job_retention, settings.job_retention_count),
         settings.registry(),
         [endpoint_of(_me(settings))],
+        fence_agents=settings.fences_agents(),
+        may_act=may_act,
     )
 
 
@@ -109,10 +114,13 @@ def _address_of(host: str) -> str:
 
 @contextlib.asynccontextmanager
 async def _serving(
-    app: FastAPI, settings: MasterSettings, store: Store | None = None
+    app: FastAPI,
+    settings: MasterSettings,
+    store: Store | None = None,
+    may_act: Callable[[], bool] = lambda: True,
 ) -> AsyncIterator[Master]:
     """Serve as the leader (or the only master) on `store` until the block ends."""
-    master = open_master(settings, store)
+    master = open_master(settings, store, may_act)
     tune_collector()
     dns = await serve_dns(master.state.registry, settings)
     log.info("DNS for .shoal on %s port %d (UDP and TCP)", settings.dns_host or settings.host, dns.port)
@@ -146,7 +154,7 @@ async def _several(app: FastAPI, settings: MasterSettings) -> AsyncIterator[None
             leader_key=seat.leader_key,
             audit_limit=settings.audit_retention_count,
         )
-        return _serving(app, settings, store)
+        return _serving(app, settings, store, seat.may_act)
 
     seat.start()
     reigning = asyncio.create_task(reign(seat, serving))

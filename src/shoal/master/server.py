@@ -142,6 +142,8 @@ class Master:
         retention: Retention | None = None,
         registry: RegistryPolicy | None = None,
         masters: Iterable[Endpoint] = (),
+        fence_agents: bool = False,
+        may_act: Callable[[], bool] = lambda: True,
     ) -> None:
         snap = store.load()
         self.store = store
@@ -158,7 +160,12 @@ class Master:
             now=time.time(),
             registry=registry,
             masters=masters,
+            fence_agents=fence_agents,
         )
+        # With several masters: whether this one may still act as leader (its lease), and
+        # whether it has stopped for good. A lone master always may.
+        self.may_act = may_act
+        self.deposed = False
         self.links: dict[str, _Link] = {}
         self._ids = itertools.count(1)
         self._log_waiters: dict[int, asyncio.Future[LogChunk]] = {}
@@ -169,10 +176,6 @@ class Master:
         self._offer_timer: asyncio.TimerHandle | None = None
         # Blocking queries waiting on a service ("": on any), woken only by its changes.
         self._service_changes: dict[str, _Parked] = {}
-        # With several masters: whether this one may still act as leader (its lease), and
-        # whether it has stopped for good. A lone master always may.
-        self.may_act: Callable[[], bool] = lambda: True
-        self.deposed = False
 
     # --- the door into the ledger ---------------------------------------------------------
 

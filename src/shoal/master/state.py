@@ -21,6 +21,10 @@ Theory of operation
 - Agents own what actually runs. A `Register` carries an agent's whole task table: the
   master adopts the runs it expects, kills those it does not, relaunches assigned runs the
   agent never received, and marks running ones the agent no longer has as LOST.
+- Agents rely on two answers: `Welcome` to a registration (the heartbeat timeout, and
+  whether to fence themselves) and an empty `Ack` to every heartbeat, by which an agent
+  knows a master hears it. With `fence_agents`, an agent that hears no master for most of
+  the timeout stops its runs before they are called lost here and started elsewhere.
 - A node that misses heartbeats for `heartbeat_timeout` seconds is DOWN, its tasks LOST, and
   its connection dropped; it comes back only by registering again.
 - A `Tick` does what time has made due: heartbeat deadlines, restart delays, the desks'
@@ -107,9 +111,11 @@ class MasterState:
         cycle_on_tick: bool = False,
         registry: RegistryPolicy | None = None,
         masters: Iterable[Endpoint] = (),
+        fence_agents: bool = False,
     ) -> None:
         snap = snapshot or Snapshot([], [], [], [], [], [])
         self.heartbeat_timeout = heartbeat_timeout
+        self.fence_agents = fence_agents  # agents cut off stop their runs (see agent/state.py)
         self.cycle_on_tick = cycle_on_tick
         self.policy = policy or Policy()
         self.ledger = Ledger(
@@ -288,7 +294,7 @@ class MasterState:
 
     def _register(self, name: str, frame: Register, now: float) -> None:
         self._watch(self.ledger.register_node(frame.node, now))
-        self.ledger.send(name, Welcome(heartbeat_timeout=self.heartbeat_timeout))
+        self.ledger.send(name, Welcome(heartbeat_timeout=self.heartbeat_timeout, fence=self.fence_agents))
         self._needs_schedule = True
         self._reports(name, frame.runs, now)
         self._reconcile_missing(name, {r.run_id for r in frame.runs}, now)
