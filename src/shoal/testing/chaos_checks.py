@@ -15,7 +15,8 @@ The verdict counts, each with its evidence in `problems`:
 - over_restarted: a task that ran more attempts than 1 + its job's restart.attempts;
 - false_lost: a LOST report (a task's current state or an earlier attempt) whose run noted
   its end after the report, or never: it ran on while the master believed it gone;
-- unended_runs: runs that noted a start and no end (killed with SIGKILL, or still running).
+- unended_runs: runs that noted a start and no end: killed with SIGKILL (then the end its
+  agent saw, as the final leader records it, stands in for the note), or still running.
 """
 
 from __future__ import annotations
@@ -136,10 +137,35 @@ def verdict(
             found.lost += 1
             state = "missing" if view is None else view.state.value
             found.problems.append(f"job {job_id} ({s.kind}, acknowledged at {s.acked:.3f}) is {state}")
+    _unnoted_ends(found, views, runs)
     _runs(found, runs)
     _attempts(found, views, runs)
     _lost_reports(found, views, runs)
     return found
+
+
+def _unnoted_ends(found: Verdict, views: dict[int, JobView], runs: list[Run]) -> None:
+    """A run killed with SIGKILL notes no end: it ended when its agent saw it end, as the final
+    leader records, if it does (else it runs on, as far as anyone can tell)."""
+    ends = {
+        (task.id, e.attempt): e
+        for view in views.values()
+        for task in view.tasks
+        for e in [*task.history, task]
+        if e.finished_at is not None
+    }
+    for run in runs:
+        if run.end is not None:
+            continue
+        found.unended_runs += 1
+        seen = ends.get((run.task_id, run.attempt))
+        # A LOST record is the master's belief, not an end anyone saw: it proves nothing.
+        if seen is not None and seen.state is not TaskState.LOST and run.node == seen.node:
+            run.end, run.code = seen.finished_at, seen.exit_code
+            why = f"its agent saw it end at {run.end:.3f} ({seen.message})"
+        else:
+            why = "nor did any master see it end"
+        found.problems.append(f"task {run.task_id}, {run}, noted no end; {why}")
 
 
 def _runs(found: Verdict, runs: list[Run]) -> None:
@@ -151,9 +177,6 @@ def _runs(found: Verdict, runs: list[Run]) -> None:
         if (earlier := first.setdefault((run.task_id, run.attempt), run)) is not run:
             found.repeated_runs += 1
             found.problems.append(f"run {run.task_id}.{run.attempt} started twice: {earlier} and {run}")
-        if run.end is None:
-            found.unended_runs += 1
-            found.problems.append(f"task {run.task_id} never noted its end: {run}")
 
 
 def _attempts(found: Verdict, views: dict[int, JobView], runs: list[Run]) -> None:
