@@ -57,7 +57,7 @@ from shoal.agent.usage import Meter
 from shoal.checks import CheckResult
 from shoal.config import AgentSettings
 from shoal.errors import ShoalError
-from shoal.masters import MAX_HOPS, NOT_LEADER_CLOSE, Masters, Unreachable, check_url
+from shoal.masters import MAX_HOPS, NOT_LEADER_CLOSE, TRY_AGAIN_CLOSE, Masters, Unreachable, check_url
 from shoal.wire import (
     CopyFiles,
     ExecAck,
@@ -369,6 +369,8 @@ class Agent:
         except websockets.ConnectionClosed as e:
             if self._hung_up:
                 raise TimeoutError(f"{url} stopped answering") from e
+            if e.rcvd is not None and e.rcvd.code == TRY_AGAIN_CLOSE:
+                raise TimeoutError(f"{url}: {e.rcvd.reason}") from e  # cut off from etcd: the next
             if e.rcvd is None or e.rcvd.code != NOT_LEADER_CLOSE:
                 log.info("lost the master at %s: %s", url, e)
                 return None

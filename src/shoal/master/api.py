@@ -87,8 +87,8 @@ def create_app(settings: MasterSettings) -> FastAPI:
     app.include_router(service_api.router)
     app.add_middleware(
         FollowerGate,
-        leader=lambda: ha.leader_elsewhere(app.state.seat),
-        serving=lambda: app.state.master is not None,
+        seat=lambda: app.state.seat,
+        serving=lambda: (master := app.state.master) is not None and master.serving(),
     )
     return app
 

@@ -26,7 +26,7 @@ from shoal.master.events import MastersSeen
 from shoal.master.leadership import Member, Seat
 from shoal.master.server import Master
 from shoal.master.store.gateway import EtcdError
-from shoal.masters import LEADER_HEADER, NOT_LEADER_CLOSE
+from shoal.masters import LEADER_HEADER, NOT_LEADER_CLOSE, TRY_AGAIN_CLOSE
 from shoal.services import MASTER_SERVICE, Endpoint
 from shoal.views import MasterView
 
@@ -105,32 +105,51 @@ def leader_elsewhere(seat: Seat | None) -> Member | None:
 
 
 class FollowerGate:
-    """ASGI middleware: calls reach the routes only while this master serves as leader."""
+    """ASGI middleware: calls reach the routes only while this master serves as leader.
 
-    def __init__(
-        self, app: ASGIApp, leader: Callable[[], Member | None], serving: Callable[[], bool]
-    ) -> None:
+    The others are told where to go: to the leader (307; agents, a close 4307 naming it);
+    nowhere yet (503 and an empty leader header: nothing was done; agents, a close 4307
+    with no name, which also tells them no leader can be counting their silence); or, by a
+    master cut off from etcd that cannot know who leads, to another master (503 and an
+    empty leader header; agents, a close 1013, which tells them nothing more)."""
+
+    def __init__(self, app: ASGIApp, seat: Callable[[], Seat | None], serving: Callable[[], bool]) -> None:
         self.app = app
-        self.leader = leader
+        self.seat = seat
         self.serving = serving
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or self.serving() or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        leader = self.leader()
+        seat = self.seat()
+        if seat is not None and not seat.in_touch:
+            await _unsure(scope, receive, send)
+            return
+        leader = leader_elsewhere(seat)
         if scope["type"] == "websocket":
-            await _refuse_websocket(receive, send, leader.url if leader is not None else "")
+            await _close_websocket(receive, send, NOT_LEADER_CLOSE, leader.url if leader is not None else "")
             return
         await _redirect(scope, send, leader)
 
 
-async def _refuse_websocket(receive: Receive, send: Send, leader: str) -> None:
-    """Accept, then close with the leader's URL as the reason: an agent dials it next."""
+async def _unsure(scope: Scope, receive: Receive, send: Send) -> None:
+    why = "this master cannot reach etcd, so it cannot say who leads; try another master"
+    if scope["type"] == "websocket":
+        await _close_websocket(receive, send, TRY_AGAIN_CLOSE, why)
+        return
+    body = b'{"error": "' + why.encode() + b'", "fields": []}'
+    # Nothing was done (the empty leader header says so): a client goes to another master.
+    headers = [(b"retry-after", b"1"), (b"content-type", b"application/json"), (_LEADER, b"")]
+    await _respond(send, 503, body, headers)
+
+
+async def _close_websocket(receive: Receive, send: Send, code: int, reason: str) -> None:
+    """Accept, then close with `code` and `reason` (for 4307, the leader an agent dials next)."""
     if (await receive())["type"] != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
-    await send({"type": "websocket.close", "code": NOT_LEADER_CLOSE, "reason": leader})
+    await send({"type": "websocket.close", "code": code, "reason": reason})
 
 
 async def _redirect(scope: Scope, send: Send, leader: Member | None) -> None:

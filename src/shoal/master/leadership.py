@@ -15,8 +15,8 @@ Theory of operation
   which is after it was sent, so this deadline comes before etcd can expire the lease and
   before any other master can be elected, however late the answer came back. `may_act()`
   says whether it has passed; the master checks it before carrying out anything, and the
-  seat reports a missed deadline at once so the master stands down (no launches, no kills,
-  no answers) even when nothing is asked of it. Jepsen's lesson about etcd locks is why
+  loop's side (`ha.reign`) checks it ten times a second, so the master stands down (no
+  launches, no kills, no answers) even when nothing is asked of it. Jepsen's lesson about etcd locks is why
   the deadline is not enough on its own: every write is also fenced by the token.
 - Campaigning is one transaction that creates the leader key only where it is absent.
   Followers watch the key and campaign the moment it is deleted: by its lease expiring, or
@@ -52,6 +52,7 @@ log = logging.getLogger("shoal.master")
 MIN_TTL = 2.0  # etcd grants no shorter lease
 _MARGIN = 0.25  # seconds a leader stops acting before its lease could expire
 _RETRY = 0.2  # seconds between attempts while etcd does not answer
+_REREAD = 2  # TTLs a follower's watch on the leader key lives before the key is read afresh
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,11 @@ class Seat:
             thread.start()
             self._threads.append(thread)
 
+    @property
+    def in_touch(self) -> bool:
+        """Whether this master holds a lease, so what it says of the leader is current."""
+        return self._lease != 0
+
     def may_act(self) -> bool:
         """Whether this master leads and its lease surely has not expired."""
         return self.leading and time.monotonic() < self._valid_until
@@ -117,14 +123,8 @@ class Seat:
         """Leave at once: the lease is revoked, so the leader key and this membership go now
         and a follower takes over without waiting out the TTL. The threads stop."""
         self._stopping.set()
-        with self._lock:
-            lease, self._lease = self._lease, 0
-            self.leading = False
-            self._lease_changed.notify_all()
+        self._release()
         self._close_watch()
-        if lease:
-            with contextlib.suppress(EtcdError):
-                self.gateway.lease_revoke(lease)
         for thread in self._threads:
             thread.join(timeout=self.ttl)
 
@@ -132,9 +132,15 @@ class Seat:
         """Stop leading (a write was refused, or its outcome is unknown): the lease is given
         up, so the leader key goes with it and every master, this one too, campaigns afresh
         on a new lease once the rest is torn down."""
+        self._release()
+
+    def _release(self) -> None:
+        """Give the lease up: the leader key and the membership go with it."""
         with self._lock:
             lease, self._lease = self._lease, 0
             self.leading = False
+            if self.leader == self.me:
+                self.leader = None
             self._lease_changed.notify_all()
         if lease:
             with contextlib.suppress(EtcdError):
@@ -152,6 +158,7 @@ class Seat:
         (etcd away longer than the TTL) is replaced by a new one."""
         every = self.ttl / 4
         while not self._stopping.is_set():
+            sent = time.monotonic()  # etcd counts the lease from after this
             try:
                 lease, granted = self.gateway.lease_grant(round(self.ttl))
                 self.gateway.put(self._member_key, self.me.encode(), lease=lease)
@@ -161,7 +168,7 @@ class Seat:
                 continue
             with self._lock:
                 self._lease = lease
-                self._valid_until = time.monotonic() + granted - _MARGIN
+                self._valid_until = sent + granted - _MARGIN
                 self._lease_changed.notify_all()
             self._renew(lease, every)
 
@@ -190,6 +197,8 @@ class Seat:
                 return
             self._lease = 0
             was_leading, self.leading = self.leading, False
+            if self.leader == self.me:
+                self.leader = None
             self._lease_changed.notify_all()
         if was_leading:
             log.error("leadership lost: %s; standing down", why)
@@ -224,7 +233,8 @@ class Seat:
             with self._lock:
                 if self._lease != lease:  # lost meanwhile: the key goes with the lease
                     return
-                self.leading, self.token, self.leader = True, result.revision, self.me
+                self.token, self.leader = result.revision, self.me
+                self.leading = True  # last: whoever sees it leading sees its token
             log.info("elected leader (fencing token %d)", result.revision)
             self._notify()
             self._wait_while_leading(lease)
@@ -244,21 +254,27 @@ class Seat:
                 self._lease_changed.wait()
 
     def _wait_for_vacancy(self, seen: int) -> None:
-        """Block until the leader key is deleted (or the watch breaks: stand again then)."""
+        """Block until the leader key is deleted (or the watch breaks: stand again then).
+        The watch is closed, and the key read afresh, every `_REREAD` TTLs besides: a watch
+        on a member that froze or was cut off hears nothing, and nothing says so."""
         watch = self.gateway.watch(self.leader_key, start_revision=seen + 1)
         self._watch = watch
+        timer = threading.Timer(_REREAD * self.ttl, watch.close)
+        timer.daemon = True
+        timer.start()
         try:
             for event in watch:
                 if event.type == "DELETE":
+                    self.leader = None  # known vacant: nobody leads until one stands
+                    self._notify()
                     break
                 self.leader = Member.decode(event.kv.value)
                 self._notify()
         except EtcdUnavailable as e:
             log.info("the watch on the leader broke (%s); standing again", e)
         finally:
+            timer.cancel()
             self._close_watch()
-        self.leader = None
-        self._notify()
 
     def _close_watch(self) -> None:
         watch, self._watch = self._watch, None

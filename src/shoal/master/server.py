@@ -266,6 +266,10 @@ class Master:
                 swept = now
                 self.blobs.sweep(now)
 
+    def serving(self) -> bool:
+        """Whether this master may take calls: it leads (or stands alone) and has not stopped."""
+        return not self.deposed and self.may_act()
+
     def stand_down(self) -> None:
         """Stop for good (another master leads, or this one is stopping): agents and
         frameworks are let go, to find the leader; calls waiting on the ledger fail."""
