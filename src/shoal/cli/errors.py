@@ -22,8 +22,7 @@ _HINTS = {
     401: "check the token: SHOAL_TOKEN, or the client file `shoal dev` writes",
     403: "this needs another role or the job's owner",
     404: "list what exists with `shoal jobs` or `shoal nodes`",
-    503: "the node holding it is away; try again when `shoal nodes` shows it up",
-}
+}  # a 503's own message says what to do: a node away, an election, an outcome to check
 
 
 def fail(message: str, hint: str = "", code: int = 1, details: list[str] = ()) -> typer.Exit:

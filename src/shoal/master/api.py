@@ -24,9 +24,11 @@ from shoal.master.deps import CallerDep, MasterDep, Unauthorized, admin, admin_o
 from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, RebalanceNow, Submit
 from shoal.master.ha import FollowerGate
 from shoal.master.opening import lifespan
-from shoal.master.server import Master, Unavailable
+from shoal.master.server import Master, NotLeading, Unavailable
 from shoal.master.shell import Order
 from shoal.master.store import Deposed
+from shoal.master.store.gateway import EtcdError
+from shoal.masters import LEADER_HEADER
 from shoal.model import Caller, JobSpec, Migration, Role, TaskRecord
 from shoal.shell.groups import NodeGroups, choose, resolve
 from shoal.shell.protocol import AuditEnd, AuditRecord, AuditStart, CopyRequest, ExecRequest, FetchRequest
@@ -408,6 +410,20 @@ def _errors(app: FastAPI) -> None:
     async def unavailable(_: Request, exc: Unavailable) -> JSONResponse:
         return _body(503, str(exc))
 
+    @app.exception_handler(NotLeading)
+    async def not_leading(_: Request, exc: NotLeading) -> JSONResponse:
+        # An empty leader header: nothing was done, so the call may go to another master.
+        return _body(503, str(exc), **{"Retry-After": "1", LEADER_HEADER: ""})
+
+    @app.exception_handler(EtcdError)
+    async def etcd_down(_: Request, exc: EtcdError) -> JSONResponse:
+        return _body(503, f"etcd did not answer ({exc}); check that most of its members are up and reachable")
+
     @app.exception_handler(Deposed)
     async def deposed(_: Request, exc: Deposed) -> JSONResponse:
-        return _body(503, f"{exc} (a change asked for may or may not have been made)", **{"Retry-After": "1"})
+        return _body(
+            503,
+            f"{exc}: a change asked for may or may not have been made; check (`shoal jobs`) before "
+            "asking again",
+            **{"Retry-After": "1"},
+        )

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from shoal.errors import Forbidden, ShoalError
-from shoal.master.server import Master
+from shoal.master.server import Master, NotLeading
 from shoal.model import Caller, Role
 
 
@@ -16,7 +16,10 @@ class Unauthorized(ShoalError):
 
 
 async def master_of(request: Request) -> Master:
-    return request.app.state.master
+    master: Master | None = request.app.state.master
+    if master is None or not master.serving():
+        raise NotLeading("this master does not lead now; the call goes to the leader (`shoal masters`)")
+    return master
 
 
 async def caller_of(request: Request) -> Caller:

@@ -89,6 +89,11 @@ class Unavailable(ShoalError):
     """What was asked for lives on a node that is not connected now."""
 
 
+class NotLeading(ShoalError):
+    """This master does not lead (any more) and did nothing of the call: it may go to
+    another master as it is."""
+
+
 class _Link:
     """The master's end of one agent's WebSocket, with a bounded outbox."""
 
@@ -182,7 +187,7 @@ class Master:
     def dispatch(self, *events: Event) -> dict[int, Reply]:
         if self.deposed or not self.may_act():
             self.deposed = True
-            raise Deposed("this master no longer leads; retry at the leader (`shoal masters` names it)")
+            raise NotLeading("this master no longer leads; the call goes to the leader (`shoal masters`)")
         replies: dict[int, Reply] = {}
         for command in self.state.handle(*events):
             match command:
@@ -238,7 +243,7 @@ class Master:
         except Exception as e:  # every caller of this batch hears of it
             for waiter in waiters:
                 waiter.set_exception(e)
-            if isinstance(e, Deposed):
+            if isinstance(e, Deposed | NotLeading):
                 return  # not a bug: the shell stands this master down
             raise
         for waiter, event in zip(waiters, requests, strict=True):
@@ -260,7 +265,7 @@ class Master:
         while not self.deposed:
             await asyncio.sleep(self.tick)
             now = time.time()
-            with contextlib.suppress(Deposed):  # the shell stands this master down
+            with contextlib.suppress(Deposed, NotLeading):  # the shell stands this master down
                 self.dispatch(Tick(now))
             if now - swept > _SWEEP_EVERY:
                 swept = now
@@ -276,18 +281,20 @@ class Master:
         self.deposed = True
         if self._offer_timer is not None:
             self._offer_timer.cancel()
-        for link in self.links.values():
+        for name, link in self.links.items():
             link.close()
+            self.shell.on_gone(name)  # parallel commands under way end, their nodes lost
         self.links.clear()
         for connection in list(self.streams):
             self._to_stream(connection, None)
-        gone = Deposed("this master stopped leading before it answered; retry at the leader")
-        for waiter in self._replies.values():
+        # Calls still waiting were never dispatched: nothing of them was done.
+        gone = NotLeading("this master stopped leading before it took the call; it goes to the leader")
+        for waiter in [*self._replies.values(), *self._log_waiters.values()]:
             if not waiter.done():
                 waiter.set_exception(gone)
         self._replies.clear()
         for parked in self._service_changes.values():
-            parked.changed.set()
+            parked.changed.set()  # blocking queries wake, find the master deposed, and end
 
     # --- agents ---------------------------------------------------------------------------
 
@@ -327,12 +334,12 @@ class Master:
             self.dispatch(FromAgent(name, first, time.time()))
             log.info("agent %s registered", name)
             await self._serve(name, ws)
-        except Deposed:
+        except (Deposed, NotLeading):
             link.close()  # the agent redials, and finds the leader
         finally:
             if self.links.get(name) is link:
                 del self.links[name]
-                with contextlib.suppress(Deposed):
+                with contextlib.suppress(Deposed, NotLeading):
                     self.dispatch(AgentGone(name, time.time()))
                 self.shell.on_gone(name)
             link.writer.cancel()
@@ -409,6 +416,8 @@ class Master:
         """Return once `service` ("": any service) has changed past `index`, or after `wait`
         seconds. An index above the registry's (a client that knew a master before a
         restart) is answered at once."""
+        if self.deposed:
+            raise NotLeading("this master no longer leads; ask the leader")
         registry = self.state.registry
         current = registry.index if service == ANY_SERVICE else registry.index_of(service)
         if current > index or index > registry.index:
@@ -422,6 +431,8 @@ class Master:
             parked.waiting -= 1
             if not parked.waiting and self._service_changes.get(service) is parked:
                 del self._service_changes[service]  # no entry outlives its last waiter
+        if self.deposed:
+            raise NotLeading("this master stopped leading; ask the leader")
 
     # --- logs -----------------------------------------------------------------------------
 
@@ -452,7 +463,7 @@ class Master:
     async def follow_log(self, task_id: str, attempt: int, stream: str, offset: int) -> AsyncIterator[bytes]:
         """Output as it is written, until the attempt has ended and everything is read."""
         delay = 0.02
-        while True:
+        while not self.deposed:  # a deposed master's ledger is stale: the reader asks the leader
             task = self.state.ledger.tasks[task_id]
             try:
                 piece = await self.read_log(task, attempt, stream, offset)
