@@ -359,3 +359,11 @@ def test_the_agent_hangs_up_on_a_quiet_master_but_not_between_heartbeats() -> No
     assert state.gone_quiet(2.6, interval=1.0)  # a quarter of the timeout
     assert not state.gone_quiet(2.6, interval=2.0)  # but never within two heartbeats and a half
     assert state.gone_quiet(5.1, interval=2.0)
+
+
+def test_fencing_cuts_the_grace_of_a_run_already_stopping() -> None:
+    state = welcomed(timeout=10.0, grace=300.0)
+    state.handle(FromMaster(Kill(run_ids=["1.0.0"]), 0.5))  # SIGTERM, with 300 s to go
+    state.handle(Tick(6.5, Usage()))  # 6 s since the master last spoke: at most 2 s more
+    assert _signals(state.handle(Tick(8.4, Usage()))) == []
+    assert _signals(state.handle(Tick(8.5, Usage()))) == [("1.0.0", signal.SIGKILL)]

@@ -424,8 +424,13 @@ class AgentState:
         assert self.heartbeat_timeout is not None
         self.fenced = True
         silent = now - self.heard_at
+        cut = now + FENCE_GRACE * self.heartbeat_timeout
         for entry in self.runs.values():
-            if entry.state.terminal or (entry.kill_requested and entry.term_at is None):
+            if entry.state.terminal:
+                continue
+            if entry.kill_requested and entry.term_at is None:  # stopping already: cut its grace
+                if entry.kill_deadline is not None:
+                    entry.kill_deadline = min(entry.kill_deadline, cut)
                 continue
             entry.fenced = True
             entry.kill_requested = True

@@ -54,6 +54,9 @@ def master(
         typer.Option(help="sqlite, or etcd://HOST:PORT,... for one of several masters [sqlite]"),
     ] = None,
     name: Annotated[str | None, typer.Option(help="this master's name among several [ADDRESS:PORT]")] = None,
+    advertise: Annotated[
+        str | None, typer.Option(help="the IPv4 address others reach this master at [the host's]")
+    ] = None,
     config: ConfigOpt = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
@@ -61,6 +64,7 @@ def master(
     import uvicorn
 
     from shoal.master.api import create_app
+    from shoal.master.opening import unreachable_address
 
     _logging(verbose)
     settings = load_settings(
@@ -72,7 +76,10 @@ def master(
         heartbeat_timeout=heartbeat_timeout,
         store=store,
         name=name,
+        advertise=advertise,
     )
+    if why := unreachable_address(settings):
+        raise fail(why, "e.g. --host 0.0.0.0 --advertise 10.0.0.5")
     logging.getLogger("shoal.master").info(
         "state in %s; the admin and cluster tokens are in admin.token and cluster.token there",
         settings.state_dir,

@@ -35,6 +35,7 @@ OPEN_PATHS = frozenset({"/v1/masters"})  # answered by followers too
 _LEADER = LEADER_HEADER.lower().encode()
 _LIST_EVERY = 2.0  # seconds between reads of the masters alive, for the registry
 _CHECK_EVERY = 0.1  # seconds between checks that a leader may still act
+_FAILED_PAUSE = 10.0  # seconds a master that failed to lead waits before it stands again
 
 
 async def reign(seat: Seat, serving: Callable[[int], AbstractAsyncContextManager[Master]]) -> None:
@@ -42,6 +43,7 @@ async def reign(seat: Seat, serving: Callable[[int], AbstractAsyncContextManager
     while True:
         await _until(seat, lambda: seat.leading)
         token = seat.token
+        failed = False
         try:
             async with serving(token) as master:
                 log.info("leading: the ledger holds %d jobs", len(master.state.ledger.jobs))
@@ -51,11 +53,14 @@ async def reign(seat: Seat, serving: Callable[[int], AbstractAsyncContextManager
                 finally:
                     lister.cancel()
         except Exception:
-            log.exception("leading failed; standing down")
+            log.exception("leading failed; standing down, and standing again only after a pause")
+            failed = True
         if seat.leading and seat.token == token:
-            # We stood down for a reason of our own (a refused write, a failed load): give
-            # the lease up, so the next leader, maybe this master again, starts from etcd.
-            await asyncio.to_thread(seat.abdicate)
+            # Still elected, but we stood down: the deadline passed before the lease thread
+            # heard it was lost, a write was refused, or leading failed. Give the lease up, so
+            # the next leader (maybe this master again) starts from what etcd holds; a master
+            # that failed waits before it stands again, so another takes its turn.
+            await asyncio.to_thread(seat.abdicate, _FAILED_PAUSE if failed else 0.0)
 
 
 async def _list_masters(seat: Seat, master: Master) -> None:

@@ -95,6 +95,7 @@ class Seat:
         self.leader: Member | None = None
         self._watch: Watch | None = None
         self._threads: list[threading.Thread] = []
+        self._stand_after = 0.0  # time.monotonic() before which this master does not campaign
 
     # --- the loop's side ------------------------------------------------------------------
 
@@ -128,10 +129,11 @@ class Seat:
         for thread in self._threads:
             thread.join(timeout=self.ttl)
 
-    def abdicate(self) -> None:
+    def abdicate(self, pause: float = 0.0) -> None:
         """Stop leading (a write was refused, or its outcome is unknown): the lease is given
-        up, so the leader key goes with it and every master, this one too, campaigns afresh
-        on a new lease once the rest is torn down."""
+        up, so the leader key goes with it and every master campaigns afresh; this one only
+        after `pause` seconds."""
+        self._stand_after = time.monotonic() + pause
         self._release()
 
     def _release(self) -> None:
@@ -215,7 +217,7 @@ class Seat:
                 while not self._lease and not self._stopping.is_set():
                     self._lease_changed.wait()
                 lease = self._lease
-            if self._stopping.is_set():
+            if self._stopping.wait(max(0.0, self._stand_after - time.monotonic())):
                 return
             try:
                 self._stand(lease)

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import pathlib
 import socket
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
@@ -95,6 +96,28 @@ def _me(settings: MasterSettings) -> Member:
     """This master as its peers and clients reach it, and as the registry lists it."""
     address = f"{settings.advertise or _address_of(settings.host)}:{settings.port}"
     return Member(settings.name or address, f"http://{address}", settings.dns_port)
+
+
+def unreachable_address(settings: MasterSettings) -> str | None:
+    """Why other machines could not reach this master at the address it gives its peers,
+    agents and clients (loopback, while etcd is elsewhere); None when it is fine."""
+    if settings.store == "sqlite":
+        return None
+    address = ipaddress.IPv4Address(urllib.parse.urlsplit(_me(settings).url).hostname)
+    etcd = [urllib.parse.urlsplit(url).hostname or "" for url in parse_store_url(settings.store)]
+    if address.is_loopback and not all(_is_loopback(host) for host in etcd):
+        return (
+            f"this master would tell the others it is at {address}, which only this machine "
+            "reaches; give the address they reach it at with --advertise"
+        )
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _address_of(host: str) -> str:
