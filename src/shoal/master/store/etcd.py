@@ -334,7 +334,12 @@ class EtcdStore:
             self._since_snapshot += 1
             self._log_bytes += len(blob)
             if self._snapshot_due():
-                self._snapshot(mirror)
+                try:
+                    self._snapshot(mirror)
+                except EtcdUnavailable as e:
+                    # The entry is in: this call succeeded. The snapshot is tried again
+                    # after the next entry; should etcd stay away, that entry's write fails.
+                    log.warning("a snapshot of the store failed (%s); it is tried again later", e)
 
     def _snapshot_due(self) -> bool:
         if self._log_bytes >= self._snapshot_bytes:
