@@ -4,6 +4,14 @@
 carries out the commands in the order they come back (persist first, so nothing is
 acknowledged or launched before it is stored). Everything runs on one event loop, so the
 state machine never sees two callers at once.
+
+One of several masters serves only while `may_act()` (its lease surely holds): dispatch
+refuses otherwise (`NotLeading`: nothing done), a write the store refuses makes it `deposed`
+(`Deposed`: the outcome may be unknown), and `stand_down()` lets go of everything it holds
+open. What does not go through dispatch (audit records and tokens, written to the fenced
+store; blobs; the parallel shell's relay and log reads, which only pass frames to and from
+agents) is reached only through the API's gate, which lets calls in only while the master
+serves, and ends with the links that `stand_down` closes.
 """
 
 from __future__ import annotations
