@@ -142,8 +142,10 @@ async def _serving(
     store: Store | None = None,
     may_act: Callable[[], bool] = lambda: True,
 ) -> AsyncIterator[Master]:
-    """Serve as the leader (or the only master) on `store` until the block ends."""
-    master = open_master(settings, store, may_act)
+    """Serve as the leader (or the only master) on `store` until the block ends. The ledger
+    loads on a thread: meanwhile the loop still answers (come back in a second), and agents
+    learn that no leader is counting their silence yet."""
+    master = await asyncio.to_thread(open_master, settings, store, may_act)
     tune_collector()
     dns = await serve_dns(master.state.registry, settings)
     log.info("DNS for .shoal on %s port %d (UDP and TCP)", settings.dns_host or settings.host, dns.port)
