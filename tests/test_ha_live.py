@@ -100,6 +100,10 @@ def test_a_stopped_leader_hands_over_at_once(cluster: HaCluster) -> None:
 def test_a_paused_leader_wakes_deposed_and_acts_no_more(cluster: HaCluster) -> None:
     """A leader frozen past its lease (a long GC pause, a stopped VM) is replaced; woken, it
     must not launch, kill or answer as leader: it follows the new one."""
+    with cluster.client() as c:
+        long = c.submit(JobSpec(command="sleep 300", resources={"cpus": 0.1}))
+        wait_for(lambda: _running(cluster, long)[0] == "running", what="the long task running")
+        before = _running(cluster, long)
     old = cluster.leader()
     proc = cluster.masters[old]
     # A frozen process's port still accepts connections (the kernel does), and a call to it
@@ -127,6 +131,11 @@ def test_a_paused_leader_wakes_deposed_and_acts_no_more(cluster: HaCluster) -> N
     assert cluster.leader() == new
     with cluster.client() as c:
         assert c.job(job).state.value == "complete"
+        # The task that ran through it all is the same run: neither the frozen master nor
+        # its agents' fencing stopped it, and the new leader adopted it.
+        assert _running(cluster, long) == before
+        assert not c.job(long).tasks[0].history
+        c.kill(long)
 
 
 def test_a_framework_follows_the_new_leader_with_its_tasks_and_updates(cluster: HaCluster) -> None:

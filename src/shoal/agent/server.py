@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -79,7 +80,8 @@ _TABLE = TypeAdapter(list[RunEntry])
 _MAX_FRAME = 16 * 1024 * 1024
 _OUTBOX = 10_000
 _PRUNE_EVERY = 60.0  # seconds between sweeps of old sandboxes
-_OPEN_TIMEOUT = 3.0  # seconds a dial may take: a frozen master's port still accepts
+_OPEN_TIMEOUT = 1.5  # seconds a dial may take: a frozen master's port still accepts
+_QUIET_FOR = 5.0  # seconds a master that went quiet is not dialled when a follower names it
 _REDIAL_CAP = 3.0  # seconds between redials of the master, at most
 
 
@@ -98,6 +100,7 @@ class Agent:
         # Master URL -> since when it has shown no leader can be counting this node's silence.
         self._absent: dict[str, float] = {}
         self._hung_up = False  # whether this side ended the session, the master gone quiet
+        self._quiet: dict[str, float] = {}  # master URL -> when it last went quiet on this agent
         self.state_dir = settings.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         info = discover(
@@ -296,6 +299,9 @@ class Agent:
         named_by: str | None = None  # the follower that named the leader dialled now
         while True:
             url = self.masters.current
+            if self._went_quiet(url) and not all(self._went_quiet(u) for u in self.masters.urls):
+                self.masters.failed(url)  # a dial to it would only time out: the others first
+                continue
             # What came of the dial: None, a session; a URL, the leader a follower named; "", a failure.
             unled = False  # whether it showed no leader can be counting this node's silence
             try:
@@ -316,17 +322,24 @@ class Agent:
                 leader = ""
             except (TimeoutError, OSError, websockets.ConnectionClosed) as e:
                 log.debug("connection to %s failed: %s", url, e)
+                if isinstance(e, TimeoutError):
+                    self._quiet[url] = time.monotonic()
                 leader = ""
             if leader and leader in self._absent:
                 # A follower names a leader found absent (its lease has not run out yet): no
                 # leader for now; the other masters are tried, as in an election.
                 leader, unled = "", True
+            elif leader and self._went_quiet(leader):
+                # ... or one that just went quiet (frozen, or cut off): while its lease runs
+                # out, the others are tried rather than it (a dial to it only times out).
+                leader = ""
             if unled:
                 self._unled(url)
                 if named_by is not None:  # it named a leader that is not there: no leader
                     self._unled(named_by)
             elif leader is None:
                 self._absent.clear()  # a session: its master heard this node
+                self._quiet.pop(url, None)
             else:
                 self._absent.pop(url, None)  # this master may be alive, and counting
             if leader and hops < MAX_HOPS:  # a follower named the leader: dial it at once
@@ -341,6 +354,11 @@ class Agent:
             hops = 0
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, cap)
+
+    def _went_quiet(self, url: str) -> bool:
+        """Whether the master at `url` went quiet on this agent lately (a hang-up, a dial
+        timed out): frozen or cut off, it is tried last until its lease has run out."""
+        return time.monotonic() - self._quiet.get(url, -math.inf) < _QUIET_FOR
 
     def _unled(self, url: str) -> None:
         """`url` showed no leader can be counting this node's silence; once every master has,
@@ -394,6 +412,7 @@ class Agent:
             if self.state.gone_quiet(time.time(), self.settings.heartbeat_interval):
                 log.warning("the master has not answered for a while; dialling another")
                 self._hung_up = True
+                self._quiet[self.masters.current] = time.monotonic()
                 ws.transport.abort()  # not close(): that waits on the silent master's answer
                 return
 
@@ -401,6 +420,9 @@ class Agent:
         self._outbox = asyncio.Queue()
         writer = asyncio.create_task(self._write(ws, self._outbox))
         watchdog = asyncio.create_task(self._watch_master(ws))
+        # Frames made while disconnected are not for this master: the registration goes
+        # first, and carries every run (a heartbeat before it would be refused).
+        self._unsent.clear()
         try:
             self.dispatch(Connected(time.time()))
             async for data in ws:

@@ -55,6 +55,8 @@ async def reign(seat: Seat, serving: Callable[[int], AbstractAsyncContextManager
         except Exception:
             log.exception("leading failed; standing down, and standing again only after a pause")
             failed = True
+        if not failed:
+            log.warning("standing down: %s", _why_down(seat, token))
         if seat.leading and seat.token == token:
             # Still elected, but we stood down: the deadline passed before the lease thread
             # heard it was lost, a write was refused, or leading failed. Give the lease up, so
@@ -86,6 +88,14 @@ def endpoint_of(member: Member) -> Endpoint:
         port=url.port or 80,
         meta={"dns_port": str(member.dns_port), "name": member.name},
     )
+
+
+def _why_down(seat: Seat, token: int) -> str:
+    if seat.token != token or not seat.leading:
+        return "the leadership was lost"
+    if not seat.may_act():
+        return f"the lease could not be renewed in time ({-seat.time_left():.2f}s past its deadline)"
+    return "the store refused a write"
 
 
 def _must_stand_down(seat: Seat, master: Master, token: int) -> bool:

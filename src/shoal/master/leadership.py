@@ -43,6 +43,8 @@ from shoal.master.store.gateway import (
     Gateway,
     Watch,
     absent,
+    created_at,
+    delete_op,
     prefix_end,
     put_op,
     range_op,
@@ -113,7 +115,11 @@ class Seat:
 
     def may_act(self) -> bool:
         """Whether this master leads and its lease surely has not expired."""
-        return self.leading and time.monotonic() < self._valid_until
+        return self.leading and self.time_left() > 0
+
+    def time_left(self) -> float:
+        """Seconds before the lease could lapse, as far as this master can be sure."""
+        return self._valid_until - time.monotonic()
 
     def members(self) -> list[Member]:
         """The masters alive, from etcd."""
@@ -173,6 +179,10 @@ class Seat:
                 self._valid_until = sent + granted - _MARGIN
                 self._lease_changed.notify_all()
             self._renew(lease, every)
+            # Let a lease we stopped vouching for go now, if etcd hears it, rather than
+            # leave the others waiting out its TTL (a no-op for one already gone).
+            with contextlib.suppress(EtcdError):
+                self.gateway.lease_revoke(lease, timeout=every)
 
     def _renew(self, lease: int, every: float) -> None:
         """Renew `lease` until it is gone or the seat stops."""
@@ -232,6 +242,14 @@ class Seat:
             [range_op(self.leader_key)],
         )
         if result.succeeded:
+            if self.time_left() <= 0:
+                # Won on a lease it can no longer vouch for (etcd slow to confirm it): give
+                # the key back at once rather than leave the others waiting out its TTL.
+                with contextlib.suppress(EtcdError):
+                    self.gateway.txn(
+                        [created_at(self.leader_key, result.revision)], [delete_op(self.leader_key)]
+                    )
+                return
             with self._lock:
                 if self._lease != lease:  # lost meanwhile: the key goes with the lease
                     return

@@ -178,6 +178,7 @@ async def _several(app: FastAPI, settings: MasterSettings) -> AsyncIterator[None
             fence=token,
             leader_key=seat.leader_key,
             audit_limit=settings.audit_retention_count,
+            time_left=seat.time_left,
         )
         return _serving(app, settings, store, seat.may_act)
 

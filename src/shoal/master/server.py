@@ -120,7 +120,11 @@ class _Link:
 
     def close(self) -> None:
         self.writer.cancel()
-        asyncio.ensure_future(self.ws.close())
+        asyncio.ensure_future(self._close())
+
+    async def _close(self) -> None:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # gone already
+            await self.ws.close()
 
     async def _write(self) -> None:
         while True:

@@ -127,6 +127,9 @@ class EtcdCluster:
             *("--initial-advertise-peer-urls", f"http://{host}:{peer}"),
             *("--initial-cluster", cluster, "--initial-cluster-state", "new"),
             *("--initial-cluster-token", self._token),
+            # A member cut off and back must not force a raft election that stalls every
+            # write (and so the masters' leases): it first asks whether it could win one.
+            "--pre-vote",
             *self._tuning,
         ]
 

@@ -201,8 +201,11 @@ class Hosts:
     def close(self) -> None:
         """Kill every process started (whole process groups), then delete every namespace."""
         for proc in self._processes:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            # Only groups whose leader is unreaped: a reaped one's pid may be another's now.
+            # Whatever outlived its leader dies with the namespace below.
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
         for proc in self._processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)

@@ -52,6 +52,7 @@ import json
 import logging
 import threading
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -81,6 +82,7 @@ log = logging.getLogger("shoal.master")
 
 CHUNK_BYTES = 1 << 20  # a part: with base64 and JSON it stays well under etcd's 1.5 MiB request
 _INLINE_MAX = 64 << 10  # larger entries go in parts, so a page of log keys stays small
+_SHORTEST_WRITE = 0.05  # seconds a write is given at least, however close the deadline
 _LOG_PAGE = 256  # log keys a read: 16 MiB at the most
 _PART_PAGE = 4  # parts a read: 4 MiB at the most
 _INLINE, _PARTS = b"z", b"p"  # what a log key holds: the entry itself, or its count of parts
@@ -229,7 +231,12 @@ class EtcdStore:
         chunk_bytes: int = CHUNK_BYTES,
         snapshot_every: int = 1_000,
         snapshot_bytes: int = 64 << 20,
+        time_left: Callable[[], float] | None = None,
     ) -> None:
+        # Seconds this master may still act as leader: a write waits no longer than that
+        # (it would be refused after it anyway), so a leader cut off from etcd stops at its
+        # deadline rather than at the gateway's timeout. None: the gateway's timeout.
+        self._time_left_of = time_left
         self._gateway = gateway
         self._prefix = prefix.encode()
         self._fence = fence
@@ -387,6 +394,9 @@ class EtcdStore:
 
     # --- writes ---------------------------------------------------------------------------
 
+    def _time_left(self) -> float | None:
+        return None if self._time_left_of is None else max(_SHORTEST_WRITE, self._time_left_of())
+
     def _write(self, ops: list[Op], unless_missing: bytes | None = None) -> int:
         """Run `ops` in one transaction fenced by the leadership; the revision it made, or 0
         when `unless_missing` names a key that is not there (then nothing is written)."""
@@ -400,7 +410,7 @@ class EtcdStore:
             compares.append(present(unless_missing))
             failure = [range_op(self._leader_key, keys_only=True)]  # which comparison failed
         try:
-            result = self._gateway.txn(compares, ops, failure)
+            result = self._gateway.txn(compares, ops, failure, timeout=self._time_left())
         except EtcdUnavailable as e:
             self._unknown = str(e)
             raise OutcomeUnknown(
