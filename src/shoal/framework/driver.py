@@ -154,6 +154,13 @@ def _again(error: Exception) -> bool:
     return not isinstance(error, ApiError) or error.status >= 500
 
 
+def _repeatable(body: dict[str, Any]) -> bool:
+    """Whether a subscription may be sent again when a connection broke mid-call: taking up
+    a framework by its id twice is taking it up once; a first subscription (no id yet) twice
+    would make two frameworks."""
+    return bool(body.get("framework_id"))
+
+
 class _Driver(abc.ABC):
     """What both drivers are made of: the scheduler, the session, where the master is."""
 
@@ -252,10 +259,11 @@ class Driver(_Driver):
             self._thread.join(timeout)
 
     def _events(self) -> Iterator[p.Event]:
-        # Subscribing twice is subscribing: safe to repeat when a connection broke mid-call.
         body = self._session.subscribe_body()
         try:
-            with self._listen._stream("POST", _SUBSCRIBE, _LISTENING, json=body, safe=True) as response:
+            with self._listen._stream(
+                "POST", _SUBSCRIBE, _LISTENING, json=body, safe=_repeatable(body)
+            ) as response:
                 self._stream = response
                 for line in response.iter_lines():
                     if line:
@@ -375,7 +383,7 @@ class AsyncDriver(_Driver):
     async def _events(self) -> AsyncIterator[p.Event]:
         body = self._session.subscribe_body()
         response = await self._http.send(
-            "POST", _SUBSCRIBE, stream=True, safe=True, json=body, timeout=_LISTENING
+            "POST", _SUBSCRIBE, stream=True, safe=_repeatable(body), json=body, timeout=_LISTENING
         )
         try:
             if response.is_error:
