@@ -28,6 +28,9 @@ class ClientConfig(BaseModel):
         description="the master's URL, or several masters' separated by commas: calls go to the leader",
     )
     token: str = ""
+    ca: str = Field(
+        "", description="the cluster CA's certificate (a PEM file): the master's must chain to it"
+    )
 
 
 def client_config_path() -> Path:
@@ -39,7 +42,7 @@ def load_client_config() -> ClientConfig:
     """The client file, then SHOAL_URL and SHOAL_TOKEN over it."""
     path = client_config_path()
     values: dict[str, Any] = tomllib.loads(path.read_text()) if path.exists() else {}
-    for key in ("url", "token"):
+    for key in ("url", "token", "ca"):
         if env := os.environ.get(f"SHOAL_{key.upper()}"):
             values[key] = env
     return ClientConfig(**values)
@@ -48,5 +51,8 @@ def load_client_config() -> ClientConfig:
 def save_client_config(config: ClientConfig) -> Path:
     path = client_config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_secret(path, f'url = "{config.url}"\ntoken = "{config.token}"\n')
+    text = f'url = "{config.url}"\ntoken = "{config.token}"\n' + (
+        f'ca = "{config.ca}"\n' if config.ca else ""
+    )
+    write_secret(path, text)
     return path

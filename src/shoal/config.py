@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from shoal.core.scheduler import Policy
     from shoal.master.moves import Rebalancing
     from shoal.master.registry import RegistryPolicy
+    from shoal.tls import TlsFiles
 
 
 def data_home() -> Path:
@@ -139,6 +140,21 @@ class MasterSettings(_Settings):
         "so none runs twice at once (default: on with etcd, off with sqlite)",
     )
 
+    tls_dir: Path | None = Field(
+        None,
+        description="the cluster CA and this master's certificate, from `shoal tls init` "
+        "(default: state_dir/tls); the master serves HTTPS only",
+    )
+    insecure: bool = Field(
+        False,
+        description="plain HTTP, no TLS; agents join with the cluster token (throwaway use)",
+    )
+
+    def tls_files(self) -> TlsFiles:
+        from shoal.tls import TlsFiles
+
+        return TlsFiles(self.tls_dir or self.state_dir / "tls")
+
     def fences_agents(self) -> bool:
         return self.fence_agents if self.fence_agents is not None else self.store != "sqlite"
 
@@ -222,7 +238,15 @@ class AgentSettings(_Settings):
         f"http://127.0.0.1:{DEFAULT_PORT}",
         description="the master's URL, or several masters' separated by commas: the agent joins the leader",
     )
-    cluster_token: SecretStr
+    cluster_token: SecretStr | None = Field(
+        None, description="the shared cluster token, for a master on plain HTTP (`--insecure`) only"
+    )
+    ca: Path | None = Field(None, description="the cluster CA's certificate (ca.pem), to verify the master")
+    bootstrap_token: SecretStr | None = Field(
+        None,
+        description="a bootstrap token to join with once: the master then gives this node a certificate "
+        "of its own (kept in state_dir/identity), and the token is not needed again",
+    )
     name: str | None = None
     state_dir: Path = Field(default_factory=lambda: data_home() / "agent")
     labels: dict[str, str] = Field(default_factory=dict)
