@@ -214,6 +214,7 @@ def dev(
         "SHOAL_ADMIN_TOKEN": admin,
         "SHOAL_CLUSTER_TOKEN": _token_file(state_dir / "cluster.token"),
         "SHOAL_REBALANCE": "spread",  # dev clusters even their load out
+        "SHOAL_INSECURE": "1",
     }
     dns = _dns_port(dns_port)
     node_dirs = [state_dir / f"node{i}" for i in range(1, agents + 1)]

@@ -206,7 +206,7 @@ class ChaosCluster:
             "--state-dir",
             str(self.root / name),
         ]
-        env = {"SHOAL_ADMIN_TOKEN": self.admin_token, "SHOAL_DNS_PORT": str(DNS_PORT)}
+        env = {"SHOAL_ADMIN_TOKEN": self.admin_token, "SHOAL_DNS_PORT": str(DNS_PORT), "SHOAL_INSECURE": "1"}
         self.masters[name] = self._spawn(
             host, name, args, env | {"SHOAL_HOST": address, "SHOAL_ADVERTISE": address}
         )

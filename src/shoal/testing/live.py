@@ -76,6 +76,7 @@ class LiveCluster:
         # Settings of the master, and of every agent, as SHOAL_* variables: {"offer_timeout": "2"}.
         self.master_env = {
             "SHOAL_DNS_PORT": str(self.dns_port),
+            "SHOAL_INSECURE": "1",  # plain HTTP: a master without it wants its certificate
             **{f"SHOAL_{k.upper()}": v for k, v in (master_settings or {}).items()},
         }
         self.agent_env = {f"SHOAL_{k.upper()}": v for k, v in (agent_settings or {}).items()}
