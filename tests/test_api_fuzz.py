@@ -1,4 +1,6 @@
-"""Schemathesis fuzzes every operation of the OpenAPI schema: bad input gets a 4xx, never a 5xx.
+"""Schemathesis fuzzes every operation of the OpenAPI schema with every role's token and a
+bad one: bad input gets a 4xx with the error body, never a 5xx, and a read-only token never
+changes anything.
 
 The master runs without agents, so no fuzzed command is ever executed.
 """
@@ -14,6 +16,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from shoal.testing.live import LiveCluster
+
+_MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 @pytest.fixture(scope="module")
@@ -33,33 +37,53 @@ def operations(url: str) -> list:
     return [result.ok() for result in schema.get_all_operations()]
 
 
+def _token(cluster: LiveCluster, name: str, role: str) -> str:
+    response = httpx.post(
+        f"{cluster.url}/v1/tokens",
+        json={"name": name, "role": role},
+        headers={"Authorization": f"Bearer {cluster.admin_token}"},
+    )
+    response.raise_for_status()
+    return response.json()["token"]
+
+
 def test_no_operation_answers_a_server_error(lone_master: LiveCluster) -> None:
     ops = operations(lone_master.url)
     assert len(ops) >= 8
+    tokens = {
+        "admin": lone_master.admin_token,
+        "user": _token(lone_master, "fuzz-user", "user"),
+        "reader": _token(lone_master, "fuzz-reader", "reader"),
+        "bad": "not-a-token",
+    }
     for op in ops:
 
         @given(case=op.as_strategy())
         @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
         def fuzz(case) -> None:
-            for token in (lone_master.admin_token, "not-a-token"):
+            if case.method == "GET" and case.formatted_path.startswith("/v1/services"):
+                case.query = {**(case.query or {}), "wait": "10ms"}  # a blocking query: briefly
+            for role, token in tokens.items():
                 headers = {"Authorization": f"Bearer {token}"}
-                where = f"{case.method} {case.formatted_path}"
+                where = f"{role}: {case.method} {case.formatted_path}"
                 if case.formatted_path.endswith(("/subscribe", "/watch")):
-                    _stream(case, lone_master.url, headers)
-                    continue
-                if case.method == "GET" and case.formatted_path.startswith("/v1/services"):
-                    case.query = {**(case.query or {}), "wait": "10ms"}  # a blocking query: briefly
-                response = case.call(base_url=lone_master.url, headers=headers)
-                assert response.status_code < 500, f"{where}: {response.status_code} {response.text}"
-                if response.status_code >= 400 and case.method != "HEAD":  # a HEAD answer has no body
-                    assert "error" in response.json(), where
+                    status, body = _stream(case, lone_master.url, headers)
+                else:
+                    response = case.call(base_url=lone_master.url, headers=headers)
+                    status = response.status_code
+                    body = response.content if case.method != "HEAD" else None  # a HEAD answer has none
+                assert status < 500, f"{where}: {status} {body!r}"
+                if status >= 400 and body is not None:
+                    assert {"error", "fields"} <= json.loads(body).keys(), f"{where}: {status} {body!r}"
+                if role == "reader" and case.method in _MUTATING:
+                    assert status >= 400, f"{where}: a read-only token was let through ({status})"
 
         fuzz()
 
 
-def _stream(case, url: str, headers: dict[str, str]) -> None:
-    """A framework's event stream, or a watch, never ends by itself: read its status, then
-    hang up."""
+def _stream(case, url: str, headers: dict[str, str]) -> tuple[int, bytes | None]:
+    """A framework's event stream, or a watch, never ends by itself: its status, and its body
+    when it is an error; then hang up."""
     kwargs = case.as_transport_kwargs(base_url=url, headers=headers)
     with (
         httpx.Client(timeout=10) as http,
@@ -67,6 +91,4 @@ def _stream(case, url: str, headers: dict[str, str]) -> None:
             kwargs["method"], kwargs["url"], headers=kwargs["headers"], json=kwargs.get("json")
         ) as response,
     ):
-        assert response.status_code < 500, f"{case.formatted_path}: {response.status_code}"
-        if response.status_code >= 400:
-            assert "error" in json.loads(response.read())
+        return response.status_code, response.read() if response.status_code >= 400 else None
