@@ -13,12 +13,15 @@ Once a redirect names a master the caller was not given, every master is asked f
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from shoal import trust
 from shoal.masters import MASTERS_PATH, Failover, Masters, Unreachable
 
 _SAFE = ("GET", "HEAD")  # methods repeated after a connection broke with the call sent
@@ -29,10 +32,12 @@ _LISTING_TIMEOUT = 5.0  # seconds: the masters' list is a help, and the call has
 
 class Calls:
     """Blocking calls over connections of their own. Plain connections serve http masters;
-    TLS ones are made at the first https master. An http master is never spoken to over TLS
+    TLS ones are made at the first https master, trusting the cluster CA in the file `ca`
+    alone (without one, the system's CAs). An http master is never spoken to over TLS
     (redirects go to another master's own URL), so it needs no CA bundle: loading one costs
-    a command more CPU than its request. Thread-safe; `close()` from any thread cuts off a
-    pause between tries."""
+    a command more CPU than its request. A master whose certificate does not pass stops the
+    call (`trust.UntrustedMaster`): that is a setting to fix, not a master down.
+    Thread-safe; `close()` from any thread cuts off a pause between tries."""
 
     def __init__(
         self,
@@ -41,9 +46,11 @@ class Calls:
         timeout: httpx.Timeout | float,
         failover: float,
         limits: httpx.Limits = _LIMITS,
+        ca: str | Path | None = None,
     ) -> None:
         self.masters = masters
         self.failover = failover
+        self.ca = ca
         self.closed = threading.Event()
         self._options = {"headers": _auth(token), "timeout": timeout, "limits": limits}
         self._clients: dict[bool, httpx.Client] = {}
@@ -70,6 +77,8 @@ class Calls:
             except httpx.TransportError as e:
                 if self.closed.is_set():
                     raise Unreachable("closed while calling") from e
+                if (wrong := _misconfigured(url, e, self.ca)) is not None:
+                    raise wrong from None
                 wait = _broke(route, url, e)
             else:
                 wait = route.answered(url, response.status_code, response.headers, time.monotonic())
@@ -100,17 +109,27 @@ class Calls:
         tls = not url.startswith("http://")
         with self._lock:
             if tls not in self._clients:
-                self._clients[tls] = httpx.Client(verify=tls, **self._options)
+                self._clients[tls] = httpx.Client(verify=_verify(tls, self.ca), **self._options)
             return self._clients[tls]
 
 
 class AsyncCalls:
-    """`Calls` for asyncio, over one client (long-lived callers: the CA bundle is loaded once)."""
+    """`Calls` for asyncio, over one client (long-lived callers: the CA bundle is loaded once).
+    `ca` as for `Calls`, or the TLS context itself (an agent presents its certificate)."""
 
-    def __init__(self, masters: Masters, token: str, timeout: httpx.Timeout | float, failover: float) -> None:
+    def __init__(
+        self,
+        masters: Masters,
+        token: str,
+        timeout: httpx.Timeout | float,
+        failover: float,
+        ca: str | Path | ssl.SSLContext | None = None,
+    ) -> None:
         self.masters = masters
         self.failover = failover
-        self._http = httpx.AsyncClient(headers=_auth(token), timeout=timeout)
+        self.ca = ca
+        verify = ca if isinstance(ca, ssl.SSLContext) else _verify(True, ca)
+        self._http = httpx.AsyncClient(headers=_auth(token), timeout=timeout, verify=verify)
 
     async def send(
         self, method: str, path: str, *, stream: bool = False, safe: bool | None = None, **kwargs: Any
@@ -123,6 +142,8 @@ class AsyncCalls:
                 request = self._http.build_request(method, url + path, **kwargs)
                 response = await self._http.send(request, stream=stream)
             except httpx.TransportError as e:
+                if (wrong := await asyncio.to_thread(_misconfigured, url, e, self.ca)) is not None:
+                    raise wrong from None
                 wait = _broke(route, url, e)
             else:
                 wait = route.answered(url, response.status_code, response.headers, time.monotonic())
@@ -142,6 +163,22 @@ class AsyncCalls:
         except httpx.TransportError:
             return b""
         return response.content if response.status_code == 200 else b""
+
+
+def _verify(tls: bool, ca: str | Path | None) -> ssl.SSLContext | bool:
+    return trust.master_context(ca) if tls and ca else tls
+
+
+def _misconfigured(url: str, error: httpx.TransportError, ca: object) -> trust.UntrustedMaster | None:
+    """The TLS setting to fix behind a failed call, if that is what failed it: a master's
+    certificate that did not pass, TLS met where plain HTTP was sent, or the reverse."""
+    if url.startswith("https://"):
+        return trust.untrusted(error, url, ca if isinstance(ca, str | Path) else None)
+    # A master speaking TLS hangs up on plain HTTP without a word: one handshake tells
+    # that from a master gone, and only after a call has failed.
+    if isinstance(error, httpx.RemoteProtocolError | httpx.ReadError) and trust.speaks_tls(url):
+        return trust.refused_plain(url)
+    return None
 
 
 def _auth(token: str) -> dict[str, str]:

@@ -90,7 +90,8 @@ class ApiError(ShoalError):
 class Client:
     """Calls to the masters at `url`: one URL, several (a list, or separated by commas), or
     a `Masters` shared with other clients. A call that finds no master serving it keeps trying them for
-    `failover` seconds (an election takes a few) before it raises `Unreachable`."""
+    `failover` seconds (an election takes a few) before it raises `Unreachable`. `ca`: the
+    cluster CA's certificate (a PEM file) that https masters' certificates must chain to."""
 
     def __init__(
         self,
@@ -98,10 +99,11 @@ class Client:
         token: str,
         timeout: float = 30.0,
         failover: float = FAILOVER,
+        ca: str | Path | None = None,
     ) -> None:
         self.known = url if isinstance(url, Masters) else Masters(url)
         self._token = token
-        self._calls = Calls(self.known, token, timeout, failover)
+        self._calls = Calls(self.known, token, timeout, failover, ca=ca)
 
     @property
     def url(self) -> str:
@@ -111,7 +113,7 @@ class Client:
     @classmethod
     def from_config(cls, config: ClientConfig | None = None) -> Client:
         config = config or load_client_config()
-        return cls(config.url, config.token)
+        return cls(config.url, config.token, ca=config.ca or None)
 
     def __enter__(self) -> Client:
         return self
@@ -415,6 +417,7 @@ class Watch:
             _timeout(1, wait),
             client._calls.failover,
             httpx.Limits(max_connections=1),
+            client._calls.ca,
         )
         self._closed = self._calls.closed
         self._lock = threading.Lock()  # between close() and the thread querying

@@ -14,6 +14,7 @@ import ipaddress
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -222,6 +223,51 @@ def write_master_files(files: TlsFiles, authority: Authority, names: list[str]) 
     write_secret(files.cert, cert.decode())
 
 
+class Made(NamedTuple):
+    authority: bool
+    certificate: bool
+
+
+def init_master_files(files: TlsFiles, names: list[str]) -> Made:
+    """What `shoal tls init` does: what `files` lack, made; nothing already there is
+    replaced. The authority, then a certificate for the master reached at `names`."""
+    made = Made(not files.ca_key.exists(), not (files.cert.exists() and files.key.exists()))
+    if made.authority:
+        write_master_files(files, create_authority(), names)
+    elif made.certificate:
+        write_master_files(files, Authority.load(files), names)
+    return made
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateInfo:
+    """What `shoal tls show` says of a certificate: never anything of its key."""
+
+    subject: str
+    issuer: str
+    names: list[str]  # the subject alternative names: DNS names and addresses
+    serial: str
+    not_before: float  # seconds since the epoch
+    not_after: float
+
+
+def describe(pem: bytes) -> CertificateInfo:
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        alternative = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(n.value) for n in alternative]
+    except x509.ExtensionNotFound:
+        names = []
+    return CertificateInfo(
+        cert.subject.rfc4514_string(),
+        cert.issuer.rfc4514_string(),
+        names,
+        serial_hex(cert.serial_number),
+        cert.not_valid_before_utc.timestamp(),
+        cert.not_valid_after_utc.timestamp(),
+    )
+
+
 def node_request(name: str, key: ec.EllipticCurvePrivateKey) -> bytes:
     """A certificate signing request for node `name`, PEM."""
     builder = x509.CertificateSigningRequestBuilder().subject_name(_name(name, NODE_UNIT))
@@ -300,8 +346,9 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
 
 def client_context(ca: Path | str, identity: IdentityFiles | None = None) -> ssl.SSLContext:
     """A context that trusts only the cluster CA (`ca`: a file), presenting `identity` if given."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    from shoal.trust import master_context
+
+    context = master_context(ca)
     if identity is not None:
         context.load_cert_chain(identity.cert, identity.key)
     return context

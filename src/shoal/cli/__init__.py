@@ -113,6 +113,7 @@ COMMANDS: dict[str, Entry] = {
         "services shoal does not run.",
     ),
     "token": Entry("jobs", "token_app", "API tokens (admin only)."),
+    "tls": Entry("tls", "tls_app", "The cluster's certificate authority and the masters' certificates."),
 }
 
 

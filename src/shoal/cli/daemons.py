@@ -57,14 +57,19 @@ def master(
     advertise: Annotated[
         str | None, typer.Option(help="the IPv4 address others reach this master at [the host's]")
     ] = None,
+    tls_dir: Annotated[
+        Path | None, typer.Option(help="the cluster CA and this master's certificate [STATE_DIR/tls]")
+    ] = None,
+    insecure: Annotated[
+        bool | None, typer.Option("--insecure", help="plain HTTP, no TLS: for a throwaway cluster")
+    ] = None,
     config: ConfigOpt = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Run the master: the API, the ledger and the scheduler."""
-    import uvicorn
-
     from shoal.master.api import create_app
     from shoal.master.opening import unreachable_address
+    from shoal.master.serving import serve
 
     _logging(verbose)
     settings = load_settings(
@@ -77,6 +82,8 @@ def master(
         store=store,
         name=name,
         advertise=advertise,
+        tls_dir=tls_dir,
+        insecure=insecure,
     )
     if why := unreachable_address(settings):
         raise fail(why, "e.g. --host 0.0.0.0 --advertise 10.0.0.5")
@@ -84,9 +91,7 @@ def master(
         "state in %s; the admin and cluster tokens are in admin.token and cluster.token there",
         settings.state_dir,
     )
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level="warning", access_log=False
-    )
+    serve(create_app(settings), settings)
 
 
 def _pairs(what: str, pairs: list[str]) -> dict[str, str]:

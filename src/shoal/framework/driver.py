@@ -180,11 +180,12 @@ class _Driver(abc.ABC):
         self.scheduler = scheduler
         self._session = _Session(name, role, failover_timeout, framework_id, implicit_acknowledgements)
         self._masters = Masters(url or config.url)
-        self._open(token or config.token)
+        self._open(token or config.token, config.ca or None)
 
     @abc.abstractmethod
-    def _open(self, token: str) -> None:
-        """Make the HTTP clients this flavour talks to the masters with."""
+    def _open(self, token: str, ca: str | None) -> None:
+        """Make the HTTP clients this flavour talks to the masters with, trusting the
+        cluster CA in the file `ca` (the client file's) for https masters."""
 
     @property
     def url(self) -> str:
@@ -199,12 +200,12 @@ class _Driver(abc.ABC):
 class Driver(_Driver):
     """The blocking driver. `run()` returns when the framework is stopped or ended."""
 
-    def _open(self, token: str) -> None:
+    def _open(self, token: str, ca: str | None) -> None:
         # The stream and the calls each have a client: calls come from the scheduler's
         # callbacks and from any other thread, one at a time (the lock), while the stream
         # reads. They share the masters: what one learns of the leader, the other uses.
-        self._http = Client(self._masters, token)
-        self._listen = Client(self._masters, token)
+        self._http = Client(self._masters, token, ca=ca)
+        self._listen = Client(self._masters, token, ca=ca)
         self._lock = threading.Lock()
         self._stream: httpx.Response | None = None
         self._thread: threading.Thread | None = None
@@ -354,8 +355,8 @@ class Driver(_Driver):
 class AsyncDriver(_Driver):
     """The asyncio driver: `await driver.run()`; callbacks may be coroutines."""
 
-    def _open(self, token: str) -> None:
-        self._http = AsyncCalls(self._masters, token, 30.0, FAILOVER)
+    def _open(self, token: str, ca: str | None) -> None:
+        self._http = AsyncCalls(self._masters, token, 30.0, FAILOVER, ca)
         self._stream: httpx.Response | None = None
         self._acks: list[p.TaskStatus] = []
 

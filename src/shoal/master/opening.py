@@ -95,7 +95,8 @@ def _tokens(settings: MasterSettings, store: Store) -> Tokens:
 def _me(settings: MasterSettings) -> Member:
     """This master as its peers and clients reach it, and as the registry lists it."""
     address = f"{settings.advertise or _address_of(settings.host)}:{settings.port}"
-    return Member(settings.name or address, f"http://{address}", settings.dns_port)
+    scheme = "http" if settings.insecure else "https"
+    return Member(settings.name or address, f"{scheme}://{address}", settings.dns_port)
 
 
 def unreachable_address(settings: MasterSettings) -> str | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from shoal.testing.etcd import EtcdCluster
 from shoal.testing.live import LiveCluster, free_port, wait_for
+from shoal.tls import TlsFiles
 from shoal.views import MasterView
 
 
@@ -28,7 +29,9 @@ class HaCluster(LiveCluster):
         self.names = [f"m{i + 1}" for i in range(masters)]
         self.ports = {name: free_port() for name in self.names}
         self.dns_ports = {name: free_port() for name in self.names}  # each leader serves DNS
-        self.urls = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
+        self.urls = {name: f"{self.scheme}://127.0.0.1:{port}" for name, port in self.ports.items()}
+        self.tls_files = TlsFiles(root / self.names[0] / "tls")  # the authority's: the first master's
+        self.ca = str(self.tls_files.ca_cert) if self.tls else None
         self.url = ",".join(self.urls.values())
         self.masters: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -39,6 +42,7 @@ class HaCluster(LiveCluster):
             wait_for(c.whoami, what="a leader answering")
 
     def start_master_named(self, name: str) -> None:
+        self.ensure_tls(TlsFiles(self.root / name / "tls"))
         self.masters[name] = self._spawn(
             name,
             "master",
@@ -86,8 +90,10 @@ def ha_cluster(
     heartbeat_timeout: float = 6.0,
     heartbeat_interval: float = 0.3,
     master_settings: Mapping[str, str] | None = None,
+    tls: bool = False,
 ) -> Iterator[HaCluster]:
-    """A started cluster of `masters` masters on `etcd_members` etcd members, and agents."""
+    """A started cluster of `masters` masters on `etcd_members` etcd members, and agents;
+    `tls`: HTTPS, a certificate per master from one authority."""
     root.mkdir(parents=True, exist_ok=True)
     with EtcdCluster(etcd_members, root / "etcd") as etcd:
         cluster = HaCluster(
@@ -98,6 +104,7 @@ def ha_cluster(
             heartbeat_timeout=heartbeat_timeout,
             heartbeat_interval=heartbeat_interval,
             master_settings=master_settings,
+            tls=tls,
         )
         try:
             cluster.start()

@@ -1,6 +1,7 @@
 """A live cluster for tests and benchmarks: a real master and real agents on 127.0.0.1.
 
-    with live_cluster(tmp_path, agents=2) as cluster:
+    with live_cluster(tmp_path, agents=2) as cluster:        # tls=True: HTTPS, agents join
+                                                             # with a bootstrap token
         client = cluster.client()
         ...
         cluster.kill_agent("node1")      # SIGKILL, as a crashed machine's agent
@@ -27,7 +28,8 @@ from shoal.agent.server import stop_runs
 from shoal.client import Client, Unreachable
 from shoal.config import shared_host_ports
 from shoal.master.auth import new_token
-from shoal.model import NodeStatus
+from shoal.model import NodeStatus, Role
+from shoal.tls import TlsFiles
 
 
 def free_port() -> int:
@@ -58,13 +60,20 @@ class LiveCluster:
         start_timeout: float | None = None,
         registered: Callable[[int, int], None] | None = None,
         agent_settings: Mapping[str, str] | None = None,
+        tls: bool = False,
     ) -> None:
         self.root = root
         self.agent_batch = agent_batch
         self.start_timeout = start_timeout
         self.registered = registered
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.scheme = "https" if tls else "http"
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
+        # The authority and the (first) master's certificate; clients and agents trust its ca.pem.
+        self.tls_files = TlsFiles(root / "master" / "tls")
+        self.ca = str(self.tls_files.ca_cert) if tls else None
+        self._bootstrap_token: str | None = None
         self.dns_port = free_port()  # the master's DNS server, UDP and TCP
         self.admin_token = new_token()
         self.cluster_token = new_token()
@@ -76,7 +85,7 @@ class LiveCluster:
         # Settings of the master, and of every agent, as SHOAL_* variables: {"offer_timeout": "2"}.
         self.master_env = {
             "SHOAL_DNS_PORT": str(self.dns_port),
-            "SHOAL_INSECURE": "1",  # plain HTTP: a master without it wants its certificate
+            **({} if tls else {"SHOAL_INSECURE": "1"}),  # plain HTTP: else the master wants TLS
             **{f"SHOAL_{k.upper()}": v for k, v in (master_settings or {}).items()},
         }
         self.agent_env = {f"SHOAL_{k.upper()}": v for k, v in (agent_settings or {}).items()}
@@ -89,18 +98,25 @@ class LiveCluster:
             "SHOAL_CLUSTER_TOKEN": self.cluster_token,
         }
 
-    def _spawn(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self,
+        name: str,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        base: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """`shoal ARGS` logging to NAME.log, with `env` over `base` (default: `self.env`)."""
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
         with log:
             return subprocess.Popen(
                 [sys.executable, "-m", "shoal", *args],
-                env={**self.env, **(env or {})},
+                env={**(self.env if base is None else base), **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
 
     def client(self, token: str | None = None) -> Client:
-        return Client(self.url, token or self.admin_token)
+        return Client(self.url, token or self.admin_token, ca=self.ca)
 
     def cli_env(self, token: str | None = None) -> dict[str, str]:
         """The environment that points the `shoal` command at this cluster."""
@@ -109,6 +125,7 @@ class LiveCluster:
             "SHOAL_URL": self.url,
             "SHOAL_TOKEN": token or self.admin_token,
             "SHOAL_CONFIG": str(self.root / "none.toml"),
+            **({"SHOAL_CA": self.ca} if self.ca else {}),
         }
 
     def cli(
@@ -125,7 +142,37 @@ class LiveCluster:
 
     # --- the master -----------------------------------------------------------------------
 
+    def ensure_tls(self, files: TlsFiles) -> None:
+        """The authority (the first master's) and a certificate for the master of `files`,
+        made once, as `shoal tls init` and `shoal tls cert` would; nothing without TLS."""
+        from shoal import tls
+
+        if not self.tls or files.complete():
+            return
+        names = tls.master_names([])
+        if files == self.tls_files:
+            tls.init_master_files(files, names)
+        else:
+            tls.write_master_files(files, tls.Authority.load(self.tls_files), names)
+
+    def bootstrap_token(self) -> str:
+        """A token agents join a TLS cluster with, made through the API at the first call."""
+        if self._bootstrap_token is None:
+            with self.client() as c:
+                made = c.create_token("agents", Role.USER, kind="bootstrap", ttl=24 * 3600)
+            self._bootstrap_token = made.token
+        return self._bootstrap_token
+
+    def agent_environment(self) -> dict[str, str]:
+        """What tells an agent how to join: the cluster token on plain HTTP; on TLS, the CA
+        and a bootstrap token, and no cluster token."""
+        if not self.tls:
+            return dict(self.env)
+        joining = {"SHOAL_CA": str(self.ca), "SHOAL_BOOTSTRAP_TOKEN": self.bootstrap_token()}
+        return {k: v for k, v in self.env.items() if k != "SHOAL_CLUSTER_TOKEN"} | joining
+
     def start_master(self) -> None:
+        self.ensure_tls(self.tls_files)
         self.master = self._spawn(
             "master",
             "master",
@@ -182,6 +229,7 @@ class LiveCluster:
                 **self.agent_env,
                 "SHOAL_PORT_RANGE": json.dumps(self.port_range(name)),
             },
+            base=self.agent_environment(),
         )
 
     def port_range(self, name: str) -> tuple[int, int]:
@@ -272,9 +320,11 @@ def live_cluster(
     start_timeout: float | None = None,
     registered: Callable[[int, int], None] | None = None,
     agent_settings: Mapping[str, str] | None = None,
+    tls: bool = False,
 ) -> Iterator[LiveCluster]:
     """A started cluster; `agent_batch`, `start_timeout` and `registered` as in `start_agents`;
-    `master_settings` and `agent_settings` as SHOAL_* variables ({"fsync": "false"})."""
+    `master_settings` and `agent_settings` as SHOAL_* variables ({"fsync": "false"}); `tls`:
+    HTTPS with the cluster's own authority, agents joining with a bootstrap token."""
     root.mkdir(parents=True, exist_ok=True)
     cluster = LiveCluster(
         root,
@@ -286,6 +336,7 @@ def live_cluster(
         start_timeout,
         registered,
         agent_settings,
+        tls,
     )
     try:
         cluster.start()
