@@ -19,6 +19,11 @@
    cluster of three masters on three etcd members (all on this machine); `e2e_tasks_per_s`,
    the start latencies and the CPU figures are then that cluster's, and `sqlite_tasks_per_s`
    is 1's (one master on SQLite, fsync on), measured in the same run.
+6. With `--tls`, what TLS costs: instead of 4, the same array and starts on two clusters of
+   `--store`, one on plain HTTP (`--insecure`, agents with the cluster token) and one on
+   TLS (the cluster's own authority, agents joining with a bootstrap token and presenting
+   their certificates); the figures are then the TLS cluster's, with plain_tasks_per_s,
+   plain_start_p50_ms and tls_over_plain (tasks/s with TLS over without; goal >= 0.9).
 Prints one JSON line last: agents, tasks, ok_tasks, e2e_tasks_per_s, spawn_ceiling_per_s,
 start_p50_ms, start_p99_ms, submit_ms (how long the API took to accept the array), where the
 array's CPU went: shoal_cpu_ms_per_task (the master and agents themselves) and
@@ -117,15 +122,25 @@ class Run:
 
 
 @contextlib.contextmanager
-def cluster_on(store: str, root: Path, agents: int, settings: dict[str, str]) -> Iterator[LiveCluster]:
+def cluster_on(
+    store: str, root: Path, agents: int, settings: dict[str, str], tls: bool
+) -> Iterator[LiveCluster]:
     """A fresh cluster: one master on SQLite, or three masters on three etcd members."""
     if store == "etcd":
         with ha_cluster(
-            root, masters=3, agents=agents, etcd_members=3, heartbeat_timeout=30, master_settings=settings
+            root,
+            masters=3,
+            agents=agents,
+            etcd_members=3,
+            heartbeat_timeout=30,
+            master_settings=settings,
+            tls=tls,
         ) as cluster:
             yield cluster
     else:
-        with live_cluster(root, agents=agents, heartbeat_timeout=30, master_settings=settings) as cluster:
+        with live_cluster(
+            root, agents=agents, heartbeat_timeout=30, master_settings=settings, tls=tls
+        ) as cluster:
             yield cluster
 
 
@@ -137,12 +152,13 @@ def measure(
     progress: Progress,
     what: str,
     store: str = "sqlite",
+    tls: bool = False,
     **settings: str,
 ) -> Run:
     """The array's throughput and the start latency on a fresh cluster with these master settings."""
     run = Run(tasks)
     progress.console.print(f"{what}: starting the masters, etcd if any, and {agents} agents")
-    with cluster_on(store, root, agents, settings) as cluster:
+    with cluster_on(store, root, agents, settings, tls) as cluster:
         daemons = [psutil.Process(p.pid) for p in (*cluster.daemons(), *cluster.agents.values())]
         with cluster.client() as client:
             cpu_before = _cpu(daemons)
@@ -178,6 +194,15 @@ def measure(
     return run
 
 
+def _compared(args: argparse.Namespace, root: str, nofsync_tasks: int, progress: Progress) -> Run:
+    """The run 1 is compared with: three masters on etcd, or fsync off."""
+    if args.store == "etcd":
+        return measure(Path(root) / "etcd", args.agents, args.tasks, args.starts, progress, "etcd", "etcd")
+    return measure(
+        Path(root) / "nofsync", args.agents, nofsync_tasks, args.starts, progress, "fsync off", fsync="false"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=4)
@@ -192,6 +217,9 @@ def main() -> int:
         default="sqlite",
         help="etcd: compare three masters on etcd with one on SQLite, instead of fsync off",
     )
+    parser.add_argument(
+        "--tls", action="store_true", help="compare TLS with plain HTTP on --store, instead of fsync off"
+    )
     args = parser.parse_args()
     nofsync_tasks = args.nofsync_tasks or args.tasks
     if "fsync" not in MasterSettings.model_fields:
@@ -204,24 +232,19 @@ def main() -> int:
         tempfile.TemporaryDirectory(dir=data_home(), prefix="bench-") as root,
         Progress(transient=True) as progress,
     ):
-        synced = measure(Path(root) / "fsync", args.agents, args.tasks, args.starts, progress, "fsync on")
-        if args.store == "etcd":
+        if args.tls:  # the TLS cluster's figures lead; the plain one's compare
             other = measure(
-                Path(root) / "etcd", args.agents, args.tasks, args.starts, progress, "etcd", "etcd"
+                Path(root) / "plain", args.agents, args.tasks, args.starts, progress, "plain", args.store
+            )
+            synced = measure(
+                Path(root) / "tls", args.agents, args.tasks, args.starts, progress, "TLS", args.store, True
             )
         else:
-            other = measure(
-                Path(root) / "nofsync",
-                args.agents,
-                nofsync_tasks,
-                args.starts,
-                progress,
-                "fsync off",
-                fsync="false",
-            )
+            synced = measure(Path(root) / "fsync", args.agents, args.tasks, args.starts, progress, "fsync on")
+            other = _compared(args, root, nofsync_tasks, progress)
         progress.console.print("timing the machine's own spawn ceiling")
         ceiling = spawn_ceiling()
-    main_run = other if args.store == "etcd" else synced
+    main_run = other if args.store == "etcd" and not args.tls else synced
     figures: dict[str, Any] = {
         "agents": args.agents,
         "tasks": args.tasks,
@@ -234,7 +257,14 @@ def main() -> int:
         "start_p50_ms": main_run.percentile(50),
         "start_p99_ms": main_run.percentile(99),
     }
-    if args.store == "etcd":
+    if args.tls:
+        figures |= {
+            "store": args.store,
+            "plain_tasks_per_s": round(other.ok / other.elapsed),
+            "plain_start_p50_ms": other.percentile(50),
+            "tls_over_plain": round((synced.ok / synced.elapsed) / (other.ok / other.elapsed), 2),
+        }
+    elif args.store == "etcd":
         figures |= {
             "store": "etcd",
             "sqlite_tasks_per_s": round(synced.ok / synced.elapsed),

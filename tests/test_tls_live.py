@@ -199,7 +199,10 @@ async def _peer_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @pytest.fixture
-def peer_server(tmp_path: Path) -> Iterator[tuple[MasterSettings, tls.Authority]]:
+def peer_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[MasterSettings, tls.Authority]]:
+    monkeypatch.setattr(serving, "RELOAD_EVERY", 0.05)
     settings = MasterSettings(state_dir=tmp_path, host="127.0.0.1", port=free_port())
     tls.init_master_files(settings.tls_files(), tls.master_names([]))
     server = serving.MasterServer(_peer_app, settings)
@@ -246,3 +249,26 @@ def test_peer_of_scope_is_the_node_a_connection_is_certified_for(
     while serving._peers and time.monotonic() < deadline:  # noqa: SLF001 - none left behind
         time.sleep(0.05)
     assert serving._peers == {}  # noqa: SLF001
+
+
+def test_a_new_pair_the_authority_did_not_issue_is_logged_and_the_old_one_served(
+    peer_server: tuple[MasterSettings, tls.Authority], other_ca: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings, _ = peer_server
+    files = settings.tls_files()
+    served = tls.describe(files.cert.read_bytes()).serial
+    stranger = tls.TlsFiles(other_ca.parent)
+    files.cert.write_bytes(stranger.cert.read_bytes())
+    files.key.write_bytes(stranger.key.read_bytes())
+    deadline = time.monotonic() + 5
+    while "kept the master's certificate it had" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "the cluster CA did not issue it" in caplog.text
+    with httpx.Client(verify=tls.client_context(files.ca_cert)) as client:
+        assert client.get(f"https://127.0.0.1:{settings.port}/").status_code == 200
+    context = tls.client_context(files.ca_cert)
+    with (
+        socket.create_connection(("127.0.0.1", settings.port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+    ):
+        assert conn.getpeercert()["serialNumber"] == served

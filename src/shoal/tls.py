@@ -239,6 +239,16 @@ def init_master_files(files: TlsFiles, names: list[str]) -> Made:
     return made
 
 
+def init_cluster_files(masters: list[TlsFiles], names: list[str]) -> None:
+    """Certificates for masters of one cluster on one host (`shoal dev --ha`, tests): the
+    first's as `init_master_files` makes them, then one from its authority for each other
+    master without one, as `shoal tls cert` would."""
+    init_master_files(masters[0], names)
+    for files in masters[1:]:
+        if not files.complete():
+            write_master_files(files, Authority.load(masters[0]), names)
+
+
 @dataclass(frozen=True, slots=True)
 class CertificateInfo:
     """What `shoal tls show` says of a certificate: never anything of its key."""

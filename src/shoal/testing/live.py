@@ -147,13 +147,8 @@ class LiveCluster:
         made once, as `shoal tls init` and `shoal tls cert` would; nothing without TLS."""
         from shoal import tls
 
-        if not self.tls or files.complete():
-            return
-        names = tls.master_names([])
-        if files == self.tls_files:
-            tls.init_master_files(files, names)
-        else:
-            tls.write_master_files(files, tls.Authority.load(self.tls_files), names)
+        if self.tls:
+            tls.init_cluster_files(list(dict.fromkeys([self.tls_files, files])), tls.master_names([]))
 
     def bootstrap_token(self) -> str:
         """A token agents join a TLS cluster with, made through the API at the first call."""
