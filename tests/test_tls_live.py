@@ -22,9 +22,11 @@ import pytest
 from websockets.sync.client import connect
 
 from shoal import tls
+from shoal.calls import AsyncCalls
 from shoal.client import Client
 from shoal.config import MasterSettings
 from shoal.master import serving
+from shoal.masters import Masters
 from shoal.testing.live import LiveCluster, free_port, live_cluster
 from shoal.trust import UntrustedMaster
 
@@ -66,6 +68,16 @@ def test_a_client_with_another_ca_is_refused_plainly(cluster: LiveCluster, other
     with Client(cluster.url, cluster.admin_token, ca=other_ca) as client:
         with pytest.raises(UntrustedMaster, match=f"the cluster CA in {other_ca} did not issue"):
             client.whoami()
+
+    async def whoami_async() -> None:  # as drivers and agents call
+        calls = AsyncCalls(Masters(cluster.url), cluster.admin_token, 5.0, 5.0, other_ca)
+        try:
+            await calls.send("GET", "/v1/whoami")
+        finally:
+            await calls.aclose()
+
+    with pytest.raises(UntrustedMaster, match="did not issue"):
+        asyncio.run(whoami_async())
     done = subprocess.run(
         [sys.executable, "-m", "shoal", "nodes"],
         env=cluster.cli_env() | {"SHOAL_CA": str(other_ca)},

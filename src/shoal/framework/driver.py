@@ -172,6 +172,7 @@ class _Driver(abc.ABC):
         role: str = "default",
         url: str | None = None,
         token: str | None = None,
+        ca: str | None = None,
         failover_timeout: float = 60.0,
         framework_id: str | None = None,
         implicit_acknowledgements: bool = True,
@@ -180,12 +181,12 @@ class _Driver(abc.ABC):
         self.scheduler = scheduler
         self._session = _Session(name, role, failover_timeout, framework_id, implicit_acknowledgements)
         self._masters = Masters(url or config.url)
-        self._open(token or config.token, config.ca or None)
+        self._open(token or config.token, ca or config.ca or None)
 
     @abc.abstractmethod
     def _open(self, token: str, ca: str | None) -> None:
         """Make the HTTP clients this flavour talks to the masters with, trusting the
-        cluster CA in the file `ca` (the client file's) for https masters."""
+        cluster CA in the file `ca` (else the client file's) for https masters."""
 
     @property
     def url(self) -> str:
