@@ -135,6 +135,16 @@ def test_a_starved_framework_gets_an_offer_a_hoarder_held() -> None:
     assert got.fair == {"hoarder": 0.5, "late": 0.5}
 
 
+def test_an_offer_made_before_a_new_resource_can_still_be_taken_for_a_starved_framework() -> None:
+    ledger = Ledger(cluster(4), policy())
+    ledger.cycle([Claimant("hoarder", "default")])
+    # A node brings a resource no node had: the offers held have a dimension fewer.
+    ledger.table.upsert("n4", Resources(cpus=4, mem=4096, custom={"licenses": 2}), {"name": "n4"}, False)
+    got = ledger.cycle([Claimant("hoarder", "default", holds_offer=True), Claimant("late", "default")])
+    assert len(got.rescinded) == 1
+    assert [o.framework for o in each(got)] == ["late"]
+
+
 def test_a_starved_framework_does_not_take_from_one_at_its_fair_share() -> None:
     ledger = Ledger(cluster(2), policy())
     first = ledger.cycle([Claimant("a", "default"), Claimant("b", "default")])

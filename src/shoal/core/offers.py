@@ -293,6 +293,13 @@ class _Turns:
         self._levels.pop(c.role, None)
         self._mine.pop(c.id, None)
 
+    def _without(self, o: Outstanding) -> np.ndarray:
+        """What would be free on `o`'s node were `o` rescinded. An offer made before a node
+        brought a resource new to the cluster has fewer dimensions than the table now."""
+        free = self.free[o.row, : self.dims].copy()
+        free[: len(o.amount)] += o.amount
+        return free
+
     def relieve_starved(self, fair: Mapping[str, float], outstanding: list[Outstanding]) -> list[str]:
         """Rescind an over-share framework's offer for each starved one; their ids."""
         rescinded: list[str] = []
@@ -314,7 +321,7 @@ class _Turns:
                     for f in over
                     for o in held[f]
                     if o.row not in c.filtered
-                    and offerable(np.minimum(self.free[o.row, : self.dims] + o.amount, headroom)[None, :])[0]
+                    and offerable(np.minimum(self._without(o), headroom)[None, :])[0]
                 ),
                 None,
             )
