@@ -85,6 +85,19 @@ def test_report_of_an_old_attempt_is_killed_not_adopted() -> None:
     assert state.ledger.tasks["1.0"].state is TaskState.ASSIGNED
 
 
+def test_a_heartbeat_keeps_only_the_nodes_own_runs() -> None:
+    state = MasterState()
+    register(state, "n1")
+    register(state, "n2")
+    submit(state, count=2, max_per_node=1, resources={"cpus": 1})
+    mine = next(t.run_id for t in state.ledger.tasks.values() if t.node == "n1")
+    theirs = next(t.run_id for t in state.ledger.tasks.values() if t.node == "n2")
+    runs = {run: {"cpu_seconds": 1.0} for run in (mine, theirs, "", "x", "1.0.x", "nobody.0.1")}
+    commands = state.handle(FromAgent("n1", Heartbeat(usage={"runs": runs}), 1.0))
+    assert commands[-1] == Send("n1", Ack(reports=[]))
+    assert list(state.ledger.nodes["n1"].usage.runs) == [mine]
+
+
 def test_heartbeat_timeout_loses_tasks_and_restarts_them_after_the_delay() -> None:
     state = MasterState(heartbeat_timeout=3)
     register(state, "n1")

@@ -80,7 +80,6 @@ from shoal.model import (
     TaskLoad,
     TaskRecord,
     TaskState,
-    parse_run_id,
 )
 from shoal.services import Endpoint
 from shoal.wire import Ack, Heartbeat, Kill, Register, RunReport, RunReports, Welcome
@@ -316,17 +315,24 @@ class MasterState:
         # Decisions judge load smoothed over heartbeats, never one spike.
         load = round(smooth(node.load if node.history else None, frame.usage.cpu_percent), 2)
         history = [*node.history[-(HISTORY - 1) :], load]
-        self.ledger.observe(node, last_seen=now, usage=frame.usage, load=load, history=history)
+        # A node speaks only of its own runs: what else it names (others' runs, names that
+        # are no run's) is not kept, and cannot swell its record.
+        placed = {run: task for run in frame.usage.runs if (task := self._placed(name, run)) is not None}
+        usage = frame.usage.model_copy(update={"runs": {run: frame.usage.runs[run] for run in placed}})
+        self.ledger.observe(node, last_seen=now, usage=usage, load=load, history=history)
         self.ledger.send(name, _HEARD)  # the agent knows, by these, that it is not cut off
-        for run, used in frame.usage.runs.items():
-            self._task_load(name, run, used, now)
+        for run, task in placed.items():
+            self._task_load(task, run, usage.runs[run], now)
 
-    def _task_load(self, node: str, run: str, used: RunUsage, now: float) -> None:
+    def _placed(self, node: str, run: str) -> TaskRecord | None:
+        """The active task whose current run on `node` is `run`, if any."""
+        task = self.ledger.tasks.get(run.rpartition(".")[0])
+        if task is None or task.run_id != run or task.node != node or not task.state.active:
+            return None
+        return task
+
+    def _task_load(self, task: TaskRecord, run: str, used: RunUsage, now: float) -> None:
         """A running task's CPU %, from the CPU time its agent reported now and before."""
-        task_id, attempt = parse_run_id(run)
-        task = self.ledger.tasks.get(task_id)
-        if task is None or task.attempt != attempt or task.node != node or not task.state.active:
-            return
         seen = self._cpu_seen.get(run)
         self._cpu_seen[run] = (used.cpu_seconds, now)
         if seen is None or now <= seen[1]:
