@@ -30,7 +30,15 @@ def test_frames_round_trip(frame) -> None:
 
 @pytest.mark.parametrize(
     "garbage",
-    [msgpack.packb({"kind": "launch"}), msgpack.packb({"kind": "nope"}), msgpack.packb([1, 2])],
+    [
+        msgpack.packb({"kind": "launch"}),
+        msgpack.packb({"kind": "nope"}),
+        msgpack.packb([1, 2]),
+        msgpack.packb({"kind": "heartbeat", "usage": {"cpu_percent": float("nan")}}),
+        msgpack.packb({"kind": "heartbeat", "usage": {"load1": float("inf")}}),
+        msgpack.packb({"kind": "heartbeat", "usage": {"cpu_percent": 1e308}}),
+        msgpack.packb({"kind": "heartbeat", "usage": {"runs": {"1.0.0": {"cpu_seconds": float("-inf")}}}}),
+    ],
 )
 def test_garbage_frames_are_refused(garbage: bytes) -> None:
     with pytest.raises(ValidationError):

@@ -344,20 +344,21 @@ class NodeInfo(BaseModel):
 class RunUsage(BaseModel):
     """What one run has used, measured by its agent (its cgroup, or its process tree)."""
 
-    model_config = ConfigDict(frozen=True)
+    # No NaN nor infinity: a single one would poison every smoothed load after it.
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
-    cpu_seconds: float = 0.0  # since it started
-    rss: int = 0  # MiB now
+    cpu_seconds: float = Field(0.0, ge=0)  # since it started
+    rss: int = Field(0, ge=0)  # MiB now
 
 
 class Usage(BaseModel):
     """Live utilization of a node, measured by its agent."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
-    cpu_percent: float = 0.0
-    mem_used: int = 0
-    load1: float = 0.0
+    cpu_percent: float = Field(0.0, ge=0, le=100)  # of the whole node
+    mem_used: int = Field(0, ge=0)
+    load1: float = Field(0.0, ge=0)
     runs: dict[str, RunUsage] = Field(default_factory=dict)  # by run id
 
 
