@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from shoal.core.scheduler import Policy
 from shoal.errors import ShoalError
@@ -68,6 +68,7 @@ from shoal.wire import (
     LogChunk,
     LogRequest,
     Register,
+    RunReport,
     RunReports,
     decode,
     encode,
@@ -79,6 +80,7 @@ _LOG_TIMEOUT = 5.0
 _SWEEP_EVERY = 60.0  # seconds between sweeps of old blobs
 ANY_SERVICE = ""  # what a blocking query on the list of services waits on
 _STREAM_BOUND = 10_000  # events a framework may leave unread before its stream is closed
+_REPORTS_A_TURN = 1_000  # an agent's reports dispatched in one turn of the loop, at most
 
 
 def tune_collector() -> None:
@@ -109,8 +111,11 @@ class _Link:
         self.ws = ws
         self.outbox: asyncio.Queue[bytes] = asyncio.Queue(_OUTBOX)
         self.writer = asyncio.create_task(self._write())
+        self.closed = False
 
     def send(self, data: bytes) -> None:
+        if self.closed:
+            return  # what it misses, its next registration reconciles
         try:
             self.outbox.put_nowait(data)
         except asyncio.QueueFull:
@@ -119,6 +124,11 @@ class _Link:
             self.close()
 
     def close(self) -> None:
+        """Close the connection, once: a burst of frames to a stuck agent must not close it
+        again for each."""
+        if self.closed:
+            return
+        self.closed = True
         self.writer.cancel()
         asyncio.ensure_future(self._close())
 
@@ -213,7 +223,7 @@ class Master:
                         self.deposed = True
                         raise
                 case Send(node=node, frame=frame):
-                    if (link := self.links.get(node)) is not None:
+                    if (link := self.links.get(node)) is not None and not link.closed:
                         link.send(encode(frame))
                 case Reply():
                     replies[command.request] = command
@@ -360,19 +370,31 @@ class Master:
         while True:
             try:
                 frame = decode(await ws.receive_bytes())
-            except WebSocketDisconnect:
-                return
+            except (WebSocketDisconnect, WebSocketDisconnected):
+                return  # the agent hung up, or this master did (its node down, its outbox stuck)
             except (ValueError, KeyError, TypeError) as e:
                 log.warning("agent %s sent a bad frame (%s); closing its connection", name, e)
-                await ws.close(code=1003)
+                with contextlib.suppress(RuntimeError):  # closed already: a newer connection took over
+                    await ws.close(code=1003)
                 return
             if isinstance(frame, LogChunk):
                 if (waiter := self._log_waiters.pop(frame.request, None)) is not None and not waiter.done():
                     waiter.set_result(frame)
             elif isinstance(frame, ExecStarted | ExecOutput | FileFetched | ExecEnd):
                 self.shell.on_reply(name, frame)
-            elif isinstance(frame, Register | Heartbeat | RunReports):
+            elif isinstance(frame, RunReports):
+                await self._take_reports(name, frame.reports)
+            elif isinstance(frame, Register | Heartbeat):
                 self.soon(FromAgent(name, frame, time.time()))
+
+    async def _take_reports(self, name: str, reports: list[RunReport]) -> None:
+        """Dispatch an agent's reports a slice a turn of the loop: a frame of a hundred
+        thousand would hold the loop for seconds, and every other node's heartbeats with it."""
+        for first in range(0, len(reports), _REPORTS_A_TURN):
+            part = RunReports(reports=reports[first : first + _REPORTS_A_TURN])
+            self.soon(FromAgent(name, part, time.time()))
+            if first + _REPORTS_A_TURN < len(reports):
+                await asyncio.sleep(0)
 
     # --- frameworks -----------------------------------------------------------------------
 
