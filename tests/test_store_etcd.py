@@ -21,7 +21,7 @@ from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.events import FromAgent, Persist, Submit, Tick
 from shoal.master.ledger import Retention
 from shoal.master.state import MasterState
-from shoal.master.store import Deposed, TokenEntry
+from shoal.master.store import AuditQuery, Deposed, TokenEntry
 from shoal.master.store.etcd import EtcdStore
 from shoal.master.store.gateway import (
     EtcdError,
@@ -501,3 +501,33 @@ def test_store_urls_name_the_members(url: str, endpoints: list[str]) -> None:
 def test_bad_store_urls_say_what_is_wrong(url: str) -> None:
     with pytest.raises(ValueError, match="expected|port"):
         parse_store_url(url)
+
+
+def test_token_lifecycles_and_audit_queries_behave_as_in_sqlite(space: Space) -> None:
+    def script(store: SqliteStore | EtcdStore) -> list[object]:
+        store.put_tokens(
+            {
+                "d1": TokenEntry("alice", Role.USER, created=1.0, expires=50.0),
+                "d2": TokenEntry("rack7", Role.USER, kind="bootstrap", created=2.0, uses=3, used=1),
+            }
+        )
+        store.put_token("d1", TokenEntry("alice", Role.USER, created=1.0, last_used=9.0, revoked=10.0))
+        seen: list[object] = [sorted(store.tokens()), store.token("d2")]
+        kinds = ["job.submit", "job.kill", "job.submit", "token.create", "job.submit"]
+        for i, kind in enumerate(kinds * 3):
+            who = ("alice", "bob", "anonymous")[i % 3]
+            store.add_audit(AuditRecord(at=float(i), who=who, kind=kind, source="10.0.0.1", status=201))
+        for query in (
+            AuditQuery(who="alice"),
+            AuditQuery(kind="job.submit"),
+            AuditQuery(who="bob", kind="job.submit"),
+            AuditQuery(since=9.0),
+            AuditQuery(who="alice", since=6.0),
+            AuditQuery(who="nobody"),
+        ):
+            seen += [store.audit(0, 100, query), store.audit(1, 2, query)]
+        return seen
+
+    etcd_seen = script(space.store(audit_limit=12, audit_page=4))
+    assert etcd_seen == script(SqliteStore(":memory:", fsync=False, audit_limit=12))
+    assert all(etcd_seen[2:-2])  # every query but the last finds records

@@ -47,6 +47,8 @@ from shoal.views import (  # noqa: E402
     PlannedMove,
     Submitted,
     TokenCreated,
+    TokenKind,
+    TokenView,
 )
 
 if TYPE_CHECKING:  # the parallel shell's types, imported where it is used
@@ -69,6 +71,7 @@ _PLANNED = TypeAdapter(list[PlannedMove])
 _MIGRATIONS = TypeAdapter(list[Migration])
 _SUMMARIES = TypeAdapter(list[ServiceSummary])
 _ENDPOINTS = TypeAdapter(list[Endpoint])
+_TOKENS = TypeAdapter(list[TokenView])
 INDEX_HEADER = "X-Shoal-Index"
 Verdict = Literal["pass", "warn", "fail"]
 _DEFAULT_WAIT, _MAX_WAIT = 300.0, 600.0  # seconds: a blocking query's, as the master has them
@@ -154,10 +157,36 @@ class Client:
         """The masters alive, the leader marked (any master answers this)."""
         return _MASTERS.validate_python(self._call("GET", MASTERS_PATH))
 
-    def create_token(self, name: str, role: Role, roles: tuple[str, ...] = ()) -> TokenCreated:
-        """A token for `name`; `roles` are the roles its frameworks may subscribe in."""
-        body = {"name": name, "role": role.value, "roles": list(roles)}
+    def create_token(
+        self,
+        name: str,
+        role: Role,
+        roles: tuple[str, ...] = (),
+        *,
+        ttl: float | None = None,
+        kind: TokenKind = "api",
+        uses: int | None = None,
+    ) -> TokenCreated:
+        """A token for `name` (admin only); `roles` are the roles its frameworks may subscribe
+        in; it expires after `ttl` seconds (None: never); a bootstrap token lets nodes join,
+        `uses` times (None: any number)."""
+        body = {
+            "name": name,
+            "role": role.value,
+            "roles": list(roles),
+            "kind": kind,
+            "ttl": ttl,
+            "uses": uses,
+        }
         return TokenCreated.model_validate(self._call("POST", "/v1/tokens", json=body))
+
+    def tokens(self) -> list[TokenView]:
+        """Every token, oldest first, without its secret (admin only)."""
+        return _TOKENS.validate_python(self._call("GET", "/v1/tokens"))
+
+    def revoke_token(self, token_id: str) -> TokenView:
+        """Revoke the token of public id `token_id` (as listed) from now on (admin only)."""
+        return TokenView.model_validate(self._call("POST", f"/v1/tokens/{_segment(token_id)}/revoke"))
 
     def rebalance_plan(self) -> list[PlannedMove]:
         """The moves a rebalancing round would make now (a dry run)."""
@@ -333,9 +362,19 @@ class Client:
         finally:
             response.close()
 
-    def audit(self, offset: int = 0, limit: int = 100) -> list[AuditRecord]:
-        """Parallel commands run on the cluster, newest first (admin only)."""
+    def audit(
+        self,
+        offset: int = 0,
+        limit: int = 100,
+        *,
+        who: str | None = None,
+        kind: str | None = None,
+        since: float | None = None,
+    ) -> list[AuditRecord]:
+        """Calls that changed something, parallel commands among them, newest first (admin
+        only); only `who`'s, only of `kind` (job.submit...), only since a Unix time."""
         params = {"offset": str(offset), "limit": str(limit)}
+        params |= {k: str(v) for k, v in (("who", who), ("kind", kind), ("since", since)) if v is not None}
         return _audit_records().validate_python(self._call("GET", "/v1/audit", params=params))
 
     def audit_start(self, command: str, nodes: str) -> int:

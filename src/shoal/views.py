@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from shoal.model import (
     JobRecord,
@@ -74,19 +74,59 @@ class Submitted(BaseModel):
     id: int
 
 
+TokenKind = Literal["api", "bootstrap"]
+MAX_TOKEN_TTL = 10 * 365 * 86_400  # seconds a token may be made to last, at most
+
+
 class TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
     role: Role = Role.USER
     roles: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")], ...] = Field(
         (), max_length=64, description="roles (queues) its frameworks may subscribe in"
     )
+    kind: TokenKind = Field("api", description="api: calls the API; bootstrap: lets nodes join, only")
+    ttl: float | None = Field(
+        None, gt=0, le=MAX_TOKEN_TTL, description="seconds until it expires (default: never)"
+    )
+    uses: int | None = Field(
+        None, ge=1, le=1_000_000, description="a bootstrap token's joins allowed (default: any number)"
+    )
+
+    @field_validator("uses")
+    @classmethod
+    def _only_bootstrap_tokens_count_uses(cls, uses: int | None, info: ValidationInfo) -> int | None:
+        if uses is not None and info.data.get("kind") != "bootstrap":
+            raise ValueError("only a bootstrap token (kind bootstrap) has a number of uses")
+        return uses
 
 
 class TokenCreated(BaseModel):
+    id: str = Field(description="its public id: in listings, and what revokes it")
     name: str
+    kind: TokenKind = "api"
     role: Role
     roles: tuple[str, ...] = ()
-    token: str
+    expires: float | None = None
+    uses: int | None = None
+    token: str = Field(description="the secret, shown this once")
+
+
+class TokenView(BaseModel):
+    """A token as listings show it: never its secret."""
+
+    id: str
+    name: str
+    kind: TokenKind
+    role: Role
+    roles: tuple[str, ...] = ()
+    created: float | None
+    expires: float | None
+    last_used: float | None
+    uses_left: int | None = Field(description="a bootstrap token's joins left; None: any number")
+    revoked: float | None = None
+    state: Literal["active", "expired", "revoked", "used"]
 
 
 class FieldError(BaseModel):

@@ -85,7 +85,10 @@ COMMANDS: dict[str, Entry] = {
         "mtime kept (admin only).",
     ),
     "audit": Entry(
-        "shell", "audit", "Who ran which parallel commands where, and how they ended (admin only)."
+        "shell",
+        "audit",
+        "Who changed what, from where, and how the master answered; parallel commands with "
+        "where they ran and how they ended (admin only).",
     ),
     "bootstrap": Entry(
         "shell",
@@ -112,7 +115,7 @@ COMMANDS: dict[str, Entry] = {
         "Show a service's endpoints (`shoal service NAME`), or register, check and deregister "
         "services shoal does not run.",
     ),
-    "token": Entry("jobs", "token_app", "API tokens (admin only)."),
+    "token": Entry("tokens", "token_app", "API tokens (admin only)."),
     "tls": Entry("tls", "tls_app", "The cluster's certificate authority and the masters' certificates."),
 }
 

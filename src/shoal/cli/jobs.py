@@ -23,7 +23,7 @@ from shoal.cli.render import (
     print_json,
 )
 from shoal.client import Client
-from shoal.model import JobSpec, Resources, RestartPolicy, Role, Strategy, TaskState
+from shoal.model import JobSpec, Resources, RestartPolicy, Strategy, TaskState
 from shoal.views import JobView
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
@@ -229,26 +229,3 @@ def masters(as_json: JsonOpt = False) -> None:
     with Client.from_config() as client:
         records = client.masters()
     print_json(records) if as_json else out.print(masters_table(records))
-
-
-token_app = typer.Typer(help="API tokens (admin only).", no_args_is_help=True)
-
-
-@token_app.command("create")
-@friendly
-def token_create(
-    name: Annotated[str, typer.Argument(help="who the token is for")],
-    role: Annotated[Role, typer.Option(help="admin, user or reader")] = Role.USER,
-    roles: Annotated[
-        list[str], typer.Option("--framework-role", help="a role (queue) its frameworks may use; repeatable")
-    ] = [],  # noqa: B006
-    as_json: JsonOpt = False,
-) -> None:
-    """Make an API token bound to a name and a role; it is shown only once."""
-    with Client.from_config() as client:
-        made = client.create_token(name, role, tuple(roles))
-    if as_json:
-        print_json(made)
-    else:
-        out.print(f"token for {made.name} ({made.role.value}); it is shown only once:")
-        print(made.token)

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from shoal.model import NodeStatus, Resources, TaskState
-from shoal.views import FrameworkView, JobView, MasterView, NodeView
+from shoal.views import FrameworkView, JobView, MasterView, NodeView, TokenView
 
 if TYPE_CHECKING:  # what only the parallel shell's commands render, and import themselves
     from shoal.shell.bootstrap import NodeResult
@@ -47,14 +47,22 @@ def styled(state: str) -> str:
     return f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]"
 
 
-def ago(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    seconds = max(0, int(time.time() - ts))
+def _span(seconds: int) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
-            return f"{seconds // size}{unit} ago"
-    return f"{seconds}s ago"
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def ago(ts: float | None) -> str:
+    return "-" if ts is None else f"{_span(max(0, int(time.time() - ts)))} ago"
+
+
+def when(ts: float | None) -> str:
+    """A time to come as `in 3h`, one past as `3h ago`; None as never."""
+    if ts is None:
+        return "never"
+    return ago(ts) if ts <= time.time() else f"in {_span(int(ts - time.time()))}"
 
 
 def jobs_table(jobs: Sequence[JobView]) -> Table:
@@ -165,11 +173,36 @@ def masters_table(masters: Sequence[MasterView]) -> Table:
 
 
 def audit_table(records: Sequence[AuditRecord]) -> Table:
-    table = Table("ID", "WHEN", "WHO", "NODES", "COMMAND", "RESULTS", box=None, header_style="bold")
+    table = Table("ID", "WHEN", "WHO", "FROM", "WHAT", "TARGET", "STATUS", box=None, header_style="bold")
     for r in records:
         command = r.command if isinstance(r.command, str) else " ".join(r.command)
-        results = ", ".join(f"{key}: {nodes}" for key, nodes in r.results.items()) or "running"
-        table.add_row(str(r.id), ago(r.at), r.who, r.nodes, command, results)
+        what = f"{r.kind}: {command}" if command else r.kind
+        status = "-" if r.status is None else styled_status(r.status)
+        if r.nodes:  # a parallel command: how it ended on its nodes
+            results = ", ".join(f"{key}: {nodes}" for key, nodes in r.results.items()) or "running"
+            status = f"{status} ({results})"
+        table.add_row(str(r.id), ago(r.at), r.who, r.source or "-", what, r.target or r.nodes or "-", status)
+    return table
+
+
+def styled_status(status: int) -> str:
+    return f"[{'green' if status < 400 else 'red'}]{status}[/]"
+
+
+def tokens_table(tokens: Sequence[TokenView]) -> Table:
+    # The id is what revokes a token: it is never cut short, however narrow the terminal.
+    table = Table(
+        Column("ID", no_wrap=True, min_width=16),
+        "NAME", "KIND", "ROLE", "STATE", "CREATED", "LAST USED", "EXPIRES", "USES LEFT",
+        box=None,
+        header_style="bold",
+    )  # fmt: skip
+    for t in tokens:
+        state = {"active": "[green]active[/]"}.get(t.state, f"[red]{t.state}[/]")
+        uses = "-" if t.kind == "api" else "any" if t.uses_left is None else str(t.uses_left)
+        table.add_row(
+            t.id, t.name, t.kind, t.role.value, state, ago(t.created), ago(t.last_used), when(t.expires), uses
+        )
     return table
 
 

@@ -7,6 +7,7 @@ import json
 import random
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +18,7 @@ from ClusterShell.NodeSet import NodeSet
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shoal.cli.display import Display, Style
+from shoal.cli.durations import seconds
 from shoal.cli.errors import fail, friendly
 from shoal.cli.render import audit_table, bootstrap_table, out, print_json
 from shoal.cli.spread import spread
@@ -172,11 +174,20 @@ def _over_ssh(
 def audit(
     limit: Annotated[int, typer.Option("-n", "--limit", help="how many, newest first")] = 20,
     offset: Annotated[int, typer.Option(help="skip this many newest")] = 0,
+    who: Annotated[
+        str | None, typer.Option(help="only the calls of this token's name (or agent, anonymous)")
+    ] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="only calls of this kind: job.submit, token.revoke, exec...")
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="only calls within this long: 30s, 10m, 1h, 7d")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
 ) -> None:
-    """Who ran which parallel commands where, and how they ended (admin only)."""
+    """Who changed what, from where, and how the master answered; parallel commands with
+    where they ran and how they ended (admin only)."""
+    start = None if since is None else time.time() - seconds(since)
     with Client.from_config() as client:
-        records = client.audit(offset, limit)
+        records = client.audit(offset, limit, who=who, kind=kind, since=start)
     if as_json:
         print_json(records)
     else:

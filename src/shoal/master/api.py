@@ -19,14 +19,15 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from shoal.config import MasterSettings
 from shoal.errors import Forbidden, NotFound, SpecError
 from shoal.framework import protocol as fp
-from shoal.master import ha, service_api
+from shoal.master import ha, service_api, token_api
+from shoal.master.audit import AuditTrail, kept, record_for
 from shoal.master.deps import CallerDep, MasterDep, Unauthorized, admin, admin_or_agent, anyone, writer
 from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, RebalanceNow, Submit
 from shoal.master.ha import FollowerGate
 from shoal.master.opening import lifespan
 from shoal.master.server import Master, NotLeading, Unavailable
 from shoal.master.shell import Order
-from shoal.master.store import Deposed
+from shoal.master.store import AuditQuery, Deposed
 from shoal.master.store.gateway import EtcdError
 from shoal.masters import LEADER_HEADER
 from shoal.model import Caller, JobSpec, Migration, Role, TaskRecord
@@ -41,8 +42,6 @@ from shoal.views import (
     NodeView,
     PlannedMove,
     Submitted,
-    TokenCreated,
-    TokenRequest,
 )
 
 log = logging.getLogger("shoal.master")
@@ -62,19 +61,20 @@ def _node_names(spec: JobSpec, master: Master) -> frozenset[str] | None:
 
 
 def _fan_out(
-    master: Master, caller: Caller, body: ExecRequest | CopyRequest | FetchRequest, what: object
+    master: Master,
+    request: Request,
+    caller: Caller,
+    body: ExecRequest | CopyRequest | FetchRequest,
+    what: object,
 ) -> StreamingResponse:
     """Send `body` to the nodes it selects, audited, answering with the stream of events."""
     chosen = choose(master.node_views(), body.select, random.shuffle)
     if not chosen.targets and not chosen.down:
         raise SpecError("select", "no node matches the selection", status=404)
-    record = AuditRecord(
-        at=time.time(),
-        who=caller.name,
-        command=what,
-        nodes=str(NodeSet.fromlist([*chosen.targets, *chosen.down])),
-    )
+    nodes = str(NodeSet.fromlist([*chosen.targets, *chosen.down]))
+    record = record_for(request, caller, 200, command=what, nodes=nodes)
     record.id = master.store.add_audit(record)
+    kept(request)
     log.info("parallel #%d by %s on %s: %s", record.id, caller.name, record.nodes, what)
     order = Order.of(body)
     return StreamingResponse(
@@ -87,6 +87,12 @@ def create_app(settings: MasterSettings) -> FastAPI:
     _errors(app)
     _routes(app)
     app.include_router(service_api.router)
+    app.include_router(token_api.router)
+    app.add_middleware(
+        AuditTrail,
+        master=lambda: app.state.master,
+        tokens=lambda: getattr(app.state, "tokens", None),
+    )
     app.add_middleware(
         FollowerGate,
         seat=lambda: app.state.seat,
@@ -197,14 +203,14 @@ def _routes(app: FastAPI) -> None:
         responses={200: {"content": {_MSGPACK: {}}, "description": "a stream of msgpack events"}},
     )
     async def exec_(
-        body: ExecRequest, master: MasterDep, caller: Annotated[Caller, Depends(admin)]
+        body: ExecRequest, request: Request, master: MasterDep, caller: Annotated[Caller, Depends(admin)]
     ) -> StreamingResponse:
         """Run a command on a node set now, through the agents (admin only; audited)."""
-        return _fan_out(master, caller, body, body.command)
+        return _fan_out(master, request, caller, body, body.command)
 
     @app.post("/v1/copy", response_class=StreamingResponse, responses={200: {"content": {_MSGPACK: {}}}})
     async def copy(
-        body: CopyRequest, master: MasterDep, caller: Annotated[Caller, Depends(admin)]
+        body: CopyRequest, request: Request, master: MasterDep, caller: Annotated[Caller, Depends(admin)]
     ) -> StreamingResponse:
         """Push uploaded blobs to a node set, through the agents (admin only; audited)."""
         if missing := sorted({f.blob for f in body.files if not master.blobs.has(f.blob)}):
@@ -212,30 +218,30 @@ def _routes(app: FastAPI) -> None:
         for blob in {f.blob for f in body.files}:
             master.blobs.touch(blob)
         names = ", ".join(f.path for f in body.files[:3]) + (", ..." if len(body.files) > 3 else "")
-        return _fan_out(master, caller, body, f"copy {names} -> {body.dest}")
+        return _fan_out(master, request, caller, body, f"copy {names} -> {body.dest}")
 
     @app.post("/v1/rcopy", response_class=StreamingResponse, responses={200: {"content": {_MSGPACK: {}}}})
     async def rcopy(
-        body: FetchRequest, master: MasterDep, caller: Annotated[Caller, Depends(admin)]
+        body: FetchRequest, request: Request, master: MasterDep, caller: Annotated[Caller, Depends(admin)]
     ) -> StreamingResponse:
         """Pull one file from every node of a set into the blob store (admin only; audited)."""
-        return _fan_out(master, caller, body, f"rcopy {body.path}")
+        return _fan_out(master, request, caller, body, f"rcopy {body.path}")
 
     @app.post("/v1/audit", status_code=201, response_model=AuditRecord)
     async def audit_start(
-        body: AuditStart, master: MasterDep, caller: Annotated[Caller, Depends(admin)]
+        body: AuditStart, request: Request, master: MasterDep, caller: Annotated[Caller, Depends(admin)]
     ) -> AuditRecord:
         """Record a parallel command run around the master (over SSH), before it runs."""
-        record = AuditRecord(
-            at=time.time(), who=caller.name, command=body.command, nodes=body.nodes, via=body.via
-        )
+        record = record_for(request, caller, 201, command=body.command, nodes=body.nodes, via=body.via)
         record.id = master.store.add_audit(record)
+        kept(request)
         return record
 
     @app.post("/v1/audit/{record_id}/end", response_model=AuditRecord)
     async def audit_end(
         record_id: Annotated[int, Path(ge=1, le=2**62)],
         body: AuditEnd,
+        request: Request,
         master: MasterDep,
         caller: Annotated[Caller, Depends(admin)],
     ) -> AuditRecord:
@@ -247,6 +253,7 @@ def _routes(app: FastAPI) -> None:
             raise SpecError("record_id", f"audit record {record_id} has ended already", status=409)
         record.ended_at, record.results = time.time(), body.results
         master.store.end_audit(record)
+        kept(request)  # the end of the record made at the start, not a record of its own
         return record
 
     @app.put("/v1/blobs/{blob}", status_code=201, dependencies=[Depends(admin_or_agent)])
@@ -268,16 +275,15 @@ def _routes(app: FastAPI) -> None:
         caller: Annotated[Caller, Depends(admin)],
         offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+        who: Annotated[str | None, Query(max_length=256, description="only this principal's")] = None,
+        kind: Annotated[
+            str | None, Query(max_length=256, description="only of this kind: job.submit")
+        ] = None,
+        since: Annotated[float | None, Query(ge=0, le=2**40, description="only since this Unix time")] = None,
     ) -> list[AuditRecord]:
-        """Parallel commands, newest first: who ran what where, and how it ended."""
-        return master.store.audit(offset, limit)
-
-    @app.post("/v1/tokens", status_code=201, response_model=TokenCreated)
-    async def create_token(
-        body: TokenRequest, master: MasterDep, caller: Annotated[Caller, Depends(admin)]
-    ) -> TokenCreated:
-        token = master.tokens.add(body.name, body.role, roles=body.roles)
-        return TokenCreated(name=body.name, role=body.role, roles=body.roles, token=token)
+        """Every call that changed something, newest first: who asked what of what, from
+        where, and the answer's status; a parallel command also where it ran and how it ended."""
+        return master.store.audit(offset, limit, AuditQuery(who, kind, since))
 
     @app.post(
         "/v1/frameworks/subscribe",

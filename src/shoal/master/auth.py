@@ -1,17 +1,40 @@
-"""API and cluster tokens: made here, stored only as SHA-256 digests.
+"""API, bootstrap and cluster tokens: made here, stored only as SHA-256 digests.
 
 People and programs present an API token bound to a name and a role; agents present the
-cluster token. A token is shown once, when it is made, and never logged.
+cluster token; a node joining the cluster presents a bootstrap token, which opens nothing
+else. A token is shown once, when it is made, and never logged: its public id (the first
+16 hex digits of its digest) names it in listings and revocations.
+
+A token may expire and may be revoked. A token once found is remembered, so a call costs no
+read of the store (a round trip on etcd), but its expiry is checked at every lookup and its
+revocation forgets it at once. Only the master that writes (the leader, or the only one)
+can keep that promise: a follower's tokens only read, and forget what they found after a
+few seconds. When a token was last used is kept in memory and written now and then, not on
+every call.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
+from shoal.errors import ShoalError
 from shoal.master.store import Store, TokenEntry
 from shoal.model import Caller, Role
+from shoal.views import TokenKind
+
+log = logging.getLogger("shoal.master")
+
+ID_LENGTH = 16  # hex digits of the digest that make a token's public id
+USES_WRITTEN_EVERY = 30.0  # seconds between writes of when tokens were last used
+_KNOWN = 10_000  # tokens remembered after a lookup, at most
+_FOLLOWER_MEMORY = 5.0  # seconds a follower trusts a token it found: it hears of no revocation
 
 
 def new_token() -> str:
@@ -22,36 +45,163 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-_KNOWN = 10_000  # tokens remembered after a lookup, at most
+def token_id(digest: str) -> str:
+    return digest[:ID_LENGTH]
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    token: str  # the secret, shown this once
+    id: str
+    entry: TokenEntry
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    entry: TokenEntry
+    caller: Caller
+    found: float
 
 
 class Tokens:
-    def __init__(self, store: Store, cluster_token: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        cluster_token: str,
+        *,
+        read_only: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._store = store
         self._cluster = _digest(cluster_token)
-        # Tokens are never revoked, so a token once found stays good: remembering it spares
-        # every call a read of the store (a round trip when the store is etcd).
-        self._known: dict[str, Caller] = {}
+        self._read_only = read_only
+        self._clock = clock
+        self._known: dict[str, _Known] = {}
+        self._used: dict[str, float] = {}  # digest -> when last used, not written yet
+        self._written = clock()  # when last uses were last written
+        self._redeeming = threading.Lock()
 
-    def add(self, name: str, role: Role, token: str | None = None, roles: tuple[str, ...] = ()) -> str:
-        """Bind `token` (or a new one) to `name`, `role` and framework `roles`; returns the token."""
-        token = token or new_token()
+    def add(
+        self,
+        name: str,
+        role: Role,
+        roles: tuple[str, ...] = (),
+        *,
+        kind: TokenKind = "api",
+        ttl: float | None = None,
+        uses: int | None = None,
+    ) -> Issued:
+        """A new token for `name`: an API token with `role` and framework `roles`, or a
+        bootstrap token good for `uses` joins; it expires `ttl` seconds from now (None: never)."""
+        token, now = new_token(), self._clock()
+        expires = None if ttl is None else now + ttl
+        entry = TokenEntry(name, role, roles, kind=kind, created=now, expires=expires, uses=uses)
         digest = _digest(token)
-        self._store.put_token(digest, TokenEntry(name, role, roles))
-        self._known.pop(digest, None)
-        return token
+        self._store.put_token(digest, entry)
+        return Issued(token, token_id(digest), entry)
+
+    def seed(self, name: str, role: Role, token: str) -> None:
+        """Bind `token` to `name` and `role` unless it is already (the admin token, at every
+        start): a token kept as it is keeps when it was made and used, and a revocation."""
+        digest = _digest(token)
+        entry = self._store.token(digest)
+        if entry is None or (entry.name, entry.role, entry.kind) != (name, role, "api"):
+            self._store.put_token(digest, TokenEntry(name, role, created=self._clock()))
+            self._known.pop(digest, None)
+        elif entry.revoked is not None:
+            log.warning(
+                "the %s token given to this master is revoked; remove its file (and SHOAL_ADMIN_TOKEN)"
+                " to have a new one made at the next start",
+                name,
+            )
 
     def caller(self, token: str) -> Caller | None:
-        digest = _digest(token)
-        if (known := self._known.get(digest)) is not None:
-            return known
+        """Who an API token speaks for; None for an unknown, expired or revoked token, and
+        for a bootstrap token."""
+        digest, now = _digest(token), self._clock()
+        known = self._known.get(digest)
+        if known is None or (self._read_only and now - known.found > _FOLLOWER_MEMORY):
+            known = self._look_up(digest, now)
+            if known is None:
+                return None
+        if not known.entry.valid(now):
+            return None
+        if not self._read_only:
+            self._used[digest] = now
+            if now - self._written >= USES_WRITTEN_EVERY:
+                self._write_uses_now_and_then()
+        return known.caller
+
+    def _look_up(self, digest: str, now: float) -> _Known | None:
         entry = self._store.token(digest)
-        if entry is None:
+        if entry is None or entry.kind != "api":
+            self._known.pop(digest, None)
             return None
         if len(self._known) >= _KNOWN:
             self._known.clear()
-        caller = self._known[digest] = Caller(name=entry.name, role=entry.role, roles=entry.roles)
-        return caller
+        caller = Caller(name=entry.name, role=entry.role, roles=entry.roles)
+        known = self._known[digest] = _Known(entry, caller, now)
+        return known
+
+    def redeem_bootstrap(self, token: str) -> TokenEntry | None:
+        """Count one use of a bootstrap token that is unexpired, unrevoked and has uses
+        left, written before this returns; its entry as counted, or None (nothing counted).
+        Redemptions take turns, so a token's last use goes to one caller only."""
+        digest = _digest(token)
+        with self._redeeming:
+            entry, now = self._store.token(digest), self._clock()
+            if entry is None or entry.kind != "bootstrap" or not entry.valid(now):
+                return None
+            if (left := entry.uses_left()) is not None and left <= 0:
+                return None
+            redeemed = replace(entry, used=entry.used + 1, last_used=now)
+            self._store.put_token(digest, redeemed)
+            return redeemed
+
+    def listing(self) -> list[tuple[str, TokenEntry]]:
+        """Every token as (id, entry), oldest first, with when each was last used."""
+        self.write_uses()
+        every = sorted(self._store.tokens(), key=lambda item: (item[1].created or 0.0, item[0]))
+        return [(token_id(digest), entry) for digest, entry in every]
+
+    def revoke(self, public_id: str) -> TokenEntry | None:
+        """Revoke the token of id `public_id` from now on; its entry, or None if there is none."""
+        self.write_uses()
+        for digest, entry in self._store.tokens():
+            if token_id(digest) == public_id:
+                if entry.revoked is None:
+                    entry = replace(entry, revoked=self._clock())
+                    self._store.put_token(digest, entry)
+                self._known.pop(digest, None)
+                return entry
+        return None
+
+    def write_uses(self) -> None:
+        """Write when tokens were last used, as far as this master has seen since it last did."""
+        used, self._used = self._used, {}
+        self._written = self._clock()
+        if not used:
+            return
+        entries = {}
+        for digest, at in used.items():
+            known = self._known.get(digest)
+            entry = known.entry if known is not None else self._store.token(digest)
+            if entry is not None:
+                entries[digest] = replace(entry, last_used=max(at, entry.last_used or 0.0))
+        try:
+            self._store.put_tokens(entries)
+        except BaseException:
+            self._used = used  # tried again next time
+            raise
+        for digest, entry in entries.items():
+            if (known := self._known.get(digest)) is not None:
+                self._known[digest] = replace(known, entry=entry)
+
+    def _write_uses_now_and_then(self) -> None:
+        try:
+            self.write_uses()
+        except ShoalError as e:  # the call at hand goes on; the uses are written later
+            log.warning("when tokens were last used could not be written: %s", e)
 
     def is_cluster(self, token: str) -> bool:
         return hmac.compare_digest(_digest(token), self._cluster)

@@ -10,6 +10,8 @@ from shoal.errors import Forbidden, ShoalError
 from shoal.master.server import Master, NotLeading
 from shoal.model import Caller, Role
 
+AGENT = "agent"  # who the cluster token speaks for: any agent
+
 
 class Unauthorized(ShoalError):
     pass
@@ -27,6 +29,7 @@ async def caller_of(request: Request) -> Caller:
     caller = request.app.state.tokens.caller(token) if scheme.lower() == "bearer" and token else None
     if caller is None:
         raise Unauthorized("a valid API token is required: Authorization: Bearer <token>")
+    request.state.principal = caller  # whom the audit trail names
     return caller
 
 
@@ -44,7 +47,10 @@ async def admin(caller: Annotated[Caller, Depends(caller_of)]) -> Caller:
 
 def _is_agent(request: Request) -> bool:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and request.app.state.tokens.is_cluster(token)
+    if scheme.lower() == "bearer" and request.app.state.tokens.is_cluster(token):
+        request.state.principal = AGENT
+        return True
+    return False
 
 
 async def admin_or_agent(request: Request) -> None:

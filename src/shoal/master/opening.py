@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from shoal.config import MasterSettings
+from shoal.errors import ShoalError
 from shoal.files import write_secret
 from shoal.master.auth import Tokens, new_token
 from shoal.master.blobs import BlobStore
@@ -61,7 +62,7 @@ def open_master(
         settings.state_dir / "shoal.db", fsync=settings.fsync, audit_limit=settings.audit_retention_count
     )
     tokens = _tokens(settings, store)
-    tokens.add(
+    tokens.seed(
         "admin", Role.ADMIN, _secret_file(settings.state_dir / "admin.token", _reveal(settings.admin_token))
     )
     blobs = BlobStore(settings.state_dir / "blobs")
@@ -87,9 +88,10 @@ def open_master(
     )
 
 
-def _tokens(settings: MasterSettings, store: Store) -> Tokens:
+def _tokens(settings: MasterSettings, store: Store, read_only: bool = False) -> Tokens:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    return Tokens(store, _secret_file(settings.state_dir / "cluster.token", _reveal(settings.cluster_token)))
+    cluster_token = _secret_file(settings.state_dir / "cluster.token", _reveal(settings.cluster_token))
+    return Tokens(store, cluster_token, read_only=read_only)
 
 
 def _me(settings: MasterSettings) -> Member:
@@ -151,11 +153,15 @@ async def _serving(
     dns = await serve_dns(master.state.registry, settings)
     log.info("DNS for .shoal on %s port %d (UDP and TCP)", settings.dns_host or settings.host, dns.port)
     ticker = asyncio.create_task(master.tick_loop())
-    app.state.master = master
+    # The leader's tokens, not a follower's: revocations and uses are its to know at once.
+    as_follower = getattr(app.state, "tokens", None)
+    app.state.master, app.state.tokens = master, master.tokens
     try:
         yield master
     finally:
-        app.state.master = None
+        app.state.master, app.state.tokens = None, as_follower
+        with contextlib.suppress(ShoalError):  # a deposed master writes nothing more
+            master.tokens.write_uses()
         master.stand_down()
         ticker.cancel()
         await dns.close()
@@ -170,7 +176,8 @@ async def _several(app: FastAPI, settings: MasterSettings) -> AsyncIterator[None
     seat = Seat(gateway, prefix, _me(settings), settings.lease_ttl)
     app.state.seat = seat
     # Followers authenticate too (`GET /v1/masters`): the tokens are read from etcd.
-    app.state.tokens = _tokens(settings, EtcdStore(gateway, prefix, fence=0, leader_key=seat.leader_key))
+    follower_store = EtcdStore(gateway, prefix, fence=0, leader_key=seat.leader_key)
+    app.state.tokens = _tokens(settings, follower_store, read_only=True)
 
     def serving(token: int) -> contextlib.AbstractAsyncContextManager[Master]:
         store = EtcdStore(
@@ -205,8 +212,7 @@ async def lifespan(app: FastAPI, settings: MasterSettings) -> AsyncIterator[None
     app.state.seat = None
     app.state.master = None
     if settings.store == "sqlite":
-        async with _serving(app, served) as master:
-            app.state.tokens = master.tokens
+        async with _serving(app, served):
             yield
     else:
         async with _several(app, served):

@@ -129,13 +129,20 @@ class Ended(_Event):
 
 
 class AuditRecord(BaseModel):
-    """Who ran what where, and how it ended: kept for every parallel command."""
+    """Who did what to what, from where, and how the master answered: kept for every call
+    that changes something. A parallel command's record also says where it ran and how it
+    ended on each node."""
 
     id: int = 0
     at: float
-    who: str
-    command: Command
-    nodes: str = Field(description="the node set it was sent to")
+    who: str = Field(description="a token's name, agent:<node>, bootstrap:<token name>, or anonymous")
+    role: str = Field("", description="the role of the caller's token, when it has one")
+    kind: str = Field("exec", description="what was asked: job.submit, token.revoke, exec, copy...")
+    target: str = Field("", description="what it was asked of: a job, a node, a token (from the path)")
+    source: str = Field("", description="the address the call came from")
+    status: int | None = Field(None, description="the HTTP status of the answer")
+    command: Command = Field("", description="a parallel command's")
+    nodes: str = Field("", description="the node set a parallel command was sent to")
     via: Literal["agents", "ssh"] = "agents"
     ended_at: float | None = None
     results: dict[str, str] = Field(

@@ -6,6 +6,7 @@ command atomically, so a batch of changes is either all there after a crash or n
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -15,6 +16,7 @@ from shoal.master.events import Persist
 from shoal.model import JobRecord, Migration, NodeRecord, Role, TaskRecord
 from shoal.services import RegistrationRecord
 from shoal.shell.protocol import AuditRecord
+from shoal.views import TokenKind
 
 
 class Deposed(ShoalError):
@@ -39,6 +41,38 @@ class TokenEntry:
     name: str
     role: Role
     roles: tuple[str, ...] = ()  # the roles (queues) its frameworks may subscribe in
+    kind: TokenKind = "api"
+    created: float | None = None  # None: made before tokens kept the time
+    expires: float | None = None  # None: never
+    last_used: float | None = None
+    uses: int | None = None  # a bootstrap token's redemptions allowed; None: any number
+    used: int = 0  # its redemptions so far
+    revoked: float | None = None  # when it was revoked
+
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and now >= self.expires
+
+    def valid(self, now: float) -> bool:
+        return self.revoked is None and not self.expired(now)
+
+    def uses_left(self) -> int | None:
+        return None if self.uses is None else max(0, self.uses - self.used)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """Which audit records to list: all when nothing is set."""
+
+    who: str | None = None
+    kind: str | None = None
+    since: float | None = None  # records at or after this time
+
+    def matches(self, record: AuditRecord) -> bool:
+        return (
+            (self.who is None or record.who == self.who)
+            and (self.kind is None or record.kind == self.kind)
+            and (self.since is None or record.at >= self.since)
+        )
 
 
 class Store(Protocol):
@@ -48,7 +82,15 @@ class Store(Protocol):
 
     def token(self, digest: str) -> TokenEntry | None: ...
 
+    def tokens(self) -> list[tuple[str, TokenEntry]]:
+        """Every token, as (digest, entry), in no particular order."""
+        ...
+
     def put_token(self, digest: str, entry: TokenEntry) -> None: ...
+
+    def put_tokens(self, entries: Mapping[str, TokenEntry]) -> None:
+        """Write several tokens at once (digest -> entry), in one transaction."""
+        ...
 
     def add_audit(self, record: AuditRecord) -> int:
         """Keep `record`; returns its id."""
@@ -58,8 +100,8 @@ class Store(Protocol):
 
     def audit_record(self, record_id: int) -> AuditRecord | None: ...
 
-    def audit(self, offset: int, limit: int) -> list[AuditRecord]:
-        """Records newest first."""
+    def audit(self, offset: int, limit: int, query: AuditQuery | None = None) -> list[AuditRecord]:
+        """The records `query` matches (None: all), newest first."""
         ...
 
     def close(self) -> None: ...

@@ -7,7 +7,7 @@ Keys, under `prefix` (default /shoal/):
     part/<seq:016d>/<n:06d>    the parts of an entry too large to stand in its log key
     snapshot                   {"seq": S, "parts": N}: every record as of entry S
     snap/<S:016d>/<n:06d>      the snapshot's parts
-    tokens/<digest>            {"name", "role", "roles"} of an API token
+    tokens/<digest>            a token's entry, as JSON: {"name", "role", "roles", "kind", ...}
     audit/<id:016d>            an audit record, as AuditRecord JSON
 
 A log of Persists, not a key per record. A Persist must be atomic however large it is (a
@@ -52,7 +52,8 @@ import json
 import logging
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 import msgpack
@@ -60,7 +61,7 @@ import msgpack
 from shoal.errors import ShoalError
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.events import Persist
-from shoal.master.store import Deposed, Snapshot, TokenEntry
+from shoal.master.store import AuditQuery, Deposed, Snapshot, TokenEntry
 from shoal.master.store.gateway import (
     EtcdError,
     EtcdUnavailable,
@@ -86,6 +87,7 @@ _SHORTEST_WRITE = 0.05  # seconds a write is given at least, however close the d
 _LOG_PAGE = 256  # log keys a read: 16 MiB at the most
 _PART_PAGE = 4  # parts a read: 4 MiB at the most
 _INLINE, _PARTS = b"z", b"p"  # what a log key holds: the entry itself, or its count of parts
+_TXN_OPS = 128  # operations etcd takes in one transaction, at most
 
 Doc = str | bytes  # a record's JSON document
 
@@ -215,7 +217,8 @@ def _split(blob: bytes, size: int) -> list[bytes]:
 
 class EtcdStore:
     """The `Store` on etcd for the leader fenced by `leader_key` created at `fence` (0: read
-    only). `chunk_bytes` is the size of a part of a large entry or of a snapshot.
+    only). `chunk_bytes` is the size of a part of a large entry or of a snapshot;
+    `audit_page`, of a read of audit records when searching them.
 
     The caller owns `gateway` (the leadership and several stores share it): `close()` only
     marks this store closed, and it writes nothing after."""
@@ -228,6 +231,7 @@ class EtcdStore:
         fence: int,
         leader_key: Key,
         audit_limit: int = 100_000,
+        audit_page: int = 512,
         chunk_bytes: int = CHUNK_BYTES,
         snapshot_every: int = 1_000,
         snapshot_bytes: int = 64 << 20,
@@ -242,6 +246,7 @@ class EtcdStore:
         self._fence = fence
         self._leader_key = leader_key.encode() if isinstance(leader_key, str) else leader_key
         self._audit_limit = audit_limit  # audit records kept, the newest
+        self._audit_page = audit_page  # records a read when searching them
         self._chunk = chunk_bytes
         self._snapshot_every = snapshot_every
         self._snapshot_bytes = snapshot_bytes
@@ -430,15 +435,22 @@ class EtcdStore:
 
     def token(self, digest: str) -> TokenEntry | None:
         found = self._gateway.range(self._key(f"tokens/{digest}")).kvs
-        if not found:
-            return None
-        doc = json.loads(found[0].value)
-        return TokenEntry(doc["name"], Role(doc["role"]), tuple(doc["roles"]))
+        return _token_entry(found[0].value) if found else None
+
+    def tokens(self) -> list[tuple[str, TokenEntry]]:
+        prefix = self._key("tokens/")
+        found = self._gateway.range(prefix, prefix_end(prefix)).kvs
+        return [(kv.key[len(prefix) :].decode(), _token_entry(kv.value)) for kv in found]
 
     def put_token(self, digest: str, entry: TokenEntry) -> None:
-        doc = json.dumps({"name": entry.name, "role": entry.role.value, "roles": list(entry.roles)})
+        self.put_tokens({digest: entry})
+
+    def put_tokens(self, entries: Mapping[str, TokenEntry]) -> None:
+        """One transaction for up to `_TXN_OPS` tokens; more take several."""
+        ops = [put_op(self._key(f"tokens/{d}"), _token_doc(e)) for d, e in entries.items()]
         with self._lock:
-            self._write([put_op(self._key(f"tokens/{digest}"), doc)])
+            for first in range(0, len(ops), _TXN_OPS):
+                self._write(ops[first : first + _TXN_OPS])
 
     # --- audit ----------------------------------------------------------------------------
     # Ids are dense: one writer at a time, each id taken once, only the oldest deleted. So
@@ -482,12 +494,34 @@ class EtcdStore:
         found = self._gateway.range(self._audit(record_id)).kvs
         return _audit_record(record_id, found[0].value) if found else None
 
-    def audit(self, offset: int, limit: int) -> list[AuditRecord]:
-        """Records newest first."""
+    def audit(self, offset: int, limit: int, query: AuditQuery | None = None) -> list[AuditRecord]:
+        """The records `query` matches (None: all), newest first."""
+        if query is not None and query != AuditQuery():
+            return self._search_audit(offset, limit, query)
         newest = self._newest() - offset
         if limit <= 0 or newest < 1:
             return []
-        oldest = max(1, newest - limit + 1)
+        return self._audit_range(max(1, newest - limit + 1), newest)
+
+    def _search_audit(self, offset: int, limit: int, query: AuditQuery) -> list[AuditRecord]:
+        """Pages of records, newest first, until `limit` match past the first `offset` that
+        do: at most every record kept. Ids follow time, so the first record older than
+        `query.since` ends the search."""
+        found: list[AuditRecord] = []
+        newest = self._newest()
+        oldest = max(1, newest - self._audit_limit + 1)
+        while newest >= oldest and len(found) < offset + limit:
+            page = self._audit_range(max(oldest, newest - self._audit_page + 1), newest)
+            for record in page:
+                if query.since is not None and record.at < query.since:
+                    return found[offset : offset + limit]
+                if query.matches(record):
+                    found.append(record)
+            newest -= self._audit_page
+        return found[offset : offset + limit]
+
+    def _audit_range(self, oldest: int, newest: int) -> list[AuditRecord]:
+        """The records of ids `oldest` to `newest` still kept, newest first."""
         prefix = self._key("audit/")
         page = self._gateway.range(self._audit(oldest), self._audit(newest + 1), sort_descend=True)
         return [_audit_record(int(kv.key[len(prefix) :]), kv.value) for kv in page.kvs]
@@ -498,3 +532,13 @@ class EtcdStore:
 
 def _audit_record(record_id: int, doc: bytes) -> AuditRecord:
     return AuditRecord.model_validate_json(doc).model_copy(update={"id": record_id})
+
+
+def _token_doc(entry: TokenEntry) -> str:
+    return json.dumps({**asdict(entry), "role": entry.role.value, "roles": list(entry.roles)})
+
+
+def _token_entry(doc: bytes) -> TokenEntry:
+    """An entry from its JSON; fields a token was stored without take their defaults."""
+    fields = json.loads(doc)
+    return TokenEntry(**{**fields, "role": Role(fields["role"]), "roles": tuple(fields["roles"])})

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from shoal.files import sync_directory
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.events import Persist
-from shoal.master.store import Snapshot, TokenEntry
+from shoal.master.store import AuditQuery, Snapshot, TokenEntry
 from shoal.model import TASK_RECORD, JobRecord, Migration, NodeRecord, Role
 from shoal.services import RegistrationRecord
 from shoal.shell.protocol import AuditRecord
@@ -43,6 +45,28 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, next INTEGER NOT NUL
 CREATE TABLE IF NOT EXISTS registrations (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 """
 
+# Columns added since the tables were first made: a database made before them gains them
+# when opened, its rows taking the defaults (tokens: API tokens that never expire).
+_ADDED = {
+    "tokens": {
+        "kind": "TEXT NOT NULL DEFAULT 'api'",
+        "created": "REAL",
+        "expires": "REAL",
+        "last_used": "REAL",
+        "uses": "INTEGER",
+        "used": "INTEGER NOT NULL DEFAULT 0",
+        "revoked": "REAL",
+    },
+    # Copies of fields of the record, indexed, for listing by who, kind and time.
+    "audit": {"who": "TEXT", "kind": "TEXT", "at": "REAL"},
+}
+_AUDIT_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS audit_by_who ON audit (who, id)",
+    "CREATE INDEX IF NOT EXISTS audit_by_kind ON audit (kind, id)",
+    "CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at)",
+)
+_TOKEN_FIELDS = "name, role, roles, kind, created, expires, last_used, uses, used, revoked"
+
 
 class SqliteStore:
     def __init__(self, path: Path | str, fsync: bool = True, audit_limit: int = 100_000) -> None:
@@ -52,9 +76,27 @@ class SqliteStore:
         # NORMAL in WAL mode syncs only at checkpoints; FULL syncs the log on every commit.
         self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         self._db.executescript(_SCHEMA)
+        self._add_columns()
         if fsync and str(path) != ":memory:":
             # SQLite syncs the directory when it creates its log, not its database file.
             sync_directory(Path(path).parent)
+
+    def _add_columns(self) -> None:
+        db = self._db
+        db.execute("BEGIN")
+        for table, columns in _ADDED.items():
+            present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            for name, definition in columns.items():
+                if name not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+        # Records kept before the columns were: parallel commands, all of them.
+        db.execute(
+            "UPDATE audit SET who = json_extract(doc, '$.who'), at = json_extract(doc, '$.at'),"
+            " kind = coalesce(json_extract(doc, '$.kind'), 'exec') WHERE kind IS NULL"
+        )
+        for index in _AUDIT_INDEXES:
+            db.execute(index)
+        db.execute("COMMIT")
 
     def load(self) -> Snapshot:
         return Snapshot(
@@ -129,28 +171,53 @@ class SqliteStore:
 
     def token(self, digest: str) -> TokenEntry | None:
         row = self._db.execute(
-            "SELECT name, role, roles FROM tokens LEFT JOIN token_roles USING (digest) WHERE digest = ?",
+            f"SELECT {_TOKEN_FIELDS} FROM tokens LEFT JOIN token_roles USING (digest) WHERE digest = ?",
             (digest,),
         ).fetchone()
-        if not row:
-            return None
-        return TokenEntry(row[0], Role(row[1]), tuple(json.loads(row[2])) if row[2] else ())
+        return _token_entry(row) if row else None
+
+    def tokens(self) -> list[tuple[str, TokenEntry]]:
+        rows = self._db.execute(
+            f"SELECT digest, {_TOKEN_FIELDS} FROM tokens LEFT JOIN token_roles USING (digest)"
+        )
+        return [(row[0], _token_entry(row[1:])) for row in rows]
 
     def put_token(self, digest: str, entry: TokenEntry) -> None:
-        self._db.execute("BEGIN")
-        self._db.execute(
-            "INSERT OR REPLACE INTO tokens VALUES (?, ?, ?)", (digest, entry.name, entry.role.value)
-        )
-        self._db.execute(
-            "INSERT OR REPLACE INTO token_roles VALUES (?, ?)", (digest, json.dumps(list(entry.roles)))
-        )
-        self._db.execute("COMMIT")
+        self.put_tokens({digest: entry})
+
+    def put_tokens(self, entries: Mapping[str, TokenEntry]) -> None:
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.executemany(
+                "INSERT OR REPLACE INTO tokens (digest, name, role, kind, created, expires, last_used,"
+                " uses, used, revoked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [_token_row(d, e) for d, e in entries.items()],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO token_roles VALUES (?, ?)",
+                [(d, json.dumps(list(e.roles))) for d, e in entries.items()],
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def add_audit(self, record: AuditRecord) -> int:
-        cursor = self._db.execute("INSERT INTO audit (doc) VALUES (?)", (record.model_dump_json(),))
-        assert cursor.lastrowid is not None
-        # Ids only grow: the oldest records beyond the limit are those below this line.
-        self._db.execute("DELETE FROM audit WHERE id <= ?", (cursor.lastrowid - self._audit_limit,))
+        db = self._db
+        db.execute("BEGIN")  # one commit, so one sync, for the record and the pruning
+        try:
+            cursor = db.execute(
+                "INSERT INTO audit (doc, who, kind, at) VALUES (?, ?, ?, ?)",
+                (record.model_dump_json(), record.who, record.kind, record.at),
+            )
+            assert cursor.lastrowid is not None
+            # Ids only grow: the oldest records beyond the limit are those below this line.
+            db.execute("DELETE FROM audit WHERE id <= ?", (cursor.lastrowid - self._audit_limit,))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
         return cursor.lastrowid
 
     def end_audit(self, record: AuditRecord) -> None:
@@ -160,11 +227,50 @@ class SqliteStore:
         row = self._db.execute("SELECT doc FROM audit WHERE id = ?", (record_id,)).fetchone()
         return AuditRecord.model_validate_json(row[0]).model_copy(update={"id": record_id}) if row else None
 
-    def audit(self, offset: int, limit: int) -> list[AuditRecord]:
+    def audit(self, offset: int, limit: int, query: AuditQuery | None = None) -> list[AuditRecord]:
+        query = query or AuditQuery()
+        terms = [
+            (term, value)
+            for term, value in (("who = ?", query.who), ("kind = ?", query.kind), ("at >= ?", query.since))
+            if value is not None
+        ]
+        where = f"WHERE {' AND '.join(term for term, _ in terms)}" if terms else ""
         rows = self._db.execute(
-            "SELECT id, doc FROM audit ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset)
+            f"SELECT id, doc FROM audit {where} ORDER BY id DESC LIMIT ? OFFSET ?",
+            (*(value for _, value in terms), limit, offset),
         )
         return [AuditRecord.model_validate_json(doc).model_copy(update={"id": id_}) for id_, doc in rows]
 
     def close(self) -> None:
         self._db.close()
+
+
+def _token_row(digest: str, e: TokenEntry) -> tuple[Any, ...]:
+    return (
+        digest,
+        e.name,
+        e.role.value,
+        e.kind,
+        e.created,
+        e.expires,
+        e.last_used,
+        e.uses,
+        e.used,
+        e.revoked,
+    )
+
+
+def _token_entry(row: tuple[Any, ...]) -> TokenEntry:
+    name, role, roles, kind, created, expires, last_used, uses, used, revoked = row
+    return TokenEntry(
+        name,
+        Role(role),
+        tuple(json.loads(roles)) if roles else (),
+        kind=kind,
+        created=created,
+        expires=expires,
+        last_used=last_used,
+        uses=uses,
+        used=used,
+        revoked=revoked,
+    )

@@ -1,0 +1,180 @@
+"""The audit trail: every call that changes something (POST, PUT, PATCH, DELETE) is recorded.
+
+A record says who (see below), what (a kind named after the route: `job.submit`,
+`token.revoke`; a route not named here is `METHOD /path/{template}`), to what (the path's
+parameters: a job, a node, a token's id), when, from where (the caller's address) and the
+status answered. Refused calls are recorded too: a 401 as `anonymous`, a 403 with the name
+of the token that was not allowed.
+
+Who: `request.state.principal`, when a dependency set it (the API's own set the `Caller`
+of an API token, or `agent` for the cluster token; another may set a name such as
+`agent:node3` or `bootstrap:<token name>`); else whom the bearer token speaks for; else
+`anonymous`.
+
+A record is written once the status is known and before the answer leaves, so an answered
+call has its record (a failed write is logged, and the answer goes out: what was done is
+done). A route that keeps its own, fuller record (a parallel command: its nodes and how it
+ended on each) says so with `kept`, and the trail adds none.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shoal.errors import ShoalError
+from shoal.master.auth import Tokens
+from shoal.master.deps import AGENT
+from shoal.master.server import Master
+from shoal.model import Caller
+from shoal.shell.protocol import AuditRecord
+
+log = logging.getLogger("shoal.master")
+
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+ANONYMOUS = "anonymous"
+KINDS = {
+    ("POST", "/v1/jobs"): "job.submit",
+    ("POST", "/v1/jobs/{job_id}/kill"): "job.kill",
+    ("POST", "/v1/exec"): "exec",
+    ("POST", "/v1/copy"): "copy",
+    ("POST", "/v1/rcopy"): "rcopy",
+    ("POST", "/v1/audit"): "exec",  # a parallel command run over SSH, recorded by its runner
+    ("POST", "/v1/audit/{record_id}/end"): "exec.end",
+    ("PUT", "/v1/blobs/{blob}"): "blob.put",
+    ("POST", "/v1/tokens"): "token.create",
+    ("POST", "/v1/tokens/{token_id}/revoke"): "token.revoke",
+    ("POST", "/v1/frameworks/subscribe"): "framework.subscribe",
+    ("POST", "/v1/frameworks/{framework_id}/call"): "framework.call",
+    ("POST", "/v1/rebalance"): "rebalance",
+    ("POST", "/v1/nodes/{name}/drain"): "node.drain",
+    ("POST", "/v1/nodes/{name}/undrain"): "node.undrain",
+    ("POST", "/v1/nodes/join"): "node.join",
+    ("POST", "/v1/nodes/{name}/renew"): "node.renew",
+    ("DELETE", "/v1/nodes/{name}"): "node.remove",
+    ("PUT", "/v1/services/register"): "service.register",
+    ("PUT", "/v1/services/deregister/{registration}"): "service.deregister",
+    ("PUT", "/v1/services/{registration}/{verdict}"): "service.check",
+}
+_KIND_MAX = 200  # characters of an unknown route's path kept as its kind
+_KEPT = "audit_kept"
+
+
+def kind_of(scope: Scope) -> str:
+    method = scope["method"]
+    route = scope.get("route")
+    template = getattr(route, "path", None) or scope["path"]
+    return KINDS.get((method, template)) or f"{method} {template}"[:_KIND_MAX]
+
+
+def record_for(request: Request, caller: Caller, status: int, **fields: Any) -> AuditRecord:
+    """The record of this call as the trail would make it, for a route that keeps its own
+    (with `fields` the trail cannot know), answering `status`."""
+    return AuditRecord(
+        at=time.time(),
+        who=caller.name,
+        role=caller.role.value,
+        kind=kind_of(request.scope),
+        target=_target(request.scope),
+        source=_source(request.scope),
+        status=status,
+        **fields,
+    )
+
+
+def kept(request: Request) -> None:
+    """This call's route has kept its record: the trail adds none."""
+    request.state.audit_kept = True
+
+
+class AuditTrail:
+    """ASGI middleware: a record of every mutating call under /v1, written through the
+    serving master's store."""
+
+    def __init__(
+        self, app: ASGIApp, master: Callable[[], Master | None], tokens: Callable[[], Tokens | None]
+    ) -> None:
+        self.app = app
+        self.master = master
+        self.tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in MUTATING or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})  # what request.state reads and writes
+        at = time.time()
+        answered = False
+
+        async def send_answer(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start" and not answered:
+                answered = True
+                self._keep(scope, state, at, message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_answer)
+        except Exception:
+            if not answered:
+                self._keep(scope, state, at, 500)
+            raise
+
+    def _keep(self, scope: Scope, state: dict[str, Any], at: float, status: int) -> None:
+        master = self.master()
+        if state.get(_KEPT) or master is None:
+            return
+        who, role = self._who(scope, state, status)
+        record = AuditRecord(
+            at=at,
+            who=who,
+            role=role,
+            kind=kind_of(scope),
+            target=_target(scope),
+            source=_source(scope),
+            status=status,
+        )
+        try:
+            master.store.add_audit(record)
+        except ShoalError as e:
+            log.warning(
+                "%s %s by %s (%d) went unrecorded: %s", scope["method"], scope["path"], who, status, e
+            )
+
+    def _who(self, scope: Scope, state: dict[str, Any], status: int) -> tuple[str, str]:
+        """The principal's name and role ("" when it has none)."""
+        principal = state.get("principal")
+        if status == 401:
+            return ANONYMOUS, ""
+        if isinstance(principal, Caller):
+            return principal.name, principal.role.value
+        if isinstance(principal, str):
+            return principal, ""
+        scheme, _, token = _header(scope, b"authorization").partition(" ")
+        tokens = self.tokens()
+        if scheme.lower() != "bearer" or not token or tokens is None:
+            return ANONYMOUS, ""
+        if (caller := tokens.caller(token)) is not None:
+            return caller.name, caller.role.value
+        return (AGENT, "") if tokens.is_cluster(token) else (ANONYMOUS, "")
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return ""
+
+
+def _target(scope: Scope) -> str:
+    return "/".join(str(value) for value in scope.get("path_params", {}).values())
+
+
+def _source(scope: Scope) -> str:
+    client = scope.get("client")
+    return client[0] if client else ""
