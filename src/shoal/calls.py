@@ -120,7 +120,7 @@ class AsyncCalls:
     def __init__(
         self,
         masters: Masters,
-        token: str,
+        token: str | None,
         timeout: httpx.Timeout | float,
         failover: float,
         ca: str | Path | ssl.SSLContext | None = None,
@@ -181,8 +181,9 @@ def _misconfigured(url: str, error: httpx.TransportError, ca: object) -> trust.U
     return None
 
 
-def _auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+def _auth(token: str | None) -> dict[str, str]:
+    """The call's token; none for a caller its TLS certificate speaks for (an agent)."""
+    return {"Authorization": f"Bearer {token}"} if token is not None else {}
 
 
 def _route(masters: Masters, method: str, path: str, safe: bool | None, within: float) -> Failover:

@@ -36,6 +36,7 @@ from shoal.clientfile import ClientConfig, load_client_config  # noqa: E402
 from shoal.errors import ShoalError  # noqa: E402
 from shoal.masters import FAILOVER, MASTERS_PATH, Masters, Unreachable  # noqa: E402
 from shoal.model import TASK_RECORD, Caller, JobSpec, Migration, Role, TaskRecord  # noqa: E402
+from shoal.node_identity import NodeRemoved  # noqa: E402
 from shoal.services import Endpoint, Registration, ServiceSummary  # noqa: E402
 from shoal.views import (  # noqa: E402
     ErrorBody,
@@ -203,6 +204,10 @@ class Client:
 
     def undrain(self, node: str) -> None:
         self._call("POST", f"/v1/nodes/{node}/undrain")
+
+    def remove_node(self, node: str) -> NodeRemoved:
+        """Take `node` out of the cluster; it joins again with a new bootstrap token (admin only)."""
+        return NodeRemoved.model_validate(self._call("DELETE", f"/v1/nodes/{_segment(node)}"))
 
     def events(self, limit: int = 100) -> list[Migration]:
         """Migrations, newest first."""

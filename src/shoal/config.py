@@ -149,6 +149,12 @@ class MasterSettings(_Settings):
         False,
         description="plain HTTP, no TLS; agents join with the cluster token (throwaway use)",
     )
+    node_cert_days: float = Field(
+        30.0,
+        gt=0,
+        le=3650,
+        description="days a node's certificate lasts; agents renew theirs two thirds of the way through",
+    )
 
     def tls_files(self) -> TlsFiles:
         from shoal.tls import TlsFiles

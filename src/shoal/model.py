@@ -326,12 +326,16 @@ class NodeStatus(str, enum.Enum):
     DOWN = "down"
 
 
+NODE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # letters, digits, '.', '_', '-'; not first '.', '_', '-'
+NodeName = Annotated[str, Field(min_length=1, max_length=253, pattern=NODE_NAME)]
+
+
 class NodeInfo(BaseModel):
     """What an agent reports about its node when it registers."""
 
     model_config = ConfigDict(frozen=True)
 
-    name: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: NodeName
     hostname: str
     capacity: Resources
     labels: dict[str, str] = Field(default_factory=dict)

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shoal.masters import FAILOVER, Masters, Unreachable
+from shoal.masters import Unreachable
 from shoal.shell.protocol import CopyFile
 from shoal.wire import CopyFiles, ExecEnd, ExecStarted, FetchFile, FileFetched
 
@@ -33,19 +33,16 @@ Send = Callable[[ExecStarted | FileFetched | ExecEnd], None]
 
 
 class FileMover:
-    def __init__(self, send: Send, masters: Masters, token: str) -> None:
+    def __init__(self, send: Send, calls: Callable[[], AsyncCalls]) -> None:
         self._send = send
-        self._masters = masters
-        self._token = token
+        self._calls = calls  # to the masters, as this node
         self._jobs: dict[int, asyncio.Task[None]] = {}
 
     @functools.cached_property
     def _http(self) -> AsyncCalls:
         # Made at the first transfer, not with the agent: most agents never copy a file,
         # and httpx and a client's TLS context cost a start-up a good part of its CPU.
-        from shoal.calls import AsyncCalls
-
-        return AsyncCalls(self._masters, self._token, 30.0, FAILOVER)
+        return self._calls()
 
     def handle(self, frame: CopyFiles | FetchFile) -> None:
         if frame.exec_id in self._jobs:

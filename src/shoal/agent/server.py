@@ -33,6 +33,7 @@ from shoal.agent.cgroups import Cgroups
 from shoal.agent.discovery import discover, facing
 from shoal.agent.files import FileMover
 from shoal.agent.health import HealthChecks
+from shoal.agent.identity import Credentials, NotAMember
 from shoal.agent.runner import Runner, alive, start_time
 from shoal.agent.shell import ShellRunner
 from shoal.agent.state import (
@@ -58,7 +59,15 @@ from shoal.agent.usage import Meter
 from shoal.checks import CheckResult
 from shoal.config import AgentSettings
 from shoal.errors import ShoalError
-from shoal.masters import MAX_HOPS, NOT_LEADER_CLOSE, TRY_AGAIN_CLOSE, Masters, Unreachable, check_url
+from shoal.masters import (
+    MAX_HOPS,
+    NOT_LEADER_CLOSE,
+    POLICY_CLOSE,
+    TRY_AGAIN_CLOSE,
+    Masters,
+    Unreachable,
+    check_url,
+)
 from shoal.wire import (
     CopyFiles,
     ExecAck,
@@ -117,8 +126,8 @@ class Agent:
         cgroups = Cgroups.detect(info.name) if settings.limits else None
         self.runner = Runner(self.state_dir / "sandboxes", self._on_exit, cgroups)
         self.shell = ShellRunner(lambda frame: self._send(encode(frame)), info.name)
-        token = settings.cluster_token.get_secret_value()
-        self.files = FileMover(lambda frame: self._send(encode(frame)), self.masters, token)
+        self.credentials = Credentials(settings, self.masters, info.name)
+        self.files = FileMover(lambda frame: self._send(encode(frame)), self.credentials.calls)
         self.health = HealthChecks(
             self.runner.sandbox,
             lambda run, check, status, output: self.dispatch(
@@ -270,9 +279,19 @@ class Agent:
     async def run(self) -> None:
         self._adopt()
         ticker = asyncio.create_task(self._tick_loop())
+        renewer = None
         try:
+            await self.credentials.ready()
+            renewer = asyncio.create_task(self.credentials.keep_renewed())
             await self._connect_loop()
+        except NotAMember:
+            # Put out of the cluster: its tasks are lost to the master, which runs them elsewhere.
+            stopped = await asyncio.to_thread(stop_runs, self.state_dir)
+            log.error("this node is not a member of the cluster; %d runs stopped", stopped)
+            raise
         finally:
+            if renewer is not None:
+                renewer.cancel()
             ticker.cancel()
             self.runner.close()
             await self.files.close()
@@ -291,7 +310,7 @@ class Agent:
                 self.runner.prune(set(self.state.runs), now - self.settings.keep_sandboxes)
 
     async def _connect_loop(self) -> None:
-        headers = {"Authorization": f"Bearer {self.settings.cluster_token.get_secret_value()}"}
+        headers = self.credentials.headers
         # Redial at least every two heartbeats: a restarted master waits a heartbeat timeout
         # (several heartbeats) for its agents before it calls their nodes down.
         cap = min(_REDIAL_CAP, 2 * self.settings.heartbeat_interval)
@@ -372,10 +391,12 @@ class Agent:
         """A connection to the master at `url`, and the session it carries until it ends or
         is lost: None then; the leader's URL when `url` is a follower that names it. Raises
         when the dial fails, or a follower knows no leader yet."""
+        self.credentials.check_unexpired()
         try:
             async with websockets.connect(
                 _ws_url(url),
                 additional_headers=headers,
+                ssl=self.credentials.context,
                 max_size=_MAX_FRAME,
                 ping_interval=5,
                 ping_timeout=10,
@@ -389,6 +410,8 @@ class Agent:
                 raise TimeoutError(f"{url} stopped answering") from e
             if e.rcvd is not None and e.rcvd.code == TRY_AGAIN_CLOSE:
                 raise TimeoutError(f"{url}: {e.rcvd.reason}") from e  # cut off from etcd: the next
+            if e.rcvd is not None and e.rcvd.code == POLICY_CLOSE:
+                raise NotAMember(f"the master at {url} put this node out: {e.rcvd.reason}") from e
             if e.rcvd is None or e.rcvd.code != NOT_LEADER_CLOSE:
                 log.info("lost the master at %s: %s", url, e)
                 return None

@@ -61,6 +61,7 @@ COMMANDS: dict[str, Entry] = {
         "rebalance",
         "Even the load out now (admin), or with --dry-run show what a round would move.",
     ),
+    "node": Entry("nodes", "node_app", "A node's membership of the cluster (admin only)."),
     "drain": Entry("moves", "drain", "Give a node no new work and move its tasks elsewhere (admin)."),
     "undrain": Entry("moves", "undrain", "Let a drained node take work again (admin)."),
     "events": Entry(

@@ -117,7 +117,14 @@ def _resources(pairs: list[str]) -> dict[str, float]:
 @friendly
 def agent(
     master: Annotated[str | None, typer.Option(help="the master's URL")] = None,
-    token: Annotated[str | None, typer.Option(help="the cluster token (better: SHOAL_CLUSTER_TOKEN)")] = None,
+    token: Annotated[
+        str | None, typer.Option(help="the cluster token, for a master on plain http (SHOAL_CLUSTER_TOKEN)")
+    ] = None,
+    ca: Annotated[Path | None, typer.Option(help="the cluster CA's certificate, ca.pem (https)")] = None,
+    bootstrap_token: Annotated[
+        str | None,
+        typer.Option(help="joins this node once, for a certificate of its own (SHOAL_BOOTSTRAP_TOKEN)"),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="this node's name [hostname]")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="where the task table and sandboxes live")] = None,
     label: Annotated[list[str], typer.Option(help="KEY=VALUE, repeatable")] = [],  # noqa: B006
@@ -145,6 +152,8 @@ def agent(
         config,
         master=master,
         cluster_token=token,
+        ca=ca,
+        bootstrap_token=bootstrap_token,
         name=name,
         state_dir=state_dir,
         labels=_pairs("label", label) or None,

@@ -19,11 +19,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from shoal.config import MasterSettings
 from shoal.errors import Forbidden, NotFound, SpecError
 from shoal.framework import protocol as fp
-from shoal.master import ha, service_api, token_api
+from shoal.master import ha, identity_api, service_api, token_api
 from shoal.master.audit import AuditTrail, kept, record_for
-from shoal.master.deps import CallerDep, MasterDep, Unauthorized, admin, admin_or_agent, anyone, writer
+from shoal.master.deps import CallerDep, MasterDep, Unauthorized, admin, anyone, writer
 from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, RebalanceNow, Submit
 from shoal.master.ha import FollowerGate
+from shoal.master.node_access import blob_reader, blob_writer, serve_agent
 from shoal.master.opening import lifespan
 from shoal.master.server import Master, NotLeading, Unavailable
 from shoal.master.shell import Order
@@ -87,6 +88,7 @@ def create_app(settings: MasterSettings) -> FastAPI:
     _errors(app)
     _routes(app)
     app.include_router(service_api.router)
+    app.include_router(identity_api.router)
     app.include_router(token_api.router)
     app.add_middleware(
         AuditTrail,
@@ -256,14 +258,19 @@ def _routes(app: FastAPI) -> None:
         kept(request)  # the end of the record made at the start, not a record of its own
         return record
 
-    @app.put("/v1/blobs/{blob}", status_code=201, dependencies=[Depends(admin_or_agent)])
-    async def put_blob(blob: Blob, request: Request, master: MasterDep) -> dict[str, int]:
-        """Upload a file's content, named by its sha256 (admins and agents)."""
-        return {"size": await master.blobs.put(blob, request.stream())}
+    @app.put("/v1/blobs/{blob}", status_code=201)
+    async def put_blob(
+        blob: Blob, request: Request, master: MasterDep, node: Annotated[str | None, Depends(blob_writer)]
+    ) -> dict[str, int]:
+        """Upload a file's content, named by its sha256 (admins, and agents asked for it)."""
+        size = await master.blobs.put(blob, request.stream())
+        if node is not None:
+            master.blob_access.put_by(node, blob, time.time())  # it held what it may name as its own
+        return {"size": size}
 
-    @app.api_route("/v1/blobs/{blob}", methods=["GET", "HEAD"], dependencies=[Depends(admin_or_agent)])
+    @app.api_route("/v1/blobs/{blob}", methods=["GET", "HEAD"], dependencies=[Depends(blob_reader)])
     async def get_blob(blob: Blob, master: MasterDep) -> FileResponse:
-        """A stored file's content (admins and agents)."""
+        """A stored file's content (admins, and agents sent it)."""
         if not master.blobs.has(blob):
             raise NotFound(f"no blob {blob}")
         master.blobs.touch(blob)
@@ -369,12 +376,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.websocket("/v1/agent")
     async def agent(ws: WebSocket) -> None:
-        master: Master = ws.app.state.master
-        scheme, _, token = ws.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not master.tokens.is_cluster(token):
-            await ws.close(code=1008, reason="a valid cluster token is required")
-            return
-        await master.agent_session(ws)
+        await serve_agent(ws)
 
 
 def _body(status: int, error: str, fields: list[FieldError] | None = None, **headers: str) -> JSONResponse:

@@ -103,6 +103,17 @@ class Drain:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoveNode:
+    """Put `node` out of the cluster as a lost node is (its tasks end LOST, to run elsewhere
+    as their restart policy says) and close its connection; it comes back only by joining
+    again. Answered with the ids of the tasks it held."""
+
+    request: int
+    node: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class RebalanceNow:
     """Run one rebalancing round now, whatever the loop's timer says."""
 
@@ -142,7 +153,7 @@ class DeregisterService:
 
 ServiceCall = RegisterService | CheckService | DeregisterService
 Request = (
-    Submit | KillJob | SubscribeFramework | FrameworkCall | Drain | RebalanceNow | ServiceCall
+    Submit | KillJob | SubscribeFramework | FrameworkCall | Drain | RemoveNode | RebalanceNow | ServiceCall
 )  # awaited
 
 
@@ -192,6 +203,7 @@ class Reply:
 @dataclass(frozen=True, slots=True)
 class Disconnect:
     node: str
+    reason: str = ""  # said to the agent when it is put out (a policy-violation close): why
 
 
 @dataclass(slots=True)

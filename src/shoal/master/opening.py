@@ -26,6 +26,7 @@ from shoal.master.blobs import BlobStore
 from shoal.master.dns import free_dns_port, serve_dns
 from shoal.master.frameworks import FrameworkPolicy
 from shoal.master.ha import endpoint_of, reign
+from shoal.master.identities import Identities
 from shoal.master.leadership import Member, Seat
 from shoal.master.ledger import Retention
 from shoal.master.server import Master, tune_collector
@@ -85,7 +86,13 @@ def open_master(
         [endpoint_of(_me(settings))],
         fence_agents=settings.fences_agents(),
         may_act=may_act,
+        identities=_identities(settings, store),
     )
+
+
+def _identities(settings: MasterSettings, store: Store) -> Identities | None:
+    """Nodes known by the certificates this master signs; None on plain HTTP (the cluster token)."""
+    return None if settings.insecure else Identities(store, settings.tls_files(), settings.node_cert_days)
 
 
 def _tokens(settings: MasterSettings, store: Store, read_only: bool = False) -> Tokens:

@@ -32,6 +32,7 @@ from shoal.core.scheduler import Policy
 from shoal.errors import ShoalError
 from shoal.framework import protocol as fp
 from shoal.master.auth import Tokens
+from shoal.master.blob_access import BlobAccess
 from shoal.master.blobs import BlobStore
 from shoal.master.events import (
     AgentGone,
@@ -50,12 +51,14 @@ from shoal.master.events import (
     ToFramework,
 )
 from shoal.master.frameworks import FrameworkPolicy
+from shoal.master.identities import Identities
 from shoal.master.ledger import Retention
 from shoal.master.moves import Rebalancing
 from shoal.master.registry import RegistryPolicy
 from shoal.master.shell import ShellRelay
 from shoal.master.state import MasterState
 from shoal.master.store import Deposed, Store
+from shoal.masters import POLICY_CLOSE
 from shoal.model import TaskRecord, run_id
 from shoal.services import Endpoint
 from shoal.views import NodeView
@@ -123,22 +126,32 @@ class _Link:
             log.warning("outbox full; dropping an agent connection")
             self.close()
 
-    def close(self) -> None:
-        """Close the connection, once: a burst of frames to a stuck agent must not close it
-        again for each."""
+    def close(self, reason: str = "") -> None:
+        """Close the connection; with a `reason`, as a policy violation saying it (the agent
+        is put out, not merely hung up on). Once: a burst of frames to a stuck agent must not
+        close it again for each."""
         if self.closed:
             return
         self.closed = True
         self.writer.cancel()
-        asyncio.ensure_future(self._close())
+        asyncio.ensure_future(self._close(reason))
 
-    async def _close(self) -> None:
+    async def _close(self, reason: str) -> None:
+        if reason:
+            await refuse(self.ws, reason)
+            return
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # gone already
             await self.ws.close()
 
     async def _write(self) -> None:
         while True:
             await self.ws.send_bytes(await self.outbox.get())
+
+
+async def refuse(ws: WebSocket, reason: str) -> None:
+    """Close `ws` as a policy violation, saying why in the 123 bytes a close frame has."""
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # gone already
+        await ws.close(code=POLICY_CLOSE, reason=reason.encode()[:123].decode(errors="ignore"))
 
 
 @dataclass(slots=True)
@@ -171,11 +184,15 @@ class Master:
         masters: Iterable[Endpoint] = (),
         fence_agents: bool = False,
         may_act: Callable[[], bool] = lambda: True,
+        identities: Identities | None = None,
     ) -> None:
         snap = store.load()
         self.store = store
         self.blobs = blobs
         self.tokens = tokens
+        # Nodes known by their certificates (a master serving TLS); None: by the cluster token.
+        self.identities = identities
+        self.blob_access = BlobAccess(blobs.keep)
         self.tick = tick
         self.state = MasterState(
             heartbeat_timeout,
@@ -195,10 +212,11 @@ class Master:
         self.deposed = False
         self.links: dict[str, _Link] = {}
         self._ids = itertools.count(1)
-        self._log_waiters: dict[int, asyncio.Future[LogChunk]] = {}
+        # (node, request) -> its answer: only the node asked may answer.
+        self._log_waiters: dict[tuple[str, int], asyncio.Future[LogChunk]] = {}
         self._batch: list[Event] = []
         self._replies: dict[int, asyncio.Future[Reply]] = {}
-        self.shell = ShellRelay(self._send_to)
+        self.shell = ShellRelay(self._send_to, self.blob_access)
         self.streams: dict[int, asyncio.Queue[bytes | None]] = {}
         self._offer_timer: asyncio.TimerHandle | None = None
         # Blocking queries waiting on a service ("": on any), woken only by its changes.
@@ -227,9 +245,10 @@ class Master:
                         link.send(encode(frame))
                 case Reply():
                     replies[command.request] = command
-                case Disconnect(node=node):
+                case Disconnect(node=node, reason=reason):
                     if (link := self.links.pop(node, None)) is not None:
-                        link.close()
+                        link.close(reason)
+                        self.shell.on_gone(node)  # its session's end will not say so: it is unlinked
                 case ToFramework(connection=connection, event=event):
                     self._to_stream(connection, self.state.frameworks.encode(event))
                 case CloseStream(connection=connection):
@@ -334,8 +353,10 @@ class Master:
             for name, node in sorted(state.ledger.nodes.items())
         ]
 
-    async def agent_session(self, ws: WebSocket) -> None:
-        """Serve one agent connection; the first frame must be its registration."""
+    async def agent_session(self, ws: WebSocket, bound: str | None = None) -> None:
+        """Serve one agent connection; the first frame must be its registration. `bound`:
+        the node its certificate names, the only one it may speak for (None: any, as the
+        cluster token's holder may)."""
         await ws.accept()
         try:
             first = decode(await ws.receive_bytes())
@@ -346,16 +367,24 @@ class Master:
             await ws.close(code=1008)
             return
         if not isinstance(first, Register):
-            await ws.close(code=1008, reason="the first frame must be a registration")
+            await refuse(ws, "the first frame must be a registration")
             return
         name = first.node.name
+        if bound is not None and name != bound:
+            why = f"the certificate is {bound}'s: it may not register as {name}"
+            log.warning("refused a registration as %s: %s", name, why)
+            await refuse(ws, why)
+            return
         if (old := self.links.pop(name, None)) is not None:
             old.close()
+            self.shell.on_gone(name)  # what the old connection was doing, the new one knows nothing of
         link = self.links[name] = _Link(ws)
+        if bound is not None:
+            first = self.blob_access.vouched(self.state.ledger, name, first, time.time())
         try:
             self.dispatch(FromAgent(name, first, time.time()))
             log.info("agent %s registered", name)
-            await self._serve(name, ws)
+            await self._serve(name, ws, bound is not None)
         except (Deposed, NotLeading):
             link.close()  # the agent redials, and finds the leader
         finally:
@@ -366,7 +395,7 @@ class Master:
                 self.shell.on_gone(name)
             link.writer.cancel()
 
-    async def _serve(self, name: str, ws: WebSocket) -> None:
+    async def _serve(self, name: str, ws: WebSocket, bound: bool) -> None:
         while True:
             try:
                 frame = decode(await ws.receive_bytes())
@@ -377,8 +406,16 @@ class Master:
                 with contextlib.suppress(RuntimeError):  # closed already: a newer connection took over
                     await ws.close(code=1003)
                 return
+            if isinstance(frame, Register) and frame.node.name != name:
+                why = f"this connection registered as {name}: it may not register as {frame.node.name}"
+                log.warning("agent %s: %s; closing its connection", name, why)
+                await refuse(ws, why)
+                return
+            if bound:  # what a node known by its certificate says of blobs, it must have held
+                frame = self.blob_access.vouched(self.state.ledger, name, frame, time.time())
             if isinstance(frame, LogChunk):
-                if (waiter := self._log_waiters.pop(frame.request, None)) is not None and not waiter.done():
+                waiter = self._log_waiters.pop((name, frame.request), None)
+                if waiter is not None and not waiter.done():
                     waiter.set_result(frame)
             elif isinstance(frame, ExecStarted | ExecOutput | FileFetched | ExecEnd):
                 self.shell.on_reply(name, frame)
@@ -480,7 +517,8 @@ class Master:
             raise Unavailable(f"node {node} holds this output and is not connected; try again when it is up")
         request = next(self._ids)
         waiter: asyncio.Future[LogChunk] = asyncio.get_running_loop().create_future()
-        self._log_waiters[request] = waiter
+        key = (node or "", request)
+        self._log_waiters[key] = waiter
         link.send(
             encode(LogRequest(request=request, run_id=run_id(task.id, attempt), stream=stream, offset=offset))
         )
@@ -489,7 +527,7 @@ class Master:
         except TimeoutError:
             raise Unavailable(f"node {node} did not answer for the output in time; try again") from None
         finally:
-            self._log_waiters.pop(request, None)
+            self._log_waiters.pop(key, None)
         if chunk.error:
             raise Unavailable(chunk.error)
         return LogSlice(chunk.data, done)

@@ -20,6 +20,7 @@ from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from shoal.master.blob_access import BlobAccess
 from shoal.shell.gather import outcome
 from shoal.shell.groups import Chosen
 from shoal.shell.protocol import (
@@ -92,8 +93,9 @@ class _Running:
 
 
 class ShellRelay:
-    def __init__(self, send: SendTo) -> None:
+    def __init__(self, send: SendTo, access: BlobAccess) -> None:
         self._send = send
+        self._access = access  # told which nodes hold which orders, for the blobs they move
         self._ids = itertools.count(1)
         self._inboxes: dict[int, asyncio.Queue[tuple[str, Reply | None]]] = {}
 
@@ -132,15 +134,19 @@ class ShellRelay:
         inbox: asyncio.Queue[tuple[str, Reply | None]] = asyncio.Queue()
         self._inboxes[exec_id] = inbox
         clock = asyncio.get_running_loop().time
-        start = encode(order.frame(exec_id))
+        frame = order.frame(exec_id)
+        start = encode(frame)
         waiting = deque(nodes)
         running: dict[str, _Running] = {}
+        sent: list[str] = []
         fanout = order.fanout or len(nodes)
         try:
             while waiting or running:
                 batch: list[Answer] = []
                 while waiting and len(running) < fanout:
                     node = waiting.popleft()
+                    self._access.ordered(node, frame)  # before the frame: the agent may call at once
+                    sent.append(node)
                     if self._send(node, start):
                         running[node] = _Running(clock(), clock() + order.connect_timeout)
                     else:
@@ -162,6 +168,8 @@ class ShellRelay:
                         self._send(node, encode(ExecAck(exec_id=exec_id, consumed=consumed)))
         finally:
             del self._inboxes[exec_id]
+            for node in sent:
+                self._access.finished(node, frame)
             cancel = encode(ExecCancel(exec_id=exec_id))
             for node in running:
                 self._send(node, cancel)

@@ -59,6 +59,7 @@ from shoal.master.events import (
     MastersSeen,
     RebalanceNow,
     RegisterService,
+    RemoveNode,
     StreamClosed,
     Submit,
     SubscribeFramework,
@@ -226,6 +227,8 @@ class MasterState:
                 self.moves.drain(event)
                 if event.drain:
                     self.frameworks.rescind_node(event.node)  # no new work goes there
+            case RemoveNode():
+                self._remove_node(event)
             case RebalanceNow():
                 self.ledger.reply(event.request, self.moves.round(event.now))
             case SubscribeFramework():
@@ -412,11 +415,25 @@ class MasterState:
                 return math.nextafter(deadline, math.inf)
         return math.inf
 
-    def _node_down(self, node: NodeRecord, now: float) -> None:
+    def _remove_node(self, event: RemoveNode) -> None:
+        node = self.ledger.nodes.get(event.node)
+        if node is None:
+            self.ledger.reply(event.request, error=NotFound(f"no node {event.node}"))
+            return
+        held = [t.id for t in self.ledger.active_tasks() if t.node == event.node]
+        why = f"{node.name} was removed from the cluster"
+        parting = f"{why} (`shoal node remove`): its runs stop; it joins again with a new bootstrap token"
+        if node.status is NodeStatus.UP:
+            self._node_down(node, event.now, why, parting)
+        else:
+            self.ledger.emit(Disconnect(node.name, parting))  # a connection not registered yet
+        self.ledger.reply(event.request, held)
+
+    def _node_down(self, node: NodeRecord, now: float, message: str = "", parting: str = "") -> None:
         ledger = self.ledger
         ledger.update_node(node, status=NodeStatus.DOWN, connected=False)
-        ledger.emit(Disconnect(node.name))
-        message = f"{node.name} missed heartbeats for {self.heartbeat_timeout:g}s"
+        ledger.emit(Disconnect(node.name, parting))
+        message = message or f"{node.name} missed heartbeats for {self.heartbeat_timeout:g}s"
         for task in list(ledger.active_tasks()):
             if task.successor is not None and task.successor.node == node.name:
                 self.moves.drop_successor(task, f"{node.name} was lost", now)

@@ -75,6 +75,20 @@ class AuditQuery:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class NodeIdentity:
+    """The certificates the master gave a node: each serial (hex) with its end of validity.
+    A renewal adds one and the old lasts until it expires, so open connections go on."""
+
+    name: str
+    serials: dict[str, float]  # serial -> not after, seconds since the epoch
+    issued: float  # when the node joined
+    renewed: float | None = None
+
+    def admits(self, serial: str, now: float) -> bool:
+        return self.serials.get(serial, 0.0) > now
+
+
 class Store(Protocol):
     def load(self) -> Snapshot: ...
 
@@ -102,6 +116,14 @@ class Store(Protocol):
 
     def audit(self, offset: int, limit: int, query: AuditQuery | None = None) -> list[AuditRecord]:
         """The records `query` matches (None: all), newest first."""
+        ...
+
+    def identity(self, name: str) -> NodeIdentity | None: ...
+
+    def put_identity(self, identity: NodeIdentity) -> None: ...
+
+    def delete_identity(self, name: str) -> bool:
+        """Forget a node's identity; whether it had one."""
         ...
 
     def close(self) -> None: ...

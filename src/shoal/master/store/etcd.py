@@ -9,6 +9,7 @@ Keys, under `prefix` (default /shoal/):
     snap/<S:016d>/<n:06d>      the snapshot's parts
     tokens/<digest>            a token's entry, as JSON: {"name", "role", "roles", "kind", ...}
     audit/<id:016d>            an audit record, as AuditRecord JSON
+    identities/<node>          a node's certificates: {"name", "serials", "issued", "renewed"}
 
 A log of Persists, not a key per record. A Persist must be atomic however large it is (a
 job of 100,000 tasks), and etcd takes at most 128 operations and 1.5 MiB in a transaction.
@@ -61,7 +62,7 @@ import msgpack
 from shoal.errors import ShoalError
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.events import Persist
-from shoal.master.store import AuditQuery, Deposed, Snapshot, TokenEntry
+from shoal.master.store import AuditQuery, Deposed, NodeIdentity, Snapshot, TokenEntry
 from shoal.master.store.gateway import (
     EtcdError,
     EtcdUnavailable,
@@ -525,6 +526,22 @@ class EtcdStore:
         prefix = self._key("audit/")
         page = self._gateway.range(self._audit(oldest), self._audit(newest + 1), sort_descend=True)
         return [_audit_record(int(kv.key[len(prefix) :]), kv.value) for kv in page.kvs]
+
+    # --- nodes' identities ---------------------------------------------------------------
+
+    def identity(self, name: str) -> NodeIdentity | None:
+        found = self._gateway.range(self._key(f"identities/{name}")).kvs
+        return NodeIdentity(**json.loads(found[0].value)) if found else None
+
+    def put_identity(self, identity: NodeIdentity) -> None:
+        with self._lock:
+            self._write([put_op(self._key(f"identities/{identity.name}"), json.dumps(asdict(identity)))])
+
+    def delete_identity(self, name: str) -> bool:
+        had = self.identity(name) is not None  # only the leader writes: nothing comes between
+        with self._lock:
+            self._write([delete_op(self._key(f"identities/{name}"))])
+        return had
 
     def close(self) -> None:
         self._closed = True

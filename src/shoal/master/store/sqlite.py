@@ -11,6 +11,7 @@ but a power loss can take the last transactions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from typing import Any
 from shoal.files import sync_directory
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
 from shoal.master.events import Persist
-from shoal.master.store import AuditQuery, Snapshot, TokenEntry
+from shoal.master.store import AuditQuery, NodeIdentity, Snapshot, TokenEntry
 from shoal.model import TASK_RECORD, JobRecord, Migration, NodeRecord, Role
 from shoal.services import RegistrationRecord
 from shoal.shell.protocol import AuditRecord
@@ -43,6 +44,7 @@ CREATE TABLE IF NOT EXISTS token_roles (digest TEXT PRIMARY KEY, roles TEXT NOT 
 CREATE TABLE IF NOT EXISTS migrations (id INTEGER PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, next INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS registrations (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS identities (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
 """
 
 # Columns added since the tables were first made: a database made before them gains them
@@ -240,6 +242,17 @@ class SqliteStore:
             (*(value for _, value in terms), limit, offset),
         )
         return [AuditRecord.model_validate_json(doc).model_copy(update={"id": id_}) for id_, doc in rows]
+
+    def identity(self, name: str) -> NodeIdentity | None:
+        row = self._db.execute("SELECT doc FROM identities WHERE name = ?", (name,)).fetchone()
+        return NodeIdentity(**json.loads(row[0])) if row else None
+
+    def put_identity(self, identity: NodeIdentity) -> None:
+        doc = json.dumps(dataclasses.asdict(identity))
+        self._db.execute("INSERT OR REPLACE INTO identities VALUES (?, ?)", (identity.name, doc))
+
+    def delete_identity(self, name: str) -> bool:
+        return self._db.execute("DELETE FROM identities WHERE name = ?", (name,)).rowcount > 0
 
     def close(self) -> None:
         self._db.close()

@@ -1,0 +1,62 @@
+"""An agent's credentials without a master: which it needs for the masters it is given,
+when it renews its certificate, and a new pair put in place whole, even if cut short."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shoal import tls
+from shoal.agent.identity import RENEW_AT, Credentials, _install, _pending, _settle
+from shoal.config import AgentSettings
+from shoal.errors import SpecError
+from shoal.masters import Masters
+
+
+def credentials(tmp_path: Path, master: str, **settings: object) -> Credentials:
+    agent = AgentSettings(master=master, state_dir=tmp_path, **settings)  # type: ignore[arg-type]
+    return Credentials(agent, Masters(agent.master), "node1")
+
+
+def test_each_kind_of_master_wants_its_own_credential(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as no_ca:
+        credentials(tmp_path, "https://m1:8470")
+    assert no_ca.value.field == "ca" and "--ca" in no_ca.value.reason
+    with pytest.raises(SpecError) as no_token:
+        credentials(tmp_path, "http://m1:8470")
+    assert no_token.value.field == "cluster_token"
+    with pytest.raises(SpecError) as mixed:
+        credentials(tmp_path, "https://m1:8470,http://m2:8470", ca=tmp_path / "ca.pem")
+    assert mixed.value.field == "master"
+    plain = credentials(tmp_path, "http://m1:8470", cluster_token="secret")
+    assert plain.headers == {"Authorization": "Bearer secret"} and plain.context is None
+    assert credentials(tmp_path, "https://m1:8470", ca=tmp_path / "ca.pem").headers == {}
+
+
+def test_a_certificate_is_renewed_two_thirds_of_the_way_through_its_life(tmp_path: Path) -> None:
+    authority = tls.create_authority()
+    key = tls.new_key()
+    cert = tls.sign_node(authority, tls.node_request("node1", key), "node1", days=3)
+    held = credentials(tmp_path, "https://m1:8470", ca=tmp_path / "ca.pem")
+    _install(tls.IdentityFiles(tmp_path / "identity"), tls.key_pem(key).decode(), cert.pem.decode())
+    written = (tmp_path / "identity" / "node.pem").stat().st_mtime
+    assert held._renew_at() == pytest.approx(written + RENEW_AT * (cert.not_after - written))
+
+
+def test_a_new_pair_cut_short_is_finished_or_dropped(tmp_path: Path) -> None:
+    files = tls.IdentityFiles(tmp_path)
+    _install(files, "key 1", "cert 1")
+    assert (files.key.read_text(), files.cert.read_text()) == ("key 1", "cert 1")
+    assert os.stat(files.key).st_mode & 0o777 == 0o600
+    # Stopped after the key was renamed, before the certificate was: the swap is finished.
+    _pending(files.cert).write_text("cert 2")
+    files.key.write_text("key 2")
+    _settle(files)
+    assert (files.key.read_text(), files.cert.read_text()) == ("key 2", "cert 2")
+    # Stopped while writing the pair: the half written is dropped, the old pair kept.
+    _pending(files.key).write_text("key 3")
+    _settle(files)
+    assert (files.key.read_text(), files.cert.read_text()) == ("key 2", "cert 2")
+    assert not _pending(files.key).exists()
