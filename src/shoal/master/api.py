@@ -15,6 +15,7 @@ from ClusterShell.NodeSet import NodeSet
 from fastapi import Body, Depends, FastAPI, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from shoal.config import MasterSettings
 from shoal.errors import Forbidden, NotFound, SpecError
@@ -386,6 +387,12 @@ def _body(status: int, error: str, fields: list[FieldError] | None = None, **hea
 
 
 def _errors(app: FastAPI) -> None:
+    @app.exception_handler(HTTPException)
+    async def refused(_: Request, exc: HTTPException) -> JSONResponse:
+        # What the framework itself refuses (no such path or method, a body it cannot
+        # parse) answers in the shape of every other error.
+        return _body(exc.status_code, str(exc.detail), **(exc.headers or {}))
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         fields = [
