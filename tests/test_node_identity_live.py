@@ -113,6 +113,12 @@ def test_the_cluster_token_opens_nothing_on_a_tls_master(cluster: LiveCluster) -
     assert response.status_code == 401
 
 
+def test_a_node_finds_the_masters_over_its_certificate(cluster: LiveCluster) -> None:
+    with as_node(cluster, "node3") as node3:
+        masters = node3.get("/v1/masters")
+    assert masters.status_code == 200 and [m["url"] for m in masters.json()] == [cluster.url]
+
+
 def test_a_node_fetches_only_the_blobs_sent_to_it(cluster: LiveCluster, tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("for node3 only")

@@ -8,7 +8,9 @@ from fastapi import Depends, Request
 
 from shoal.errors import Forbidden, ShoalError
 from shoal.master.server import Master, NotLeading
+from shoal.master.serving import peer_of_scope
 from shoal.model import Caller, Role
+from shoal.tls import NODE_UNIT
 
 AGENT = "agent"  # who the cluster token speaks for: any agent
 
@@ -60,7 +62,13 @@ async def admin_or_agent(request: Request) -> None:
 
 
 async def anyone(request: Request) -> None:
-    """Any API token or the cluster token: what agents and clients both ask."""
+    """Any API token, the cluster token or a node's certificate: what agents and clients
+    both ask (which masters there are). The cluster CA vouched for the certificate at the
+    handshake; followers, which keep no identities, answer this too."""
+    peer = peer_of_scope(request.scope)
+    if peer is not None and peer.unit == NODE_UNIT:
+        request.state.principal = f"agent:{peer.name}"
+        return
     if not _is_agent(request):
         await caller_of(request)
 
