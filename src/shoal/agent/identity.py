@@ -36,6 +36,8 @@ from shoal.masters import FAILOVER, Masters, Unreachable
 from shoal.trust import UntrustedMaster
 
 if TYPE_CHECKING:  # httpx and cryptography are loaded when used: a plain-http agent needs neither
+    import httpx
+
     from shoal.calls import AsyncCalls
     from shoal.tls import IdentityFiles
 
@@ -240,10 +242,7 @@ def _context(ca: Path, files: IdentityFiles) -> ssl.SSLContext:
     return context
 
 
-def _said(response: object) -> str:
-    import httpx
-
-    assert isinstance(response, httpx.Response)
+def _said(response: httpx.Response) -> str:
     try:
         return str(response.json().get("error", response.text))
     except ValueError:
