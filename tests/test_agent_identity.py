@@ -3,6 +3,7 @@ when it renews its certificate, and a new pair put in place whole, even if cut s
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -32,7 +33,17 @@ def test_each_kind_of_master_wants_its_own_credential(tmp_path: Path) -> None:
     assert mixed.value.field == "master"
     plain = credentials(tmp_path, "http://m1:8470", cluster_token="secret")
     assert plain.headers == {"Authorization": "Bearer secret"} and plain.context is None
-    assert credentials(tmp_path, "https://m1:8470", ca=tmp_path / "ca.pem").headers == {}
+
+
+def test_over_tls_the_cluster_token_is_never_sent(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(tls.create_authority().pem())
+    over_tls = credentials(tmp_path, "https://m1:8470", ca=ca, cluster_token="secret")
+    assert over_tls.headers == {}
+    calls = over_tls.calls()
+    request = calls._http.build_request("GET", "https://m1:8470/v1/masters")
+    asyncio.run(calls.aclose())
+    assert "authorization" not in request.headers
 
 
 def test_a_certificate_is_renewed_two_thirds_of_the_way_through_its_life(tmp_path: Path) -> None:

@@ -93,12 +93,12 @@ class Credentials:
         return self._context
 
     def calls(self, token: str | None = None) -> AsyncCalls:
-        """HTTP calls to the masters, as this node (or with `token`, to join)."""
+        """HTTP calls to the masters as this node: over TLS with its certificate alone (or
+        `token`, to join); on plain http with the cluster token."""
         from shoal.calls import AsyncCalls
 
-        return AsyncCalls(
-            self._masters, token or self._cluster_token, _TIMEOUT, FAILOVER, ca=self._context or self._ca
-        )
+        bearer = token if self.tls else self._cluster_token
+        return AsyncCalls(self._masters, bearer, _TIMEOUT, FAILOVER, ca=self._context or self._ca)
 
     # --- getting an identity ---------------------------------------------------------------
 
