@@ -27,6 +27,10 @@ def remove(
     if as_json:
         print_json(removed)
         return
-    lost = f"{len(removed.tasks)} tasks lost, to run elsewhere" if removed.tasks else "it held no task"
+    lost = (
+        f"its tasks {', '.join(removed.tasks)} are lost, to run elsewhere"
+        if removed.tasks
+        else "it held no task"
+    )
     revoked = "its certificate is refused from now on; " if removed.identity else ""
     out.print(f"{node} removed: {revoked}{lost}")
