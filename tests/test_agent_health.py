@@ -15,10 +15,13 @@ from shoal.agent.health import Damper, HealthChecks
 from shoal.agent.runner import start_time
 from shoal.agent.server import Agent
 from shoal.agent.state import RunEntry
+from shoal.agent.users import Users
 from shoal.checks import CheckResult, CheckStatus, HealthCheck
 from shoal.config import AgentSettings, load_settings
 from shoal.model import Resources, TaskState
 from shoal.wire import RunSpec
+
+AGENTS_OWN = Users(None, allow_root=True)  # checks run as the agent's own user, root or not
 
 PASSING, WARNING, CRITICAL = CheckStatus.PASSING, CheckStatus.WARNING, CheckStatus.CRITICAL
 
@@ -57,7 +60,7 @@ def test_http_checks_judge_by_status_and_refused_connections(tmp_path: Path) -> 
             assert check == "web"
             verdicts[run] = (status, output)
 
-        checks = HealthChecks(lambda run: tmp_path, verdict)
+        checks = HealthChecks(lambda run: tmp_path, verdict, AGENTS_OWN)
         ok, failing, busy, closed = await _serve(200), await _serve(503), await _serve(429), await _serve(200)
         ports = {"ok": _port(ok), "bad": _port(failing), "busy": _port(busy), "gone": _port(closed)}
         closed.close()  # nothing listens there any more
@@ -88,7 +91,7 @@ def test_a_command_check_says_its_output(tmp_path: Path) -> None:
     async def scenario() -> list[tuple[CheckStatus, str]]:
         seen: list[tuple[CheckStatus, str]] = []
         checks = HealthChecks(
-            lambda run: tmp_path, lambda run, check, status, out: seen.append((status, out))
+            lambda run: tmp_path, lambda run, check, status, out: seen.append((status, out)), AGENTS_OWN
         )
         spec = RunSpec(
             run_id="r",
@@ -166,7 +169,9 @@ def test_known_verdicts_are_kept_and_only_changes_said(tmp_path: Path) -> None:
     async def scenario() -> dict[str, list[CheckStatus]]:
         said: dict[str, list[CheckStatus]] = {}
         checks = HealthChecks(
-            lambda run: tmp_path, lambda run, check, status, out: said.setdefault(run, []).append(status)
+            lambda run: tmp_path,
+            lambda run, check, status, out: said.setdefault(run, []).append(status),
+            AGENTS_OWN,
         )
         ok, failing = await _serve(200), await _serve(503)
         was_passing = {"web": CheckResult(PASSING, "HTTP GET: 200 OK", 1.0)}
@@ -210,7 +215,9 @@ def test_a_restarted_agent_keeps_its_runs_verdicts(tmp_path: Path) -> None:
             )
         ]
         (tmp_path / "runs.json").write_bytes(TypeAdapter(list[RunEntry]).dump_json(entries))
-        settings = load_settings(AgentSettings, None, cluster_token="t", state_dir=tmp_path, limits=False)
+        settings = load_settings(
+            AgentSettings, None, cluster_token="t", state_dir=tmp_path, limits=False, allow_root=True
+        )
         agent = Agent(settings)
         agent._adopt()
         for _ in range(100):
@@ -235,7 +242,7 @@ def test_a_restarted_agent_keeps_its_runs_verdicts(tmp_path: Path) -> None:
 
 def test_no_http_client_is_made_until_an_http_check_runs(tmp_path: Path) -> None:
     async def scenario() -> bool:
-        checks = HealthChecks(lambda run: tmp_path, lambda run, check, status, output: None)
+        checks = HealthChecks(lambda run: tmp_path, lambda run, check, status, output: None, AGENTS_OWN)
         await checks.close()
         return "_http" in checks.__dict__
 

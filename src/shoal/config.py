@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
 
 from shoal.clientfile import DEFAULT_PORT, MasterURLs
-from shoal.model import Resources, Strategy
+from shoal.model import Resources, Strategy, UserName
 from shoal.services import IPv4
 
 if TYPE_CHECKING:
@@ -91,6 +91,11 @@ class MasterSettings(_Settings):
     preemption: bool = True
     queues: dict[str, QueueSettings] = Field(default_factory=lambda: {"default": QueueSettings()})
     user_weights: dict[str, float] = Field(default_factory=dict)
+    run_as: dict[str, Annotated[list[UserName], Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description="API principal (token name) -> the Unix users its jobs may run as; the first is "
+        "its default (admins may name any user)",
+    )
     offer_timeout: float = Field(30.0, gt=0, description="seconds before an unanswered offer is rescinded")
     rebalance: Literal["off", "spread", "consolidate"] = Field(
         "off", description="the rebalancing loop: off, spread (even the load out) or consolidate"
@@ -273,6 +278,13 @@ class AgentSettings(_Settings):
     )
     keep_sandboxes: float = Field(
         86_400.0, ge=0, description="seconds a finished run's sandbox and logs are kept"
+    )
+    task_user: UserName | None = Field(
+        None, description="the Unix user tasks that name none run as (default: the agent's own)"
+    )
+    allow_root: bool = Field(False, description="run tasks as root (uid 0) when they would be")
+    shell_user: UserName | None = Field(
+        None, description="the Unix user `shoal exec` commands run as (default: the agent's own)"
     )
 
     @field_validator("resources")

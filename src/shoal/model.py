@@ -9,10 +9,12 @@ machine consults for every change.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -118,6 +120,22 @@ class Strategy(str, enum.Enum):
 
 _QUEUE_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
 
+# A Unix user name as POSIX has it (the portable filename characters, no leading hyphen),
+# starting with a letter or underscore as useradd requires, at most 32 characters.
+_USER_NAME = r"^[A-Za-z_][A-Za-z0-9._-]{0,31}$"
+
+
+def _user_name(value: str) -> str:
+    if not re.fullmatch(_USER_NAME, value):
+        raise ValueError(
+            f"{value[:40]!r} is not a Unix user name: at most 32 letters, digits, '.', '_' or '-', "
+            "starting with a letter or '_'"
+        )
+    return value
+
+
+UserName = Annotated[str, AfterValidator(_user_name), Field(json_schema_extra={"pattern": _USER_NAME})]
+
 
 class JobSpec(BaseModel):
     """What a person submits: the same fields in TOML and in JSON over the API."""
@@ -169,6 +187,11 @@ class JobSpec(BaseModel):
         "(default: the master's setting for jobs with services, 0 for others)",
     )
     colocation: list[Colocation] = Field(default_factory=list, max_length=16)
+    user: UserName | None = Field(
+        None,
+        description="the Unix user its tasks run as (default: the submitter's first in the master's "
+        "run_as, else each agent's task_user)",
+    )
 
     @property
     def port_names(self) -> list[str]:

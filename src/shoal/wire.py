@@ -45,6 +45,7 @@ class RunSpec:
     restore: str | None = None  # the blob of saved state to unpack there before it starts
     checks: dict[str, HealthCheck] = field(default_factory=dict)  # by name (checks.TASK_CHECK: its own)
     shutdown_delay: float = 0.0  # seconds between a kill and SIGTERM: it has left the registry
+    user: str | None = None  # the Unix user it runs as (None: the agent's task_user)
 
 
 class RunReport(BaseModel):

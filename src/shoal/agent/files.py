@@ -2,7 +2,10 @@
 
 A push names blobs by sha256; the agent streams each from the master in chunks, checks the
 digest while writing beside the destination, then sets mode and mtime and renames it into
-place, so a reader never sees half a file and a corrupt transfer changes nothing. A pull
+place, so a reader never sees half a file and a corrupt transfer changes nothing. What it
+writes into a directory of another user (a task's sandbox, a home) is given to that user,
+as are the directories it makes there, so a task can use what is copied in for it; it
+writes only files it made itself, never through a link found in place. A pull
 hashes the file, uploads it unless the master already holds those bytes, and reports the
 blob with the file's mode and mtime. Transfers go to the master the agent is connected to
 (the leader), following a redirect as any client's call does.
@@ -16,9 +19,10 @@ import hashlib
 import os
 import stat
 import tarfile
+import tempfile
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from shoal.masters import Unreachable
 from shoal.shell.protocol import CopyFile
@@ -82,12 +86,17 @@ class FileMover:
             await self._receive(file, dest / file.path if into else dest)
 
     async def _receive(self, file: CopyFile, target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(target.parent)
         partial = target.with_name(f".{target.name}.{os.getpid()}.shoal-partial")  # unique on shared disks
+        partial.unlink(missing_ok=True)  # left by a copy cut short
         try:
-            await self._download(file.blob, partial)
-            os.chmod(partial, file.mode)
-            os.utime(partial, (file.mtime, file.mtime))
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb") as f:
+                await self._download(file.blob, f, target.name)
+                f.flush()
+                _give_to_owner_of(f.fileno(), target.parent)
+                os.fchmod(f.fileno(), file.mode)  # after the chown, which clears setuid bits
+                os.utime(f.fileno(), (file.mtime, file.mtime))
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
@@ -109,11 +118,14 @@ class FileMover:
             )
         )
 
-    async def save(self, directory: Path) -> str:
-        """Pack `directory` (a run's saved state) into a blob on the master; its sha256."""
-        packed = directory.with_suffix(".tar.gz")
-        await asyncio.to_thread(_pack, directory, packed)
+    async def save(self, directory: Path, owner: int, scratch: Path) -> str:
+        """Pack the files `owner` (a uid) has in `directory` (a run's saved state) into a blob
+        on the master, by way of a file in `scratch`; its sha256."""
+        fd, name = tempfile.mkstemp(suffix=".tar.gz", dir=scratch)
+        os.close(fd)
+        packed = Path(name)
         try:
+            await asyncio.to_thread(_pack, directory, packed, owner)
             blob = await asyncio.to_thread(_sha256, packed)
             await self._upload(blob, packed)
             return blob
@@ -121,11 +133,12 @@ class FileMover:
             packed.unlink(missing_ok=True)
 
     async def restore(self, blob: str, directory: Path) -> None:
-        """Unpack a blob made by `save` into `directory`."""
+        """Unpack a blob made by `save` into `directory` (in a sandbox not yet handed over)."""
         directory.mkdir(parents=True, exist_ok=True)
         packed = directory.with_suffix(".tar.gz")
         try:
-            await self._download(blob, packed)
+            with open(packed, "wb") as f:
+                await self._download(blob, f, packed.name)
             await asyncio.to_thread(_unpack, packed, directory)
         finally:
             packed.unlink(missing_ok=True)
@@ -137,26 +150,74 @@ class FileMover:
             response = await self._http.send("PUT", f"/v1/blobs/{blob}", content=_Chunks(path), safe=True)
             response.raise_for_status()
 
-    async def _download(self, blob: str, path: Path) -> None:
-        """A blob into `path`, its sha256 checked (ValueError on a mismatch)."""
+    async def _download(self, blob: str, f: BinaryIO, name: str) -> None:
+        """A blob into the file `f` (for `name`), its sha256 checked (ValueError on a mismatch)."""
         digest = hashlib.sha256()
         response = await self._http.send("GET", f"/v1/blobs/{blob}", stream=True)
         try:
             response.raise_for_status()
-            with open(path, "wb") as f:
-                async for chunk in response.aiter_bytes(CHUNK):
-                    digest.update(chunk)
-                    f.write(chunk)
+            async for chunk in response.aiter_bytes(CHUNK):
+                digest.update(chunk)
+                f.write(chunk)
         finally:
             await response.aclose()
         if digest.hexdigest() != blob:
-            raise ValueError(f"{path.name}: checksum mismatch (got {digest.hexdigest()}, want {blob})")
+            raise ValueError(f"{name}: checksum mismatch (got {digest.hexdigest()}, want {blob})")
 
 
-def _pack(directory: Path, target: Path) -> None:
+def _make_dirs(directory: Path) -> None:
+    """`directory` and its missing parents, each given to the owner of the one it is made in."""
+    if directory.is_dir():
+        return
+    _make_dirs(directory.parent)
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        if not directory.is_dir():
+            raise
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _give_to_owner_of(fd, directory.parent)
+    finally:
+        os.close(fd)
+
+
+def _give_to_owner_of(fd: int, directory: Path) -> None:
+    """Give the open file `fd` to the owner and group of `directory`, if not the agent's user."""
+    info = directory.stat()
+    if info.st_uid != os.geteuid():
+        os.fchown(fd, info.st_uid, info.st_gid)
+
+
+def _pack(directory: Path, target: Path, owner: int) -> None:
+    """Tar `directory` into `target`: its directories and links as they are, and the content
+    of the plain files `owner` has there. Files are opened without following links and
+    checked once open, so nothing the agent could read and `owner` could not goes in."""
+    if directory.is_symlink():
+        raise OSError(f"{directory} is a link, not the run's own directory")
     with tarfile.open(target, "w:gz") as tar:
-        for entry in sorted(directory.iterdir()):
-            tar.add(entry, arcname=entry.name)
+        for root, dirs, files in os.walk(directory):
+            dirs.sort()
+            for name in (*dirs, *sorted(files)):
+                path = os.path.join(root, name)
+                info = tar.gettarinfo(path, os.path.relpath(path, directory))  # lstat: no link followed
+                if info.isdir() or info.issym():
+                    tar.addfile(info)
+                elif info.isreg():
+                    _pack_file(tar, path, info, owner)
+
+
+def _pack_file(tar: tarfile.TarFile, path: str, info: tarfile.TarInfo, owner: int) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return  # gone, or no longer a plain file
+    with open(fd, "rb") as f:
+        opened = os.fstat(fd)
+        if stat.S_ISREG(opened.st_mode) and opened.st_uid == owner:
+            info.size = opened.st_size
+            tar.addfile(info, f)
 
 
 def _unpack(packed: Path, directory: Path) -> None:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shoal.agent.runner import run_env
+from shoal.agent.users import Users
 from shoal.checks import OUTPUT_LIMIT, CheckResult, CheckStatus, HealthCheck
 from shoal.wire import RunSpec
 
@@ -69,9 +70,10 @@ class Damper:
 
 
 class HealthChecks:
-    def __init__(self, sandbox: Callable[[str], Path], verdict: Verdict) -> None:
+    def __init__(self, sandbox: Callable[[str], Path], verdict: Verdict, users: Users) -> None:
         self._sandbox = sandbox
         self._verdict = verdict
+        self._users = users
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
 
     @functools.cached_property
@@ -130,12 +132,17 @@ class HealthChecks:
         return await self._get(f"http://127.0.0.1:{port}/{path}")
 
     async def _command(self, spec: RunSpec, command: str) -> tuple[CheckStatus, str]:
+        # As the run itself: its user (by setpriv, as its command: uvloop's subprocesses
+        # take no user), its environment.
+        who = self._users.of_run(spec.user)
+        box = self._sandbox(spec.run_id)
         proc = await asyncio.create_subprocess_exec(
+            *self._users.become(who),
             "/bin/sh",
             "-c",
             command,
-            env={**os.environ, **spec.env},
-            cwd=self._sandbox(spec.run_id),
+            env=run_env(spec, who, box),
+            cwd=box,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,

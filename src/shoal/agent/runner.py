@@ -3,46 +3,87 @@
 Each run gets a sandbox directory holding its `stdout` and `stderr` files, its own cgroups
 (cpu quota, memory limit) where the machine allows, and runs as the leader of its own
 session (so of its own process group), so a kill reaches everything it started. A small sh
-wrapper writes the exit status into the sandbox: an agent restarted while the run went on
-can still learn how it ended, though it is no longer the parent.
+wrapper records the exit status where the agent keeps them: an agent restarted while the
+run went on can still learn how it ended, though it is no longer the parent.
 Exits are watched through pidfds, for children and adopted processes alike.
+
+A run goes as the user its task names (`users.py`): its sandbox, logs included, belongs to
+that user alone (mode 0700), and its command runs with the user's uid, gid and groups. The
+wrapper stays the agent's (root): a process of the user could neither join the run's
+root-owned cgroups nor be trusted with its exit record, and joining them from the wrapper
+before the command starts leaves nothing it forks outside them, which moving the process in
+from the agent after the start would not. So only the command changes user, by setpriv.
+The agent never writes into a sandbox once it is the user's: what it puts there (output
+files, restored state) is in place before the sandbox is handed over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import shutil
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 
 from shoal.agent.cgroups import Cgroups
+from shoal.agent.users import Identity, Users
 from shoal.wire import RunSpec
 
-# Runs argv in the working directory given first, then records its status where a restarted
-# agent can find it. It first joins the run's cgroups, so everything the command starts is
-# inside them, and last writes the exit status with a builtin (no second process; it is read
-# only once the wrapper has exited).
+# Runs argv in the working directory given second, then records its status in the file
+# given first, where a restarted agent can find it. It first joins the run's cgroups, so
+# everything the command starts is inside them, and last writes the exit status with a
+# builtin (no second process; it is read only once the wrapper has exited).
 _WRAPPER = (
     'for g in $SHOAL_CGROUP_DIRS; do echo $$ > "$g/cgroup.procs"; done; '
-    'cd -- "$1" || exit 127; shift; '
-    '"$@"; rc=$?; printf %s "$rc" > "$SHOAL_SANDBOX/.exit"; exit $rc'
+    'record=$1; cd -- "$2" || exit 127; shift 2; '
+    '"$@"; rc=$?; printf %s "$rc" > "$record"; exit $rc'
 )
-_OUTPUT = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-_BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME")
+# O_NOFOLLOW: never through a link a run's user may have left in its sandbox.
+_OUTPUT = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+_PRIVATE = 0o600
+BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME")
 
 ExitCallback = Callable[[str, int | None], None]
+log = logging.getLogger("shoal.agent")
+
+
+def run_env(spec: RunSpec, who: Identity, box: Path) -> dict[str, str]:
+    """What a run's processes (and its command checks) see: a few of the agent's variables,
+    the user's own when it runs as another, the job's, and where its sandbox is."""
+    env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
+    if who.switches:
+        env.update(who.env())
+    env.update(spec.env)
+    env["SHOAL_SANDBOX"] = str(box)
+    if spec.checkpoint:
+        env["SHOAL_CHECKPOINT_DIR"] = str(box / "checkpoint")
+    return env
 
 
 class Runner:
-    """Starts, watches and signals the processes of one agent's runs."""
+    """Starts, watches and signals the processes of one agent's runs, whose sandboxes and
+    exit records it keeps under `directory`."""
 
-    def __init__(self, sandboxes: Path, on_exit: ExitCallback, cgroups: Cgroups | None) -> None:
-        self.sandboxes = sandboxes
+    def __init__(self, directory: Path, on_exit: ExitCallback, cgroups: Cgroups | None, users: Users) -> None:
+        self.sandboxes = directory / "sandboxes"
+        self.exits = directory / "exits"  # the agent's alone: the users' processes cannot touch them
+        for path, mode in ((self.sandboxes, 0o711), (self.exits, 0o700)):
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(mode)  # the users reach their own sandboxes, and list none
+        if os.geteuid() == 0 and (closed := _closed_to_others(self.sandboxes)) is not None:
+            log.warning(
+                "%s lets no other user through: tasks run as other users cannot reach their "
+                "sandboxes by SHOAL_SANDBOX (give the agent a --state-dir such as /var/lib/shoal)",
+                closed,
+            )
         self._on_exit = on_exit
         self.cgroups = cgroups
+        self.users = users
         self._watched: dict[str, int] = {}  # run id -> pidfd
 
     def sandbox(self, run_id: str) -> Path:
@@ -52,33 +93,52 @@ class Runner:
         """Where a run keeps the state it saves when stopped (checkpoint mode)."""
         return self.sandbox(run_id) / "checkpoint"
 
+    def prepare(self, spec: RunSpec) -> Identity:
+        """Check that `spec` may run here, and make its sandbox, the agent's until `spawn`
+        hands it over; who it runs as. Raises OSError (UserRefused: the user may not)."""
+        who = self.users.of_run(spec.user)
+        self.sandbox(spec.run_id).mkdir(mode=0o700, exist_ok=True)
+        return who
+
     def spawn(self, spec: RunSpec) -> tuple[int, float]:
         """Start `spec`; returns (pid, process start time). Raises OSError if it cannot."""
         if spec.workdir is not None and not os.path.isdir(spec.workdir):
             raise FileNotFoundError(f"working directory {spec.workdir} does not exist on this node")
+        who = self.prepare(spec)
         box = self.sandbox(spec.run_id)
-        box.mkdir(parents=True, exist_ok=True)
-        env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
-        env.update(spec.env)
-        env["SHOAL_SANDBOX"] = str(box)
+        env = run_env(spec, who, box)
         if spec.checkpoint:
-            self.checkpoint_dir(spec.run_id).mkdir(exist_ok=True)
-            env["SHOAL_CHECKPOINT_DIR"] = str(self.checkpoint_dir(spec.run_id))
+            self.checkpoint_dir(spec.run_id).mkdir(mode=0o700, exist_ok=True)
         if self.cgroups is not None:
             env["SHOAL_CGROUP_DIRS"] = " ".join(map(str, self.cgroups.create(spec.run_id, spec.resources)))
-        # posix_spawn, not subprocess: a spawn costs a fraction of the CPU, and the child
-        # opens its own output files. It leads a session of its own (so a process group).
-        pid = os.posix_spawn(
-            "/bin/sh",
-            ["/bin/sh", "-c", _WRAPPER, "shoal-run", str(spec.workdir or box), *spec.argv],
-            env,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_OPEN, 1, str(box / "stdout"), _OUTPUT, 0o644),
-                (os.POSIX_SPAWN_OPEN, 2, str(box / "stderr"), _OUTPUT, 0o644),
-            ],
-            setsid=True,
-        )
+        # The output files are opened here, before the sandbox is the user's, so no link the
+        # user could put in their place is ever followed.
+        with _output(box / "stdout") as out, _output(box / "stderr") as err:
+            if who.switches:
+                _hand_over(box, who)
+            record, workdir = str(self.exits / spec.run_id), str(spec.workdir or box)
+            # posix_spawn, not subprocess: a spawn costs a fraction of the CPU. It leads a
+            # session of its own (so a process group).
+            pid = os.posix_spawn(
+                "/bin/sh",
+                [
+                    "/bin/sh",
+                    "-c",
+                    _WRAPPER,
+                    "shoal-run",
+                    record,
+                    workdir,
+                    *self.users.become(who),
+                    *spec.argv,
+                ],
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, out, 1),
+                    (os.POSIX_SPAWN_DUP2, err, 2),
+                ],
+                setsid=True,
+            )
         start = start_time(pid) or 0.0
         self.watch(spec.run_id, pid)
         return pid, start
@@ -120,18 +180,20 @@ class Runner:
 
     def recorded_exit(self, run_id: str) -> int | None:
         try:
-            return int((self.sandbox(run_id) / ".exit").read_text())
+            return int((self.exits / run_id).read_text())
         except (OSError, ValueError):
             return None
 
     def prune(self, keep: set[str], older_than: float) -> int:
-        """Delete the sandboxes of runs not in `keep` untouched since `older_than` (epoch s)."""
+        """Delete the sandboxes (and exit records) of runs not in `keep` untouched since
+        `older_than` (epoch s)."""
         removed = 0
         for box in self.sandboxes.glob("*"):
             try:
-                if box.name in keep or box.stat().st_mtime >= older_than:
+                if box.name in keep or box.lstat().st_mtime >= older_than:
                     continue
-                shutil.rmtree(box)
+                shutil.rmtree(box)  # follows no link a run left in it
+                (self.exits / box.name).unlink(missing_ok=True)
                 removed += 1
             except OSError:
                 continue  # gone meanwhile, or busy: the next pass sees it again
@@ -144,8 +206,20 @@ class Runner:
             pass
 
     def read_log(self, run_id: str, stream: str, offset: int, limit: int) -> bytes:
-        """Up to `limit` bytes of a run's output from `offset`; FileNotFoundError if none."""
-        with open(self.sandbox(run_id) / stream, "rb") as f:
+        """Up to `limit` bytes of a run's output from `offset`; FileNotFoundError if none.
+
+        The sandbox is its user's: the agent reads only a plain file of that user there, not
+        a link, a pipe or someone else's file put in the log's place."""
+        box = self.sandbox(run_id)
+        path = box / stream
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise FileNotFoundError(f"{path}: {e.strerror}") from None
+        with open(fd, "rb") as f:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != box.lstat().st_uid:
+                raise FileNotFoundError(f"{path} is not a log of its run")
             f.seek(offset)
             return f.read(limit)
 
@@ -155,6 +229,33 @@ class Runner:
             loop.remove_reader(fd)
             os.close(fd)
         self._watched.clear()
+
+
+def _closed_to_others(path: Path) -> Path | None:
+    """The first directory on the way to `path` that other users may not pass through."""
+    for directory in reversed(path.resolve().parents):
+        if not directory.stat().st_mode & stat.S_IXOTH:
+            return directory
+    return None
+
+
+@contextlib.contextmanager
+def _output(path: Path) -> Iterator[int]:
+    """An output file of a run, open for appending, made private to its owner."""
+    fd = os.open(path, _OUTPUT, _PRIVATE)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _hand_over(box: Path, who: Identity) -> None:
+    """Give a sandbox, and what the agent put in it, to the user its run runs as; the
+    sandbox itself last, so the user can change nothing in it before it is all theirs."""
+    for root, dirs, files in os.walk(box, topdown=False):
+        for name in (*files, *dirs):
+            os.lchown(os.path.join(root, name), who.uid, who.gid)
+    os.lchown(box, who.uid, who.gid)
 
 
 def start_time(pid: int) -> float | None:

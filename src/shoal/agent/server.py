@@ -56,6 +56,7 @@ from shoal.agent.state import (
     Unled,
 )
 from shoal.agent.usage import Meter
+from shoal.agent.users import Users
 from shoal.checks import CheckResult
 from shoal.config import AgentSettings
 from shoal.errors import ShoalError
@@ -124,8 +125,11 @@ class Agent:
         )
         self.state = AgentState(info, self._load_table())
         cgroups = Cgroups.detect(info.name) if settings.limits else None
-        self.runner = Runner(self.state_dir / "sandboxes", self._on_exit, cgroups)
-        self.shell = ShellRunner(lambda frame: self._send(encode(frame)), info.name)
+        users = Users(settings.task_user, settings.allow_root)
+        self.runner = Runner(self.state_dir, self._on_exit, cgroups, users)
+        self.shell = ShellRunner(
+            lambda frame: self._send(encode(frame)), info.name, users, settings.shell_user
+        )
         self.credentials = Credentials(settings, self.masters, info.name)
         self.files = FileMover(lambda frame: self._send(encode(frame)), self.credentials.calls)
         self.health = HealthChecks(
@@ -133,6 +137,7 @@ class Agent:
             lambda run, check, status, output: self.dispatch(
                 Health(run, check, CheckResult(status, output, time.time()), time.time())
             ),
+            users,
         )
         self._outbox: asyncio.Queue[bytes] | None = None
         self._unsaved: tuple[RunEntry, ...] | None = None
@@ -185,7 +190,10 @@ class Agent:
         self._flush_pending = False
         if self._unsaved is not None:
             tmp = self._table_path.with_suffix(".tmp")
-            tmp.write_bytes(_TABLE.dump_json(list(self._unsaved)))
+            # The agent's alone: it holds every run's command and environment, whoever runs it.
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                os.fchmod(f.fileno(), 0o600)  # made by an earlier agent with a wider mode
+                f.write(_TABLE.dump_json(list(self._unsaved)))
             os.replace(tmp, self._table_path)
             self._unsaved = None
         frames, self._unsent = self._unsent, []
@@ -216,6 +224,11 @@ class Agent:
 
         assert spec.restore is not None
         try:
+            self.runner.prepare(spec)
+        except OSError as e:  # it may not run here: no use fetching its state
+            self.dispatch(SpawnFailed(spec.run_id, str(e), time.time()))
+            return
+        try:
             await self.files.restore(spec.restore, self.runner.checkpoint_dir(spec.run_id))
         except (OSError, ValueError, httpx.HTTPError, tarfile.TarError, Unreachable) as e:
             self.dispatch(
@@ -243,7 +256,8 @@ class Agent:
         blob = None
         if directory.is_dir() and any(directory.iterdir()):
             try:
-                blob = await self.files.save(directory)
+                owner = self.runner.sandbox(run_id).lstat().st_uid  # its run's user
+                blob = await self.files.save(directory, owner, self.state_dir)
             except (OSError, httpx.HTTPError, Unreachable) as e:
                 log.warning(
                     "run %s: its saved state could not be kept (%s); it restarts without it", run_id, e

@@ -9,6 +9,11 @@ left behind. Output is flow-controlled: past `WINDOW` bytes the reader has not t
 the agent stops reading the pipes (the command then blocks writing) until the master says
 the reader caught up. If the master's connection drops, the commands it asked for are
 stopped: no one is left to hear their answer.
+
+With the agent's `shell_user` set, commands run as that user instead (setpriv, as tasks do),
+from its home directory with its HOME, USER, LOGNAME and a login's PATH, and only a few of
+the agent's variables (its environment may hold the cluster token). `allow_root` does not bind them:
+only admins may run them, and every run is audited, as clush over SSH as root would be.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from shoal.agent.runner import BASE_ENV
+from shoal.agent.users import UserRefused, Users, lookup
 from shoal.wire import ExecEnd, ExecOutput, ExecStart, ExecStarted
 
 _READ = 65536
@@ -40,15 +47,38 @@ class _Command:
     paused: bool = False
 
 
+# Run as the shell user: from its home (or / if it has none here), as after a login.
+_FROM_HOME = 'cd -- "$HOME" 2>/dev/null || cd /; exec "$@"'
+
+
 class ShellRunner:
-    def __init__(self, send: Send, node: str) -> None:
+    def __init__(self, send: Send, node: str, users: Users, user: str | None) -> None:
         self._send = send
+        self._node = node
         self._env = {**os.environ, "SHOAL_NODE": node}
+        self._users = users
+        self._user = user  # the shell user (None: the agent's own)
         self._running: dict[int, _Command] = {}
+
+    def _command_line(self, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+        """What to spawn for `argv`, and its environment: as the shell user, when there is one."""
+        if self._user is None:
+            return argv, self._env
+        who = lookup(self._user)
+        self._users.may_become(who)
+        if not who.switches:
+            return argv, self._env
+        env = {k: os.environ[k] for k in BASE_ENV if k in os.environ} | who.env() | {"SHOAL_NODE": self._node}
+        return [*self._users.become(who), "/bin/sh", "-c", _FROM_HOME, "shoal-exec", *argv], env
 
     def start(self, frame: ExecStart) -> None:
         if frame.exec_id in self._running:
             return  # a repeated request: the first one is already running
+        try:
+            argv, env = self._command_line(frame.argv)
+        except UserRefused as e:
+            self._send(ExecEnd(exec_id=frame.exec_id, code=126, error=f"cannot run as {self._user}: {e}"))
+            return
         out, out_w = os.pipe()
         err, err_w = os.pipe()
         streams = [
@@ -58,7 +88,7 @@ class ShellRunner:
         ]
         try:
             # posix_spawn, not Popen: a third of the CPU an agent spends per command.
-            pid = os.posix_spawnp(frame.argv[0], frame.argv, self._env, file_actions=streams, setsid=True)
+            pid = os.posix_spawnp(argv[0], argv, env, file_actions=streams, setsid=True)
         except OSError as e:
             os.close(out)
             os.close(err)

@@ -228,6 +228,7 @@ def dev(
         "SHOAL_ADMIN_TOKEN": admin,
         "SHOAL_CLUSTER_TOKEN": _token_file(state_dir / "cluster.token"),
         "SHOAL_REBALANCE": "spread",  # dev clusters even their load out
+        "SHOAL_ALLOW_ROOT": "true",  # a throwaway cluster: its tasks may run as root
         "SHOAL_INSECURE": "1",
     }
     dns = _dns_port(dns_port)

@@ -52,6 +52,9 @@ def run(
     queue: Annotated[str, typer.Option(help="the queue to wait in")] = "default",
     priority: Annotated[int, typer.Option(help="0-1000; higher may preempt lower")] = 0,
     strategy: Annotated[Strategy | None, typer.Option(help="binpack, spread or least-loaded")] = None,
+    user: Annotated[
+        str | None, typer.Option(help="the Unix user it runs as [your token's first in run_as]")
+    ] = None,
 ) -> None:
     """Run a command on the cluster as if it were local: output back, exit code kept.
 
@@ -70,6 +73,7 @@ def run(
         queue=queue,
         priority=priority,
         strategy=strategy,
+        user=user,
     )
     with Client.from_config() as client:
         job_id = client.submit(spec)

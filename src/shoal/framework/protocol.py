@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from shoal.model import Command, JobSpec, Resources, TaskState
+from shoal.model import Command, JobSpec, Resources, TaskState, UserName
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _ROLE = r"^[a-z][a-z0-9_-]{0,31}$"
@@ -54,6 +54,9 @@ class TaskLaunch(_Message):
     ports: list[str] = Field(default_factory=list, max_length=32)
     kill_grace: float = Field(5.0, ge=0, le=3600)
     time_limit: float | None = Field(None, gt=0, le=365 * 86_400)
+    user: UserName | None = Field(
+        None, description="the Unix user it runs as (default: as for jobs of the framework's principal)"
+    )
 
     @model_validator(mode="after")
     def _valid_as_a_job(self) -> TaskLaunch:
@@ -72,6 +75,7 @@ class TaskLaunch(_Message):
             kill_grace=self.kill_grace,
             time_limit=self.time_limit,
             queue=role,
+            user=self.user,
         )
 
 

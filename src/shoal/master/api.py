@@ -27,6 +27,7 @@ from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, Rebala
 from shoal.master.ha import FollowerGate
 from shoal.master.node_access import blob_reader, blob_writer, serve_agent
 from shoal.master.opening import lifespan
+from shoal.master.run_as import RunAs, accept_as, job_as
 from shoal.master.server import Master, NotLeading, Unavailable
 from shoal.master.shell import Order
 from shoal.master.store import AuditQuery, Deposed
@@ -62,6 +63,21 @@ def _node_names(spec: JobSpec, master: Master) -> frozenset[str] | None:
     return frozenset(resolve(groups, [spec.nodes]))
 
 
+def _users_decided(
+    call: fp.Call, master: Master, caller: Principal, framework_id: str, run_as: RunAs
+) -> fp.Call:
+    """An ACCEPT with the user of each task decided for the framework's principal (an admin
+    calling for it may name any user). Other calls, and calls to frameworks that are not the
+    caller's, go as they are: the framework desk answers them."""
+    framework = master.state.frameworks.frameworks.get(framework_id)
+    if not isinstance(call, fp.Accept) or framework is None:
+        return call
+    owner = framework.record.principal
+    if not (caller.admin or caller.name == owner):
+        return call
+    return accept_as(call, run_as, owner, caller.admin)
+
+
 def _fan_out(
     master: Master,
     request: Request,
@@ -87,7 +103,7 @@ def _fan_out(
 def create_app(settings: MasterSettings) -> FastAPI:
     app = FastAPI(title="shoal", version="0.1.0", lifespan=lambda app: lifespan(app, settings))
     _errors(app)
-    _routes(app)
+    _routes(app, settings.run_as)
     app.include_router(service_api.router)
     app.include_router(identity_api.router)
     app.include_router(token_api.router)
@@ -135,11 +151,17 @@ def _task(master: Master, caller: Caller, task_id: str) -> TaskRecord:
     return task
 
 
-def _routes(app: FastAPI) -> None:
-    @app.post("/v1/jobs", status_code=201, response_model=Submitted, responses={422: {"model": ErrorBody}})
+def _routes(app: FastAPI, run_as: RunAs) -> None:
+    @app.post(
+        "/v1/jobs",
+        status_code=201,
+        response_model=Submitted,
+        responses={403: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+    )
     async def submit(
         spec: JobSpec, master: MasterDep, caller: Annotated[Caller, Depends(writer)]
     ) -> Submitted:
+        spec = job_as(spec, run_as, caller.name, caller.role is Role.ADMIN)
         names = _node_names(spec, master)
         job_id = await master.request(lambda req, now: Submit(req, caller.name, spec, now, names))
         return Submitted(id=job_id)  # type: ignore[arg-type]
@@ -317,6 +339,7 @@ def _routes(app: FastAPI) -> None:
         """One call of a subscribed framework: accept, decline, suppress, revive, kill,
         acknowledge, reconcile or teardown."""
         principal = _principal(caller)
+        call = _users_decided(call, master, principal, framework_id, run_as)
         return await master.request(lambda req, now: FrameworkCall(req, principal, framework_id, call, now))
 
     @app.get("/v1/frameworks", response_model=list[FrameworkView])

@@ -146,4 +146,5 @@ def run_spec(spec: JobSpec, task: TaskRecord, copy: Successor | None = None) -> 
         restore=task.checkpoint if checkpoint else None,
         checks=spec.checks,
         shutdown_delay=spec.shutdown_delay or 0.0,
+        user=spec.user,
     )

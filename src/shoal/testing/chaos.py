@@ -220,7 +220,8 @@ class ChaosCluster:
         flags = f"--name {node} --utilization tasks --heartbeat-interval {self.config.heartbeat_interval}"
         urls = ",".join(self.urls.values())
         args = ["agent", *flags.split(), "--cpus", "2", "--mem", "2048", "--master", urls]
-        self._spawn(self.nodes[node], node, [*args, "--state-dir", str(self.root / node)], {})
+        env = {"SHOAL_ALLOW_ROOT": "true"}  # throwaway hosts, run as root
+        self._spawn(self.nodes[node], node, [*args, "--state-dir", str(self.root / node)], env)
 
     def listing(self, name: str) -> list[dict[str, object]] | None:
         """What master `name` says of the masters, or None when it does not answer."""

@@ -96,6 +96,7 @@ class LiveCluster:
             **os.environ,
             "SHOAL_ADMIN_TOKEN": self.admin_token,
             "SHOAL_CLUSTER_TOKEN": self.cluster_token,
+            "SHOAL_ALLOW_ROOT": "true",  # tests run as root; agent_settings may say otherwise
         }
 
     def _spawn(

@@ -1,0 +1,315 @@
+"""Tasks as named Unix users, through a real master and real agents: each runs as its user,
+shut out of the others' sandboxes; root and unknown users refused by the agent; a user not
+its token's refused by the master; a run as its user re-adopted after an agent restart, its
+saved state moved with it; `shoal exec` as the agents' shell user; `shoal copy` into a
+sandbox given to its user. Makes two users for the run, and removes them after."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from shoal.agent.cgroups import Cgroups
+from shoal.agent.runner import Runner
+from shoal.agent.users import Users
+from shoal.checks import TASK_CHECK, CheckStatus
+from shoal.client import ApiError, Client
+from shoal.framework import Driver, OfferInfo, TaskLaunch
+from shoal.model import JobSpec, Resources, Role, TaskRecord, TaskState
+from shoal.testing.live import LiveCluster, live_cluster, wait_for
+from shoal.testing.recorder import Recorder
+from shoal.wire import RunSpec
+
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("useradd") is None, reason="makes Unix users: needs root"
+    ),
+    pytest.mark.timeout(120),
+]
+
+PREFIX = f"shoal_{secrets.token_hex(3)}"
+SMALL = {"cpus": 0.1, "mem": 64}
+
+
+@pytest.fixture(scope="module")
+def people() -> Iterator[dict[str, str]]:
+    """Two users of this machine, by the names of the tokens that may run as them."""
+    names = {"alice": f"{PREFIX}_alice", "bob": f"{PREFIX}_bob"}
+    made = []
+    try:
+        for name in names.values():
+            subprocess.run(["useradd", "--create-home", "--user-group", name], check=True)
+            made.append(name)
+        yield names
+    finally:
+        for name in made:
+            subprocess.run(["userdel", "--remove", name], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(people: dict[str, str]) -> Iterator[LiveCluster]:
+    # Not under pytest's own directory (mode 0700): the users must reach their sandboxes.
+    root = Path(tempfile.mkdtemp(prefix="shoal-users-"))
+    root.chmod(0o711)
+    run_as = {token: [user] for token, user in people.items()}
+    try:
+        with live_cluster(
+            root,
+            agents=2,
+            heartbeat_timeout=5.0,  # an agent restarted on a busy machine is back in time
+            master_settings={"run_as": json.dumps(run_as)},
+            agent_settings={"allow_root": "false", "shell_user": people["alice"]},
+        ) as c:
+            yield c
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tokens(cluster: LiveCluster, people: dict[str, str]) -> dict[str, str]:
+    with cluster.client() as admin:
+        return {name: admin.create_token(name, Role.USER, ("default",)).token for name in people}
+
+
+def running(client: Client, job: int) -> TaskRecord:
+    return wait_for(  # type: ignore[return-value]
+        lambda: (t := client.task(f"{job}.0")).state is TaskState.RUNNING and t, what=f"job {job} running"
+    )
+
+
+def sandbox(cluster: LiveCluster, task: TaskRecord) -> Path:
+    assert task.node is not None
+    return cluster.agent_dir(task.node) / "sandboxes" / task.run_id
+
+
+def test_tasks_run_as_their_users_shut_out_of_each_others_sandboxes(
+    cluster: LiveCluster, people: dict[str, str], tokens: dict[str, str]
+) -> None:
+    alice, bob = people["alice"], people["bob"]
+    with cluster.client(tokens["bob"]) as as_bob:
+        secret = as_bob.submit(JobSpec(command="echo bob-secret; sleep 60", resources=SMALL))
+        task = running(as_bob, secret)
+        box = sandbox(cluster, task)
+        wait_for(lambda: (box / "stdout").read_text(), what="bob's task writing")
+        [shell] = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if (p.info["cmdline"] or [])[2:3] == ["echo bob-secret; sleep 60"]
+        ]
+        assert (shell.uids().real, shell.gids().real) == (_uid(bob), _gid(bob))
+        if Cgroups.detect(task.node or "") is not None:  # held to its limits all the same
+            assert f"/shoal/{task.node}/{task.run_id}" in Path(f"/proc/{shell.pid}/cgroup").read_text()
+    probe = f"id -un; id -gn; echo $HOME $USER $LOGNAME; cat {box}/stdout; ls {box}; true"
+    with cluster.client(tokens["alice"]) as as_alice:
+        job = as_alice.submit(JobSpec(command=probe, resources=SMALL))
+        view = as_alice.wait(job, timeout=20)
+        out = as_alice.logs(f"{job}.0").decode()
+        err = as_alice.logs(f"{job}.0", "stderr").decode()
+    assert view.state.value == "complete" and view.spec.user == alice  # the job records its user
+    assert out.splitlines() == [alice, alice, f"/home/{alice} {alice} {alice}"]
+    assert err.count("Permission denied") == 2 and "bob-secret" not in out + err
+    assert (box.stat().st_uid, box.stat().st_mode & 0o777) == (_uid(bob), 0o700)
+    log = (box / "stdout").stat()
+    assert (log.st_uid, log.st_mode & 0o777) == (_uid(bob), 0o600)
+    with cluster.client() as admin:
+        admin.kill(secret)
+
+
+def test_a_tasks_check_command_runs_as_its_user(
+    cluster: LiveCluster, people: dict[str, str], tokens: dict[str, str]
+) -> None:
+    health = {"command": "id -un; echo $HOME", "interval": 0.2}
+    with cluster.client(tokens["alice"]) as as_alice:
+        job = as_alice.submit(JobSpec(command="sleep 30", resources=SMALL, health=health))
+        checked = wait_for(
+            lambda: (
+                (c := as_alice.task(f"{job}.0").checks.get(TASK_CHECK))
+                and c.status is CheckStatus.PASSING
+                and c
+            ),
+            what="its check passing",
+        )
+        as_alice.kill(job)
+    assert checked.output.split() == [people["alice"], f"/home/{people['alice']}"]  # type: ignore[attr-defined]
+
+
+def test_root_and_users_the_node_lacks_are_refused_with_the_reason(cluster: LiveCluster) -> None:
+    with cluster.client() as admin:  # an admin may name any user: the agent says no
+        asks = {
+            "root": JobSpec(command="true", user="root", resources=SMALL),
+            "nobody named": JobSpec(command="true", resources=SMALL),  # the agent's own user: root
+            "unknown": JobSpec(command="true", user=f"{PREFIX}_nobody", resources=SMALL),
+        }
+        jobs = {why: admin.submit(spec) for why, spec in asks.items()}
+        tasks = {why: admin.wait(job, timeout=20).tasks[0] for why, job in jobs.items()}
+    assert all(t.state is TaskState.FAILED and t.attempt == 0 for t in tasks.values())
+    assert tasks["root"].message == (
+        "could not start: it would run as root (uid 0), and this agent does not run tasks as root "
+        "(allow_root is off): name another user"
+    )
+    assert "names no user and this agent runs as root" in tasks["nobody named"].message
+    assert tasks["unknown"].message == f"could not start: there is no user {PREFIX}_nobody on this node"
+
+
+def test_a_user_not_mapped_to_the_token_is_forbidden_naming_the_field(
+    cluster: LiveCluster, people: dict[str, str], tokens: dict[str, str]
+) -> None:
+    auth = {"Authorization": f"Bearer {tokens['alice']}"}
+    with httpx.Client(base_url=cluster.url, headers=auth) as http:
+        other = http.post("/v1/jobs", json={"command": "true", "user": people["bob"]})
+        bad = http.post("/v1/jobs", json={"command": "true", "user": "-rf"})
+    assert other.status_code == 403
+    [field] = other.json()["fields"]
+    assert field["field"] == "user"
+    assert field["reason"] == (
+        f"alice may run tasks as {people['alice']}, not {people['bob']}: name one of those, "
+        f"or leave user out to run as {people['alice']}"
+    )
+    assert bad.status_code == 422 and bad.json()["fields"][0]["field"] == "user"
+
+
+def test_a_task_as_its_user_is_readopted_after_an_agent_restart(
+    cluster: LiveCluster, people: dict[str, str], tokens: dict[str, str]
+) -> None:
+    with cluster.client(tokens["alice"]) as as_alice:
+        job = as_alice.submit(JobSpec(command="id -un; sleep 3; exit 7", resources=SMALL))
+        task = running(as_alice, job)
+        assert task.node is not None
+        cluster.kill_agent(task.node)
+        cluster.start_agent(task.node)
+        view = as_alice.wait(job, timeout=30)
+        assert (view.tasks[0].state, view.tasks[0].exit_code, view.tasks[0].attempt) == (
+            TaskState.FAILED,
+            7,
+            0,
+        )
+        assert as_alice.logs(f"{job}.0").decode() == f"{people['alice']}\n"
+
+
+def test_shell_commands_run_as_the_shell_user_from_its_home(
+    cluster: LiveCluster, people: dict[str, str]
+) -> None:
+    result = cluster.cli("exec", "-w", "node1", "--", "id -un; pwd; echo $HOME")
+    alice = people["alice"]
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"node1: {alice}", f"node1: /home/{alice}", f"node1: /home/{alice}"]
+
+
+def test_a_file_copied_into_a_sandbox_is_its_users(
+    cluster: LiveCluster, people: dict[str, str], tokens: dict[str, str], tmp_path: Path
+) -> None:
+    source = tmp_path / "input.txt"
+    source.write_text("for alice\n")
+    source.chmod(0o600)
+    wait = "until [ -f in/input.txt ]; do sleep 0.05; done; cat in/input.txt; echo more >> in/input.txt"
+    with cluster.client(tokens["alice"]) as as_alice:
+        job = as_alice.submit(JobSpec(command=wait, resources=SMALL))
+        box = sandbox(cluster, running(as_alice, job))
+        copied = cluster.cli("copy", "-w", "node1", str(source), f"{box}/in/")
+        assert copied.returncode == 0, copied.stderr
+        view = as_alice.wait(job, timeout=20)
+        assert view.state.value == "complete" and as_alice.logs(f"{job}.0") == b"for alice\n"
+    owner = _uid(people["alice"])
+    assert (box / "in").stat().st_uid == owner and (box / "in" / "input.txt").stat().st_uid == owner
+
+
+def test_saved_state_moves_with_a_task_as_its_user(cluster: LiveCluster, tokens: dict[str, str]) -> None:
+    counter = [
+        "python3",
+        "-c",
+        "import os, pathlib, signal, sys, time\n"
+        "state = pathlib.Path(os.environ['SHOAL_CHECKPOINT_DIR']) / 'count'\n"
+        "n = int(state.read_text()) if state.exists() else 0\n"
+        "def save(*_):\n    state.write_text(str(n))\n    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, save)\n"
+        "while True:\n    n += 1\n    print(n, flush=True)\n    time.sleep(0.05)\n",
+    ]
+    with cluster.client(tokens["alice"]) as as_alice, cluster.client() as admin:
+        job = as_alice.submit(JobSpec(command=counter, resources=SMALL, migrate="checkpoint"))
+        first = running(as_alice, job)
+        task_id = f"{job}.0"
+        wait_for(lambda: len(as_alice.logs(task_id).split()) >= 5, what="some counting")
+        assert first.node is not None
+        admin.drain(first.node)
+        try:
+            wait_for(
+                lambda: (t := as_alice.task(task_id)).attempt == 1 and t.state is TaskState.RUNNING,
+                timeout=30,
+                what="the counter running again elsewhere",
+            )
+            before = [int(n) for n in as_alice.logs(task_id, attempt=0).split()]
+            wait_for(lambda: as_alice.logs(task_id, attempt=1).split(), what="counting again")
+            after = [int(n) for n in as_alice.logs(task_id, attempt=1).split()]
+            assert after[0] == before[-1] + 1  # its state came along, and was its user's to read
+        finally:
+            admin.undrain(first.node)
+            admin.kill(job)
+
+
+def test_a_frameworks_tasks_run_as_its_principal_may(
+    cluster: LiveCluster, people: dict[str, str], tokens: dict[str, str]
+) -> None:
+    said: dict[str, object] = {}
+
+    def on_offers(driver: Driver, offers: list[OfferInfo]) -> None:
+        first, *rest = offers
+        driver.decline([o.id for o in rest], refuse_seconds=60)
+        if said:
+            driver.decline([first.id], refuse_seconds=60)
+            return
+        theirs = TaskLaunch(name="theirs", command="true", resources=SMALL, user=people["bob"])
+        try:
+            driver.launch([first.id], [theirs])
+        except ApiError as e:
+            said["refused"] = e
+        said["jobs"] = driver.launch([first.id], [TaskLaunch(name="mine", command="id -un", resources=SMALL)])
+
+    recorder = Recorder(on_offers)
+    framework = Driver(recorder, "as-alice", url=cluster.url, token=tokens["alice"]).start()
+    try:
+        wait_for(lambda: TaskState.FINISHED in recorder.states("mine"), what="the framework's task done")
+    finally:
+        framework.stop()
+    refused = said["refused"]
+    assert isinstance(refused, ApiError) and refused.status == 403
+    assert refused.fields[0].field == "tasks.0.user"
+    job = said["jobs"]["mine"]  # type: ignore[index]
+    with cluster.client(tokens["alice"]) as as_alice:
+        assert as_alice.logs(f"{job}.0") == f"{people['alice']}\n".encode()
+
+
+def test_the_agent_reads_no_log_a_task_swapped_for_a_link(people: dict[str, str], tmp_path: Path) -> None:
+    swap = "rm stdout && ln -s /etc/shadow stdout && id -un >&2"
+    spec = RunSpec("1.0.0", "1.0", 0, ["sh", "-c", swap], Resources(), user=people["alice"])
+
+    async def run() -> tuple[Runner, int | None]:
+        ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        runner = Runner(tmp_path, lambda run, code: ended.set_result(code), None, Users(None, False))
+        runner.spawn(spec)
+        return runner, await asyncio.wait_for(ended, 10)
+
+    runner, code = asyncio.run(run())
+    assert code == 0 and runner.read_log("1.0.0", "stderr", 0, 100) == f"{people['alice']}\n".encode()
+    with pytest.raises(FileNotFoundError):
+        runner.read_log("1.0.0", "stdout", 0, 100)
+    assert runner.recorded_exit("1.0.0") == 0  # kept where the task cannot reach it
+
+
+def _uid(name: str) -> int:
+    return pwd.getpwnam(name).pw_uid
+
+
+def _gid(name: str) -> int:
+    return pwd.getpwnam(name).pw_gid
