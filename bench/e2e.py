@@ -22,8 +22,12 @@
 6. With `--tls`, what TLS costs: instead of 4, the same array and starts on two clusters of
    `--store`, one on plain HTTP (`--insecure`, agents with the cluster token) and one on
    TLS (the cluster's own authority, agents joining with a bootstrap token and presenting
-   their certificates); the figures are then the TLS cluster's, with plain_tasks_per_s,
-   plain_start_p50_ms and tls_over_plain (tasks/s with TLS over without; goal >= 0.9).
+   their certificates). Both are up at once and take turns (a quarter of the array at a
+   time: plain, TLS, TLS, plain, plain, TLS, TLS, plain; then single tasks alternately): on
+   a machine whose speed drifts, the one measured second would otherwise look faster. The
+   figures are then the TLS cluster's,
+   with plain_tasks_per_s, plain_start_p50_ms, plain_shoal_cpu_ms_per_task and
+   tls_over_plain (tasks/s with TLS over without; goal >= 0.9).
 Prints one JSON line last: agents, tasks, ok_tasks, e2e_tasks_per_s, spawn_ceiling_per_s,
 start_p50_ms, start_p99_ms, submit_ms (how long the API took to accept the array), where the
 array's CPU went: shoal_cpu_ms_per_task (the master and agents themselves) and
@@ -62,6 +66,7 @@ from shoal.views import TaskView
 TINY = Resources(cpus=0.01, mem=16)
 ENDED = ("finished", "failed", "killed", "lost")
 PAGE = 10_000  # tasks read back per call
+TLS_ROUNDS = 4  # with --tls: parts of the array each cluster runs, taking turns (even)
 
 
 def spawn_ceiling(count: int = 4000) -> float:
@@ -152,46 +157,85 @@ def measure(
     progress: Progress,
     what: str,
     store: str = "sqlite",
-    tls: bool = False,
     **settings: str,
 ) -> Run:
     """The array's throughput and the start latency on a fresh cluster with these master settings."""
     run = Run(tasks)
     progress.console.print(f"{what}: starting the masters, etcd if any, and {agents} agents")
-    with cluster_on(store, root, agents, settings, tls) as cluster:
-        daemons = [psutil.Process(p.pid) for p in (*cluster.daemons(), *cluster.agents.values())]
-        with cluster.client() as client:
-            cpu_before = _cpu(daemons)
-            machine_before = psutil.cpu_times()
-            began = time.perf_counter()
-            job = client.submit(JobSpec(command=["true"], count=tasks, resources=TINY))
-            run.submit_ms = (time.perf_counter() - began) * 1000
-            bar = progress.add_task(f"{what}: array", total=tasks)
-            while True:
-                view = client.job(job, limit=0)  # the counts, not the tasks
-                done = sum(n for state, n in view.counts.items() if state in ENDED)
-                progress.update(bar, completed=done)
-                if view.state in (JobState.COMPLETE, JobState.FAILED, JobState.KILLED):
-                    break
-                time.sleep(0.1)
-            run.elapsed = time.perf_counter() - began
-            run.shoal_cpu = _cpu(daemons) - cpu_before
-            run.machine_cpu = _busy(psutil.cpu_times()) - _busy(machine_before)
-            progress.remove_task(bar)
-            run.failed = failures(client, job, tasks)
-            run.ok = tasks - len(run.failed)
-            bar = progress.add_task(f"{what}: start latency", total=starts)
-            for _ in range(starts):
-                single = client.submit(JobSpec(command=["sleep", "0.2"], resources=TINY))
-                final = client.wait(single, poll=0.05)
-                task = final.tasks[0]
-                if task.state is TaskState.FINISHED and task.exit_code == 0 and task.started_at is not None:
-                    run.latencies.append((task.started_at - final.submitted_at) * 1000)
-                else:
-                    run.failed.append(described(task))
-                progress.advance(bar)
-            progress.remove_task(bar)
+    with cluster_on(store, root, agents, settings, tls=False) as cluster, cluster.client() as client:
+        array(cluster, client, tasks, run, progress, what)
+        for _ in track(progress, f"{what}: start latency", starts):
+            start(client, run)
     return run
+
+
+def measure_tls(
+    root: Path, agents: int, tasks: int, starts: int, progress: Progress, store: str
+) -> tuple[Run, Run]:
+    """The same work on a TLS cluster and a plain one, both up at once and taking turns,
+    so that what drifts on the machine meanwhile falls on both alike: the array in
+    `TLS_ROUNDS` parts on each, in the order plain, TLS, TLS, plain..., then single tasks
+    alternately."""
+    plain, secure = Run(tasks), Run(tasks)
+    progress.console.print(f"starting two clusters (plain and TLS), etcd if any, and {agents} agents each")
+    with (
+        cluster_on(store, root / "plain", agents, {}, tls=False) as plain_cluster,
+        cluster_on(store, root / "tls", agents, {}, tls=True) as tls_cluster,
+        plain_cluster.client() as plain_client,
+        tls_cluster.client() as tls_client,
+    ):
+        turns = {"plain": (plain_cluster, plain_client, plain), "TLS": (tls_cluster, tls_client, secure)}
+        for what in ("plain", "TLS", "TLS", "plain") * (TLS_ROUNDS // 2):
+            cluster, client, run = turns[what]
+            array(cluster, client, tasks // TLS_ROUNDS, run, progress, what)
+        for i in track(progress, "start latency, alternately", 2 * starts):
+            _, client, run = turns["plain" if i % 2 else "TLS"]
+            start(client, run)
+    return secure, plain
+
+
+def track(progress: Progress, what: str, total: int) -> Iterator[int]:
+    bar = progress.add_task(what, total=total)
+    for i in range(total):
+        yield i
+        progress.advance(bar)
+    progress.remove_task(bar)
+
+
+def array(cluster: LiveCluster, client: Client, tasks: int, run: Run, progress: Progress, what: str) -> None:
+    """One array of `true` tasks, from submission until its last task has ended, added to `run`."""
+    daemons = [psutil.Process(p.pid) for p in (*cluster.daemons(), *cluster.agents.values())]
+    cpu_before = _cpu(daemons)
+    machine_before = psutil.cpu_times()
+    began = time.perf_counter()
+    job = client.submit(JobSpec(command=["true"], count=tasks, resources=TINY))
+    run.submit_ms += (time.perf_counter() - began) * 1000
+    bar = progress.add_task(f"{what}: array", total=tasks)
+    while True:
+        view = client.job(job, limit=0)  # the counts, not the tasks
+        done = sum(n for state, n in view.counts.items() if state in ENDED)
+        progress.update(bar, completed=done)
+        if view.state in (JobState.COMPLETE, JobState.FAILED, JobState.KILLED):
+            break
+        time.sleep(0.1)
+    run.elapsed += time.perf_counter() - began
+    run.shoal_cpu += _cpu(daemons) - cpu_before
+    run.machine_cpu += _busy(psutil.cpu_times()) - _busy(machine_before)
+    progress.remove_task(bar)
+    failed = failures(client, job, tasks)
+    run.failed += failed
+    run.ok += tasks - len(failed)
+
+
+def start(client: Client, run: Run) -> None:
+    """One single-task job on the idle cluster: its start latency, by the master's record."""
+    single = client.submit(JobSpec(command=["sleep", "0.2"], resources=TINY))
+    final = client.wait(single, poll=0.05)
+    task = final.tasks[0]
+    if task.state is TaskState.FINISHED and task.exit_code == 0 and task.started_at is not None:
+        run.latencies.append((task.started_at - final.submitted_at) * 1000)
+    else:
+        run.failed.append(described(task))
 
 
 def _compared(args: argparse.Namespace, root: str, nofsync_tasks: int, progress: Progress) -> Run:
@@ -233,11 +277,8 @@ def main() -> int:
         Progress(transient=True) as progress,
     ):
         if args.tls:  # the TLS cluster's figures lead; the plain one's compare
-            other = measure(
-                Path(root) / "plain", args.agents, args.tasks, args.starts, progress, "plain", args.store
-            )
-            synced = measure(
-                Path(root) / "tls", args.agents, args.tasks, args.starts, progress, "TLS", args.store, True
+            synced, other = measure_tls(
+                Path(root), args.agents, args.tasks, args.starts, progress, args.store
             )
         else:
             synced = measure(Path(root) / "fsync", args.agents, args.tasks, args.starts, progress, "fsync on")
@@ -262,6 +303,7 @@ def main() -> int:
             "store": args.store,
             "plain_tasks_per_s": round(other.ok / other.elapsed),
             "plain_start_p50_ms": other.percentile(50),
+            "plain_shoal_cpu_ms_per_task": round(other.shoal_cpu / args.tasks * 1000, 3),
             "tls_over_plain": round((synced.ok / synced.elapsed) / (other.ok / other.elapsed), 2),
         }
     elif args.store == "etcd":
