@@ -1,4 +1,4 @@
-"""`shoal dev`: one command up, `shoal run` works from another shell, Ctrl-C leaves nothing."""
+"""`shoal dev`: one command up over TLS, `shoal run` works from another shell, Ctrl-C leaves nothing."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from shoal.testing.live import free_port, wait_for
 def test_dev_cluster_up_run_and_clean_stop(tmp_path: Path, monkeypatch) -> None:
     config = tmp_path / "client.toml"
     env = {**os.environ, "SHOAL_CONFIG": str(config)}
-    for var in ("SHOAL_URL", "SHOAL_TOKEN"):
+    for var in ("SHOAL_URL", "SHOAL_TOKEN", "SHOAL_CA"):
         env.pop(var, None)
     port = free_port()
     dev = subprocess.Popen(
@@ -46,13 +46,15 @@ def test_dev_cluster_up_run_and_clean_stop(tmp_path: Path, monkeypatch) -> None:
         wait_for(config.exists, what="the client file")
         monkeypatch.setenv("SHOAL_CONFIG", str(config))
         settings: ClientConfig = load_client_config()
-        assert settings.url == f"http://127.0.0.1:{port}"
+        assert settings.url == f"https://127.0.0.1:{port}"
+        assert settings.ca == str(tmp_path / "dev" / "master" / "tls" / "ca.pem")
         tokens = [
             d / f"{who}.token"
             for d in (tmp_path / "dev", tmp_path / "dev" / "master")
             for who in ("admin", "cluster")
         ]
-        modes = {str(p): stat.S_IMODE(p.stat().st_mode) for p in [config, *tokens]}
+        keys = [tmp_path / "dev" / "master" / "tls" / key for key in ("ca.key", "master.key")]
+        modes = {str(p): stat.S_IMODE(p.stat().st_mode) for p in [config, *tokens, *keys]}
         assert modes == dict.fromkeys(modes, 0o600)  # the owner's alone
         with Client.from_config() as client:
             wait_for(
@@ -72,7 +74,7 @@ def test_dev_cluster_up_run_and_clean_stop(tmp_path: Path, monkeypatch) -> None:
         assert len(family) >= 3 + 2  # master, 2 agents, and the tasks' processes
         dev.send_signal(signal.SIGINT)
         output, _ = dev.communicate(timeout=30)
-        assert "token" in output and "/docs" in output
+        assert "token" in output and "https://" in output and "/docs" in output and "ca.pem" in output
         survivors = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert survivors == []
     finally:
@@ -102,7 +104,7 @@ def _free(port: int) -> bool:
 def test_dev_ha_elects_a_leader_and_survives_its_kill(tmp_path: Path) -> None:
     config = tmp_path / "client.toml"
     env = {**os.environ, "SHOAL_CONFIG": str(config)}
-    for var in ("SHOAL_URL", "SHOAL_TOKEN"):
+    for var in ("SHOAL_URL", "SHOAL_TOKEN", "SHOAL_CA"):
         env.pop(var, None)
     port = _free_run(3)
     dev = subprocess.Popen(

@@ -33,7 +33,7 @@ from shoal.trust import UntrustedMaster
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
-    with live_cluster(tmp_path_factory.mktemp("tls"), agents=0, tls=True) as running:
+    with live_cluster(tmp_path_factory.mktemp("tls"), agents=1, tls=True) as running:
         yield running
 
 
@@ -49,6 +49,12 @@ def test_a_client_that_trusts_the_cluster_ca_is_served(cluster: LiveCluster) -> 
     with cluster.client() as client:
         assert client.whoami().name == "admin"
         assert [m.url for m in client.masters()] == [cluster.url]  # what followers name, with https
+
+
+def test_an_agent_joins_with_a_bootstrap_token_and_runs_a_task(cluster: LiveCluster) -> None:
+    assert (cluster.agent_dir("node1") / "identity" / "node.pem").exists()  # its certificate
+    ran = cluster.cli("run", "--", "echo", "over TLS")
+    assert (ran.returncode, ran.stdout) == (0, "over TLS\n"), ran.stderr
 
 
 def test_plain_http_to_a_tls_master_is_refused_and_said_so(cluster: LiveCluster) -> None:

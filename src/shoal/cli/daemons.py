@@ -18,13 +18,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from shoal.cli.errors import fail, friendly
 from shoal.clientfile import DEFAULT_PORT, ClientConfig, save_client_config
 from shoal.config import AgentSettings, MasterSettings, load_settings, shared_host_ports
+
+if TYPE_CHECKING:
+    import ssl
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="a TOML file of settings", dir_okay=False)]
 
@@ -179,7 +182,9 @@ def _token_file(path: Path) -> str:
     return path.read_text().strip()
 
 
-def _wait_for_master(url: str, token: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+def _wait_for_master(
+    url: str, token: str, proc: subprocess.Popen[bytes], verify: ssl.SSLContext | bool, timeout: float = 20.0
+) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -190,7 +195,7 @@ def _wait_for_master(url: str, token: str, proc: subprocess.Popen[bytes], timeou
             )
         try:
             if httpx.get(
-                f"{url}/v1/whoami", headers={"Authorization": f"Bearer {token}"}, timeout=1
+                f"{url}/v1/whoami", headers={"Authorization": f"Bearer {token}"}, timeout=1, verify=verify
             ).is_success:
                 return
         except httpx.TransportError:
@@ -214,6 +219,9 @@ def dev(
     state_dir: Annotated[Path, typer.Option(help="where the dev cluster keeps its state")] = Path(
         ".shoal-dev"
     ),
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="plain HTTP; agents join with the cluster token")
+    ] = False,
 ) -> None:
     """A master and local agents in one command; Ctrl-C stops them all."""
     from rich.panel import Panel
@@ -223,28 +231,33 @@ def dev(
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     admin = _token_file(state_dir / "admin.token")
+    masters = [f"m{i + 1}" for i in range(_MASTERS)] if ha else ["master"]
+    ca = None if insecure else _certificates(state_dir, masters)
+    verify = True if ca is None else _trusting(ca)
+    scheme = "http" if insecure else "https"
     env = {
         **os.environ,
         "SHOAL_ADMIN_TOKEN": admin,
         "SHOAL_CLUSTER_TOKEN": _token_file(state_dir / "cluster.token"),
         "SHOAL_REBALANCE": "spread",  # dev clusters even their load out
         "SHOAL_ALLOW_ROOT": "true",  # a throwaway cluster: its tasks may run as root
-        "SHOAL_INSECURE": "1",
     }
+    env.pop("SHOAL_INSECURE", None)  # the masters are told, by a flag
     dns = _dns_port(dns_port)
     node_dirs = [state_dir / f"node{i}" for i in range(1, agents + 1)]
     procs: list[subprocess.Popen[bytes]] = []
     restarts: dict[int, Callable[[], subprocess.Popen[bytes]]] = {}
     with contextlib.ExitStack() as stack:
         if ha:
-            urls = _several_masters(stack, state_dir, port, dns, env, procs, restarts)
+            urls = _several_masters(stack, state_dir, port, dns, env, procs, restarts, insecure)
             url = ",".join(urls)
-            _wait_for_leader(urls, admin, procs)
+            _wait_for_leader(urls, admin, procs, verify)
         else:
-            url = f"http://127.0.0.1:{port}"
-            procs.append(_master_process(port, dns, state_dir / "master", env))
-            _wait_for_master(url, admin, procs[0])
+            url = f"{scheme}://127.0.0.1:{port}"
+            procs.append(_master_process(port, dns, state_dir / "master", env, *_plain(insecure)))
+            _wait_for_master(url, admin, procs[0], verify)
         try:
+            agent_env = env if ca is None else _joining(env, url, admin, ca, agents)
             for index, node_dir in enumerate(node_dirs):
                 procs.append(
                     subprocess.Popen(
@@ -259,16 +272,17 @@ def dev(
                             str(node_dir),
                         ]
                         + ["--utilization", "tasks"],  # the agents share this machine
-                        env={**env, "SHOAL_PORT_RANGE": json.dumps(shared_host_ports(index, agents))},
+                        env={**agent_env, "SHOAL_PORT_RANGE": json.dumps(shared_host_ports(index, agents))},
                     )
                 )
-            config_path = save_client_config(ClientConfig(url=url, token=admin))
+            config_path = save_client_config(ClientConfig(url=url, token=admin, ca=str(ca or "")))
             dig = f"dig @127.0.0.1 -p {dns} shoal-agent.service.shoal"
             lines = [
                 *(f"master   {u}" for u in url.split(",")),
                 f"docs     {url.split(',')[0]}/docs",
                 f"DNS      127.0.0.1:{dns} UDP and TCP  ({dig})",
                 f"token    {admin}  (admin)",
+                f"CA       {ca}  (the client file's ca)" if ca else "TLS      none: plain HTTP (--insecure)",
                 f"client   {config_path}",
                 f"agents   {', '.join(d.name for d in node_dirs)}",
                 "",
@@ -304,6 +318,7 @@ def _several_masters(
     env: dict[str, str],
     procs: list[subprocess.Popen[bytes]],
     restarts: dict[int, Callable[[], subprocess.Popen[bytes]]],
+    insecure: bool,
 ) -> list[str]:
     """Three etcd members, then three masters on them (ports port..port+2); their URLs.
     Only the leader serves DNS, on `dns`; each master has a port of its own for it, as a
@@ -326,14 +341,16 @@ def _several_masters(
             dns if i == 0 else free_dns_port(),
             state_dir / name,
             env,
-            *("--store", etcd.store_url, "--name", name),
+            *("--store", etcd.store_url, "--name", name, *_plain(insecure)),
         )
         procs.append(restarts[len(procs)]())
-        urls.append(f"http://127.0.0.1:{port + i}")
+        urls.append(f"{'http' if insecure else 'https'}://127.0.0.1:{port + i}")
     return urls
 
 
-def _wait_for_leader(urls: list[str], token: str, procs: list[subprocess.Popen[bytes]]) -> None:
+def _wait_for_leader(
+    urls: list[str], token: str, procs: list[subprocess.Popen[bytes]], verify: ssl.SSLContext | bool
+) -> None:
     """Until one of the masters at `urls` leads and answers."""
     import httpx
 
@@ -344,10 +361,43 @@ def _wait_for_leader(urls: list[str], token: str, procs: list[subprocess.Popen[b
             raise fail(f"a master exited with status {dead[0].returncode}", "are the ports free? try --port")
         for url in urls:
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/v1/whoami", headers=headers, timeout=1).is_success:
+                if httpx.get(f"{url}/v1/whoami", headers=headers, timeout=1, verify=verify).is_success:
                     return
         time.sleep(0.1)
     raise fail("no master was elected within 30s", "see the masters' logs above")
+
+
+def _plain(insecure: bool) -> list[str]:
+    return ["--insecure"] if insecure else []
+
+
+def _certificates(state_dir: Path, masters: list[str]) -> Path:
+    """The dev cluster's authority and its masters' certificates, made at its first start
+    and kept in each master's state directory; the CA's certificate."""
+    from shoal import tls
+
+    files = [tls.TlsFiles(state_dir / name / "tls") for name in masters]
+    tls.init_cluster_files(files, tls.master_names([]))
+    return files[0].ca_cert
+
+
+def _trusting(ca: Path) -> ssl.SSLContext:
+    from shoal.trust import master_context
+
+    return master_context(ca)
+
+
+def _joining(env: dict[str, str], url: str, admin: str, ca: Path, agents: int) -> dict[str, str]:
+    """The agents' environment for a TLS master: the CA, and a bootstrap token for as many
+    nodes, good for an hour (an agent that joined before needs none: it has a certificate
+    of its own), in place of the cluster token."""
+    from shoal.client import Client
+    from shoal.model import Role
+
+    with Client(url, admin, ca=ca) as client:
+        made = client.create_token("dev-nodes", Role.USER, kind="bootstrap", ttl=3600, uses=agents)
+    joining = {"SHOAL_CA": str(ca), "SHOAL_BOOTSTRAP_TOKEN": made.token}
+    return {k: v for k, v in env.items() if k != "SHOAL_CLUSTER_TOKEN"} | joining
 
 
 def _dns_port(wanted: int | None) -> int:
