@@ -97,8 +97,9 @@ def cert(
     address: AddressOpt = [],  # noqa: B006
     as_json: JsonOpt = False,
 ) -> None:
-    """Issue a master's certificate with the authority of --ca-dir: for another master, or
-    again in place (a master running on it loads the new one within seconds)."""
+    """Issue a master's certificate from an existing authority: another master's, or one again.
+
+    In place, it keeps the names it had (unless --name, --address); a running master serves it in seconds."""
     from shoal.tls import Authority, Made, TlsFiles, write_master_files
 
     files = TlsFiles(_master_dir(directory).resolve())
