@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
@@ -56,39 +57,44 @@ def test_no_operation_answers_a_server_error(lone_master: LiveCluster) -> None:
         "reader": _token(lone_master, "fuzz-reader", "reader"),
         "bad": "not-a-token",
     }
-    for op in ops:
-
-        @given(case=op.as_strategy())
-        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-        def fuzz(case) -> None:
-            if case.method == "GET" and case.formatted_path.startswith("/v1/services"):
-                case.query = {**(case.query or {}), "wait": "10ms"}  # a blocking query: briefly
-            for role, token in tokens.items():
-                headers = {"Authorization": f"Bearer {token}"}
-                where = f"{role}: {case.method} {case.formatted_path}"
-                if case.formatted_path.endswith(("/subscribe", "/watch")):
-                    status, body = _stream(case, lone_master.url, headers)
-                else:
-                    response = case.call(base_url=lone_master.url, headers=headers)
-                    status = response.status_code
-                    body = response.content if case.method != "HEAD" else None  # a HEAD answer has none
-                assert status < 500, f"{where}: {status} {body!r}"
-                if status >= 400 and body is not None:
-                    assert {"error", "fields"} <= json.loads(body).keys(), f"{where}: {status} {body!r}"
-                if role == "reader" and case.method in _MUTATING:
-                    assert status >= 400, f"{where}: a read-only token was let through ({status})"
-
-        fuzz()
+    # One connection pool for all the calls: a client of its own for each would cost more
+    # (a TLS context, a handshake) than the call.
+    with requests.Session() as session, httpx.Client(timeout=10) as http:
+        for op in ops:
+            _fuzz(op, lone_master.url, tokens, session, http)
 
 
-def _stream(case, url: str, headers: dict[str, str]) -> tuple[int, bytes | None]:
+def _fuzz(op, url: str, tokens: dict[str, str], session: requests.Session, http: httpx.Client) -> None:
+    """Each case of `op` with each token."""
+
+    @given(case=op.as_strategy())
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    def fuzz(case) -> None:
+        if case.method == "GET" and case.formatted_path.startswith("/v1/services"):
+            case.query = {**(case.query or {}), "wait": "10ms"}  # a blocking query: briefly
+        for role, token in tokens.items():
+            headers = {"Authorization": f"Bearer {token}"}
+            where = f"{role}: {case.method} {case.formatted_path}"
+            if case.formatted_path.endswith(("/subscribe", "/watch")):
+                status, body = _stream(http, case, url, headers)
+            else:
+                response = case.call(base_url=url, headers=headers, session=session)
+                status = response.status_code
+                body = response.content if case.method != "HEAD" else None  # a HEAD answer has none
+            assert status < 500, f"{where}: {status} {body!r}"
+            if status >= 400 and body is not None:
+                assert {"error", "fields"} <= json.loads(body).keys(), f"{where}: {status} {body!r}"
+            if role == "reader" and case.method in _MUTATING:
+                assert status >= 400, f"{where}: a read-only token was let through ({status})"
+
+    fuzz()
+
+
+def _stream(http: httpx.Client, case, url: str, headers: dict[str, str]) -> tuple[int, bytes | None]:
     """A framework's event stream, or a watch, never ends by itself: its status, and its body
     when it is an error; then hang up."""
     kwargs = case.as_transport_kwargs(base_url=url, headers=headers)
-    with (
-        httpx.Client(timeout=10) as http,
-        http.stream(
-            kwargs["method"], kwargs["url"], headers=kwargs["headers"], json=kwargs.get("json")
-        ) as response,
-    ):
+    with http.stream(
+        kwargs["method"], kwargs["url"], headers=kwargs["headers"], json=kwargs.get("json")
+    ) as response:
         return response.status_code, response.read() if response.status_code >= 400 else None
