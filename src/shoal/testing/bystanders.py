@@ -74,10 +74,13 @@ def running(admin: Client) -> dict[str, tuple[str, int]]:
 
 @contextlib.contextmanager
 def bystanders(root: Path, master_settings: Mapping[str, str] | None = None) -> Iterator[Bystanders]:
-    """The cluster, its work under way (a heartbeat timeout of 10 s, the default)."""
+    """The cluster, its work under way (a heartbeat timeout of 10 s, the default). No limit
+    on calls a second: the checks call as fast as a test runs, and the limiter is tested
+    on its own."""
+    settings = {"rate_limit": "0", **(master_settings or {})}
     with (
         live_cluster(
-            root, agents=2, heartbeat_timeout=10, heartbeat_interval=0.5, master_settings=master_settings
+            root, agents=2, heartbeat_timeout=10, heartbeat_interval=0.5, master_settings=settings
         ) as cluster,
         cluster.client() as admin,
     ):
