@@ -47,6 +47,7 @@ NAMED_PURE = (
     "master/outbox.py",
     "master/views.py",
     "master/offer_lines.py",
+    "master/buckets.py",
     "master/run_as.py",
     "model.py",
     "expressions.py",

@@ -85,6 +85,30 @@ class MasterSettings(_Settings):
     audit_retention_count: int = Field(100_000, ge=1, description="audit records kept at most")
     heartbeat_timeout: float = Field(10.0, gt=0, description="seconds of silence before a node is down")
     tick: float = Field(0.5, gt=0, description="seconds between checks of timeouts and delays")
+    max_body: int = Field(
+        4 << 20, ge=1024, le=1 << 30, description="bytes a request's body may hold (blob uploads aside)"
+    )
+    blob_max: int = Field(4 << 30, ge=1, description="bytes an uploaded blob (`shoal copy`) may hold")
+    blob_quota: int = Field(16 << 30, ge=1, description="bytes the blob store holds at most, in all")
+    rate_limit: float = Field(
+        100.0,
+        ge=0,
+        le=1e6,
+        description="calls a second each caller (token, or address without one) may keep up; 0: no limit",
+    )
+    rate_burst: int = Field(200, ge=1, le=1_000_000, description="calls a caller may make at once")
+    rate_tarpit: float = Field(
+        1.0, ge=0, le=10, description="seconds a call over the limit is held before its 429, at most"
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, le=300, description="seconds a connection has to send a request's headers"
+    )
+    idle_timeout: float = Field(
+        5.0, gt=0, le=3600, description="seconds an idle keep-alive connection is kept"
+    )
+    ws_max: int = Field(
+        8 << 20, ge=1 << 16, le=1 << 30, description="bytes of one message from an agent, at most"
+    )
     admin_token: SecretStr | None = None
     cluster_token: SecretStr | None = None
     strategy: Strategy = Strategy.SPREAD

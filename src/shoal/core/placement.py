@@ -24,6 +24,7 @@ from shoal.core.tags import Presence, Tag
 from shoal.expressions import Constraint
 from shoal.model import Resources, Strategy
 
+NO_NODES = "no nodes yet"  # why every task waits while no node has registered
 _EPS = 1e-9
 _NEG = -np.inf
 # Binpack fills the fullest node, but one whose cpus and memory fill unevenly strands what is
@@ -358,7 +359,7 @@ class Placer:
                 noun = _NOUN.get(dim, dim)
                 drop(self.table.free[:, d] < ask[d] - _EPS, f"lacks free {noun}", f"lack free {noun}")
         if not reasons:
-            return "no nodes yet" if len(self.table) == 0 else "no node takes it this cycle"
+            return NO_NODES if len(self.table) == 0 else "no node takes it this cycle"
         return ", ".join(
             f"1 node {one}" if count == 1 else f"{count} nodes {many}"
             for (one, many), count in reasons.items()

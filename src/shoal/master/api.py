@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from itertools import islice
 from typing import Annotated, Literal
 
 from ClusterShell.NodeSet import NodeSet
@@ -25,10 +26,12 @@ from shoal.master.audit import AuditTrail, kept, record_for
 from shoal.master.deps import CallerDep, MasterDep, Unauthorized, admin, anyone, writer
 from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, RebalanceNow, Submit
 from shoal.master.ha import FollowerGate
+from shoal.master.limits import LimitPolicy, Limits
 from shoal.master.node_access import blob_reader, blob_writer, serve_agent
 from shoal.master.opening import lifespan
 from shoal.master.run_as import RunAs, accept_as, job_as
 from shoal.master.server import Master, NotLeading, Unavailable
+from shoal.master.serving import peer_of_scope
 from shoal.master.shell import Order
 from shoal.master.store import AuditQuery, Deposed
 from shoal.master.store.gateway import EtcdError
@@ -117,6 +120,13 @@ def create_app(settings: MasterSettings) -> FastAPI:
         seat=lambda: app.state.seat,
         serving=lambda: (master := app.state.master) is not None and master.serving(),
     )
+    # Outermost: a call over its limits is refused before anything else looks at it.
+    app.add_middleware(
+        Limits,
+        policy=LimitPolicy.of(settings),
+        tokens=lambda: getattr(app.state, "tokens", None),
+        peer=peer_of_scope,
+    )
     return app
 
 
@@ -126,6 +136,7 @@ Blob = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="sha256 of the
 _MSGPACK = "application/x-msgpack"
 _NDJSON = "application/x-ndjson"
 TASKS_SHOWN = 1000  # tasks in a job's view unless asked for another page
+JOBS_SHOWN = 1000  # jobs listed unless asked for another page
 
 
 def _job(master: Master, caller: Caller, job_id: int, offset: int = 0, limit: int = TASKS_SHOWN) -> JobView:
@@ -167,13 +178,21 @@ def _routes(app: FastAPI, run_as: RunAs) -> None:
         return Submitted(id=job_id)  # type: ignore[arg-type]
 
     @app.get("/v1/jobs", response_model=list[JobView])
-    async def jobs(master: MasterDep, caller: CallerDep) -> list[JobView]:
-        state = master.state
-        return [
-            JobView.summary(job, state.ledger.tasks_of(job.id))
-            for job in state.ledger.jobs.values()
-            if caller.may_see(job.owner)
-        ]
+    async def jobs(
+        master: MasterDep,
+        caller: CallerDep,
+        offset: Annotated[int, Query(ge=0, le=2**62, description="jobs skipped, newest first")] = 0,
+        limit: Annotated[int, Query(ge=1, le=10_000, description="jobs shown")] = JOBS_SHOWN,
+    ) -> list[JobView]:
+        """The jobs the caller may see, newest first."""
+        ledger = master.state.ledger
+        seen = reversed(ledger.jobs.values())
+        if caller.role is Role.USER:
+            # Their own jobs (Caller.may_see, inlined): a user's page may lie behind thousands
+            # of others' jobs, and a call per job costs five times the comparison.
+            name = caller.name
+            seen = (job for job in seen if job.owner == name)
+        return [JobView.summary(job, ledger.tasks_of(job.id)) for job in islice(seen, offset, offset + limit)]
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView)
     async def job(
@@ -286,7 +305,9 @@ def _routes(app: FastAPI, run_as: RunAs) -> None:
         blob: Blob, request: Request, master: MasterDep, node: Annotated[str | None, Depends(blob_writer)]
     ) -> dict[str, int]:
         """Upload a file's content, named by its sha256 (admins, and agents asked for it)."""
-        size = await master.blobs.put(blob, request.stream())
+        length = request.headers.get("content-length")
+        declared = int(length) if length is not None and length.isdigit() else None
+        size = await master.blobs.put(blob, request.stream(), declared)
         if node is not None:
             master.blob_access.put_by(node, blob, time.time())  # it held what it may name as its own
         return {"size": size}

@@ -96,7 +96,8 @@ class Ledger:
         self._watchers: list[Watcher] = []
         self._changes = Outbox()
         self._freed = False
-        self.jobs: dict[int, JobRecord] = {j.id: j for j in jobs}
+        # In id order, as jobs are added: the API lists them newest first by walking it back.
+        self.jobs: dict[int, JobRecord] = {j.id: j for j in sorted(jobs, key=lambda j: j.id)}
         self.tasks: dict[str, TaskRecord] = {t.id: t for t in tasks}
         self.nodes: dict[str, NodeRecord] = {}
         self._book = Book(self.table, self.nodes)

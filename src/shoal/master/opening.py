@@ -66,7 +66,7 @@ def open_master(
     tokens.seed(
         "admin", Role.ADMIN, _secret_file(settings.state_dir / "admin.token", _reveal(settings.admin_token))
     )
-    blobs = BlobStore(settings.state_dir / "blobs")
+    blobs = BlobStore(settings.state_dir / "blobs", settings.blob_quota)
     frameworks = FrameworkPolicy(
         offer_timeout=settings.offer_timeout,
         patience=settings.offer_patience,

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from shoal import tls
 from shoal.config import MasterSettings
 from shoal.errors import ShoalError
+from shoal.master.limits import GuardedHttpTools, server_options
 
 log = logging.getLogger("shoal.master.serving")
 
@@ -57,7 +57,7 @@ def _note_peer(address: Address | None, transport: asyncio.BaseTransport) -> Non
         _peers[address] = peer
 
 
-class PeerNotingHttp(HttpToolsProtocol):
+class PeerNotingHttp(GuardedHttpTools):
     # A connection upgraded to a WebSocket is handed to the WebSocket protocol, which
     # notes the same peer again; this one's connection_lost is then never called.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -173,13 +173,13 @@ class MasterServer:
             app,
             host=settings.host,
             port=settings.port,
-            http=PeerNotingHttp,
+            http=PeerNotingHttp.within(settings.header_timeout),
             ws=PeerNotingWebSockets,
             proxy_headers=False,  # scope["client"] is the socket's peer: no header names another
             log_level="warning",
             access_log=False,
             ssl_context_factory=None if context is None else (lambda _config, _default: context),
-            # The master's limits (limits.server_options(settings)) join these options here.
+            **server_options(settings),
         )
         self.server = uvicorn.Server(self.config)
         self.reloader = None if context is None else CertificateReloader(context, settings.tls_files())

@@ -41,6 +41,7 @@ import itertools
 import math
 from collections.abc import Iterable
 
+from shoal.core.placement import NO_NODES
 from shoal.core.plan import Reservation
 from shoal.core.rebalance import smooth
 from shoal.core.scheduler import Policy, schedule
@@ -535,6 +536,12 @@ class MasterState:
         self._needs_schedule = False
         self.waiting = {}
         self._wakeup = math.inf
+        if len(ledger.table) == 0:
+            # No node has ever joined: nothing can be placed or reserved, and a cycle over
+            # every pending job, run at every submission, would cost a third of a millisecond
+            # per job only to say so.
+            self.waiting = dict.fromkeys(ledger.pending, NO_NODES)
+            return
         groups = []
         truncated: set[int] = set()
         self._delayed &= ledger.pending.keys()
