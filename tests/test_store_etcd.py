@@ -358,6 +358,32 @@ def test_tokens_and_audit_behave_as_in_sqlite(space: Space) -> None:
     assert [r.id for r in again.audit(0, 10)] == [6, 5, 4]
 
 
+def test_refusals_are_counted_a_minute_apart_from_records_as_in_sqlite(space: Space) -> None:
+    def refused(minute: float, kind: str, count: int = 1) -> AuditRecord:
+        return AuditRecord(at=minute, who="anonymous", kind=kind, source="10.0.0.1", status=401, count=count)
+
+    def script(store: SqliteStore | EtcdStore) -> list[object]:
+        store.add_audit(AuditRecord(at=0.0, who="admin", kind="job.submit", status=201))
+        store.add_refusals([refused(60.0, "job.submit", 2), refused(60.0, "token.create")])
+        store.add_refusals([refused(60.0, "job.submit", 3), refused(120.0, "job.submit")])
+        store.add_refusals([refused(180.0, "rebalance")])  # the oldest minute's goes: 3 are kept
+        return [
+            store.refusals(0, 10),
+            store.refusals(1, 1),
+            store.refusals(0, 10, since=150.0),
+            store.audit(0, 10),
+        ]
+
+    seen = script(space.store(audit_limit=1, refusal_limit=3))
+    assert seen == script(SqliteStore(":memory:", fsync=False, audit_limit=1, refusal_limit=3))
+    assert [(r.at, r.kind, r.count) for r in seen[0]] == [
+        (180.0, "rebalance", 1),
+        (120.0, "job.submit", 1),
+        (60.0, "token.create", 1),
+    ]
+    assert [r.at for r in seen[2]] == [180.0, 120.0] and len(seen[3]) == 1
+
+
 # --- random sequences ---------------------------------------------------------------------
 
 _small = st.integers(1, 5)

@@ -1,6 +1,7 @@
 """Token lifecycles and the audit trail on a real master and agent: an expired or revoked
 token is refused within a second, listings say when a token was last used, and every call
-that changes something is recorded with who, what, from where and the status answered."""
+that changes something is recorded with who, what, from where and the status answered, and
+calls refused before the caller is known are counted apart, never pushing records out."""
 
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ from typer.testing import CliRunner
 
 from shoal.cli import app
 from shoal.cli.render import tokens_table
-from shoal.client import ApiError
+from shoal.client import ApiError, Client
 from shoal.model import JobSpec, Role
-from shoal.shell.protocol import ExecRequest, Selection
+from shoal.shell.protocol import AuditRecord, ExecRequest, Selection
 from shoal.testing.live import LiveCluster, live_cluster
 from shoal.views import TokenView
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
-    with live_cluster(tmp_path_factory.mktemp("tokens"), agents=1) as c:
+    # A short trail, which refusals must not flush; no rate limit, so a flood reaches the trail.
+    settings = {"audit_retention_count": "30", "rate_limit": "0"}
+    with live_cluster(tmp_path_factory.mktemp("tokens"), agents=1, master_settings=settings) as c:
         yield c
 
 
@@ -40,6 +43,16 @@ def refused_within(cluster: LiveCluster, token: str, seconds: float) -> float:
                 return time.monotonic() - began
             time.sleep(0.02)
     raise AssertionError(f"the token was still accepted after {seconds}s")
+
+
+def refusals(admin: Client, kind: str, count: int) -> list[AuditRecord]:
+    """The refusals of `kind` once they add up to `count`: they are written within a second."""
+    began = time.monotonic()
+    while True:
+        found = [r for r in admin.refusals() if r.kind == kind]
+        if sum(r.count for r in found) >= count or time.monotonic() - began > 5:
+            return found
+        time.sleep(0.1)
 
 
 def test_an_expired_token_is_refused_from_its_expiry(cluster: LiveCluster) -> None:
@@ -130,8 +143,9 @@ def test_every_change_is_audited_with_who_what_where_and_status(cluster: LiveClu
             ("node.drain", "node1", 403),
             ("job.submit", "", 201),
         ]
-        [refused] = admin.audit(who="anonymous", kind="job.submit")
-        assert refused.status == 401
+        assert admin.audit(who="anonymous") == []  # refusals are counted apart
+        [refused] = refusals(admin, "job.submit", 1)
+        assert (refused.source, refused.status, refused.count) == ("127.0.0.1", 401, 1)
         # One record for each parallel command, the stream's own, with how the master answered.
         runs = admin.audit(who="admin", kind="exec")
         assert [(r.status, r.nodes, r.results) for r in runs] == [
@@ -140,3 +154,22 @@ def test_every_change_is_audited_with_who_what_where_and_status(cluster: LiveClu
         ]
     table = cluster.cli("audit", "--who", "xavier")
     assert "job.submit" in table.stdout and "127.0.0.1" in table.stdout
+
+
+def test_refusals_before_authentication_never_push_records_out(cluster: LiveCluster) -> None:
+    with cluster.client() as admin:
+        admin.create_token("witness", Role.READER)
+        kept = admin.audit(limit=30)  # all the trail keeps here
+        assert kept[0].kind == "token.create"
+        with httpx.Client(base_url=cluster.url) as anyone:
+            for _ in range(2_000):
+                assert anyone.post("/v1/rebalance").status_code == 401
+            assert anyone.post("/v1/no-such-call").status_code == 404  # no route: not recorded
+        assert admin.audit(limit=30) == kept
+        flood = refusals(admin, "rebalance", 2_000)
+        assert sum(r.count for r in flood) == 2_000 and len(flood) <= 2  # a record a minute
+        assert {(r.who, r.source, r.status) for r in flood} == {("anonymous", "127.0.0.1", 401)}
+        assert all("no-such-call" not in r.kind for r in admin.refusals() + admin.audit(limit=30))
+    listed = cluster.cli("audit", "--refused", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert sum(r["count"] for r in json.loads(listed.stdout) if r["kind"] == "rebalance") == 2_000

@@ -382,6 +382,13 @@ class Client:
         params |= {k: str(v) for k, v in (("who", who), ("kind", kind), ("since", since)) if v is not None}
         return _audit_records().validate_python(self._call("GET", "/v1/audit", params=params))
 
+    def refusals(self, offset: int = 0, limit: int = 100, *, since: float | None = None) -> list[AuditRecord]:
+        """Calls refused before the caller was known, one record a minute per address, kind and
+        status with its count, newest first (admin only); only since a Unix time."""
+        params = {"offset": str(offset), "limit": str(limit)}
+        params |= {} if since is None else {"since": str(since)}
+        return _audit_records().validate_python(self._call("GET", "/v1/audit/refused", params=params))
+
     def audit_start(self, command: str, nodes: str) -> int:
         """Record a parallel command run over SSH (admin only); returns the record's id."""
         from shoal.shell.protocol import AuditRecord

@@ -185,6 +185,14 @@ def audit_table(records: Sequence[AuditRecord]) -> Table:
     return table
 
 
+def refusals_table(records: Sequence[AuditRecord]) -> Table:
+    table = Table("MINUTE", "FROM", "WHAT", "STATUS", "CALLS", box=None, header_style="bold")
+    for r in records:
+        status = "-" if r.status is None else styled_status(r.status)
+        table.add_row(ago(r.at), r.source or "-", r.kind, status, str(r.count))
+    return table
+
+
 def styled_status(status: int) -> str:
     return f"[{'green' if status < 400 else 'red'}]{status}[/]"
 

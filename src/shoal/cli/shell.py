@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shoal.cli.display import Display, Style
 from shoal.cli.durations import seconds
 from shoal.cli.errors import fail, friendly
-from shoal.cli.render import audit_table, bootstrap_table, out, print_json
+from shoal.cli.render import audit_table, bootstrap_table, out, print_json, refusals_table
 from shoal.cli.spread import spread
 from shoal.client import Client
 from shoal.errors import ShoalError
@@ -181,17 +181,28 @@ def audit(
         str | None, typer.Option(help="only calls of this kind: job.submit, token.revoke, exec...")
     ] = None,
     since: Annotated[str | None, typer.Option(help="only calls within this long: 30s, 10m, 1h, 7d")] = None,
+    refused: Annotated[
+        bool,
+        typer.Option(
+            "--refused", help="calls refused before the caller was known, counted a minute per address"
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
 ) -> None:
     """Who changed what, from where, and how the master answered; parallel commands with
     where they ran and how they ended (admin only)."""
     start = None if since is None else time.time() - seconds(since)
+    if refused and (who or kind):
+        raise typer.BadParameter("--refused lists every refusal: it takes no --who or --kind")
     with Client.from_config() as client:
-        records = client.audit(offset, limit, who=who, kind=kind, since=start)
+        if refused:
+            records = client.refusals(offset, limit, since=start)
+        else:
+            records = client.audit(offset, limit, who=who, kind=kind, since=start)
     if as_json:
         print_json(records)
     else:
-        out.print(audit_table(records))
+        out.print(refusals_table(records) if refused else audit_table(records))
 
 
 @friendly

@@ -23,6 +23,7 @@ from shoal.errors import Forbidden, NotFound, SpecError
 from shoal.framework import protocol as fp
 from shoal.master import ha, identity_api, service_api, token_api
 from shoal.master.audit import AuditTrail, kept, record_for
+from shoal.master.audit import router as audit_router
 from shoal.master.deps import CallerDep, MasterDep, Unauthorized, admin, anyone, writer
 from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, RebalanceNow, Submit
 from shoal.master.ha import FollowerGate
@@ -110,6 +111,7 @@ def create_app(settings: MasterSettings) -> FastAPI:
     app.include_router(service_api.router)
     app.include_router(identity_api.router)
     app.include_router(token_api.router)
+    app.include_router(audit_router)
     app.add_middleware(
         AuditTrail,
         master=lambda: app.state.master,

@@ -3,8 +3,14 @@
 A record says who (see below), what (a kind named after the route: `job.submit`,
 `token.revoke`; a route not named here is `METHOD /path/{template}`), to what (the path's
 parameters: a job, a node, a token's id), when, from where (the caller's address) and the
-status answered. Refused calls are recorded too: a 401 as `anonymous`, a 403 with the name
-of the token that was not allowed.
+status answered. Refused calls are recorded too: a 403 with the name of the token that was
+not allowed. A call made to no route (404, 405) did nothing and is not recorded.
+
+Refusals before the caller is known (a 401, or any error of a call without a token the
+master takes) are not records: anyone who can reach the master can make them, and they must
+not push the records out. They are counted in memory, one count a minute per address, kind
+and status, and written to a bounded table of their own a second after the first
+(`GET /v1/audit/refused`): a flood of them costs a write a second.
 
 Who: `request.state.principal`, when a dependency set it (the API's own set the `Caller`
 of an API token, or `agent` for the cluster token; another may set a name such as
@@ -19,17 +25,18 @@ ended on each) says so with `kept`, and the trail adds none.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal.errors import ShoalError
 from shoal.master.auth import Tokens
-from shoal.master.deps import AGENT
+from shoal.master.deps import AGENT, MasterDep, admin
 from shoal.master.server import Master
 from shoal.model import Caller
 from shoal.shell.protocol import AuditRecord
@@ -63,6 +70,23 @@ KINDS = {
 }
 _KIND_MAX = 200  # characters of an unknown route's path kept as its kind
 _KEPT = "audit_kept"
+_FLUSH_AFTER = 1.0  # seconds refusals are counted in memory before they are written
+_PENDING_MAX = 4096  # counts held in memory at most: past it they are written at once
+
+router = APIRouter()
+
+
+@router.get("/v1/audit/refused", response_model=list[AuditRecord])
+async def refused(
+    master: MasterDep,
+    caller: Annotated[Caller, Depends(admin)],
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    since: Annotated[float | None, Query(ge=0, le=2**40, description="only since this Unix time")] = None,
+) -> list[AuditRecord]:
+    """Calls refused before the caller was known, newest first: one record a minute for each
+    address, kind and status, with its count (written within a second of the first)."""
+    return master.store.refusals(offset, limit, since)
 
 
 def kind_of(scope: Scope) -> str:
@@ -102,6 +126,7 @@ class AuditTrail:
         self.app = app
         self.master = master
         self.tokens = tokens
+        self.refusals = Refusals(master)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in MUTATING or not scope["path"].startswith("/v1/"):
@@ -127,9 +152,12 @@ class AuditTrail:
 
     def _keep(self, scope: Scope, state: dict[str, Any], at: float, status: int) -> None:
         master = self.master()
-        if state.get(_KEPT) or master is None:
+        if state.get(_KEPT) or master is None or status == 405 or scope.get("route") is None:
             return
         who, role = self._who(scope, state, status)
+        if who == ANONYMOUS and status >= 400:
+            self.refusals.add(at, status, _source(scope), kind_of(scope))
+            return
         record = AuditRecord(
             at=at,
             who=who,
@@ -162,6 +190,40 @@ class AuditTrail:
         if (caller := tokens.caller(token)) is not None:
             return caller.name, caller.role.value
         return (AGENT, "") if tokens.is_cluster(token) else (ANONYMOUS, "")
+
+
+class Refusals:
+    """Counts of refusals before the caller is known, held a second and written together."""
+
+    def __init__(self, master: Callable[[], Master | None]) -> None:
+        self.master = master
+        self.pending: dict[tuple[float, int, str, str], int] = {}  # (minute, status, source, kind)
+        self.due: asyncio.TimerHandle | None = None
+
+    def add(self, at: float, status: int, source: str, kind: str) -> None:
+        key = (at - at % 60, status, source, kind)
+        self.pending[key] = self.pending.get(key, 0) + 1
+        if len(self.pending) >= _PENDING_MAX:  # many addresses: memory stays bounded
+            self.flush()
+        elif self.due is None:
+            self.due = asyncio.get_running_loop().call_later(_FLUSH_AFTER, self.flush)
+
+    def flush(self) -> None:
+        if self.due is not None:
+            self.due.cancel()
+            self.due = None
+        pending, self.pending = self.pending, {}
+        master = self.master()
+        if not pending or master is None:
+            return
+        records = [
+            AuditRecord(at=minute, who=ANONYMOUS, kind=kind, source=source, status=status, count=count)
+            for (minute, status, source, kind), count in pending.items()
+        ]
+        try:
+            master.store.add_refusals(records)
+        except ShoalError as e:
+            log.warning("%d refused calls went uncounted: %s", sum(pending.values()), e)
 
 
 def _header(scope: Scope, name: bytes) -> str:

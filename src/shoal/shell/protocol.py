@@ -141,6 +141,9 @@ class AuditRecord(BaseModel):
     target: str = Field("", description="what it was asked of: a job, a node, a token (from the path)")
     source: str = Field("", description="the address the call came from")
     status: int | None = Field(None, description="the HTTP status of the answer")
+    count: int = Field(
+        1, description="the calls it stands for: refusals are kept one a minute per address, kind and status"
+    )
     command: Command = Field("", description="a parallel command's")
     nodes: str = Field("", description="the node set a parallel command was sent to")
     via: Literal["agents", "ssh"] = "agents"

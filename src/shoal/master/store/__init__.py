@@ -6,7 +6,7 @@ command atomically, so a batch of changes is either all there after a crash or n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -116,6 +116,15 @@ class Store(Protocol):
 
     def audit(self, offset: int, limit: int, query: AuditQuery | None = None) -> list[AuditRecord]:
         """The records `query` matches (None: all), newest first."""
+        ...
+
+    def add_refusals(self, records: Sequence[AuditRecord]) -> None:
+        """Add each record's count to the kept one of its minute, source, kind and status (or
+        keep it), apart from the audit records: refusals never push those out."""
+        ...
+
+    def refusals(self, offset: int, limit: int, since: float | None = None) -> list[AuditRecord]:
+        """Refusals kept (of minutes ending after `since`), newest first."""
         ...
 
     def identity(self, name: str) -> NodeIdentity | None: ...

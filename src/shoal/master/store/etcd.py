@@ -9,6 +9,7 @@ Keys, under `prefix` (default /shoal/):
     snap/<S:016d>/<n:06d>      the snapshot's parts
     tokens/<digest>            a token's entry, as JSON: {"name", "role", "roles", "kind", ...}
     audit/<id:016d>            an audit record, as AuditRecord JSON
+    refused/<minute>/<status>/<source>/<kind>  a minute's count of such refusals, as AuditRecord JSON
     identities/<node>          a node's certificates: {"name", "serials", "issued", "renewed"}
 
 A log of Persists, not a key per record. A Persist must be atomic however large it is (a
@@ -51,9 +52,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -233,6 +235,7 @@ class EtcdStore:
         leader_key: Key,
         audit_limit: int = 100_000,
         audit_page: int = 512,
+        refusal_limit: int = 10_000,
         chunk_bytes: int = CHUNK_BYTES,
         snapshot_every: int = 1_000,
         snapshot_bytes: int = 64 << 20,
@@ -248,6 +251,7 @@ class EtcdStore:
         self._leader_key = leader_key.encode() if isinstance(leader_key, str) else leader_key
         self._audit_limit = audit_limit  # audit records kept, the newest
         self._audit_page = audit_page  # records a read when searching them
+        self._refusal_limit = refusal_limit  # refusals kept (each of a minute), the newest
         self._chunk = chunk_bytes
         self._snapshot_every = snapshot_every
         self._snapshot_bytes = snapshot_bytes
@@ -526,6 +530,39 @@ class EtcdStore:
         prefix = self._key("audit/")
         page = self._gateway.range(self._audit(oldest), self._audit(newest + 1), sort_descend=True)
         return [_audit_record(int(kv.key[len(prefix) :]), kv.value) for kv in page.kvs]
+
+    # --- refusals: the keys sort by minute, so the oldest go first and a listing reads back
+
+    def _refused(self, r: AuditRecord) -> bytes:
+        return self._key(f"refused/{int(r.at):012d}/{r.status:03d}/{r.source}/{r.kind}")
+
+    def add_refusals(self, records: Sequence[AuditRecord]) -> None:
+        prefix = self._key("refused/")
+        with self._lock:
+            kept: dict[bytes, AuditRecord] = {}
+            for minute in {int(r.at) for r in records}:
+                start = self._key(f"refused/{minute:012d}/")
+                kept |= {
+                    kv.key: _audit_record(0, kv.value)
+                    for kv in self._gateway.range(start, prefix_end(start)).kvs
+                }
+            merged: dict[bytes, AuditRecord] = {}
+            for r in records:
+                old = merged.get(key := self._refused(r)) or kept.get(key)
+                merged[key] = r if old is None else r.model_copy(update={"count": old.count + r.count})
+            ops = [put_op(key, r.model_dump_json()) for key, r in merged.items()]
+            for first in range(0, len(ops), _TXN_OPS):
+                self._write(ops[first : first + _TXN_OPS])
+            whole = self._gateway.range(prefix, prefix_end(prefix), limit=1, keys_only=True)
+            if (over := whole.count - self._refusal_limit) > 0:
+                oldest = self._gateway.range(prefix, prefix_end(prefix), limit=over, keys_only=True).kvs
+                self._write([delete_op(prefix, oldest[-1].key + b"\0")])
+
+    def refusals(self, offset: int, limit: int, since: float | None = None) -> list[AuditRecord]:
+        start = self._key(f"refused/{max(0, math.floor(since or 0) - 59):012d}")
+        end = prefix_end(self._key("refused/"))
+        page = self._gateway.range(start, end, limit=offset + limit, sort_descend=True)
+        return [_audit_record(0, kv.value) for kv in page.kvs[offset:]]
 
     # --- nodes' identities ---------------------------------------------------------------
 

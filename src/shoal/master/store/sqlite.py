@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,14 @@ CREATE TABLE IF NOT EXISTS migrations (id INTEGER PRIMARY KEY, doc TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, next INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS registrations (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS identities (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS refusals (
+    minute REAL NOT NULL,
+    status INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (minute, status, source, kind)
+);
 """
 
 # Columns added since the tables were first made: a database made before them gains them
@@ -67,12 +75,17 @@ _AUDIT_INDEXES = (
     "CREATE INDEX IF NOT EXISTS audit_by_kind ON audit (kind, id)",
     "CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at)",
 )
+# Newest first, in the order of the table's key (the order of the etcd store's keys too).
+_REFUSALS_ORDER = "ORDER BY minute DESC, status DESC, source DESC, kind DESC"
 _TOKEN_FIELDS = "name, role, roles, kind, created, expires, last_used, uses, used, revoked"
 
 
 class SqliteStore:
-    def __init__(self, path: Path | str, fsync: bool = True, audit_limit: int = 100_000) -> None:
+    def __init__(
+        self, path: Path | str, fsync: bool = True, audit_limit: int = 100_000, refusal_limit: int = 10_000
+    ) -> None:
         self._audit_limit = audit_limit  # audit records kept, the newest
+        self._refusal_limit = refusal_limit  # refusals kept (each of a minute), the newest
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode syncs only at checkpoints; FULL syncs the log on every commit.
@@ -242,6 +255,36 @@ class SqliteStore:
             (*(value for _, value in terms), limit, offset),
         )
         return [AuditRecord.model_validate_json(doc).model_copy(update={"id": id_}) for id_, doc in rows]
+
+    def add_refusals(self, records: Sequence[AuditRecord]) -> None:
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.executemany(
+                "INSERT INTO refusals VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE"
+                " SET count = count + excluded.count",
+                [(r.at, r.status, r.source, r.kind, r.count) for r in records],
+            )
+            db.execute(
+                f"DELETE FROM refusals WHERE rowid IN (SELECT rowid FROM refusals {_REFUSALS_ORDER}"
+                " LIMIT -1 OFFSET ?)",
+                (self._refusal_limit,),
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def refusals(self, offset: int, limit: int, since: float | None = None) -> list[AuditRecord]:
+        rows = self._db.execute(
+            "SELECT minute, source, kind, status, count FROM refusals WHERE minute + 60 > ?"
+            f" {_REFUSALS_ORDER} LIMIT ? OFFSET ?",
+            (since or 0.0, limit, offset),
+        )
+        return [
+            AuditRecord(at=at, who="anonymous", kind=kind, source=source, status=status, count=count)
+            for at, source, kind, status, count in rows
+        ]
 
     def identity(self, name: str) -> NodeIdentity | None:
         row = self._db.execute("SELECT doc FROM identities WHERE name = ?", (name,)).fetchone()
