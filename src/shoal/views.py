@@ -76,6 +76,10 @@ class Submitted(BaseModel):
 
 TokenKind = Literal["api", "bootstrap"]
 MAX_TOKEN_TTL = 10 * 365 * 86_400  # seconds a token may be made to last, at most
+# A bootstrap token makes nodes: it lasts a day unless told otherwise (as kubeadm's), and a
+# week at most, so one left in a script or a shell history goes stale.
+BOOTSTRAP_TTL = 86_400
+MAX_BOOTSTRAP_TTL = 7 * 86_400
 
 
 class TokenRequest(BaseModel):
@@ -88,11 +92,26 @@ class TokenRequest(BaseModel):
     )
     kind: TokenKind = Field("api", description="api: calls the API; bootstrap: lets nodes join, only")
     ttl: float | None = Field(
-        None, gt=0, le=MAX_TOKEN_TTL, description="seconds until it expires (default: never)"
+        None,
+        gt=0,
+        le=MAX_TOKEN_TTL,
+        validate_default=True,
+        description="seconds until it expires (default: never; a bootstrap token's: a day, a week at most)",
     )
     uses: int | None = Field(
         None, ge=1, le=1_000_000, description="a bootstrap token's joins allowed (default: any number)"
     )
+
+    @field_validator("ttl")
+    @classmethod
+    def _bootstrap_tokens_expire(cls, ttl: float | None, info: ValidationInfo) -> float | None:
+        if info.data.get("kind") != "bootstrap":
+            return ttl
+        if ttl is None:
+            return BOOTSTRAP_TTL
+        if ttl > MAX_BOOTSTRAP_TTL:
+            raise ValueError(f"a bootstrap token lasts {MAX_BOOTSTRAP_TTL // 86_400} days at most")
+        return ttl
 
     @field_validator("uses")
     @classmethod

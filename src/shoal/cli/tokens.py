@@ -26,7 +26,10 @@ def token_create(
         typer.Option("--framework-role", "--roles", help="a role (queue) its frameworks may use; repeatable"),
     ] = [],  # noqa: B006
     ttl: Annotated[
-        str | None, typer.Option(help="expires after this long: 30s, 10m, 1h, 7d (default: never)")
+        str | None,
+        typer.Option(
+            help="expires after this long: 30s, 10m, 1h, 7d (default: never; --bootstrap: 1d, 7d at most)"
+        ),
     ] = None,
     bootstrap: Annotated[
         bool, typer.Option("--bootstrap", help="a token that only lets nodes join, not one for the API")

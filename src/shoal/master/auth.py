@@ -1,7 +1,8 @@
 """API, bootstrap and cluster tokens: made here, stored only as SHA-256 digests.
 
-People and programs present an API token bound to a name and a role; agents present the
-cluster token; a node joining the cluster presents a bootstrap token, which opens nothing
+People and programs present an API token bound to a name and a role; agents of a master on
+plain HTTP present the cluster token (a master serving TLS has none: nodes present their
+certificates); a node joining the cluster presents a bootstrap token, which opens nothing
 else. A token is shown once, when it is made, and never logged: its public id (the first
 16 hex digits of its digest) names it in listings and revocations.
 
@@ -19,7 +20,6 @@ import hashlib
 import hmac
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -67,19 +67,18 @@ class Tokens:
     def __init__(
         self,
         store: Store,
-        cluster_token: str,
+        cluster_token: str | None,
         *,
         read_only: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
-        self._cluster = _digest(cluster_token)
+        self._cluster = None if cluster_token is None else _digest(cluster_token)
         self._read_only = read_only
         self._clock = clock
         self._known: dict[str, _Known] = {}
         self._used: dict[str, float] = {}  # digest -> when last used, not written yet
         self._written = clock()  # when last uses were last written
-        self._redeeming = threading.Lock()
 
     def add(
         self,
@@ -143,20 +142,32 @@ class Tokens:
         known = self._known[digest] = _Known(entry, caller, now)
         return known
 
+    def bootstrap(self, token: str) -> TokenEntry | None:
+        """The entry of a bootstrap token that is unexpired, unrevoked and has uses left;
+        None otherwise. Nothing is counted: a join checks the token before all else, and
+        spends a use (`redeem_bootstrap`) only once nothing else refuses it."""
+        return self._usable(_digest(token), self._clock())
+
+    def _usable(self, digest: str, now: float) -> TokenEntry | None:
+        entry = self._store.token(digest)
+        if entry is None or entry.kind != "bootstrap" or not entry.valid(now):
+            return None
+        if (left := entry.uses_left()) is not None and left <= 0:
+            return None
+        return entry
+
     def redeem_bootstrap(self, token: str) -> TokenEntry | None:
         """Count one use of a bootstrap token that is unexpired, unrevoked and has uses
         left, written before this returns; its entry as counted, or None (nothing counted).
-        Redemptions take turns, so a token's last use goes to one caller only."""
-        digest = _digest(token)
-        with self._redeeming:
-            entry, now = self._store.token(digest), self._clock()
-            if entry is None or entry.kind != "bootstrap" or not entry.valid(now):
-                return None
-            if (left := entry.uses_left()) is not None and left <= 0:
-                return None
-            redeemed = replace(entry, used=entry.used + 1, last_used=now)
-            self._store.put_token(digest, redeemed)
-            return redeemed
+        A token's last use goes to one caller only: joins run on the master's event loop,
+        and this does not give it up between its read and its write."""
+        digest, now = _digest(token), self._clock()
+        entry = self._usable(digest, now)
+        if entry is None:
+            return None
+        redeemed = replace(entry, used=entry.used + 1, last_used=now)
+        self._store.put_token(digest, redeemed)
+        return redeemed
 
     def listing(self) -> list[tuple[str, TokenEntry]]:
         """Every token as (id, entry), oldest first, with when each was last used."""
@@ -204,4 +215,5 @@ class Tokens:
             log.warning("when tokens were last used could not be written: %s", e)
 
     def is_cluster(self, token: str) -> bool:
-        return hmac.compare_digest(_digest(token), self._cluster)
+        """Whether `token` is the cluster token; never on a master serving TLS, which has none."""
+        return self._cluster is not None and hmac.compare_digest(_digest(token), self._cluster)
