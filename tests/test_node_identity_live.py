@@ -5,6 +5,7 @@ certificate is refused at once; an agent renews its certificate while its tasks 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosedError
-from websockets.sync.client import connect
+from cryptography.hazmat.primitives.asymmetric import ec
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError
+from websockets.sync.client import ClientConnection, connect
 
 from shoal import tls
+from shoal.masters import POLICY_CLOSE, REMOVED_CLOSE
 from shoal.model import JobSpec, NodeInfo, NodeStatus, Resources, Role, TaskState
 from shoal.shell.protocol import CopyFile, CopyRequest, Ended, Selection
 from shoal.testing.live import LiveCluster, live_cluster, wait_for
@@ -49,31 +52,48 @@ def bootstrap_token(cluster: LiveCluster, uses: int | None = None) -> str:
         return admin.create_token("joiners", Role.USER, kind="bootstrap", uses=uses).token
 
 
-def join(cluster: LiveCluster, name: str, token: str) -> httpx.Response:
+def join(cluster: LiveCluster, name: str, token: str, csr: str | None = None) -> httpx.Response:
     assert cluster.ca is not None
-    csr = tls.node_request(name, tls.new_key()).decode()
     return httpx.post(
         f"{cluster.url}/v1/nodes/join",
-        json={"name": name, "csr": csr},
+        json={"name": name, "csr": csr or tls.node_request(name, tls.new_key()).decode()},
         headers={"Authorization": f"Bearer {token}"},
         verify=master_context(cluster.ca),
     )
 
 
-def refusal(cluster: LiveCluster, node: str | None, register_as: str, headers: dict[str, str] = {}) -> str:  # noqa: B006
+def agents_url(cluster: LiveCluster) -> str:
+    return cluster.url.replace("https://", "wss://") + "/v1/agent"
+
+
+def registration(name: str) -> bytes:
+    return encode(Register(node=NodeInfo(name=name, hostname="impostor", capacity=Resources(cpus=1, mem=64))))
+
+
+def closed_with(ws: ClientConnection, code: int) -> str:
+    """The reason the master closes `ws` with, once it is sent a registration; `code` checked."""
+    with pytest.raises(ConnectionClosedError) as closed:
+        while True:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == code
+    return closed.value.rcvd.reason
+
+
+def refusal(
+    cluster: LiveCluster,
+    node: str | None,
+    register_as: str,
+    headers: dict[str, str] = {},  # noqa: B006
+    code: int = POLICY_CLOSE,
+) -> str:
     """Open the agents' WebSocket (as `node`'s certificate, or with none), register as
-    `register_as`: the reason the master closes it with (a policy violation)."""
+    `register_as`: the reason the master closes it with (`code`)."""
     assert cluster.ca is not None
     context = tls.client_context(cluster.ca, identity(cluster, node) if node else None)
-    url = cluster.url.replace("https://", "wss://") + "/v1/agent"
-    info = NodeInfo(name=register_as, hostname="impostor", capacity=Resources(cpus=1, mem=64))
-    with connect(url, ssl=context, additional_headers=headers) as ws:
-        with pytest.raises(ConnectionClosedError) as closed:
-            ws.send(encode(Register(node=info)))  # a master that refuses at once may have closed
-            while True:
-                ws.recv(timeout=5)
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
-    return closed.value.rcvd.reason
+    with connect(agents_url(cluster), ssl=context, additional_headers=headers) as ws:
+        with contextlib.suppress(ConnectionClosed):  # a master that refuses at once may have closed
+            ws.send(registration(register_as))
+        return closed_with(ws, code)
 
 
 def test_an_agent_joins_once_and_runs_tasks_over_its_own_certificate(cluster: LiveCluster) -> None:
@@ -111,6 +131,13 @@ def test_the_cluster_token_opens_nothing_on_a_tls_master(cluster: LiveCluster) -
         verify=master_context(str(cluster.ca)),
     )
     assert response.status_code == 401
+    masters = httpx.get(
+        f"{cluster.url}/v1/masters",
+        headers={"Authorization": f"Bearer {cluster.cluster_token}"},
+        verify=master_context(str(cluster.ca)),
+    )
+    assert masters.status_code == 401
+    assert not (cluster.root / "master" / "cluster.token").exists()  # a TLS master has none
 
 
 def test_a_node_finds_the_masters_over_its_certificate(cluster: LiveCluster) -> None:
@@ -183,6 +210,9 @@ def test_joins_are_refused_past_a_tokens_uses_and_for_a_name_that_has_an_identit
     cluster: LiveCluster,
 ) -> None:
     token = bootstrap_token(cluster, uses=1)
+    # Without a good token the master does nothing for the caller: 401 before the request is read.
+    for anonymous in ("shoal_nothing", "shoal_" + "0" * 43):
+        assert join(cluster, "node1", anonymous, csr="not a request").status_code == 401
     taken = join(cluster, "node1", token)
     assert taken.status_code == 409
     assert "node1 already has an identity; `shoal node remove node1` first" in taken.json()["error"]
@@ -195,6 +225,12 @@ def test_joins_are_refused_past_a_tokens_uses_and_for_a_name_that_has_an_identit
         verify=master_context(str(cluster.ca)),
     )
     assert garbled.status_code == 422 and garbled.json()["fields"][0]["field"] == "csr"
+    csr = tls.node_request("node8", tls.new_key()).decode()
+    long = join(cluster, "n" * 65, token, csr)  # a node name may be longer; a certificate's may not
+    assert long.status_code == 422 and long.json()["fields"][0]["field"] == "name"
+    p384 = tls.node_request("node8", ec.generate_private_key(ec.SECP384R1())).decode()
+    other_curve = join(cluster, "node8", token, csr=p384)
+    assert other_curve.status_code == 422 and "P-256" in other_curve.json()["error"]
     first = join(cluster, "node9", token)  # the refusals above spent no use
     assert first.status_code == 201 and "BEGIN CERTIFICATE" in first.json()["certificate"]
     again = join(cluster, "node10", token)
@@ -232,7 +268,9 @@ def test_a_removed_node_is_refused_at_once_and_may_join_again(cluster: LiveClust
     with as_node(cluster, "node2") as node2:
         wait_for(lambda: node2.get(f"/v1/blobs/{'0' * 64}").status_code == 403, 1.0, "node2 refused")
     assert time.monotonic() - at < 1.0
-    assert "removed or expired" in refusal(cluster, "node2", "node2")
+    assert "removed or expired" in refusal(cluster, "node2", "node2", code=REMOVED_CLOSE)
+    with as_node(cluster, "node2") as node2:
+        assert node2.get("/v1/masters").status_code == 403
     cluster.agents["node2"].wait(10)  # put out: it stopped its runs and left
     assert "not a member of the cluster" in (cluster.root / "node2.log").read_text()
     with cluster.client() as admin:
@@ -246,6 +284,23 @@ def test_a_removed_node_is_refused_at_once_and_may_join_again(cluster: LiveClust
     del cluster.agents["node2"]
     cluster.start_agent("node2")
     cluster.wait_nodes_up(["node2"])
+
+
+def test_a_node_removed_before_it_registers_is_not_registered(cluster: LiveCluster, tmp_path: Path) -> None:
+    key = tls.new_key()
+    joined = join(cluster, "node12", bootstrap_token(cluster), csr=tls.node_request("node12", key).decode())
+    assert joined.status_code == 201
+    files = tls.IdentityFiles(tmp_path)
+    files.key.write_bytes(tls.key_pem(key))
+    files.cert.write_text(joined.json()["certificate"])
+    assert cluster.ca is not None
+    with connect(agents_url(cluster), ssl=tls.client_context(cluster.ca, files)) as ws:
+        with cluster.client() as admin:
+            assert admin.remove_node("node12").identity is True  # connected, not registered
+        ws.send(registration("node12"))
+        assert "removed" in closed_with(ws, REMOVED_CLOSE)
+    with cluster.client() as admin:
+        assert "node12" not in {n.name for n in admin.nodes()}
 
 
 @pytest.fixture(scope="module")

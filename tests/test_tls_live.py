@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.sync.client import connect
 
 from shoal import tls
@@ -290,3 +291,12 @@ def test_a_new_pair_the_authority_did_not_issue_is_logged_and_the_old_one_served
         context.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
     ):
         assert conn.getpeercert()["serialNumber"] == served
+
+
+def test_a_node_certificate_is_made_for_a_short_name_and_a_p256_key_only() -> None:
+    authority = tls.create_authority()
+    with pytest.raises(tls.BadRequestForCertificate, match="made out to"):
+        tls.sign_node(authority, tls.node_request("node1", tls.new_key()), "n" * 65)
+    p384 = tls.node_request("node1", ec.generate_private_key(ec.SECP384R1()))
+    with pytest.raises(tls.BadRequestForCertificate, match="P-256"):
+        tls.sign_node(authority, p384, "node1")

@@ -32,7 +32,10 @@ from shoal.errors import ShoalError
 
 NOT_LEADER_CLOSE = 4307  # WebSocket close code: "not the leader"; the reason names it
 TRY_AGAIN_CLOSE = 1013  # WebSocket's "try again later": a master that cannot say who leads
-POLICY_CLOSE = 1008  # WebSocket's "policy violation": the agent is put out; the reason says why
+POLICY_CLOSE = 1008  # WebSocket's "policy violation": this connection is refused; the reason says why
+# "This node was removed from the cluster": its tasks are lost to the master, so its agent
+# stops its runs. No other close does that: a refused connection may be a setting to fix.
+REMOVED_CLOSE = 4403
 LEADER_HEADER = "X-Shoal-Leader"
 MASTERS_PATH = "/v1/masters"
 FAILOVER = 15.0  # seconds a call keeps trying the masters: longer than an election takes

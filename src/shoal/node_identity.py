@@ -4,17 +4,24 @@ node did (`DELETE /v1/nodes/{name}`). Read by the master, the agent and the clie
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.model import NodeName
 
 MAX_CSR = 16_384  # characters: a P-256 request is well under 1,000
+# Characters of a node name a certificate holds: its common name's bound (RFC 5280), under
+# the 253 a node name may otherwise have.
+MAX_CERTIFIED_NAME = 64
 
 
 class JoinRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: NodeName = Field(description="the node's name: its certificate is made out to it")
+    name: Annotated[NodeName, Field(max_length=MAX_CERTIFIED_NAME)] = Field(
+        description="the node's name, 64 characters at most: its certificate is made out to it"
+    )
     csr: str = Field(min_length=1, max_length=MAX_CSR, description="a PEM certificate signing request")
 
 

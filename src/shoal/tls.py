@@ -33,7 +33,8 @@ _BACKDATE = dt.timedelta(minutes=5)  # clocks of a cluster differ a little
 
 
 class BadRequestForCertificate(ValueError):
-    """A certificate signing request that cannot be signed: malformed, or its signature wrong."""
+    """A certificate signing request that cannot be signed: malformed, its signature wrong,
+    its key not P-256, or the name it is to be made out to too long."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,11 +293,8 @@ class NodeCertificate:
     not_after: float  # seconds since the epoch
 
 
-def sign_node(
-    authority: Authority, request_pem: bytes, name: str, days: float = NODE_DAYS
-) -> NodeCertificate:
-    """Sign a node's request with the subject set to `name`, whatever the request asked for:
-    the identity is the one the master grants, not the one the node claims."""
+def read_request(request_pem: bytes) -> x509.CertificateSigningRequest:
+    """A node's certificate signing request, checked: PEM, signed by its key, a P-256 key."""
     try:
         csr = x509.load_pem_x509_csr(request_pem)
     except ValueError as e:
@@ -304,9 +302,25 @@ def sign_node(
     if not csr.is_signature_valid:
         raise BadRequestForCertificate("the request's signature does not match its key")
     public_key = csr.public_key()
-    if not isinstance(public_key, ec.EllipticCurvePublicKey):
-        raise BadRequestForCertificate("the request's key must be an EC (P-256) key")
-    cert = _leaf(authority, _name(name, NODE_UNIT), public_key, ExtendedKeyUsageOID.CLIENT_AUTH, days)
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+        public_key.curve, ec.SECP256R1
+    ):
+        raise BadRequestForCertificate("the request's key must be an EC P-256 (secp256r1) key")
+    return csr
+
+
+def sign_node(
+    authority: Authority, request_pem: bytes, name: str, days: float = NODE_DAYS
+) -> NodeCertificate:
+    """Sign a node's request with the subject set to `name`, whatever the request asked for:
+    the identity is the one the master grants, not the one the node claims."""
+    public_key = read_request(request_pem).public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)  # read_request saw to it
+    try:
+        subject = _name(name, NODE_UNIT)
+    except ValueError as e:  # a common name holds 64 characters at most
+        raise BadRequestForCertificate(f"no certificate can be made out to {name!r}: {e}") from None
+    cert = _leaf(authority, subject, public_key, ExtendedKeyUsageOID.CLIENT_AUTH, days)
     return NodeCertificate(
         cert.public_bytes(serialization.Encoding.PEM),
         serial_hex(cert.serial_number),

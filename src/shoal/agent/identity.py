@@ -33,6 +33,7 @@ from shoal.config import AgentSettings
 from shoal.errors import ShoalError, SpecError
 from shoal.files import write_secret
 from shoal.masters import FAILOVER, Masters, Unreachable
+from shoal.node_identity import MAX_CERTIFIED_NAME
 from shoal.trust import UntrustedMaster
 
 if TYPE_CHECKING:  # httpx and cryptography are loaded when used: a plain-http agent needs neither
@@ -48,8 +49,15 @@ _RETRY_CAP = 30.0  # seconds between tries of a join or renewal the master did n
 
 
 class NotAMember(ShoalError):
-    """The master does not let this node in: it was removed, its certificate is not one the
-    master holds, the bootstrap token was refused, or (plain http) the cluster token was."""
+    """This node was removed from the cluster (the master closed its connection with
+    REMOVED_CLOSE): its tasks are lost to the master, so the agent stops its runs."""
+
+
+class NotAdmitted(ShoalError):
+    """The agent cannot take part as it is set up: no bootstrap token, a certificate of
+    another node's or expired, a join or a connection the master refuses. The message says
+    what to do; the agent exits and leaves its runs as they are, for the next agent (set up
+    right) to take over."""
 
 
 class Credentials:
@@ -68,6 +76,12 @@ class Credentials:
         if self.tls and self._ca is None:
             raise SpecError(
                 "ca", "the master is on https: give the cluster CA's certificate (ca.pem) with --ca"
+            )
+        if self.tls and len(name) > MAX_CERTIFIED_NAME:
+            raise SpecError(
+                "name",
+                f"a node's certificate holds a name of {MAX_CERTIFIED_NAME} characters at most, and "
+                f"{name!r} has {len(name)}: give a shorter one with --name",
             )
         if not self.tls and self._cluster_token is None:
             raise SpecError(
@@ -118,12 +132,14 @@ class Credentials:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, _RETRY_CAP)
         self._check_held()
+        from shoal.tls import client_context
+
         assert self._ca is not None
-        self._context = _context(self._ca, self._files)
+        self._context = client_context(self._ca, self._files)
 
     async def _join(self) -> None:
         if self._bootstrap is None:
-            raise NotAMember(
+            raise NotAdmitted(
                 f"this node has no certificate yet ({self._files.root} is empty): join once with a "
                 "bootstrap token, --bootstrap-token (SHOAL_BOOTSTRAP_TOKEN; an admin makes one with "
                 "`shoal token create NAME --bootstrap`)"
@@ -149,7 +165,7 @@ class Credentials:
         cert = x509.load_pem_x509_certificate(self._files.cert.read_bytes())
         held = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         if held != self.name:
-            raise NotAMember(
+            raise NotAdmitted(
                 f"the certificate in {self._files.root} is {held!r}'s, and this node is named "
                 f"{self.name!r}: run it as {held} (--name), or {self._again()}"
             )
@@ -157,13 +173,25 @@ class Credentials:
         self.check_unexpired()
 
     def check_unexpired(self) -> None:
-        """NotAMember once the certificate has expired (not renewed in time: no master
+        """NotAdmitted once the certificate has expired (not renewed in time: no master
         answered for the last third of its life): no master would let it in."""
         if self._not_after <= time.time():
-            raise NotAMember(
+            raise NotAdmitted(
                 f"this node's certificate expired at {time.ctime(self._not_after)}: "
                 f"`shoal node remove {self.name}` on the master, then {self._again()}"
             )
+
+    def refused(self, url: str) -> str:
+        """What to do when the master at `url` refuses this agent's connection outright."""
+        if self.tls:
+            return (
+                f"the master at {url} refused this node's certificate (was {self.name} removed?): "
+                f"{self._again()}, after `shoal node remove {self.name}` if the master still knows it"
+            )
+        return (
+            f"the master at {url} refused the cluster token; pass the one in its cluster.token "
+            "with --token or SHOAL_CLUSTER_TOKEN"
+        )
 
     def _again(self) -> str:
         return f"remove {self._files.root} and join again with a new bootstrap token"
@@ -179,7 +207,7 @@ class Credentials:
             await asyncio.sleep(max(0.0, self._renew_at() - time.time()))
             try:
                 await self._renew()
-            except (Unreachable, NotAMember, OSError) as e:
+            except (Unreachable, NotAdmitted, OSError) as e:
                 log.warning("could not renew this node's certificate (%s); trying again in %.0fs", e, pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, _RETRY_CAP)
@@ -210,7 +238,7 @@ class Credentials:
         )
 
     async def _call(self, token: str | None, path: str, body: dict[str, str], what: str) -> dict[str, Any]:
-        """POST `body` to `path`; the answer, or NotAMember when the master refuses it."""
+        """POST `body` to `path`; the answer, or NotAdmitted when the master refuses it."""
         calls = self.calls(token)
         try:
             response = await calls.send("POST", path, json=body)
@@ -220,8 +248,16 @@ class Credentials:
             raise Unreachable(
                 f"the master answered the {what} with {response.status_code}: {_said(response)}"
             )
+        if response.status_code == 409:
+            # Most likely a join of this node's whose answer was lost: the master holds an
+            # identity for the name whose key this agent never got.
+            raise NotAdmitted(
+                f"the master refused this node's {what}: {_said(response)}. If this node joined "
+                f"before and its certificate was lost, run `shoal node remove {self.name}` on the "
+                "master, then start this agent again with a new bootstrap token"
+            )
         if response.status_code >= 400:
-            raise NotAMember(f"the master refused this node's {what}: {_said(response)}")
+            raise NotAdmitted(f"the master refused this node's {what}: {_said(response)}")
         return response.json()  # type: ignore[no-any-return]
 
 
@@ -232,14 +268,6 @@ def _uses_tls(urls: list[str]) -> bool:
             "master", f"the URLs mix http and https ({', '.join(urls)}): a cluster's masters use one"
         )
     return schemes == {"https"}
-
-
-def _context(ca: Path, files: IdentityFiles) -> ssl.SSLContext:
-    from shoal.trust import master_context
-
-    context = master_context(ca)
-    context.load_cert_chain(files.cert, files.key)
-    return context
 
 
 def _said(response: httpx.Response) -> str:

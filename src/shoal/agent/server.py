@@ -33,7 +33,7 @@ from shoal.agent.cgroups import Cgroups
 from shoal.agent.discovery import discover, facing
 from shoal.agent.files import FileMover
 from shoal.agent.health import HealthChecks
-from shoal.agent.identity import Credentials, NotAMember
+from shoal.agent.identity import Credentials, NotAdmitted, NotAMember
 from shoal.agent.runner import Runner, alive, start_time
 from shoal.agent.shell import ShellRunner
 from shoal.agent.state import (
@@ -64,6 +64,7 @@ from shoal.masters import (
     MAX_HOPS,
     NOT_LEADER_CLOSE,
     POLICY_CLOSE,
+    REMOVED_CLOSE,
     TRY_AGAIN_CLOSE,
     Masters,
     Unreachable,
@@ -93,10 +94,6 @@ _PRUNE_EVERY = 60.0  # seconds between sweeps of old sandboxes
 _OPEN_TIMEOUT = 1.5  # seconds a dial may take: a frozen master's port still accepts
 _QUIET_FOR = 5.0  # seconds a master that went quiet is not dialled when a follower names it
 _REDIAL_CAP = 3.0  # seconds between redials of the master, at most
-
-
-class TokenRefused(ShoalError):
-    """The master does not accept this agent's cluster token."""
 
 
 class _Leaderless(ShoalError):
@@ -299,9 +296,13 @@ class Agent:
             renewer = asyncio.create_task(self.credentials.keep_renewed())
             await self._connect_loop()
         except NotAMember:
-            # Put out of the cluster: its tasks are lost to the master, which runs them elsewhere.
+            # Removed from the cluster: its tasks are lost to the master, which runs them elsewhere.
             stopped = await asyncio.to_thread(stop_runs, self.state_dir)
             log.error("this node is not a member of the cluster; %d runs stopped", stopped)
+            raise
+        except NotAdmitted:
+            # A setting or a step to take: the runs go on, for an agent set up right to take over.
+            log.error("this agent cannot take part as it is set up; its runs are left as they are")
             raise
         finally:
             if renewer is not None:
@@ -344,10 +345,7 @@ class Agent:
                 leader, unled = "", True
             except websockets.InvalidStatus as e:
                 if e.response.status_code in (401, 403):
-                    raise TokenRefused(
-                        f"the master at {url} refused the cluster token; "
-                        "pass the one it printed with --token or SHOAL_CLUSTER_TOKEN"
-                    ) from e
+                    raise NotAdmitted(self.credentials.refused(url)) from e
                 log.warning("the master at %s answered %s; trying again", url, e.response.status_code)
                 leader = ""
             except websockets.InvalidHandshake as e:  # e.g. a master frozen mid-handshake
@@ -424,8 +422,10 @@ class Agent:
                 raise TimeoutError(f"{url} stopped answering") from e
             if e.rcvd is not None and e.rcvd.code == TRY_AGAIN_CLOSE:
                 raise TimeoutError(f"{url}: {e.rcvd.reason}") from e  # cut off from etcd: the next
-            if e.rcvd is not None and e.rcvd.code == POLICY_CLOSE:
+            if e.rcvd is not None and e.rcvd.code == REMOVED_CLOSE:
                 raise NotAMember(f"the master at {url} put this node out: {e.rcvd.reason}") from e
+            if e.rcvd is not None and e.rcvd.code == POLICY_CLOSE:
+                raise NotAdmitted(f"the master at {url} refused this connection: {e.rcvd.reason}") from e
             if e.rcvd is None or e.rcvd.code != NOT_LEADER_CLOSE:
                 log.info("lost the master at %s: %s", url, e)
                 return None

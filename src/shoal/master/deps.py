@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.requests import HTTPConnection
 
 from shoal.errors import Forbidden, ShoalError
 from shoal.master.server import Master, NotLeading
@@ -19,6 +21,17 @@ class Unauthorized(ShoalError):
     pass
 
 
+def bearer(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header's value; None for any other."""
+    scheme, _, token = authorization.partition(" ")
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def node_principal(name: str) -> str:
+    """Whom the audit trail names for a call over node `name`'s certificate."""
+    return f"agent:{name}"
+
+
 async def master_of(request: Request) -> Master:
     master: Master | None = request.app.state.master
     if master is None or not master.serving():
@@ -27,8 +40,8 @@ async def master_of(request: Request) -> Master:
 
 
 async def caller_of(request: Request) -> Caller:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    caller = request.app.state.tokens.caller(token) if scheme.lower() == "bearer" and token else None
+    token = bearer(request.headers.get("authorization", ""))
+    caller = request.app.state.tokens.caller(token) if token is not None else None
     if caller is None:
         raise Unauthorized("a valid API token is required: Authorization: Bearer <token>")
     request.state.principal = caller  # whom the audit trail names
@@ -47,29 +60,35 @@ async def admin(caller: Annotated[Caller, Depends(caller_of)]) -> Caller:
     return caller
 
 
-def _is_agent(request: Request) -> bool:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and request.app.state.tokens.is_cluster(token):
-        request.state.principal = AGENT
+def is_agent(connection: HTTPConnection) -> bool:
+    """Whether the call presents the cluster token (a master on plain HTTP: any agent)."""
+    token = bearer(connection.headers.get("authorization", ""))
+    if token is not None and connection.app.state.tokens.is_cluster(token):
+        connection.state.principal = AGENT
         return True
     return False
 
 
 async def admin_or_agent(request: Request) -> None:
     """Blobs move between admins (shoal copy) and agents (the cluster token)."""
-    if not _is_agent(request):
+    if not is_agent(request):
         await admin(await caller_of(request))
 
 
 async def anyone(request: Request) -> None:
-    """Any API token, the cluster token or a node's certificate: what agents and clients
-    both ask (which masters there are). The cluster CA vouched for the certificate at the
-    handshake; followers, which keep no identities, answer this too."""
+    """Any API token, the cluster token (plain HTTP) or a node's certificate: what agents
+    and clients both ask (which masters there are). The cluster CA vouched for the
+    certificate at the handshake; the leader also holds it to the node's identity (a
+    removed node is refused), which followers, keeping none, cannot."""
     peer = peer_of_scope(request.scope)
     if peer is not None and peer.unit == NODE_UNIT:
-        request.state.principal = f"agent:{peer.name}"
+        master: Master | None = request.app.state.master
+        if master is not None and master.identities is not None:
+            if not master.identities.admits(peer, time.time()):
+                raise Forbidden(f"{peer.name}'s certificate is refused (removed from the cluster)")
+        request.state.principal = node_principal(peer.name)
         return
-    if not _is_agent(request):
+    if not is_agent(request):
         await caller_of(request)
 
 

@@ -22,6 +22,7 @@ from shoal.tls import (
     NodeCertificate,
     Peer,
     TlsFiles,
+    read_request,
     sign_node,
 )
 
@@ -40,6 +41,13 @@ class Identities:
 
     def ca_pem(self) -> str:
         return self._ca().pem().decode()
+
+    def check_request(self, name: str, request: bytes) -> None:
+        """SpecError (csr) if node `name`'s request could not be signed; nothing is signed."""
+        try:
+            read_request(request)
+        except BadRequestForCertificate as e:
+            raise SpecError("csr", f"{e}; make it with the node's key for CN={name}") from None
 
     def sign(self, name: str, request: bytes) -> NodeCertificate:
         """A certificate for node `name` from its request; SpecError (csr) if it cannot be."""

@@ -10,7 +10,7 @@ from typing import Annotated, cast
 from fastapi import APIRouter, Depends, Path, Request
 
 from shoal.errors import Forbidden, NotFound
-from shoal.master.deps import MasterDep, Unauthorized, admin
+from shoal.master.deps import MasterDep, Unauthorized, admin, bearer
 from shoal.master.events import RemoveNode
 from shoal.master.identities import Identities
 from shoal.master.node_access import certified_node
@@ -46,26 +46,43 @@ def _view(name: str, cert: NodeCertificate, identities: Identities) -> NodeCerti
     )
 
 
-@router.post("/v1/nodes/join", status_code=201, response_model=NodeCertificateView, responses=_ERRORS)
-async def join(body: JoinRequest, request: Request, master: MasterDep) -> NodeCertificateView:
-    """A node's first certificate, made out to its name, for a bootstrap token (once per
-    node: a name that has one is refused until `shoal node remove NAME`)."""
-    identities = _identities(master)
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
+async def bootstrap_token(request: Request, master: MasterDep) -> str:
+    """The call's bootstrap token, if it is one that may still let a node join (nothing
+    spent); else 401. A dependency, so it is checked before the body: a caller without
+    one makes the master do nothing for it."""
+    token = bearer(request.headers.get("authorization", ""))
+    if token is None:
         raise Unauthorized(
             "a bootstrap token is required: Authorization: Bearer <token> "
             "(`shoal token create NAME --bootstrap` makes one)"
         )
-    # Checked before the token is redeemed, so a request refused for itself spends no use.
-    cert = identities.sign(body.name, body.csr.encode())
+    if master.tokens.bootstrap(token) is None:
+        raise _spent()
+    return token
+
+
+def _spent() -> Unauthorized:
+    return Unauthorized(
+        "this bootstrap token is unknown, expired, revoked or used up: make another with "
+        "`shoal token create NAME --bootstrap`"
+    )
+
+
+@router.post("/v1/nodes/join", status_code=201, response_model=NodeCertificateView, responses=_ERRORS)
+async def join(
+    body: JoinRequest, request: Request, master: MasterDep, token: Annotated[str, Depends(bootstrap_token)]
+) -> NodeCertificateView:
+    """A node's first certificate, made out to its name, for a bootstrap token (once per
+    node: a name that has one is refused until `shoal node remove NAME`)."""
+    identities = _identities(master)
+    # Everything that may refuse the request comes before the use is spent, so a request
+    # refused for itself spends none.
+    identities.check_request(body.name, body.csr.encode())
     identities.check_free(body.name)
     entry = master.tokens.redeem_bootstrap(token)
     if entry is None:
-        raise Unauthorized(
-            "this bootstrap token is unknown, expired, revoked or used up: make another with "
-            "`shoal token create NAME --bootstrap`"
-        )
+        raise _spent()
+    cert = identities.sign(body.name, body.csr.encode())
     identities.record_join(body.name, cert, time.time())
     request.state.principal = f"bootstrap:{entry.name}"
     log.info("node %s joined with bootstrap token %s (certificate %s)", body.name, entry.name, cert.serial)

@@ -16,9 +16,11 @@ from fastapi import Request, WebSocket
 from starlette.requests import HTTPConnection
 
 from shoal.errors import Forbidden
-from shoal.master.deps import MasterDep, admin, admin_or_agent, caller_of
+from shoal.master.deps import MasterDep, admin, admin_or_agent, bearer, caller_of, node_principal
 from shoal.master.server import Master, refuse
 from shoal.master.serving import peer_of_scope
+from shoal.masters import REMOVED_CLOSE
+from shoal.tls import NODE_UNIT
 
 log = logging.getLogger("shoal.master")
 
@@ -35,7 +37,7 @@ def certified_node(connection: HTTPConnection, master: Master) -> str | None:
             f"{_not_good(peer.name)} (`shoal token create NAME --bootstrap` makes one; "
             f"`shoal node remove {peer.name}` first if it is still known)"
         )
-    connection.state.principal = f"agent:{peer.name}"
+    connection.state.principal = node_principal(peer.name)
     return peer.name
 
 
@@ -80,22 +82,26 @@ async def serve_agent(ws: WebSocket) -> None:
     """The agents' entrance: a node's certificate (TLS), or the cluster token (plain HTTP)."""
     master: Master = ws.app.state.master
     if master.identities is None:
-        scheme, _, token = ws.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not master.tokens.is_cluster(token):
+        token = bearer(ws.headers.get("authorization", ""))
+        if token is None or not master.tokens.is_cluster(token):
             await ws.close(code=1008, reason="a valid cluster token is required")  # answered 403
             return
         await master.agent_session(ws)
         return
     peer = peer_of_scope(ws.scope)
+    if peer is not None and peer.unit != NODE_UNIT:
+        peer = None  # a master's certificate, say: no node's
     if peer is None or not master.identities.admits(peer, time.time()):
-        why = (
-            "a node certificate is required: join once with a bootstrap token (--bootstrap-token)"
+        # The handshake verified the certificate, expiry included: one not admitted now is
+        # one of a node removed, whose agent is to stop its runs.
+        why, code = (
+            ("a node certificate is required: join once with a bootstrap token (--bootstrap-token)", 1008)
             if peer is None
-            else _not_good(peer.name)
+            else (_not_good(peer.name), REMOVED_CLOSE)
         )
         log.warning("refused an agent connection from %s: %s", ws.client, why)
         await ws.accept()  # first, so that the agent reads why: a refusal before it is a bare 403
-        await refuse(ws, why)
+        await refuse(ws, why, code)
         return
     log.info("agent %s connects with certificate %s", peer.name, peer.serial)
-    await master.agent_session(ws, bound=peer.name)
+    await master.agent_session(ws, peer)

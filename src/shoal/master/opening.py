@@ -96,8 +96,12 @@ def _identities(settings: MasterSettings, store: Store) -> Identities | None:
 
 
 def _tokens(settings: MasterSettings, store: Store, read_only: bool = False) -> Tokens:
+    """The tokens; a cluster token (made on first start, in cluster.token) on plain HTTP only:
+    over TLS nodes present their certificates, and a shared secret would only open doors."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    cluster_token = _secret_file(settings.state_dir / "cluster.token", _reveal(settings.cluster_token))
+    cluster_token = None
+    if settings.insecure:
+        cluster_token = _secret_file(settings.state_dir / "cluster.token", _reveal(settings.cluster_token))
     return Tokens(store, cluster_token, read_only=read_only)
 
 

@@ -58,9 +58,10 @@ from shoal.master.registry import RegistryPolicy
 from shoal.master.shell import ShellRelay
 from shoal.master.state import MasterState
 from shoal.master.store import Deposed, Store
-from shoal.masters import POLICY_CLOSE
+from shoal.masters import POLICY_CLOSE, REMOVED_CLOSE
 from shoal.model import TaskRecord, run_id
 from shoal.services import Endpoint
+from shoal.tls import Peer
 from shoal.views import NodeView
 from shoal.wire import (
     ExecEnd,
@@ -127,9 +128,9 @@ class _Link:
             self.close()
 
     def close(self, reason: str = "") -> None:
-        """Close the connection; with a `reason`, as a policy violation saying it (the agent
-        is put out, not merely hung up on). Once: a burst of frames to a stuck agent must not
-        close it again for each."""
+        """Close the connection; with a `reason`, as the close that puts the node out of
+        the cluster (REMOVED_CLOSE), saying why. Once: a burst of frames to a stuck agent
+        must not close it again for each."""
         if self.closed:
             return
         self.closed = True
@@ -138,7 +139,7 @@ class _Link:
 
     async def _close(self, reason: str) -> None:
         if reason:
-            await refuse(self.ws, reason)
+            await refuse(self.ws, reason, REMOVED_CLOSE)
             return
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # gone already
             await self.ws.close()
@@ -148,10 +149,11 @@ class _Link:
             await self.ws.send_bytes(await self.outbox.get())
 
 
-async def refuse(ws: WebSocket, reason: str) -> None:
-    """Close `ws` as a policy violation, saying why in the 123 bytes a close frame has."""
+async def refuse(ws: WebSocket, reason: str, code: int = POLICY_CLOSE) -> None:
+    """Close `ws` with `code` (by default a policy violation: this connection is refused),
+    saying why in the 123 bytes a close frame has."""
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # gone already
-        await ws.close(code=POLICY_CLOSE, reason=reason.encode()[:123].decode(errors="ignore"))
+        await ws.close(code=code, reason=reason.encode()[:123].decode(errors="ignore"))
 
 
 @dataclass(slots=True)
@@ -353,10 +355,11 @@ class Master:
             for name, node in sorted(state.ledger.nodes.items())
         ]
 
-    async def agent_session(self, ws: WebSocket, bound: str | None = None) -> None:
-        """Serve one agent connection; the first frame must be its registration. `bound`:
+    async def agent_session(self, ws: WebSocket, peer: Peer | None = None) -> None:
+        """Serve one agent connection; the first frame must be its registration. `peer`:
         the node its certificate names, the only one it may speak for (None: any, as the
         cluster token's holder may)."""
+        bound = None if peer is None else peer.name
         await ws.accept()
         try:
             first = decode(await ws.receive_bytes())
@@ -364,7 +367,7 @@ class Master:
             return  # gone before it registered (an agent hanging up on a slow master)
         except (ValueError, KeyError, TypeError) as e:
             log.warning("agent connection without a valid registration: %s", e)
-            await ws.close(code=1008)
+            await refuse(ws, f"the first frame is not a registration this master reads: {e}")
             return
         if not isinstance(first, Register):
             await refuse(ws, "the first frame must be a registration")
@@ -374,6 +377,12 @@ class Master:
             why = f"the certificate is {bound}'s: it may not register as {name}"
             log.warning("refused a registration as %s: %s", name, why)
             await refuse(ws, why)
+            return
+        # Admitted when it connected; removed since (while this master waited for its first
+        # frame), it would be registered with no identity and no way to be put out again.
+        if peer is not None and not self._admits(peer):
+            log.warning("refused a registration as %s: it was removed after it connected", name)
+            await refuse(ws, f"{name} was removed from the cluster", REMOVED_CLOSE)
             return
         if (old := self.links.pop(name, None)) is not None:
             old.close()
@@ -394,6 +403,9 @@ class Master:
                     self.dispatch(AgentGone(name, time.time()))
                 self.shell.on_gone(name)
             link.writer.cancel()
+
+    def _admits(self, peer: Peer) -> bool:
+        return self.identities is not None and self.identities.admits(peer, time.time())
 
     async def _serve(self, name: str, ws: WebSocket, bound: bool) -> None:
         while True:

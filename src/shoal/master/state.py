@@ -427,7 +427,9 @@ class MasterState:
         if node.status is NodeStatus.UP:
             self._node_down(node, event.now, why, parting)
         else:
-            self.ledger.emit(Disconnect(node.name, parting))  # a connection not registered yet
+            # Down, it holds no link; if it is online again (connected, not registered yet),
+            # the master checks its identity again before it registers it.
+            self.ledger.emit(Disconnect(node.name, parting))
         self.ledger.reply(event.request, held)
 
     def _node_down(self, node: NodeRecord, now: float, message: str = "", parting: str = "") -> None:
