@@ -300,3 +300,14 @@ def test_a_node_certificate_is_made_for_a_short_name_and_a_p256_key_only() -> No
     p384 = tls.node_request("node1", ec.generate_private_key(ec.SECP384R1()))
     with pytest.raises(tls.BadRequestForCertificate, match="P-256"):
         tls.sign_node(authority, p384, "node1")
+
+
+def test_a_connection_without_a_certificate_clears_a_peer_left_at_its_address() -> None:
+    class Plain(asyncio.BaseTransport):
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return default
+
+    address = ("127.0.0.1", 40_000)
+    serving._peers[address] = tls.Peer("node7", tls.NODE_UNIT, "01")  # noqa: SLF001
+    serving._note_peer(address, Plain())  # noqa: SLF001
+    assert serving.peer_of_scope({"client": list(address)}) is None

@@ -50,10 +50,15 @@ def peer_of_scope(scope: Mapping[str, Any]) -> tls.Peer | None:
 
 
 def _note_peer(address: Address | None, transport: asyncio.BaseTransport) -> None:
-    ssl_object = transport.get_extra_info("ssl_object")
-    if address is None or ssl_object is None:
+    """Note the connection's peer, or that it has none: an entry left at its address (of a
+    connection whose end went unnoticed) must never speak for this one."""
+    if address is None:
         return
-    if (peer := tls.peer_of(ssl_object.getpeercert())) is not None:
+    ssl_object = transport.get_extra_info("ssl_object")
+    peer = None if ssl_object is None else tls.peer_of(ssl_object.getpeercert())
+    if peer is None:
+        _peers.pop(address, None)
+    else:
         _peers[address] = peer
 
 
