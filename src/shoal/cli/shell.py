@@ -209,9 +209,23 @@ def audit(
 def bootstrap(
     nodes: NodesOpt,
     master: Annotated[str, typer.Option(help="the master's URL, as the nodes reach it")],
-    token: Annotated[
-        str, typer.Option(envvar="SHOAL_CLUSTER_TOKEN", help="the cluster token (the master's cluster.token)")
-    ],
+    bootstrap_token: Annotated[
+        str | None,
+        typer.Option(envvar="SHOAL_BOOTSTRAP_TOKEN", help="a bootstrap token the nodes join with (https)"),
+    ] = None,
+    ca: Annotated[
+        Path | None,
+        typer.Option(envvar="SHOAL_CA", help="the cluster CA's certificate (ca.pem), copied to the nodes"),
+    ] = None,
+    cluster_token: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster-token",
+            "--token",
+            envvar="SHOAL_CLUSTER_TOKEN",
+            help="the cluster token (the master's cluster.token), for a plain-HTTP master (--insecure)",
+        ),
+    ] = None,
     prefix: Annotated[str, typer.Option(help="where to install on the nodes; {node} is each one's name")] = (
         "/opt/shoal"
     ),
@@ -223,13 +237,15 @@ def bootstrap(
     ssh_user: Annotated[str | None, typer.Option("-l", "--user", help="ssh user")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one record per node, for scripts")] = False,
 ) -> None:
-    """Install shoal on machines over SSH and start an agent on each (systemd where present)."""
+    """Install shoal on machines over SSH and start an agent on each (systemd where present):
+    over https each joins with the bootstrap token and verifies the master with the CA."""
+    token, ca_pem = _joining(master, bootstrap_token, ca, cluster_token)
     targets = resolve(NodeGroups(()), nodes)  # groups.conf groups work; the master may not exist yet
     labels = dict(item.split("=", 1) for item in label if "=" in item)
     with contextlib.ExitStack() as stack:
         if wheel is None:
             wheel = build_wheel(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="shoal-wheel-"))))
-        plan = Plan(master, token, wheel, prefix, python, pip_args, labels)
+        plan = Plan(master, token, wheel, prefix, python, pip_args, labels, ca_pem)
         results = []
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, transient=True, disable=as_json) as progress:
@@ -243,3 +259,26 @@ def bootstrap(
     else:
         out.print(bootstrap_table(results))
     raise typer.Exit(0 if all(r.ok for r in results) else 1)
+
+
+def _joining(
+    master: str, bootstrap_token: str | None, ca: Path | None, cluster_token: str | None
+) -> tuple[str, str]:
+    """The token the agents are given and the CA's certificate ("" over plain HTTP). Over
+    https a cluster token opens nothing for a node, so it is not sent, even when set."""
+    if not master.startswith("https://"):
+        if bootstrap_token or ca:
+            raise typer.BadParameter(
+                "a plain-HTTP master takes --cluster-token, not --bootstrap-token or --ca"
+            )
+        if not cluster_token:
+            raise typer.BadParameter("a plain-HTTP master needs --cluster-token (its cluster.token)")
+        return cluster_token, ""
+    if not bootstrap_token or ca is None:
+        raise typer.BadParameter(
+            "a master serving https needs --bootstrap-token (shoal token create NAME --bootstrap) and --ca"
+        )
+    try:
+        return bootstrap_token, ca.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise typer.BadParameter(f"cannot read the CA's certificate {ca}: {e}") from e

@@ -3,8 +3,10 @@
 One ClusterShell task does it all with the usual fanout: the wheel goes to every node by
 scp, then a small sh script per node installs it into a venv (made unless one is there,
 so a second run upgrades in place) and starts the agent, under systemd where the node
-runs it, otherwise as a detached process. The cluster token travels on the script's stdin
-and lands in a file only root can read, never on a command line.
+runs it, otherwise as a detached process. The token travels on the script's stdin and lands
+in a file only root can read, never on a command line: for a master serving TLS, a bootstrap
+token the agent joins with, followed on stdin by the cluster CA's certificate, which the
+agent verifies the master with; for a plain-HTTP master (--insecure), the cluster token.
 """
 
 from __future__ import annotations
@@ -41,15 +43,21 @@ WantedBy=multi-user.target
 """
 
 _SCRIPT = """set -e
-P={prefix}; W={wheel}; MASTER={master}; NODE={node}; LABELS={labels}
+P={prefix}; W={wheel}; MASTER={master}; NODE={node}; LABELS={labels}; TLS={tls}
 IFS= read -r TOKEN
+[ -z "$TLS" ] || CA_PEM=$(cat)  # the rest of stdin, read before anything else may take it
 D=$(mktemp -d)
 trap 'rm -rf "$D"' EXIT
 mv "$W" "$D/"{wheel_name}  # pip wants the wheel under its own name
 [ -x "$P/bin/python" ] || {python} -m venv "$P"
 "$P/bin/pip" install --quiet --disable-pip-version-check {pip_args} "$D/"{wheel_name}
 umask 077
-printf 'SHOAL_CLUSTER_TOKEN=%s\\n' "$TOKEN" > "$P/agent.env"
+if [ -n "$TLS" ]; then
+  printf '%s\\n' "$CA_PEM" > "$P/ca.pem"
+  printf 'SHOAL_CA=%s\\nSHOAL_BOOTSTRAP_TOKEN=%s\\n' "$P/ca.pem" "$TOKEN" > "$P/agent.env"
+else
+  printf 'SHOAL_CLUSTER_TOKEN=%s\\n' "$TOKEN" > "$P/agent.env"
+fi
 if [ -d /run/systemd/system ]; then
   cat > /etc/systemd/system/shoal-agent.service <<UNIT
 {unit}UNIT
@@ -70,12 +78,17 @@ fi
 @dataclass(frozen=True, slots=True)
 class Plan:
     master: str
-    token: str
+    token: str  # a bootstrap token with `ca_pem`; without, the cluster token
     wheel: Path
     prefix: str = "/opt/shoal"  # `{node}` is replaced by each node's name
     python: str = "python3"
     pip_args: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    ca_pem: str = ""  # the cluster CA's certificate: the master serves TLS
+
+    def stdin(self) -> bytes:
+        """What the script reads on its stdin: the secret, then the CA's certificate."""
+        return f"{self.token}\n{self.ca_pem}".encode()
 
     def remote_wheel(self, node: str) -> str:
         """Where the wheel lands on `node`: a name of its own, in case /tmp is shared."""
@@ -91,6 +104,7 @@ class Plan:
             node=shlex.quote(node),
             labels=shlex.quote(labels),
             python=shlex.quote(self.python),
+            tls="1" if self.ca_pem else "''",
             pip_args=self.pip_args,
             unit=_UNIT,
         )
@@ -186,6 +200,6 @@ def _run(
                 timeout=timeout,
                 stdin=True,
             )
-            worker.write(plan.token.encode() + b"\n")
+            worker.write(plan.stdin())
             worker.set_write_eof()
     task.resume()
