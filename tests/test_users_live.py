@@ -2,7 +2,9 @@
 shut out of the others' sandboxes; root and unknown users refused by the agent; a user not
 its token's refused by the master; a run as its user re-adopted after an agent restart, its
 saved state moved with it; `shoal exec` as the agents' shell user; `shoal copy` into a
-sandbox given to its user. Makes two users for the run, and removes them after."""
+sandbox given to its user; no variable of a job in a process of root's, SHOAL_ names refused,
+no working directory entered with root's rights. Makes two users for the run, and removes
+them after."""
 
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ import psutil
 import pytest
 
 from shoal.agent.cgroups import Cgroups
+from shoal.agent.health import HealthChecks
 from shoal.agent.runner import Runner
 from shoal.agent.users import Users
-from shoal.checks import TASK_CHECK, CheckStatus
+from shoal.checks import TASK_CHECK, CheckStatus, HealthCheck
 from shoal.client import ApiError, Client
 from shoal.framework import Driver, OfferInfo, TaskLaunch
 from shoal.model import JobSpec, Resources, Role, TaskRecord, TaskState
@@ -180,6 +183,15 @@ def test_a_user_not_mapped_to_the_token_is_forbidden_naming_the_field(
     assert bad.status_code == 422 and bad.json()["fields"][0]["field"] == "user"
 
 
+def test_a_job_may_not_set_shoals_own_variables(cluster: LiveCluster, tokens: dict[str, str]) -> None:
+    auth = {"Authorization": f"Bearer {tokens['alice']}"}
+    with httpx.Client(base_url=cluster.url, headers=auth) as http:
+        refused = http.post("/v1/jobs", json={"command": "true", "env": {"SHOAL_CGROUP_DIRS": "/tmp"}})
+    assert refused.status_code == 422
+    [field] = refused.json()["fields"]
+    assert field["field"] == "env" and "names beginning SHOAL_ are those shoal sets" in field["reason"]
+
+
 def test_a_task_as_its_user_is_readopted_after_an_agent_restart(
     cluster: LiveCluster, people: dict[str, str], tokens: dict[str, str]
 ) -> None:
@@ -305,6 +317,122 @@ def test_the_agent_reads_no_log_a_task_swapped_for_a_link(people: dict[str, str]
     with pytest.raises(FileNotFoundError):
         runner.read_log("1.0.0", "stdout", 0, 100)
     assert runner.recorded_exit("1.0.0") == 0  # kept where the task cannot reach it
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A directory of root's that other users may pass through (pytest's own is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="shoal-users-"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _run(runner: Runner, spec: RunSpec) -> tuple[int, int | None]:
+    """Start `spec` on `runner`; (the wrapper's pid, its exit code)."""
+
+    async def run() -> tuple[int, int | None]:
+        runner._on_exit = lambda run, code: ended.set_result(code)
+        ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        pid, _ = runner.spawn(spec)
+        return pid, await asyncio.wait_for(ended, 10)
+
+    return asyncio.run(run())
+
+
+def test_no_process_of_roots_sees_a_tasks_variables(people: dict[str, str], shared: Path) -> None:
+    """A library in LD_PRELOAD owned by the task's user says which euids loaded it: the task's
+    user only, for its command and its check command alike; the root wrapper's environment,
+    read while it waits, holds none of the job's variables."""
+    alice = people["alice"]
+    theirs = shared / "theirs"
+    theirs.mkdir()
+    marks = theirs / "marks"
+    source = shared / "mark.c"
+    source.write_text(
+        "#include <fcntl.h>\n#include <stdio.h>\n#include <unistd.h>\n"
+        "__attribute__((constructor)) static void mark(void) {\n"
+        f'  int fd = open("{marks}", O_WRONLY | O_APPEND | O_CREAT, 0666);\n'
+        '  if (fd >= 0) { dprintf(fd, "%d\\n", (int)geteuid()); close(fd); }\n}\n'
+    )
+    library = theirs / "mark.so"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the library")
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    os.chown(theirs, _uid(alice), _gid(alice))
+    os.chown(library, _uid(alice), _gid(alice))
+    env = {"LD_PRELOAD": str(library), "BASH_ENV": str(library), "ENV": str(library), "MARK": "job's"}
+    spec = RunSpec("1.0.0", "1.0", 0, ["sh", "-c", "sleep 0.5; echo $MARK"], Resources(), env=env, user=alice)
+    runner = Runner(shared / "agent", lambda run, code: None, None, Users(None, False))
+    seen: dict[str, bytes] = {}
+
+    async def run() -> int | None:
+        ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        runner._on_exit = lambda run, code: ended.set_result(code)
+        pid, _ = runner.spawn(spec)
+        seen["wrapper"] = Path(f"/proc/{pid}/environ").read_bytes()
+        code = await asyncio.wait_for(ended, 10)
+        verdicts: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        checks = HealthChecks(runner.sandbox, lambda *said: verdicts.set_result(said[3]), runner.users)
+        checked = RunSpec(
+            "1.0.0",
+            "1.0",
+            0,
+            ["true"],
+            Resources(),
+            env=env,
+            user=alice,
+            checks={"c": HealthCheck(command="id -un", interval=60)},
+        )
+        checks.watch(checked)
+        seen["check"] = (await asyncio.wait_for(verdicts, 10)).encode()
+        await checks.close()
+        return code
+
+    assert asyncio.run(run()) == 0
+    assert runner.read_log("1.0.0", "stdout", 0, 100) == b"job's\n"  # the task has its variables
+    assert seen["check"] == alice.encode()
+    assert seen["wrapper"] == b"PATH=/usr/sbin:/usr/bin:/sbin:/bin\0"
+    loaded = marks.read_text().split()
+    assert loaded and set(loaded) == {str(_uid(alice))}
+
+
+def test_a_task_cannot_point_the_wrapper_at_cgroups_of_its_own(people: dict[str, str], shared: Path) -> None:
+    alice = people["alice"]
+    target = shared / "roots"
+    target.write_text("")
+    theirs = shared / "theirs"
+    theirs.mkdir()
+    (theirs / "cgroup.procs").symlink_to(target)
+    os.lchown(theirs / "cgroup.procs", _uid(alice), _gid(alice))
+    os.chown(theirs, _uid(alice), _gid(alice))
+    env = {"SHOAL_CGROUP_DIRS": str(theirs)}
+    spec = RunSpec("1.0.0", "1.0", 0, ["true"], Resources(), env=env, user=alice)
+    runner = Runner(shared / "agent", lambda run, code: None, None, Users(None, False))
+    assert _run(runner, spec)[1] == 0
+    assert target.read_text() == ""
+
+
+def test_a_task_enters_no_working_directory_its_user_cannot_reach(
+    people: dict[str, str], shared: Path
+) -> None:
+    vault = shared / "vault"
+    vault.mkdir(mode=0o700)
+    (vault / "open").mkdir(mode=0o755)
+    (vault / "open" / "secret").write_text("root's\n")
+    (vault / "open" / "secret").chmod(0o644)
+    runner = Runner(shared / "agent", lambda run, code: None, None, Users(None, False))
+    codes = {}
+    for run, workdir in (("1.0.0", vault / "open"), ("2.0.0", shared / "gone")):
+        spec = RunSpec(
+            run, run[:3], 0, ["cat", "secret"], Resources(), workdir=str(workdir), user=people["alice"]
+        )
+        codes[run] = _run(runner, spec)[1]
+        assert runner.read_log(run, "stdout", 0, 100) == b""
+        said = runner.read_log(run, "stderr", 0, 1000).decode()
+        assert f"shoal: cannot enter the working directory {workdir}" in said
+    assert codes == {"1.0.0": 127, "2.0.0": 127}
 
 
 def _uid(name: str) -> int:

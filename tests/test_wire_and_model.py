@@ -6,7 +6,8 @@ import msgpack
 import pytest
 from pydantic import ValidationError
 
-from shoal.model import JobSpec, Resources, TaskState
+from shoal.framework.protocol import TaskLaunch
+from shoal.model import JobRecord, JobSpec, Resources, TaskState
 from shoal.services import Registration
 from shoal.testing.sim import sim_node
 from shoal.wire import Ack, Kill, Launch, LogChunk, Register, RunReport, RunSpec, decode, encode
@@ -56,6 +57,8 @@ def test_garbage_frames_are_refused(garbage: bytes) -> None:
         ({"command": "x", "colour": "blue"}, "colour"),
         ({"command": "x", "restart": {"attempts": -2}}, "restart.attempts"),
         ({"command": "x", "env": {"A=B": "c"}}, "env"),
+        ({"command": "x", "env": {"SHOAL_CGROUP_DIRS": "/home/me"}}, "env"),
+        ({"command": "x", "env": {"SHOAL_SANDBOX": "/"}}, "env"),
         ({}, "command"),
         (
             {"command": "x", "ports": ["http"], "services": [{"name": "Web_1", "port": "http"}]},
@@ -95,6 +98,16 @@ def test_bad_specs_name_the_field(spec: dict, field: str) -> None:
         for e in info.value.errors()
     }
     assert any(loc == field or loc.startswith(field + ".") for loc in locations), locations
+
+
+def test_shoal_names_are_refused_in_a_frameworks_task_and_kept_in_a_job_stored_before() -> None:
+    with pytest.raises(ValidationError) as info:
+        TaskLaunch.model_validate({"name": "t", "command": "x", "env": {"SHOAL_CGROUP_DIRS": "/tmp"}})
+    [error] = info.value.errors()
+    assert error["loc"] == ("env",) and "names beginning SHOAL_ are those shoal sets" in error["msg"]
+    assert JobSpec(command="x", env={"shoal_mine": "1"}).env == {"shoal_mine": "1"}  # names are exact
+    kept = '{"id": 1, "owner": "a", "spec": {"command": "x", "env": {"SHOAL_URL": "u"}}, "submitted_at": 0}'
+    assert JobRecord.model_validate_json(kept).spec.env == {"SHOAL_URL": "u"}
 
 
 def test_argv_of_a_list_command_is_not_run_by_a_shell() -> None:

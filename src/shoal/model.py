@@ -275,11 +275,8 @@ class JobSpec(BaseModel):
 
     @field_validator("env")
     @classmethod
-    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if not key or "=" in key or "\0" in key:
-                raise ValueError(f"invalid variable name {key!r}")
-        return value
+    def _env_names(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        return env_names(value, reserved=not (info.context or {}).get("stored"))
 
     def argv(self, index: int) -> list[str]:
         """The command line of task `index`: `{index}` substituted, strings run by sh."""
@@ -289,6 +286,23 @@ class JobSpec(BaseModel):
 
     def task_env(self, index: int) -> dict[str, str]:
         return {k: _substitute(v, index) for k, v in self.env.items()}
+
+
+RESERVED_ENV = "SHOAL_"
+
+
+def env_names(value: dict[str, str], reserved: bool = True) -> dict[str, str]:
+    """`value`, the variables of a task, if their names are good; ValueError at the first not.
+    SHOAL_ names are shoal's: the master's and the agent's, set for each task."""
+    for key in value:
+        if not key or "=" in key or "\0" in key:
+            raise ValueError(f"invalid variable name {key!r}")
+        if reserved and key.startswith(RESERVED_ENV):
+            raise ValueError(
+                f"{key}: names beginning {RESERVED_ENV} are those shoal sets for a task "
+                "(SHOAL_TASK_ID, SHOAL_SANDBOX, SHOAL_PORT_<NAME>, ...): name it otherwise"
+            )
+    return value
 
 
 def _substitute(text: str, index: int) -> str:
@@ -511,6 +525,12 @@ class JobRecord(BaseModel):
     killed: bool = False
     node_names: list[str] | None = None  # `spec.nodes` as resolved when it was submitted
     framework: str | None = None  # the framework that launched it (its one task), if one did
+
+    @field_validator("spec", mode="before")
+    @classmethod
+    def _as_kept(cls, value: object) -> object:
+        # A job kept before SHOAL_ names were reserved loads as it was accepted.
+        return JobSpec.model_validate(value, context={"stored": True}) if isinstance(value, dict) else value
 
 
 def job_state(job: JobRecord, tasks: list[TaskRecord]) -> JobState:

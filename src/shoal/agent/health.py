@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shoal.agent.runner import run_env
-from shoal.agent.users import Users
+from shoal.agent.users import ROOT_ENV, Users
 from shoal.checks import OUTPUT_LIMIT, CheckResult, CheckStatus, HealthCheck
 from shoal.wire import RunSpec
 
@@ -133,15 +133,12 @@ class HealthChecks:
 
     async def _command(self, spec: RunSpec, command: str) -> tuple[CheckStatus, str]:
         # As the run itself: its user (by setpriv, as its command: uvloop's subprocesses
-        # take no user), its environment.
+        # take no user), its environment, which only the user's process is given.
         who = self._users.of_run(spec.user)
         box = self._sandbox(spec.run_id)
         proc = await asyncio.create_subprocess_exec(
-            *self._users.become(who),
-            "/bin/sh",
-            "-c",
-            command,
-            env=run_env(spec, who, box),
+            *self._users.shell(who, run_env(spec, who, box), command),
+            env=ROOT_ENV,
             cwd=box,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,

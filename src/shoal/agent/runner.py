@@ -13,6 +13,8 @@ wrapper stays the agent's (root): a process of the user could neither join the r
 root-owned cgroups nor be trusted with its exit record, and joining them from the wrapper
 before the command starts leaves nothing it forks outside them, which moving the process in
 from the agent after the start would not. So only the command changes user, by setpriv.
+The wrapper sees none of the run's variables and does not enter its working directory: the
+command's first process, already the user's, does both (`Users.shell`).
 The agent never writes into a sandbox once it is the user's: what it puts there (output
 files, restored state) is in place before the sandbox is handed over.
 """
@@ -31,17 +33,27 @@ from pathlib import Path
 import psutil
 
 from shoal.agent.cgroups import Cgroups
-from shoal.agent.users import Identity, Users
+from shoal.agent.users import ROOT_ENV, Identity, Users
 from shoal.wire import RunSpec
 
-# Runs argv in the working directory given second, then records its status in the file
-# given first, where a restarted agent can find it. It first joins the run's cgroups, so
-# everything the command starts is inside them, and last writes the exit status with a
-# builtin (no second process; it is read only once the wrapper has exited).
+# Runs argv in the run's sandbox given second, then records its status in the file given
+# first, where a restarted agent can find it. It first joins the run's cgroups, as many
+# directories as the third argument says, so everything the command starts is inside them,
+# and last writes the exit status with a builtin (no second process; it is read only once
+# the wrapper has exited). Root's: all it is given are the agent's arguments and `ROOT_ENV`,
+# and the only directory it enters is the sandbox, the agent's own making (the user is then
+# in it although a directory on the way may be closed to them).
 _WRAPPER = (
-    'for g in $SHOAL_CGROUP_DIRS; do echo $$ > "$g/cgroup.procs"; done; '
-    'record=$1; cd -- "$2" || exit 127; shift 2; '
+    'record=$1; cd -- "$2" || exit 127; n=$3; shift 3; '
+    'while [ "$n" -gt 0 ]; do echo $$ > "$1/cgroup.procs"; n=$((n - 1)); shift; done; '
     '"$@"; rc=$?; printf %s "$rc" > "$record"; exit $rc'
+)
+# The command's first process, as its user, enters the job's working directory, if it has
+# one (else it stays in the sandbox): with the user's rights alone, so none the user could
+# not reach is ever theirs.
+_ENTER = (
+    '[ -z "$1" ] || cd -- "$1" || { echo "shoal: cannot enter the working directory $1" >&2; exit 127; }; '
+    'shift; exec "$@"'
 )
 # O_NOFOLLOW: never through a link a run's user may have left in its sandbox.
 _OUTPUT = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -53,8 +65,9 @@ log = logging.getLogger("shoal.agent")
 
 
 def run_env(spec: RunSpec, who: Identity, box: Path) -> dict[str, str]:
-    """What a run's processes (and its command checks) see: a few of the agent's variables,
-    the user's own when it runs as another, the job's, and where its sandbox is."""
+    """What a run's processes (and its command checks) see, and no process of root's: a few
+    of the agent's variables, the user's own when it runs as another, the job's, and where
+    its sandbox is."""
     env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
     if who.switches:
         env.update(who.env())
@@ -102,21 +115,24 @@ class Runner:
 
     def spawn(self, spec: RunSpec) -> tuple[int, float]:
         """Start `spec`; returns (pid, process start time). Raises OSError if it cannot."""
-        if spec.workdir is not None and not os.path.isdir(spec.workdir):
+        # Looked at here only for a run as the agent's own user: for another, the agent would
+        # see what the user may not, and the user's process says it (exit 127) instead.
+        if not self.users.of_run(spec.user).switches and spec.workdir and not os.path.isdir(spec.workdir):
             raise FileNotFoundError(f"working directory {spec.workdir} does not exist on this node")
         who = self.prepare(spec)
         box = self.sandbox(spec.run_id)
-        env = run_env(spec, who, box)
         if spec.checkpoint:
             self.checkpoint_dir(spec.run_id).mkdir(mode=0o700, exist_ok=True)
-        if self.cgroups is not None:
-            env["SHOAL_CGROUP_DIRS"] = " ".join(map(str, self.cgroups.create(spec.run_id, spec.resources)))
+        cgroups = [] if self.cgroups is None else self.cgroups.create(spec.run_id, spec.resources)
+        groups = [str(group) for group in cgroups]
+        workdir = spec.workdir or ""
+        command = self.users.shell(who, run_env(spec, who, box), _ENTER, "shoal-cd", workdir, *spec.argv)
         # The output files are opened here, before the sandbox is the user's, so no link the
         # user could put in their place is ever followed.
         with _output(box / "stdout") as out, _output(box / "stderr") as err:
             if who.switches:
                 _hand_over(box, who)
-            record, workdir = str(self.exits / spec.run_id), str(spec.workdir or box)
+            record = str(self.exits / spec.run_id)
             # posix_spawn, not subprocess: a spawn costs a fraction of the CPU. It leads a
             # session of its own (so a process group).
             pid = os.posix_spawn(
@@ -127,11 +143,12 @@ class Runner:
                     _WRAPPER,
                     "shoal-run",
                     record,
-                    workdir,
-                    *self.users.become(who),
-                    *spec.argv,
+                    str(box),
+                    str(len(groups)),
+                    *groups,
+                    *command,
                 ],
-                env,
+                ROOT_ENV,
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_DUP2, out, 1),

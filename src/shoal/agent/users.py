@@ -5,6 +5,11 @@ Becoming another user takes `setpriv` (util-linux): the agent, as root, starts a
 that sets its uid, gid and supplementary groups and then executes the command, so what
 needs root (joining the run's cgroups, recording its exit) is done before and after by a
 process that keeps it.
+
+No variable of a run reaches a process that keeps root: one such as LD_PRELOAD, BASH_ENV or
+a shell function would run the user's code in it. The processes on root's side get
+`ROOT_ENV` alone; the run's variables cross the change of user as arguments of `env -i`,
+which the new user's process executes: they are in no environment before it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import shutil
 from dataclasses import dataclass
 
 LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin"  # as login.defs gives users
+ROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # all the agent's root-side processes see
+_ENV = shutil.which("env", path=ROOT_ENV["PATH"]) or "/usr/bin/env"
 
 
 class UserRefused(PermissionError):
@@ -107,3 +114,13 @@ class Users:
         assert self._setpriv is not None  # may_become said so
         groups = ",".join(map(str, who.groups))
         return [self._setpriv, f"--reuid={who.uid}", f"--regid={who.gid}", f"--groups={groups}", "--"]
+
+    def shell(self, who: Identity, env: dict[str, str], script: str, *args: str) -> list[str]:
+        """The argv that runs `sh -c script args` as `who` with the variables `env` and no
+        others; started with `ROOT_ENV`, it hands none of `env` to a process of root's. The
+        variables take as much room as arguments as in an environment: the kernel counts both
+        against the same limit (ARG_MAX), and each string against 128 KiB."""
+        # After `--` every NAME=VALUE is a variable, a name such as "-u" too; /bin/sh, with no
+        # "=", is the command.
+        assignments = [f"{name}={value}" for name, value in env.items()]
+        return [*self.become(who), _ENV, "-i", "--", *assignments, "/bin/sh", "-c", script, *args]

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from shoal.model import Command, JobSpec, Resources, TaskState, UserName
+from shoal.model import Command, JobSpec, Resources, TaskState, UserName, env_names
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _ROLE = r"^[a-z][a-z0-9_-]{0,31}$"
@@ -57,6 +57,11 @@ class TaskLaunch(_Message):
     user: UserName | None = Field(
         None, description="the Unix user it runs as (default: as for jobs of the framework's principal)"
     )
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return env_names(value)  # here, not only as a job: the error names its field
 
     @model_validator(mode="after")
     def _valid_as_a_job(self) -> TaskLaunch:
