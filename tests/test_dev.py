@@ -48,11 +48,9 @@ def test_dev_cluster_up_run_and_clean_stop(tmp_path: Path, monkeypatch) -> None:
         settings: ClientConfig = load_client_config()
         assert settings.url == f"https://127.0.0.1:{port}"
         assert settings.ca == str(tmp_path / "dev" / "master" / "tls" / "ca.pem")
-        tokens = [
-            d / f"{who}.token"
-            for d in (tmp_path / "dev", tmp_path / "dev" / "master")
-            for who in ("admin", "cluster")
-        ]
+        dev_dir, master_dir = tmp_path / "dev", tmp_path / "dev" / "master"
+        tokens = [dev_dir / "admin.token", dev_dir / "cluster.token", master_dir / "admin.token"]
+        assert not (master_dir / "cluster.token").exists()  # a master serving TLS has none
         keys = [tmp_path / "dev" / "master" / "tls" / key for key in ("ca.key", "master.key")]
         modes = {str(p): stat.S_IMODE(p.stat().st_mode) for p in [config, *tokens, *keys]}
         assert modes == dict.fromkeys(modes, 0o600)  # the owner's alone
