@@ -14,6 +14,7 @@ from shoal.files import write_secret
 from shoal.masters import parse_urls
 
 DEFAULT_PORT = 8470
+DEFAULT_URL = f"https://127.0.0.1:{DEFAULT_PORT}"  # a master serves TLS unless told --insecure
 
 # One master's URL, or several separated by commas; kept as given, less spaces, trailing
 # slashes and repeats, so it is written back as it is read.
@@ -24,7 +25,7 @@ class ClientConfig(BaseModel):
     """Where the API is and which token to present: the client's whole configuration."""
 
     url: MasterURLs = Field(
-        f"http://127.0.0.1:{DEFAULT_PORT}",
+        DEFAULT_URL,
         description="the master's URL, or several masters' separated by commas: calls go to the leader",
     )
     token: str = ""

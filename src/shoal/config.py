@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
 
-from shoal.clientfile import DEFAULT_PORT, MasterURLs
+from shoal.clientfile import DEFAULT_PORT, DEFAULT_URL, MasterURLs
 from shoal.model import Resources, Strategy, UserName
 from shoal.services import IPv4
 
@@ -270,7 +270,7 @@ class MasterSettings(_Settings):
 
 class AgentSettings(_Settings):
     master: MasterURLs = Field(
-        f"http://127.0.0.1:{DEFAULT_PORT}",
+        DEFAULT_URL,
         description="the master's URL, or several masters' separated by commas: the agent joins the leader",
     )
     cluster_token: SecretStr | None = Field(
