@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal.errors import ShoalError
 from shoal.master.auth import Tokens
-from shoal.master.deps import AGENT, MasterDep, admin
+from shoal.master.deps import AGENT, MasterDep, admin, bearer
 from shoal.master.server import Master
 from shoal.model import Caller
 from shoal.shell.protocol import AuditRecord
@@ -183,9 +183,9 @@ class AuditTrail:
             return principal.name, principal.role.value
         if isinstance(principal, str):
             return principal, ""
-        scheme, _, token = _header(scope, b"authorization").partition(" ")
+        token = bearer(_header(scope, b"authorization"))
         tokens = self.tokens()
-        if scheme.lower() != "bearer" or not token or tokens is None:
+        if token is None or tokens is None:
             return ANONYMOUS, ""
         if (caller := tokens.caller(token)) is not None:
             return caller.name, caller.role.value
