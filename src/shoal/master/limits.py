@@ -8,12 +8,12 @@ so a refused call costs the master next to nothing.
   kept); the cluster token is one caller. Nodes (and the cluster token) pass freely on the
   agents' own paths, their WebSocket and the blob store: what they fetch and put there is
   what the master asked of them. A call with no token, or one the master does not know,
-  counts against its address. A token seen
-  for the first time is looked up only while its address may still call, so a flood of
-  made-up tokens costs at most the address's rate of lookups. Over the limit: 429 with
-  `Retry-After`, held back first (a tarpit: an asyncio sleep, free) so that a client that
-  calls again at once, as a flooder does on its keep-alive connections, is slowed to a call
-  a second per connection; a bounded number are held at once, the rest answered at once.
+  counts against its address. A token seen for the first time is looked up only while its
+  address may still call, so a flood of made-up tokens costs at most the address's rate of
+  lookups. Over the limit: 429 with `Retry-After`, held back first (a tarpit: an asyncio
+  sleep, free) so that a client that calls again at once, as a flooder does on its
+  keep-alive connections, is slowed to a call a second per connection; a bounded number
+  are held at once, the rest answered at once.
 - Bodies: `max_body` bytes, checked on Content-Length before the app runs and counted as a
   chunked body streams; blob uploads are held to `blob_max` instead (the blob store holds
   them to its quota). Over it: 413, the body drained (up to `max_body` more bytes) so the
@@ -50,7 +50,7 @@ CALLERS = 50_000  # buckets kept at most (least recently seen dropped): about 15
 TARPIT_SLOTS = 1024  # refused calls held back at once, at most; past it they are answered at once
 MAX_HEAD = 64 * 1024  # bytes of a request line and headers
 BACKLOG = 4096  # connections the kernel queues before accepting: a thousand clients connecting at once
-AGENT_PATHS = ("/v1/blobs/",)  # HTTP paths the cluster token passes without counting
+AGENT_PATHS = ("/v1/blobs/",)  # HTTP paths nodes and the cluster token pass without counting
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,10 +236,11 @@ async def _deny_websocket(
 
 
 class CappedBody:
-    """A request's receive and send with its body held to `cap` bytes. Past it the client
-    is answered 413 at once and the app hears that the client has gone (whatever it would
-    answer is dropped); up to `spare` bytes more are read and thrown away, so that a client
-    that writes its whole body before reading gets the answer, not a reset."""
+    """A request's receive and send with its body held to `cap` bytes. Past it the app
+    hears that the client has gone (whatever it would answer is dropped) and the client is
+    answered 413, once the rest of the body, up to `spare` bytes, is read and thrown away:
+    a client that writes its whole body before reading gets the answer, not a reset. A body
+    longer still is cut off, the answer saying `connection: close`."""
 
     __slots__ = ("_receive", "_send", "cap", "spare", "setting", "seen", "started", "refused")
 
