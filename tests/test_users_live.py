@@ -15,6 +15,7 @@ import pwd
 import secrets
 import shutil
 import subprocess
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ import psutil
 import pytest
 
 from shoal.agent.cgroups import Cgroups
+from shoal.agent.files import pack, unpack
 from shoal.agent.health import HealthChecks
 from shoal.agent.runner import Runner
 from shoal.agent.users import Users
@@ -433,6 +435,42 @@ def test_a_task_enters_no_working_directory_its_user_cannot_reach(
         said = runner.read_log(run, "stderr", 0, 1000).decode()
         assert f"shoal: cannot enter the working directory {workdir}" in said
     assert codes == {"1.0.0": 127, "2.0.0": 127}
+
+
+def test_saved_state_is_packed_and_unpacked_by_its_user(people: dict[str, str], shared: Path) -> None:
+    """What the user cannot read stays out, links stay links; what is unpacked is made by the
+    user, and an archive with a member out of place is refused whole."""
+    uid, gid = _uid(people["alice"]), _gid(people["alice"])
+    box = shared / "box"
+    state = box / "checkpoint"
+    state.mkdir(parents=True)
+    (state / "count").write_text("5")
+    (state / "closed").write_text("root's eyes only")
+    (state / "closed").chmod(0)
+    (state / "again").symlink_to("count")
+    for path in (state / "count", state / "closed", state / "again", state, box):
+        os.lchown(path, uid, gid)
+    packed = shared / "state.tar.gz"
+    with packed.open("w+b") as out:
+        asyncio.run(pack(state, out, uid))
+    with tarfile.open(packed) as tar:
+        members = {m.name: m for m in tar}
+    assert set(members) == {".", "./count", "./again"} and members["./again"].linkname == "count"
+    fresh = shared / "fresh"  # as a sandbox not yet handed over: the agent's, the state dir the user's
+    (fresh / "checkpoint").mkdir(parents=True, mode=0o700)
+    fresh.chmod(0o700)
+    os.chown(fresh / "checkpoint", uid, gid)
+    with packed.open("rb") as f:
+        asyncio.run(unpack(f, fresh / "checkpoint"))
+    made = fresh / "checkpoint" / "count"
+    assert made.read_text() == "5" and made.stat().st_uid == uid
+    assert (fresh / "checkpoint" / "again").readlink() == Path("count")
+    bad = shared / "bad.tar.gz"
+    with tarfile.open(bad, "w:gz") as tar:
+        tar.add(state / "count", "../escaped")
+    with bad.open("rb") as f, pytest.raises(tarfile.TarError):
+        asyncio.run(unpack(f, fresh / "checkpoint"))
+    assert not (fresh / "escaped").exists()
 
 
 def _uid(name: str) -> int:

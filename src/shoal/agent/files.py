@@ -9,6 +9,11 @@ writes only files it made itself, never through a link found in place. A pull
 hashes the file, uploads it unless the master already holds those bytes, and reports the
 blob with the file's mode and mtime. Transfers go to the master the agent is connected to
 (the leader), following a redirect as any client's call does.
+
+A run's saved state is packed and unpacked by tar (GNU) as the run's user, with no variable
+but `ROOT_ENV`: the tree is the user's to shape, so the agent reads and writes in it with the
+user's rights only. What it unpacks it first reads through tarfile's "data" filter, refusing
+an archive with a member that would land outside, link outside, or be a device.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import functools
 import hashlib
 import os
+import shutil
 import stat
 import tarfile
 import tempfile
@@ -24,6 +30,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from shoal.agent import users
+from shoal.agent.users import ROOT_ENV
 from shoal.masters import Unreachable
 from shoal.shell.protocol import CopyFile
 from shoal.wire import CopyFiles, ExecEnd, ExecStarted, FetchFile, FileFetched
@@ -32,6 +40,7 @@ if TYPE_CHECKING:  # httpx itself is imported at the first transfer: an agent st
     from shoal.calls import AsyncCalls
 
 CHUNK = 1 << 20
+_TAR = shutil.which("tar", path=ROOT_ENV["PATH"]) or "/bin/tar"
 
 Send = Callable[[ExecStarted | FileFetched | ExecEnd], None]
 
@@ -119,13 +128,13 @@ class FileMover:
         )
 
     async def save(self, directory: Path, owner: int, scratch: Path) -> str:
-        """Pack the files `owner` (a uid) has in `directory` (a run's saved state) into a blob
-        on the master, by way of a file in `scratch`; its sha256."""
+        """Pack `directory` (a run's saved state) as the user `owner` (a uid) into a blob on
+        the master, by way of a file in `scratch`; its sha256."""
         fd, name = tempfile.mkstemp(suffix=".tar.gz", dir=scratch)
-        os.close(fd)
         packed = Path(name)
         try:
-            await asyncio.to_thread(_pack, directory, packed, owner)
+            with open(fd, "wb") as out:
+                await pack(directory, out, owner)
             blob = await asyncio.to_thread(_sha256, packed)
             await self._upload(blob, packed)
             return blob
@@ -133,13 +142,15 @@ class FileMover:
             packed.unlink(missing_ok=True)
 
     async def restore(self, blob: str, directory: Path) -> None:
-        """Unpack a blob made by `save` into `directory` (in a sandbox not yet handed over)."""
+        """Unpack a blob made by `save` into `directory` (in a sandbox not yet handed over),
+        as the user it belongs to."""
         directory.mkdir(parents=True, exist_ok=True)
         packed = directory.with_suffix(".tar.gz")
         try:
-            with open(packed, "wb") as f:
+            with open(packed, "w+b") as f:
                 await self._download(blob, f, packed.name)
-            await asyncio.to_thread(_unpack, packed, directory)
+                f.seek(0)
+                await unpack(f, directory)
         finally:
             packed.unlink(missing_ok=True)
 
@@ -190,39 +201,43 @@ def _give_to_owner_of(fd: int, directory: Path) -> None:
         os.fchown(fd, info.st_uid, info.st_gid)
 
 
-def _pack(directory: Path, target: Path, owner: int) -> None:
-    """Tar `directory` into `target`: its directories and links as they are, and the content
-    of the plain files `owner` has there. Files are opened without following links and
-    checked once open, so nothing the agent could read and `owner` could not goes in."""
-    if directory.is_symlink():
-        raise OSError(f"{directory} is a link, not the run's own directory")
-    with tarfile.open(target, "w:gz") as tar:
-        for root, dirs, files in os.walk(directory):
-            dirs.sort()
-            for name in (*dirs, *sorted(files)):
-                path = os.path.join(root, name)
-                info = tar.gettarinfo(path, os.path.relpath(path, directory))  # lstat: no link followed
-                if info.isdir() or info.issym():
-                    tar.addfile(info)
-                elif info.isreg():
-                    _pack_file(tar, path, info, owner)
+async def pack(directory: Path, out: BinaryIO, owner: int) -> None:
+    """Tar `directory` into `out` as the user `owner`: what that user can read there, links as
+    links. The user resolves the name from its parent, the agent's sandbox, which the agent
+    enters: a link put in its place is followed with the user's rights alone."""
+    args = ["--create", "--ignore-failed-read", f"--directory={directory.name}", "."]
+    await _tar(owner, directory.parent, args, out)
 
 
-def _pack_file(tar: tarfile.TarFile, path: str, info: tarfile.TarInfo, owner: int) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return  # gone, or no longer a plain file
-    with open(fd, "rb") as f:
-        opened = os.fstat(fd)
-        if stat.S_ISREG(opened.st_mode) and opened.st_uid == owner:
-            info.size = opened.st_size
-            tar.addfile(info, f)
+async def unpack(packed: BinaryIO, directory: Path) -> None:
+    """Untar `packed` into `directory` as the user who owns it, once tarfile's "data" filter
+    passes every member; tarfile.FilterError (a TarError) names the first it refuses."""
+    with tarfile.open(fileobj=packed, mode="r:gz") as tar:
+        for member in tar:
+            tarfile.data_filter(member, str(directory))
+    packed.seek(0)
+    await _tar(directory.lstat().st_uid, directory, ["--extract", "--no-same-owner"], packed)
 
 
-def _unpack(packed: Path, directory: Path) -> None:
-    with tarfile.open(packed, "r:gz") as tar:
-        tar.extractall(directory, filter="data")  # no paths out of it, no devices
+async def _tar(uid: int, cwd: Path, args: list[str], data: BinaryIO) -> None:
+    """tar with `args` on gzip `data` (stdout when creating, stdin else) as `uid`, from `cwd`."""
+    creating = args[0] == "--create"
+    proc = await asyncio.create_subprocess_exec(
+        *users.become(users.owner(uid)),
+        _TAR,
+        "--gzip",
+        "--file=-",
+        *args,
+        env=ROOT_ENV,
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL if creating else data,
+        stdout=data if creating else asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    # 1: a file changed while it was read (the command's own writes, late): packed as read.
+    if proc.returncode != 0 and not (creating and proc.returncode == 1):
+        raise OSError(f"tar: {err.decode(errors='replace').strip() or f'exit {proc.returncode}'}")
 
 
 def _sha256(path: Path) -> str:

@@ -111,6 +111,10 @@ class Runner:
         hands it over; who it runs as. Raises OSError (UserRefused: the user may not)."""
         who = self.users.of_run(spec.user)
         self.sandbox(spec.run_id).mkdir(mode=0o700, exist_ok=True)
+        if spec.checkpoint:
+            state = self.checkpoint_dir(spec.run_id)
+            state.mkdir(mode=0o700, exist_ok=True)
+            os.lchown(state, who.uid, who.gid)  # its saved state is unpacked by its user
         return who
 
     def spawn(self, spec: RunSpec) -> tuple[int, float]:
@@ -121,8 +125,6 @@ class Runner:
             raise FileNotFoundError(f"working directory {spec.workdir} does not exist on this node")
         who = self.prepare(spec)
         box = self.sandbox(spec.run_id)
-        if spec.checkpoint:
-            self.checkpoint_dir(spec.run_id).mkdir(mode=0o700, exist_ok=True)
         cgroups = [] if self.cgroups is None else self.cgroups.create(spec.run_id, spec.resources)
         groups = [str(group) for group in cgroups]
         workdir = spec.workdir or ""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin"  # as login.defs gives users
 ROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # all the agent's root-side processes see
 _ENV = shutil.which("env", path=ROOT_ENV["PATH"]) or "/usr/bin/env"
+_SETPRIV = shutil.which("setpriv")
 
 
 class UserRefused(PermissionError):
@@ -57,6 +58,16 @@ def lookup(name: str) -> Identity:
     return Identity(entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
 
 
+def owner(uid: int) -> Identity:
+    """The user of this node whose uid is `uid`; UserRefused when it has none."""
+    if uid == os.geteuid():
+        return own()
+    try:
+        return lookup(pwd.getpwuid(uid).pw_name)
+    except KeyError:
+        raise UserRefused(f"there is no user with uid {uid} on this node") from None
+
+
 def own() -> Identity:
     """The agent's own user (a uid without a name, as in some containers, goes by its number)."""
     uid = os.geteuid()
@@ -74,7 +85,7 @@ class Users:
     def __init__(self, task_user: str | None, allow_root: bool) -> None:
         self.task_user = task_user
         self.allow_root = allow_root
-        self._setpriv = shutil.which("setpriv")
+        self._setpriv = _SETPRIV
 
     def of_run(self, asked: str | None) -> Identity:
         """Who a run that names the user `asked` (None: none) runs as; UserRefused, saying
@@ -109,11 +120,8 @@ class Users:
 
     def become(self, who: Identity) -> list[str]:
         """The words that put before a command run it as `who` (none: it runs as the agent)."""
-        if not who.switches:
-            return []
-        assert self._setpriv is not None  # may_become said so
-        groups = ",".join(map(str, who.groups))
-        return [self._setpriv, f"--reuid={who.uid}", f"--regid={who.gid}", f"--groups={groups}", "--"]
+        self.may_become(who)
+        return become(who)
 
     def shell(self, who: Identity, env: dict[str, str], script: str, *args: str) -> list[str]:
         """The argv that runs `sh -c script args` as `who` with the variables `env` and no
@@ -124,3 +132,14 @@ class Users:
         # "=", is the command.
         assignments = [f"{name}={value}" for name, value in env.items()]
         return [*self.become(who), _ENV, "-i", "--", *assignments, "/bin/sh", "-c", script, *args]
+
+
+def become(who: Identity) -> list[str]:
+    """The words that put before a command run it as `who` (none: it runs as the agent);
+    UserRefused when this agent cannot."""
+    if not who.switches:
+        return []
+    if os.geteuid() != 0 or _SETPRIV is None:
+        raise UserRefused(f"this agent cannot start processes as {who.name} (it needs root and setpriv)")
+    groups = ",".join(map(str, who.groups))
+    return [_SETPRIV, f"--reuid={who.uid}", f"--regid={who.gid}", f"--groups={groups}", "--"]
