@@ -91,8 +91,9 @@ def master(
     if why := unreachable_address(settings):
         raise fail(why, "e.g. --host 0.0.0.0 --advertise 10.0.0.5")
     logging.getLogger("shoal.master").info(
-        "state in %s; the admin and cluster tokens are in admin.token and cluster.token there",
+        "state in %s; the admin token is in admin.token there%s",
         settings.state_dir,
+        ", the cluster token in cluster.token" if settings.insecure else "",
     )
     serve(create_app(settings), settings)
 
