@@ -216,7 +216,13 @@ def test_a_restarted_agent_keeps_its_runs_verdicts(tmp_path: Path) -> None:
         ]
         (tmp_path / "runs.json").write_bytes(TypeAdapter(list[RunEntry]).dump_json(entries))
         settings = load_settings(
-            AgentSettings, None, cluster_token="t", state_dir=tmp_path, limits=False, allow_root=True
+            AgentSettings,
+            None,
+            master="http://127.0.0.1:8470",
+            cluster_token="t",
+            state_dir=tmp_path,
+            limits=False,
+            allow_root=True,
         )
         agent = Agent(settings)
         agent._adopt()
