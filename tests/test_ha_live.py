@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -81,6 +82,24 @@ def test_a_killed_leader_is_replaced_and_running_work_is_kept(cluster: HaCluster
     cluster.start_master_named(old)  # back as a follower
     wait_for(lambda: len(cluster.listing()) == 3, what="the old leader back as a follower")
     assert cluster.leader() == new
+
+
+def test_over_tls_a_client_and_an_agent_follow_a_killed_leader(tmp_path: Path) -> None:
+    """Each master serves its own certificate of the cluster's authority: a client trusting
+    the CA follows to the new leader, and the agent, joined with a bootstrap token, goes on
+    there with its certificate and keeps its task."""
+    with ha_cluster(tmp_path, masters=2, agents=1, tls=True) as tls:
+        with tls.client() as c:
+            long = c.submit(JobSpec(command="sleep 300", resources={"cpus": 0.5}))
+            wait_for(lambda: _running(tls, long)[0] == "running", what="the long task running")
+            before = _running(tls, long)
+        old = tls.leader()
+        tls.kill_master(old)
+        with tls.client() as c:
+            done = c.submit(JobSpec(command="true", resources={"cpus": 0.1}))  # follows to the new leader
+            assert c.wait(done, timeout=30).state.value == "complete"  # run by the agent there
+            assert tls.leader() != old
+            assert _running(tls, long) == before and not c.job(long).tasks[0].history
 
 
 def test_a_stopped_leader_hands_over_at_once(cluster: HaCluster) -> None:
