@@ -237,8 +237,9 @@ def bootstrap(
     ssh_user: Annotated[str | None, typer.Option("-l", "--user", help="ssh user")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one record per node, for scripts")] = False,
 ) -> None:
-    """Install shoal on machines over SSH and start an agent on each (systemd where present):
-    over https each joins with the bootstrap token and verifies the master with the CA."""
+    """Install shoal on machines over SSH and start an agent on each (systemd where present).
+
+    Over https each agent joins with the bootstrap token and verifies the master with the CA."""
     token, ca_pem = _joining(master, bootstrap_token, ca, cluster_token)
     targets = resolve(NodeGroups(()), nodes)  # groups.conf groups work; the master may not exist yet
     labels = dict(item.split("=", 1) for item in label if "=" in item)
