@@ -30,6 +30,7 @@ from shoal.master.ha import FollowerGate
 from shoal.master.limits import LimitPolicy, Limits
 from shoal.master.node_access import blob_reader, blob_writer, serve_agent
 from shoal.master.opening import lifespan
+from shoal.master.owners import owners_of
 from shoal.master.run_as import RunAs, accept_as, job_as
 from shoal.master.server import Master, NotLeading, Unavailable
 from shoal.master.serving import peer_of_scope
@@ -188,12 +189,10 @@ def _routes(app: FastAPI, run_as: RunAs) -> None:
     ) -> list[JobView]:
         """The jobs the caller may see, newest first."""
         ledger = master.state.ledger
-        seen = reversed(ledger.jobs.values())
-        if caller.role is Role.USER:
-            # Their own jobs (Caller.may_see, inlined): a user's page may lie behind thousands
-            # of others' jobs, and a call per job costs five times the comparison.
-            name = caller.name
-            seen = (job for job in seen if job.owner == name)
+        if caller.role is Role.USER:  # their own jobs (Caller.may_see), from the owners' index
+            seen = owners_of(ledger).newest(ledger.jobs, caller.name)
+        else:
+            seen = reversed(ledger.jobs.values())
         return [JobView.summary(job, ledger.tasks_of(job.id)) for job in islice(seen, offset, offset + limit)]
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView)
