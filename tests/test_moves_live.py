@@ -16,6 +16,7 @@ import pytest
 from shoal.checks import TASK_CHECK, serves
 from shoal.model import JobSpec, TaskState
 from shoal.testing.live import live_cluster, wait_for
+from shoal.testing.programs import COUNTER
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -80,19 +81,6 @@ def test_drain_empties_a_node_and_undrain_lets_it_work_again(tmp_path: Path) -> 
         assert undrained.returncode == 0, undrained.stderr
         later = client.submit(JobSpec(command="sleep 300", resources={"cpus": 0.5, "mem": 16}, nodes="node1"))
         wait_for(lambda: client.job(later).tasks[0].state is TaskState.RUNNING, what="node1 working again")
-
-
-# Counts from where its saved state says; told to stop, it takes a moment, then saves the count.
-COUNTER = [
-    "python3",
-    "-c",
-    "import os, pathlib, signal, sys, time\n"
-    "state = pathlib.Path(os.environ['SHOAL_CHECKPOINT_DIR']) / 'count'\n"
-    "n = int(state.read_text()) if state.exists() else 0\n"
-    "def save(*_):\n    time.sleep(0.3)\n    state.write_text(str(n))\n    sys.exit(0)\n"
-    "signal.signal(signal.SIGTERM, save)\n"
-    "while True:\n    n += 1\n    print(n, flush=True)\n    time.sleep(0.05)\n",
-]
 
 
 def test_a_checkpointing_task_keeps_counting_from_where_it_was_after_a_move(tmp_path: Path) -> None:

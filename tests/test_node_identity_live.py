@@ -25,6 +25,7 @@ from shoal.masters import POLICY_CLOSE, REMOVED_CLOSE
 from shoal.model import JobSpec, NodeInfo, NodeStatus, Resources, Role, TaskState
 from shoal.shell.protocol import CopyFile, CopyRequest, Ended, Selection
 from shoal.testing.live import LiveCluster, live_cluster, wait_for
+from shoal.testing.programs import COUNTER
 from shoal.trust import master_context
 from shoal.wire import Register, encode
 
@@ -165,18 +166,6 @@ def test_a_node_fetches_only_the_blobs_sent_to_it(cluster: LiveCluster, tmp_path
         assert node3.get(f"/v1/blobs/{blob}").status_code == 403  # the order has ended
         put = node2.put(f"/v1/blobs/{'ab' * 32}", content=b"unasked")
         assert put.status_code == 403 and "asked for no file" in put.json()["error"]
-
-
-COUNTER = [  # counts on from the state it saved, when it is moved
-    "python3",
-    "-c",
-    "import os, pathlib, signal, sys, time\n"
-    "state = pathlib.Path(os.environ['SHOAL_CHECKPOINT_DIR']) / 'count'\n"
-    "n = int(state.read_text()) if state.exists() else 0\n"
-    "def save(*_):\n    state.write_text(str(n))\n    sys.exit(0)\n"
-    "signal.signal(signal.SIGTERM, save)\n"
-    "while True:\n    n += 1\n    print(n, flush=True)\n    time.sleep(0.05)\n",
-]
 
 
 def test_a_moved_task_takes_its_saved_state_along_over_node_certificates(cluster: LiveCluster) -> None:

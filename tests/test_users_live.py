@@ -34,6 +34,7 @@ from shoal.client import ApiError, Client
 from shoal.framework import Driver, OfferInfo, TaskLaunch
 from shoal.model import JobSpec, Resources, Role, TaskRecord, TaskState
 from shoal.testing.live import LiveCluster, live_cluster, wait_for
+from shoal.testing.programs import COUNTER
 from shoal.testing.recorder import Recorder
 from shoal.wire import RunSpec
 
@@ -240,18 +241,8 @@ def test_a_file_copied_into_a_sandbox_is_its_users(
 
 
 def test_saved_state_moves_with_a_task_as_its_user(cluster: LiveCluster, tokens: dict[str, str]) -> None:
-    counter = [
-        "python3",
-        "-c",
-        "import os, pathlib, signal, sys, time\n"
-        "state = pathlib.Path(os.environ['SHOAL_CHECKPOINT_DIR']) / 'count'\n"
-        "n = int(state.read_text()) if state.exists() else 0\n"
-        "def save(*_):\n    state.write_text(str(n))\n    sys.exit(0)\n"
-        "signal.signal(signal.SIGTERM, save)\n"
-        "while True:\n    n += 1\n    print(n, flush=True)\n    time.sleep(0.05)\n",
-    ]
     with cluster.client(tokens["alice"]) as as_alice, cluster.client() as admin:
-        job = as_alice.submit(JobSpec(command=counter, resources=SMALL, migrate="checkpoint"))
+        job = as_alice.submit(JobSpec(command=COUNTER, resources=SMALL, migrate="checkpoint"))
         first = running(as_alice, job)
         task_id = f"{job}.0"
         wait_for(lambda: len(as_alice.logs(task_id).split()) >= 5, what="some counting")
