@@ -18,7 +18,13 @@ from shoal.views import NodeView
 
 def test_the_settings_resources_are_in_the_nodes_capacity(tmp_path: Path) -> None:
     settings = load_settings(
-        AgentSettings, None, cluster_token="t", state_dir=tmp_path, limits=False, resources={"licenses": 4}
+        AgentSettings,
+        None,
+        master="http://127.0.0.1:8470",
+        cluster_token="t",
+        state_dir=tmp_path,
+        limits=False,
+        resources={"licenses": 4},
     )
     capacity = Agent(settings).state.node.capacity
     assert capacity.custom == {"licenses": 4.0}
