@@ -20,7 +20,9 @@ from shoal.testing.live import LiveCluster, live_cluster, wait_for
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    with live_cluster(tmp_path_factory.mktemp("exec"), agents=3) as c:
+    # A frozen agent must outlast a command's connect timeout before it counts as down, or
+    # its command ends as lost with its node, not timed out.
+    with live_cluster(tmp_path_factory.mktemp("exec"), agents=3, heartbeat_timeout=6) as c:
         yield c
 
 
