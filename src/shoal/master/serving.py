@@ -62,28 +62,28 @@ def _note_peer(address: Address | None, transport: asyncio.BaseTransport) -> Non
         _peers[address] = peer
 
 
-class PeerNotingHttp(GuardedHttpTools):
-    # A connection upgraded to a WebSocket is handed to the WebSocket protocol, which
-    # notes the same peer again; this one's connection_lost is then never called.
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+class _NotesPeer:
+    """Keeps `_peers` for the connection of a uvicorn protocol (its `client` address)."""
+
+    client: Address | None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
         _note_peer(self.client, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.client is not None:
             _peers.pop(self.client, None)
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
 
 
-class PeerNotingWebSockets(WebSocketsSansIOProtocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        _note_peer(self.client, transport)
+class PeerNotingHttp(_NotesPeer, GuardedHttpTools):
+    """A connection upgraded to a WebSocket is handed to the WebSocket protocol, which
+    notes the same peer again; this one's connection_lost is then never called."""
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.client is not None:
-            _peers.pop(self.client, None)
-        super().connection_lost(exc)
+
+class PeerNotingWebSockets(_NotesPeer, WebSocketsSansIOProtocol):
+    pass
 
 
 def server_context(settings: MasterSettings) -> ssl.SSLContext:
