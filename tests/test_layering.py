@@ -48,7 +48,7 @@ NAMED_PURE = (
     "master/views.py",
     "master/offer_lines.py",
     "master/buckets.py",
-    "master/owners.py",
+    "master/listings.py",
     "master/run_as.py",
     "model.py",
     "expressions.py",

@@ -48,9 +48,6 @@ class JobView(BaseModel):
     @classmethod
     def summary(cls, job: JobRecord, tasks: list[TaskRecord]) -> JobView:
         """The job with counts of its tasks per state, without the tasks themselves."""
-        counts: dict[str, int] = {}
-        for t in tasks:
-            counts[t.state.value] = counts.get(t.state.value, 0) + 1
         return cls(
             id=job.id,
             name=job.spec.name,
@@ -58,7 +55,7 @@ class JobView(BaseModel):
             state=job_state(job, tasks),
             submitted_at=job.submitted_at,
             spec=job.spec,
-            counts=counts,
+            counts=tally(tasks),
         )
 
     @classmethod
@@ -68,6 +65,14 @@ class JobView(BaseModel):
         view.waiting = waiting
         view.tasks = [TaskView.of(t, waiting if t.state is TaskState.PENDING else "") for t in tasks[page]]
         return view
+
+
+def tally(tasks: list[TaskRecord]) -> dict[str, int]:
+    """How many of `tasks` are in each state."""
+    counts: dict[str, int] = {}
+    for t in tasks:
+        counts[t.state.value] = counts.get(t.state.value, 0) + 1
+    return counts
 
 
 class Submitted(BaseModel):

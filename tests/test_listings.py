@@ -1,0 +1,77 @@
+"""The owners' index lists each owner's jobs newest first, as a walk through every job
+would, while jobs come and go (pruned) between its reads; a kept summary is the one made
+afresh, whatever changed since it was kept."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shoal.master.listings import Owners, Summaries
+from shoal.model import JobRecord, JobSpec, TaskRecord, TaskState
+from shoal.views import JobView
+
+OWNERS = ["alice", "bob", "carol"]
+SPEC = JobSpec(command=["true"])
+
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.sampled_from(OWNERS), st.integers(1, 5)),
+        st.tuples(st.just("prune"), st.integers(0, 1000), st.integers(1, 8)),
+        st.tuples(st.just("read"), st.sampled_from(OWNERS), st.integers(0, 30)),
+    ),
+    max_size=60,
+)
+
+
+@given(steps, st.integers(0, 6))
+def test_an_owners_jobs_come_newest_first_as_a_walk_through_all_gives(steps: list, slack: int) -> None:
+    jobs: dict[int, JobRecord] = {}
+    index = Owners(slack=slack)
+    next_id = 1
+    for kind, a, b in steps:
+        if kind == "add":
+            for _ in range(b):
+                jobs[next_id] = JobRecord(id=next_id, owner=a, spec=SPEC, submitted_at=0.0)
+                next_id += 1
+        elif kind == "prune" and jobs:
+            ids = sorted(jobs)
+            for job_id in ids[a % len(ids) :][:b]:
+                del jobs[job_id]
+        else:
+            walked = [j.id for j in reversed(jobs.values()) if j.owner == a]
+            assert [j.id for j in index.newest(jobs, a)][:b] == walked[:b]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 9),  # the job
+            st.integers(0, 3),  # its task
+            st.sampled_from(list(TaskState)),
+            st.booleans(),  # the job killed
+        ),
+        max_size=80,
+    ),
+    st.integers(0, 3),
+)
+def test_a_kept_summary_is_the_summary_made_afresh_as_tasks_change(changes: list, slack: int) -> None:
+    jobs = {
+        i: JobRecord(
+            id=i, owner=OWNERS[i % 3], spec=SPEC.model_copy(update={"name": f"j{i}"}), submitted_at=i
+        )
+        for i in range(10)
+    }
+    tasks = {i: [TaskRecord(id=f"{i}.{t}", job_id=i, index=t) for t in range(1 + i % 4)] for i in jobs}
+    summaries = Summaries(slack=slack)
+    for job_id, index, state, killed in changes:
+        if job_id not in jobs:
+            continue
+        task = tasks[job_id][index % len(tasks[job_id])]
+        task.state = state
+        jobs[job_id].killed = killed
+        if index == 3 and len(jobs) > 1:  # pruned: gone from the jobs there are
+            del jobs[job_id]
+            continue
+        fresh = JobView.summary(jobs[job_id], tasks[job_id]).model_dump_json().encode()
+        assert summaries.encoded(jobs, jobs[job_id], tasks[job_id]) == fresh
