@@ -343,6 +343,8 @@ def test_tokens_and_audit_behave_as_in_sqlite(space: Space) -> None:
             seen.append(
                 store.add_audit(AuditRecord(at=float(i), who="admin", command=f"echo {i}", nodes="n1"))
             )
+        several = [AuditRecord(at=5.0, who="bob", kind="job.submit", status=201) for _ in range(2)]
+        seen.append(store.add_audit(*several))  # one transaction: the first id, the next follows
         ended = {"ended_at": 9.0, "results": {"0": "n1"}}
         store.end_audit(store.audit_record(5).model_copy(update=ended))
         store.end_audit(AuditRecord(id=1, at=0.0, who="admin", command="x", nodes="n1", ended_at=9.0))
@@ -354,8 +356,8 @@ def test_tokens_and_audit_behave_as_in_sqlite(space: Space) -> None:
     assert script(etcd_store) == script(SqliteStore(":memory:", fsync=False, audit_limit=3))
     again = space.store(audit_limit=3)
     again.load()  # the next id follows the last stored one
-    assert again.add_audit(AuditRecord(at=6.0, who="admin", command="x", nodes="n1")) == 6
-    assert [r.id for r in again.audit(0, 10)] == [6, 5, 4]
+    assert again.add_audit(AuditRecord(at=6.0, who="admin", command="x", nodes="n1")) == 8
+    assert [r.id for r in again.audit(0, 10)] == [8, 7, 6]
 
 
 def test_refusals_are_counted_a_minute_apart_from_records_as_in_sqlite(space: Space) -> None:

@@ -19,8 +19,10 @@ of an API token, or `agent` for the cluster token; another may set a name such a
 
 A record is written once the status is known and before the answer leaves, so an answered
 call has its record (a failed write is logged, and the answer goes out: what was done is
-done). A route that keeps its own, fuller record (a parallel command: its nodes and how it
-ended on each) says so with `kept`, and the trail adds none.
+done). The records of one turn of the event loop are written together, in one transaction:
+calls answered together (submissions the ledger took in one batch) cost one sync. A route
+that keeps its own, fuller record (a parallel command: its nodes and how it ended on each)
+says so with `kept`, and the trail adds none.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ class AuditTrail:
         self.app = app
         self.master = master
         self.tokens = tokens
+        self.records = Records(master)
         self.refusals = Refusals(master)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -140,39 +143,34 @@ class AuditTrail:
             nonlocal answered
             if message["type"] == "http.response.start" and not answered:
                 answered = True
-                self._keep(scope, state, at, message["status"])
+                await self._keep(scope, state, at, message["status"])
             await send(message)
 
         try:
             await self.app(scope, receive, send_answer)
         except Exception:
             if not answered:
-                self._keep(scope, state, at, 500)
+                await self._keep(scope, state, at, 500)
             raise
 
-    def _keep(self, scope: Scope, state: dict[str, Any], at: float, status: int) -> None:
-        master = self.master()
-        if state.get(_KEPT) or master is None or status == 405 or scope.get("route") is None:
+    async def _keep(self, scope: Scope, state: dict[str, Any], at: float, status: int) -> None:
+        if state.get(_KEPT) or self.master() is None or status == 405 or scope.get("route") is None:
             return
         who, role = self._who(scope, state, status)
         if who == ANONYMOUS and status >= 400:
             self.refusals.add(at, status, _source(scope), kind_of(scope))
             return
-        record = AuditRecord(
-            at=at,
-            who=who,
-            role=role,
-            kind=kind_of(scope),
-            target=_target(scope),
-            source=_source(scope),
-            status=status,
-        )
-        try:
-            master.store.add_audit(record)
-        except ShoalError as e:
-            log.warning(
-                "%s %s by %s (%d) went unrecorded: %s", scope["method"], scope["path"], who, status, e
+        await self.records.add(
+            AuditRecord(
+                at=at,
+                who=who,
+                role=role,
+                kind=kind_of(scope),
+                target=_target(scope),
+                source=_source(scope),
+                status=status,
             )
+        )
 
     def _who(self, scope: Scope, state: dict[str, Any], status: int) -> tuple[str, str]:
         """The principal's name and role ("" when it has none)."""
@@ -190,6 +188,37 @@ class AuditTrail:
         if (caller := tokens.caller(token)) is not None:
             return caller.name, caller.role.value
         return (AGENT, "") if tokens.is_cluster(token) else (ANONYMOUS, "")
+
+
+class Records:
+    """The records of one turn of the loop, written together when it ends."""
+
+    def __init__(self, master: Callable[[], Master | None]) -> None:
+        self.master = master
+        self.pending: list[AuditRecord] = []
+        self.written: asyncio.Future[None] | None = None
+
+    async def add(self, record: AuditRecord) -> None:
+        """Keep `record` with this turn's others; back once they are written (or failed to be)."""
+        self.pending.append(record)
+        if self.written is None:
+            loop = asyncio.get_running_loop()
+            self.written = loop.create_future()
+            loop.call_soon(self._write)
+        await asyncio.shield(self.written)  # a caller gone does not stop the others' write
+
+    def _write(self) -> None:
+        pending, written = self.pending, self.written
+        self.pending, self.written = [], None
+        try:
+            if (master := self.master()) is not None:
+                master.store.add_audit(*pending)
+        except ShoalError as e:
+            for r in pending:
+                log.warning("%s of %s by %s (%d) went unrecorded: %s", r.kind, r.target, r.who, r.status, e)
+        finally:
+            assert written is not None
+            written.set_result(None)
 
 
 class Refusals:

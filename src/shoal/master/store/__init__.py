@@ -106,8 +106,8 @@ class Store(Protocol):
         """Write several tokens at once (digest -> entry), in one transaction."""
         ...
 
-    def add_audit(self, record: AuditRecord) -> int:
-        """Keep `record`; returns its id."""
+    def add_audit(self, *records: AuditRecord) -> int:
+        """Keep `records` in one transaction; returns the first one's id (the others' follow)."""
         ...
 
     def end_audit(self, record: AuditRecord) -> None: ...

@@ -479,15 +479,16 @@ class EtcdStore:
             self._newest_audit = self._read_newest_audit()
         return self._newest_audit
 
-    def add_audit(self, record: AuditRecord) -> int:
+    def add_audit(self, *records: AuditRecord) -> int:
         with self._lock:
-            record_id = self._newest() + 1
-            ops = [put_op(self._audit(record_id), record.model_dump_json())]
-            if (line := record_id - self._audit_limit) >= 1:  # the oldest beyond the limit
+            first = self._newest() + 1
+            ops = [put_op(self._audit(first + i), r.model_dump_json()) for i, r in enumerate(records)]
+            newest = first + len(records) - 1
+            if (line := newest - self._audit_limit) >= 1:  # the oldest beyond the limit
                 ops.append(delete_op(self._key("audit/"), self._audit(line + 1)))
             self._write(ops)
-            self._newest_audit = record_id
-            return record_id
+            self._newest_audit = newest
+            return first
 
     def end_audit(self, record: AuditRecord) -> None:
         """Update a record still kept (one pruned meanwhile stays gone, as in SQLite)."""

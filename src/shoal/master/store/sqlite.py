@@ -218,22 +218,25 @@ class SqliteStore:
             raise
         db.execute("COMMIT")
 
-    def add_audit(self, record: AuditRecord) -> int:
+    def add_audit(self, *records: AuditRecord) -> int:
         db = self._db
-        db.execute("BEGIN")  # one commit, so one sync, for the record and the pruning
+        db.execute("BEGIN")  # one commit, so one sync, for the records and the pruning
         try:
-            cursor = db.execute(
-                "INSERT INTO audit (doc, who, kind, at) VALUES (?, ?, ?, ?)",
-                (record.model_dump_json(), record.who, record.kind, record.at),
-            )
-            assert cursor.lastrowid is not None
+            ids = [
+                db.execute(
+                    "INSERT INTO audit (doc, who, kind, at) VALUES (?, ?, ?, ?)",
+                    (record.model_dump_json(), record.who, record.kind, record.at),
+                ).lastrowid
+                for record in records
+            ]
+            assert ids and ids[0] is not None and ids[-1] is not None
             # Ids only grow: the oldest records beyond the limit are those below this line.
-            db.execute("DELETE FROM audit WHERE id <= ?", (cursor.lastrowid - self._audit_limit,))
+            db.execute("DELETE FROM audit WHERE id <= ?", (ids[-1] - self._audit_limit,))
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
-        return cursor.lastrowid
+        return ids[0]
 
     def end_audit(self, record: AuditRecord) -> None:
         self._db.execute("UPDATE audit SET doc = ? WHERE id = ?", (record.model_dump_json(), record.id))
