@@ -291,6 +291,32 @@ class NodeCertificate:
     pem: bytes
     serial: str  # hex, as `ssl.getpeercert()` gives it
     not_after: float  # seconds since the epoch
+    key: str  # the digest of its public key (`key_digest`)
+
+    @classmethod
+    def of(cls, pem: bytes) -> NodeCertificate:
+        """A certificate as `sign_node` gave it, read again from its PEM."""
+        cert = x509.load_pem_x509_certificate(pem)
+        key = cert.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey)  # a node's: sign_node made it
+        return cls(pem, serial_hex(cert.serial_number), cert.not_valid_after_utc.timestamp(), key_digest(key))
+
+
+def key_digest(key: ec.EllipticCurvePublicKey) -> str:
+    """A public key's SHA-256 (of its SubjectPublicKeyInfo, DER), hex: what names the key a
+    request was made with, and the key a certificate certifies."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(
+        key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return digest.finalize().hex()
+
+
+def request_key(request_pem: bytes) -> str:
+    """The `key_digest` of a node's certificate signing request's key, checked as `read_request` does."""
+    key = read_request(request_pem).public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)  # read_request saw to it
+    return key_digest(key)
 
 
 def read_request(request_pem: bytes) -> x509.CertificateSigningRequest:
@@ -325,6 +351,7 @@ def sign_node(
         cert.public_bytes(serialization.Encoding.PEM),
         serial_hex(cert.serial_number),
         cert.not_valid_after_utc.timestamp(),
+        key_digest(public_key),
     )
 
 

@@ -6,7 +6,10 @@ them with a bootstrap token (`POST /v1/nodes/join`), over TLS that trusts the cl
 alone; the key and the certificate it gets are kept in `<state_dir>/identity` (node.key
 0600, node.pem), and every connection after, to the agents' WebSocket and for blobs,
 presents that certificate and nothing else. The token is never needed again: a restarted
-agent finds its identity on disk.
+agent finds its identity on disk. The key is made once and kept (joining.key) until the
+certificate is in place, so a join whose answer was lost, asked again (by this agent or
+the next started), is made with the same key, and the master answers it with the same
+certificate.
 
 Two thirds of the way through its certificate's life the agent renews it over the
 certificate itself (`POST /v1/nodes/NAME/renew`, with a new key), and the one TLS context
@@ -38,6 +41,7 @@ from shoal.trust import UntrustedMaster
 
 if TYPE_CHECKING:  # httpx and cryptography are loaded when used: a plain-http agent needs neither
     import httpx
+    from cryptography.hazmat.primitives.asymmetric import ec
 
     from shoal.calls import AsyncCalls
     from shoal.tls import IdentityFiles
@@ -131,6 +135,7 @@ class Credentials:
                 log.warning("could not join the cluster yet (%s); trying again in %.0fs", e, pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, _RETRY_CAP)
+        self._joining.unlink(missing_ok=True)
         self._check_held()
         from shoal.tls import client_context
 
@@ -144,9 +149,9 @@ class Credentials:
                 "bootstrap token, --bootstrap-token (SHOAL_BOOTSTRAP_TOKEN; an admin makes one with "
                 "`shoal token create NAME --bootstrap`)"
             )
-        from shoal.tls import key_pem, new_key, node_request
+        from shoal.tls import key_pem, node_request
 
-        key = new_key()
+        key = self._joining_key()
         body = {"name": self.name, "csr": node_request(self.name, key).decode()}
         answer = await self._call(self._bootstrap.get_secret_value(), "/v1/nodes/join", body, "join")
         _install(self._files, key_pem(key).decode(), answer["certificate"])
@@ -156,6 +161,27 @@ class Credentials:
             answer["serial"],
             self._files.root,
         )
+
+    @property
+    def _joining(self) -> Path:
+        return self._files.root / "joining.key"
+
+    def _joining_key(self) -> ec.EllipticCurvePrivateKey:
+        """The key this node joins with: made at the first try and kept until the certificate
+        is in place, so every try asks for the certificate of one key."""
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        from shoal.tls import key_pem, new_key
+
+        if self._joining.exists():
+            kept = load_pem_private_key(self._joining.read_bytes(), password=None)
+            assert isinstance(kept, ec.EllipticCurvePrivateKey)  # written below
+            return kept
+        key = new_key()
+        self._files.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_secret(self._joining, key_pem(key).decode())
+        return key
 
     def _check_held(self) -> None:
         """The certificate on disk is this node's and still good: else say what to do."""

@@ -49,6 +49,11 @@ def token_id(digest: str) -> str:
     return digest[:ID_LENGTH]
 
 
+def public_id(token: str) -> str:
+    """The id that names `token` in listings, revocations and records."""
+    return token_id(_digest(token))
+
+
 @dataclass(frozen=True, slots=True)
 class Issued:
     token: str  # the secret, shown this once
@@ -142,17 +147,18 @@ class Tokens:
         known = self._known[digest] = _Known(entry, caller, now)
         return known
 
-    def bootstrap(self, token: str) -> TokenEntry | None:
-        """The entry of a bootstrap token that is unexpired, unrevoked and has uses left;
-        None otherwise. Nothing is counted: a join checks the token before all else, and
-        spends a use (`redeem_bootstrap`) only once nothing else refuses it."""
-        return self._usable(_digest(token), self._clock())
+    def bootstrap(self, token: str, *, used_up: bool = False) -> TokenEntry | None:
+        """The entry of a bootstrap token that is unexpired, unrevoked and has uses left (or,
+        with `used_up`, none left: it may still ask again for a join it made); None
+        otherwise. Nothing is counted: a join checks the token before all else, and spends a
+        use (`redeem_bootstrap`) only once nothing else refuses it."""
+        return self._usable(_digest(token), self._clock(), used_up)
 
-    def _usable(self, digest: str, now: float) -> TokenEntry | None:
+    def _usable(self, digest: str, now: float, used_up: bool = False) -> TokenEntry | None:
         entry = self._store.token(digest)
         if entry is None or entry.kind != "bootstrap" or not entry.valid(now):
             return None
-        if (left := entry.uses_left()) is not None and left <= 0:
+        if not used_up and (left := entry.uses_left()) is not None and left <= 0:
             return None
         return entry
 

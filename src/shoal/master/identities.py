@@ -7,11 +7,18 @@ presents that certificate on every connection, and the master holds it to the na
 A certificate is good while its serial is one the store holds for its name and it has not
 expired; removing the node forgets every serial at once. A renewal adds a serial and
 keeps the older ones until they expire, so connections opened with them go on.
+
+A join is answered once, but may be asked for again: when its answer is lost, the agent
+asks again with the same key. The certificate a node joined with is kept for that: a join
+for a name that has an identity, with the key that identity joined with, gets the same
+certificate again while it is still good (`joined_before`), and signs nothing. Any other
+key for that name is refused: it is not the node that joined.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 from shoal.errors import NotFound, SpecError
 from shoal.master.store import NodeIdentity, Store
@@ -23,8 +30,17 @@ from shoal.tls import (
     Peer,
     TlsFiles,
     read_request,
+    request_key,
     sign_node,
 )
+
+
+class Joined(NamedTuple):
+    """What a node joined with: its first certificate, and the bootstrap token (public id)
+    that paid for it (None: joined before that was kept)."""
+
+    certificate: NodeCertificate
+    token: str | None
 
 
 class Identities:
@@ -65,9 +81,33 @@ class Identities:
                 status=409,
             )
 
-    def record_join(self, name: str, cert: NodeCertificate, now: float) -> None:
-        """Give `name` its first certificate (`check_free` said it has none)."""
-        self._store.put_identity(NodeIdentity(name, {cert.serial: cert.not_after}, issued=now))
+    def joined_before(self, name: str, request: bytes, now: float) -> Joined | None:
+        """What `name` joined with, if `request` is made with the key it joined with and that
+        certificate is still good (not expired, the node not removed): a join asked again,
+        its answer lost. None otherwise (no identity, another key, a request that is none)."""
+        identity = self._store.identity(name)
+        if identity is None or identity.key is None or identity.certificate is None:
+            return None
+        try:
+            if request_key(request) != identity.key:
+                return None
+        except BadRequestForCertificate:
+            return None
+        cert = NodeCertificate.of(identity.certificate.encode())
+        return Joined(cert, identity.token) if identity.admits(cert.serial, now) else None
+
+    def record_join(self, name: str, cert: NodeCertificate, now: float, token: str | None = None) -> None:
+        """Give `name` its first certificate (`check_free` said it has none), paid for by the
+        bootstrap token of public id `token`."""
+        identity = NodeIdentity(
+            name,
+            {cert.serial: cert.not_after},
+            issued=now,
+            key=cert.key,
+            certificate=cert.pem.decode(),
+            token=token,
+        )
+        self._store.put_identity(identity)
 
     def record_renewal(self, name: str, cert: NodeCertificate, now: float) -> None:
         """Add `cert` to the node's serials, forgetting those expired."""

@@ -10,6 +10,7 @@ from typing import Annotated, cast
 from fastapi import APIRouter, Depends, Path, Request
 
 from shoal.errors import Forbidden, NotFound
+from shoal.master.auth import public_id
 from shoal.master.deps import MasterDep, Unauthorized, admin, bearer
 from shoal.master.events import RemoveNode
 from shoal.master.identities import Identities
@@ -47,16 +48,16 @@ def _view(name: str, cert: NodeCertificate, identities: Identities) -> NodeCerti
 
 
 async def bootstrap_token(request: Request, master: MasterDep) -> str:
-    """The call's bootstrap token, if it is one that may still let a node join (nothing
-    spent); else 401. A dependency, so it is checked before the body: a caller without
-    one makes the master do nothing for it."""
+    """The call's bootstrap token, if it is one that may still let a node join or ask again
+    for a join it made (unexpired, unrevoked; nothing spent); else 401. A dependency, so it
+    is checked before the body: a caller without one makes the master do nothing for it."""
     token = bearer(request.headers.get("authorization", ""))
     if token is None:
         raise Unauthorized(
             "a bootstrap token is required: Authorization: Bearer <token> "
             "(`shoal token create NAME --bootstrap` makes one)"
         )
-    if master.tokens.bootstrap(token) is None:
+    if master.tokens.bootstrap(token, used_up=True) is None:
         raise _spent()
     return token
 
@@ -73,17 +74,35 @@ async def join(
     body: JoinRequest, request: Request, master: MasterDep, token: Annotated[str, Depends(bootstrap_token)]
 ) -> NodeCertificateView:
     """A node's first certificate, made out to its name, for a bootstrap token (once per
-    node: a name that has one is refused until `shoal node remove NAME`)."""
+    node: a name that has one is refused until `shoal node remove NAME`). Asked again with
+    the key it was given for (its answer lost), it answers the same certificate again,
+    spending nothing, for the token that made the join or any that may make one."""
     identities = _identities(master)
+    csr = body.csr.encode()
+    held = master.tokens.bootstrap(token, used_up=True)
+    if held is None:  # revoked or expired since the dependency looked
+        raise _spent()
+    used_up = held.uses_left() == 0  # good only to ask again for a join it made
+    again = identities.joined_before(body.name, csr, time.time())
+    if again is not None and (not used_up or again.token == public_id(token)):
+        request.state.principal = f"bootstrap:{held.name}"
+        log.info(
+            "node %s asked again to join, with its key: certificate %s again",
+            body.name,
+            again.certificate.serial,
+        )
+        return _view(body.name, again.certificate, identities)
+    if used_up:
+        raise _spent()
     # Everything that may refuse the request comes before the use is spent, so a request
     # refused for itself spends none.
-    identities.check_request(body.name, body.csr.encode())
+    identities.check_request(body.name, csr)
     identities.check_free(body.name)
     entry = master.tokens.redeem_bootstrap(token)
     if entry is None:
         raise _spent()
-    cert = identities.sign(body.name, body.csr.encode())
-    identities.record_join(body.name, cert, time.time())
+    cert = identities.sign(body.name, csr)
+    identities.record_join(body.name, cert, time.time(), public_id(token))
     request.state.principal = f"bootstrap:{entry.name}"
     log.info("node %s joined with bootstrap token %s (certificate %s)", body.name, entry.name, cert.serial)
     return _view(body.name, cert, identities)

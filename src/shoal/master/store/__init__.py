@@ -7,8 +7,8 @@ command atomically, so a batch of changes is either all there after a crash or n
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
 
 from shoal.errors import ShoalError
 from shoal.framework.protocol import FrameworkRecord, TaskStatus
@@ -78,12 +78,24 @@ class AuditQuery:
 @dataclass(frozen=True, slots=True)
 class NodeIdentity:
     """The certificates the master gave a node: each serial (hex) with its end of validity.
-    A renewal adds one and the old lasts until it expires, so open connections go on."""
+    A renewal adds one and the old lasts until it expires, so open connections go on.
+    The certificate the node joined with is kept whole, with its key's digest and the
+    bootstrap token that paid for it, so that a join asked again with the same key (its
+    answer lost) is answered with it again. Identities kept before they were have None."""
 
     name: str
     serials: dict[str, float]  # serial -> not after, seconds since the epoch
     issued: float  # when the node joined
     renewed: float | None = None
+    key: str | None = None  # the digest of the key it joined with (tls.key_digest)
+    certificate: str | None = None  # the certificate it joined with, PEM
+    token: str | None = None  # the public id of the bootstrap token its join spent
+
+    @classmethod
+    def of(cls, doc: Mapping[str, Any]) -> NodeIdentity:
+        """An identity as stored (JSON): fields it lacks take their defaults, and fields this
+        release does not know (a later one's) are left out."""
+        return cls(**{f.name: doc[f.name] for f in fields(cls) if f.name in doc})
 
     def admits(self, serial: str, now: float) -> bool:
         return self.serials.get(serial, 0.0) > now

@@ -10,7 +10,7 @@ Keys, under `prefix` (default /shoal/):
     tokens/<digest>            a token's entry, as JSON: {"name", "role", "roles", "kind", ...}
     audit/<id:016d>            an audit record, as AuditRecord JSON
     refused/<minute>/<status>/<source>/<kind>  a minute's count of such refusals, as AuditRecord JSON
-    identities/<node>          a node's certificates: {"name", "serials", "issued", "renewed"}
+    identities/<node>          a node's certificates: {"name", "serials", "issued", "renewed", "key", ...}
 
 A log of Persists, not a key per record. A Persist must be atomic however large it is (a
 job of 100,000 tasks), and etcd takes at most 128 operations and 1.5 MiB in a transaction.
@@ -569,7 +569,7 @@ class EtcdStore:
 
     def identity(self, name: str) -> NodeIdentity | None:
         found = self._gateway.range(self._key(f"identities/{name}")).kvs
-        return NodeIdentity(**json.loads(found[0].value)) if found else None
+        return NodeIdentity.of(json.loads(found[0].value)) if found else None
 
     def put_identity(self, identity: NodeIdentity) -> None:
         with self._lock:

@@ -291,7 +291,7 @@ class SqliteStore:
 
     def identity(self, name: str) -> NodeIdentity | None:
         row = self._db.execute("SELECT doc FROM identities WHERE name = ?", (name,)).fetchone()
-        return NodeIdentity(**json.loads(row[0])) if row else None
+        return NodeIdentity.of(json.loads(row[0])) if row else None
 
     def put_identity(self, identity: NodeIdentity) -> None:
         doc = json.dumps(dataclasses.asdict(identity))
