@@ -2,9 +2,10 @@
 
 A call goes to the current master; a follower's redirect is followed with the call's token
 (httpx drops it on the way to another origin, so redirects are ours to follow), a master
-down or in an election is passed for the next, and the call gives up with `Unreachable`
-as `Failover` decides. `Calls` blocks (the SDK and its watches); `AsyncCalls` is the
-asyncio flavour (the asyncio framework driver, an agent's file transfers).
+down or in an election is passed for the next, a master's rate limit (429) is waited out
+a few times (`Patience`), and the call gives up with `Unreachable` as `Failover` decides.
+`Calls` blocks (the SDK and its watches); `AsyncCalls` is the asyncio flavour (the asyncio
+framework driver, an agent's file transfers).
 
 Once a redirect names a master the caller was not given, every master is asked for, once
 (`GET /v1/masters`), so calls go on past the loss of the masters it was given.
@@ -22,7 +23,7 @@ from typing import Any
 import httpx
 
 from shoal import trust
-from shoal.masters import MASTERS_PATH, Failover, Masters, Unreachable
+from shoal.masters import MASTERS_PATH, PATIENCE, Failover, Masters, Patience, Unreachable
 
 _SAFE = ("GET", "HEAD")  # methods repeated after a connection broke with the call sent
 _CONNECT = (httpx.ConnectError, httpx.ConnectTimeout)  # nothing was sent: any call may go again
@@ -47,10 +48,12 @@ class Calls:
         failover: float,
         limits: httpx.Limits = _LIMITS,
         ca: str | Path | None = None,
+        patience: Patience = PATIENCE,
     ) -> None:
         self.masters = masters
         self.failover = failover
         self.ca = ca
+        self.patience = patience
         self.closed = threading.Event()
         self._options = {"headers": _auth(token), "timeout": timeout, "limits": limits}
         self._clients: dict[bool, httpx.Client] = {}
@@ -68,7 +71,7 @@ class Calls:
         """The answer of the master that serves the call, errors included. `safe`: it may be
         repeated after the connection broke with the call sent (default: GET and HEAD). With
         `stream`, the answer is open: the caller closes it. `kwargs` as httpx's `request`."""
-        route = _route(self.masters, method, path, safe, self.failover)
+        route = _route(self.masters, method, path, safe, self.failover, self.patience)
         while True:
             url = self.masters.current
             http = self._to(url)
@@ -124,10 +127,12 @@ class AsyncCalls:
         timeout: httpx.Timeout | float,
         failover: float,
         ca: str | Path | ssl.SSLContext | None = None,
+        patience: Patience = PATIENCE,
     ) -> None:
         self.masters = masters
         self.failover = failover
         self.ca = ca
+        self.patience = patience
         verify = ca if isinstance(ca, ssl.SSLContext) else _verify(True, ca)
         self._http = httpx.AsyncClient(headers=_auth(token), timeout=timeout, verify=verify)
 
@@ -135,7 +140,7 @@ class AsyncCalls:
         self, method: str, path: str, *, stream: bool = False, safe: bool | None = None, **kwargs: Any
     ) -> httpx.Response:
         """As `Calls.send`."""
-        route = _route(self.masters, method, path, safe, self.failover)
+        route = _route(self.masters, method, path, safe, self.failover, self.patience)
         while True:
             url = self.masters.current
             try:
@@ -186,9 +191,11 @@ def _auth(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token is not None else {}
 
 
-def _route(masters: Masters, method: str, path: str, safe: bool | None, within: float) -> Failover:
+def _route(
+    masters: Masters, method: str, path: str, safe: bool | None, within: float, patience: Patience
+) -> Failover:
     safe = method in _SAFE if safe is None else safe
-    return Failover(masters, path, safe=safe, now=time.monotonic(), within=within)
+    return Failover(masters, path, safe=safe, now=time.monotonic(), within=within, patience=patience)
 
 
 def _broke(route: Failover, url: str, error: httpx.TransportError) -> float:

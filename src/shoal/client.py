@@ -31,16 +31,15 @@ sys.modules.setdefault("httpx._main", None)
 import httpx  # noqa: E402 - after the line above
 from pydantic import BaseModel, TypeAdapter  # noqa: E402
 
+from shoal.api_errors import ApiError, api_error  # noqa: E402
 from shoal.calls import Calls  # noqa: E402
 from shoal.clientfile import ClientConfig, load_client_config  # noqa: E402
 from shoal.errors import ShoalError  # noqa: E402
-from shoal.masters import FAILOVER, MASTERS_PATH, Masters, Unreachable  # noqa: E402
+from shoal.masters import FAILOVER, MASTERS_PATH, PATIENCE, Masters, Patience, Unreachable  # noqa: E402
 from shoal.model import TASK_RECORD, Caller, JobSpec, Migration, Role, TaskRecord  # noqa: E402
 from shoal.node_identity import NodeRemoved  # noqa: E402
 from shoal.services import Endpoint, Registration, ServiceSummary  # noqa: E402
 from shoal.views import (  # noqa: E402
-    ErrorBody,
-    FieldError,
     FrameworkView,
     JobView,
     MasterView,
@@ -81,21 +80,12 @@ _ENDED = ("complete", "failed", "killed")
 _STREAMING = httpx.Timeout(30.0, read=None)
 
 
-class ApiError(ShoalError):
-    """The master refused a call: the HTTP status, its message and the fields at fault."""
-
-    def __init__(self, status: int, message: str, fields: list[FieldError]) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.fields = fields
-
-
 class Client:
     """Calls to the masters at `url`: one URL, several (a list, or separated by commas), or
     a `Masters` shared with other clients. A call that finds no master serving it keeps trying them for
-    `failover` seconds (an election takes a few) before it raises `Unreachable`. `ca`: the
-    cluster CA's certificate (a PEM file) that https masters' certificates must chain to."""
+    `failover` seconds (an election takes a few) before it raises `Unreachable`; one refused
+    for the rate goes again as `patience` allows. `ca`: the cluster CA's certificate (a PEM
+    file) that https masters' certificates must chain to."""
 
     def __init__(
         self,
@@ -104,10 +94,11 @@ class Client:
         timeout: float = 30.0,
         failover: float = FAILOVER,
         ca: str | Path | None = None,
+        patience: Patience = PATIENCE,
     ) -> None:
         self.known = url if isinstance(url, Masters) else Masters(url)
         self._token = token
-        self._calls = Calls(self.known, token, timeout, failover, ca=ca)
+        self._calls = Calls(self.known, token, timeout, failover, ca=ca, patience=patience)
 
     @property
     def url(self) -> str:
@@ -358,7 +349,7 @@ class Client:
         try:
             if response.is_error:
                 response.read()
-                raise _api_error(response)
+                raise api_error(response)
             yield response
         except httpx.TransportError as e:
             raise Unreachable(
@@ -417,7 +408,7 @@ class Client:
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         response = self._calls.send(method, path, **kwargs)
         if response.is_error:
-            raise _api_error(response)
+            raise api_error(response)
         return response
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -469,6 +460,7 @@ class Watch:
             client._calls.failover,
             httpx.Limits(max_connections=1),
             client._calls.ca,
+            client._calls.patience,
         )
         self._closed = self._calls.closed
         self._lock = threading.Lock()  # between close() and the thread querying
@@ -532,7 +524,7 @@ class Watch:
             with self._lock:
                 self._busy = False
         if response.is_error:
-            raise _api_error(response)
+            raise api_error(response)
         return _ENDPOINTS.validate_python(response.json()), int(response.headers.get(INDEX_HEADER, 0))
 
     def _trace(self, event: str, info: Mapping[str, Any]) -> None:
@@ -589,11 +581,3 @@ def _log_params(stream: str, offset: int, attempt: int | None) -> dict[str, str]
     if attempt is not None:
         params["attempt"] = str(attempt)
     return params
-
-
-def _api_error(response: httpx.Response) -> ApiError:
-    try:
-        body = ErrorBody.model_validate(response.json())
-    except ValueError:
-        body = ErrorBody(error=response.text or response.reason_phrase)
-    return ApiError(response.status_code, body.error, body.fields)

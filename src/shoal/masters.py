@@ -16,6 +16,9 @@ Several masters may serve one cluster: one leads, the others follow. What a foll
   503 is an ordinary error;
 - to an agent's WebSocket, a close with code 4307 and the leader's base URL as the reason
   ("" when no leader is known);
+- to a caller over its limit of calls a second (any master, before it looks at the call),
+  429 with `Retry-After`: nothing was done, so any call goes again to the same master
+  after that wait, a few times (`Patience`), before the 429 is the call's answer;
 - `GET /v1/masters`, which any master answers: every master alive, and which leads.
 
 Nothing here imports more than the standard library: the command line reads it to start.
@@ -27,6 +30,7 @@ import json
 import threading
 import urllib.parse
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from shoal.errors import ShoalError
 
@@ -41,6 +45,18 @@ MASTERS_PATH = "/v1/masters"
 FAILOVER = 15.0  # seconds a call keeps trying the masters: longer than an election takes
 MAX_HOPS = 4  # redirects in a row before a call gives up: masters sending it round in circles
 _FIRST_PAUSE, _MAX_PAUSE = 0.05, 1.0  # seconds between rounds of the masters: first, largest
+
+
+@dataclass(frozen=True, slots=True)
+class Patience:
+    """How a call bears a master's rate limit: sent at most `tries` times in all while the
+    answer is 429 with `Retry-After`, waiting what that asks, `longest` seconds at most."""
+
+    tries: int = 4
+    longest: float = 10.0
+
+
+PATIENCE = Patience()
 
 
 class Unreachable(ShoalError):
@@ -198,15 +214,29 @@ class Failover:
 
     A call is repeated after a connection broke only if nothing was sent (`sent=False`) or
     it is `safe` to repeat (GET, HEAD, a content-addressed upload): a write whose answer
-    was lost may or may not have been carried out, which only its caller can check.
+    was lost may or may not have been carried out, which only its caller can check. A 429
+    with `Retry-After` is a master's rate limit, which refuses a call before doing anything:
+    any call goes again after the wait it asks (as `patience` allows), however long the
+    masters took before; the last 429 is the call's answer.
     """
 
-    def __init__(self, masters: Masters, path: str, *, safe: bool, now: float, within: float) -> None:
+    def __init__(
+        self,
+        masters: Masters,
+        path: str,
+        *,
+        safe: bool,
+        now: float,
+        within: float,
+        patience: Patience = PATIENCE,
+    ) -> None:
         self._masters = masters
         self._path = path
         self._safe = safe
         self._within = within
         self._deadline = now + within
+        self._patience = patience
+        self._limited = 0  # answers of 429 so far
         self._tried: dict[str, str] = {}  # each master tried, and what came of it last
         self._round: set[str] = set()  # the masters tried since the last pause
         self._pause = _FIRST_PAUSE
@@ -218,7 +248,22 @@ class Failover:
         if status == 503 and headers.get("Retry-After") is not None:
             if self._safe or headers.get(LEADER_HEADER) is not None:
                 return self._failed(url, "no leader yet (503)", now, alive=True)
+        if status == 429 and (after := headers.get("Retry-After")) is not None:
+            return self._slowed(after)
         return None
+
+    def _slowed(self, after: str) -> float | None:
+        """The wait before a call refused for the rate goes again; None once it has been
+        sent as many times as `patience` allows."""
+        self._limited += 1
+        self._hops = []
+        if self._limited >= self._patience.tries:
+            return None
+        try:
+            wait = max(0.0, float(after))
+        except ValueError:  # an HTTP date: masters send seconds, so it is no master's
+            wait = self._patience.longest
+        return min(wait, self._patience.longest)
 
     def broke(self, url: str, error: str, *, sent: bool, now: float) -> float:
         if sent and not self._safe:

@@ -37,8 +37,9 @@ from typing import Any
 
 import httpx
 
+from shoal.api_errors import api_error
 from shoal.calls import AsyncCalls
-from shoal.client import ApiError, Client, Unreachable, _api_error
+from shoal.client import ApiError, Client, Unreachable
 from shoal.clientfile import load_client_config
 from shoal.framework import protocol as p
 from shoal.masters import FAILOVER, Masters
@@ -390,7 +391,7 @@ class AsyncDriver(_Driver):
         try:
             if response.is_error:
                 await response.aread()
-                error = _api_error(response)
+                error = api_error(response)
                 self._session.stopped = not _again(error)
                 raise error
             self._stream = response
@@ -465,7 +466,7 @@ class AsyncDriver(_Driver):
     async def _call(self, body: dict[str, Any]) -> Any:
         response = await self._http.send("POST", self._session.call_path(), json=body)
         if response.is_error:
-            raise _api_error(response)
+            raise api_error(response)
         return response.json()
 
 
