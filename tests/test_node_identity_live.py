@@ -263,16 +263,21 @@ def test_a_removed_node_is_refused_at_once_and_may_join_again(cluster: LiveClust
     cluster.agents["node2"].wait(10)  # put out: it stopped its runs and left
     assert "not a member of the cluster" in (cluster.root / "node2.log").read_text()
     with cluster.client() as admin:
-        node2 = next(n for n in admin.nodes() if n.name == "node2")
-        assert node2.status is NodeStatus.DOWN
+        assert "node2" not in {n.name for n in admin.nodes()}  # no longer listed
         assert admin.task(on_node2).history[-1].message == "node2 was removed from the cluster"
-        assert admin.remove_node("node2").identity is False  # once is enough; it is known, still
-    # It joins again: a new identity, with a new bootstrap token.
+    again = cluster.cli("node", "remove", "node2")  # once is enough: there is no node2 now
+    assert again.returncode == 2 and "no node node2" in again.stderr
+    # It joins again: a new identity, with a new bootstrap token; listed again, it takes
+    # back the task that waited for it (one a node, on node[2-3]).
     for path in identity(cluster, "node2").root.iterdir():
         path.unlink()
     del cluster.agents["node2"]
     cluster.start_agent("node2")
     cluster.wait_nodes_up(["node2"])
+    with cluster.client() as admin:
+        wait_for(lambda: admin.task(on_node2).state is TaskState.RUNNING, what="the task back on node2")
+        assert admin.task(on_node2).node == "node2" and admin.task(on_node2).attempt == 1
+        admin.kill(job)
 
 
 def test_a_node_removed_before_it_registers_is_not_registered(cluster: LiveCluster, tmp_path: Path) -> None:

@@ -422,6 +422,11 @@ class NodeRecord(BaseModel):
     drain_deadline: float | None = None  # then even tasks that never migrate are moved
     load: float = Field(0.0, description="CPU utilization in percent, smoothed over heartbeats")
     history: list[float] = Field(default_factory=list, description="the smoothed load, oldest first")
+    # Its record stays (the node table's rows are never removed), but it is listed no more
+    # until it joins and registers again.
+    removed: float | None = Field(
+        None, description="when an admin took it out of the cluster (`shoal node remove`)"
+    )
 
     @property
     def name(self) -> str:

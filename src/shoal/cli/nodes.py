@@ -20,8 +20,8 @@ def remove(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
 ) -> None:
     """Take a node out of the cluster: its certificate is refused from now on, its agent is
-    put out (its runs stop), and its tasks run elsewhere as their restart policy says. It
-    may join again with a new bootstrap token."""
+    put out (its runs stop), and its tasks run elsewhere as their restart policy says. It is
+    listed no more until it joins again, with a new bootstrap token."""
     with Client.from_config() as client:
         removed = client.remove_node(node)
     if as_json:

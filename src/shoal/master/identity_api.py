@@ -130,7 +130,7 @@ async def renew(
 async def remove(name: NodePath, master: MasterDep, caller: Annotated[Caller, Depends(admin)]) -> NodeRemoved:
     """Take a node out of the cluster (admin only): its certificates are refused from now on,
     its connection is closed, and its tasks are lost, to run elsewhere as their restart
-    policy says. It may join again with a new bootstrap token."""
+    policy says. It is listed no more until it joins again, with a new bootstrap token."""
     had = master.identities.remove(name) if master.identities is not None else False
     try:
         tasks = cast(list[str], await master.request(lambda req, now: RemoveNode(req, name, now)))

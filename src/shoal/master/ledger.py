@@ -453,6 +453,7 @@ class Ledger:
         node = self.nodes.get(info.name) or NodeRecord(info=info, last_seen=now)
         node.info = info
         node.status = NodeStatus.UP
+        node.removed = None  # joined again
         node.connected = True
         node.last_seen = now
         self._index_node(node)

@@ -353,6 +353,7 @@ class Master:
         return [
             NodeView(**node.model_dump(), allocated=state.ledger.allocated(name), tasks=placed[name])
             for name, node in sorted(state.ledger.nodes.items())
+            if node.removed is None  # listed again once it joins again
         ]
 
     async def agent_session(self, ws: WebSocket, peer: Peer | None = None) -> None:

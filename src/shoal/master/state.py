@@ -418,7 +418,7 @@ class MasterState:
 
     def _remove_node(self, event: RemoveNode) -> None:
         node = self.ledger.nodes.get(event.node)
-        if node is None:
+        if node is None or node.removed is not None:
             self.ledger.reply(event.request, error=NotFound(f"no node {event.node}"))
             return
         held = [t.id for t in self.ledger.active_tasks() if t.node == event.node]
@@ -430,6 +430,8 @@ class MasterState:
             # Down, it holds no link; if it is online again (connected, not registered yet),
             # the master checks its identity again before it registers it.
             self.ledger.emit(Disconnect(node.name, parting))
+        # Its record stays (rows of the node table are never removed), marked: not listed.
+        self.ledger.update_node(node, removed=event.now)
         self.ledger.reply(event.request, held)
 
     def _node_down(self, node: NodeRecord, now: float, message: str = "", parting: str = "") -> None:
