@@ -251,6 +251,32 @@ def test_a_client_that_never_finishes_its_headers_is_disconnected(master: LiveCl
         assert closed, "the master kept a connection whose head never ended"
 
 
+def test_a_body_that_stops_coming_is_disconnected(master: LiveCluster) -> None:
+    with socket.create_connection(("127.0.0.1", master.port), timeout=10 * HEADER_TIMEOUT) as slow:
+        slow.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b" " * 10)
+        began = time.monotonic()
+        assert slow.recv(1) == b"", "the master answered a body it has not had"
+    assert time.monotonic() - began < 5 * HEADER_TIMEOUT
+
+
+def test_a_body_that_comes_slowly_but_steadily_is_taken(master: LiveCluster) -> None:
+    headers = _token(master, "steady")
+    body = json.dumps({"name": "steady", "command": ["true"]}).encode() + b" " * 30
+    head = (
+        "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Authorization: {headers['Authorization']}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    pieces = [body[i : i + 10] for i in range(0, len(body), 10)]
+    pause = 2.5 * HEADER_TIMEOUT / len(pieces)  # in all, longer than any one piece may take
+    with socket.create_connection(("127.0.0.1", master.port), timeout=10 * HEADER_TIMEOUT) as steady:
+        steady.sendall(head.encode())
+        for piece in pieces:
+            time.sleep(pause)
+            steady.sendall(piece)
+        answer = _read_all(steady)
+    assert answer.startswith(b"HTTP/1.1 201 "), answer[:200]
+
+
 def test_a_connection_that_sends_nothing_is_closed(master: LiveCluster) -> None:
     with socket.create_connection(("127.0.0.1", master.port), timeout=10 * HEADER_TIMEOUT) as idle:
         assert idle.recv(1) == b""

@@ -296,12 +296,16 @@ class CappedBody:
 
 
 class GuardedHttpTools(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline and a size cap on each request's head.
+    """uvicorn's httptools protocol with deadlines on what a client sends and a size cap on
+    each request's head.
 
     A connection must bring a whole request line and headers within `header_timeout`
-    seconds of connecting, or of the previous answer on a keep-alive connection, or it is
-    closed: uvicorn alone waits for ever, so a client that trickles its headers (slowloris)
-    or sends nothing holds a connection for good. A head larger than the config's
+    seconds of connecting, or of the previous answer on a keep-alive connection, and then
+    each piece of the request's body within `header_timeout` of the one before (as nginx's
+    client_body_timeout), or it is closed: uvicorn alone waits for ever, so a client that
+    trickles its headers or its body (slowloris) or sends nothing holds a connection for
+    good. A body read paused because the route is slow to take it is not the client's
+    lateness: its deadline waits. A head larger than the config's
     `h11_max_incomplete_event_size` is answered 431 and closed (httptools has no cap of its
     own). `within(seconds)` makes the subclass with another deadline."""
 
@@ -318,6 +322,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._max_head = config.h11_max_incomplete_event_size or MAX_HEAD
         self._head_due: asyncio.TimerHandle | None = None  # set while a head is awaited
         self._head_bytes = 0
+        self._body_due: asyncio.TimerHandle | None = None  # set while more of a body is awaited
 
     @classmethod
     def within(cls, seconds: float) -> type[GuardedHttpTools]:
@@ -329,11 +334,14 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_arrived()
+        self._body_arrived()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self._head_due is None:
+            if self.cycle is not None and self.cycle.more_body and not self.cycle.response_complete:
+                self._await_body()
             return
         # Still no whole head: all of `data` was head.
         self._head_bytes += len(data)
@@ -349,6 +357,10 @@ class GuardedHttpTools(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_arrived()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._body_arrived()
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -369,4 +381,21 @@ class GuardedHttpTools(HttpToolsProtocol):
     def _head_late(self) -> None:
         self._head_due = None
         if not self.transport.is_closing():
+            self.transport.close()
+
+    def _await_body(self) -> None:
+        self._body_arrived()
+        if not self.transport.is_closing():
+            self._body_due = self.loop.call_later(self.header_timeout, self._body_late)
+
+    def _body_arrived(self) -> None:
+        if self._body_due is not None:
+            self._body_due.cancel()
+            self._body_due = None
+
+    def _body_late(self) -> None:
+        self._body_due = None
+        if self.flow.read_paused:  # the route has not taken what came: the client is not late
+            self._await_body()
+        elif not self.transport.is_closing():
             self.transport.close()
