@@ -12,6 +12,7 @@ import pytest
 
 from shoal.agent.runner import Runner
 from shoal.agent.users import Users
+from shoal.checks import HealthCheck
 from shoal.model import Resources
 from shoal.wire import RunSpec
 
@@ -67,3 +68,21 @@ def test_a_run_starts_in_its_working_directory_and_a_missing_one_is_refused(tmp_
     assert asyncio.run(main()) == 0
     assert (tmp_path / "agent" / "sandboxes" / "2.0.0" / "stdout").read_text() == f"{work}\n"
     assert not (tmp_path / "agent" / "sandboxes" / "1.0.0").exists()
+
+
+def test_a_run_holding_a_nul_byte_is_refused_before_anything_is_made(tmp_path: Path) -> None:
+    """No process can be given a NUL byte: the run is refused with an OSError, the error an
+    agent turns into a failed start, not the ValueError posix_spawn would raise."""
+    runner = Runner(tmp_path, lambda run, code: None, None, AGENTS_OWN)
+    refused = {
+        "its command": spec("1.0.0", "echo", "a\0b"),
+        "its environment": dataclasses.replace(spec("2.0.0", "true"), env={"X": "a\0b"}),
+        "its working directory": dataclasses.replace(spec("3.0.0", "true"), workdir="/tmp/\0"),
+        "a check's command": dataclasses.replace(
+            spec("4.0.0", "true"), checks={"c": HealthCheck(command="true\0", interval=60)}
+        ),
+    }
+    for where, run in refused.items():
+        with pytest.raises(OSError, match=f"^{where} holds a NUL byte"):
+            runner.spawn(run)
+        assert not runner.sandbox(run.run_id).exists()

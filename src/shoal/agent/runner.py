@@ -119,6 +119,9 @@ class Runner:
 
     def spawn(self, spec: RunSpec) -> tuple[int, float]:
         """Start `spec`; returns (pid, process start time). Raises OSError if it cannot."""
+        if (where := _nul_in(spec)) is not None:
+            # posix_spawn would raise ValueError, which no caller expects: the agent would stop.
+            raise OSError(f"{where} holds a NUL byte, which no process can be given")
         # Looked at here only for a run as the agent's own user: for another, the agent would
         # see what the user may not, and the user's process says it (exit 127) instead.
         if not self.users.of_run(spec.user).switches and spec.workdir and not os.path.isdir(spec.workdir):
@@ -248,6 +251,20 @@ class Runner:
             loop.remove_reader(fd)
             os.close(fd)
         self._watched.clear()
+
+
+def _nul_in(spec: RunSpec) -> str | None:
+    """What of `spec` holds a NUL byte (None: nothing): arguments, variables and paths are
+    C strings, which end at the first."""
+    if any("\0" in arg for arg in spec.argv):
+        return "its command"
+    if any("\0" in name or "\0" in value for name, value in spec.env.items()):
+        return "its environment"
+    if spec.workdir is not None and "\0" in spec.workdir:
+        return "its working directory"
+    if any(check.command is not None and "\0" in check.command for check in spec.checks.values()):
+        return "a check's command"
+    return None
 
 
 def _closed_to_others(path: Path) -> Path | None:
