@@ -13,7 +13,7 @@ import pytest
 
 from shoal import tls
 from shoal.errors import NotFound, SpecError
-from shoal.master.identities import Identities
+from shoal.master.identities import SERIALS_KEPT, Identities
 from shoal.master.store import Deposed, NodeIdentity, Store
 from shoal.master.store.etcd import EtcdStore
 from shoal.master.store.gateway import Gateway, absent, put_op
@@ -88,3 +88,22 @@ def test_identities_hold_a_node_to_its_own_current_serials(tmp_path: Path) -> No
     assert not identities.admits(node1, now=1.0)
     with pytest.raises(NotFound):
         identities.record_renewal("node1", second, now=1.0)
+
+
+def test_a_node_renewing_in_a_loop_keeps_only_its_newest_certificates(tmp_path: Path) -> None:
+    """Its record is read at each of its calls: a node that renews again and again must not
+    grow it without bound. The newest certificates stay good, the oldest are let go."""
+    files = tls.TlsFiles(tmp_path / "tls")
+    tls.init_master_files(files, ["localhost"])
+    store = SqliteStore(tmp_path / "shoal.db")
+    identities = Identities(store, files, days=1)
+    request = tls.node_request("node1", tls.new_key())
+    identities.record_join("node1", identities.sign("node1", request), now=0.0)
+    renewed = []
+    for i in range(3 * SERIALS_KEPT):
+        renewed.append(identities.sign("node1", request))
+        identities.record_renewal("node1", renewed[-1], now=float(i))
+    held = store.identity("node1")
+    assert held is not None and len(held.serials) == SERIALS_KEPT
+    good = [identities.admits(tls.Peer("node1", tls.NODE_UNIT, c.serial), now=100.0) for c in renewed]
+    assert good == [False] * (2 * SERIALS_KEPT) + [True] * SERIALS_KEPT

@@ -6,7 +6,10 @@ never takes over a node: `shoal node remove` frees the name first). From then on
 presents that certificate on every connection, and the master holds it to the name in it.
 A certificate is good while its serial is one the store holds for its name and it has not
 expired; removing the node forgets every serial at once. A renewal adds a serial and
-keeps the older ones until they expire, so connections opened with them go on.
+keeps the older ones until they expire, so connections opened with them go on: the
+`SERIALS_KEPT` newest at most, so a node renewing in a loop cannot grow its record (read
+at each of its calls) without bound. An agent renews two thirds of the way through a
+certificate's life, so it holds two good ones at a time, a few more if answers were lost.
 
 A join is answered once, but may be asked for again: when its answer is lost, the agent
 asks again with the same key. The certificate a node joined with is kept for that: a join
@@ -33,6 +36,8 @@ from shoal.tls import (
     request_key,
     sign_node,
 )
+
+SERIALS_KEPT = 8  # a node's good certificates kept at most: the newest
 
 
 class Joined(NamedTuple):
@@ -110,11 +115,13 @@ class Identities:
         self._store.put_identity(identity)
 
     def record_renewal(self, name: str, cert: NodeCertificate, now: float) -> None:
-        """Add `cert` to the node's serials, forgetting those expired."""
+        """Add `cert` to the node's serials, forgetting those expired, and the oldest past
+        `SERIALS_KEPT`."""
         current = self._store.identity(name)
         if current is None:
             raise NotFound(f"{name} has no identity (it was removed); join again with a bootstrap token")
-        serials = {s: until for s, until in current.serials.items() if until > now}
+        good = [(s, until) for s, until in current.serials.items() if until > now]  # oldest first
+        serials = dict(good[-(SERIALS_KEPT - 1) :])
         serials[cert.serial] = cert.not_after
         self._store.put_identity(dataclasses.replace(current, serials=serials, renewed=now))
 
