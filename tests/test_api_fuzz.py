@@ -87,7 +87,7 @@ def _fuzz(op, url: str, tokens: dict[str, str], session: requests.Session, http:
         for role, token in tokens.items():
             headers = {"Authorization": f"Bearer {token}"}
             where = f"{role}: {case.method} {case.formatted_path}"
-            if case.formatted_path.endswith(("/subscribe", "/watch")):
+            if case.formatted_path.endswith(("/subscribe", "/watch", "/v1/stream")):
                 status, body = _stream(http, case, url, headers)
             else:
                 response = case.call(base_url=url, headers=headers, session=session, verify=session.verify)
@@ -103,8 +103,8 @@ def _fuzz(op, url: str, tokens: dict[str, str], session: requests.Session, http:
 
 
 def _stream(http: httpx.Client, case, url: str, headers: dict[str, str]) -> tuple[int, bytes | None]:
-    """A framework's event stream, or a watch, never ends by itself: its status, and its body
-    when it is an error; then hang up."""
+    """A framework's event stream, the cluster's event stream, or a watch, never ends by
+    itself: its status, and its body when it is an error; then hang up."""
     kwargs = case.as_transport_kwargs(base_url=url, headers=headers)
     with http.stream(
         kwargs["method"], kwargs["url"], headers=kwargs["headers"], json=kwargs.get("json")

@@ -17,6 +17,7 @@ import asyncio
 import ssl
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +202,8 @@ def _route(
 def _broke(route: Failover, url: str, error: httpx.TransportError) -> float:
     why = str(error) or type(error).__name__
     return route.broke(url, why, sent=not isinstance(error, _CONNECT), now=time.monotonic())
+
+
+def segment(value: str) -> str:
+    """`value` as one segment of a path, whatever it holds."""
+    return urllib.parse.quote(value, safe="")

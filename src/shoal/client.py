@@ -15,11 +15,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import socket
 import sys
-import threading
 import time
-import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,14 +28,24 @@ sys.modules.setdefault("httpx._main", None)
 import httpx  # noqa: E402 - after the line above
 from pydantic import BaseModel, TypeAdapter  # noqa: E402
 
+from shoal import sse  # noqa: E402
 from shoal.api_errors import ApiError, api_error  # noqa: E402
-from shoal.calls import Calls  # noqa: E402
+from shoal.calls import Calls, segment  # noqa: E402
 from shoal.clientfile import ClientConfig, load_client_config  # noqa: E402
 from shoal.errors import ShoalError  # noqa: E402
 from shoal.masters import FAILOVER, MASTERS_PATH, PATIENCE, Masters, Patience, Unreachable  # noqa: E402
 from shoal.model import TASK_RECORD, Caller, JobSpec, Migration, Role, TaskRecord  # noqa: E402
 from shoal.node_identity import NodeRemoved  # noqa: E402
+from shoal.service_watch import (  # noqa: E402
+    ENDPOINTS,
+    INDEX_HEADER,
+    Watch,
+    blocking_timeout,
+    service_path,
+    service_query,
+)
 from shoal.services import Endpoint, Registration, ServiceSummary  # noqa: E402
+from shoal.sse import StreamEvent  # noqa: E402
 from shoal.views import (  # noqa: E402
     FrameworkView,
     JobView,
@@ -63,6 +70,9 @@ if TYPE_CHECKING:  # the parallel shell's types, imported where it is used
         Targets,
     )
 
+# Raised by calls, and so part of the SDK as `shoal.client.ApiError` and friends.
+__all__ = ["ApiError", "Client", "Patience", "StreamEvent", "Unreachable", "Verdict", "Watch"]
+
 _JOBS = TypeAdapter(list[JobView])
 _NODES = TypeAdapter(list[NodeView])
 _MASTERS = TypeAdapter(list[MasterView])
@@ -70,11 +80,8 @@ _FRAMEWORKS = TypeAdapter(list[FrameworkView])
 _PLANNED = TypeAdapter(list[PlannedMove])
 _MIGRATIONS = TypeAdapter(list[Migration])
 _SUMMARIES = TypeAdapter(list[ServiceSummary])
-_ENDPOINTS = TypeAdapter(list[Endpoint])
 _TOKENS = TypeAdapter(list[TokenView])
-INDEX_HEADER = "X-Shoal-Index"
 Verdict = Literal["pass", "warn", "fail"]
-_DEFAULT_WAIT, _MAX_WAIT = 300.0, 600.0  # seconds: a blocking query's, as the master has them
 _CHUNK = 1 << 20
 _ENDED = ("complete", "failed", "killed")
 _STREAMING = httpx.Timeout(30.0, read=None)
@@ -178,7 +185,7 @@ class Client:
 
     def revoke_token(self, token_id: str) -> TokenView:
         """Revoke the token of public id `token_id` (as listed) from now on (admin only)."""
-        return TokenView.model_validate(self._call("POST", f"/v1/tokens/{_segment(token_id)}/revoke"))
+        return TokenView.model_validate(self._call("POST", f"/v1/tokens/{segment(token_id)}/revoke"))
 
     def rebalance_plan(self) -> list[PlannedMove]:
         """The moves a rebalancing round would make now (a dry run)."""
@@ -198,7 +205,7 @@ class Client:
 
     def remove_node(self, node: str) -> NodeRemoved:
         """Take `node` out of the cluster; it joins again with a new bootstrap token (admin only)."""
-        return NodeRemoved.model_validate(self._call("DELETE", f"/v1/nodes/{_segment(node)}"))
+        return NodeRemoved.model_validate(self._call("DELETE", f"/v1/nodes/{segment(node)}"))
 
     def events(self, limit: int = 100) -> list[Migration]:
         """Migrations, newest first."""
@@ -228,9 +235,12 @@ class Client:
         once the service has changed past `index`, or after `wait` seconds (None: the master's
         default, five minutes)."""
         response = self._request(
-            "GET", _service_path(name), params=_query(all, tag, index, wait), timeout=_timeout(index, wait)
+            "GET",
+            service_path(name),
+            params=service_query(all, tag, index, wait),
+            timeout=blocking_timeout(index, wait),
         )
-        return _ENDPOINTS.validate_python(response.json()), int(response.headers.get(INDEX_HEADER, 0))
+        return ENDPOINTS.validate_python(response.json()), int(response.headers.get(INDEX_HEADER, 0))
 
     def resolve(self, name: str, tag: str | None = None) -> list[tuple[str, int]]:
         """(address, port) of the service's passing endpoints, in the order the master gives
@@ -267,12 +277,12 @@ class Client:
         """A registration's TTL check, now: passed, warned or failed, with a note its endpoint
         shows as its output. The TTL starts again whatever the verdict."""
         params = {"note": note} if note else {}
-        path = f"/v1/services/{_segment(registration_id)}/{verdict}"
+        path = f"/v1/services/{segment(registration_id)}/{verdict}"
         return int(self._call("PUT", path, params=params)["index"])
 
     def deregister(self, registration_id: str) -> int:
         """Remove a registration (its owner's, or an admin's, to remove)."""
-        return int(self._call("PUT", f"/v1/services/deregister/{_segment(registration_id)}")["index"])
+        return int(self._call("PUT", f"/v1/services/deregister/{segment(registration_id)}")["index"])
 
     def logs(
         self, task_id: str, stream: str = "stdout", offset: int = 0, attempt: int | None = None
@@ -287,6 +297,34 @@ class Client:
         params = {**_log_params(stream, 0, attempt), "follow": "true"}
         with self._stream("GET", f"/v1/tasks/{task_id}/logs", params=params) as response:
             yield from response.iter_bytes()
+
+    def stream(
+        self,
+        topics: Sequence[str] = (),
+        *,
+        job: int | None = None,
+        node: str | None = None,
+        index: int | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Every change the ledger makes, as it happens (`GET /v1/stream`), from now or after
+        `index`. A connection lost after the stream began is followed again from the last
+        event had, so none is missed or seen twice; `StreamGone` (or a 410 `ApiError`) when
+        the master no longer holds that index."""
+        params: dict[str, Any] = {"topic": list(topics)}
+        params |= {k: str(v) for k, v in {"job": job, "node": node}.items() if v is not None}
+        while True:
+            began = False
+            try:
+                after = {} if index is None else {"index": str(index)}
+                with self._stream("GET", "/v1/stream", params=params | after) as response:
+                    began = True
+                    for event in sse.events(response.iter_lines()):
+                        index = event.index
+                        yield event
+                return  # the master ended it: it stands down; follow the next one
+            except Unreachable:
+                if not began:
+                    raise
 
     def exec(self, request: ExecRequest) -> Iterator[Targets | Output | Ended | Fetched]:
         """Run a command on a node set through the agents (admin only); events as they come:
@@ -426,147 +464,6 @@ class _Chunks:
         with open(self._path, "rb") as f:
             while chunk := f.read(_CHUNK):
                 yield chunk
-
-
-class Watch:
-    """A service's endpoints now, then again at every change: an iterator of lists, each in
-    the order the master gives. Made by `Client.watch`; a context manager.
-
-    It runs on blocking queries (`?index=N&wait=...`), not on the server-sent events stream:
-    every query is a bounded request (the wait, then a read timeout), so a master that dies
-    or a connection that silently drops is noticed within one wait, not never; the index
-    makes each query resume where the last left off, over any connection; and nothing parses
-    a stream. Each query goes where the client's calls go (it shares their `Masters`): to the
-    leader, on past masters that are down. When none serves, it is retried with a backoff (up
-    to `MAX_BACKOFF` seconds) and then asked afresh, without an index, so a change made
-    meanwhile (or an index that started over with another master) is not missed. Only the
-    first query raises for lost masters (a wrong URL fails at once); API errors (401, 403,
-    422) always raise.
-
-    A list is given only when it differs from the last one given, as a set: answers list
-    endpoints of equally loaded nodes in a new order every time. `close()`, from any thread,
-    cuts off the query under way and ends the iteration; the watch has its own connection.
-    """
-
-    MAX_BACKOFF = 5.0
-
-    def __init__(self, client: Client, name: str, *, every: bool, tag: str | None, wait: float) -> None:
-        self._path = _service_path(name)
-        self._params = _query(every, tag, 0, wait)
-        self._calls = Calls(
-            client.known,
-            client._token,
-            _timeout(1, wait),
-            client._calls.failover,
-            httpx.Limits(max_connections=1),
-            client._calls.ca,
-            client._calls.patience,
-        )
-        self._closed = self._calls.closed
-        self._lock = threading.Lock()  # between close() and the thread querying
-        self._socket: socket.socket | None = None  # the connection's, to cut a query off
-        self._busy = False
-        self._index: int | None = None  # None: no answer yet; 0: ask without blocking
-        self._last: list[Endpoint] | None = None
-
-    def __iter__(self) -> Watch:
-        return self
-
-    def __enter__(self) -> Watch:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def __next__(self) -> list[Endpoint]:
-        delay = 0.0
-        while not self._closed.is_set():
-            try:
-                endpoints, index = self._query()
-            except (Unreachable, ApiError) as e:
-                if self._closed.is_set():
-                    break
-                if self._index is None or (isinstance(e, ApiError) and e.status < 500):
-                    raise
-                self._index = 0
-                delay = min(self.MAX_BACKOFF, max(0.1, 2 * delay))
-                self._closed.wait(delay)
-                continue
-            if self._closed.is_set():
-                break
-            delay = 0.0
-            self._index = max(index, 1)  # index 0 (never had an endpoint) would not block
-            if self._last is None or _by_id(endpoints) != _by_id(self._last):
-                self._last = endpoints
-                return endpoints
-        self.close()
-        raise StopIteration
-
-    def close(self) -> None:
-        """Stop watching: a query under way is cut off; iterating ends."""
-        with self._lock:
-            self._closed.set()
-            if self._socket is not None:
-                with contextlib.suppress(OSError):
-                    self._socket.shutdown(socket.SHUT_RDWR)
-            if not self._busy:
-                self._calls.close()
-
-    def _query(self) -> tuple[list[Endpoint], int]:
-        with self._lock:
-            if self._closed.is_set():
-                raise Unreachable("the watch is closed")
-            self._busy = True
-        params = {**self._params, "index": str(self._index or 0)}
-        try:
-            response = self._calls.send("GET", self._path, params=params, extensions={"trace": self._trace})
-        finally:
-            with self._lock:
-                self._busy = False
-        if response.is_error:
-            raise api_error(response)
-        return _ENDPOINTS.validate_python(response.json()), int(response.headers.get(INDEX_HEADER, 0))
-
-    def _trace(self, event: str, info: Mapping[str, Any]) -> None:
-        """httpcore's trace of the request: keeps the socket of each new connection."""
-        if event == "connection.connect_tcp.complete":
-            with self._lock:
-                self._socket = info["return_value"].get_extra_info("socket")
-                if self._closed.is_set() and self._socket is not None:
-                    self._socket.shutdown(socket.SHUT_RDWR)
-
-
-def _by_id(endpoints: list[Endpoint]) -> list[Endpoint]:
-    return sorted(endpoints, key=lambda e: e.id)
-
-
-def _segment(value: str) -> str:
-    """`value` as one segment of a path, whatever it holds."""
-    return urllib.parse.quote(value, safe="")
-
-
-def _service_path(name: str) -> str:
-    return f"/v1/services/{_segment(name)}"
-
-
-def _query(every: bool, tag: str | None, index: int, wait: float | None) -> dict[str, str]:
-    params = {"all": "true"} if every else {}
-    if tag is not None:
-        params["tag"] = tag
-    if index:
-        params["index"] = str(index)
-    if wait is not None:
-        params["wait"] = f"{max(0, round(wait * 1000))}ms"
-    return params
-
-
-def _timeout(index: int, wait: float | None) -> httpx.Timeout | Any:
-    """A blocking query may take its whole wait (the master caps it at ten minutes) before
-    answering; anything else, the client's timeout."""
-    if not index:
-        return httpx.USE_CLIENT_DEFAULT
-    waits = min(_MAX_WAIT, _DEFAULT_WAIT if wait is None else wait)
-    return httpx.Timeout(30.0, read=waits + 15.0)
 
 
 @functools.cache

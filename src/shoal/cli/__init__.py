@@ -67,7 +67,7 @@ COMMANDS: dict[str, Entry] = {
     "events": Entry(
         "moves",
         "events",
-        "Migrations, newest first: when, which task, from where to where, how long, why.",
+        "Migrations, newest first; with -f, every change as it happens (the event stream).",
     ),
     "frameworks": Entry(
         "jobs",

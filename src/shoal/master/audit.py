@@ -212,7 +212,11 @@ class Records:
         self.pending, self.written = [], None
         try:
             if (master := self.master()) is not None:
-                master.store.add_audit(*pending)
+                first = master.store.add_audit(*pending)
+                for i, record in enumerate(pending):
+                    record.id = first + i
+                master.broadcast.audited(pending)
+                master.broadcast.wake()
         except ShoalError as e:
             for r in pending:
                 log.warning("%s of %s by %s (%d) went unrecorded: %s", r.kind, r.target, r.who, r.status, e)

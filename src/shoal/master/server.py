@@ -34,12 +34,14 @@ from shoal.framework import protocol as fp
 from shoal.master.auth import Tokens
 from shoal.master.blob_access import BlobAccess
 from shoal.master.blobs import BlobStore
+from shoal.master.broadcast import Broadcast
 from shoal.master.events import (
     AgentGone,
     CloseStream,
     Disconnect,
     Event,
     FromAgent,
+    OffersMade,
     Persist,
     Principal,
     Reply,
@@ -220,6 +222,7 @@ class Master:
         self._replies: dict[int, asyncio.Future[Reply]] = {}
         self.shell = ShellRelay(self._send_to, self.blob_access)
         self.streams: dict[int, asyncio.Queue[bytes | None]] = {}
+        self.broadcast = Broadcast()  # GET /v1/stream
         self._offer_timer: asyncio.TimerHandle | None = None
         # Blocking queries waiting on a service ("": on any), woken only by its changes.
         self._service_changes: dict[str, _Parked] = {}
@@ -242,6 +245,7 @@ class Master:
                         # (maybe this process, afresh) rebuilds from the store.
                         self.deposed = True
                         raise
+                    self.broadcast.changed(command, self.state.ledger)
                 case Send(node=node, frame=frame):
                     if (link := self.links.get(node)) is not None and not link.closed:
                         link.send(encode(frame))
@@ -252,13 +256,18 @@ class Master:
                         link.close(reason)
                         self.shell.on_gone(node)  # its session's end will not say so: it is unlinked
                 case ToFramework(connection=connection, event=event):
-                    self._to_stream(connection, self.state.frameworks.encode(event))
+                    line = self.state.frameworks.encode(event)
+                    self._to_stream(connection, line)
+                    if isinstance(event, OffersMade | fp.Rescind):
+                        self.broadcast.offered(line)
                 case CloseStream(connection=connection):
                     self._to_stream(connection, None)
         if changed := self.state.registry.take_changed():
+            self.broadcast.services_changed(changed)
             for name in (*changed, ANY_SERVICE):
                 if (parked := self._service_changes.pop(name, None)) is not None:
                     parked.changed.set()
+        self.broadcast.wake()
         loop = asyncio.get_running_loop()
         if self.state.wants_cycle:
             loop.call_soon(lambda: self.soon(Tick(time.time())))
@@ -330,6 +339,7 @@ class Master:
         self.links.clear()
         for connection in list(self.streams):
             self._to_stream(connection, None)
+        self.broadcast.close()
         # Calls still waiting were never dispatched: nothing of them was done.
         gone = NotLeading("this master stopped leading before it took the call; it goes to the leader")
         for waiter in [*self._replies.values(), *self._log_waiters.values()]:

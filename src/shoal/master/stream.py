@@ -1,0 +1,160 @@
+"""The event stream's log: every change the ledger makes, as events with an index. Pure.
+
+An event is one record changed (or gone) under a topic: a job, a task, a node, a
+framework, a migration, a registered service, or something not in the ledger that people
+follow as well (offers made, audit records, services' endpoints changed). Each is encoded
+once, as the server-sent-events frame every subscriber gets, when it is appended.
+
+The log keeps the newest `capacity` events in a ring. A subscriber reads from the index
+after the last one it had; one that asks for an index the ring no longer holds is told
+which is the oldest it does hold (`Gone`), never handed a stream with a hole in it.
+
+Indexes grow by one per event and start, when a master starts, from a base above any index
+an earlier master gave (the shell passes the clock in microseconds): a client resuming from
+an index of the master before a restart or a failover is told that index is gone, and
+lists afresh, rather than missing what changed meanwhile.
+
+Who sees what: an event of a job (its job, its tasks, offers and migrations aside) carries
+the job's owner; a user's stream holds only their own jobs' events and the cluster's nodes
+and services. Frameworks, offers, migrations and audit records are for admins and readers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from shoal.master.events import Persist
+from shoal.model import TASK_RECORD
+from shoal.sse import TOPICS
+
+PUBLIC = frozenset({"nodes", "services"})  # topics a user sees whole: the cluster's own
+CAPACITY = 65_536  # events the log keeps
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    index: int
+    topic: str
+    job: int | None  # the job it is of, if any
+    node: str | None  # the node it is on, if any
+    owner: str | None  # the job's owner: a user sees only their own
+    frame: bytes  # as sent: "id: <index>\nevent: <topic>\ndata: <json>\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Which events a subscriber gets. `user`: only that user's jobs' events (and the public
+    topics); None for admins and readers, who see all."""
+
+    topics: frozenset[str] = frozenset(TOPICS)
+    job: int | None = None
+    node: str | None = None
+    user: str | None = None
+
+    def admits(self, event: Event) -> bool:
+        if event.topic not in self.topics:
+            return False
+        if self.job is not None and event.job != self.job:
+            return False
+        if self.node is not None and event.node != self.node:
+            return False
+        if self.user is None:
+            return True
+        return event.owner == self.user if event.owner is not None else event.topic in PUBLIC
+
+
+class Gone(Exception):
+    """The index asked for is no longer (or never was) in this master's log."""
+
+    def __init__(self, asked: int, oldest: int) -> None:
+        super().__init__(
+            f"event {asked} is not in this master's stream, which holds the events after "
+            f"{oldest - 1} (the newest {CAPACITY} since it started or took over): resume after "
+            f"{oldest - 1} for what it holds, or list afresh and follow from now"
+        )
+        self.asked = asked
+        self.oldest = oldest
+
+
+class EventLog:
+    def __init__(self, base: int, capacity: int = CAPACITY) -> None:
+        self.capacity = capacity
+        self._ring: list[Event | None] = [None] * capacity
+        self.first = base + 1  # the index of the oldest event kept
+        self.next = base + 1  # the index the next event gets
+
+    @property
+    def last(self) -> int:
+        """The index of the newest event (the base while there is none)."""
+        return self.next - 1
+
+    def append(
+        self,
+        topic: str,
+        kind: str,
+        record: object,
+        at: float,
+        *,
+        job: int | None = None,
+        node: str | None = None,
+        owner: str | None = None,
+    ) -> Event:
+        """Add an event: `kind` ("changed", "removed", ...) of `record`, a JSON value or the
+        bytes of one (encoded already: a record the store encodes is not encoded twice)."""
+        index = self.next
+        data = record if isinstance(record, bytes) else json.dumps(record, separators=(",", ":")).encode()
+        head = json.dumps(
+            {"index": index, "topic": topic, "type": kind, "at": at, "job": job, "node": node},
+            separators=(",", ":"),
+        ).encode()
+        frame = b'id: %d\nevent: %s\ndata: %s,"record":%s}\n\n' % (index, topic.encode(), head[:-1], data)
+        event = Event(index, topic, job, node, owner, frame)
+        self._ring[index % self.capacity] = event
+        self.next = index + 1
+        if self.next - self.first > self.capacity:
+            self.first = self.next - self.capacity
+        return event
+
+    def after(self, index: int) -> Iterator[Event]:
+        """The events after `index`, oldest first. `Gone` (at once) when some are no longer
+        kept, or `index` is not one this log could have given."""
+        if index < self.first - 1 or index > self.last:
+            raise Gone(index, self.first)
+        return self._from(index + 1, self.next)
+
+    def _from(self, start: int, stop: int) -> Iterator[Event]:
+        ring, capacity = self._ring, self.capacity
+        for i in range(start, stop):
+            event = ring[i % capacity]
+            assert event is not None
+            yield event
+
+
+def record_changes(log: EventLog, changes: Persist, owner_of: Callable[[int], str | None], at: float) -> None:
+    """The events of one batch of the ledger's changes. `owner_of`: a job's owner (None when
+    the job is gone: the event is then for admins and readers)."""
+    for job in changes.jobs:
+        log.append("jobs", "changed", job.model_dump_json().encode(), at, job=job.id, owner=job.owner)
+    for job_id in changes.forgotten_jobs:  # past retention: gone with its tasks
+        log.append("jobs", "removed", {"id": job_id}, at, job=job_id)
+    for task in changes.tasks:
+        owner = owner_of(task.job_id)
+        log.append(
+            "tasks", "changed", TASK_RECORD.dump_json(task), at, job=task.job_id, node=task.node, owner=owner
+        )
+    for node in changes.nodes:
+        log.append("nodes", "changed", node.model_dump_json().encode(), at, node=node.name)
+    for framework in changes.frameworks:
+        log.append("frameworks", "changed", framework.model_dump_json().encode(), at)
+    for move in changes.migrations:
+        log.append(
+            "migrations", "changed", move.model_dump_json().encode(), at, job=move.job_id, node=move.source
+        )
+    for move_id in changes.forgotten_migrations:
+        log.append("migrations", "removed", {"id": move_id}, at)
+    for registration in changes.registrations:
+        log.append("services", "registered", registration.model_dump_json().encode(), at)
+    for registration_id in changes.forgotten_registrations:
+        log.append("services", "deregistered", {"id": registration_id}, at)

@@ -1,0 +1,67 @@
+"""`GET /v1/stream`: the event stream as server-sent events (shoal.master.broadcast feeds it).
+
+A client starts from now, or resumes after an index (`Last-Event-ID`, as browsers'
+EventSource send it, or `?index=`); an index the log no longer holds is answered 410 before
+anything is streamed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import StreamingResponse
+
+from shoal.errors import SpecError
+from shoal.master.deps import CallerDep, MasterDep
+from shoal.master.stream import Filter, Gone
+from shoal.model import Role
+from shoal.sse import TOPICS
+from shoal.views import ErrorBody
+
+SUBSCRIBERS = 1024  # streams a master serves at once, at most
+
+router = APIRouter()
+
+
+@router.get(
+    "/v1/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, 410: {"model": ErrorBody}},
+)
+async def stream(
+    master: MasterDep,
+    caller: CallerDep,
+    topic: Annotated[
+        list[str] | None, Query(max_length=len(TOPICS), description="topics (default: all)")
+    ] = None,
+    job: Annotated[int | None, Query(ge=0, le=2**62, description="only this job's events")] = None,
+    node: Annotated[str | None, Query(max_length=253, description="only events on this node")] = None,
+    index: Annotated[int | None, Query(ge=0, le=2**62, description="resume after this index")] = None,
+    last_event_id: Annotated[int | None, Header(ge=0, le=2**62)] = None,
+) -> StreamingResponse:
+    """Every change the ledger makes, as server-sent events (`id` the index, `event` the
+    topic, `data` the change as JSON), from now or after an index. Users get only their
+    own jobs' events and the cluster's nodes and services."""
+    broadcast = master.broadcast
+    if unknown := sorted(set(topic or ()) - set(TOPICS)):
+        raise SpecError("topic", f"no topic {', '.join(unknown)}: topics are {', '.join(TOPICS)}")
+    if broadcast.subscribers >= SUBSCRIBERS:
+        raise SpecError("stream", f"this master serves {SUBSCRIBERS} streams already; try again later", 503)
+    after = index if index is not None else last_event_id
+    cursor = broadcast.log.last if after is None else after
+    try:
+        broadcast.log.after(cursor)
+    except Gone as e:
+        raise SpecError("index", str(e), status=410) from None
+    which = Filter(
+        topics=frozenset(topic or TOPICS),
+        job=job,
+        node=node,
+        user=caller.name if caller.role is Role.USER else None,
+    )
+    return StreamingResponse(
+        broadcast.follow(cursor, which),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,106 @@
+"""The event log hands each reader the events after its index, in order, none twice and
+none missed, or says plainly that it no longer holds them; a user's filter lets through only
+their own jobs' events and the cluster's public ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shoal.master.events import Persist
+from shoal.master.stream import PUBLIC, EventLog, Filter, Gone, record_changes
+from shoal.model import JobRecord, JobSpec, TaskRecord
+from shoal.sse import TOPICS, events
+
+BASE = 1_000_000
+
+
+def _data(event_frame: bytes) -> dict:
+    (line,) = [x for x in event_frame.decode().splitlines() if x.startswith("data: ")]
+    return json.loads(line.removeprefix("data: "))
+
+
+@given(
+    st.lists(st.integers(0, 20), max_size=30),  # events appended between reads
+    st.integers(1, 16),  # capacity
+    st.data(),
+)
+def test_a_reader_gets_every_event_after_its_index_once_or_is_told_they_are_gone(
+    bursts: list[int], capacity: int, data: st.DataObject
+) -> None:
+    log = EventLog(base=BASE, capacity=capacity)
+    appended: list[int] = []
+    cursor = BASE
+    had: list[int] = []
+    for burst in bursts:
+        for _ in range(burst):
+            appended.append(log.append("tasks", "changed", {"n": len(appended)}, 0.0).index)
+        if data.draw(st.booleans()):
+            continue  # this reader lets the log run on
+        if appended and cursor < appended[-1] - capacity:
+            with pytest.raises(Gone) as gone:
+                log.after(cursor)
+            assert gone.value.oldest == appended[-1] - capacity + 1
+            cursor = gone.value.oldest - 1  # resumes from what is held, knowingly
+            had = [i for i in had if i <= cursor]
+            continue
+        for event in log.after(cursor):
+            assert _data(event.frame)["index"] == event.index
+            had.append(event.index)
+            cursor = event.index
+    assert had == sorted(set(had)), "an event twice or out of order"
+    assert all(i in appended for i in had)
+    assert log.last == (appended[-1] if appended else BASE)
+
+
+def test_an_index_this_log_never_gave_is_gone() -> None:
+    log = EventLog(base=BASE)
+    log.append("jobs", "changed", {}, 0.0)
+    with pytest.raises(Gone, match="list afresh"):
+        log.after(5)  # an earlier master's
+    with pytest.raises(Gone):
+        log.after(BASE + 10)  # not given yet
+    assert [e.index for e in log.after(BASE)] == [BASE + 1]
+
+
+def test_the_frames_read_back_as_they_were_made() -> None:
+    log = EventLog(base=BASE)
+    job = JobRecord(id=7, owner="alice", spec=JobSpec(name="x", command=["true"]), submitted_at=1.0)
+    task = TaskRecord(id="7.0", job_id=7, index=0, node="n1")
+    record_changes(log, Persist(jobs=(job,), tasks=(task,), forgotten_jobs=(3,)), {7: "alice"}.get, 2.0)
+    lines = b"".join(e.frame for e in log.after(BASE)).decode().splitlines()
+    read = list(events(lines))
+    assert [(e.topic, e.type, e.job, e.node) for e in read] == [
+        ("jobs", "changed", 7, None),
+        ("jobs", "removed", 3, None),
+        ("tasks", "changed", 7, "n1"),
+    ]
+    assert read[0].record["owner"] == "alice" and read[2].record["id"] == "7.0"
+    assert [e.index for e in read] == [BASE + 1, BASE + 2, BASE + 3]
+
+
+@given(st.sampled_from(TOPICS), st.sampled_from(["alice", "bob", None]), st.sampled_from(["alice", None]))
+def test_a_user_sees_their_own_jobs_and_the_public_topics_only(
+    topic: str, owner: str | None, user: str | None
+) -> None:
+    log = EventLog(base=BASE)
+    event = log.append(topic, "changed", {}, 0.0, owner=owner)
+    admitted = Filter(user=user).admits(event)
+    if user is None:
+        assert admitted  # admins and readers see all
+    elif owner is not None:
+        assert admitted == (owner == user)
+    else:
+        assert admitted == (topic in PUBLIC)
+
+
+def test_filters_by_topic_job_and_node() -> None:
+    log = EventLog(base=BASE)
+    a = log.append("tasks", "changed", {}, 0.0, job=1, node="n1", owner="u")
+    b = log.append("tasks", "changed", {}, 0.0, job=2, node="n2", owner="u")
+    c = log.append("nodes", "changed", {}, 0.0, node="n1")
+    assert [e for e in (a, b, c) if Filter(topics=frozenset({"tasks"}), job=2).admits(e)] == [b]
+    assert [e for e in (a, b, c) if Filter(node="n1").admits(e)] == [a, c]

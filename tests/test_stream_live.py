@@ -1,0 +1,165 @@
+"""The event stream on a live cluster: a subscriber that reconnects with its last index
+misses no event and sees none twice; a user's stream carries no other user's jobs; an index
+the master no longer holds is answered 410; `shoal events -f` follows it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from shoal.client import ApiError
+from shoal.errors import ShoalError
+from shoal.model import JobSpec, Role
+from shoal.sse import StreamEvent
+from shoal.testing.live import LiveCluster, live_cluster
+
+WAIT = 30.0  # seconds a stream may take to bring what a test waits for
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
+    with live_cluster(tmp_path_factory.mktemp("stream"), agents=2) as cluster:
+        yield cluster
+
+
+def _token(cluster: LiveCluster, name: str) -> str:
+    with cluster.client() as client:
+        return client.create_token(name, Role.USER).token
+
+
+class Follower:
+    """Reads a stream on a thread of its own until `until` says it has had enough."""
+
+    def __init__(self, cluster: LiveCluster, token: str | None = None, **options: object) -> None:
+        self.events: list[StreamEvent] = []
+        self.client = cluster.client(token)
+        self._stream = self.client.stream(**options)  # type: ignore[arg-type]
+        self._enough = threading.Event()
+        self._closed = False
+        self._until = lambda events: False
+        self.thread = threading.Thread(target=self._read, daemon=True)
+
+    def start(self) -> Follower:
+        self.thread.start()
+        return self
+
+    def _read(self) -> None:
+        try:
+            for event in self._stream:
+                self.events.append(event)
+                if self._until(self.events):
+                    self._enough.set()
+                    return
+        except ShoalError:
+            if not self._closed:
+                raise
+
+    def wait_for(self, until: object) -> list[StreamEvent]:
+        self._until = until  # type: ignore[assignment]
+        if not self._until(self.events):
+            assert self._enough.wait(WAIT), f"the stream did not bring it; it brought {self.events[-5:]}"
+        return self.events
+
+    def close(self) -> None:
+        self._closed = True
+        self.client.close()
+
+
+def _finished(job_id: int, tasks: int = 1) -> object:
+    def enough(events: list[StreamEvent]) -> bool:
+        done = {
+            e.record["id"]
+            for e in events
+            if e.topic == "tasks" and e.job == job_id and e.record["state"] == "finished"
+        }
+        return len(done) >= tasks
+
+    return enough
+
+
+def test_a_user_stream_carries_only_their_own_jobs(cluster: LiveCluster) -> None:
+    alice, bob = _token(cluster, "alice"), _token(cluster, "bob")
+    follower = Follower(cluster, alice).start()
+    with cluster.client(bob) as b, cluster.client(alice) as a:
+        theirs = b.submit(JobSpec(name="bobs", command=["true"]))
+        mine = a.submit(JobSpec(name="alices", command=["true"]))
+    events = follower.wait_for(_finished(mine))
+    follower.close()
+    jobs = {e.job for e in events if e.job is not None}
+    assert mine in jobs and theirs not in jobs
+    assert {e.topic for e in events} <= {"jobs", "tasks", "nodes", "services", "migrations"}
+
+
+def test_a_subscriber_that_reconnects_from_its_last_index_misses_none_and_sees_none_twice(
+    cluster: LiveCluster,
+) -> None:
+    whole = Follower(cluster).start()  # stays connected throughout: the reference
+    first = Follower(cluster, topics=["jobs", "tasks"]).start()
+    with cluster.client() as client:
+        one = client.submit(JobSpec(name="one", command=["true"], count=3))
+        first.wait_for(_finished(one, 3))
+        first.close()  # gone: what follows happens while it is away
+        two = client.submit(JobSpec(name="two", command=["true"], count=3))
+        again = Follower(cluster, topics=["jobs", "tasks"], index=first.events[-1].index).start()
+        again.wait_for(_finished(two, 3))
+    end = again.events[-1].index
+    whole.wait_for(lambda events: events[-1].index >= end)
+    whole.close()
+    again.close()
+    had = [e.index for e in first.events + again.events]
+    reference = [
+        e.index
+        for e in whole.events
+        if e.topic in ("jobs", "tasks") and first.events[0].index <= e.index <= end
+    ]
+    assert had == reference  # none missed, none twice, in order
+
+
+def test_an_index_no_longer_held_is_answered_410_and_a_bad_topic_422(cluster: LiveCluster) -> None:
+    with cluster.client() as client, pytest.raises(ApiError) as gone:
+        next(iter(client.stream(index=5)))
+    assert gone.value.status == 410 and "list afresh" in str(gone.value)
+    answer = httpx.get(
+        f"{cluster.url}/v1/stream",
+        params={"topic": "weather"},
+        headers={"Authorization": f"Bearer {cluster.admin_token}"},
+    )
+    assert answer.status_code == 422 and "no topic weather" in answer.text
+
+
+def test_shoal_events_follow_prints_each_change_as_a_json_line(cluster: LiveCluster) -> None:
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "events", "-f", "--topic", "tasks", "--json"],
+        env=cluster.cli_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[dict] = queue.Queue()
+    assert follow.stdout is not None
+    reader = threading.Thread(target=lambda: [lines.put(json.loads(x)) for x in follow.stdout], daemon=True)
+    reader.start()
+    seen: list[dict] = []
+    submitted: set[int] = set()
+    deadline = time.monotonic() + WAIT
+    try:
+        with cluster.client() as client:
+            # Until the command has subscribed, a job may come and go unseen: submit again.
+            while not any(e["job"] in submitted and e["record"]["state"] == "finished" for e in seen):
+                assert time.monotonic() < deadline, f"shoal events -f printed {seen}"
+                submitted.add(client.submit(JobSpec(name="cli", command=["true"])))
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        seen.append(lines.get(timeout=2))
+        assert seen and all(e["topic"] == "tasks" for e in seen)
+    finally:
+        follow.kill()
+        follow.wait()
