@@ -288,3 +288,20 @@ def test_an_oversized_head_gets_431(master: LiveCluster) -> None:
         answer = _read_all(s)
     assert answer.startswith(b"HTTP/1.1 431 ")
     assert {"error", "fields"} <= json.loads(answer.split(b"\r\n\r\n", 1)[1]).keys()
+
+
+def test_a_second_authorization_header_does_not_take_a_tokens_calls_off_its_count(
+    master: LiveCluster,
+) -> None:
+    """The routes read the first Authorization header: so does the count. A made-up token
+    added after it once had the calls counted against the address instead, so that a token
+    spread over many addresses passed its rate."""
+    token = _token(master, "two-headers", "user")["Authorization"]
+    with httpx.Client(base_url=master.url) as http:
+        assert http.get("/v1/whoami", headers={"Authorization": token}).status_code == 200  # known
+    doubled = httpx.Headers([("Authorization", token), ("Authorization", "Bearer made-up")])
+    answers = asyncio.run(_flood(master.url, doubled, 40))
+    assert {a.status_code for a in answers} == {200, 429}
+    assert all(a.json()["name"] == "two-headers" for a in answers if a.status_code == 200)
+    with httpx.Client(base_url=master.url, headers={"Authorization": token}) as http:
+        assert 429 in [http.get("/v1/whoami").status_code for _ in range(5)]

@@ -200,13 +200,17 @@ class Limits:
 
 
 def _read_headers(scope: Scope) -> tuple[bytes | None, int | None, bool]:
-    """The bearer token, the Content-Length and whether the body is chunked."""
+    """The bearer token, the Content-Length and whether the body is chunked. The token is
+    that of the first Authorization header, the one the routes read (Starlette's
+    `headers.get`): a call is counted against the token it is made with, whatever other
+    Authorization headers it adds."""
     token = length = None
-    chunked = False
+    chunked = authorized = False
     for name, value in scope["headers"]:
         if name == b"authorization":
-            if value[:7].lower() == b"bearer ":
+            if not authorized and value[:7].lower() == b"bearer ":
                 token = value[7:].strip() or None
+            authorized = True
         elif name == b"content-length":
             try:
                 length = int(value)
