@@ -37,13 +37,16 @@ def _token(cluster: LiveCluster, name: str) -> str:
 
 
 class Follower:
-    """Reads a stream on a thread of its own until `until` says it has had enough."""
+    """Reads a stream on a thread of its own, until it ends or its client is closed;
+    `wait_for` waits until what it read satisfies a condition."""
 
     def __init__(self, cluster: LiveCluster, token: str | None = None, **options: object) -> None:
         self.events: list[StreamEvent] = []
         self.client = cluster.client(token)
         self._stream = self.client.stream(**options)  # type: ignore[arg-type]
         self._enough = threading.Event()
+        self.error: ShoalError | None = None
+        self._lock = threading.Lock()
         self._closed = False
         self._until = lambda events: False
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -55,22 +58,26 @@ class Follower:
     def _read(self) -> None:
         try:
             for event in self._stream:
-                self.events.append(event)
+                with self._lock:
+                    if self._closed:
+                        return
+                    self.events.append(event)
                 if self._until(self.events):
                     self._enough.set()
-                    return
-        except ShoalError:
-            if not self._closed:
-                raise
+        except ShoalError as e:
+            self.error = e  # the stream ended with it
 
     def wait_for(self, until: object) -> list[StreamEvent]:
         self._until = until  # type: ignore[assignment]
+        self._enough.clear()
         if not self._until(self.events):
             assert self._enough.wait(WAIT), f"the stream did not bring it; it brought {self.events[-5:]}"
         return self.events
 
     def close(self) -> None:
-        self._closed = True
+        """Take no more events (the connection goes when the next one comes)."""
+        with self._lock:
+            self._closed = True
         self.client.close()
 
 
@@ -163,3 +170,18 @@ def test_shoal_events_follow_prints_each_change_as_a_json_line(cluster: LiveClus
     finally:
         follow.kill()
         follow.wait()
+
+
+def test_a_stream_ends_once_its_token_is_revoked(cluster: LiveCluster) -> None:
+    with cluster.client() as admin:
+        made = admin.create_token("carol", Role.USER)
+        follower = Follower(cluster, made.token).start()
+        with cluster.client(made.token) as carol:
+            job = carol.submit(JobSpec(name="carols", command=["true"]))
+        follower.wait_for(_finished(job))
+        admin.revoke_token(made.id)
+        admin.submit(JobSpec(name="after", command=["true"]))  # the stream wakes: not carol's
+    follower.thread.join(WAIT)
+    assert not follower.thread.is_alive(), "the stream went on after its token was revoked"
+    assert isinstance(follower.error, ApiError) and follower.error.status == 401
+    assert all(e.job in (None, job) for e in follower.events)

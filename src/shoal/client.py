@@ -307,12 +307,13 @@ class Client:
         index: int | None = None,
     ) -> Iterator[StreamEvent]:
         """Every change the ledger makes, as it happens (`GET /v1/stream`), from now or after
-        `index`. A connection lost after the stream began is followed again from the last
-        event had, so none is missed or seen twice; `StreamGone` (or a 410 `ApiError`) when
-        the master no longer holds that index."""
+        `index`. A stream lost or ended after it began (its master stood down, or the
+        connection broke) is followed again from the last event had, on the leader, so none
+        is missed or seen twice; `StreamGone` (or a 410 `ApiError`) when the master no longer
+        holds that index, a 401 `ApiError` once the token is revoked or expired."""
         params: dict[str, Any] = {"topic": list(topics)}
         params |= {k: str(v) for k, v in {"job": job, "node": node}.items() if v is not None}
-        while True:
+        while not self._calls.closed.is_set():  # closing the client ends it
             began = False
             try:
                 after = {} if index is None else {"index": str(index)}
@@ -321,7 +322,6 @@ class Client:
                     for event in sse.events(response.iter_lines()):
                         index = event.index
                         yield event
-                return  # the master ended it: it stands down; follow the next one
             except Unreachable:
                 if not began:
                     raise

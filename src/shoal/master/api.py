@@ -23,7 +23,15 @@ from shoal.framework import protocol as fp
 from shoal.master import ha, identity_api, service_api, stream_api, token_api
 from shoal.master.audit import AuditTrail, kept, record_for
 from shoal.master.audit import router as audit_router
-from shoal.master.deps import CallerDep, MasterDep, Unauthorized, admin, anyone, writer
+from shoal.master.deps import (
+    CallerDep,
+    MasterDep,
+    Unauthorized,
+    admin,
+    anyone,
+    while_token_holds,
+    writer,
+)
 from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, RebalanceNow, Submit
 from shoal.master.ha import FollowerGate
 from shoal.master.limits import LimitPolicy, Limits
@@ -223,6 +231,7 @@ def _routes(app: FastAPI, run_as: RunAs) -> None:
 
     @app.get("/v1/tasks/{task_id}/logs", response_class=Response)
     async def logs(
+        request: Request,
         task_id: str,
         master: MasterDep,
         caller: CallerDep,
@@ -236,9 +245,8 @@ def _routes(app: FastAPI, run_as: RunAs) -> None:
         if attempt > current.attempt:
             raise SpecError("attempt", f"task {task_id} has had {current.attempt + 1} attempts", status=404)
         if follow:
-            return StreamingResponse(
-                master.follow_log(task_id, attempt, stream, offset), media_type="application/octet-stream"
-            )
+            chunks = while_token_holds(request, master.follow_log(task_id, attempt, stream, offset))
+            return StreamingResponse(chunks, media_type="application/octet-stream")
         piece = await master.read_log(current, attempt, stream, offset)
         return Response(piece.data, media_type="application/octet-stream")
 
@@ -349,11 +357,11 @@ def _routes(app: FastAPI, run_as: RunAs) -> None:
         },
     )
     async def subscribe(
-        body: fp.Subscribe, master: MasterDep, caller: Annotated[Caller, Depends(writer)]
+        request: Request, body: fp.Subscribe, master: MasterDep, caller: Annotated[Caller, Depends(writer)]
     ) -> StreamingResponse:
         """Subscribe a framework (or take one up again) and stream its events."""
         events = await master.subscribe(_principal(caller), body)
-        return StreamingResponse(events, media_type=_NDJSON)
+        return StreamingResponse(while_token_holds(request, events), media_type=_NDJSON)
 
     @app.post("/v1/frameworks/{framework_id}/call", response_model=fp.Accepted | dict[str, str])
     async def framework_call(

@@ -80,8 +80,9 @@ class Broadcast:
                     return
                 if events:
                     cursor = events[-1].index
-                    if chunk := b"".join(e.frame for e in events if which.admits(e)):
-                        yield chunk
+                    # Empty when none is admitted: yielded still, so what consumes it may
+                    # look again at the caller (see shoal.master.deps.while_token_holds).
+                    yield b"".join(e.frame for e in events if which.admits(e))
                     if len(events) == CHUNK:
                         continue  # more is there already
                 try:

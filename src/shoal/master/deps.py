@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -46,6 +48,24 @@ async def caller_of(request: Request) -> Caller:
         raise Unauthorized("a valid API token is required: Authorization: Bearer <token>")
     request.state.principal = caller  # whom the audit trail names
     return caller
+
+
+def while_token_holds(request: Request, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`chunks`, for as long as the call's token holds: a stream outlives the check made when
+    it opened, so a token revoked or expired meanwhile ends it at its next chunk (a quiet
+    stream's next is its keep-alive)."""
+    token = bearer(request.headers.get("authorization", ""))
+    tokens = request.app.state.tokens
+
+    async def held() -> AsyncIterator[bytes]:
+        async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+            async for chunk in chunks:
+                if token is None or tokens.caller(token) is None:
+                    return
+                if chunk:
+                    yield chunk
+
+    return held()
 
 
 async def writer(caller: Annotated[Caller, Depends(caller_of)]) -> Caller:

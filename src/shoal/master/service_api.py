@@ -14,12 +14,12 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Response
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from shoal.checks import OUTPUT_LIMIT, CheckStatus
 from shoal.errors import SpecError
-from shoal.master.deps import CallerDep, MasterDep, writer
+from shoal.master.deps import CallerDep, MasterDep, while_token_holds, writer
 from shoal.master.events import CheckService, DeregisterService, RegisterService
 from shoal.master.server import ANY_SERVICE, Master
 from shoal.model import Caller
@@ -105,6 +105,7 @@ async def service(
 
 @router.get("/v1/services/{name}/watch", response_class=StreamingResponse)
 async def watch(
+    request: Request,
     name: Name,
     master: MasterDep,
     caller: CallerDep,
@@ -113,7 +114,8 @@ async def watch(
 ) -> StreamingResponse:
     """Server-sent events: `endpoints` now, then again at every change of this service."""
     name = _service_name(name)
-    return StreamingResponse(_events(master, name, _set(all), tag), media_type="text/event-stream")
+    events = while_token_holds(request, _events(master, name, _set(all), tag))
+    return StreamingResponse(events, media_type="text/event-stream")
 
 
 async def _events(master: Master, name: str, every: bool, tag: str | None) -> AsyncIterator[bytes]:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from shoal.errors import SpecError
-from shoal.master.deps import CallerDep, MasterDep
+from shoal.master.deps import CallerDep, MasterDep, while_token_holds
 from shoal.master.stream import Filter, Gone
 from shoal.model import Role
 from shoal.sse import TOPICS
@@ -30,6 +30,7 @@ router = APIRouter()
     responses={200: {"content": {"text/event-stream": {}}}, 410: {"model": ErrorBody}},
 )
 async def stream(
+    request: Request,
     master: MasterDep,
     caller: CallerDep,
     topic: Annotated[
@@ -61,7 +62,7 @@ async def stream(
         user=caller.name if caller.role is Role.USER else None,
     )
     return StreamingResponse(
-        broadcast.follow(cursor, which),
+        while_token_holds(request, broadcast.follow(cursor, which)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
