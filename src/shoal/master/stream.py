@@ -3,7 +3,9 @@
 An event is one record changed (or gone) under a topic: a job, a task, a node, a
 framework, a migration, a registered service, or something not in the ledger that people
 follow as well (offers made, audit records, services' endpoints changed). Each is encoded
-once, as the server-sent-events frame every subscriber gets, when it is appended.
+once, as the server-sent-events frame every subscriber gets, when it is appended. A job's
+tasks are pending from the job's own event on (the ledger makes them with it); their
+`tasks` events are their changes after that.
 
 The log keeps the newest `capacity` events in a ring. A subscriber reads from the index
 after the last one it had; one that asks for an index the ring no longer holds is told
