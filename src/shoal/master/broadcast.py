@@ -23,6 +23,10 @@ from shoal.shell.protocol import AuditRecord
 
 KEEP_ALIVE = 15.0  # seconds between comments on a quiet stream, so proxies keep it open
 CHUNK = 1024  # events written at most at once
+# Seconds subscribers are woken apart, at least: a busy master dispatches hundreds of times
+# a second, and a write per dispatch per subscriber would cost more than the events.
+WAKE_EVERY = 0.05
+EVERYTHING = Filter()  # an admin's stream of every topic: each event admitted without a look
 
 
 class Broadcast:
@@ -33,6 +37,11 @@ class Broadcast:
         self.closed = False
         self._grew = asyncio.Event()
         self._told = self.log.last  # the newest index subscribers were woken for
+        self._waking: asyncio.TimerHandle | None = None
+        # What subscribers at one index with one filter are sent, made once for them all:
+        # (index, newest index, filter) -> (the chunk, the index it ends at). Emptied at
+        # each wake, when the newest index moves on.
+        self._made: dict[tuple[int, int, Filter], tuple[bytes, int]] = {}
 
     def changed(self, changes: Persist, ledger: Ledger) -> None:
         def owner_of(job_id: int) -> str | None:
@@ -54,39 +63,60 @@ class Broadcast:
             self.log.append("services", "endpoints", {"service": name}, time.time())
 
     def wake(self) -> None:
-        """Wake the subscribers if anything was appended since they were last woken."""
-        if self.log.last != self._told:
-            self._told = self.log.last
-            grew, self._grew = self._grew, asyncio.Event()
-            grew.set()
+        """Wake the subscribers, soon, if anything was appended since they were last woken."""
+        if self.log.last != self._told and self._waking is None:
+            self._waking = asyncio.get_running_loop().call_later(WAKE_EVERY, self._wake_now)
+
+    def _wake_now(self) -> None:
+        self._waking = None
+        self._told = self.log.last
+        self._made.clear()
+        grew, self._grew = self._grew, asyncio.Event()
+        grew.set()
+
+    def _chunk(self, cursor: int, which: Filter) -> tuple[bytes, int]:
+        """The frames after `cursor` that `which` admits, `CHUNK` events at most, and the
+        index they end at. Empty when none is admitted: yielded still, so what consumes the
+        stream may look again at the caller (see shoal.master.deps.while_token_holds)."""
+        key = (cursor, self.log.last, which)
+        if (made := self._made.get(key)) is None:
+            events = list(islice(self.log.after(cursor), CHUNK))
+            admitted = (
+                (e.frame for e in events if which.admits(e))
+                if which != Filter()
+                else (e.frame for e in events)
+            )
+            made = self._made[key] = (b"".join(admitted), events[-1].index if events else cursor)
+        return made
 
     def close(self) -> None:
         """This master stops serving: every stream ends (the client follows the leader)."""
         self.closed = True
+        if self._waking is not None:
+            self._waking.cancel()
         self._grew.set()
 
     async def follow(self, cursor: int, which: Filter) -> AsyncIterator[bytes]:
         """The frames after `cursor` that `which` admits, as they come."""
-        log = self.log
         self.subscribers += 1
         try:
             yield b": following from %d\n\n" % cursor  # the answer's head goes out now
             while not self.closed:
                 grew = self._grew
                 try:
-                    events = list(islice(log.after(cursor), CHUNK))
+                    chunk, reached = self._chunk(cursor, which)
                 except Gone as e:
                     yield _gone(e)
                     return
-                if events:
-                    cursor = events[-1].index
-                    # Empty when none is admitted: yielded still, so what consumes it may
-                    # look again at the caller (see shoal.master.deps.while_token_holds).
-                    yield b"".join(e.frame for e in events if which.admits(e))
-                    if len(events) == CHUNK:
-                        continue  # more is there already
+                if reached != cursor:
+                    more = reached - cursor == CHUNK  # more is there already
+                    cursor = reached
+                    yield chunk
+                    if more:
+                        continue
                 try:
-                    await asyncio.wait_for(grew.wait(), KEEP_ALIVE)
+                    async with asyncio.timeout(KEEP_ALIVE):
+                        await grew.wait()
                 except TimeoutError:
                     yield b": keep-alive\n\n"
         finally:
