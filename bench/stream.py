@@ -17,8 +17,9 @@ index and the master's time (`at`) of the first and last frame of each read, so 
 (read time - the time the master made the change, one clock) is sampled at the oldest and
 newest event of every read, the worst and the best.
 
-`delivered_all`: every subscriber read every index from its first to the master's last,
-once (no frame missed, none twice, no `gone`). Prints one JSON line last: tls,
+Once the load is over, each subscriber reads on until it has the master's last index (for
+`GIVE_UP` seconds at most). `delivered_all`: every subscriber read every index from its
+first to the master's last, once (no frame missed, none twice, no `gone`). Prints one JSON line last: tls,
 subscribers, offered_rate (changes a second the load asked for), changes_per_s (made, by
 the master's index over the measured seconds), delivered_all, lag_p50_ms, lag_p99_ms,
 master_cpu (cores), sub_cpu (the busiest subscriber process's share of a core).
@@ -41,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -49,7 +51,7 @@ import psutil
 from shoal.testing.live import LiveCluster
 
 NICE = 10
-SETTLE = 2.0  # seconds of quiet, once the load's time is up, that end a subscriber's reading
+GIVE_UP = 120.0  # seconds after the load's end a subscriber waits for the last event, at most
 # Changes of a pair besides its tasks' kills: the job made, then killed, and an audit record
 # of each call. (A job's tasks are pending from the job's own event: they change first when
 # killed.)
@@ -62,7 +64,6 @@ class Follow:
     ca: str | None
     token: str
     streams: int
-    seconds: float  # how long to read
 
 
 @dataclass(slots=True)
@@ -92,18 +93,22 @@ def _frame_fields(frame: bytes) -> tuple[int, float]:
     return fields["index"], fields["at"]
 
 
-async def _subscriber(session: object, follow: Follow, end: float) -> Seen:
+async def _subscriber(session: object, follow: Follow, stop_at: Any) -> Seen:
+    """Read until the index in `stop_at` (0 until the load is over) is had."""
     seen = Seen()
     headers = {"Authorization": f"Bearer {follow.token}"}
     async with session.get(f"{follow.url}/v1/stream", headers=headers) as response:  # type: ignore[attr-defined]
         assert response.status == 200, response.status
         pending = b""
-        while True:
+        give_up = None
+        while not (stop_at.value and seen.last >= stop_at.value):
+            if stop_at.value and give_up is None:
+                give_up = time.monotonic() + GIVE_UP
+            if give_up is not None and time.monotonic() > give_up:
+                break
             try:
-                chunk = await asyncio.wait_for(response.content.readany(), max(SETTLE, end - time.time()))
+                chunk = await asyncio.wait_for(response.content.readany(), 1.0)
             except TimeoutError:
-                if time.time() >= end:
-                    break
                 continue
             if not chunk:
                 break
@@ -113,8 +118,6 @@ async def _subscriber(session: object, follow: Follow, end: float) -> Seen:
             if cut < 0:
                 continue
             whole, pending = pending[: cut + 2], pending[cut + 2 :]
-            if b"id: " not in whole and time.time() > end + SETTLE:
-                break  # keep-alives only: the load is over
             if b"event: gone" in whole:
                 seen.gone = True
                 break
@@ -132,27 +135,27 @@ async def _subscriber(session: object, follow: Follow, end: float) -> Seen:
     return seen
 
 
-async def _follow(follow: Follow, start: float) -> tuple[list[Seen], float]:
+async def _follow(follow: Follow, start: float, stop_at: Any) -> tuple[list[Seen], float]:
+    """The subscribers of one process: what each read, and the process's share of a core."""
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=follow.streams, ssl=_context(follow.ca))
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.sleep(max(0.0, start - time.time()))
-        cpu = _cpu()
-        end = start + follow.seconds
-        seen = await asyncio.gather(*(_subscriber(session, follow, end) for _ in range(follow.streams)))
-        return list(seen), _cpu() - cpu
+        cpu, began = _cpu(), time.monotonic()
+        seen = await asyncio.gather(*(_subscriber(session, follow, stop_at) for _ in range(follow.streams)))
+        return list(seen), (_cpu() - cpu) / max(1e-9, time.monotonic() - began)
 
 
-def _follower(follow: Follow, pipe: Connection) -> None:
+def _follower(follow: Follow, stop_at: Any, pipe: Connection) -> None:
     import aiohttp  # noqa: F401 - loaded before the start is given
     import uvloop
 
     os.nice(NICE)
     pipe.send("ready")
     start = pipe.recv()
-    pipe.send(uvloop.run(_follow(follow, start)))
+    pipe.send(uvloop.run(_follow(follow, start, stop_at)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,12 +248,12 @@ def main() -> int:
                 args.subscribers // args.procs + (p < args.subscribers % args.procs)
                 for p in range(args.procs)
             ]
-            reading = args.duration + SETTLE
+            stop_at = spawn.Value("q", 0)  # the index the subscribers read up to: set at the end
             jobs = []
             for streams in filter(None, shares):
                 mine, theirs = spawn.Pipe()
-                follow = Follow(cluster.url, cluster.ca, cluster.admin_token, streams, reading)
-                jobs.append((spawn.Process(target=_follower, args=(follow, theirs)), mine))
+                follow = Follow(cluster.url, cluster.ca, cluster.admin_token, streams)
+                jobs.append((spawn.Process(target=_follower, args=(follow, stop_at, theirs)), mine))
             for process, _ in jobs:
                 process.start()
             for _, pipe in jobs:
@@ -271,6 +274,7 @@ def main() -> int:
             made, errors = asyncio.run(_load(load))
             took = time.monotonic() - began
             last = _last_index(cluster)
+            stop_at.value = last
             master_cpu = (sum(master.cpu_times()[:2]) - cpu) / took
             results = [pipe.recv() for _, pipe in jobs]
             for process, _ in jobs:
@@ -296,7 +300,7 @@ def main() -> int:
         lag_p50_ms=round(float(np.percentile(lags, 50)), 1),
         lag_p99_ms=round(float(np.percentile(lags, 99)), 1),
         master_cpu=round(master_cpu, 2),
-        sub_cpu=round(max(cpu / reading for _, cpu in results), 2),
+        sub_cpu=round(max(share for _, share in results), 2),
     )
     print(json.dumps(figures))
     if errors or not figures["delivered_all"]:
