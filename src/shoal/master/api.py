@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from shoal.config import MasterSettings
 from shoal.errors import Forbidden, NotFound, SpecError
 from shoal.framework import protocol as fp
-from shoal.master import ha, identity_api, queue_api, service_api, stream_api, token_api
+from shoal.master import ha, identity_api, queue_api, service_api, stream_api, token_api, ui
 from shoal.master.audit import AuditTrail, kept, record_for
 from shoal.master.audit import router as audit_router
 from shoal.master.deps import (
@@ -128,6 +128,7 @@ def create_app(settings: MasterSettings) -> FastAPI:
     app.include_router(audit_router)
     app.include_router(stream_api.router)
     app.include_router(queue_api.router)
+    app.include_router(ui.router)  # the dashboard at /ui: static files, out of the schema
     app.add_middleware(
         AuditTrail,
         master=lambda: app.state.master,

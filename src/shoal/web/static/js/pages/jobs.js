@@ -1,0 +1,167 @@
+// Jobs, newest first, a page of 100 at a time (GET /v1/jobs?limit&offset). The stream says
+// which jobs changed: a row shown is fetched again alone (its summary), a new job brings
+// the first page again; never more than a few calls a second, however busy the cluster.
+// Filters are applied here, to the jobs listed a thousand at a time, newest first, until
+// the page is full: the API pages but does not filter.
+import { get, post } from "../api.js";
+import { $, armable, badge, coalesce, confirmed, esc, rendered, report, toast, when } from "../dom.js";
+import { follow } from "../stream.js";
+
+const PAGE = 100;
+const SCAN = 1000; // jobs listed per call while filtering
+const ALONE = 20; // rows fetched one by one at most; past that, the page again
+const STATES = ["pending", "running", "complete", "failed", "killed"];
+const TASK_STATES = ["pending", "assigned", "running", "finished", "failed", "killed", "lost", "preempted", "migrated"];
+const FILTERS = ["q", "state", "owner", "queue"];
+
+export const ended = (state) => ["complete", "failed", "killed"].includes(state);
+
+export function counts(c) {
+  return TASK_STATES.filter((s) => c[s])
+    .map((s) => `<span class="count ${s}" title="${s}">${c[s]} ${s}</span>`)
+    .join(" ");
+}
+
+function cells(job, admin) {
+  const kill = admin && !ended(job.state) ? `<button type="button" class="small danger" data-kill="${job.id}"${armable(`kill ${job.id}`)}>kill</button>` : "";
+  return (
+    `<td class="n"><a href="#/job/${job.id}">${job.id}</a></td><td>${esc(job.name)}</td><td>${esc(job.owner)}</td>` +
+    `<td>${esc(job.spec.queue)}</td><td>${badge(job.state)}</td><td>${counts(job.counts)}</td>` +
+    `<td>${when(job.submitted_at)}</td>${admin ? `<td>${kill}</td>` : ""}`
+  );
+}
+
+function matcher(filters) {
+  const q = (filters.q ?? "").toLowerCase();
+  return (job) =>
+    (!q || job.name.toLowerCase().includes(q) || String(job.id) === q) &&
+    (!filters.state || job.state === filters.state) &&
+    (!filters.owner || job.owner === filters.owner) &&
+    (!filters.queue || job.spec.queue === filters.queue);
+}
+
+export async function mount(main, { me, query, signal }) {
+  const admin = me.role === "admin";
+  const filters = Object.fromEntries(FILTERS.map((f) => [f, query.get(f) ?? ""]));
+  let page = Math.max(0, Number(query.get("page")) || 0);
+  main.innerHTML = `
+    <form class="toolbar" id="filters">
+      <input name="q" type="search" placeholder="name or id" spellcheck="false">
+      <select name="state"><option value="">any state</option>${STATES.map((s) => `<option>${s}</option>`).join("")}</select>
+      <input name="owner" placeholder="owner" spellcheck="false">
+      <input name="queue" placeholder="queue" spellcheck="false">
+      <span class="spacer"></span>
+      <span id="where" class="muted"></span>
+      <button type="button" id="newer">‹ newer</button><button type="button" id="older">older ›</button>
+    </form>
+    <table class="grid jobs">
+      <thead><tr><th class="n">id</th><th>name</th><th>owner</th><th>queue</th><th>state</th><th>tasks</th>
+        <th>submitted</th>${admin ? "<th></th>" : ""}</tr></thead>
+      <tbody id="rows"></tbody>
+    </table>
+    <p id="empty" class="muted" hidden>No jobs.</p>`;
+  const form = $("#filters");
+  for (const f of FILTERS) form.elements[f].value = filters[f];
+  const body = $("#rows");
+  const rows = new Map(); // job id -> row
+  let newest = 0; // the newest job id shown (page 0 only)
+  let more = false;
+  const dirty = new Set();
+  let stale = false; // the page itself must be listed again
+
+  const filtering = () => FILTERS.some((f) => filters[f]);
+  const fetchPage = async () => {
+    if (!filtering()) {
+      const jobs = await get(`/v1/jobs?limit=${PAGE + 1}&offset=${page * PAGE}`, { signal });
+      return [jobs.slice(0, PAGE), jobs.length > PAGE, ""];
+    }
+    const match = matcher(filters);
+    const found = [];
+    let offset = 0;
+    for (;;) {
+      const jobs = await get(`/v1/jobs?limit=${SCAN}&offset=${offset}`, { signal });
+      offset += jobs.length;
+      found.push(...jobs.filter(match));
+      if (jobs.length < SCAN || found.length > (page + 1) * PAGE) break;
+    }
+    return [found.slice(page * PAGE, (page + 1) * PAGE), found.length > (page + 1) * PAGE, ` of ${offset} jobs looked at`];
+  };
+  const draw = (jobs, scanned) => {
+    body.innerHTML = jobs.map((j) => `<tr data-job="${j.id}">${cells(j, admin)}</tr>`).join("");
+    rows.clear();
+    [...body.rows].forEach((row, i) => rows.set(jobs[i].id, row));
+    newest = page === 0 ? (jobs[0]?.id ?? 0) : Infinity; // new jobs show on the first page only
+    $("#empty").hidden = jobs.length > 0;
+    $("#where").textContent = jobs.length ? `${page * PAGE + 1}–${page * PAGE + jobs.length}${scanned}` : "";
+    $("#newer").disabled = page === 0;
+    $("#older").disabled = !more;
+  };
+  const list = async () => {
+    stale = false;
+    dirty.clear();
+    const [jobs, hasMore, scanned] = await fetchPage();
+    more = hasMore;
+    draw(jobs, scanned);
+  };
+  const sync = coalesce(async () => {
+    if (stale || dirty.size > ALONE || filtering()) return list();
+    const ids = [...dirty];
+    dirty.clear();
+    const views = await Promise.all(ids.map((id) => get(`/v1/jobs/${id}?limit=0`, { signal }).catch(() => null)));
+    views.forEach((view, i) => {
+      const row = rows.get(ids[i]);
+      if (!view) stale = true;
+      else if (row) row.innerHTML = cells(view, admin);
+    });
+    if (stale) sync();
+  }, () => (filtering() ? 3000 : 300));
+  signal.addEventListener("abort", sync.stop);
+
+  const go = () => {
+    const params = new URLSearchParams(Object.entries({ ...filters, page: page || "" }).filter(([, v]) => v));
+    history.replaceState(null, "", `#/jobs${params.toString() ? `?${params}` : ""}`);
+    stale = true;
+    sync();
+  };
+  form.addEventListener("submit", (event) => event.preventDefault());
+  form.addEventListener("change", () => {
+    for (const f of FILTERS) filters[f] = form.elements[f].value.trim();
+    page = 0;
+    go();
+  });
+  $("#newer").addEventListener("click", () => ((page = Math.max(0, page - 1)), go()));
+  $("#older").addEventListener("click", () => ((page += 1), go()));
+  body.addEventListener("click", async (event) => {
+    const button = event.target.closest("[data-kill]");
+    if (!button || !confirmed(button)) return;
+    button.disabled = true;
+    try {
+      await post(`/v1/jobs/${button.dataset.kill}/kill`, undefined, { signal });
+      toast(`job ${button.dataset.kill} killed`, "info");
+      dirty.add(Number(button.dataset.kill));
+      sync();
+    } catch (error) {
+      button.disabled = false;
+      report(error);
+    }
+  });
+
+  await follow({
+    topics: ["jobs", "tasks"],
+    signal,
+    onReset: () => ((stale = true), sync()),
+    onState: (state) => ($("#live").dataset.state = state),
+    onEvents: (events) => {
+      for (const { job, type } of events) {
+        if (filtering()) stale = true; // a job may come to match, or no more
+        else if (rows.has(job)) {
+          if (type === "removed") stale = true;
+          else dirty.add(job);
+        } else if (job > newest) stale = true; // a new job, on the first page
+      }
+      if (stale || dirty.size) sync();
+    },
+  });
+  await list();
+  rendered("jobs");
+}
