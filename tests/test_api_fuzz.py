@@ -110,3 +110,30 @@ def _stream(http: httpx.Client, case, url: str, headers: dict[str, str]) -> tupl
         kwargs["method"], kwargs["url"], headers=kwargs["headers"], json=kwargs.get("json")
     ) as response:
         return response.status_code, response.read() if response.status_code >= 400 else None
+
+
+def test_a_nul_byte_is_refused_at_submission_naming_its_field(lone_master: LiveCluster) -> None:
+    """A command, a variable and a working directory reach processes as C strings: one
+    holding a NUL byte is refused at once (422, the field named), in a job and in a
+    framework's task alike, not failed on each node it would be placed on."""
+    auth = {"Authorization": f"Bearer {lone_master.admin_token}"}
+    trusted = ssl.create_default_context(cafile=lone_master.ca)
+    bad = [
+        ({"command": "echo a\0b"}, "command"),
+        ({"command": ["echo", "a\0b"]}, "command"),
+        ({"command": "true", "env": {"A": "a\0b"}}, "env.A"),
+        ({"command": "true", "workdir": "/srv/a\0b"}, "workdir"),
+    ]
+    with httpx.Client(base_url=lone_master.url, headers=auth, verify=trusted) as http:
+        jobs = http.get("/v1/jobs").json()  # the fuzzing's, when it ran first
+        for spec, field in bad:
+            launch = {"type": "accept", "offer_ids": ["o"], "tasks": [{"name": "t", **spec}]}
+            for path, body, where in (
+                ("/v1/jobs", spec, field),
+                ("/v1/frameworks/f1/call", launch, f"accept.tasks.0.{field}"),
+            ):
+                response = http.post(path, json=body)
+                assert response.status_code == 422, (path, body, response.text)
+                [error] = response.json()["fields"]
+                assert error["field"] == where and "holds a NUL byte" in error["reason"], error
+        assert http.get("/v1/jobs").json() == jobs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import msgpack
 import pytest
 from pydantic import ValidationError
@@ -88,6 +90,11 @@ def test_garbage_frames_are_refused(garbage: bytes) -> None:
         ({"command": "x", "ports": [{"name": "a", "static": 53}, {"name": "b", "static": 53}]}, "ports"),
         ({"command": "x", "colocation": [{"job": "db", "service": "db"}]}, "colocation.0"),
         ({"command": "x", "shutdown_delay": -1}, "shutdown_delay"),
+        ({"command": "echo a\0b"}, "command"),
+        ({"command": ["echo", "a\0b"]}, "command"),
+        ({"command": "x", "env": {"A": "a\0b"}}, "env.A"),
+        ({"command": "x", "env": {"A\0B": "c"}}, "env"),
+        ({"command": "x", "workdir": "/srv/a\0b"}, "workdir"),
     ],
 )
 def test_bad_specs_name_the_field(spec: dict, field: str) -> None:
@@ -108,6 +115,30 @@ def test_shoal_names_are_refused_in_a_frameworks_task_and_kept_in_a_job_stored_b
     assert JobSpec(command="x", env={"shoal_mine": "1"}).env == {"shoal_mine": "1"}  # names are exact
     kept = '{"id": 1, "owner": "a", "spec": {"command": "x", "env": {"SHOAL_URL": "u"}}, "submitted_at": 0}'
     assert JobRecord.model_validate_json(kept).spec.env == {"SHOAL_URL": "u"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "where"),
+    [
+        ("command", "echo a\0b", "command"),
+        ("command", ["echo", "a\0b"], "command"),
+        ("env", {"A": "a\0b"}, "env.A"),
+        ("workdir", "/srv/a\0b", "workdir"),
+    ],
+)
+def test_nul_bytes_are_refused_naming_the_field_and_kept_in_a_job_stored_before(
+    field: str, value: object, where: str
+) -> None:
+    """No process can be given a NUL byte: a job or a framework's task holding one is refused
+    at once, the error naming its field, as a job kept before the rule loads as it was."""
+    for spec in ({"command": "x", field: value}, {"name": "t", "command": "x", field: value}):
+        model = JobSpec if "name" not in spec else TaskLaunch
+        with pytest.raises(ValidationError) as info:
+            model.model_validate(spec)
+        [error] = info.value.errors()
+        assert ".".join(map(str, error["loc"])) == where and "holds a NUL byte" in error["msg"]
+    kept = {"id": 1, "owner": "a", "spec": {"command": "x", field: value}, "submitted_at": 0}
+    assert getattr(JobRecord.model_validate_json(json.dumps(kept)).spec, field) == value
 
 
 def test_argv_of_a_list_command_is_not_run_by_a_shell() -> None:

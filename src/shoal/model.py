@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from shoal.checks import TASK_CHECK, CheckResult, HealthCheck
+from shoal.cstrings import CString, nul_free
 from shoal.expressions import parse
 from shoal.placing import NAME, Affinity, Colocation, PortSpec, Spread
 from shoal.services import IPv4, ServiceSpec
@@ -107,7 +108,7 @@ class RestartPolicy(BaseModel):
     delay: float = Field(1.0, ge=0, le=86_400, description="seconds before a re-run")
 
 
-Command = str | Annotated[list[str], Field(min_length=1)]
+Command = Annotated[str | Annotated[list[str], Field(min_length=1)], AfterValidator(nul_free)]
 
 
 class Strategy(str, enum.Enum):
@@ -144,8 +145,8 @@ class JobSpec(BaseModel):
 
     name: str = Field("", max_length=128)
     command: Command = Field(description="a shell string, or an argv list run as is")
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str | None = Field(None, description="absolute; default: the task's sandbox")
+    env: dict[str, CString] = Field(default_factory=dict)
+    workdir: CString | None = Field(None, description="absolute; default: the task's sandbox")
     resources: Resources = Field(default_factory=Resources)
     count: int = Field(1, ge=1, le=MAX_COUNT, description="tasks; {index} is substituted")
     restart: RestartPolicy = Field(default_factory=RestartPolicy)

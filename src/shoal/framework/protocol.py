@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from shoal.cstrings import CString
 from shoal.model import Command, JobSpec, Resources, TaskState, UserName, env_names
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -49,8 +50,8 @@ class TaskLaunch(_Message):
     name: str = Field(pattern=_NAME)
     command: Command = Field(description="a shell string, or an argv list run as is")
     resources: Resources = Field(default_factory=Resources)
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str | None = None
+    env: dict[str, CString] = Field(default_factory=dict)
+    workdir: CString | None = None
     ports: list[str] = Field(default_factory=list, max_length=32)
     kill_grace: float = Field(5.0, ge=0, le=3600)
     time_limit: float | None = Field(None, gt=0, le=365 * 86_400)
