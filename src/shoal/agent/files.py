@@ -5,9 +5,13 @@ digest while writing beside the destination, then sets mode and mtime and rename
 place, so a reader never sees half a file and a corrupt transfer changes nothing. What it
 writes into a directory of another user (a task's sandbox, a home) is given to that user,
 as are the directories it makes there, so a task can use what is copied in for it; it
-writes only files it made itself, never through a link found in place. A pull
-hashes the file, uploads it unless the master already holds those bytes, and reports the
-blob with the file's mode and mtime. Transfers go to the master the agent is connected to
+writes only files it made itself, never through a link found in place. It reaches the
+destination one name at a time from /, holding each directory open and working relative to
+it, and goes through no link but the agent's own user's in a directory only that user may
+change (as /bin on a merged /usr): a link a user made in their home, to root's ~/.ssh say,
+refuses the copy on that node, however deep on the way it is. A pull hashes the file,
+uploads it unless the master already holds those bytes, and reports the blob with the
+file's mode and mtime. Transfers go to the master the agent is connected to
 (the leader), following a redirect as any client's call does.
 
 A run's saved state is packed and unpacked by tar (GNU) as the run's user, with no variable
@@ -19,6 +23,8 @@ an archive with a member that would land outside, link outside, or be a device.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -27,7 +33,7 @@ import stat
 import tarfile
 import tempfile
 from collections.abc import AsyncIterator, Callable, Coroutine
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from shoal.agent import users
@@ -40,6 +46,10 @@ if TYPE_CHECKING:  # httpx itself is imported at the first transfer: an agent st
     from shoal.calls import AsyncCalls
 
 CHUNK = 1 << 20
+_WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # a directory passed through
+_MADE = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # one made: fchown needs it read
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_LINKS = 40  # links followed on one path at most, as the kernel's lookup
 _TAR = shutil.which("tar", path=ROOT_ENV["PATH"]) or "/bin/tar"
 
 Send = Callable[[ExecStarted | FileFetched | ExecEnd], None]
@@ -89,26 +99,37 @@ class FileMover:
             self._send(ExecEnd(exec_id=exec_id, code=0))
 
     async def _copy(self, frame: CopyFiles) -> None:
-        dest = Path(frame.dest)
-        into = frame.into or len(frame.files) > 1 or dest.is_dir()
+        dest = PurePosixPath(frame.dest)
+        into = frame.into or len(frame.files) > 1 or _is_dir(dest)
         for file in frame.files:
             await self._receive(file, dest / file.path if into else dest)
 
-    async def _receive(self, file: CopyFile, target: Path) -> None:
-        _make_dirs(target.parent)
-        partial = target.with_name(f".{target.name}.{os.getpid()}.shoal-partial")  # unique on shared disks
-        partial.unlink(missing_ok=True)  # left by a copy cut short
+    async def _receive(self, file: CopyFile, target: PurePosixPath) -> None:
+        """`file` as `target`, its directory made if missing: all of it done relative to that
+        directory, held open, so no link or move on the way changes where it goes."""
+        where = _open_dir(target.parent, make=True)
+        assert where is not None  # made when missing
         try:
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            await self._write(file, where, target.name)
+        finally:
+            os.close(where)
+
+    async def _write(self, file: CopyFile, where: int, name: str) -> None:
+        partial = f".{name}.{os.getpid()}.shoal-partial"  # unique on shared disks
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial, dir_fd=where)  # left by a copy cut short
+        try:
+            fd = os.open(partial, _NEW, 0o600, dir_fd=where)
             with open(fd, "wb") as f:
-                await self._download(file.blob, f, target.name)
+                await self._download(file.blob, f, name)
                 f.flush()
-                _give_to_owner_of(f.fileno(), target.parent)
+                _give_to_owner_of(f.fileno(), where)
                 os.fchmod(f.fileno(), file.mode)  # after the chown, which clears setuid bits
                 os.utime(f.fileno(), (file.mtime, file.mtime))
-            os.replace(partial, target)
+            os.replace(partial, name, src_dir_fd=where, dst_dir_fd=where)  # a link there is replaced
         finally:
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial, dir_fd=where)
 
     async def _fetch(self, frame: FetchFile) -> None:
         path = Path(frame.path)
@@ -176,27 +197,88 @@ class FileMover:
             raise ValueError(f"{name}: checksum mismatch (got {digest.hexdigest()}, want {blob})")
 
 
-def _make_dirs(directory: Path) -> None:
-    """`directory` and its missing parents, each given to the owner of the one it is made in."""
-    if directory.is_dir():
-        return
-    _make_dirs(directory.parent)
-    try:
-        directory.mkdir()
-    except FileExistsError:
-        if not directory.is_dir():
-            raise
-        return
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        _give_to_owner_of(fd, directory.parent)
-    finally:
+def _is_dir(path: PurePosixPath) -> bool:
+    fd = _open_dir(path)
+    if fd is not None:
         os.close(fd)
+    return fd is not None
 
 
-def _give_to_owner_of(fd: int, directory: Path) -> None:
-    """Give the open file `fd` to the owner and group of `directory`, if not the agent's user."""
-    info = directory.stat()
+def _open_dir(path: PurePosixPath, make: bool = False) -> int | None:
+    """A descriptor of the directory `path` (absolute), reached one name at a time from /
+    through no link `_trusted` does not pass; with `make`, each missing directory made and
+    given to the owner of the one it is made in. None when it is missing or not a directory
+    (with `make`, NotADirectoryError for the latter); PermissionError at a link not trusted."""
+    names = list(reversed(path.parts[1:]))  # a stack: a link followed puts its target's on top
+    fd, here, links = os.open("/", _WALK), PurePosixPath("/"), 0
+    try:
+        while names:
+            name = names.pop()
+            step = _step(fd, name, here / name, make)
+            if isinstance(step, PurePosixPath):  # a link to follow
+                if (links := links + 1) > _LINKS:
+                    raise OSError(errno.ELOOP, "too many links", str(path))
+                if step.is_absolute():
+                    root = os.open("/", _WALK)
+                    os.close(fd)
+                    fd, here = root, PurePosixPath("/")
+                names.extend(reversed(step.parts[1:] if step.is_absolute() else step.parts))
+                continue
+            if step is None:
+                return None
+            os.close(fd)
+            fd, here = step, here.parent if name == ".." else here / name
+        opened, fd = fd, -1
+        return opened
+    finally:
+        if fd != -1:
+            os.close(fd)
+
+
+def _step(fd: int, name: str, shown: PurePosixPath, make: bool) -> int | PurePosixPath | None:
+    """From the directory `fd` into its entry `name` (`shown` in errors): a descriptor of it,
+    the target of a link to follow, or None (missing, or not a directory)."""
+    try:
+        return os.open(name, _WALK, dir_fd=fd)
+    except FileNotFoundError:
+        if not make:
+            return None
+        made = _make_dir(fd, name)
+        return made if made is not None else _step(fd, name, shown, make)  # made meanwhile
+    except NotADirectoryError:
+        info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    if not stat.S_ISLNK(info.st_mode):
+        if make:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(shown))
+        return None
+    if not _trusted(info, os.fstat(fd)):
+        raise PermissionError(f"{shown} is a link another user could have made: copies follow none")
+    return PurePosixPath(os.readlink(name, dir_fd=fd))
+
+
+def _trusted(link: os.stat_result, directory: os.stat_result) -> bool:
+    """Whether a link is the agent's user's own, in a directory no other may change (as the
+    kernel's protected_symlinks would have it, and stricter: no sticky /tmp)."""
+    me = os.geteuid()
+    return link.st_uid == me and directory.st_uid == me and not directory.st_mode & 0o022
+
+
+def _make_dir(fd: int, name: str) -> int | None:
+    """The directory `name` made in `fd` and given to the owner of `fd`: a descriptor of it
+    (None: something of that name came first)."""
+    try:
+        os.mkdir(name, dir_fd=fd)
+    except FileExistsError:
+        return None
+    made = os.open(name, _MADE, dir_fd=fd)
+    _give_to_owner_of(made, fd)
+    return made
+
+
+def _give_to_owner_of(fd: int, directory: int) -> None:
+    """Give the open file `fd` to the owner and group of the open `directory`, if not the
+    agent's user."""
+    info = os.fstat(directory)
     if info.st_uid != os.geteuid():
         os.fchown(fd, info.st_uid, info.st_gid)
 

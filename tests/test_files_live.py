@@ -1,0 +1,85 @@
+"""What the agent writes as root into places users shape, with a real user and real agents:
+`shoal copy` goes through no link a user could have made. Makes a user for the run, and
+removes it after."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shoal.testing.live import LiveCluster, live_cluster
+
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("useradd") is None, reason="makes Unix users: needs root"
+    ),
+    pytest.mark.timeout(120),
+]
+
+
+@pytest.fixture(scope="module")
+def alice() -> Iterator[pwd.struct_passwd]:
+    name = f"shoal_{secrets.token_hex(3)}_alice"
+    subprocess.run(["useradd", "--create-home", "--user-group", name], check=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", "--remove", name], capture_output=True)
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A directory of root's that other users may pass through (pytest's own is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="shoal-files-"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
+    with live_cluster(tmp_path_factory.mktemp("files"), agents=1) as c:
+        yield c
+
+
+def test_a_copy_goes_through_no_link_a_user_made(
+    cluster: LiveCluster, alice: pwd.struct_passwd, shared: Path, tmp_path: Path
+) -> None:
+    """alice points ~/.ssh (and ~/keys) at a directory of root's: an admin's copy into her
+    home is refused on the node, saying why, and nothing is written where the link leads.
+    A link of root's in a directory only root may change is followed, as /bin on a merged
+    /usr; a copy into her home itself still lands, given to her."""
+    vault = shared / "vault"
+    vault.mkdir(mode=0o700)
+    (vault / "authorized_keys").write_text("root's\n")
+    home = Path(alice.pw_dir)
+    for name in (".ssh", "keys"):
+        (home / name).symlink_to(vault)
+        os.lchown(home / name, alice.pw_uid, alice.pw_gid)
+    key = tmp_path / "key"
+    key.write_text("ssh-ed25519 AAAA admin\n")
+    for dest in (".ssh/authorized_keys", ".ssh/", ".ssh/deeper/key", "keys"):
+        refused = cluster.cli("copy", "-w", "node1", str(key), f"{home}/{dest}")
+        assert refused.returncode == 1, dest
+        assert "node1: failed" in refused.stderr and f"{home}/" in refused.stderr, refused.stderr
+        assert "link" in refused.stderr, refused.stderr
+    assert [p.name for p in vault.iterdir()] == ["authorized_keys"]
+    assert (vault / "authorized_keys").read_text() == "root's\n"
+
+    (shared / "real").mkdir()
+    (shared / "via").symlink_to("real")
+    followed = cluster.cli("copy", "-w", "node1", str(key), f"{shared}/via/sub/")
+    assert followed.returncode == 0, followed.stderr
+    assert (shared / "real" / "sub" / "key").read_text() == key.read_text()
+    landed = cluster.cli("copy", "-w", "node1", str(key), f"{home}/inbox/key")
+    assert landed.returncode == 0, landed.stderr
+    for path in (home / "inbox", home / "inbox" / "key"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (alice.pw_uid, alice.pw_gid)
