@@ -1,20 +1,26 @@
 """What the agent writes as root into places users shape, with a real user and real agents:
-`shoal copy` goes through no link a user could have made. Makes a user for the run, and
-removes it after."""
+`shoal copy` goes through no link a user could have made, and a run's saved state is checked
+off the agent's event loop and refused past its size. Makes a user for the run, and removes
+it after."""
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import os
 import pwd
 import secrets
 import shutil
 import subprocess
+import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from shoal.agent.files import unpack
 from shoal.testing.live import LiveCluster, live_cluster
 
 pytestmark = [
@@ -23,6 +29,8 @@ pytestmark = [
     ),
     pytest.mark.timeout(120),
 ]
+
+MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +91,69 @@ def test_a_copy_goes_through_no_link_a_user_made(
     assert landed.returncode == 0, landed.stderr
     for path in (home / "inbox", home / "inbox" / "key"):
         assert (path.stat().st_uid, path.stat().st_gid) == (alice.pw_uid, alice.pw_gid)
+
+
+def _zeros_then(size: int, last: str) -> bytes:
+    """A gzip tar of a member of `size` zero bytes, then an empty one named `last`: made of
+    gzip members, so a large size costs next to nothing to make and little to hold."""
+    big = tarfile.TarInfo("big")
+    big.size = size
+    chunk = gzip.compress(bytes(MIB))
+    end = tarfile.TarInfo(last)
+    return b"".join(
+        [
+            gzip.compress(big.tobuf(tarfile.GNU_FORMAT)),
+            chunk * (size // MIB),
+            gzip.compress(end.tobuf(tarfile.GNU_FORMAT) + bytes(2 * tarfile.BLOCKSIZE)),
+        ]
+    )
+
+
+def test_saved_state_past_its_limit_is_refused_before_anything_is_unpacked(
+    alice: pwd.struct_passwd, shared: Path
+) -> None:
+    state = shared / "checkpoint"
+    state.mkdir(mode=0o700)
+    os.chown(state, alice.pw_uid, alice.pw_gid)
+    packed = shared / "state.tar.gz"
+    packed.write_bytes(_zeros_then(3 * MIB, "after"))
+    with packed.open("rb") as f, pytest.raises(ValueError, match="more than 2 MiB"):
+        asyncio.run(unpack(f, state, 2))
+    assert list(state.iterdir()) == []
+    with packed.open("rb") as f:
+        asyncio.run(unpack(f, state, 3))  # at the limit: unpacked, by its user
+    assert (state / "big").stat().st_size == 3 * MIB and (state / "big").stat().st_uid == alice.pw_uid
+
+
+def test_saved_state_is_checked_off_the_event_loop(alice: pwd.struct_passwd, shared: Path) -> None:
+    """A quarter GiB of zeros packs to a quarter MiB, and takes tarfile a while to read through:
+    the agent's loop (its heartbeats) goes on meanwhile."""
+    state = shared / "checkpoint"
+    state.mkdir(mode=0o700)
+    os.chown(state, alice.pw_uid, alice.pw_gid)
+    packed = shared / "state.tar.gz"
+    packed.write_bytes(_zeros_then(256 * MIB, "../escaped"))
+
+    async def main() -> tuple[float, float]:
+        gaps = [0.0]
+
+        async def beat() -> None:
+            while True:
+                before = time.monotonic()
+                await asyncio.sleep(0.01)
+                gaps.append(time.monotonic() - before)
+
+        beating = asyncio.create_task(beat())
+        await asyncio.sleep(0.05)
+        start = time.monotonic()
+        with packed.open("rb") as f, pytest.raises(tarfile.TarError):
+            await unpack(f, state, 1024)
+        took = time.monotonic() - start
+        await asyncio.sleep(0.05)  # the beat after the unpack, however late, is counted
+        beating.cancel()
+        return took, max(gaps)
+
+    took, longest = asyncio.run(main())
+    assert took > 0.2, "the archive is read too fast to tell"
+    assert longest < took / 3, (longest, took)
+    assert list(state.iterdir()) == [] and not (shared / "escaped").exists()

@@ -452,7 +452,7 @@ def test_saved_state_is_packed_and_unpacked_by_its_user(people: dict[str, str], 
     fresh.chmod(0o700)
     os.chown(fresh / "checkpoint", uid, gid)
     with packed.open("rb") as f:
-        asyncio.run(unpack(f, fresh / "checkpoint"))
+        asyncio.run(unpack(f, fresh / "checkpoint", 1))
     made = fresh / "checkpoint" / "count"
     assert made.read_text() == "5" and made.stat().st_uid == uid
     assert (fresh / "checkpoint" / "again").readlink() == Path("count")
@@ -460,7 +460,7 @@ def test_saved_state_is_packed_and_unpacked_by_its_user(people: dict[str, str], 
     with tarfile.open(bad, "w:gz") as tar:
         tar.add(state / "count", "../escaped")
     with bad.open("rb") as f, pytest.raises(tarfile.TarError):
-        asyncio.run(unpack(f, fresh / "checkpoint"))
+        asyncio.run(unpack(f, fresh / "checkpoint", 1))
     assert not (fresh / "escaped").exists()
 
 

@@ -303,6 +303,9 @@ class AgentSettings(_Settings):
     keep_sandboxes: float = Field(
         86_400.0, ge=0, description="seconds a finished run's sandbox and logs are kept"
     )
+    restore_limit: int = Field(
+        10 * 1024, gt=0, description="MiB a run's saved state may unpack to, when its job asks for no disk"
+    )
     task_user: UserName | None = Field(
         None, description="the Unix user tasks that name none run as (default: the agent's own)"
     )

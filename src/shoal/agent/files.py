@@ -17,7 +17,10 @@ file's mode and mtime. Transfers go to the master the agent is connected to
 A run's saved state is packed and unpacked by tar (GNU) as the run's user, with no variable
 but `ROOT_ENV`: the tree is the user's to shape, so the agent reads and writes in it with the
 user's rights only. What it unpacks it first reads through tarfile's "data" filter, refusing
-an archive with a member that would land outside, link outside, or be a device.
+an archive with a member that would land outside, link outside, or be a device, or whose
+members come to more than the run may unpack (its job's disk, else the agent's
+`restore_limit`). That reading is done on a thread: an archive that packs much into little
+takes a while to read through, and the agent's loop, its heartbeats, must go on.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ if TYPE_CHECKING:  # httpx itself is imported at the first transfer: an agent st
     from shoal.calls import AsyncCalls
 
 CHUNK = 1 << 20
+MIB = 1 << 20
 _WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # a directory passed through
 _MADE = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # one made: fchown needs it read
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -162,16 +166,16 @@ class FileMover:
         finally:
             packed.unlink(missing_ok=True)
 
-    async def restore(self, blob: str, directory: Path) -> None:
+    async def restore(self, blob: str, directory: Path, limit: int) -> None:
         """Unpack a blob made by `save` into `directory` (in a sandbox not yet handed over),
-        as the user it belongs to."""
+        as the user it belongs to; refused (ValueError) past `limit` MiB in all."""
         directory.mkdir(parents=True, exist_ok=True)
         packed = directory.with_suffix(".tar.gz")
         try:
             with open(packed, "w+b") as f:
                 await self._download(blob, f, packed.name)
                 f.seek(0)
-                await unpack(f, directory)
+                await unpack(f, directory, limit)
         finally:
             packed.unlink(missing_ok=True)
 
@@ -291,12 +295,11 @@ async def pack(directory: Path, out: BinaryIO, owner: int) -> None:
     await _tar(owner, directory.parent, args, out)
 
 
-async def unpack(packed: BinaryIO, directory: Path) -> None:
+async def unpack(packed: BinaryIO, directory: Path, limit: int) -> None:
     """Untar `packed` into `directory` as the user who owns it, once tarfile's "data" filter
-    passes every member; tarfile.FilterError (a TarError) names the first it refuses."""
-    with tarfile.open(fileobj=packed, mode="r:gz") as tar:
-        for member in tar:
-            tarfile.data_filter(member, str(directory))
+    passes every member and they come to `limit` MiB at most: tarfile.FilterError (a TarError)
+    names the first it refuses, ValueError says the size went past."""
+    await asyncio.to_thread(_check, packed, directory, limit)
     packed.seek(0)
     await _tar(directory.lstat().st_uid, directory, ["--extract", "--no-same-owner"], packed)
 
@@ -320,6 +323,21 @@ async def _tar(uid: int, cwd: Path, args: list[str], data: BinaryIO) -> None:
     # 1: a file changed while it was read (the command's own writes, late): packed as read.
     if proc.returncode != 0 and not (creating and proc.returncode == 1):
         raise OSError(f"tar: {err.decode(errors='replace').strip() or f'exit {proc.returncode}'}")
+
+
+def _check(packed: BinaryIO, directory: Path, limit: int) -> None:
+    """What `unpack` checks, reading each member's header before its data: a member too big
+    is refused before the archive is read through it."""
+    total = 0
+    with tarfile.open(fileobj=packed, mode="r:gz") as tar:
+        for member in tar:
+            tarfile.data_filter(member, str(directory))
+            total += member.size  # a sparse file counts whole
+            if total > limit * MIB:
+                raise ValueError(
+                    f"it unpacks to more than {limit} MiB, the most it may here (its job's disk, "
+                    "or the agent's restore_limit for a job that asks for none)"
+                )
 
 
 def _sha256(path: Path) -> str:

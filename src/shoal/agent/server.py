@@ -226,7 +226,8 @@ class Agent:
             self.dispatch(SpawnFailed(spec.run_id, str(e), time.time()))
             return
         try:
-            await self.files.restore(spec.restore, self.runner.checkpoint_dir(spec.run_id))
+            limit = spec.resources.disk or self.settings.restore_limit  # MiB
+            await self.files.restore(spec.restore, self.runner.checkpoint_dir(spec.run_id), limit)
         except (OSError, ValueError, httpx.HTTPError, tarfile.TarError, Unreachable) as e:
             self.dispatch(
                 SpawnFailed(spec.run_id, f"its saved state could not be restored: {e}", time.time())
