@@ -1,0 +1,5 @@
+import sys
+
+from shoal.docgen import main
+
+sys.exit(main())
