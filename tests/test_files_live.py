@@ -1,7 +1,7 @@
 """What the agent writes as root into places users shape, with a real user and real agents:
-`shoal copy` goes through no link a user could have made, and a run's saved state is checked
-off the agent's event loop and refused past its size. Makes a user for the run, and removes
-it after."""
+`shoal copy` goes through no link a user could have made, a run's saved state is checked off
+the agent's event loop and refused past its size, and a sandbox's hand-over gives the user
+only what the agent made. Makes a user for the run, and removes it after."""
 
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ from pathlib import Path
 import pytest
 
 from shoal.agent.files import unpack
+from shoal.agent.runner import Runner
+from shoal.agent.users import Users
+from shoal.model import Resources
 from shoal.testing.live import LiveCluster, live_cluster
+from shoal.wire import RunSpec
 
 pytestmark = [
     pytest.mark.skipif(
@@ -157,3 +161,28 @@ def test_saved_state_is_checked_off_the_event_loop(alice: pwd.struct_passwd, sha
     assert took > 0.2, "the archive is read too fast to tell"
     assert longest < took / 3, (longest, took)
     assert list(state.iterdir()) == [] and not (shared / "escaped").exists()
+
+
+def test_a_sandbox_handed_over_gives_its_user_only_what_the_agent_made(
+    alice: pwd.struct_passwd, shared: Path
+) -> None:
+    """The state unpacked in a run's checkpoint directory is its user's making: the hand-over
+    leaves it as it is, here a hard link to a file of root's."""
+    roots = shared / "roots"
+    roots.write_text("root's\n")
+    spec = RunSpec("1.0.0", "1.0", 0, ["true"], Resources(), user=alice.pw_name, checkpoint=True)
+    runner = Runner(shared / "agent", lambda *_: None, None, Users(None, False))
+    runner.prepare(spec)
+    os.link(roots, runner.checkpoint_dir(spec.run_id) / "linked")
+
+    async def run() -> None:
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        runner._on_exit = lambda *_: ended.set_result(None)
+        runner.spawn(spec)
+        await asyncio.wait_for(ended, 10)
+
+    asyncio.run(run())
+    assert roots.stat().st_uid == 0
+    box = runner.sandbox(spec.run_id)
+    for path in (box, box / "stdout", box / "stderr", box / "checkpoint"):
+        assert (path.lstat().st_uid, path.lstat().st_gid) == (alice.pw_uid, alice.pw_gid), path

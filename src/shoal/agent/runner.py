@@ -286,12 +286,14 @@ def _output(path: Path) -> Iterator[int]:
 
 
 def _hand_over(box: Path, who: Identity) -> None:
-    """Give a sandbox, and what the agent put in it, to the user its run runs as; the
-    sandbox itself last, so the user can change nothing in it before it is all theirs."""
-    for root, dirs, files in os.walk(box, topdown=False):
-        for name in (*files, *dirs):
-            os.lchown(os.path.join(root, name), who.uid, who.gid)
-    os.lchown(box, who.uid, who.gid)
+    """Give a sandbox, and what the agent made in it, to the user its run runs as; the
+    sandbox itself last, so the user can change nothing in it before it is all theirs. Not
+    what is in its state directory: the user's tar unpacked it, as the user, and root
+    changes the owner of nothing the user shaped (a hard link there may be anyone's file)."""
+    for name in ("stdout", "stderr", "checkpoint"):
+        with contextlib.suppress(FileNotFoundError):  # a run that saves no state has no checkpoint
+            os.chown(box / name, who.uid, who.gid, follow_symlinks=False)
+    os.chown(box, who.uid, who.gid, follow_symlinks=False)
 
 
 def start_time(pid: int) -> float | None:
