@@ -49,6 +49,7 @@ NAMED_PURE = (
     "master/offer_lines.py",
     "master/buckets.py",
     "master/listings.py",
+    "master/history.py",
     "master/stream.py",
     "master/run_as.py",
     "model.py",

@@ -28,7 +28,7 @@ def spec(run: str, *argv: str) -> RunSpec:
 def test_a_run_writes_its_output_and_its_exit_into_its_sandbox(tmp_path: Path) -> None:
     async def main() -> tuple[str, int | None]:
         done: asyncio.Future[tuple[str, int | None]] = asyncio.get_running_loop().create_future()
-        runner = Runner(tmp_path, lambda run, code: done.set_result((run, code)), None, AGENTS_OWN)
+        runner = Runner(tmp_path, lambda run, code, spent: done.set_result((run, code)), None, AGENTS_OWN)
         runner.spawn(spec("1.0.0", "sh", "-c", "echo hello; echo oops >&2; exit 3"))
         return await asyncio.wait_for(done, 10)
 
@@ -40,7 +40,7 @@ def test_a_run_writes_its_output_and_its_exit_into_its_sandbox(tmp_path: Path) -
 
 
 def test_prune_removes_old_sandboxes_of_finished_runs_only(tmp_path: Path) -> None:
-    runner = Runner(tmp_path, lambda run, code: None, None, AGENTS_OWN)
+    runner = Runner(tmp_path, lambda run, code, spent: None, None, AGENTS_OWN)
     old = time.time() - 3600
     for name in ("old.0.0", "live.0.0", "new.0.0"):
         runner.sandbox(name).mkdir()
@@ -59,7 +59,7 @@ def test_a_run_starts_in_its_working_directory_and_a_missing_one_is_refused(tmp_
 
     async def main() -> int | None:
         done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        runner = Runner(tmp_path / "agent", lambda run, code: done.set_result(code), None, AGENTS_OWN)
+        runner = Runner(tmp_path / "agent", lambda run, code, spent: done.set_result(code), None, AGENTS_OWN)
         with pytest.raises(FileNotFoundError, match="does not exist on this node"):
             runner.spawn(dataclasses.replace(spec("1.0.0", "pwd"), workdir=str(tmp_path / "gone")))
         runner.spawn(dataclasses.replace(spec("2.0.0", "pwd"), workdir=str(work)))
@@ -73,7 +73,7 @@ def test_a_run_starts_in_its_working_directory_and_a_missing_one_is_refused(tmp_
 def test_a_run_holding_a_nul_byte_is_refused_before_anything_is_made(tmp_path: Path) -> None:
     """No process can be given a NUL byte: the run is refused with an OSError, the error an
     agent turns into a failed start, not the ValueError posix_spawn would raise."""
-    runner = Runner(tmp_path, lambda run, code: None, None, AGENTS_OWN)
+    runner = Runner(tmp_path, lambda run, code, spent: None, None, AGENTS_OWN)
     refused = {
         "its command": spec("1.0.0", "echo", "a\0b"),
         "its environment": dataclasses.replace(spec("2.0.0", "true"), env={"X": "a\0b"}),

@@ -15,7 +15,19 @@ from typer.testing import CliRunner
 from shoal.cli import COMMANDS, app, load
 
 HEAVY = ("numpy", "fastapi", "uvicorn", "starlette")
-CLIENT_COMMANDS = ("run", "jobs", "job", "logs", "kill", "nodes", "submit", "token", "services", "service")
+CLIENT_COMMANDS = (
+    "run",
+    "jobs",
+    "job",
+    "logs",
+    "kill",
+    "history",
+    "nodes",
+    "submit",
+    "token",
+    "services",
+    "service",
+)
 # Prints the top-level packages imported; an entry of None is an import refused on purpose.
 REPORT = "import json, sys\nprint(json.dumps(sorted({m.split('.')[0] for m, v in sys.modules.items() if v})))"
 

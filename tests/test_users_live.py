@@ -301,7 +301,7 @@ def test_the_agent_reads_no_log_a_task_swapped_for_a_link(people: dict[str, str]
 
     async def run() -> tuple[Runner, int | None]:
         ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        runner = Runner(tmp_path, lambda run, code: ended.set_result(code), None, Users(None, False))
+        runner = Runner(tmp_path, lambda run, code, spent: ended.set_result(code), None, Users(None, False))
         runner.spawn(spec)
         return runner, await asyncio.wait_for(ended, 10)
 
@@ -325,7 +325,7 @@ def _run(runner: Runner, spec: RunSpec) -> tuple[int, int | None]:
     """Start `spec` on `runner`; (the wrapper's pid, its exit code)."""
 
     async def run() -> tuple[int, int | None]:
-        runner._on_exit = lambda run, code: ended.set_result(code)
+        runner._on_exit = lambda run, code, spent: ended.set_result(code)
         ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         pid, _ = runner.spawn(spec)
         return pid, await asyncio.wait_for(ended, 10)
@@ -357,12 +357,12 @@ def test_no_process_of_roots_sees_a_tasks_variables(people: dict[str, str], shar
     os.chown(library, _uid(alice), _gid(alice))
     env = {"LD_PRELOAD": str(library), "BASH_ENV": str(library), "ENV": str(library), "MARK": "job's"}
     spec = RunSpec("1.0.0", "1.0", 0, ["sh", "-c", "sleep 0.5; echo $MARK"], Resources(), env=env, user=alice)
-    runner = Runner(shared / "agent", lambda run, code: None, None, Users(None, False))
+    runner = Runner(shared / "agent", lambda run, code, spent: None, None, Users(None, False))
     seen: dict[str, bytes] = {}
 
     async def run() -> int | None:
         ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        runner._on_exit = lambda run, code: ended.set_result(code)
+        runner._on_exit = lambda run, code, spent: ended.set_result(code)
         pid, _ = runner.spawn(spec)
         seen["wrapper"] = Path(f"/proc/{pid}/environ").read_bytes()
         code = await asyncio.wait_for(ended, 10)
@@ -402,7 +402,7 @@ def test_a_task_cannot_point_the_wrapper_at_cgroups_of_its_own(people: dict[str,
     os.chown(theirs, _uid(alice), _gid(alice))
     env = {"SHOAL_CGROUP_DIRS": str(theirs)}
     spec = RunSpec("1.0.0", "1.0", 0, ["true"], Resources(), env=env, user=alice)
-    runner = Runner(shared / "agent", lambda run, code: None, None, Users(None, False))
+    runner = Runner(shared / "agent", lambda run, code, spent: None, None, Users(None, False))
     assert _run(runner, spec)[1] == 0
     assert target.read_text() == ""
 
@@ -415,7 +415,7 @@ def test_a_task_enters_no_working_directory_its_user_cannot_reach(
     (vault / "open").mkdir(mode=0o755)
     (vault / "open" / "secret").write_text("root's\n")
     (vault / "open" / "secret").chmod(0o644)
-    runner = Runner(shared / "agent", lambda run, code: None, None, Users(None, False))
+    runner = Runner(shared / "agent", lambda run, code, spent: None, None, Users(None, False))
     codes = {}
     for run, workdir in (("1.0.0", vault / "open"), ("2.0.0", shared / "gone")):
         spec = RunSpec(

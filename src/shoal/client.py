@@ -48,6 +48,7 @@ from shoal.services import Endpoint, Registration, ServiceSummary  # noqa: E402
 from shoal.sse import StreamEvent  # noqa: E402
 from shoal.views import (  # noqa: E402
     FrameworkView,
+    HistoryPage,
     JobView,
     MasterView,
     NodeView,
@@ -210,6 +211,25 @@ class Client:
     def events(self, limit: int = 100) -> list[Migration]:
         """Migrations, newest first."""
         return _MIGRATIONS.validate_python(self._call("GET", "/v1/events", params={"limit": str(limit)}))
+
+    def history(
+        self,
+        *,
+        user: str | None = None,
+        states: Sequence[str] = (),
+        since: float | None = None,
+        until: float | None = None,
+        node: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> HistoryPage:
+        """A page of the tasks that have ended, newest jobs first, as the master still holds
+        them (`GET /v1/history`): only `user`'s, ended in `states`, between the Unix times
+        `since` and `until`, last run on `node`. Its `next`, given as `after`, goes on."""
+        params: dict[str, Any] = {"state": list(states), "limit": str(limit)}
+        chosen = {"user": user, "since": since, "until": until, "node": node, "after": after}
+        params |= {k: str(v) for k, v in chosen.items() if v is not None}
+        return HistoryPage.model_validate(self._call("GET", "/v1/history", params=params))
 
     def frameworks(self) -> list[FrameworkView]:
         """Frameworks subscribed (or within their failover timeout), with shares and offers."""

@@ -444,6 +444,8 @@ class Attempt(BaseModel):
     message: str = ""
     started_at: float | None = None
     finished_at: float | None = None
+    cpu_seconds: float | None = None  # CPU time the run used in all, as its agent measured at its end
+    peak_mem: int | None = None  # MiB: the most memory it held at once (None: not measured)
 
 
 @dataclass(slots=True)
@@ -480,6 +482,8 @@ class TaskRecord:
     not_before: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
+    cpu_seconds: float | None = None  # of the run that ended, as in `Attempt`
+    peak_mem: int | None = None
     history: list[Attempt] = field(default_factory=list)
     gpus: list[int] = field(default_factory=list)  # device indices on its node
     ports: dict[str, int] = field(default_factory=dict)

@@ -194,3 +194,33 @@ class PlannedMove(BaseModel):
     source: str
     target: str
     reason: str
+
+
+class HistoryEntry(BaseModel):
+    """One task that has ended, as `shoal history` lists it (Slurm's sacct): its last run."""
+
+    job_id: int
+    name: str = Field(description="its job's name")
+    task_id: str
+    index: int
+    owner: str = Field(description="who submitted its job (the API token's name)")
+    run_as: str | None = Field(description="the Unix user it ran as (None: its agent's task_user)")
+    queue: str
+    node: str | None = Field(description="where its last run was (None: it never ran)")
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+    state: TaskState
+    exit_code: int | None = Field(description="the status it exited with (None: a signal, or unknown)")
+    signal: str | None = Field(description="the signal that ended it: SIGKILL, SIGTERM...")
+    cpu_seconds: float | None = Field(description="CPU time its last run used (None: not measured)")
+    peak_mem: int | None = Field(description="MiB: the most memory its last run held at once")
+    attempts: int = Field(description="how many times it ran (re-runs and moves included)")
+    message: str = ""
+
+
+class HistoryPage(BaseModel):
+    entries: list[HistoryEntry]
+    next: str | None = Field(
+        None, description="where the next page starts, when there may be more: pass it as `after`"
+    )

@@ -61,6 +61,10 @@ class RunReport(BaseModel):
     message: str = ""
     checkpoint: str | None = None  # the blob of the state it saved when it was stopped
     checks: dict[str, CheckResult] = Field(default_factory=dict)  # what its checks last said, by name
+    # What an ended run used in all, as its agent measured it when it ended (None: not
+    # measured, or an agent from before these were reported).
+    cpu_seconds: float | None = Field(None, ge=0, allow_inf_nan=False)
+    peak_mem: int | None = Field(None, ge=0, description="MiB: the most it held at once")
 
 
 # agent -> master

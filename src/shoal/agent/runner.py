@@ -5,7 +5,8 @@ Each run gets a sandbox directory holding its `stdout` and `stderr` files, its o
 session (so of its own process group), so a kill reaches everything it started. A small sh
 wrapper records the exit status where the agent keeps them: an agent restarted while the
 run went on can still learn how it ended, though it is no longer the parent.
-Exits are watched through pidfds, for children and adopted processes alike.
+Exits are watched through pidfds, for children and adopted processes alike. What a run used
+in all is read when it ends, before its cgroups go (`usage.spent`).
 
 A run goes as the user its task names (`users.py`): its sandbox, logs included, belongs to
 that user alone (mode 0700), and its command runs with the user's uid, gid and groups. The
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import shutil
 import stat
 from collections.abc import Callable, Iterator
@@ -33,6 +35,7 @@ from pathlib import Path
 import psutil
 
 from shoal.agent.cgroups import Cgroups
+from shoal.agent.usage import Spent, spent
 from shoal.agent.users import ROOT_ENV, Identity, Users
 from shoal.wire import RunSpec
 
@@ -60,7 +63,7 @@ _OUTPUT = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
 _PRIVATE = 0o600
 BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME")
 
-ExitCallback = Callable[[str, int | None], None]
+ExitCallback = Callable[[str, int | None, Spent], None]
 log = logging.getLogger("shoal.agent")
 
 
@@ -188,17 +191,20 @@ class Runner:
         self._exited(run_id, pid)
 
     def _exited(self, run_id: str, pid: int) -> None:
-        code = self._reap(run_id, pid)
+        code, rusage = self._reap(run_id, pid)
+        used = spent(self.cgroups, run_id, rusage)
         if self.cgroups is not None:
             self.cgroups.remove(run_id)
-        self._on_exit(run_id, code)
+        self._on_exit(run_id, code, used)
 
-    def _reap(self, run_id: str, pid: int) -> int | None:
+    def _reap(self, run_id: str, pid: int) -> tuple[int | None, resource.struct_rusage | None]:
+        """The run's exit code, and what its process and those it waited for used (None when
+        it was adopted: then it is not the agent's child, and only its exit record tells)."""
         try:
-            _, status = os.waitpid(pid, 0)
-            return os.waitstatus_to_exitcode(status)
+            _, status, rusage = os.wait4(pid, 0)
+            return os.waitstatus_to_exitcode(status), rusage
         except ChildProcessError:
-            return self.recorded_exit(run_id)  # adopted: not our child
+            return self.recorded_exit(run_id), None
 
     def recorded_exit(self, run_id: str) -> int | None:
         try:

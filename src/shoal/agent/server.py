@@ -55,7 +55,7 @@ from shoal.agent.state import (
     Tick,
     Unled,
 )
-from shoal.agent.usage import Meter
+from shoal.agent.usage import Meter, Spent
 from shoal.agent.users import Users
 from shoal.checks import CheckResult
 from shoal.config import AgentSettings
@@ -235,15 +235,17 @@ class Agent:
             return
         self._spawn(spec)
 
-    def _on_exit(self, run_id: str, code: int | None) -> None:
+    def _on_exit(self, run_id: str, code: int | None, used: Spent) -> None:
         self.health.stop(run_id)
         entry = self.state.runs.get(run_id)
         if entry is not None and entry.spec.checkpoint and entry.kill_requested and entry.pid is not None:
-            self._later(self._save_then_report(run_id, code, entry.pid, entry.spec.kill_grace))
+            self._later(self._save_then_report(run_id, code, entry.pid, entry.spec.kill_grace, used))
         else:
-            self.dispatch(Exited(run_id, code, time.time()))
+            self.dispatch(Exited(run_id, code, time.time(), None, used.cpu_seconds, used.peak_mem))
 
-    async def _save_then_report(self, run_id: str, code: int | None, group: int, grace: float) -> None:
+    async def _save_then_report(
+        self, run_id: str, code: int | None, group: int, grace: float, used: Spent
+    ) -> None:
         """A run stopped to move: once every process of it has ended (the command may still be
         writing its state after the wrapper shell is gone), its saved state goes to the master,
         then its end is told."""
@@ -260,7 +262,7 @@ class Agent:
                 log.warning(
                     "run %s: its saved state could not be kept (%s); it restarts without it", run_id, e
                 )
-        self.dispatch(Exited(run_id, code, time.time(), checkpoint=blob))
+        self.dispatch(Exited(run_id, code, time.time(), blob, used.cpu_seconds, used.peak_mem))
 
     def _later(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)

@@ -71,6 +71,8 @@ class RunEntry(BaseModel):
     term_at: float | None = None  # when a stopped run gets SIGTERM (it first left the registry)
     fenced: bool = False  # stopped because no master was heard: it ends LOST
     checks: dict[str, CheckResult] = Field(default_factory=dict)
+    cpu_seconds: float | None = None  # what it used in all, measured when it ended
+    peak_mem: int | None = None  # MiB
 
     def report(self) -> RunReport:
         return RunReport(
@@ -82,6 +84,8 @@ class RunEntry(BaseModel):
             message=self.message,
             checkpoint=self.checkpoint,
             checks=self.checks,
+            cpu_seconds=self.cpu_seconds,
+            peak_mem=self.peak_mem,
         )
 
 
@@ -131,6 +135,8 @@ class Exited:
     exit_code: int | None
     now: float
     checkpoint: str | None = None  # the blob its saved state went to, when it was stopped
+    cpu_seconds: float | None = None  # what the run used in all, where it could be measured
+    peak_mem: int | None = None  # MiB: the most memory it held at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +253,8 @@ class AgentState:
             case SpawnFailed(run_id=run, message=message, now=now):
                 self._finish(run, None, now, message=f"could not start: {message}")
             case Exited(run_id=run, exit_code=code, now=now, checkpoint=checkpoint):
+                if (entry := self.runs.get(run)) is not None and not entry.state.terminal:
+                    entry.cpu_seconds, entry.peak_mem = event.cpu_seconds, event.peak_mem
                 self._finish(run, code, now, checkpoint=checkpoint)
             case Tick(now=now, usage=usage):
                 self._tick(now, usage)

@@ -45,6 +45,12 @@ COMMANDS: dict[str, Entry] = {
     "job": Entry("jobs", "job", "Show one job and its tasks, with why pending tasks wait."),
     "logs": Entry("jobs", "logs", "Print a task's output."),
     "kill": Entry("jobs", "kill", "Kill every task of a job (SIGTERM, then SIGKILL after its grace)."),
+    "history": Entry(
+        "history",
+        "history",
+        "List tasks that have ended, newest jobs first, as Slurm's sacct: where and when each ran, "
+        "how it ended, its CPU time and peak memory.",
+    ),
     "nodes": Entry(
         "jobs",
         "nodes",

@@ -34,6 +34,7 @@ from shoal.master.deps import (
 )
 from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, RebalanceNow, Submit
 from shoal.master.ha import FollowerGate
+from shoal.master.history_api import router as history_router
 from shoal.master.limits import LimitPolicy, Limits
 from shoal.master.listings import listings_of
 from shoal.master.node_access import blob_reader, blob_writer, serve_agent
@@ -129,6 +130,7 @@ def create_app(settings: MasterSettings) -> FastAPI:
     app.include_router(stream_api.router)
     app.include_router(queue_api.router)
     app.include_router(ui.router)  # the dashboard at /ui: static files, out of the schema
+    app.include_router(history_router)
     app.add_middleware(
         AuditTrail,
         master=lambda: app.state.master,

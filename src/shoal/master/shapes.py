@@ -1,7 +1,7 @@
 """The ledger's records in the shapes others read: the core's `Running` (what a task holds,
 for preemption, backfill and shares), `Group` (a job's waiting tasks) and `Presence` (its
-tags and colocation rules), the tasks a job implies as submitted, and an agent's `RunSpec`
-(what to run). Pure."""
+tags and colocation rules), the tasks a job implies as submitted, an agent's `RunSpec`
+(what to run), and a run that ended as its task's history keeps it. Pure."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from shoal.core.placement import Group, SpreadTarget
 from shoal.core.plan import Running
 from shoal.core.tags import JOB, SERVICE, Colocate, Presence
 from shoal.expressions import parse
-from shoal.model import JobRecord, JobSpec, Migrate, Successor, TaskRecord, run_id
+from shoal.model import Attempt, JobRecord, JobSpec, Migrate, Successor, TaskRecord, run_id
 from shoal.wire import RunSpec
 
 
@@ -115,6 +115,27 @@ def _spread(spec: JobSpec) -> SpreadTarget | None:
 def implied_tasks(job: JobRecord) -> list[TaskRecord]:
     """The tasks a job has as submitted: all pending, first attempt."""
     return [TaskRecord(id=f"{job.id}.{i}", job_id=job.id, index=i) for i in range(job.spec.count)]
+
+
+def task_id(job_id: int, index: int) -> str:
+    """The id of a job's task `index`, as `implied_tasks` names it (a job has every task it
+    will have from its submission)."""
+    return f"{job_id}.{index}"
+
+
+def ended_run(task: TaskRecord) -> Attempt:
+    """The run of `task` that has just ended, as the task's history keeps it when it runs again."""
+    return Attempt(
+        attempt=task.attempt,
+        node=task.node,
+        state=task.state,
+        exit_code=task.exit_code,
+        message=task.message,
+        started_at=task.started_at,
+        finished_at=task.finished_at,
+        cpu_seconds=task.cpu_seconds,
+        peak_mem=task.peak_mem,
+    )
 
 
 def run_spec(spec: JobSpec, task: TaskRecord, copy: Successor | None = None) -> RunSpec:

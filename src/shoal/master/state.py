@@ -70,9 +70,9 @@ from shoal.master.frameworks import FrameworkDesk, FrameworkPolicy
 from shoal.master.ledger import Ledger, Retention
 from shoal.master.moves import MoveDesk, Rebalancing
 from shoal.master.registry import Registry, RegistryPolicy
+from shoal.master.shapes import ended_run
 from shoal.master.store import Snapshot
 from shoal.model import (
-    Attempt,
     Caller,
     JobRecord,
     Migrate,
@@ -379,6 +379,7 @@ class MasterState:
         elif r.state.terminal:
             if r.checkpoint is not None:
                 ledger.update(task, checkpoint=r.checkpoint)  # its next attempt starts from this state
+            ledger.update(task, cpu_seconds=r.cpu_seconds, peak_mem=r.peak_mem)  # what the run used
             killed = task.kill_requested and r.state is not TaskState.FINISHED
             self._end(task, TaskState.KILLED if killed else r.state, now, r.exit_code, r.message)
 
@@ -492,18 +493,7 @@ class MasterState:
 
     def _restart(self, task: TaskRecord, now: float, not_before: float) -> None:
         attempt = task.next_attempt
-        history = [
-            *task.history,
-            Attempt(
-                attempt=task.attempt,
-                node=task.node,
-                state=task.state,
-                exit_code=task.exit_code,
-                message=task.message,
-                started_at=task.started_at,
-                finished_at=task.finished_at,
-            ),
-        ]
+        history = [*task.history, ended_run(task)]
         if not_before > now:
             self._delayed.add(task.job_id)
         self.ledger.transition(
@@ -517,6 +507,8 @@ class MasterState:
             message="",
             started_at=None,
             finished_at=None,
+            cpu_seconds=None,
+            peak_mem=None,
             not_before=not_before,
             evicted_by=None,
             migrating=None,
