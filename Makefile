@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # Debian packages the tests need beyond Python; installed with apt-get when missing.
-TEST_DEBS := openssh-server openssh-client bind9-dnsutils dnsperf iproute2 etcd-server chromium chromium-driver
+TEST_DEBS := openssh-server openssh-client bind9-dnsutils dnsperf iproute2 etcd-server chromium chromium-driver prometheus
 
 .PHONY: run test install test-deps clean
 

@@ -313,6 +313,18 @@ class AgentSettings(_Settings):
     shell_user: UserName | None = Field(
         None, description="the Unix user `shoal exec` commands run as (default: the agent's own)"
     )
+    # Prometheus metrics: a listener of the agent's own, off unless given a port.
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve GET /metrics on this port (default: no listener)"
+    )
+    metrics_address: str = Field(
+        "127.0.0.1", description="the address the metrics listener binds (0.0.0.0: every one)"
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="the bearer token a scrape must bring (a metrics token the master made will do); "
+        "needed with metrics_port",
+    )
 
     @field_validator("resources")
     @classmethod
@@ -325,6 +337,16 @@ class AgentSettings(_Settings):
         if not 1 <= value[0] <= value[1] <= 65535:
             raise ValueError("a range LOW, HIGH with 1 <= LOW <= HIGH <= 65535")
         return value
+
+    @model_validator(mode="after")
+    def _metrics_need_a_token(self) -> AgentSettings:
+        token = self.metrics_token.get_secret_value() if self.metrics_token is not None else ""
+        if self.metrics_port is not None and not token:
+            raise ValueError(
+                "metrics_port needs metrics_token: every scrape must bring a token "
+                "(`shoal token create prometheus --metrics` makes one)"
+            )
+        return self
 
 
 def shared_host_ports(index: int, agents: int) -> tuple[int, int]:

@@ -79,7 +79,7 @@ class Submitted(BaseModel):
     id: int
 
 
-TokenKind = Literal["api", "bootstrap"]
+TokenKind = Literal["api", "bootstrap", "metrics"]
 MAX_TOKEN_TTL = 10 * 365 * 86_400  # seconds a token may be made to last, at most
 # A bootstrap token makes nodes: it lasts a day unless told otherwise (as kubeadm's), and a
 # week at most, so one left in a script or a shell history goes stale.
@@ -95,7 +95,9 @@ class TokenRequest(BaseModel):
     roles: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")], ...] = Field(
         (), max_length=64, description="roles (queues) its frameworks may subscribe in"
     )
-    kind: TokenKind = Field("api", description="api: calls the API; bootstrap: lets nodes join, only")
+    kind: TokenKind = Field(
+        "api", description="api: calls the API; bootstrap: lets nodes join, only; metrics: GET /metrics, only"
+    )
     ttl: float | None = Field(
         None,
         gt=0,

@@ -24,7 +24,7 @@ import tarfile
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import websockets
 from pydantic import TypeAdapter
@@ -70,6 +70,7 @@ from shoal.masters import (
     Unreachable,
     check_url,
 )
+from shoal.model import Usage
 from shoal.wire import (
     CopyFiles,
     ExecAck,
@@ -85,6 +86,9 @@ from shoal.wire import (
     decode,
     encode,
 )
+
+if TYPE_CHECKING:
+    from shoal.agent.metrics import MetricsListener
 
 log = logging.getLogger("shoal.agent")
 _TABLE = TypeAdapter(list[RunEntry])
@@ -136,6 +140,7 @@ class Agent:
             ),
             users,
         )
+        self.usage: Usage | None = None  # the last measurement of the node and its runs
         self._outbox: asyncio.Queue[bytes] | None = None
         self._unsaved: tuple[RunEntry, ...] | None = None
         self._unsent: list[Register | Heartbeat | RunReports] = []
@@ -291,6 +296,7 @@ class Agent:
     # --- loops ----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        metrics = _metrics_listener(self)
         self._adopt()
         ticker = asyncio.create_task(self._tick_loop())
         renewer = None
@@ -311,6 +317,8 @@ class Agent:
             if renewer is not None:
                 renewer.cancel()
             ticker.cancel()
+            if metrics is not None:
+                await metrics.close()
             self.runner.close()
             await self.files.close()
             await self.health.close()
@@ -322,7 +330,8 @@ class Agent:
             await asyncio.sleep(self.settings.heartbeat_interval)
             now = time.time()
             runs = {e.spec.run_id: e.pid for e in self.state.running() if e.pid is not None}
-            self.dispatch(Tick(now, meter.measure(runs)))
+            self.usage = meter.measure(runs)
+            self.dispatch(Tick(now, self.usage))
             if now - pruned >= _PRUNE_EVERY:
                 pruned = now
                 self.runner.prune(set(self.state.runs), now - self.settings.keep_sandboxes)
@@ -502,6 +511,18 @@ class Agent:
                 request=req.request, offset=req.offset, error=f"no output of run {req.run_id} here"
             )
         return LogChunk(request=req.request, data=data, offset=req.offset)
+
+
+def _metrics_listener(agent: Agent) -> MetricsListener | None:
+    """The agent's metrics listener, serving, when `metrics_port` asks for one; only then is
+    the HTTP server loaded."""
+    if agent.settings.metrics_port is None:
+        return None
+    from shoal.agent.metrics import MetricsListener
+
+    listener = MetricsListener(agent, agent.settings)
+    listener.start()
+    return listener
 
 
 async def _group_ended(group: int, timeout: float) -> None:

@@ -207,7 +207,7 @@ def tokens_table(tokens: Sequence[TokenView]) -> Table:
     )  # fmt: skip
     for t in tokens:
         state = {"active": "[green]active[/]"}.get(t.state, f"[red]{t.state}[/]")
-        uses = "-" if t.kind == "api" else "any" if t.uses_left is None else str(t.uses_left)
+        uses = "-" if t.kind != "bootstrap" else "any" if t.uses_left is None else str(t.uses_left)
         table.add_row(
             t.id, t.name, t.kind, t.role.value, state, ago(t.created), ago(t.last_used), when(t.expires), uses
         )

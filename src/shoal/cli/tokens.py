@@ -37,17 +37,22 @@ def token_create(
     uses: Annotated[
         int | None, typer.Option(min=1, help="with --bootstrap: joins it allows (default: any number)")
     ] = None,
+    metrics: Annotated[
+        bool, typer.Option("--metrics", help="a token that only reads GET /metrics (Prometheus), not the API")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Make a token bound to a name and a role; it is shown only once."""
+    if bootstrap and metrics:
+        raise typer.BadParameter("--bootstrap and --metrics make different tokens: give one")
     lifetime = None if ttl is None else seconds(ttl)
-    kind = "bootstrap" if bootstrap else "api"
+    kind = "bootstrap" if bootstrap else "metrics" if metrics else "api"
     with Client.from_config() as client:
         made = client.create_token(name, role, tuple(roles), ttl=lifetime, kind=kind, uses=uses)
     if as_json:
         print_json(made)
         return
-    what = "bootstrap token" if bootstrap else f"{made.role.value} token"
+    what = f"{kind} token" if kind != "api" else f"{made.role.value} token"
     out.print(f"{what} {made.id} for {made.name}; it is shown only once:")
     print(made.token)
 

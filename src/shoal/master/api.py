@@ -37,6 +37,7 @@ from shoal.master.ha import FollowerGate
 from shoal.master.history_api import router as history_router
 from shoal.master.limits import LimitPolicy, Limits
 from shoal.master.listings import listings_of
+from shoal.master.metrics import instrument
 from shoal.master.node_access import blob_reader, blob_writer, serve_agent
 from shoal.master.opening import lifespan
 from shoal.master.run_as import RunAs, accept_as, job_as
@@ -148,6 +149,7 @@ def create_app(settings: MasterSettings) -> FastAPI:
         tokens=lambda: getattr(app.state, "tokens", None),
         peer=peer_of_scope,
     )
+    instrument(app)  # GET /metrics; every call timed, from outside the limits
     return app
 
 

@@ -3,8 +3,9 @@
 People and programs present an API token bound to a name and a role; agents of a master on
 plain HTTP present the cluster token (a master serving TLS has none: nodes present their
 certificates); a node joining the cluster presents a bootstrap token, which opens nothing
-else. A token is shown once, when it is made, and never logged: its public id (the first
-16 hex digits of its digest) names it in listings and revocations.
+else, and Prometheus a metrics token, which opens GET /metrics alone. A token is shown
+once, when it is made, and never logged: its public id (the first 16 hex digits of its
+digest) names it in listings and revocations.
 
 A token may expire and may be revoked. A token once found is remembered, so a call costs no
 read of the store (a round trip on etcd), but its expiry is checked at every lookup and its
@@ -146,6 +147,18 @@ class Tokens:
         caller = Caller(name=entry.name, role=entry.role, roles=entry.roles)
         known = self._known[digest] = _Known(entry, caller, now)
         return known
+
+    def scraper(self, token: str) -> str | None:
+        """The name of a metrics token, unexpired and unrevoked, which opens GET /metrics and
+        nothing else; None for any other. Read from the store each time: a scrape comes every
+        few seconds at most, and a revocation holds at once, on a follower too."""
+        digest, now = _digest(token), self._clock()
+        entry = self._store.token(digest)
+        if entry is None or entry.kind != "metrics" or not entry.valid(now):
+            return None
+        if not self._read_only:
+            self._used[digest] = now
+        return entry.name
 
     def bootstrap(self, token: str, *, used_up: bool = False) -> TokenEntry | None:
         """The entry of a bootstrap token that is unexpired, unrevoked and has uses left (or,

@@ -6,7 +6,8 @@ the seat says it may no longer act or a write is refused, then stands that maste
 throws it away, so a master that leads again starts from what etcd holds, never from what
 it believed. `FollowerGate` answers every call a follower receives: a 307 to the leader
 (HTTP) or a close with code 4307 naming it (the agents' WebSocket), or a 503 while no leader
-is known. `GET /v1/masters` is the one call every master answers itself.
+is known. `GET /v1/masters` and `GET /metrics` are the calls every master answers itself
+(a follower's metrics say it does not lead, and how its API answers).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from shoal.services import MASTER_SERVICE, Endpoint
 from shoal.views import MasterView
 
 log = logging.getLogger("shoal.master")
-OPEN_PATHS = frozenset({"/v1/masters"})  # answered by followers too
+OPEN_PATHS = frozenset({"/v1/masters", "/metrics"})  # answered by followers too (metrics: their own)
 _LEADER = LEADER_HEADER.lower().encode()
 _LIST_EVERY = 2.0  # seconds between reads of the masters alive, for the registry
 _CHECK_EVERY = 0.1  # seconds between checks that a leader may still act

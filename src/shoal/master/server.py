@@ -54,6 +54,7 @@ from shoal.master.events import (
 )
 from shoal.master.frameworks import FrameworkPolicy
 from shoal.master.identities import Identities
+from shoal.master.instruments import Instruments
 from shoal.master.ledger import Retention
 from shoal.master.moves import Rebalancing
 from shoal.master.registry import RegistryPolicy
@@ -210,6 +211,7 @@ class Master:
             masters=masters,
             fence_agents=fence_agents,
         )
+        self.instruments = Instruments(self.state)  # what the metrics count (GET /metrics)
         # With several masters: whether this one may still act as leader (its lease), and
         # whether it has stopped for good. A lone master always may.
         self.may_act = may_act
@@ -234,11 +236,12 @@ class Master:
             self.deposed = True
             raise NotLeading("this master no longer leads; the call goes to the leader (`shoal masters`)")
         replies: dict[int, Reply] = {}
-        for command in self.state.handle(*events):
+        for command in self.instruments.handle(*events):  # self.state.handle, counted
             match command:
                 case Persist():
                     try:
-                        self.store.apply(command)
+                        with self.instruments.writing():
+                            self.store.apply(command)
                     except Deposed:
                         # The ledger in memory is now ahead of the store: nothing of it may
                         # act again. The shell throws this master away and the next leader

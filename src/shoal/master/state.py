@@ -130,6 +130,7 @@ class MasterState:
         )
         self.waiting: dict[int, str] = {}  # job id -> why its pending tasks wait
         self.promised: dict[int, float] = {}  # job id -> the earliest start backfill promised it
+        self.cycles = 0  # scheduling cycles run (the shell's metrics read it)
         self._needs_schedule = True
         self._wakeup = math.inf  # the earliest restart delay still running
         # Jobs with a pending task that may wait out a restart delay: only their tasks are
@@ -530,6 +531,7 @@ class MasterState:
     def _schedule(self, now: float) -> None:
         ledger = self.ledger
         self._needs_schedule = False
+        self.cycles += 1
         self.waiting = {}
         self._wakeup = math.inf
         if len(ledger.table) == 0:

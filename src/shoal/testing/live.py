@@ -61,6 +61,7 @@ class LiveCluster:
         registered: Callable[[int, int], None] | None = None,
         agent_settings: Mapping[str, str] | None = None,
         tls: bool = False,
+        agent_metrics: bool = False,
     ) -> None:
         self.root = root
         self.agent_batch = agent_batch
@@ -89,6 +90,11 @@ class LiveCluster:
             **{f"SHOAL_{k.upper()}": v for k, v in (master_settings or {}).items()},
         }
         self.agent_env = {f"SHOAL_{k.upper()}": v for k, v in (agent_settings or {}).items()}
+        # With agent_metrics, each agent serves GET /metrics on a port of its own, on loopback,
+        # to this token (the master's metrics token too, once `metrics_token()` has made it).
+        self.agent_metrics = agent_metrics
+        self.metrics_ports: dict[str, int] = {}
+        self._metrics_token: str | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -150,6 +156,13 @@ class LiveCluster:
 
         if self.tls:
             tls.init_cluster_files(list(dict.fromkeys([self.tls_files, files])), tls.master_names([]))
+
+    def metrics_token(self) -> str:
+        """A metrics token (GET /metrics alone), made through the API at the first call."""
+        if self._metrics_token is None:
+            with self.client() as c:
+                self._metrics_token = c.create_token("prometheus", Role.READER, kind="metrics").token
+        return self._metrics_token
 
     def bootstrap_token(self) -> str:
         """A token agents join a TLS cluster with, made through the API at the first call."""
@@ -224,9 +237,16 @@ class LiveCluster:
             env={
                 **self.agent_env,
                 "SHOAL_PORT_RANGE": json.dumps(self.port_range(name)),
+                **self._metrics_env(name),
             },
             base=self.agent_environment(),
         )
+
+    def _metrics_env(self, name: str) -> dict[str, str]:
+        if not self.agent_metrics:
+            return {}
+        port = self.metrics_ports.setdefault(name, free_port())
+        return {"SHOAL_METRICS_PORT": str(port), "SHOAL_METRICS_TOKEN": self.metrics_token()}
 
     def port_range(self, name: str) -> tuple[int, int]:
         """The agent's own range of ports for its tasks, as `shoal dev` gives."""
@@ -317,10 +337,12 @@ def live_cluster(
     registered: Callable[[int, int], None] | None = None,
     agent_settings: Mapping[str, str] | None = None,
     tls: bool = False,
+    agent_metrics: bool = False,
 ) -> Iterator[LiveCluster]:
     """A started cluster; `agent_batch`, `start_timeout` and `registered` as in `start_agents`;
     `master_settings` and `agent_settings` as SHOAL_* variables ({"fsync": "false"}); `tls`:
-    HTTPS with the cluster's own authority, agents joining with a bootstrap token."""
+    HTTPS with the cluster's own authority, agents joining with a bootstrap token;
+    `agent_metrics`: each agent serves its metrics (`metrics_ports`, `metrics_token()`)."""
     root.mkdir(parents=True, exist_ok=True)
     cluster = LiveCluster(
         root,
@@ -333,6 +355,7 @@ def live_cluster(
         registered,
         agent_settings,
         tls,
+        agent_metrics,
     )
     try:
         cluster.start()
