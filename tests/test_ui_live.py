@@ -8,6 +8,7 @@ Needs Debian's `chromium` and `chromium-driver` (`make test` installs them).
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -135,19 +136,15 @@ def _token(cluster: LiveCluster, name: str, role: Role) -> str:
 
 def test_a_token_logs_in_and_the_three_nodes_show(page: Page, cluster: LiveCluster) -> None:
     page.log_in(cluster.admin_token)
-    page.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows tr")) == 3, "three node rows")
-    assert [r.get_attribute("data-node") for r in page.driver.find_elements(By.CSS_SELECTOR, "#rows tr")] == [
-        "node1",
-        "node2",
-        "node3",
-    ]
+    names = "return [...document.querySelectorAll('#rows tr[data-node]')].map(r => r.dataset.node)"
+    page.until(lambda d: d.execute_script(names) == ["node1", "node2", "node3"], "the three nodes")
     assert "3 up" in page.text("#summary")
     assert page.driver.find_elements(By.CSS_SELECTOR, "#rows [data-drain]")  # an admin's buttons
     page.shot("nodes")
     # A user's token: the same nodes, and no admin's buttons; logging out forgets the token.
     page.driver.find_element(By.ID, "logout").click()
     page.log_in(_token(cluster, "ui-user", Role.USER))
-    page.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows tr")) == 3, "three node rows")
+    page.until(lambda d: d.execute_script(names) == ["node1", "node2", "node3"], "the three nodes")
     assert page.driver.find_elements(By.CSS_SELECTOR, "[data-drain], [data-undrain]") == []
     assert "ui-user" in page.text("#who")
     page.driver.find_element(By.ID, "logout").click()
@@ -246,11 +243,17 @@ def test_every_page_renders(page: Page, cluster: LiveCluster) -> None:
 def test_the_files_need_no_token_and_the_data_does(cluster: LiveCluster) -> None:
     shell = httpx.get(f"{cluster.url}/ui")
     assert shell.status_code == 200 and "text/html" in shell.headers["content-type"]
-    assert "script-src 'self'" in shell.headers["content-security-policy"]
-    again = httpx.get(f"{cluster.url}/ui/js/app.js", headers={"If-None-Match": shell.headers["etag"]})
-    assert again.status_code == 200 and again.headers["content-type"].startswith("text/javascript")
-    unchanged = httpx.get(f"{cluster.url}/ui/js/app.js", headers={"If-None-Match": again.headers["etag"]})
-    assert unchanged.status_code == 304
+    assert shell.headers["cache-control"] == "no-cache"
+    assert "script-src 'self' 'sha256-" in shell.headers["content-security-policy"]
+    again = httpx.get(f"{cluster.url}/ui/", headers={"If-None-Match": shell.headers["etag"]})
+    assert again.status_code == 304
+    # The shell names every file by its version, and a versioned name is cached for good.
+    app = re.search(r'src="(/ui/js/app\.js\?v=\w+)"', shell.text)
+    assert app is not None and '"/ui/js/pages/nodes.js":"/ui/js/pages/nodes.js?v=' in shell.text
+    script = httpx.get(f"{cluster.url}{app[1]}")
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    assert "immutable" in script.headers["cache-control"]
+    assert httpx.get(f"{cluster.url}/ui/js/app.js").headers["cache-control"] == "no-cache"
     assert httpx.get(f"{cluster.url}/ui/%2e%2e/pyproject.toml").status_code == 404
     assert httpx.get(f"{cluster.url}/ui/nothing.js").status_code == 404
     assert httpx.get(f"{cluster.url}/v1/queues").status_code == 401

@@ -1,15 +1,17 @@
 // Nodes: capacity against allocation and live use, recent load, groups and labels; admins
 // drain and undrain. Heartbeats are not events (the ledger keeps them in memory only), so
 // live use comes from listing every few seconds; what is an event (up, down, drained, a new
-// node) comes from the stream at once. Rows are rendered as one string, and afterwards only
-// the rows whose text changed are written again: a thousand nodes stay cheap.
+// node) comes from the stream at once. Only the rows in view are in the table (rows.js), and
+// only those whose text changed are written again: a thousand nodes cost what forty do.
 import { get, post } from "../api.js";
 import { $, armable, badge, coalesce, confirmed, esc, every, meter, mib, num, rendered, report, spark, toast } from "../dom.js";
+import { Rows } from "../rows.js";
 import { follow } from "../stream.js";
 
 const POLL = 3000; // ms between listings (live CPU and memory)
 const HOT = 80; // percent of CPU: @hot, as the parallel shell's groups
 const IDLE = 10;
+const byName = new Intl.Collator(undefined, { numeric: true }).compare; // node2 before node10
 
 const facts = (n) => ({ ...n.info.attributes, ...n.info.labels });
 
@@ -114,37 +116,25 @@ export async function mount(main, { me, query, signal }) {
         <th class="n">tasks</th><th>labels</th>${admin ? "<th></th>" : ""}</tr></thead>
       <tbody id="rows"></tbody>
     </table>`;
-  const body = $("#rows");
   const filter = $("#filter");
   filter.value = query.get("filter") ?? "";
   const nodes = new Map(); // name -> NodeView
-  const shown = new Map(); // name -> [row, its cells' text]
-  let order = ""; // the names shown, in order: another order means a full rendering
+  const rows = new Rows($("#rows"), {
+    height: 46,
+    columns: admin ? 8 : 7,
+    name: "node",
+    key: (n) => n.info.name,
+    row: (n) => cells(n, admin),
+  });
+  signal.addEventListener("abort", () => rows.stop());
 
   const render = () => {
-    const list = [...nodes.values()].sort((a, b) => a.info.name.localeCompare(b.info.name, undefined, { numeric: true }));
-    const match = matcher(filter.value);
-    const visible = list.filter(match);
+    const list = [...nodes.values()].sort((a, b) => byName(a.info.name, b.info.name));
+    const visible = list.filter(matcher(filter.value));
     $("#summary").innerHTML = summary(list);
     $("#groups").innerHTML = groups(list);
     $("#shown").textContent = visible.length === list.length ? "" : `${visible.length} of ${list.length} shown`;
-    const names = visible.map((n) => n.info.name).join("\n");
-    if (names !== order) {
-      const html = visible.map((n) => [n.info.name, cells(n, admin)]);
-      body.innerHTML = html.map(([name, text]) => `<tr data-node="${esc(name)}">${text}</tr>`).join("");
-      shown.clear();
-      [...body.rows].forEach((row, i) => shown.set(html[i][0], [row, html[i][1]]));
-      order = names;
-      return;
-    }
-    for (const n of visible) {
-      const [row, before] = shown.get(n.info.name);
-      const text = cells(n, admin);
-      if (text !== before) {
-        row.innerHTML = text;
-        shown.set(n.info.name, [row, text]);
-      }
-    }
+    rows.set(visible);
   };
   const list = async () => {
     const fresh = await get("/v1/nodes", { signal });
@@ -178,7 +168,8 @@ export async function mount(main, { me, query, signal }) {
     }
   }, { signal }); // #main outlives the page
 
-  await follow({
+  // Not waited for: a change missed before it is open is in the next listing, seconds later.
+  follow({
     topics: ["nodes"],
     signal,
     onReset: relist,
