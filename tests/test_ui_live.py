@@ -151,6 +151,19 @@ def test_a_token_logs_in_and_the_three_nodes_show(page: Page, cluster: LiveClust
     assert page.driver.execute_script("return sessionStorage.getItem('shoal.token')") is None
 
 
+def test_a_revoked_token_goes_back_to_the_login(page: Page, cluster: LiveCluster) -> None:
+    with cluster.client() as c:
+        made = c.create_token("ui-revoked", Role.READER)
+    page.log_in(made.token)  # the nodes page: it lists them again every 3 s
+    with cluster.client() as c:
+        c.revoke_token(made.id)
+    page.until(lambda d: d.find_element(By.ID, "token"), "the login form")  # the next call had a 401
+    assert page.driver.execute_script("return sessionStorage.getItem('shoal.token')") is None
+    assert page.driver.execute_script("return sessionStorage.getItem('shoal.next')") == "#/nodes"
+    refused = [e for e in page.console_errors() if "401 (Unauthorized)" not in e["message"]]
+    assert refused == []
+
+
 def test_a_job_from_the_cli_appears_and_finishes_without_a_reload(page: Page, cluster: LiveCluster) -> None:
     page.log_in(cluster.admin_token)
     page.open("#/jobs")
