@@ -251,6 +251,11 @@ def test_every_page_renders(page: Page, cluster: LiveCluster) -> None:
     for name in ("queues", "frameworks", "services", "events"):
         page.open(f"#/{name}")
         page.shot(name)
+    with cluster.client() as c:  # on the events page: the job's events come as they happen
+        job = c.submit(JobSpec(name="seen-live", command="true", resources={"cpus": 0.5}))
+    page.until(lambda d: f"job {job} seen-live by admin" in d.find_element(By.ID, "feed").text, "its event")
+    page.until(lambda d: f"task {job}.0 finished" in d.find_element(By.ID, "feed").text, "its task's end")
+    page.shot("events-live")
 
 
 def test_the_files_need_no_token_and_the_data_does(cluster: LiveCluster) -> None:
