@@ -185,3 +185,20 @@ def test_a_stream_ends_once_its_token_is_revoked(cluster: LiveCluster) -> None:
     assert not follower.thread.is_alive(), "the stream went on after its token was revoked"
     assert isinstance(follower.error, ApiError) and follower.error.status == 401
     assert all(e.job in (None, job) for e in follower.events)
+
+
+def test_the_audit_topic_is_an_admins_alone(cluster: LiveCluster) -> None:
+    with cluster.client() as admin:
+        reader = admin.create_token("auditor", Role.READER).token
+    answer = httpx.get(
+        f"{cluster.url}/v1/stream",
+        params={"topic": "audit"},
+        headers={"Authorization": f"Bearer {reader}"},
+    )
+    assert answer.status_code == 403 and "admin" in answer.text
+    follower = Follower(cluster, reader).start()
+    with cluster.client() as admin:
+        job = admin.submit(JobSpec(name="audited", command=["true"]))  # an audit record too
+    events = follower.wait_for(_finished(job))
+    follower.close()
+    assert "audit" not in {e.topic for e in events}

@@ -333,13 +333,18 @@ class Client:
         holds that index, a 401 `ApiError` once the token is revoked or expired."""
         params: dict[str, Any] = {"topic": list(topics)}
         params |= {k: str(v) for k, v in {"job": job, "node": node}.items() if v is not None}
+
+        def following(start: int) -> None:
+            nonlocal index
+            index = start
+
         while not self._calls.closed.is_set():  # closing the client ends it
             began = False
             try:
                 after = {} if index is None else {"index": str(index)}
                 with self._stream("GET", "/v1/stream", params=params | after) as response:
                     began = True
-                    for event in sse.events(response.iter_lines()):
+                    for event in sse.events(response.iter_lines(), following):
                         index = event.index
                         yield event
             except Unreachable:

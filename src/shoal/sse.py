@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,12 +40,18 @@ class StreamGone(ShoalError):
     """The master no longer holds the events after the index asked for: list afresh."""
 
 
+FOLLOWING = ": following from "  # the stream's first line: the index it follows after
+
+
 def frames(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
     """(event name, data) of each frame in `lines`, as the server-sent-events format has them:
-    fields up to a blank line, comments (":") and ids skipped, data lines joined."""
+    fields up to a blank line, comments (":") and ids skipped, data lines joined; the head
+    comment that says where the stream starts as ("following", its index)."""
     name, data = "message", []
     for line in lines:
-        if not line:
+        if line.startswith(FOLLOWING):
+            yield "following", line.removeprefix(FOLLOWING)
+        elif not line:
             if data:
                 yield name, "\n".join(data)
             name, data = "message", []
@@ -55,9 +61,16 @@ def frames(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
             data.append(line[5:].removeprefix(" "))
 
 
-def events(lines: Iterable[str]) -> Iterator[StreamEvent]:
-    """The events of a stream; `StreamGone` when the master says it ended for that reason."""
+def events(
+    lines: Iterable[str], following: Callable[[int], None] = lambda index: None
+) -> Iterator[StreamEvent]:
+    """The events of a stream; `StreamGone` when the master says it ended for that reason.
+    `following` is told the index the stream starts after, before any event: a client that
+    must connect again before the first event resumes from there, missing nothing."""
     for name, data in frames(lines):
-        if name == "gone":
+        if name == "following":
+            following(int(data))
+        elif name == "gone":
             raise StreamGone(json.loads(data)["error"])
-        yield StreamEvent.of(data)
+        else:
+            yield StreamEvent.of(data)

@@ -101,7 +101,7 @@ def events(
         if follow:
             for event in client.stream(topic or (), job=job, node=node, index=index):
                 print(json.dumps(dataclasses.asdict(event)), flush=True) if as_json else out.print(
-                    event_line(event), highlight=False
+                    event_line(event), highlight=False, markup=False
                 )
             return
         moves = client.events(limit)

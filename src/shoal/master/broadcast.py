@@ -26,6 +26,7 @@ CHUNK = 1024  # events written at most at once
 # Seconds subscribers are woken apart, at least: a busy master dispatches hundreds of times
 # a second, and a write per dispatch per subscriber would cost more than the events.
 WAKE_EVERY = 0.05
+SHARED = 64  # chunks kept for sharing between wakes, at most
 EVERYTHING = Filter()  # an admin's stream of every topic: each event admitted without a look
 
 
@@ -81,12 +82,11 @@ class Broadcast:
         key = (cursor, self.log.last, which)
         if (made := self._made.get(key)) is None:
             events = list(islice(self.log.after(cursor), CHUNK))
-            admitted = (
-                (e.frame for e in events if which.admits(e))
-                if which != Filter()
-                else (e.frame for e in events)
-            )
-            made = self._made[key] = (b"".join(admitted), events[-1].index if events else cursor)
+            everything = which == EVERYTHING
+            admitted = (e.frame for e in events if everything or which.admits(e))
+            made = (b"".join(admitted), events[-1].index if events else cursor)
+            if len(self._made) < SHARED:  # a catch-up from far back is its own, not kept
+                self._made[key] = made
         return made
 
     def close(self) -> None:

@@ -18,7 +18,8 @@ lists afresh, rather than missing what changed meanwhile.
 
 Who sees what: an event of a job (its job, its tasks, offers and migrations aside) carries
 the job's owner; a user's stream holds only their own jobs' events and the cluster's nodes
-and services. Frameworks, offers, migrations and audit records are for admins and readers.
+and services. Frameworks and offers are for admins and readers, audit records for admins
+(as `GET /v1/audit`: the stream route leaves the topic out for anyone else).
 """
 
 from __future__ import annotations

@@ -12,13 +12,14 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from shoal.errors import SpecError
+from shoal.errors import Forbidden, SpecError
 from shoal.master.deps import CallerDep, MasterDep, while_token_holds
 from shoal.master.stream import Filter, Gone
 from shoal.model import Role
 from shoal.sse import TOPICS
 from shoal.views import ErrorBody
 
+AUDIT = "audit"
 SUBSCRIBERS = 1024  # streams a master serves at once, at most
 
 router = APIRouter()
@@ -43,7 +44,7 @@ async def stream(
 ) -> StreamingResponse:
     """Every change the ledger makes, as server-sent events (`id` the index, `event` the
     topic, `data` the change as JSON), from now or after an index. Users get only their
-    own jobs' events and the cluster's nodes and services."""
+    own jobs' events and the cluster's nodes and services; only admins get the audit topic."""
     broadcast = master.broadcast
     if unknown := sorted(set(topic or ()) - set(TOPICS)):
         raise SpecError("topic", f"no topic {', '.join(unknown)}: topics are {', '.join(TOPICS)}")
@@ -55,8 +56,13 @@ async def stream(
         broadcast.log.after(cursor)
     except Gone as e:
         raise SpecError("index", str(e), status=410) from None
+    topics = frozenset(topic or TOPICS)
+    if caller.role is not Role.ADMIN:  # the audit trail is an admin's to read, as GET /v1/audit
+        if topic and AUDIT in topics:
+            raise Forbidden("only an admin token follows the audit topic")
+        topics -= {AUDIT}
     which = Filter(
-        topics=frozenset(topic or TOPICS),
+        topics=topics,
         job=job,
         node=node,
         user=caller.name if caller.role is Role.USER else None,
