@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from shoal.cli.durations import moment
@@ -107,8 +108,8 @@ def history_table(entries: Sequence[HistoryEntry]) -> Table:
         elapsed = None if e.started_at is None or e.finished_at is None else e.finished_at - e.started_at
         table.add_row(
             e.task_id,
-            e.name or "-",
-            e.owner,
+            escape(e.name) or "-",  # names are anyone's: text, not markup
+            escape(e.owner),
             e.node or "-",
             styled(e.state.value),
             e.signal or ("-" if e.exit_code is None else str(e.exit_code)),
