@@ -285,6 +285,8 @@ def test_queues_say_what_each_holds_and_what_waits(cluster: LiveCluster) -> None
         wait_for(lambda: c.job(running).tasks[0].state is TaskState.RUNNING, what="the job running")
         headers = {"Authorization": f"Bearer {cluster.admin_token}"}
         queues = httpx.get(f"{cluster.url}/v1/queues", headers=headers).json()
+        user = {"Authorization": f"Bearer {c.create_token('queue-reader', Role.USER).token}"}
+        as_user = httpx.get(f"{cluster.url}/v1/queues", headers=user).json()
         c.kill(running)
         c.kill(waiting)
     default = next(q for q in queues if q["name"] == "default")
@@ -293,3 +295,5 @@ def test_queues_say_what_each_holds_and_what_waits(cluster: LiveCluster) -> None
     assert default["share"] == pytest.approx(1 / 6, abs=1e-6)  # a cpu of 3 x 2: its dominant resource
     assert default["users"] == [{"user": "admin", "share": pytest.approx(1 / 6, abs=1e-6), "running": 1}]
     assert (default["configured"], default["order"], default["weight"]) == (True, "priority", 1.0)
+    theirs = next(q for q in as_user if q["name"] == "default")
+    assert theirs["running"] == 1 and theirs["users"] == []  # the totals, but not who holds them

@@ -5,6 +5,7 @@ any resource its running tasks hold), the quantity weighted DRF equalizes once d
 the queue's weight; its guarantee and limit are bounds on that same share. Users are listed
 with their dominant share inside each queue (what a `fair` queue orders its users by).
 Every figure is read from the ledger's usage book and indexes: no walk over finished jobs.
+A user sees the queues' totals, and among their users only themselves.
 """
 
 from __future__ import annotations
@@ -49,8 +50,12 @@ class QueueView(BaseModel):
 @router.get("/v1/queues", response_model=list[QueueView])
 async def queues(master: MasterDep, caller: CallerDep) -> list[QueueView]:
     """Every queue (those configured, and any other something runs or waits in), with its
-    policy, its share of the cluster and how many tasks run and wait in it."""
-    return queue_views(master)
+    policy, its share of the cluster and how many tasks run and wait in it. A user token
+    sees its own entry among a queue's users, no one else's (Caller.may_see)."""
+    views = queue_views(master)
+    for view in views:
+        view.users = [u for u in view.users if caller.may_see(u.user)]
+    return views
 
 
 def queue_views(master: Master) -> list[QueueView]:
