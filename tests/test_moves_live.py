@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from shoal.checks import TASK_CHECK, serves
-from shoal.model import JobSpec, TaskState
+from shoal.model import JobSpec, Role, TaskState
 from shoal.testing.live import live_cluster, wait_for
 from shoal.testing.programs import COUNTER
 
@@ -106,6 +106,8 @@ def test_a_checkpointing_task_keeps_counting_from_where_it_was_after_a_move(tmp_
         assert after[0] == before[-1] + 1  # its state came along: it went on, not from 1
         [event] = client.events()
         assert event.mode.value == "checkpoint" and event.source == first.node and event.duration is not None
+        with cluster.client(client.create_token("someone", Role.USER).token) as someone:
+            assert someone.events() == []  # another user's job's move is not theirs to see
 
 
 def test_a_node_that_joins_gets_work(tmp_path: Path) -> None:

@@ -426,8 +426,13 @@ def _routes(app: FastAPI, run_as: RunAs) -> None:
         caller: CallerDep,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     ) -> list[Migration]:
-        """Migrations, newest first: reason, source, target and how long the move took."""
-        return sorted(master.state.ledger.migrations.values(), key=lambda m: -m.id)[:limit]
+        """Migrations, newest first: reason, source, target and how long the move took (a
+        user's: of their own jobs)."""
+        moves = list(master.state.ledger.migrations.values())
+        if caller.role is Role.USER:  # of their own jobs (Caller.may_see)
+            jobs = master.state.ledger.jobs
+            moves = [m for m in moves if (job := jobs.get(m.job_id)) is not None and job.owner == caller.name]
+        return sorted(moves, key=lambda m: -m.id)[:limit]
 
     @app.get("/v1/whoami", response_model=Caller)
     async def whoami(caller: CallerDep) -> Caller:
