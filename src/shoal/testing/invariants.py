@@ -65,13 +65,19 @@ def _allocations(state: MasterState) -> None:
             held[table.index[task.successor.node], : len(vec)] += vec
     for offer in state.frameworks.offers.values():
         held[offer.row, : len(offer.amount)] += offer.amount
+    # Whole matrices at once (np.allclose row by row, in the same order, costs far more).
+    allocated, capacity = table.allocated, table.capacity
+    agrees = np.isclose(allocated, held, atol=1e-6).all(axis=1)
+    fits = (allocated <= capacity + 1e-6).all(axis=1)
+    kept = np.isclose(table.free, capacity - allocated).all(axis=1)
+    holds = held.any(axis=1)
     for name, row in table.index.items():
-        got = table.allocated[row]
-        assert np.allclose(got, held[row], atol=1e-6), f"{name}: allocated {got} but holders hold {held[row]}"
-        assert np.all(got <= table.capacity[row] + 1e-6), f"{name} is over-committed: {got}"
-        assert np.allclose(table.free[row], table.capacity[row] - got), f"{name}: free room drifted"
+        got = allocated[row]
+        assert agrees[row], f"{name}: allocated {got} but holders hold {held[row]}"
+        assert fits[row], f"{name} is over-committed: {got}"
+        assert kept[row], f"{name}: free room drifted"
         if ledger.nodes[name].status is NodeStatus.DOWN:
-            assert not held[row].any(), f"{name} is down but still holds {held[row]}"
+            assert not holds[row], f"{name} is down but still holds {held[row]}"
 
 
 def _usage(state: MasterState) -> None:
@@ -79,12 +85,17 @@ def _usage(state: MasterState) -> None:
     expected = UsageBook.of(ledger.table, (running(ledger.jobs[t.job_id], t) for t in ledger.active_tasks()))
     for books in ("by_user", "by_queue"):
         have, truth = getattr(ledger.usage, books), getattr(expected, books)
-        for key in have.keys() | truth.keys():
-            got = have.get(key, np.zeros(len(ledger.table.dims)))
-            want = truth.get(key, np.zeros(len(ledger.table.dims)))
-            n = max(len(got), len(want))
-            got, want = np.pad(got, (0, n - len(got))), np.pad(want, (0, n - len(want)))
-            assert np.allclose(got, want), f"usage book of {key} drifted: {got} against {want}"
+        keys = list(have.keys() | truth.keys())
+        # One row per key, both books zero-padded to one width, compared at once.
+        width = max([len(ledger.table.dims), *map(len, have.values()), *map(len, truth.values())])
+        got, want = np.zeros((len(keys), width)), np.zeros((len(keys), width))
+        for i, key in enumerate(keys):
+            for book, rows in ((have, got), (truth, want)):
+                if key in book:
+                    rows[i, : len(book[key])] = book[key]
+        close = np.isclose(got, want).all(axis=1)
+        for i, key in enumerate(keys):
+            assert close[i], f"usage book of {key} drifted: {got[i]} against {want[i]}"
 
 
 def _releases(state: MasterState) -> None:
