@@ -16,17 +16,20 @@ from shoal.cli import app
 from shoal.testing.live import live_cluster, wait_for
 from shoal.testing.sshd import ssh_hosts
 
+PIP = "import sys\nfrom pip._internal.cli.main import main\nsys.exit(main())\n"  # as pip's own bin/pip
+
 
 def seeded_venv(prefix: Path) -> None:
-    """A venv whose dependencies are already there (this test's own), so installing the
-    wheel downloads nothing; bootstrap finds the venv and installs into it."""
+    """A venv whose dependencies are already there (this test's own, pip among them), so
+    installing the wheel downloads nothing; bootstrap finds the venv and installs into it
+    with its bin/pip, which runs this test's pip (ensurepip would copy it in, slowly)."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(prefix)], check=True)
-    subprocess.run(
-        [str(prefix / "bin" / "python"), "-m", "ensurepip", "--default-pip"], check=True, capture_output=True
-    )
     site = next((prefix / "lib").glob("python3*/site-packages"))
     ours = next(p for p in sys.path if p.endswith("site-packages") and ".venv" in p)
     (site / "deps.pth").write_text(ours + "\n")
+    pip = prefix / "bin" / "pip"
+    pip.write_text(f"#!{prefix}/bin/python\n{PIP}")
+    pip.chmod(0o755)
 
 
 def agents_of(root: Path) -> list[psutil.Process]:
@@ -79,6 +82,9 @@ def test_bootstrap_installs_and_starts_agents_that_join(tmp_path: Path) -> None:
             ).read_text().strip()
             commands = " ".join(" ".join(p.cmdline()) for p in agents_of(install))
             assert cluster.bootstrap_token() not in commands
+            # A wheel is given, not built again: it never leaves this machine.
+            unsent = tmp_path / "shoal-0.1.0-py3-none-any.whl"
+            unsent.write_bytes(b"")
             unreachable = cluster.cli(
                 "bootstrap",
                 "-w",
@@ -87,6 +93,8 @@ def test_bootstrap_installs_and_starts_agents_that_join(tmp_path: Path) -> None:
                 cluster.url,
                 "--bootstrap-token",
                 "t",
+                "--wheel",
+                str(unsent),
                 "-o",
                 hosts.options,
                 "--json",
