@@ -16,8 +16,17 @@ from shoal.model import JobSpec, JobState, Role, TaskState
 from shoal.testing.live import LiveCluster, live_cluster, wait_for
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """One cluster for the tests that leave it as they found it: every job they start ends
+    before they return, and no process of the cluster is stopped."""
+    with live_cluster(tmp_path_factory.mktemp("live"), agents=2) as c:
+        yield c
+
+
 @pytest.fixture
-def cluster(tmp_path: Path):
+def own(tmp_path: Path):
+    """A cluster of the test's own: it kills or restarts a process, or lists every job."""
     with live_cluster(tmp_path, agents=2) as c:
         yield c
 
@@ -35,6 +44,126 @@ def task_groups(task_id: str) -> set[int]:
         except (psutil.Error, ProcessLookupError):
             continue
     return groups
+
+
+def test_agent_killed_tasks_are_lost_and_rerun_on_the_other_agent(own: LiveCluster) -> None:
+    cluster = own
+    with cluster.client() as client:
+        job = client.submit(
+            JobSpec(command="sleep 300", resources={"cpus": 1}, restart={"attempts": 1, "delay": 0})
+        )
+        first = wait_for(
+            lambda: (
+                client.task(f"{job}.0").node if client.task(f"{job}.0").state is TaskState.RUNNING else None
+            )
+        )
+        cluster.kill_agent(first)
+        task = wait_for(
+            lambda: (t := client.task(f"{job}.0")).attempt == 1 and t.state is TaskState.RUNNING and t,
+            timeout=cluster.heartbeat_timeout + 10,
+            what="the task running again",
+        )
+        assert task.history[0].state is TaskState.LOST and task.history[0].node == first
+        assert task.node != first
+
+
+def test_master_killed_and_restarted_keeps_jobs_and_readopts_tasks(own: LiveCluster) -> None:
+    cluster = own
+    with cluster.client() as client:
+        done = client.submit(JobSpec(command="true", resources={"cpus": 0.1}))
+        client.wait(done, timeout=30)
+        running = client.submit(JobSpec(command="sleep 300", count=2, resources={"cpus": 1}))
+        wait_for(lambda: all(t.state is TaskState.RUNNING for t in client.job(running).tasks))
+        groups = {t.id: task_groups(t.id) for t in client.job(running).tasks}
+        cluster.restart_master()
+        cluster.wait_nodes_up()
+        assert client.job(done).state is JobState.COMPLETE
+        view = client.job(running)
+        assert all(t.state is TaskState.RUNNING and t.attempt == 0 for t in view.tasks)
+        # still the very same processes: re-adopted, not started twice
+        assert {t.id: task_groups(t.id) for t in view.tasks} == groups
+        assert all(len(g) == 1 for g in groups.values())
+        # and still under control: a kill reaches them
+        client.kill(running)
+        assert client.wait(running, timeout=15).state is JobState.KILLED
+
+
+def test_agent_restart_readopts_its_running_task(own: LiveCluster) -> None:
+    cluster = own
+    with cluster.client() as client:
+        job = client.submit(JobSpec(command="sleep 1.5; exit 4", resources={"cpus": 1}))
+        node = wait_for(
+            lambda: (
+                client.task(f"{job}.0").node if client.task(f"{job}.0").state is TaskState.RUNNING else None
+            )
+        )
+        cluster.kill_agent(node)
+        cluster.start_agent(node)
+        view = client.wait(job, timeout=20)
+        assert (view.tasks[0].state, view.tasks[0].exit_code, view.tasks[0].attempt) == (
+            TaskState.FAILED,
+            4,
+            0,
+        )
+
+
+def test_bad_input_auth_and_ownership(own: LiveCluster) -> None:
+    cluster = own
+    auth = {"Authorization": f"Bearer {cluster.admin_token}"}
+    with httpx.Client(base_url=cluster.url, headers=auth) as http:
+        bad = http.post("/v1/jobs", json={"command": "x", "resources": {"cpus": -1}})
+        assert bad.status_code == 422 and bad.json()["fields"][0]["field"] == "resources.cpus"
+        huge = http.post("/v1/jobs", json={"command": "x", "resources": {"cpus": 64}})
+        assert huge.status_code == 422
+        assert huge.json()["error"] == "unschedulable: needs 64 cpus, the largest node has 2"
+        garbage = http.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert garbage.status_code == 422
+    assert httpx.get(f"{cluster.url}/v1/jobs").status_code == 401
+    assert httpx.get(f"{cluster.url}/v1/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+    with cluster.client() as admin:
+        alice = admin.create_token("alice", Role.USER).token
+        bob = admin.create_token("bob", Role.USER).token
+        reader = admin.create_token("rita", Role.READER).token
+    with cluster.client(alice) as a, cluster.client(bob) as b, cluster.client(reader) as r:
+        job = a.submit(JobSpec(command="sleep 60", resources={"cpus": 0.1}))
+        assert [j.id for j in b.jobs()] == []
+        with pytest.raises(ApiError) as not_his:
+            b.kill(job)
+        assert not_his.value.status == 403
+        with pytest.raises(ApiError) as not_his_either:
+            b.logs(f"{job}.0")
+        assert not_his_either.value.status == 403
+        with pytest.raises(ApiError) as missing:
+            b.kill(job + 100)
+        assert missing.value.status == 404
+        assert [j.id for j in r.jobs()] == [job]
+        with pytest.raises(ApiError) as refused:
+            r.kill(job)
+        assert refused.value.status == 403
+        with pytest.raises(ApiError) as not_admin:
+            a.create_token("mallory", Role.ADMIN)
+        assert not_admin.value.status == 403
+        a.kill(job)
+        assert a.wait(job, timeout=15).state is JobState.KILLED
+
+    cli = cluster.cli("kill", str(job), token=bob)
+    assert cli.returncode == 2 and "belongs to another user" in cli.stderr
+
+
+def test_concurrent_submissions_are_each_acknowledged_once(own: LiveCluster) -> None:
+    cluster = own
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = JobSpec(command="true", resources={"cpus": 0.1})
+    with cluster.client() as client, ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(lambda _: client.submit(spec), range(64)))
+        assert len(set(ids)) == 64
+        for job_id in ids:
+            assert client.wait(job_id, timeout=60).state is JobState.COMPLETE
+        cluster.restart_master()  # every acknowledged submission is in the store
+        kept = {j.id: j.state for j in client.jobs()}
+        assert all(kept.get(job_id) is JobState.COMPLETE for job_id in ids)
 
 
 def test_run_streams_output_and_propagates_exit_codes(cluster: LiveCluster) -> None:
@@ -100,107 +229,6 @@ def test_a_task_holding_a_nul_byte_fails_to_start_and_its_agents_stay_up(cluster
         assert cluster.cli("run", "--", "echo", "hi").stdout == "hi\n"
 
 
-def test_agent_killed_tasks_are_lost_and_rerun_on_the_other_agent(cluster: LiveCluster) -> None:
-    with cluster.client() as client:
-        job = client.submit(
-            JobSpec(command="sleep 300", resources={"cpus": 1}, restart={"attempts": 1, "delay": 0})
-        )
-        first = wait_for(
-            lambda: (
-                client.task(f"{job}.0").node if client.task(f"{job}.0").state is TaskState.RUNNING else None
-            )
-        )
-        cluster.kill_agent(first)
-        task = wait_for(
-            lambda: (t := client.task(f"{job}.0")).attempt == 1 and t.state is TaskState.RUNNING and t,
-            timeout=cluster.heartbeat_timeout + 10,
-            what="the task running again",
-        )
-        assert task.history[0].state is TaskState.LOST and task.history[0].node == first
-        assert task.node != first
-
-
-def test_master_killed_and_restarted_keeps_jobs_and_readopts_tasks(cluster: LiveCluster) -> None:
-    with cluster.client() as client:
-        done = client.submit(JobSpec(command="true", resources={"cpus": 0.1}))
-        client.wait(done, timeout=30)
-        running = client.submit(JobSpec(command="sleep 300", count=2, resources={"cpus": 1}))
-        wait_for(lambda: all(t.state is TaskState.RUNNING for t in client.job(running).tasks))
-        groups = {t.id: task_groups(t.id) for t in client.job(running).tasks}
-        cluster.restart_master()
-        cluster.wait_nodes_up()
-        assert client.job(done).state is JobState.COMPLETE
-        view = client.job(running)
-        assert all(t.state is TaskState.RUNNING and t.attempt == 0 for t in view.tasks)
-        # still the very same processes: re-adopted, not started twice
-        assert {t.id: task_groups(t.id) for t in view.tasks} == groups
-        assert all(len(g) == 1 for g in groups.values())
-        # and still under control: a kill reaches them
-        client.kill(running)
-        assert client.wait(running, timeout=15).state is JobState.KILLED
-
-
-def test_agent_restart_readopts_its_running_task(cluster: LiveCluster) -> None:
-    with cluster.client() as client:
-        job = client.submit(JobSpec(command="sleep 1.5; exit 4", resources={"cpus": 1}))
-        node = wait_for(
-            lambda: (
-                client.task(f"{job}.0").node if client.task(f"{job}.0").state is TaskState.RUNNING else None
-            )
-        )
-        cluster.kill_agent(node)
-        cluster.start_agent(node)
-        view = client.wait(job, timeout=20)
-        assert (view.tasks[0].state, view.tasks[0].exit_code, view.tasks[0].attempt) == (
-            TaskState.FAILED,
-            4,
-            0,
-        )
-
-
-def test_bad_input_auth_and_ownership(cluster: LiveCluster) -> None:
-    auth = {"Authorization": f"Bearer {cluster.admin_token}"}
-    with httpx.Client(base_url=cluster.url, headers=auth) as http:
-        bad = http.post("/v1/jobs", json={"command": "x", "resources": {"cpus": -1}})
-        assert bad.status_code == 422 and bad.json()["fields"][0]["field"] == "resources.cpus"
-        huge = http.post("/v1/jobs", json={"command": "x", "resources": {"cpus": 64}})
-        assert huge.status_code == 422
-        assert huge.json()["error"] == "unschedulable: needs 64 cpus, the largest node has 2"
-        garbage = http.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
-        assert garbage.status_code == 422
-    assert httpx.get(f"{cluster.url}/v1/jobs").status_code == 401
-    assert httpx.get(f"{cluster.url}/v1/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
-
-    with cluster.client() as admin:
-        alice = admin.create_token("alice", Role.USER).token
-        bob = admin.create_token("bob", Role.USER).token
-        reader = admin.create_token("rita", Role.READER).token
-    with cluster.client(alice) as a, cluster.client(bob) as b, cluster.client(reader) as r:
-        job = a.submit(JobSpec(command="sleep 60", resources={"cpus": 0.1}))
-        assert [j.id for j in b.jobs()] == []
-        with pytest.raises(ApiError) as not_his:
-            b.kill(job)
-        assert not_his.value.status == 403
-        with pytest.raises(ApiError) as not_his_either:
-            b.logs(f"{job}.0")
-        assert not_his_either.value.status == 403
-        with pytest.raises(ApiError) as missing:
-            b.kill(job + 100)
-        assert missing.value.status == 404
-        assert [j.id for j in r.jobs()] == [job]
-        with pytest.raises(ApiError) as refused:
-            r.kill(job)
-        assert refused.value.status == 403
-        with pytest.raises(ApiError) as not_admin:
-            a.create_token("mallory", Role.ADMIN)
-        assert not_admin.value.status == 403
-        a.kill(job)
-        assert a.wait(job, timeout=15).state is JobState.KILLED
-
-    cli = cluster.cli("kill", str(job), token=bob)
-    assert cli.returncode == 2 and "belongs to another user" in cli.stderr
-
-
 def test_agent_with_a_wrong_token_is_refused(cluster: LiveCluster, tmp_path: Path) -> None:
     env = {**os.environ, "SHOAL_CLUSTER_TOKEN": "wrong"}
     proc = subprocess.run(
@@ -254,20 +282,6 @@ def test_constraints_and_node_sets_steer_tasks(cluster: LiveCluster) -> None:
         view = wait_for(lambda: (v := client.job(waiting)).waiting and v)
         assert view.waiting == "2 nodes fail agent == node9"
         client.kill(waiting)
-
-
-def test_concurrent_submissions_are_each_acknowledged_once(cluster: LiveCluster) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    spec = JobSpec(command="true", resources={"cpus": 0.1})
-    with cluster.client() as client, ThreadPoolExecutor(16) as pool:
-        ids = list(pool.map(lambda _: client.submit(spec), range(64)))
-        assert len(set(ids)) == 64
-        for job_id in ids:
-            assert client.wait(job_id, timeout=60).state is JobState.COMPLETE
-        cluster.restart_master()  # every acknowledged submission is in the store
-        kept = {j.id: j.state for j in client.jobs()}
-        assert all(kept.get(job_id) is JobState.COMPLETE for job_id in ids)
 
 
 def test_tasks_are_held_to_their_cpus_and_memory(cluster: LiveCluster) -> None:
