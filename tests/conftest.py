@@ -1,0 +1,17 @@
+"""The suite starts a few hundred Python processes (masters, agents, `shoal` commands), each
+importing shoal afresh. Where Python is told to write no bytecode (PYTHONDONTWRITEBYTECODE),
+each of them would compile shoal's modules from source again: they are compiled once here,
+before the first test, and every process reads them (the variable stops writes, not reads)."""
+
+from __future__ import annotations
+
+import compileall
+from pathlib import Path
+
+import pytest
+
+import shoal
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    compileall.compile_dir(Path(shoal.__file__).parent, quiet=2)
