@@ -79,8 +79,8 @@ def test_no_operation_answers_a_server_error(lone_master: LiveCluster) -> None:
 def _fuzz(op, url: str, tokens: dict[str, str], session: requests.Session, http: httpx.Client) -> None:
     """Each case of `op` with each token."""
 
-    @given(case=op.as_strategy())
-    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(case=op.as_strategy())  # 20 cases of each of some 40 operations, each with every token
+    @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
     def fuzz(case) -> None:
         if case.method == "GET" and case.formatted_path.startswith("/v1/services"):
             case.query = {**(case.query or {}), "wait": "10ms"}  # a blocking query: briefly
