@@ -32,7 +32,9 @@ PLAN = (KILL_LEADER, KILL_ETCD, KILL_LEADER, CUT_LEADER_ETCD, ISOLATE_AGENT, KIL
 def test_a_short_chaos_run_loses_nothing_and_runs_nothing_twice(tmp_path) -> None:
     require_netns()
     clean_leftovers()
-    result = run_chaos(ChaosConfig(seed=3, plan=PLAN, long_jobs=1, end_timeout=60), tmp_path)
+    # Short pauses between faults: the workload goes on through every fault and its settling.
+    config = ChaosConfig(seed=3, plan=PLAN, long_jobs=1, end_timeout=60, pause=(0.2, 0.6))
+    result = run_chaos(config, tmp_path)
     evidence = "\n".join(result.problems)
     assert result.faults == {KILL_LEADER: 3, KILL_ETCD: 1, CUT_LEADER_ETCD: 1, ISOLATE_AGENT: 1}
     assert result.acknowledged > 0 and result.complete > 0

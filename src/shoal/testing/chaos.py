@@ -106,6 +106,7 @@ class ChaosConfig:
     submit_every: float = 1.0  # mean seconds between the workload's submissions
     long_jobs: int = 2  # tasks that run from start to end, across every fault; the first a service
     end_timeout: float = 120.0  # seconds the jobs have to end once the faults are over
+    pause: tuple[float, float] = (0.5, 2.0)  # seconds between one fault settled and the next, drawn
 
     def faults(self, rng: random.Random) -> list[str]:
         if self.plan:
@@ -430,7 +431,7 @@ def _run(cluster: ChaosCluster, progress: Callable[[int, int, str], None]) -> Ch
             progress(done, len(faults), kind)
             chaos.inject(kind)
             injected[kind] += 1
-            time.sleep(rng.uniform(0.5, 2.0))
+            time.sleep(rng.uniform(*config.pause))
         progress(sum(injected.values()), len(faults), "healing, then waiting for every job to end")
         note("healing everything")
         chaos.heal_everything()
