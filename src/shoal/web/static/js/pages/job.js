@@ -4,7 +4,7 @@
 import { call, get, post } from "../api.js";
 import { $, armable, badge, coalesce, confirmed, duration, esc, mib, num, rendered, report, toast, when } from "../dom.js";
 import { follow } from "../stream.js";
-import { counts, ended } from "./jobs.js";
+import { counts, ended, mayKill } from "./jobs.js";
 
 const TASKS = 500; // tasks shown per page
 const KEEP = 256 * 1024; // characters of output kept in the tail
@@ -71,7 +71,7 @@ export async function mount(main, { args, query, me, signal }) {
     $("#waiting").hidden = !view.waiting;
     $("#waiting").textContent = view.waiting ? `Waiting: ${view.waiting}` : "";
     $("#counts").innerHTML = counts(view.counts);
-    $("#kill").hidden = me.role !== "admin" || ended(view.state);
+    $("#kill").hidden = !mayKill(me, view) || ended(view.state);
     document.title = `job ${id} · shoal`;
   };
   const load = async () => {

@@ -22,12 +22,20 @@ export function counts(c) {
     .join(" ");
 }
 
-function cells(job, admin) {
-  const kill = admin && !ended(job.state) ? `<button type="button" class="small danger" data-kill="${job.id}"${armable(`kill ${job.id}`)}>kill</button>` : "";
+// Whether `me` may kill `job`, as POST /v1/jobs/{id}/kill decides (Caller.may_change): an
+// admin any job, a user its own, a reader none.
+export const mayKill = (me, job) => me.role === "admin" || (me.role === "user" && job.owner === me.name);
+const killer = (me) => me.role === "admin" || me.role === "user"; // a column for the buttons
+
+function cells(job, me) {
+  const kill =
+    mayKill(me, job) && !ended(job.state)
+      ? `<button type="button" class="small danger" data-kill="${job.id}"${armable(`kill ${job.id}`)}>kill</button>`
+      : "";
   return (
     `<td class="n"><a href="#/job/${job.id}">${job.id}</a></td><td>${esc(job.name)}</td><td>${esc(job.owner)}</td>` +
     `<td>${esc(job.spec.queue)}</td><td>${badge(job.state)}</td><td>${counts(job.counts)}</td>` +
-    `<td>${when(job.submitted_at)}</td>${admin ? `<td>${kill}</td>` : ""}`
+    `<td>${when(job.submitted_at)}</td>${killer(me) ? `<td>${kill}</td>` : ""}`
   );
 }
 
@@ -41,7 +49,6 @@ function matcher(filters) {
 }
 
 export async function mount(main, { me, query, signal }) {
-  const admin = me.role === "admin";
   const filters = Object.fromEntries(FILTERS.map((f) => [f, query.get(f) ?? ""]));
   let page = Math.max(0, Number(query.get("page")) || 0);
   main.innerHTML = `
@@ -56,7 +63,7 @@ export async function mount(main, { me, query, signal }) {
     </form>
     <table class="grid jobs">
       <thead><tr><th class="n">id</th><th>name</th><th>owner</th><th>queue</th><th>state</th><th>tasks</th>
-        <th>submitted</th>${admin ? "<th></th>" : ""}</tr></thead>
+        <th>submitted</th>${killer(me) ? "<th></th>" : ""}</tr></thead>
       <tbody id="rows"></tbody>
     </table>
     <p id="empty" class="muted" hidden>No jobs.</p>`;
@@ -87,7 +94,7 @@ export async function mount(main, { me, query, signal }) {
     return [found.slice(page * PAGE, (page + 1) * PAGE), found.length > (page + 1) * PAGE, ` of ${offset} jobs looked at`];
   };
   const draw = (jobs, scanned) => {
-    body.innerHTML = jobs.map((j) => `<tr data-job="${j.id}">${cells(j, admin)}</tr>`).join("");
+    body.innerHTML = jobs.map((j) => `<tr data-job="${j.id}">${cells(j, me)}</tr>`).join("");
     rows.clear();
     [...body.rows].forEach((row, i) => rows.set(jobs[i].id, row));
     newest = page === 0 ? (jobs[0]?.id ?? 0) : Infinity; // new jobs show on the first page only
@@ -111,7 +118,7 @@ export async function mount(main, { me, query, signal }) {
     views.forEach((view, i) => {
       const row = rows.get(ids[i]);
       if (!view) stale = true;
-      else if (row) row.innerHTML = cells(view, admin);
+      else if (row) row.innerHTML = cells(view, me);
     });
     if (stale) sync();
   }, () => (filtering() ? 3000 : 300));
