@@ -183,6 +183,29 @@ def test_cycles_placements_and_transitions_are_counted() -> None:
     assert value(scraped, "shoal_task_transitions_total", state="lost") == 0
 
 
+def test_a_task_entering_pending_is_counted_when_made_as_when_it_goes_back() -> None:
+    shell = Shell(nodes=2, cpus=4)
+    spec = JobSpec(command="true", count=3, resources={"cpus": 1}, restart={"attempts": 1})
+    shell.handle(Submit(1, "alice", spec, 0.0), Submit(2, "bob", spec.model_copy(update={"count": 2}), 0.0))
+    entered = "shoal_task_transitions_total"
+    assert value(shell.scrape(), entered, state="pending") == 5  # two jobs in one dispatch
+    node = shell.state.ledger.tasks["1.0"].node
+    shell.report(node, "1.0", TaskState.RUNNING)
+    shell.report(node, "1.0", TaskState.FAILED, now=2.0)  # it runs again: pending once more
+    shell.submit(now=3.0)
+    assert value(shell.scrape(), entered, state="pending") == 7
+    # A framework's tasks are made pending too, and placed at once.
+    admin = Principal("ops", admin=True)
+    framework = shell.request(lambda r: SubscribeFramework(r, admin, fp.Subscribe(name="fw"), 1001, 4.0))
+    launches = [fp.TaskLaunch(name=f"t{i}", command="true", resources={"cpus": 0.1}) for i in range(2)]
+    roomiest = max(shell.state.frameworks.offers.values(), key=lambda o: o.amount[0])
+    accept = fp.Accept(offer_ids=[roomiest.id], tasks=launches)
+    shell.request(lambda r: FrameworkCall(r, admin, framework, accept, 5.0))
+    scraped = shell.scrape()
+    assert value(scraped, entered, state="pending") == 9
+    assert value(scraped, entered, state="failed") == 1
+
+
 def test_tasks_holding_room_are_counted_as_they_change_as_a_walk_would_count_them() -> None:
     shell = Shell(nodes=3, cpus=2)
     jobs = [shell.submit(count=2, resources={"cpus": 1}, restart={"attempts": 2}) for _ in range(2)]

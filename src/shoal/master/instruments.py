@@ -11,7 +11,10 @@ the ledger calls its watchers after every transition. `Instruments.handle` stand
 - offers made (from the commands that carry them to frameworks) and offers declined (the
   outstanding offers a DECLINE names, looked up before the desk drops them);
 - migrations started, by why (`MIGRATION_REASONS`: a few fixed words, never the free text
-  the record keeps) and the task's mode, from the records a dispatch persists.
+  the record keeps) and the task's mode, from the records a dispatch persists;
+- tasks that entered each state: from the ledger's watcher, which sees a task move, and,
+  for `pending`, the tasks of the jobs a dispatch added, which are made pending rather than
+  moved there (found by the ledger's next job id, so a dispatch pays one comparison).
 
 What the ledger can tell cheaply when asked (pending tasks, by job; nodes and their
 heartbeats) is not counted here but read at scrape time. Tasks holding room (assigned,
@@ -101,12 +104,14 @@ class Instruments:
         state = self.state
         framed = bool(state.frameworks.frameworks)  # no framework: no offer to look for
         declining = _declining(state, events) if framed else ()
-        cycles, assigned = state.cycles, self._assigned
+        cycles, assigned, next_job = state.cycles, self._assigned, state.ledger.next_job_id
         began = time.perf_counter()
         commands = state.handle(*events)
         if state.cycles != cycles:
             self.cycle_seconds.observe(time.perf_counter() - began)
             self.placements.observe(self._assigned - assigned)
+        if state.ledger.next_job_id != next_job:
+            self._added(next_job)
         if commands and isinstance(first := commands[0], Persist) and first.migrations:
             self._moves_begun(first.migrations)
         if declining:
@@ -137,6 +142,12 @@ class Instruments:
             self.placed[(job.spec.queue, to)] += 1
             if to is TaskState.ASSIGNED and job.framework is None:
                 self._assigned += 1
+
+    def _added(self, first: int) -> None:
+        """The jobs added from id `first` on: each of their tasks entered pending."""
+        ledger = self.state.ledger
+        jobs = (ledger.jobs.get(job_id) for job_id in range(first, ledger.next_job_id))
+        self.transitions[TaskState.PENDING.value] += sum(job.spec.count for job in jobs if job is not None)
 
     def _moves_begun(self, records: Iterable[Migration]) -> None:
         newest = self._newest_move
