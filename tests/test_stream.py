@@ -1,15 +1,20 @@
 """The event log hands each reader the events after its index, in order, none twice and
 none missed, or says plainly that it no longer holds them; a user's filter lets through only
-their own jobs' events and the cluster's public ones."""
+their own jobs' events and the cluster's public ones; a stream whose filter admits none of
+a busy master's events still hears, in time, the index it would resume after."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shoal.master import broadcast
+from shoal.master.broadcast import Broadcast
 from shoal.master.events import Persist
 from shoal.master.stream import PUBLIC, EventLog, Filter, Gone, record_changes
 from shoal.model import JobRecord, JobSpec, TaskRecord
@@ -104,3 +109,57 @@ def test_filters_by_topic_job_and_node() -> None:
     c = log.append("nodes", "changed", {}, 0.0, node="n1")
     assert [e for e in (a, b, c) if Filter(topics=frozenset({"tasks"}), job=2).admits(e)] == [b]
     assert [e for e in (a, b, c) if Filter(node="n1").admits(e)] == [a, c]
+
+
+def _follow_while_busy(which: Filter, seconds: float, log: EventLog | None = None) -> tuple[list[int], int]:
+    """The indexes a stream said it stands after (its head's and its keep-alives') while a
+    busy master appended events the filter does not admit, and the master's last index."""
+
+    async def scenario() -> tuple[list[int], int]:
+        hub = Broadcast()
+        hub.log = log or hub.log
+        told: list[int] = []
+        frames = hub.follow(hub.log.last, which)
+
+        async def read() -> None:
+            async for chunk in frames:
+                lines = chunk.decode().splitlines()
+                assert not list(events(lines, told.append)), "an event the filter does not admit"
+
+        reader = asyncio.create_task(read())
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while loop.time() < end:
+            for _ in range(4):
+                hub.log.append("tasks", "changed", {}, 0.0, job=6, node="n2")
+            hub.wake()
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        return told, hub.log.last
+
+    return asyncio.run(scenario())
+
+
+def test_a_filtered_stream_on_a_busy_master_hears_where_it_stands(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(broadcast, "KEEP_ALIVE", 0.2)
+    monkeypatch.setattr(broadcast, "WAKE_EVERY", 0.01)
+    told, last = _follow_while_busy(Filter(job=5), 1.0)
+    # Woken a hundred times a second, with nothing for it: the keep-alives go out still,
+    # each with the index the stream reached, and a reconnect would resume from there.
+    assert len(told) >= 4 and told == sorted(set(told))
+    assert last - told[-1] < (last - told[0]) / 2  # the last one within the last fifth of a second or so
+
+
+def test_a_filtered_stream_hears_where_it_stands_before_the_log_lets_its_index_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(broadcast, "WAKE_EVERY", 0.01)
+    log = EventLog(base=BASE, capacity=64)
+    told, last = _follow_while_busy(Filter(node="n1"), 1.0, log)
+    assert last - BASE > 4 * 64  # the log turned over a few times meanwhile
+    gaps = [b - a for a, b in zip(told, told[1:], strict=False)]
+    assert max(gaps) <= 64, "an index the stream would resume after was let go before a newer was told"
+    log.after(told[-1])  # still held (else Gone): a reconnect resumes there

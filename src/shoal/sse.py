@@ -40,13 +40,16 @@ class StreamGone(ShoalError):
     """The master no longer holds the events after the index asked for: list afresh."""
 
 
-FOLLOWING = ": following from "  # the stream's first line: the index it follows after
+# The stream's first line, and its keep-alives: the index it stands after. The events a
+# stream's filter admits may be few on a busy master, and the newest index had a long way
+# back: a client resumes from the index it was last told, event or keep-alive.
+FOLLOWING = ": following from "
 
 
 def frames(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
     """(event name, data) of each frame in `lines`, as the server-sent-events format has them:
-    fields up to a blank line, comments (":") and ids skipped, data lines joined; the head
-    comment that says where the stream starts as ("following", its index)."""
+    fields up to a blank line, comments (":") and ids skipped, data lines joined; the
+    comments that say where the stream stands as ("following", its index)."""
     name, data = "message", []
     for line in lines:
         if line.startswith(FOLLOWING):
@@ -65,8 +68,9 @@ def events(
     lines: Iterable[str], following: Callable[[int], None] = lambda index: None
 ) -> Iterator[StreamEvent]:
     """The events of a stream; `StreamGone` when the master says it ended for that reason.
-    `following` is told the index the stream starts after, before any event: a client that
-    must connect again before the first event resumes from there, missing nothing."""
+    `following` is told the index the stream stands after, before any event and with each
+    keep-alive: a client that must connect again resumes after the newer of that and its
+    last event's index, missing nothing it wants and asking for nothing the master let go."""
     for name, data in frames(lines):
         if name == "following":
             following(int(data))

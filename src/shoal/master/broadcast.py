@@ -6,28 +6,44 @@ had yet, in chunks, and sleeps until the log grows. None has a queue of its own,
 one costs no memory: it falls behind, and once the log no longer holds the index it stands
 at, it is sent a `gone` event saying so and its stream ends (the client lists afresh and
 follows from the index given).
+
+A subscriber also hears where its stream stands, in the comment its stream began with
+(`: following from <index>`): when nothing was written to it for `KEEP_ALIVE` seconds, quiet
+master or busy one whose events it does not want, and when the index it would resume after
+is in the older half of what the log holds. A filtered stream that reconnects resumes from
+there, not from its last event, which the log may have let go meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Iterable
 from itertools import islice
+from typing import NamedTuple
 
 from shoal.master.events import Persist
 from shoal.master.ledger import Ledger
 from shoal.master.stream import EventLog, Filter, Gone, record_changes
 from shoal.shell.protocol import AuditRecord
 
-KEEP_ALIVE = 15.0  # seconds between comments on a quiet stream, so proxies keep it open
+# Seconds at most between writes to a stream, so proxies keep it open and the client knows
+# where it stands (see above).
+KEEP_ALIVE = 15.0
 CHUNK = 1024  # events written at most at once
 # Seconds subscribers are woken apart, at least: a busy master dispatches hundreds of times
 # a second, and a write per dispatch per subscriber would cost more than the events.
 WAKE_EVERY = 0.05
 SHARED = 64  # chunks kept for sharing between wakes, at most
 EVERYTHING = Filter()  # an admin's stream of every topic: each event admitted without a look
+
+
+class _Chunk(NamedTuple):
+    frames: bytes  # of the events admitted
+    reached: int  # the index of the last event looked at
+    last: int | None  # the index of the last event admitted (None: none was)
 
 
 class Broadcast:
@@ -40,9 +56,9 @@ class Broadcast:
         self._told = self.log.last  # the newest index subscribers were woken for
         self._waking: asyncio.TimerHandle | None = None
         # What subscribers at one index with one filter are sent, made once for them all:
-        # (index, newest index, filter) -> (the chunk, the index it ends at). Emptied at
-        # each wake, when the newest index moves on.
-        self._made: dict[tuple[int, int, Filter], tuple[bytes, int]] = {}
+        # (index, newest index, filter) -> the chunk. Emptied at each wake, when the newest
+        # index moves on.
+        self._made: dict[tuple[int, int, Filter], _Chunk] = {}
 
     def changed(self, changes: Persist, ledger: Ledger) -> None:
         def owner_of(job_id: int) -> str | None:
@@ -75,16 +91,18 @@ class Broadcast:
         grew, self._grew = self._grew, asyncio.Event()
         grew.set()
 
-    def _chunk(self, cursor: int, which: Filter) -> tuple[bytes, int]:
-        """The frames after `cursor` that `which` admits, `CHUNK` events at most, and the
-        index they end at. Empty when none is admitted: yielded still, so what consumes the
-        stream may look again at the caller (see shoal.master.deps.while_token_holds)."""
+    def _chunk(self, cursor: int, which: Filter) -> _Chunk:
+        """The frames after `cursor` that `which` admits, `CHUNK` events looked at at most."""
         key = (cursor, self.log.last, which)
         if (made := self._made.get(key)) is None:
             events = list(islice(self.log.after(cursor), CHUNK))
             everything = which == EVERYTHING
-            admitted = (e.frame for e in events if everything or which.admits(e))
-            made = (b"".join(admitted), events[-1].index if events else cursor)
+            admitted = [e for e in events if everything or which.admits(e)]
+            made = _Chunk(
+                b"".join(e.frame for e in admitted),
+                events[-1].index if events else cursor,
+                admitted[-1].index if admitted else None,
+            )
             if len(self._made) < SHARED:  # a catch-up from far back is its own, not kept
                 self._made[key] = made
         return made
@@ -97,30 +115,46 @@ class Broadcast:
         self._grew.set()
 
     async def follow(self, cursor: int, which: Filter) -> AsyncIterator[bytes]:
-        """The frames after `cursor` that `which` admits, as they come."""
+        """The frames after `cursor` that `which` admits, as they come. Something is yielded
+        at every wake, if only b"", so what consumes the stream may look again at the caller
+        (see shoal.master.deps.while_token_holds)."""
         self.subscribers += 1
+        loop = asyncio.get_running_loop()
         try:
-            yield b": following from %d\n\n" % cursor  # the answer's head goes out now
+            yield _following(cursor)  # the answer's head goes out now
+            told, spoke = cursor, loop.time()  # the index it would resume after; when last written to
             while not self.closed:
                 grew = self._grew
                 try:
-                    chunk, reached = self._chunk(cursor, which)
+                    chunk = self._chunk(cursor, which)
                 except Gone as e:
                     yield _gone(e)
                     return
-                if reached != cursor:
-                    more = reached - cursor == CHUNK  # more is there already
-                    cursor = reached
-                    yield chunk
-                    if more:
-                        continue
-                try:
-                    async with asyncio.timeout(KEEP_ALIVE):
+                more = chunk.reached - cursor == CHUNK  # more is there already
+                cursor = chunk.reached
+                frames = chunk.frames
+                if chunk.last is not None:
+                    told, spoke = chunk.last, loop.time()
+                elif loop.time() - spoke >= KEEP_ALIVE or self._lapsing(told):
+                    frames, told, spoke = _following(cursor), cursor, loop.time()
+                yield frames
+                if more:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(spoke + KEEP_ALIVE - loop.time()):
                         await grew.wait()
-                except TimeoutError:
-                    yield b": keep-alive\n\n"
         finally:
             self.subscribers -= 1
+
+    def _lapsing(self, index: int) -> bool:
+        """Whether `index` is in the older half of what the log holds: a client that would
+        resume after it should hear of a newer index before the log lets it go."""
+        log = self.log
+        return index - log.first < (log.last - log.first) // 2
+
+
+def _following(index: int) -> bytes:
+    return b": following from %d\n\n" % index
 
 
 def _gone(e: Gone) -> bytes:
