@@ -324,7 +324,7 @@ def test_native_jobs_and_frameworks_draw_from_one_ledger() -> None:
     [reply] = h.handle(Submit(99, "alice", JobSpec(command="true", resources={"cpus": 1}), h.now))
     assert reply.error is None
     # The node is held in the offer: the native job waits rather than take it.
-    assert h.state.waiting.get(reply.value)
+    assert h.state.why_waiting(reply.value)
     h.call(framework, p.Decline(offer_ids=[offer.id], refuse_seconds=30))
     assert h.state.ledger.tasks_of(reply.value)[0].state is TaskState.ASSIGNED
 

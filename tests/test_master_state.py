@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from shoal.core.placement import NO_NODES
 from shoal.errors import ShoalError, SpecError
 from shoal.master.events import AgentGone, Disconnect, FromAgent, KillJob, Persist, Reply, Send, Submit, Tick
 from shoal.master.state import MasterState
@@ -60,6 +61,17 @@ def test_unschedulable_submission_is_refused_and_changes_nothing() -> None:
     assert commands == [Reply(7, error=commands[0].error)]
     assert isinstance(commands[0].error, SpecError) and "the largest node has 2" in commands[0].error.reason
     assert state.ledger.jobs == {} and state.ledger.next_job_id == 1
+
+
+def test_before_any_node_joins_every_pending_job_waits_for_one_and_no_other() -> None:
+    state = MasterState()
+    waiting, _ = submit(state)
+    killed, _ = submit(state)
+    state.handle(KillJob(2, killed, 0.0))
+    later, _ = submit(state)  # after the cycle that found no node, before the next
+    assert [state.why_waiting(job) for job in (waiting, killed, later, 99)] == [NO_NODES, "", NO_NODES, ""]
+    register(state, "n1")
+    assert state.why_waiting(waiting) == ""
 
 
 def test_reports_move_tasks_and_are_acknowledged() -> None:
@@ -303,7 +315,7 @@ def test_a_restart_keeps_working_when_no_node_declares_a_resource_a_stored_job_a
     restarted.handle(Tick(11.0))
     tasks = restarted.ledger.tasks_of(job)
     assert [t.state for t in tasks] == [TaskState.ASSIGNED, TaskState.PENDING]
-    assert restarted.waiting[job] == "1 node lacks free licenses"
+    assert restarted.why_waiting(job) == "1 node lacks free licenses"
 
 
 def test_killing_a_job_that_is_gone_is_a_404_and_disturbs_nothing() -> None:

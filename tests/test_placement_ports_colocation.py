@@ -430,11 +430,12 @@ def test_a_waiting_job_says_which_rule_keeps_it_waiting() -> None:
     ]
     for i, fields in enumerate(submissions, start=1):
         state.handle(Submit(i, "alice", JobSpec(command="serve", resources={"cpus": 0.5}, **fields), 0.0))
-    assert state.waiting == {
+    assert {job: state.why_waiting(job) for job in range(1, 6)} == {
         1: "2 nodes hold port 53",
         2: "2 nodes run job web",
         3: "2 nodes run no service cache",
         4: "2 nodes run job dns",
+        5: "",
     }
 
 

@@ -395,7 +395,8 @@ def _submit(sim: SimCluster, watcher: _Watcher, arrival: Arrival, node_cpus: flo
 
 def _stuck(sim: SimCluster, watcher: _Watcher) -> str:
     stuck = [(i, r) for i, r in watcher.jobs.items() if r.ended < r.shape.count]
-    first = "; ".join(f"job {r.arrival.id}: {sim.master.waiting.get(i, 'not waiting')}" for i, r in stuck[:3])
+    why = sim.master.why_waiting
+    first = "; ".join(f"job {r.arrival.id}: {why(i) or 'not waiting'}" for i, r in stuck[:3])
     return f"{len(stuck)} jobs never ended, with nothing left to happen ({first})"
 
 

@@ -172,7 +172,7 @@ def _job(master: Master, caller: Caller, job_id: int, offset: int = 0, limit: in
     return JobView.detail(
         job,
         master.state.ledger.tasks_of(job_id),
-        master.state.waiting.get(job_id, ""),
+        master.state.why_waiting(job_id),
         slice(offset, offset + limit),
     )
 

@@ -141,12 +141,12 @@ class MasterCollector:
 
     def _tasks(self, state: MasterState, placed: Mapping[tuple[str, TaskState], int]) -> Iterator[Metric]:
         ledger = state.ledger
-        jobs, waiting, words = ledger.jobs, state.waiting, self._words
+        jobs, words = ledger.jobs, self._words
         if len(words) > _REASONS_KEPT:
             words.clear()
         pending: Counter[tuple[str, str]] = Counter()
         for job_id, ids in ledger.pending.items():
-            why = waiting.get(job_id, "")
+            why = state.why_waiting(job_id)
             if (word := words.get(why)) is None:
                 word = words[why] = pending_reason(why)
             pending[(jobs[job_id].spec.queue, word)] += len(ids)

@@ -128,7 +128,8 @@ class MasterState:
             retention=retention,
             now=now,
         )
-        self.waiting: dict[int, str] = {}  # job id -> why its pending tasks wait
+        self._waiting: dict[int, str] = {}  # job id -> why its pending tasks wait
+        self._no_nodes = False  # the last cycle found no node: every pending job waits for one
         self.promised: dict[int, float] = {}  # job id -> the earliest start backfill promised it
         self.cycles = 0  # scheduling cycles run (the shell's metrics read it)
         self._needs_schedule = True
@@ -528,17 +529,24 @@ class MasterState:
             if r.head:
                 self.promised[r.job_id] = min(r.start, self.promised.get(r.job_id, math.inf))
 
+    def why_waiting(self, job_id: int) -> str:
+        """Why job `job_id`'s pending tasks wait, as the last scheduling cycle found; "" when
+        it found no reason (or the job has none pending)."""
+        if self._no_nodes and job_id in self.ledger.pending:
+            return NO_NODES
+        return self._waiting.get(job_id, "")
+
     def _schedule(self, now: float) -> None:
         ledger = self.ledger
         self._needs_schedule = False
         self.cycles += 1
-        self.waiting = {}
+        self._waiting = {}
         self._wakeup = math.inf
-        if len(ledger.table) == 0:
-            # No node has ever joined: nothing can be placed or reserved, and a cycle over
-            # every pending job, run at every submission, would cost a third of a millisecond
-            # per job only to say so.
-            self.waiting = dict.fromkeys(ledger.pending, NO_NODES)
+        # No node has ever joined: nothing can be placed or reserved, and a cycle over every
+        # pending job, run at every submission, would cost a third of a millisecond per job
+        # only to say so (and naming each in `_waiting` would cost as much).
+        self._no_nodes = len(ledger.table) == 0
+        if self._no_nodes:
             return
         groups = []
         truncated: set[int] = set()
@@ -567,7 +575,7 @@ class MasterState:
             if ready:
                 groups.append(ledger.group(job_id, ready))
             elif ids:
-                self.waiting[job_id] = "waiting for its restart delay"
+                self._waiting[job_id] = "waiting for its restart delay"
         if not groups:
             return
         holding = (r for t in ledger.active_tasks() for r in ledger.holding(t))
@@ -577,11 +585,11 @@ class MasterState:
         )
         self._promise(plan.reservations)
         verdict = ledger.place(plan, now)
-        self.waiting.update(plan.waiting)
+        self._waiting.update(plan.waiting)
         # A large array placed all it was shown: there may be room for the rest of it.
         self._needs_schedule = any(job not in plan.waiting for job in truncated)
         for task_id, reason in verdict.rejected.items():
-            self.waiting[ledger.tasks[task_id].job_id] = reason
+            self._waiting[ledger.tasks[task_id].job_id] = reason
             self._needs_schedule = True
         for eviction in plan.evictions:
             task = ledger.tasks[eviction.task_id]
