@@ -262,7 +262,7 @@ def test_a_stale_fence_is_refused_and_changes_nothing(space: Space) -> None:
     with pytest.raises(Deposed, match="no longer the leader"):
         old.apply(VARIED[2])
     with pytest.raises(Deposed):
-        old.put_token("d", TokenEntry("eve", Role.ADMIN))
+        old.put_tokens({"d": TokenEntry("eve", Role.ADMIN)})
     with pytest.raises(Deposed):
         old.add_audit(AuditRecord(at=2.0, who="admin", command="true", nodes="n1"))
     after = space.gateway.range(space.prefix, prefix_end(space.prefix))
@@ -335,9 +335,9 @@ def test_snapshots_keep_the_log_short_and_load_as_sqlite(space: Space) -> None:
 def test_tokens_and_audit_behave_as_in_sqlite(space: Space) -> None:
     def script(store: SqliteStore | EtcdStore) -> list[object]:
         seen: list[object] = []
-        store.put_token("d1", TokenEntry("alice", Role.USER))
-        store.put_token("d2", TokenEntry("fw", Role.USER, ("batch", "web")))
-        store.put_token("d1", TokenEntry("alice", Role.ADMIN))
+        store.put_tokens({"d1": TokenEntry("alice", Role.USER)})
+        store.put_tokens({"d2": TokenEntry("fw", Role.USER, ("batch", "web"))})
+        store.put_tokens({"d1": TokenEntry("alice", Role.ADMIN)})
         seen += [store.token("d1"), store.token("d2"), store.token("none")]
         for i in range(5):
             seen.append(
@@ -539,7 +539,7 @@ def test_token_lifecycles_and_audit_queries_behave_as_in_sqlite(space: Space) ->
                 "d2": TokenEntry("rack7", Role.USER, kind="bootstrap", created=2.0, uses=3, used=1),
             }
         )
-        store.put_token("d1", TokenEntry("alice", Role.USER, created=1.0, last_used=9.0, revoked=10.0))
+        store.put_tokens({"d1": TokenEntry("alice", Role.USER, created=1.0, last_used=9.0, revoked=10.0)})
         seen: list[object] = [sorted(store.tokens()), store.token("d2")]
         kinds = ["job.submit", "job.kill", "job.submit", "token.create", "job.submit"]
         for i, kind in enumerate(kinds * 3):

@@ -102,7 +102,7 @@ class Tokens:
         expires = None if ttl is None else now + ttl
         entry = TokenEntry(name, role, roles, kind=kind, created=now, expires=expires, uses=uses)
         digest = _digest(token)
-        self._store.put_token(digest, entry)
+        self._store.put_tokens({digest: entry})
         return Issued(token, token_id(digest), entry)
 
     def seed(self, name: str, role: Role, token: str) -> None:
@@ -111,7 +111,7 @@ class Tokens:
         digest = _digest(token)
         entry = self._store.token(digest)
         if entry is None or (entry.name, entry.role, entry.kind) != (name, role, "api"):
-            self._store.put_token(digest, TokenEntry(name, role, created=self._clock()))
+            self._store.put_tokens({digest: TokenEntry(name, role, created=self._clock())})
             self._known.pop(digest, None)
         elif entry.revoked is not None:
             log.warning(
@@ -185,7 +185,7 @@ class Tokens:
         if entry is None:
             return None
         redeemed = replace(entry, used=entry.used + 1, last_used=now)
-        self._store.put_token(digest, redeemed)
+        self._store.put_tokens({digest: redeemed})
         return redeemed
 
     def listing(self) -> list[tuple[str, TokenEntry]]:
@@ -201,7 +201,7 @@ class Tokens:
             if token_id(digest) == public_id:
                 if entry.revoked is None:
                     entry = replace(entry, revoked=self._clock())
-                    self._store.put_token(digest, entry)
+                    self._store.put_tokens({digest: entry})
                 self._known.pop(digest, None)
                 return entry
         return None
@@ -219,7 +219,7 @@ class Tokens:
             if entry is not None:
                 entries[digest] = replace(entry, last_used=max(at, entry.last_used or 0.0))
         try:
-            self._store.put_tokens(entries)
+            self._store.put_uses(entries)
         except BaseException:
             self._used = used  # tried again next time
             raise

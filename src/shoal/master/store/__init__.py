@@ -112,10 +112,13 @@ class Store(Protocol):
         """Every token, as (digest, entry), in no particular order."""
         ...
 
-    def put_token(self, digest: str, entry: TokenEntry) -> None: ...
-
     def put_tokens(self, entries: Mapping[str, TokenEntry]) -> None:
         """Write several tokens at once (digest -> entry), in one transaction."""
+        ...
+
+    def put_uses(self, entries: Mapping[str, TokenEntry]) -> None:
+        """Write when tokens were last used: each entry's `last_used` (its other fields are
+        as stored), in one transaction."""
         ...
 
     def add_audit(self, *records: AuditRecord) -> int:

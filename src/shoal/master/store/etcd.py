@@ -447,15 +447,14 @@ class EtcdStore:
         found = self._gateway.range(prefix, prefix_end(prefix)).kvs
         return [(kv.key[len(prefix) :].decode(), _token_entry(kv.value)) for kv in found]
 
-    def put_token(self, digest: str, entry: TokenEntry) -> None:
-        self.put_tokens({digest: entry})
-
     def put_tokens(self, entries: Mapping[str, TokenEntry]) -> None:
         """One transaction for up to `_TXN_OPS` tokens; more take several."""
         ops = [put_op(self._key(f"tokens/{d}"), _token_doc(e)) for d, e in entries.items()]
         with self._lock:
             for first in range(0, len(ops), _TXN_OPS):
                 self._write(ops[first : first + _TXN_OPS])
+
+    put_uses = put_tokens  # a token's document is written whole
 
     # --- audit ----------------------------------------------------------------------------
     # Ids are dense: one writer at a time, each id taken once, only the oldest deleted. So
