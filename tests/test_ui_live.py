@@ -288,6 +288,18 @@ def test_every_page_renders(page: Page, cluster: LiveCluster) -> None:
     page.shot("events-live")
 
 
+@pytest.mark.parametrize("role", [Role.READER, Role.USER])
+def test_a_reader_and_a_user_follow_the_events_page(page: Page, cluster: LiveCluster, role: Role) -> None:
+    token = _token(cluster, f"ui-events-{role.value}", role)
+    page.log_in(token)
+    page.open("#/events")
+    assert page.driver.find_elements(By.CSS_SELECTOR, "#topics [name=audit]") == []  # an admin's alone
+    with cluster.client(token if role is Role.USER else None) as c:  # a user sees its own jobs' events
+        job = c.submit(JobSpec(name="followed", command="true", resources={"cpus": 0.5}))
+    page.until(lambda d: f"task {job}.0 finished" in d.find_element(By.ID, "feed").text, "its task's end")
+    assert page.driver.execute_script("return document.getElementById('live').dataset.state") == "live"
+
+
 def test_the_files_need_no_token_and_the_data_does(cluster: LiveCluster) -> None:
     shell = httpx.get(f"{cluster.url}/ui")
     assert shell.status_code == 200 and "text/html" in shell.headers["content-type"]

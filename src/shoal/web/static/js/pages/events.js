@@ -40,7 +40,9 @@ const line = (e) =>
   `<tr><td>${when(e.at)}</td><td>${badge(e.topic, "topic")}</td><td>${esc(e.type)}</td>` +
   `<td>${e.job != null ? `<a href="#/job/${e.job}">${e.job}</a>` : ""}</td><td>${esc(e.node ?? "")}</td><td class="why">${esc(what(e))}</td></tr>`;
 
-export async function mount(main, { query, signal }) {
+export async function mount(main, { me, query, signal }) {
+  // The audit trail is an admin's to read: the stream refuses its topic to any other token.
+  const offered = me.role === "admin" ? TOPICS : TOPICS.filter((t) => t !== "audit");
   const node = query.get("node");
   const job = query.get("job");
   main.innerHTML = `
@@ -51,7 +53,7 @@ export async function mount(main, { query, signal }) {
     </table>
     <p id="nomoves" class="muted" hidden>No migration yet.</p>
     <h2>Events${node ? ` on ${esc(node)}` : ""}${job ? ` of job ${esc(job)}` : ""} <small>as they come, from when this page opened</small></h2>
-    <form class="toolbar" id="topics">${TOPICS.map(
+    <form class="toolbar" id="topics">${offered.map(
       (t) => `<label><input type="checkbox" name="${t}"${t === "offers" ? "" : " checked"}> ${t}</label>`,
     ).join("")}<span class="spacer"></span><label><input type="checkbox" id="paused"> paused</label></form>
     <table class="grid feed">
@@ -78,7 +80,7 @@ export async function mount(main, { query, signal }) {
     const mine = (following = new AbortController());
     signal.addEventListener("abort", () => mine.abort(), { once: true });
     const form = $("#topics");
-    const topics = TOPICS.filter((t) => form.elements[t].checked);
+    const topics = offered.filter((t) => form.elements[t].checked);
     if (!topics.length) return;
     await follow({
       topics: topics.includes("migrations") ? topics : [...topics, "migrations"],
