@@ -119,7 +119,7 @@ def _follow_while_busy(which: Filter, seconds: float, log: EventLog | None = Non
         hub = Broadcast()
         hub.log = log or hub.log
         told: list[int] = []
-        frames = hub.follow(hub.log.last, which)
+        frames = hub.follow(hub.log.last, which, "alice")
 
         async def read() -> None:
             async for chunk in frames:
@@ -163,3 +163,17 @@ def test_a_filtered_stream_hears_where_it_stands_before_the_log_lets_its_index_g
     gaps = [b - a for a, b in zip(told, told[1:], strict=False)]
     assert max(gaps) <= 64, "an index the stream would resume after was let go before a newer was told"
     log.after(told[-1])  # still held (else Gone): a reconnect resumes there
+
+
+def test_a_stream_is_counted_from_its_admission_until_it_ends_or_is_dropped_unread() -> None:
+    async def scenario() -> None:
+        hub = Broadcast()
+        read, unread = (hub.follow(hub.log.last, Filter(), "alice") for _ in range(2))
+        assert hub.subscribers == 2 and hub.held == {"alice": 2}  # before either is read
+        await anext(read)
+        await read.aclose()
+        assert hub.subscribers == 1 and hub.held == {"alice": 1}
+        del unread  # the answer was never sent: nothing ran it
+        assert hub.subscribers == 0 and not hub.held
+
+    asyncio.run(scenario())

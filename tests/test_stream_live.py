@@ -1,6 +1,7 @@
 """The event stream on a live cluster: a subscriber that reconnects with its last index
 misses no event and sees none twice; a user's stream carries no other user's jobs; an index
-the master no longer holds is answered 410; `shoal events -f` follows it."""
+the master no longer holds is answered 410; one caller holds a few streams at most;
+`shoal events -f` follows it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -202,3 +204,30 @@ def test_the_audit_topic_is_an_admins_alone(cluster: LiveCluster) -> None:
     events = follower.wait_for(_finished(job))
     follower.close()
     assert "audit" not in {e.topic for e in events}
+
+
+def test_one_caller_holds_streams_per_caller_at_most_and_others_are_not_held_back(tmp_path: Path) -> None:
+    with (
+        live_cluster(tmp_path, agents=0, master_settings={"streams_per_caller": "2"}) as cluster,
+        contextlib.ExitStack() as streams,
+    ):
+        dave, erin = _token(cluster, "dave"), _token(cluster, "erin")
+
+        def follow(token: str) -> httpx.Response:
+            http = streams.enter_context(httpx.Client(timeout=WAIT))
+            headers = {"Authorization": f"Bearer {token}"}
+            return streams.enter_context(http.stream("GET", f"{cluster.url}/v1/stream", headers=headers))
+
+        first, second = follow(dave), follow(dave)
+        assert first.status_code == second.status_code == 200
+        with cluster.client(dave) as client, pytest.raises(ApiError) as refused:
+            next(iter(client.stream()))
+        assert refused.value.status == 429
+        assert "dave holds 2 streams" in str(refused.value) and "streams_per_caller" in str(refused.value)
+        assert follow(erin).status_code == 200  # another caller's count is its own
+        first.close()  # its seat is given back once the master sees the connection go
+        deadline = time.monotonic() + WAIT
+        while (again := follow(dave)).status_code == 429:
+            assert time.monotonic() < deadline, "a stream ended and its caller's count stayed"
+            time.sleep(0.1)
+        assert again.status_code == 200

@@ -109,6 +109,13 @@ class MasterSettings(_Settings):
     ws_max: int = Field(
         8 << 20, ge=1 << 16, le=1 << 30, description="bytes of one message from an agent, at most"
     )
+    streams_per_caller: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="event streams (GET /v1/stream) one token name may hold open at once, of the "
+        "1024 a master serves (each dashboard tab and `shoal events -f` holds one)",
+    )
     admin_token: SecretStr | None = None
     cluster_token: SecretStr | None = None
     strategy: Strategy = Strategy.SPREAD

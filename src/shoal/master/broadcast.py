@@ -20,6 +20,8 @@ import asyncio
 import contextlib
 import json
 import time
+import weakref
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from itertools import islice
 from typing import NamedTuple
@@ -50,7 +52,8 @@ class Broadcast:
     def __init__(self) -> None:
         # Above any index an earlier master gave: see shoal.master.stream.
         self.log = EventLog(base=int(time.time() * 1e6))
-        self.subscribers = 0
+        self.subscribers = 0  # streams open, from their admission on (see `follow`)
+        self.held: Counter[str] = Counter()  # the same, by whom
         self.closed = False
         self._grew = asyncio.Event()
         self._told = self.log.last  # the newest index subscribers were woken for
@@ -114,11 +117,18 @@ class Broadcast:
             self._waking.cancel()
         self._grew.set()
 
-    async def follow(self, cursor: int, which: Filter) -> AsyncIterator[bytes]:
-        """The frames after `cursor` that `which` admits, as they come. Something is yielded
-        at every wake, if only b"", so what consumes the stream may look again at the caller
-        (see shoal.master.deps.while_token_holds)."""
-        self.subscribers += 1
+    def follow(self, cursor: int, which: Filter, who: str) -> AsyncIterator[bytes]:
+        """The frames after `cursor` that `which` admits, as they come, for `who`. Counted
+        from now, not from its first chunk, so calls made at once are held to the caps of
+        shoal.master.stream_api all the same; and until it ends, or is dropped unread."""
+        seat = _Seat(self, who)
+        frames = self._frames(cursor, which, seat)
+        weakref.finalize(frames, seat.leave)  # never started: its `finally` never runs
+        return frames
+
+    async def _frames(self, cursor: int, which: Filter, seat: _Seat) -> AsyncIterator[bytes]:
+        """Something is yielded at every wake, if only b"", so what consumes the stream may
+        look again at the caller (see shoal.master.deps.while_token_holds)."""
         loop = asyncio.get_running_loop()
         try:
             yield _following(cursor)  # the answer's head goes out now
@@ -144,13 +154,30 @@ class Broadcast:
                     async with asyncio.timeout(spoke + KEEP_ALIVE - loop.time()):
                         await grew.wait()
         finally:
-            self.subscribers -= 1
+            seat.leave()
 
     def _lapsing(self, index: int) -> bool:
         """Whether `index` is in the older half of what the log holds: a client that would
         resume after it should hear of a newer index before the log lets it go."""
         log = self.log
         return index - log.first < (log.last - log.first) // 2
+
+
+class _Seat:
+    """One stream counted, by whom, from its admission to its end."""
+
+    def __init__(self, hub: Broadcast, who: str) -> None:
+        self.hub, self.who, self.seated = hub, who, True
+        hub.subscribers += 1
+        hub.held[who] += 1
+
+    def leave(self) -> None:
+        if self.seated:
+            self.seated = False
+            self.hub.subscribers -= 1
+            self.hub.held[self.who] -= 1
+            if not self.hub.held[self.who]:
+                del self.hub.held[self.who]
 
 
 def _following(index: int) -> bytes:

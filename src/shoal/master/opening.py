@@ -220,6 +220,7 @@ async def lifespan(app: FastAPI, settings: MasterSettings) -> AsyncIterator[None
     dns_port = settings.dns_port or free_dns_port(settings.dns_host or settings.host)
     served = settings.model_copy(update={"dns_port": dns_port})
     app.state.me = _me(served)
+    app.state.streams_per_caller = settings.streams_per_caller  # GET /v1/stream
     app.state.seat = None
     app.state.master = None
     if settings.store == "sqlite":

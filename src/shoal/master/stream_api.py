@@ -2,7 +2,8 @@
 
 A client starts from now, or resumes after an index (`Last-Event-ID`, as browsers'
 EventSource send it, or `?index=`); an index the log no longer holds is answered 410 before
-anything is streamed.
+anything is streamed. A master serves `SUBSCRIBERS` streams at most (503 past them), one
+token name `streams_per_caller` of them (429).
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ router = APIRouter()
 @router.get(
     "/v1/stream",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, 410: {"model": ErrorBody}},
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        410: {"model": ErrorBody},
+        429: {"model": ErrorBody},
+    },
 )
 async def stream(
     request: Request,
@@ -50,6 +55,15 @@ async def stream(
         raise SpecError("topic", f"no topic {', '.join(unknown)}: topics are {', '.join(TOPICS)}")
     if broadcast.subscribers >= SUBSCRIBERS:
         raise SpecError("stream", f"this master serves {SUBSCRIBERS} streams already; try again later", 503)
+    # One token must not take every stream: waiting would not help, so no Retry-After.
+    if (held := broadcast.held[caller.name]) >= (most := request.app.state.streams_per_caller):
+        raise SpecError(
+            "stream",
+            f"{caller.name} holds {held} streams open already, the most one caller may "
+            f"(streams_per_caller, {most}): end one it no longer reads (each dashboard tab and "
+            "`shoal events -f` holds one), or ask an admin to raise streams_per_caller",
+            429,
+        )
     after = index if index is not None else last_event_id
     cursor = broadcast.log.last if after is None else after
     try:
@@ -68,7 +82,7 @@ async def stream(
         user=caller.name if caller.role is Role.USER else None,
     )
     return StreamingResponse(
-        while_token_holds(request, broadcast.follow(cursor, which)),
+        while_token_holds(request, broadcast.follow(cursor, which, caller.name)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
