@@ -1,7 +1,8 @@
 """The event log hands each reader the events after its index, in order, none twice and
 none missed, or says plainly that it no longer holds them; a user's filter lets through only
-their own jobs' events and the cluster's public ones; a stream whose filter admits none of
-a busy master's events still hears, in time, the index it would resume after."""
+their own jobs' events and the cluster's public ones; a node's stream sees a task leave it;
+a stream whose filter admits none of a busy master's events still hears, in time, the index
+it would resume after."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from hypothesis import strategies as st
 from shoal.master import broadcast
 from shoal.master.broadcast import Broadcast
 from shoal.master.events import Persist
-from shoal.master.stream import PUBLIC, EventLog, Filter, Gone, record_changes
-from shoal.model import JobRecord, JobSpec, TaskRecord
+from shoal.master.stream import PUBLIC, EventLog, Filter, Gone, Known, record_changes
+from shoal.model import JobRecord, JobSpec, TaskRecord, TaskState
 from shoal.sse import TOPICS, events
 
 BASE = 1_000_000
@@ -75,7 +76,8 @@ def test_the_frames_read_back_as_they_were_made() -> None:
     log = EventLog(base=BASE)
     job = JobRecord(id=7, owner="alice", spec=JobSpec(name="x", command=["true"]), submitted_at=1.0)
     task = TaskRecord(id="7.0", job_id=7, index=0, node="n1")
-    record_changes(log, Persist(jobs=(job,), tasks=(task,), forgotten_jobs=(3,)), {7: "alice"}.get, 2.0)
+    changes = Persist(jobs=(job,), tasks=(task,), forgotten_jobs=(3,))
+    record_changes(log, changes, {7: "alice"}.get, 2.0, Known())
     lines = b"".join(e.frame for e in log.after(BASE)).decode().splitlines()
     read = list(events(lines))
     assert [(e.topic, e.type, e.job, e.node) for e in read] == [
@@ -100,6 +102,43 @@ def test_a_user_sees_their_own_jobs_and_the_public_topics_only(
         assert admitted == (owner == user)
     else:
         assert admitted == (topic in PUBLIC)
+
+
+# A task's life across nodes: (state, node) after each change, the node it left by then.
+WANDERS = [
+    (TaskState.ASSIGNED, "n1", None),
+    (TaskState.RUNNING, "n1", None),
+    (TaskState.PENDING, None, "n1"),  # its node lost: to run again
+    (TaskState.ASSIGNED, "n2", None),  # placed again
+    (TaskState.RUNNING, "n3", "n2"),  # moved: its new copy took over
+    (TaskState.PREEMPTED, "n3", None),  # ended where it was: its node names it
+    (TaskState.ASSIGNED, "n1", None),
+]
+
+
+def test_a_task_that_leaves_a_node_is_seen_to_go_by_a_stream_of_that_node() -> None:
+    log, known = EventLog(base=BASE), Known()
+    for state, node, _ in WANDERS:
+        task = TaskRecord(id="7.0", job_id=7, index=0, state=state, node=node)
+        record_changes(log, Persist(tasks=(task,)), {7: "alice"}.get, 0.0, known)
+    read = list(events(b"".join(e.frame for e in log.after(BASE)).decode().splitlines()))
+    assert [(e.node, e.left) for e in read] == [(node, left) for _, node, left in WANDERS]
+    for name in ("n1", "n2", "n3"):
+        seen = [e.index for e in log.after(BASE) if Filter(node=name).admits(e)]
+        held = [i for i, (_, node, left) in enumerate(WANDERS) if name in (node, left)]
+        assert seen == [BASE + 1 + i for i in held]
+    assert known.on == {"7.0": "n1"}  # active tasks alone are kept
+
+
+def test_the_nodes_of_tasks_active_before_the_log_knew_them_are_learnt_from_the_ledger() -> None:
+    log, known = EventLog(base=BASE), Known()
+    running = [TaskRecord(id=f"7.{i}", job_id=7, index=i, state=TaskState.RUNNING, node="n4") for i in (0, 1)]
+    known.learn(running)
+    lost = TaskRecord(id="7.0", job_id=7, index=0, state=TaskState.PENDING)  # to run again
+    record_changes(log, Persist(tasks=(lost,)), {7: "alice"}.get, 0.0, known)
+    assert [e.left for e in log.after(BASE)] == ["n4"]
+    known.learn(running)  # once only: what the events said since stands
+    assert known.on == {"7.1": "n4"}
 
 
 def test_filters_by_topic_job_and_node() -> None:

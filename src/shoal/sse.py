@@ -21,6 +21,7 @@ class StreamEvent:
     job: int | None
     node: str | None
     record: Any  # the record as JSON: a job, a task, a node, ...
+    left: str | None = None  # the node a task left with this change
 
     @classmethod
     def of(cls, data: str) -> StreamEvent:
@@ -33,6 +34,7 @@ class StreamEvent:
             job=fields.get("job"),
             node=fields.get("node"),
             record=fields.get("record"),
+            left=fields.get("left"),
         )
 
 

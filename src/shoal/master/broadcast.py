@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from shoal.master.events import Persist
 from shoal.master.ledger import Ledger
-from shoal.master.stream import EventLog, Filter, Gone, record_changes
+from shoal.master.stream import EventLog, Filter, Gone, Known, record_changes
 from shoal.shell.protocol import AuditRecord
 
 # Seconds at most between writes to a stream, so proxies keep it open and the client knows
@@ -54,6 +54,7 @@ class Broadcast:
         self.log = EventLog(base=int(time.time() * 1e6))
         self.subscribers = 0  # streams open, from their admission on (see `follow`)
         self.held: Counter[str] = Counter()  # the same, by whom
+        self.known = Known()  # what tags events beyond their records (see shoal.master.stream)
         self.closed = False
         self._grew = asyncio.Event()
         self._told = self.log.last  # the newest index subscribers were woken for
@@ -68,7 +69,13 @@ class Broadcast:
             job = ledger.jobs.get(job_id)
             return job.owner if job is not None else None
 
-        record_changes(self.log, changes, owner_of, time.time())
+        self.learn(ledger)
+        record_changes(self.log, changes, owner_of, time.time(), self.known)
+
+    def learn(self, ledger: Ledger) -> None:
+        """Learn from the ledger what tags the events to come, at the first change or the
+        first subscriber, whichever comes first: no stream follows from an event before."""
+        self.known.learn(ledger.active_tasks())
 
     def offered(self, line: bytes) -> None:
         """Offers made to or taken back from a framework: the line it was sent."""

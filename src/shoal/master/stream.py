@@ -7,6 +7,11 @@ once, as the server-sent-events frame every subscriber gets, when it is appended
 tasks are pending from the job's own event on (the ledger makes them with it); their
 `tasks` events are their changes after that.
 
+An event on a node names it (`node`); a task's event that took it off a node (lost, moved,
+preempted, run again elsewhere) names that one too (`left`), so a stream of that node sees
+the task go. The log knows which node each active task was on from its events (`Known`),
+and from the ledger for those it had none of (`Known.learn`).
+
 The log keeps the newest `capacity` events in a ring. A subscriber reads from the index
 after the last one it had; one that asks for an index the ring no longer holds is told
 which is the oldest it does hold (`Gone`), never handed a stream with a hole in it.
@@ -25,11 +30,11 @@ and services. Frameworks and offers are for admins and readers, audit records fo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 from shoal.master.events import Persist
-from shoal.model import TASK_RECORD
+from shoal.model import TASK_RECORD, TaskRecord
 from shoal.sse import TOPICS
 
 PUBLIC = frozenset({"nodes", "services"})  # topics a user sees whole: the cluster's own
@@ -42,6 +47,7 @@ class Event:
     topic: str
     job: int | None  # the job it is of, if any
     node: str | None  # the node it is on, if any
+    left: str | None  # the node a task left with this change, if any
     owner: str | None  # the job's owner: a user sees only their own
     frame: bytes  # as sent: "id: <index>\nevent: <topic>\ndata: <json>\n\n"
 
@@ -61,7 +67,7 @@ class Filter:
             return False
         if self.job is not None and event.job != self.job:
             return False
-        if self.node is not None and event.node != self.node:
+        if self.node is not None and self.node != event.node and self.node != event.left:
             return False
         if self.user is None:
             return True
@@ -102,18 +108,19 @@ class EventLog:
         *,
         job: int | None = None,
         node: str | None = None,
+        left: str | None = None,
         owner: str | None = None,
     ) -> Event:
         """Add an event: `kind` ("changed", "removed", ...) of `record`, a JSON value or the
         bytes of one (encoded already: a record the store encodes is not encoded twice)."""
         index = self.next
         data = record if isinstance(record, bytes) else json.dumps(record, separators=(",", ":")).encode()
-        head = json.dumps(
-            {"index": index, "topic": topic, "type": kind, "at": at, "job": job, "node": node},
-            separators=(",", ":"),
-        ).encode()
+        fields = {"index": index, "topic": topic, "type": kind, "at": at, "job": job, "node": node}
+        if left is not None:  # rare: not a field of every frame
+            fields["left"] = left
+        head = json.dumps(fields, separators=(",", ":")).encode()
         frame = b'id: %d\nevent: %s\ndata: %s,"record":%s}\n\n' % (index, topic.encode(), head[:-1], data)
-        event = Event(index, topic, job, node, owner, frame)
+        event = Event(index, topic, job, node, left, owner, frame)
         self._ring[index % self.capacity] = event
         self.next = index + 1
         if self.next - self.first > self.capacity:
@@ -135,7 +142,32 @@ class EventLog:
             yield event
 
 
-def record_changes(log: EventLog, changes: Persist, owner_of: Callable[[int], str | None], at: float) -> None:
+@dataclass(slots=True)
+class Known:
+    """What the log knows of records beyond their events, to tag the events that follow:
+    the node each active task is on (a task that leaves it is tagged with it). Learnt from
+    the ledger once, when the log first needs it (`learn`), kept up from the events after."""
+
+    on: dict[str, str] = field(default_factory=dict)  # active task id -> its node
+    learnt: bool = False
+
+    def learn(self, active: Iterable[TaskRecord]) -> None:
+        """What the ledger holds: the active tasks. Once; a no-op after."""
+        if not self.learnt:
+            self.learnt = True
+            self.on.update((t.id, t.node) for t in active if t.node is not None)
+
+    def left(self, task: TaskRecord) -> str | None:
+        """The node `task` left since its last event (None: it left none), kept up to date."""
+        was = self.on.pop(task.id, None)
+        if task.node is not None and task.state.active:
+            self.on[task.id] = task.node
+        return was if was != task.node else None
+
+
+def record_changes(
+    log: EventLog, changes: Persist, owner_of: Callable[[int], str | None], at: float, known: Known
+) -> None:
     """The events of one batch of the ledger's changes. `owner_of`: a job's owner (None when
     the job is gone: the event is then for admins and readers)."""
     for job in changes.jobs:
@@ -144,9 +176,9 @@ def record_changes(log: EventLog, changes: Persist, owner_of: Callable[[int], st
         log.append("jobs", "removed", {"id": job_id}, at, job=job_id)
     for task in changes.tasks:
         owner = owner_of(task.job_id)
-        log.append(
-            "tasks", "changed", TASK_RECORD.dump_json(task), at, job=task.job_id, node=task.node, owner=owner
-        )
+        record = TASK_RECORD.dump_json(task)
+        left = known.left(task)
+        log.append("tasks", "changed", record, at, job=task.job_id, node=task.node, left=left, owner=owner)
     for node in changes.nodes:
         log.append("nodes", "changed", node.model_dump_json().encode(), at, node=node.name)
     for framework in changes.frameworks:
