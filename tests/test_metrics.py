@@ -1,11 +1,13 @@
 """The master's and the agent's metrics from their own state machines, event by event: the
-values a scrape gives back, and who may scrape."""
+values a scrape gives back, who may scrape, and the metrics page naming each of them."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -34,7 +36,7 @@ from shoal.master.events import (
 )
 from shoal.master.ha import FollowerGate
 from shoal.master.instruments import Instruments, migration_reason
-from shoal.master.metrics import PENDING_REASONS, ApiLatency, MasterCollector, pending_reason
+from shoal.master.metrics import PENDING_REASONS, ApiLatency, MasterCollector, instrument, pending_reason
 from shoal.master.state import MasterState
 from shoal.master.store import Snapshot
 from shoal.model import JobSpec, Resources, RunUsage, TaskState, Usage
@@ -413,3 +415,25 @@ def test_a_follower_answers_a_scrape_itself() -> None:
 async def _statuses(app, *paths: str) -> list[int]:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://follower") as client:
         return [(await client.get(path)).status_code for path in paths]
+
+
+# --- the metrics page -----------------------------------------------------------------------------
+
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "ops" / "metrics.md"
+SERIES = ("", "_total", "_bucket", "_count", "_sum", "_created", "_gcount", "_gsum")  # of a family
+
+
+def test_the_metrics_page_names_every_metric_there_is_and_no_other() -> None:
+    app = FastAPI()
+    instrument(app)  # the master's registry: its collector, and the API's latency
+    agent = CollectorRegistry()
+    agent.register(AgentCollector(_agent()))
+    registries = (Shell().scrape(), app.state.metrics, agent)
+    families = {m.name for r in registries for m in r.collect() if m.name.startswith("shoal_")}
+    named = set(re.findall(r"\bshoal_[a-z0-9_]+", PAGE.read_text()))
+    unknown = sorted(
+        n for n in named if not any(n.removesuffix(s) in families for s in SERIES if n.endswith(s))
+    )
+    assert unknown == [], f"docs/ops/metrics.md names metrics no code makes: {unknown}"
+    missing = sorted(f for f in families if not any(f + s in named for s in SERIES))
+    assert missing == [], f"docs/ops/metrics.md does not name {missing}"
