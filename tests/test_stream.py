@@ -1,8 +1,8 @@
 """The event log hands each reader the events after its index, in order, none twice and
 none missed, or says plainly that it no longer holds them; a user's filter lets through only
-their own jobs' events and the cluster's public ones; a node's stream sees a task leave it;
-a stream whose filter admits none of a busy master's events still hears, in time, the index
-it would resume after."""
+their own jobs' events (their removal too) and the cluster's public ones; a node's stream
+sees a task leave it; a stream whose filter admits none of a busy master's events still
+hears, in time, the index it would resume after."""
 
 from __future__ import annotations
 
@@ -133,12 +133,28 @@ def test_a_task_that_leaves_a_node_is_seen_to_go_by_a_stream_of_that_node() -> N
 def test_the_nodes_of_tasks_active_before_the_log_knew_them_are_learnt_from_the_ledger() -> None:
     log, known = EventLog(base=BASE), Known()
     running = [TaskRecord(id=f"7.{i}", job_id=7, index=i, state=TaskState.RUNNING, node="n4") for i in (0, 1)]
-    known.learn(running)
+    known.learn([], running)
     lost = TaskRecord(id="7.0", job_id=7, index=0, state=TaskState.PENDING)  # to run again
     record_changes(log, Persist(tasks=(lost,)), {7: "alice"}.get, 0.0, known)
     assert [e.left for e in log.after(BASE)] == ["n4"]
-    known.learn(running)  # once only: what the events said since stands
+    known.learn([], running)  # once only: what the events said since stands
     assert known.on == {"7.1": "n4"}
+
+
+def _job(job_id: int, owner: str) -> JobRecord:
+    return JobRecord(id=job_id, owner=owner, spec=JobSpec(command=["true"]), submitted_at=0.0)
+
+
+def test_a_user_sees_their_own_jobs_removed_and_no_one_elses() -> None:
+    log, known = EventLog(base=BASE), Known()
+    known.learn([_job(1, "alice"), _job(2, "bob")], [])  # in the ledger before the log began
+    record_changes(log, Persist(jobs=(_job(3, "alice"), _job(4, "bob"))), {}.get, 0.0, known)
+    record_changes(log, Persist(forgotten_jobs=(1, 2, 3, 4, 5)), {}.get, 0.0, known)
+    removed = [e for e in log.after(BASE) if e.topic == "jobs" and b'"removed"' in e.frame]
+    assert [e.job for e in removed if Filter(user="alice").admits(e)] == [1, 3]
+    assert [e.job for e in removed if Filter(user="bob").admits(e)] == [2, 4]
+    assert [e.job for e in removed if Filter().admits(e)] == [1, 2, 3, 4, 5]  # 5: no owner known
+    assert known.owners == {}  # kept until the removal, not after
 
 
 def test_filters_by_topic_job_and_node() -> None:

@@ -1,7 +1,7 @@
 """The event stream on a live cluster: a subscriber that reconnects with its last index
 misses no event and sees none twice; a user's stream carries no other user's jobs; an index
-the master no longer holds is answered 410; one caller holds a few streams at most;
-`shoal events -f` follows it."""
+the master no longer holds is answered 410; one caller holds a few streams at most; a user
+sees their own jobs removed; `shoal events -f` follows it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -206,11 +205,17 @@ def test_the_audit_topic_is_an_admins_alone(cluster: LiveCluster) -> None:
     assert "audit" not in {e.topic for e in events}
 
 
-def test_one_caller_holds_streams_per_caller_at_most_and_others_are_not_held_back(tmp_path: Path) -> None:
-    with (
-        live_cluster(tmp_path, agents=0, master_settings={"streams_per_caller": "2"}) as cluster,
-        contextlib.ExitStack() as streams,
-    ):
+@pytest.fixture(scope="module")
+def lean(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
+    """No agents; two streams a caller; ended jobs forgotten at once."""
+    settings = {"streams_per_caller": "2", "job_retention": "0"}
+    with live_cluster(tmp_path_factory.mktemp("lean"), agents=0, master_settings=settings) as cluster:
+        yield cluster
+
+
+def test_one_caller_holds_streams_per_caller_at_most_and_others_are_not_held_back(lean: LiveCluster) -> None:
+    cluster = lean
+    with contextlib.ExitStack() as streams:
         dave, erin = _token(cluster, "dave"), _token(cluster, "erin")
 
         def follow(token: str) -> httpx.Response:
@@ -231,3 +236,16 @@ def test_one_caller_holds_streams_per_caller_at_most_and_others_are_not_held_bac
             assert time.monotonic() < deadline, "a stream ended and its caller's count stayed"
             time.sleep(0.1)
         assert again.status_code == 200
+
+
+def test_a_user_sees_their_own_jobs_removed_and_no_one_elses(lean: LiveCluster) -> None:
+    alice, bob = _token(lean, "alice"), _token(lean, "bob")
+    follower = Follower(lean, alice, topics=["jobs"]).start()
+    with lean.client(alice) as a, lean.client(bob) as b:
+        theirs = b.submit(JobSpec(name="bobs", command=["true"]))
+        b.kill(theirs)  # ended (it never ran), and forgotten: the master keeps no ended job
+        mine = a.submit(JobSpec(name="alices", command=["true"]))
+        a.kill(mine)  # ended after bob's: removed with it or after
+    events = follower.wait_for(lambda events: any(e.type == "removed" and e.job == mine for e in events))
+    follower.close()
+    assert theirs not in {e.job for e in events}

@@ -75,7 +75,7 @@ class Broadcast:
     def learn(self, ledger: Ledger) -> None:
         """Learn from the ledger what tags the events to come, at the first change or the
         first subscriber, whichever comes first: no stream follows from an event before."""
-        self.known.learn(ledger.active_tasks())
+        self.known.learn(ledger.jobs.values(), ledger.active_tasks())
 
     def offered(self, line: bytes) -> None:
         """Offers made to or taken back from a framework: the line it was sent."""

@@ -23,8 +23,10 @@ lists afresh, rather than missing what changed meanwhile.
 
 Who sees what: an event of a job (its job, its tasks, offers and migrations aside) carries
 the job's owner; a user's stream holds only their own jobs' events and the cluster's nodes
-and services. Frameworks and offers are for admins and readers, audit records for admins
-(as `GET /v1/audit`: the stream route leaves the topic out for anyone else).
+and services. A job's removal carries its owner too: the ledger has let the job go by then,
+so the log keeps each job's owner (`Known`) until its removal. Frameworks and offers are
+for admins and readers, audit records for admins (as `GET /v1/audit`: the stream route
+leaves the topic out for anyone else).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from shoal.master.events import Persist
-from shoal.model import TASK_RECORD, TaskRecord
+from shoal.model import TASK_RECORD, JobRecord, TaskRecord
 from shoal.sse import TOPICS
 
 PUBLIC = frozenset({"nodes", "services"})  # topics a user sees whole: the cluster's own
@@ -145,16 +147,19 @@ class EventLog:
 @dataclass(slots=True)
 class Known:
     """What the log knows of records beyond their events, to tag the events that follow:
-    the node each active task is on (a task that leaves it is tagged with it). Learnt from
-    the ledger once, when the log first needs it (`learn`), kept up from the events after."""
+    each job's owner (its removal is tagged with it) and the node each active task is on (a
+    task that leaves it is tagged with it). Learnt from the ledger once, when the log first
+    needs it (`learn`), kept up from the events after."""
 
+    owners: dict[int, str] = field(default_factory=dict)  # job id -> its owner, until removed
     on: dict[str, str] = field(default_factory=dict)  # active task id -> its node
     learnt: bool = False
 
-    def learn(self, active: Iterable[TaskRecord]) -> None:
-        """What the ledger holds: the active tasks. Once; a no-op after."""
+    def learn(self, jobs: Iterable[JobRecord], active: Iterable[TaskRecord]) -> None:
+        """What the ledger holds: its jobs and its active tasks. Once; a no-op after."""
         if not self.learnt:
             self.learnt = True
+            self.owners.update((j.id, j.owner) for j in jobs)
             self.on.update((t.id, t.node) for t in active if t.node is not None)
 
     def left(self, task: TaskRecord) -> str | None:
@@ -171,9 +176,11 @@ def record_changes(
     """The events of one batch of the ledger's changes. `owner_of`: a job's owner (None when
     the job is gone: the event is then for admins and readers)."""
     for job in changes.jobs:
+        known.owners[job.id] = job.owner
         log.append("jobs", "changed", job.model_dump_json().encode(), at, job=job.id, owner=job.owner)
     for job_id in changes.forgotten_jobs:  # past retention: gone with its tasks
-        log.append("jobs", "removed", {"id": job_id}, at, job=job_id)
+        owner = known.owners.pop(job_id, None)
+        log.append("jobs", "removed", {"id": job_id}, at, job=job_id, owner=owner)
     for task in changes.tasks:
         owner = owner_of(task.job_id)
         record = TASK_RECORD.dump_json(task)
