@@ -7,6 +7,7 @@ hears, in time, the index it would resume after."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 
@@ -30,26 +31,33 @@ def _data(event_frame: bytes) -> dict:
 
 
 @given(
-    st.lists(st.integers(0, 20), max_size=30),  # events appended between reads
+    st.lists(st.lists(st.integers(0, 300), max_size=20), max_size=30),  # sizes appended between reads
     st.integers(1, 16),  # capacity
+    st.integers(1, 4000),  # bytes
     st.data(),
 )
 def test_a_reader_gets_every_event_after_its_index_once_or_is_told_they_are_gone(
-    bursts: list[int], capacity: int, data: st.DataObject
+    bursts: list[list[int]], capacity: int, max_bytes: int, data: st.DataObject
 ) -> None:
-    log = EventLog(base=BASE, capacity=capacity)
+    log = EventLog(base=BASE, capacity=capacity, max_bytes=max_bytes)
+    kept: collections.deque[tuple[int, int]] = collections.deque()  # (index, bytes), as the log should
     appended: list[int] = []
     cursor = BASE
     had: list[int] = []
     for burst in bursts:
-        for _ in range(burst):
-            appended.append(log.append("tasks", "changed", {"n": len(appended)}, 0.0).index)
+        for size in burst:
+            event = log.append("tasks", "changed", {"pad": "x" * size}, 0.0)
+            appended.append(event.index)
+            kept.append((event.index, len(event.frame)))
+            while len(kept) > capacity or (len(kept) > 1 and sum(b for _, b in kept) > max_bytes):
+                kept.popleft()
+        assert (log.first, log.bytes) == (kept[0][0] if kept else BASE + 1, sum(b for _, b in kept))
         if data.draw(st.booleans()):
             continue  # this reader lets the log run on
-        if appended and cursor < appended[-1] - capacity:
+        if kept and cursor < kept[0][0] - 1:
             with pytest.raises(Gone) as gone:
                 log.after(cursor)
-            assert gone.value.oldest == appended[-1] - capacity + 1
+            assert gone.value.oldest == kept[0][0] and "at most" in str(gone.value)
             cursor = gone.value.oldest - 1  # resumes from what is held, knowingly
             had = [i for i in had if i <= cursor]
             continue
@@ -60,6 +68,17 @@ def test_a_reader_gets_every_event_after_its_index_once_or_is_told_they_are_gone
     assert had == sorted(set(had)), "an event twice or out of order"
     assert all(i in appended for i in had)
     assert log.last == (appended[-1] if appended else BASE)
+
+
+def test_the_log_keeps_the_newest_events_that_fit_its_bytes_and_the_newest_however_large() -> None:
+    log = EventLog(base=BASE, capacity=100, max_bytes=1000)
+    small = [log.append("jobs", "changed", {}, 0.0) for _ in range(5)]
+    assert log.first == small[0].index  # five small frames fit
+    large = log.append("jobs", "changed", {"pad": "x" * 5000}, 0.0)
+    assert (log.first, log.bytes) == (large.index, len(large.frame))  # alone, over the bytes
+    with pytest.raises(Gone, match=f"holds the events after {small[-1].index}"):
+        log.after(small[0].index)
+    assert [e.index for e in log.after(small[-1].index)] == [large.index]
 
 
 def test_an_index_this_log_never_gave_is_gone() -> None:

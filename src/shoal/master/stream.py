@@ -12,7 +12,8 @@ preempted, run again elsewhere) names that one too (`left`), so a stream of that
 the task go. The log knows which node each active task was on from its events (`Known`),
 and from the ledger for those it had none of (`Known.learn`).
 
-The log keeps the newest `capacity` events in a ring. A subscriber reads from the index
+The log keeps the newest `capacity` events in a ring, fewer when their frames come to more
+than `max_bytes` (the newest always, however large). A subscriber reads from the index
 after the last one it had; one that asks for an index the ring no longer holds is told
 which is the oldest it does hold (`Gone`), never handed a stream with a hole in it.
 
@@ -40,7 +41,11 @@ from shoal.model import TASK_RECORD, JobRecord, TaskRecord
 from shoal.sse import TOPICS
 
 PUBLIC = frozenset({"nodes", "services"})  # topics a user sees whole: the cluster's own
-CAPACITY = 65_536  # events the log keeps
+CAPACITY = 65_536  # events the log keeps, at most
+# Bytes of frames the log keeps, at most: room for CAPACITY events of 2 KiB, three times what a
+# job's or a task's event takes, while a few jobs whose specs come near the 4 MiB a request
+# may hold (max_body), each with an event at every change, would otherwise keep gigabytes.
+MAX_BYTES = 128 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +84,10 @@ class Filter:
 class Gone(Exception):
     """The index asked for is no longer (or never was) in this master's log."""
 
-    def __init__(self, asked: int, oldest: int) -> None:
+    def __init__(self, asked: int, oldest: int, room: str) -> None:
         super().__init__(
             f"event {asked} is not in this master's stream, which holds the events after "
-            f"{oldest - 1} (the newest {CAPACITY} since it started or took over): resume after "
+            f"{oldest - 1} (the newest since it started or took over, {room}): resume after "
             f"{oldest - 1} for what it holds, or list afresh and follow from now"
         )
         self.asked = asked
@@ -90,11 +95,13 @@ class Gone(Exception):
 
 
 class EventLog:
-    def __init__(self, base: int, capacity: int = CAPACITY) -> None:
+    def __init__(self, base: int, capacity: int = CAPACITY, max_bytes: int = MAX_BYTES) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._ring: list[Event | None] = [None] * capacity
         self.first = base + 1  # the index of the oldest event kept
         self.next = base + 1  # the index the next event gets
+        self.bytes = 0  # of the frames kept
 
     @property
     def last(self) -> int:
@@ -123,17 +130,29 @@ class EventLog:
         head = json.dumps(fields, separators=(",", ":")).encode()
         frame = b'id: %d\nevent: %s\ndata: %s,"record":%s}\n\n' % (index, topic.encode(), head[:-1], data)
         event = Event(index, topic, job, node, left, owner, frame)
+        if index - self.first == self.capacity:  # full: the oldest's slot is the new one's
+            self._drop_oldest()
         self._ring[index % self.capacity] = event
+        self.bytes += len(frame)
         self.next = index + 1
-        if self.next - self.first > self.capacity:
-            self.first = self.next - self.capacity
+        while self.bytes > self.max_bytes and self.first < index:
+            self._drop_oldest()
         return event
+
+    def _drop_oldest(self) -> None:
+        slot = self.first % self.capacity
+        event = self._ring[slot]
+        assert event is not None
+        self.bytes -= len(event.frame)
+        self._ring[slot] = None
+        self.first += 1
 
     def after(self, index: int) -> Iterator[Event]:
         """The events after `index`, oldest first. `Gone` (at once) when some are no longer
         kept, or `index` is not one this log could have given."""
         if index < self.first - 1 or index > self.last:
-            raise Gone(index, self.first)
+            room = f"{self.capacity:,} events in {self.max_bytes / (1 << 20):g} MiB at most"
+            raise Gone(index, self.first, room)
         return self._from(index + 1, self.next)
 
     def _from(self, start: int, stop: int) -> Iterator[Event]:
