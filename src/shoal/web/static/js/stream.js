@@ -60,7 +60,10 @@ export function follow({ topics = [], job = null, node = null, signal, onEvents,
       for (const block of blocks) {
         const frame = parseFrame(block);
         const began = /^: following from (\d+)/.exec(block);
-        if (began && index === null) index = Number(began[1]); // resumed from there if cut off
+        // The head, and each keep-alive, name the index the stream stands after: a stream
+        // whose events all pass the page's filter by resumes from there, not from an index
+        // the master may have let go.
+        if (began) index = Number(began[1]);
         if (!frame.data) continue;
         if (frame.event === "gone") {
           index = null;
