@@ -35,8 +35,8 @@ from shoal.master.deps import (
 from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, RebalanceNow, Submit
 from shoal.master.ha import FollowerGate
 from shoal.master.history_api import router as history_router
+from shoal.master.job_reads import FastReads, list_jobs, view_job, view_of
 from shoal.master.limits import LimitPolicy, Limits
-from shoal.master.listings import listings_of
 from shoal.master.metrics import instrument
 from shoal.master.node_access import blob_reader, blob_writer, serve_agent
 from shoal.master.opening import lifespan
@@ -132,6 +132,7 @@ def create_app(settings: MasterSettings) -> FastAPI:
     app.include_router(queue_api.router)
     app.include_router(ui.router)  # the dashboard at /ui: static files, out of the schema
     app.include_router(history_router)
+    app.add_middleware(FastReads)  # innermost: held to the gate, the limits and the latency
     app.add_middleware(
         AuditTrail,
         master=lambda: app.state.master,
@@ -156,25 +157,8 @@ def create_app(settings: MasterSettings) -> FastAPI:
 Blob = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="sha256 of the content")]
 
 
-_JSON = "application/json"
 _MSGPACK = "application/x-msgpack"
 _NDJSON = "application/x-ndjson"
-TASKS_SHOWN = 1000  # tasks in a job's view unless asked for another page
-JOBS_SHOWN = 1000  # jobs listed unless asked for another page
-
-
-def _job(master: Master, caller: Caller, job_id: int, offset: int = 0, limit: int = TASKS_SHOWN) -> JobView:
-    job = master.state.ledger.jobs.get(job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id}")
-    if not caller.may_see(job.owner):
-        raise Forbidden(f"job {job_id} belongs to another user")
-    return JobView.detail(
-        job,
-        master.state.ledger.tasks_of(job_id),
-        master.state.why_waiting(job_id),
-        slice(offset, offset + limit),
-    )
 
 
 def _task(master: Master, caller: Caller, task_id: str) -> TaskRecord:
@@ -201,35 +185,16 @@ def _routes(app: FastAPI, run_as: RunAs) -> None:
         job_id = await master.request(lambda req, now: Submit(req, caller.name, spec, now, names))
         return Submitted(id=job_id)  # type: ignore[arg-type]
 
-    @app.get("/v1/jobs", response_model=list[JobView])
-    async def jobs(
-        master: MasterDep,
-        caller: CallerDep,
-        offset: Annotated[int, Query(ge=0, le=2**62, description="jobs skipped, newest first")] = 0,
-        limit: Annotated[int, Query(ge=1, le=10_000, description="jobs shown")] = JOBS_SHOWN,
-    ) -> Response:
-        """The jobs the caller may see, newest first."""
-        ledger = master.state.ledger
-        owner = caller.name if caller.role is Role.USER else None  # users see their own (Caller.may_see)
-        return Response(listings_of(ledger).page(ledger, owner, offset, limit), media_type=_JSON)
-
-    @app.get("/v1/jobs/{job_id}", response_model=JobView)
-    async def job(
-        job_id: int,
-        master: MasterDep,
-        caller: CallerDep,
-        offset: Annotated[int, Query(ge=0, description="first task shown")] = 0,
-        limit: Annotated[int, Query(ge=0, le=100_000, description="tasks shown")] = TASKS_SHOWN,
-    ) -> Response:
-        return Response(_job(master, caller, job_id, offset, limit).model_dump_json(), media_type=_JSON)
+    app.get("/v1/jobs", response_model=list[JobView])(list_jobs)
+    app.get("/v1/jobs/{job_id}", response_model=JobView)(view_job)
 
     @app.post("/v1/jobs/{job_id}/kill", response_model=JobView)
     async def kill(job_id: int, master: MasterDep, caller: Annotated[Caller, Depends(writer)]) -> JobView:
-        view = _job(master, caller, job_id)
+        view = view_of(master, caller, job_id)
         if not caller.may_change(view.owner):
             raise Forbidden(f"a {caller.role.value} token cannot kill job {job_id}")
         await master.request(lambda req, now: KillJob(req, job_id, now))
-        return _job(master, caller, job_id)
+        return view_of(master, caller, job_id)
 
     @app.get("/v1/tasks/{task_id}", response_model=TaskRecord)
     async def task(task_id: str, master: MasterDep, caller: CallerDep) -> TaskRecord:
