@@ -62,7 +62,18 @@ def test_a_kept_summary_is_the_summary_made_afresh_as_tasks_change(changes: list
         )
         for i in range(10)
     }
-    tasks = {i: [TaskRecord(id=f"{i}.{t}", job_id=i, index=t) for t in range(1 + i % 4)] for i in jobs}
+    # Jobs 0 and 5 have more tasks than Summaries tells apart by their states: it counts them.
+    # Those beyond the four that change have finished, so the four can end the job.
+    sizes = {i: 12 if i % 5 == 0 else 1 + i % 4 for i in jobs}
+    tasks = {
+        i: [
+            TaskRecord(
+                id=f"{i}.{t}", job_id=i, index=t, state=TaskState.FINISHED if t > 3 else TaskState.PENDING
+            )
+            for t in range(sizes[i])
+        ]
+        for i in jobs
+    }
     summaries = Summaries(slack=slack)
     for job_id, index, state, killed in changes:
         if job_id not in jobs:
@@ -75,3 +86,12 @@ def test_a_kept_summary_is_the_summary_made_afresh_as_tasks_change(changes: list
             continue
         fresh = JobView.summary(jobs[job_id], tasks[job_id]).model_dump_json().encode()
         assert summaries.encoded(jobs, jobs[job_id], tasks[job_id]) == fresh
+
+
+def test_a_large_job_killed_once_all_its_tasks_ended_is_summarized_afresh() -> None:
+    job = JobRecord(id=1, owner="alice", spec=SPEC, submitted_at=0.0)
+    tasks = [TaskRecord(id=f"1.{t}", job_id=1, index=t, state=TaskState.FINISHED) for t in range(20)]
+    summaries = Summaries()
+    assert b'"state":"complete"' in summaries.encoded({1: job}, job, tasks)
+    job.killed = True  # the same counts of states: only the kill tells the summaries apart
+    assert b'"state":"killed"' in summaries.encoded({1: job}, job, tasks)

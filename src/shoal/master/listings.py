@@ -10,7 +10,7 @@ so what it keeps stays in proportion.
 
 `Summaries` keeps each job's summary encoded: a page is mostly job specs, which never change
 once submitted, and encoding them is most of a page's cost. A summary changes only with the
-job's state and its counts of tasks per state, so it is encoded again only then. What it
+job's tasks' states (and whether it was killed), so it is encoded again only then. What it
 keeps stays in proportion to the jobs as the owners' index does.
 """
 
@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from shoal.master.ledger import Ledger
-from shoal.model import JobRecord, JobState, TaskRecord, job_state
+from shoal.model import JobRecord, TaskRecord
 from shoal.views import JobView, tally
 
 SLACK = 1000  # ids gone the index may hold beyond the jobs' own number before it is made afresh
+STATES_LISTED = 8  # tasks of a job whose states, rather than their counts, tell its summary's changes
 
 
 class Owners:
@@ -58,16 +59,23 @@ class Owners:
             self._held += len(new)
 
 
+def _made_of(job: JobRecord, tasks: list[TaskRecord]) -> tuple[object, ...]:
+    """What of a job its summary shows that may change: whether it was killed and its tasks'
+    states; of a job of a few tasks, the states as they are, which is cheaper than counting
+    them (a page of twenty asks this of twenty jobs)."""
+    if len(tasks) <= STATES_LISTED:
+        return (job.killed, *[t.state for t in tasks])
+    return (job.killed, *tally(tasks).items())
+
+
 class Summaries:
     def __init__(self, slack: int = SLACK) -> None:
         self.slack = slack
-        # job id -> (its state and counts, its summary as JSON)
-        self._kept: dict[int, tuple[tuple[JobState, tuple[tuple[str, int], ...]], bytes]] = {}
+        self._kept: dict[int, tuple[tuple[object, ...], bytes]] = {}  # job id -> (_made_of, JSON)
 
     def encoded(self, jobs: dict[int, JobRecord], job: JobRecord, tasks: list[TaskRecord]) -> bytes:
         """`JobView.summary(job, tasks)` as JSON; `jobs`: all the jobs there are."""
-        counts = tally(tasks)
-        key = (job_state(job, tasks), tuple(counts.items()))
+        key = _made_of(job, tasks)
         kept = self._kept.get(job.id)
         if kept is not None and kept[0] == key:
             return kept[1]
