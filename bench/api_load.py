@@ -21,8 +21,9 @@ Two phases of `--duration` seconds, measured after `--warmup` seconds each: calm
 same load while one more client with a token of its own floods `GET /v1/jobs?limit=20`
 from `--flood-conns` keep-alive connections in a closed loop (a call as soon as the last is
 answered). The load comes from `--procs` processes apart from the master, each an asyncio
-loop on uvloop with one aiohttp connection pool; the flooder is a process of its own. They
-stand for other machines, so they run niced: the master has the cores first. Each reports
+loop on uvloop with one pool of keep-alive connections (bench/http_pool.py: a lean client, as
+each call's CPU on the client is taken from the master); the flooder is a process of its own.
+They stand for other machines, so they run niced: the master has the cores first. Each reports
 its CPU time and how late it sent its calls (`gen_cpu`, the busiest one's share of a core,
 and `gen_lag_p99_ms`): a generator near a whole core, or late, is the bottleneck, not the
 master. `load` is the machine's load average before the run: the master shares its cores
@@ -61,12 +62,14 @@ from typing import Any
 import httpx
 import numpy as np
 import psutil
+from http_pool import Pool, ProtocolError
 
 from shoal.config import MasterSettings
 from shoal.master.buckets import Bucket
 from shoal.testing.live import LiveCluster
 
 JOB = {"name": "load", "command": ["true"], "resources": {"cpus": 0.1, "mem": 16}}
+SUBMISSION = json.dumps(JOB).encode()
 LIST = "/v1/jobs?limit=20"
 POOL = 256  # connections a generator process keeps at most
 KEEP_IDLE = 2.0  # seconds a generator keeps an idle connection (the master's idle_timeout is longer)
@@ -130,69 +133,62 @@ class Generator:
 
     async def run(self, start: float) -> Outcome:
         """Send the calls from `start` (time.monotonic(), the same clock in every process)."""
-        import aiohttp
-
         share, outcome = self.share, self.outcome
         ops, weights = list(share.mix), list(share.mix.values())
-        connector = aiohttp.TCPConnector(limit=POOL, ssl=_context(share.ca), keepalive_timeout=KEEP_IDLE)
-        timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            due = start
-            self.measured_from = start + share.warmup
-            end = self.measured_from + share.duration
-            cpu = None
-            calls: set[asyncio.Task[None]] = set()
-            while (due := due + self.rng.expovariate(share.rate)) < end:
-                if (wait := due - time.monotonic()) > 0:
-                    await asyncio.sleep(wait)
-                if due >= self.measured_from:
-                    cpu = _cpu_now() if cpu is None else cpu
-                    outcome.offered += 1
-                    outcome.lags.append(max(0.0, time.monotonic() - due) * 1000)
-                client = self.rng.randrange(len(share.tokens))
-                op = self.rng.choices(ops, weights)[0]
-                call = asyncio.create_task(self._call(session, client, op, due))
-                calls.add(call)
-                call.add_done_callback(calls.discard)
-            if calls:
-                await asyncio.wait(calls, timeout=CALL_TIMEOUT)
-            outcome.cpu = _cpu_now() - (cpu or _cpu_now())
-            outcome.wall = max(1e-9, time.monotonic() - self.measured_from)
+        pool = Pool(share.url, _context(share.ca), POOL, KEEP_IDLE)
+        due = start
+        self.measured_from = start + share.warmup
+        end = self.measured_from + share.duration
+        cpu = None
+        calls: set[asyncio.Task[None]] = set()
+        while (due := due + self.rng.expovariate(share.rate)) < end:
+            if (wait := due - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            if due >= self.measured_from:
+                cpu = _cpu_now() if cpu is None else cpu
+                outcome.offered += 1
+                outcome.lags.append(max(0.0, time.monotonic() - due) * 1000)
+            client = self.rng.randrange(len(share.tokens))
+            op = self.rng.choices(ops, weights)[0]
+            call = asyncio.create_task(self._call(pool, client, op, due))
+            calls.add(call)
+            call.add_done_callback(calls.discard)
+        if calls:
+            await asyncio.wait(calls, timeout=CALL_TIMEOUT)
+        outcome.cpu = _cpu_now() - (cpu or _cpu_now())
+        outcome.wall = max(1e-9, time.monotonic() - self.measured_from)
+        pool.close()
         return outcome
 
-    async def _call(self, session: Any, client: int, op: str, due: float) -> None:
-        import aiohttp
-
+    async def _call(self, pool: Pool, client: int, op: str, due: float) -> None:
         share = self.share
         measured = due >= self.measured_from
         mine = share.jobs[share.users[client]]
-        headers = {"Authorization": f"Bearer {share.tokens[client]}"}
+        token = share.tokens[client]
         if op == "submit":
-            answer = session.post(f"{share.url}/v1/jobs", json=JOB, headers=headers)
+            request = pool.post("/v1/jobs", token, SUBMISSION)
         elif op == "list":
-            answer = session.get(f"{share.url}{LIST}", headers=headers)
+            request = pool.get(LIST, token)
         else:
-            answer = session.get(f"{share.url}/v1/jobs/{self.rng.choice(mine)}", headers=headers)
+            request = pool.get(f"/v1/jobs/{self.rng.choice(mine)}", token)
         try:
-            async with answer as response:
-                body = await response.read()
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as e:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                answer = await pool.call(request)
+        except (OSError, ProtocolError, TimeoutError) as e:
             if measured:
                 _failed(self.outcome, type(e).__name__)
             return
-        if status == 201 and op == "submit":
-            mine.append(json.loads(body)["id"])
+        if answer.status == 201 and op == "submit":
+            mine.append(json.loads(answer.body)["id"])
         if not measured:
             return
-        if 200 <= status < 300:
+        if 200 <= answer.status < 300:
             self.outcome.latencies.append((time.monotonic() - due) * 1000)
         else:
-            _failed(self.outcome, f"HTTP {status} on {op}")
+            _failed(self.outcome, f"HTTP {answer.status} on {op}")
 
 
 def _generator(share: Share, pipe: Connection) -> None:
-    import aiohttp  # noqa: F401 - loaded before the start is given
     import uvloop
 
     os.nice(NICE)
@@ -210,33 +206,30 @@ class Flood:
 
 
 async def _flood(flood: Flood, start: float) -> dict[str, float]:
-    import aiohttp
-
     counts: dict[str, float] = {"ok": 0, "429": 0, "other": 0}
-    headers = {"Authorization": f"Bearer {flood.token}"}
-    connector = aiohttp.TCPConnector(limit=flood.connections, ssl=_context(flood.ca))
+    pool = Pool(flood.url, _context(flood.ca), flood.connections, KEEP_IDLE)
+    request = pool.get(LIST, flood.token)
     end = start + flood.seconds
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     began = _cpu_now()
 
-    async def hammer(session: aiohttp.ClientSession) -> None:
+    async def hammer() -> None:
         while time.monotonic() < end:
             try:
-                async with session.get(f"{flood.url}{LIST}", headers=headers) as response:
-                    await response.read()
-                    key = "ok" if response.status == 200 else "429" if response.status == 429 else "other"
-            except (aiohttp.ClientError, TimeoutError):
+                async with asyncio.timeout(CALL_TIMEOUT):
+                    status = (await pool.call(request)).status
+                key = "ok" if status == 200 else "429" if status == 429 else "other"
+            except (OSError, ProtocolError, TimeoutError):
                 key = "other"
             counts[key] += 1
 
-    async with aiohttp.ClientSession(connector=connector) as session:
-        await asyncio.gather(*(hammer(session) for _ in range(flood.connections)))
+    await asyncio.gather(*(hammer() for _ in range(flood.connections)))
+    pool.close()
     counts["cpu"] = _cpu_now() - began
     return counts
 
 
 def _flooder(flood: Flood, pipe: Connection) -> None:
-    import aiohttp  # noqa: F401 - loaded before the start is given
     import uvloop
 
     os.nice(NICE)
