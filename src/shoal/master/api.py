@@ -189,12 +189,12 @@ def _routes(app: FastAPI, run_as: RunAs) -> None:
     app.get("/v1/jobs/{job_id}", response_model=JobView)(view_job)
 
     @app.post("/v1/jobs/{job_id}/kill", response_model=JobView)
-    async def kill(job_id: int, master: MasterDep, caller: Annotated[Caller, Depends(writer)]) -> JobView:
+    async def kill(job_id: int, master: MasterDep, caller: Annotated[Caller, Depends(writer)]) -> Response:
         view = view_of(master, caller, job_id)
         if not caller.may_change(view.owner):
             raise Forbidden(f"a {caller.role.value} token cannot kill job {job_id}")
         await master.request(lambda req, now: KillJob(req, job_id, now))
-        return view_of(master, caller, job_id)
+        return Response(view_of(master, caller, job_id).model_dump_json(), media_type="application/json")
 
     @app.get("/v1/tasks/{task_id}", response_model=TaskRecord)
     async def task(task_id: str, master: MasterDep, caller: CallerDep) -> TaskRecord:
