@@ -135,7 +135,7 @@ class Generator:
         """Send the calls from `start` (time.monotonic(), the same clock in every process)."""
         share, outcome = self.share, self.outcome
         ops, weights = list(share.mix), list(share.mix.values())
-        pool = Pool(share.url, _context(share.ca), POOL, KEEP_IDLE)
+        pool = Pool(share.url, _context(share.ca) or None, POOL, KEEP_IDLE)
         due = start
         self.measured_from = start + share.warmup
         end = self.measured_from + share.duration
@@ -207,7 +207,7 @@ class Flood:
 
 async def _flood(flood: Flood, start: float) -> dict[str, float]:
     counts: dict[str, float] = {"ok": 0, "429": 0, "other": 0}
-    pool = Pool(flood.url, _context(flood.ca), flood.connections, KEEP_IDLE)
+    pool = Pool(flood.url, _context(flood.ca) or None, flood.connections, KEEP_IDLE)
     request = pool.get(LIST, flood.token)
     end = start + flood.seconds
     await asyncio.sleep(max(0.0, start - time.monotonic()))

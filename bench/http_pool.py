@@ -39,21 +39,21 @@ class _Connection:
         self.writer.write(request)
         try:
             head = await self.reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as e:
-            raise ProtocolError("the connection closed before an answer") from e
-        lines = head.lower().split(b"\r\n")
-        status = int(lines[0][9:12])
-        length = None
-        again = True
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"connection" and b"close" in value:
-                again = False
-        if length is None:
-            raise ProtocolError(f"an answer {status} without Content-Length")
-        body = await self.reader.readexactly(length) if length else b""
+            lines = head.lower().split(b"\r\n")
+            status = int(lines[0][9:12])
+            length = None
+            again = True
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"connection" and b"close" in value:
+                    again = False
+            if length is None:
+                raise ProtocolError(f"an answer {status} without Content-Length")
+            body = await self.reader.readexactly(length) if length else b""
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+            raise ProtocolError(f"an answer cut short or not HTTP/1.1: {e}") from e
         return Answer(status, body), again
 
     def close(self) -> None:
@@ -65,6 +65,7 @@ class Pool:
     `keep_idle` seconds is closed rather than used (the server may be closing it)."""
 
     def __init__(self, url: str, context: ssl.SSLContext | None, size: int, keep_idle: float) -> None:
+        """`context`: None for plain HTTP."""
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -105,7 +106,7 @@ class Pool:
         now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()  # the most recently used: the least likely closed
-            if now - connection.idle_since < self.keep_idle:
+            if now - connection.idle_since < self.keep_idle and not connection.reader.at_eof():
                 return connection
             connection.close()
         reader, writer = await asyncio.open_connection(

@@ -8,9 +8,11 @@ A master alone (no agents) on 127.0.0.1, started as `shoal master` is. The chang
 users make: jobs of `--tasks` tasks submitted and then killed, each pair a job and its tasks
 made, then its tasks killed and the job with them (2 x (tasks + 1) changes, so many pairs a
 second make `--rate` changes). Nothing places them (no node): the bench measures the stream,
-not placement.
+not placement. They come from a niced process of their own, through bench/http_pool.py's
+lean client: the changes' load stands for other machines too.
 
-The subscribers, all following every topic from the same moment on, are spread over
+The subscribers, all following every topic from the same moment on with the admin token
+(the master's `streams_per_caller` raised to their number), are spread over
 `--procs` processes (asyncio and aiohttp), niced: they stand for other machines. They do not
 parse every event: each counts the frames in what it reads (`id:` lines), and reads the
 index and the master's time (`at`) of the first and last frame of each read, so the lag
@@ -47,6 +49,7 @@ from typing import Any
 import httpx
 import numpy as np
 import psutil
+from http_pool import Pool, ProtocolError
 
 from shoal.testing.live import LiveCluster
 
@@ -172,35 +175,47 @@ async def _load(load: Load) -> tuple[int, list[str]]:
     """Submit and kill jobs at `pairs_per_s`, open loop; the pairs made and the errors."""
     errors: list[str] = []
     made = 0
-    headers = {"Authorization": f"Bearer {load.token}"}
     job = {"name": "churn", "command": ["true"], "count": load.tasks, "resources": {"cpus": 0.1, "mem": 16}}
-    async with httpx.AsyncClient(
-        base_url=load.url, headers=headers, verify=_context(load.ca), timeout=30
-    ) as http:
+    # As many connections kept as calls in flight: none is made again (a TLS handshake each).
+    pool = Pool(load.url, _context(load.ca) or None, size=1024, keep_idle=2.0)
+    submission = pool.post("/v1/jobs", load.token, json.dumps(job).encode())
 
-        async def pair() -> None:
-            nonlocal made
-            try:
-                submitted = await http.post("/v1/jobs", json=job)
-                submitted.raise_for_status()
-                killed = await http.post(f"/v1/jobs/{submitted.json()['id']}/kill")
-                killed.raise_for_status()
-                made += 1
-            except httpx.HTTPError as e:
-                errors.append(f"{type(e).__name__}: {e}")
+    async def pair() -> None:
+        nonlocal made
+        try:
+            submitted = await pool.call(submission)
+            if submitted.status != 201:
+                raise ProtocolError(f"submitting answered {submitted.status}: {submitted.body[:200]!r}")
+            job_id = json.loads(submitted.body)["id"]
+            killed = await pool.call(pool.post(f"/v1/jobs/{job_id}/kill", load.token, b""))
+            if killed.status != 200:
+                raise ProtocolError(f"killing answered {killed.status}: {killed.body[:200]!r}")
+            made += 1
+        except (OSError, ProtocolError) as e:
+            errors.append(f"{type(e).__name__}: {e}")
 
-        calls: set[asyncio.Task[None]] = set()
-        began = time.monotonic()
-        n = 0
-        while (due := began + n / load.pairs_per_s) < began + load.seconds:
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            call = asyncio.create_task(pair())
-            calls.add(call)
-            call.add_done_callback(calls.discard)
-            n += 1
-        if calls:
-            await asyncio.wait(calls)
+    calls: set[asyncio.Task[None]] = set()
+    began = time.monotonic()
+    n = 0
+    while (due := began + n / load.pairs_per_s) < began + load.seconds:
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        call = asyncio.create_task(pair())
+        calls.add(call)
+        call.add_done_callback(calls.discard)
+        n += 1
+    if calls:
+        await asyncio.wait(calls)
+    pool.close()
     return made, errors
+
+
+def _loader(load: Load, pipe: Connection) -> None:
+    import uvloop
+
+    os.nice(NICE)
+    pipe.send("ready")
+    pipe.recv()
+    pipe.send(uvloop.run(_load(load)))
 
 
 def _last_index(cluster: LiveCluster) -> int:
@@ -238,7 +253,14 @@ def main() -> int:
             agents=0,
             heartbeat_timeout=10,
             heartbeat_interval=1,
-            master_settings=dict(pair.split("=", 1) for pair in args.master),
+            # One token stands for every subscriber, and for the bench's reads of the newest
+            # index: its cap of streams is theirs together. It also makes all the changes, as
+            # many users would: no cap on its calls a second.
+            master_settings={
+                "streams_per_caller": str(args.subscribers + 1),
+                "rate_limit": "0",
+                **dict(pair.split("=", 1) for pair in args.master),
+            },
             tls=not args.plain,
         )
         try:
@@ -270,9 +292,15 @@ def main() -> int:
             cpu = sum(master.cpu_times()[:2])
             first = _last_index(cluster)
             load = Load(cluster.url, cluster.ca, cluster.admin_token, pairs_per_s, args.tasks, args.duration)
+            mine, theirs = spawn.Pipe()
+            loader = spawn.Process(target=_loader, args=(load, theirs))
+            loader.start()
+            mine.recv()  # ready
             began = time.monotonic()
-            made, errors = asyncio.run(_load(load))
+            mine.send("go")
+            made, errors = mine.recv()
             took = time.monotonic() - began
+            loader.join(30)
             last = _last_index(cluster)
             stop_at.value = last
             master_cpu = (sum(master.cpu_times()[:2]) - cpu) / took
