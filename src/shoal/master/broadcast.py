@@ -28,13 +28,17 @@ from typing import NamedTuple
 
 from shoal.master.events import Persist
 from shoal.master.ledger import Ledger
-from shoal.master.stream import EventLog, Filter, Gone, Known, record_changes
+from shoal.master.stream import Event, EventLog, Filter, Gone, Known, record_changes
 from shoal.shell.protocol import AuditRecord
 
 # Seconds at most between writes to a stream, so proxies keep it open and the client knows
 # where it stands (see above).
 KEEP_ALIVE = 15.0
-CHUNK = 1024  # events written at most at once
+CHUNK = 1024  # events looked at, at most, for one write
+# Bytes of frames one write holds at most (past the event that crosses it): a stream whose
+# client stopped reading pins its last write, so a write as large as the log would let a
+# few streams pin gigabytes.
+CHUNK_BYTES = 1 << 20
 # Seconds subscribers are woken apart, at least: a busy master dispatches hundreds of times
 # a second, and a write per dispatch per subscriber would cost more than the events.
 WAKE_EVERY = 0.05
@@ -102,16 +106,22 @@ class Broadcast:
         grew.set()
 
     def _chunk(self, cursor: int, which: Filter) -> _Chunk:
-        """The frames after `cursor` that `which` admits, `CHUNK` events looked at at most."""
+        """The frames after `cursor` that `which` admits, `CHUNK` events looked at and about
+        `CHUNK_BYTES` admitted at most."""
         key = (cursor, self.log.last, which)
         if (made := self._made.get(key)) is None:
-            events = list(islice(self.log.after(cursor), CHUNK))
             everything = which == EVERYTHING
-            admitted = [e for e in events if everything or which.admits(e)]
+            admitted: list[Event] = []
+            reached, size = cursor, 0
+            for event in islice(self.log.after(cursor), CHUNK):
+                reached = event.index
+                if everything or which.admits(event):
+                    admitted.append(event)
+                    size += len(event.frame)
+                    if size >= CHUNK_BYTES:
+                        break
             made = _Chunk(
-                b"".join(e.frame for e in admitted),
-                events[-1].index if events else cursor,
-                admitted[-1].index if admitted else None,
+                b"".join(e.frame for e in admitted), reached, admitted[-1].index if admitted else None
             )
             if len(self._made) < SHARED:  # a catch-up from far back is its own, not kept
                 self._made[key] = made
@@ -147,7 +157,7 @@ class Broadcast:
                 except Gone as e:
                     yield _gone(e)
                     return
-                more = chunk.reached - cursor == CHUNK  # more is there already
+                more = chunk.reached < self.log.last  # cut short: more is there already
                 cursor = chunk.reached
                 frames = chunk.frames
                 if chunk.last is not None:
