@@ -185,8 +185,9 @@ def _routes(app: FastAPI, run_as: RunAs) -> None:
         job_id = await master.request(lambda req, now: Submit(req, caller.name, spec, now, names))
         return Submitted(id=job_id)  # type: ignore[arg-type]
 
-    app.get("/v1/jobs", response_model=list[JobView])(list_jobs)
-    app.get("/v1/jobs/{job_id}", response_model=JobView)(view_job)
+    # Named as they were when their functions were: the operations' ids stay as they were.
+    app.get("/v1/jobs", response_model=list[JobView], name="jobs")(list_jobs)
+    app.get("/v1/jobs/{job_id}", response_model=JobView, name="job")(view_job)
 
     @app.post("/v1/jobs/{job_id}/kill", response_model=JobView)
     async def kill(job_id: int, master: MasterDep, caller: Annotated[Caller, Depends(writer)]) -> Response:

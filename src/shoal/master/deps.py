@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from starlette.requests import HTTPConnection
+from starlette.types import Scope
 
 from shoal.errors import Forbidden, ShoalError
 from shoal.master.server import Master, NotLeading
@@ -17,6 +18,7 @@ from shoal.model import Caller, Role
 from shoal.tls import NODE_UNIT
 
 AGENT = "agent"  # who the cluster token speaks for: any agent
+_CALLER = "caller"  # where a call's state keeps whom its token speaks for
 
 
 class Unauthorized(ShoalError):
@@ -41,9 +43,21 @@ async def master_of(request: Request) -> Master:
     return master
 
 
+def caller_in(scope: Scope) -> Caller | None:
+    """Whom the call's API token (its first Authorization header) speaks for; None for none,
+    or a token that is no API token or no longer good. Looked up once a call, whoever asks
+    (`FastReads`, then the route it passes the call on to)."""
+    state = scope.setdefault("state", {})  # what request.state reads and writes
+    if _CALLER not in state:
+        first = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        token = bearer(first.decode("latin-1"))
+        state[_CALLER] = scope["app"].state.tokens.caller(token) if token is not None else None
+    caller: Caller | None = state[_CALLER]
+    return caller
+
+
 async def caller_of(request: Request) -> Caller:
-    token = bearer(request.headers.get("authorization", ""))
-    caller = request.app.state.tokens.caller(token) if token is not None else None
+    caller = caller_in(request.scope)
     if caller is None:
         raise Unauthorized("a valid API token is required: Authorization: Bearer <token>")
     request.state.principal = caller  # whom the audit trail names

@@ -117,8 +117,9 @@ class Store(Protocol):
         ...
 
     def put_uses(self, entries: Mapping[str, TokenEntry]) -> None:
-        """Write when tokens were last used: each entry's `last_used` (its other fields are
-        as stored), in one transaction."""
+        """Write when tokens were last used: each entry's `last_used`, in one transaction.
+        The entries are the tokens as stored (a store may write them whole, as etcd's does:
+        the leader, the one writer, passes what it last read or wrote)."""
         ...
 
     def add_audit(self, *records: AuditRecord) -> int:
