@@ -73,12 +73,11 @@ class Broadcast:
             job = ledger.jobs.get(job_id)
             return job.owner if job is not None else None
 
-        self.learn(ledger)
         record_changes(self.log, changes, owner_of, time.time(), self.known)
 
     def learn(self, ledger: Ledger) -> None:
-        """Learn from the ledger what tags the events to come, at the first change or the
-        first subscriber, whichever comes first: no stream follows from an event before."""
+        """Learn from the ledger what tags the events to come: once, as the master takes
+        its ledger, before its first change (the first batch's events are tagged too)."""
         self.known.learn(ledger.jobs.values(), ledger.active_tasks())
 
     def offered(self, line: bytes) -> None:

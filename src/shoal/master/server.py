@@ -225,6 +225,7 @@ class Master:
         self.shell = ShellRelay(self._send_to, self.blob_access)
         self.streams: dict[int, asyncio.Queue[bytes | None]] = {}
         self.broadcast = Broadcast()  # GET /v1/stream
+        self.broadcast.learn(self.state.ledger)
         self._offer_timer: asyncio.TimerHandle | None = None
         # Blocking queries waiting on a service ("": on any), woken only by its changes.
         self._service_changes: dict[str, _Parked] = {}

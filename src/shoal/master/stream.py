@@ -167,8 +167,8 @@ class EventLog:
 class Known:
     """What the log knows of records beyond their events, to tag the events that follow:
     each job's owner (its removal is tagged with it) and the node each active task is on (a
-    task that leaves it is tagged with it). Learnt from the ledger once, when the log first
-    needs it (`learn`), kept up from the events after."""
+    task that leaves it is tagged with it). Learnt from the ledger once, as the master takes
+    it (`learn`), kept up from the events after."""
 
     owners: dict[int, str] = field(default_factory=dict)  # job id -> its owner, until removed
     on: dict[str, str] = field(default_factory=dict)  # active task id -> its node

@@ -64,7 +64,6 @@ async def stream(
             "`shoal events -f` holds one), or ask an admin to raise streams_per_caller",
             429,
         )
-    broadcast.learn(master.state.ledger)
     after = index if index is not None else last_event_id
     cursor = broadcast.log.last if after is None else after
     try:
