@@ -22,7 +22,9 @@ from shoal.testing.recorder import Recorder
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> HaCluster:
-    with ha_cluster(tmp_path_factory.mktemp("ha"), masters=3, agents=2) as c:
+    # Agents find a new leader and register there within a second or two; on a machine the
+    # whole suite loads, once not within the default 6 s of silence, and a task was lost.
+    with ha_cluster(tmp_path_factory.mktemp("ha"), masters=3, agents=2, heartbeat_timeout=10.0) as c:
         yield c
 
 
