@@ -97,9 +97,11 @@ def tune_collector() -> None:
     thresholds every burst of allocations (a 100,000-task array, a scheduling cycle) sets
     off full rescans of all of them, which doubled the time an array's submission held the
     event loop. What is loaded at start is frozen out of collection, and collections run
-    after 100,000 new objects rather than 700."""
+    after 20,000 new objects rather than 700. Not many more: a young generation of 100,000
+    took up to 77 ms to collect, a pause that at a thousand calls a second queued as many
+    calls and, in bench/api_load.py, tripled the p99 of the calls a flood did not slow."""
     gc.freeze()
-    gc.set_threshold(100_000, 50, 100)
+    gc.set_threshold(20_000, 50, 100)
 
 
 class Unavailable(ShoalError):
