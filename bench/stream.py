@@ -3,6 +3,7 @@ master makes `--rate` changes a second.
 
     python bench/stream.py                      # over TLS on loopback
     python bench/stream.py --plain
+    python bench/stream.py --identity           # the stream not compressed
 
 A master alone (no agents) on 127.0.0.1, started as `shoal master` is. The changes are what
 users make: jobs of `--tasks` tasks submitted and then killed, each pair a job and its tasks
@@ -13,7 +14,9 @@ lean client: the changes' load stands for other machines too.
 
 The subscribers, all following every topic from the same moment on with the admin token
 (the master's `streams_per_caller` raised to their number), are spread over
-`--procs` processes (asyncio and aiohttp), niced: they stand for other machines. They do not
+`--procs` processes (asyncio and aiohttp), niced: they stand for other machines. They take
+the stream deflated, as aiohttp, httpx and browsers ask by default (`--identity`: as sent
+to a client that does not). They do not
 parse every event: each counts the frames in what it reads (`id:` lines), and reads the
 index and the master's time (`at`) of the first and last frame of each read, so the lag
 (read time - the time the master made the change, one clock) is sampled at the oldest and
@@ -22,7 +25,7 @@ newest event of every read, the worst and the best.
 Once the load is over, each subscriber reads on until it has the master's last index (for
 `GIVE_UP` seconds at most). `delivered_all`: every subscriber read every index from its
 first to the master's last, once (no frame missed, none twice, no `gone`). Prints one JSON line last: tls,
-subscribers, offered_rate (changes a second the load asked for), changes_per_s (made, by
+encoding, subscribers, offered_rate (changes a second the load asked for), changes_per_s (made, by
 the master's index over the measured seconds), delivered_all, lag_p50_ms, lag_p99_ms,
 master_cpu (cores), sub_cpu (the busiest subscriber process's share of a core).
 Goals: delivered_all true and lag_p99_ms <= 1000 with 100 subscribers at 5,000 changes a
@@ -67,6 +70,7 @@ class Follow:
     ca: str | None
     token: str
     streams: int
+    encoding: str  # what the subscribers accept: "deflate" or "identity"
 
 
 @dataclass(slots=True)
@@ -99,9 +103,10 @@ def _frame_fields(frame: bytes) -> tuple[int, float]:
 async def _subscriber(session: object, follow: Follow, stop_at: Any) -> Seen:
     """Read until the index in `stop_at` (0 until the load is over) is had."""
     seen = Seen()
-    headers = {"Authorization": f"Bearer {follow.token}"}
+    headers = {"Authorization": f"Bearer {follow.token}", "Accept-Encoding": follow.encoding}
     async with session.get(f"{follow.url}/v1/stream", headers=headers) as response:  # type: ignore[attr-defined]
         assert response.status == 200, response.status
+        assert response.headers.get("Content-Encoding", "identity") == follow.encoding
         pending = b""
         give_up = None
         while not (stop_at.value and seen.last >= stop_at.value):
@@ -239,11 +244,13 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of load")
     parser.add_argument("--procs", type=int, default=4, help="subscriber processes")
     parser.add_argument("--plain", action="store_true", help="plain HTTP instead of TLS")
+    parser.add_argument("--identity", action="store_true", help="subscribers that take no compression")
     parser.add_argument("--master", action="append", default=[], help="a master setting, KEY=VALUE")
     args = parser.parse_args()
     pairs_per_s = args.rate / (args.tasks + PAIR)
     figures: dict[str, object] = {
         "tls": not args.plain,
+        "encoding": "identity" if args.identity else "deflate",
         "subscribers": args.subscribers,
         "offered_rate": args.rate,
     }
@@ -274,7 +281,7 @@ def main() -> int:
             jobs = []
             for streams in filter(None, shares):
                 mine, theirs = spawn.Pipe()
-                follow = Follow(cluster.url, cluster.ca, cluster.admin_token, streams)
+                follow = Follow(cluster.url, cluster.ca, cluster.admin_token, streams, figures["encoding"])
                 jobs.append((spawn.Process(target=_follower, args=(follow, stop_at, theirs)), mine))
             for process, _ in jobs:
                 process.start()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 
 import httpx
@@ -249,3 +250,70 @@ def test_a_user_sees_their_own_jobs_removed_and_no_one_elses(lean: LiveCluster) 
     events = follower.wait_for(lambda events: any(e.type == "removed" and e.job == mine for e in events))
     follower.close()
     assert theirs not in {e.job for e in events}
+
+
+def _frames(body: bytes) -> list[bytes]:
+    return [f for f in body.split(b"\n\n") if f.startswith(b"id: ")]
+
+
+def _read_whole(body: Iterator[bytes], into: list[bytes]) -> threading.Thread:
+    """Reads what is left of `body` on a thread, until it ends."""
+
+    def read() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            into.extend(body)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_stream_is_sent_deflated_to_whom_takes_it_and_ends_as_a_whole_zlib_stream(
+    lean: LiveCluster,
+) -> None:
+    with lean.client() as admin:
+        made = admin.create_token("frank", Role.USER)
+    url = f"{lean.url}/v1/stream"
+    with httpx.Client(timeout=WAIT) as http:
+
+        def follow(encoding: str, **params: int) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {made.token}", "Accept-Encoding": encoding}
+            return http.send(http.build_request("GET", url, headers=headers, params=params), stream=True)
+
+        plain = follow("identity")
+        plain_raw = plain.iter_raw()  # as it came, not decoded
+        head = next(plain_raw)  # ": following from <index>"
+        since = int(head.split()[-1])
+        squeezed = follow("gzip;q=0.5, deflate", index=since)
+        assert "content-encoding" not in plain.headers and plain.headers["vary"] == "Accept-Encoding"
+        assert squeezed.headers["content-encoding"] == "deflate"
+        plain_body, squeezed_body = [head], []
+        readers = [_read_whole(plain_raw, plain_body), _read_whole(squeezed.iter_raw(), squeezed_body)]
+        with lean.client(made.token) as frank:
+            job = frank.submit(JobSpec(name="franks", command=["true"], count=3))
+            frank.kill(job)
+        record = f'"record":{{"id":{job},'.encode()
+
+        def killed(body: bytes) -> bool:  # the job's last change is in
+            return any(record in f and b'"killed":true' in f for f in _frames(body))
+
+        deadline = time.monotonic() + WAIT
+        while not (
+            killed(b"".join(plain_body)) and killed(zlib.decompressobj().decompress(b"".join(squeezed_body)))
+        ):
+            assert time.monotonic() < deadline, "the streams did not bring the job's kill"
+            time.sleep(0.05)
+        with lean.client() as admin:
+            admin.revoke_token(made.id)  # both streams end, as a whole
+            admin.submit(JobSpec(name="after", command=["true"]))  # the streams wake: not frank's
+        for reader in readers:
+            reader.join(WAIT)
+            assert not reader.is_alive(), "the stream went on after its token was revoked"
+        plain.close()
+        squeezed.close()
+    inflater = zlib.decompressobj()
+    inflated = inflater.decompress(b"".join(squeezed_body))
+    assert inflater.eof and not inflater.unused_data, "the deflated stream did not end as a whole"
+    seen = _frames(inflated)
+    assert seen == _frames(b"".join(plain_body))
+    assert sum(f'"job":{job}'.encode() in f for f in seen) >= 1 + 3 + 1  # made, its tasks killed, killed

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Iterable
 from itertools import islice
 from typing import NamedTuple
 
+from shoal.master.deflate import Piece, squeeze
 from shoal.master.events import Persist
 from shoal.master.ledger import Ledger
 from shoal.master.stream import Event, EventLog, Filter, Gone, Known, record_changes
@@ -67,6 +68,9 @@ class Broadcast:
         # (index, newest index, filter) -> the chunk. Emptied at each wake, when the newest
         # index moves on.
         self._made: dict[tuple[int, int, Filter], _Chunk] = {}
+        # The same chunks compressed, for the streams that take them so (shoal.master.deflate):
+        # frames -> their piece, emptied at each wake as well.
+        self._pieces: dict[bytes, Piece] = {}
 
     def changed(self, changes: Persist, ledger: Ledger) -> None:
         def owner_of(job_id: int) -> str | None:
@@ -101,6 +105,7 @@ class Broadcast:
         self._waking = None
         self._told = self.log.last
         self._made.clear()
+        self._pieces.clear()
         grew, self._grew = self._grew, asyncio.Event()
         grew.set()
 
@@ -125,6 +130,14 @@ class Broadcast:
             if len(self._made) < SHARED:  # a catch-up from far back is its own, not kept
                 self._made[key] = made
         return made
+
+    def piece_of(self, frames: bytes) -> Piece:
+        """`frames` compressed: once for every stream that is sent them between two wakes."""
+        if (piece := self._pieces.get(frames)) is None:
+            piece = squeeze(frames)
+            if len(self._pieces) < SHARED:
+                self._pieces[frames] = piece
+        return piece
 
     def close(self) -> None:
         """This master stops serving: every stream ends (the client follows the leader)."""

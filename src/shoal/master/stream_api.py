@@ -3,7 +3,9 @@
 A client starts from now, or resumes after an index (`Last-Event-ID`, as browsers'
 EventSource send it, or `?index=`); an index the log no longer holds is answered 410 before
 anything is streamed. A master serves `SUBSCRIBERS` streams at most (503 past them), one
-token name `streams_per_caller` of them (429).
+token name `streams_per_caller` of them (429). A client that takes `deflate` (browsers,
+httpx, aiohttp, `curl --compressed`) is sent the stream compressed, each chunk compressed
+once for every stream it goes to (shoal.master.deflate).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from shoal.errors import Forbidden, SpecError
+from shoal.master.deflate import accepts_deflate, deflating
 from shoal.master.deps import CallerDep, MasterDep, while_token_holds
 from shoal.master.stream import Filter, Gone
 from shoal.model import Role
@@ -81,8 +84,9 @@ async def stream(
         node=node,
         user=caller.name if caller.role is Role.USER else None,
     )
-    return StreamingResponse(
-        while_token_holds(request, broadcast.follow(cursor, which, caller.name)),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    frames = while_token_holds(request, broadcast.follow(cursor, which, caller.name))
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Vary": "Accept-Encoding"}
+    if accepts_deflate(request.headers.get("accept-encoding", "")):
+        frames = deflating(frames, broadcast.piece_of)
+        headers["Content-Encoding"] = "deflate"
+    return StreamingResponse(frames, media_type="text/event-stream", headers=headers)
