@@ -17,7 +17,7 @@ The subscribers, all following every topic from the same moment on with the admi
 `--procs` processes (asyncio and aiohttp), niced: they stand for other machines. They take
 the stream deflated, as aiohttp, httpx and browsers ask by default (`--identity`: as sent
 to a client that does not). They do not
-parse every event: each counts the frames in what it reads (`id:` lines), and reads the
+parse every event: each counts the frames in what it reads (`data:` lines), and reads the
 index and the master's time (`at`) of the first and last frame of each read, so the lag
 (read time - the time the master made the change, one clock) is sampled at the oldest and
 newest event of every read, the worst and the best.
@@ -129,12 +129,11 @@ async def _subscriber(session: object, follow: Follow, stop_at: Any) -> Seen:
             if b"event: gone" in whole:
                 seen.gone = True
                 break
-            count = whole.count(b"\nid: ") + whole.startswith(b"id: ")
+            count = whole.count(b"\ndata: ")  # an event's frame has one data line, a keep-alive none
             if not count:
-                continue  # comments only
-            start = whole.find(b"id: ")
-            first, first_at = _frame_fields(whole[start:])
-            last, last_at = _frame_fields(whole[whole.rfind(b"id: ") :])
+                continue  # keep-alives only
+            first, first_at = _frame_fields(whole[whole.find(b"\ndata: ") :])
+            last, last_at = _frame_fields(whole[whole.rfind(b"\ndata: ") :])
             if seen.frames == 0:
                 seen.first = first
             seen.frames += count

@@ -10,14 +10,18 @@ import asyncio
 import collections
 import contextlib
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shoal.config import MasterSettings
 from shoal.master import broadcast
 from shoal.master.broadcast import Broadcast
 from shoal.master.events import Persist
+from shoal.master.opening import open_master
+from shoal.master.store.sqlite import SqliteStore
 from shoal.master.stream import PUBLIC, EventLog, Filter, Gone, Known, record_changes
 from shoal.model import JobRecord, JobSpec, TaskRecord, TaskState
 from shoal.sse import TOPICS, events
@@ -164,6 +168,16 @@ def _job(job_id: int, owner: str) -> JobRecord:
     return JobRecord(id=job_id, owner=owner, spec=JobSpec(command=["true"]), submitted_at=0.0)
 
 
+def test_a_master_taking_its_ledger_knows_what_tags_its_first_events(tmp_path: Path) -> None:
+    """A master that starts, or takes over, on a ledger learns its jobs' owners and its active
+    tasks' nodes before its first change: the first batch's events are tagged as any other."""
+    settings = MasterSettings(state_dir=tmp_path, insecure=True)
+    running = TaskRecord(id="7.0", job_id=7, index=0, state=TaskState.RUNNING, node="n4")
+    SqliteStore(tmp_path / "shoal.db").apply(Persist(jobs=(_job(7, "alice"),), tasks=(running,)))
+    known = open_master(settings).broadcast.known
+    assert known.owners == {7: "alice"} and known.on == {"7.0": "n4"}
+
+
 def test_a_user_sees_their_own_jobs_removed_and_no_one_elses() -> None:
     log, known = EventLog(base=BASE), Known()
     known.learn([_job(1, "alice"), _job(2, "bob")], [])  # in the ledger before the log began
@@ -187,7 +201,8 @@ def test_filters_by_topic_job_and_node() -> None:
 
 def _follow_while_busy(which: Filter, seconds: float, log: EventLog | None = None) -> tuple[list[int], int]:
     """The indexes a stream said it stands after (its head's and its keep-alives') while a
-    busy master appended events the filter does not admit, and the master's last index."""
+    busy master appended events the filter does not admit, and the master's last index. Any
+    server-sent-events reader hears them: each is an `id:` as well as a comment."""
 
     async def scenario() -> tuple[list[int], int]:
         hub = Broadcast()
@@ -197,8 +212,10 @@ def _follow_while_busy(which: Filter, seconds: float, log: EventLog | None = Non
 
         async def read() -> None:
             async for chunk in frames:
-                lines = chunk.decode().splitlines()
+                lines, before = chunk.decode().splitlines(), len(told)
                 assert not list(events(lines, told.append)), "an event the filter does not admit"
+                ids = [int(line.removeprefix("id: ")) for line in lines if line.startswith("id: ")]
+                assert ids == told[before:]
 
         reader = asyncio.create_task(read())
         loop = asyncio.get_running_loop()

@@ -7,11 +7,12 @@ one costs no memory: it falls behind, and once the log no longer holds the index
 at, it is sent a `gone` event saying so and its stream ends (the client lists afresh and
 follows from the index given).
 
-A subscriber also hears where its stream stands, in the comment its stream began with
-(`: following from <index>`): when nothing was written to it for `KEEP_ALIVE` seconds, quiet
-master or busy one whose events it does not want, and when the index it would resume after
-is in the older half of what the log holds. A filtered stream that reconnects resumes from
-there, not from its last event, which the log may have let go meanwhile.
+A subscriber also hears where its stream stands, in the frame its stream began with
+(`: following from <index>` and `id: <index>`, no data): when nothing was written to it
+for `KEEP_ALIVE` seconds, quiet master or busy one whose events it does not want, and when
+the index it would resume after is in the older half of what the log holds. A filtered
+stream that reconnects resumes from there, not from its last event, which the log may have
+let go meanwhile.
 """
 
 from __future__ import annotations
@@ -210,7 +211,9 @@ class _Seat:
 
 
 def _following(index: int) -> bytes:
-    return b": following from %d\n\n" % index
+    # The comment for readers of shoal.sse and the dashboard; the id, with no data, for any
+    # other: a server-sent-events reader sets its last event id from it, dispatching nothing.
+    return b": following from %d\nid: %d\n\n" % (index, index)
 
 
 def _gone(e: Gone) -> bytes:
