@@ -204,6 +204,30 @@ def test_a_job_from_the_cli_appears_and_finishes_without_a_reload(page: Page, cl
     page.shot("job-page")
 
 
+def test_the_jobs_page_lists_the_state_owner_and_queue_asked(page: Page, cluster: LiveCluster) -> None:
+    with cluster.client() as c:
+        waiting = c.submit(JobSpec(name="sifted-waits", command="true", constraints=["rack == r9"]))
+        done = c.submit(JobSpec(name="sifted-done", command="true", resources={"cpus": 0.5}))
+        wait_for(lambda: c.job(done).state is JobState.COMPLETE, what="a job complete")
+    names = "#rows tr td:nth-child(2)"
+    page.log_in(cluster.admin_token)
+    try:
+        for query, shown in [
+            ("state=pending&owner=admin&q=sifted", ["sifted-waits"]),
+            ("state=complete&queue=default&q=sifted", ["sifted-done"]),
+            ("state=complete&owner=nobody", []),
+        ]:
+            page.open(f"#/jobs?{query}")
+            page.until(
+                lambda d, shown=shown: [r.text for r in d.find_elements(By.CSS_SELECTOR, names)] == shown,
+                query,
+            )
+        page.shot("sifted")
+    finally:
+        with cluster.client() as c:
+            c.kill(waiting)
+
+
 def test_a_waiting_job_says_why(page: Page, cluster: LiveCluster) -> None:
     with cluster.client() as c:
         job = c.submit(JobSpec(name="nowhere", command="true", constraints=["rack == r9"]))
@@ -340,3 +364,31 @@ def test_queues_say_what_each_holds_and_what_waits(cluster: LiveCluster) -> None
     assert (default["configured"], default["order"], default["weight"]) == (True, "priority", 1.0)
     theirs = next(q for q in as_user if q["name"] == "default")
     assert theirs["running"] == 1 and theirs["users"] == []  # the totals, but not who holds them
+
+
+def test_a_refused_stream_says_why_on_the_page_and_goes_live_once_it_may(
+    page: Page, cluster: LiveCluster
+) -> None:
+    token = _token(cluster, "ui-crowded", Role.USER)
+    with httpx.Client(timeout=WAIT, limits=httpx.Limits(max_connections=None)) as http:
+        held = []
+        for _ in range(64):  # the master's streams_per_caller: the page's own is one too many
+            request = http.build_request(
+                "GET", f"{cluster.url}/v1/stream", headers={"Authorization": f"Bearer {token}"}
+            )
+            held.append(http.send(request, stream=True))
+        assert all(r.status_code == 200 for r in held)
+        page.log_in(token)
+        page.until(lambda d: "ui-crowded holds 64 streams" in page.text("#live-why"), "the refusal's reason")
+        assert "trying again" in page.text("#live-why")
+        assert page.driver.execute_script("return document.getElementById('live').dataset.state") == "lost"
+        page.shot("refused")
+        for response in held:
+            response.close()
+    page.until(
+        lambda d: d.execute_script("return document.getElementById('live').dataset.state") == "live", "live"
+    )
+    assert page.text("#live-why") == ""
+    # The browser logs each refused fetch as an error of its own: those alone are expected.
+    refused = page.console_errors()
+    assert refused and all("429" in e["message"] for e in refused)

@@ -28,13 +28,30 @@ export function parseFrame(block) {
   return { event, id, data: data.join("\n") };
 }
 
+// The header's dot: the stream live, or lost and why (the master's reason when it refused
+// the stream, as past streams_per_caller), with when it is tried again.
+function showState(state, why = "") {
+  const dot = document.getElementById("live");
+  const note = document.getElementById("live-why");
+  if (dot) {
+    dot.dataset.state = state;
+    dot.title = `the event stream: ${why || state}`;
+  }
+  if (note) note.textContent = why;
+}
+
+const lostWhy = (error, wait) => {
+  const again = `trying again in ${wait / 1000} s`;
+  return error.status ? `${error.message}; ${again}` : `connection lost; ${again}`;
+};
+
 // Follow the stream until `signal` aborts. `onEvents(list)` gets each batch of events as it
 // arrives; `onReset()` is called when events may have been missed (the master no longer holds
 // the index asked for, or another master leads now): the page lists afresh. A lost connection
 // is followed again after the last index had, so nothing is missed or seen twice.
 // Returns a promise that settles once the first connection answered: a page that lists after
 // it misses no change made in between.
-export function follow({ topics = [], job = null, node = null, signal, onEvents, onReset = () => {}, onState = () => {} }) {
+export function follow({ topics = [], job = null, node = null, signal, onEvents, onReset = () => {} }) {
   let opened;
   const ready = new Promise((resolve) => (opened = resolve));
   let index = null; // the last index had (or the one the stream began after)
@@ -78,6 +95,7 @@ export function follow({ topics = [], job = null, node = null, signal, onEvents,
     }
   };
   (async () => {
+    let lost = null; // what ended the last try, if it failed
     for (let failures = 0; !signal.aborted; ) {
       try {
         const response = await fetch(url(), { headers: headers(), signal, cache: "no-store" });
@@ -88,16 +106,19 @@ export function follow({ topics = [], job = null, node = null, signal, onEvents,
         }
         await check(response);
         opened();
-        onState("live");
+        showState("live");
         failures = 0;
         await read(response);
+        lost = null;
       } catch (error) {
         if (signal.aborted || error.status === 401 || error.status === 403) break;
         failures += 1;
+        lost = error;
       }
       opened();
-      onState("lost");
-      await sleep(BACKOFF[Math.min(failures, BACKOFF.length - 1)], signal);
+      const wait = BACKOFF[Math.min(failures, BACKOFF.length - 1)];
+      showState("lost", lostWhy(lost ?? {}, wait));
+      await sleep(wait, signal);
     }
     opened();
   })();

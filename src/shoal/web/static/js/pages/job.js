@@ -158,7 +158,6 @@ export async function mount(main, { args, query, me, signal }) {
     job: id,
     signal,
     onReset: reload,
-    onState: (state) => ($("#live").dataset.state = state),
     onEvents: (events) => {
       for (const { topic, type, record } of events) {
         if (topic === "jobs" && type === "removed") toast(`job ${id} is gone: it ended past the retention`, "info");

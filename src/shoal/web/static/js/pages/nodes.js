@@ -173,7 +173,6 @@ export async function mount(main, { me, query, signal }) {
     topics: ["nodes"],
     signal,
     onReset: relist,
-    onState: (state) => ($("#live").dataset.state = state),
     onEvents: (events) => {
       for (const { type, record } of events) {
         const old = record?.info && nodes.get(record.info.name);

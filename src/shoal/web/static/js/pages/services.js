@@ -63,7 +63,6 @@ export async function mount(main, { signal }) {
     signal,
     onReset: relist,
     onEvents: relist,
-    onState: (state) => ($("#live").dataset.state = state),
   });
   await list();
   rendered("services");
