@@ -185,6 +185,28 @@ def test_a_user_reads_their_own_jobs_and_no_one_elses_on_the_fast_path(api: Api)
     assert len(everyone) == 5
 
 
+def test_a_listing_holds_the_jobs_of_the_state_owner_and_queue_asked(api: Api) -> None:
+    def listed(query: str, who: str = "admin") -> list[int]:
+        answer = api.call("GET", f"/v1/jobs?{query}", api.tokens[who])
+        assert answer.status == 200, answer.body
+        return [job["id"] for job in json.loads(answer.body)]
+
+    everyone = api.jobs["bob"][::-1] + api.jobs["alice"][::-1]  # newest first; none placed: no node
+    assert listed("state=pending") == listed("queue=default") == everyone
+    assert listed("state=running") == listed("queue=batch") == []
+    assert listed("owner=alice&state=pending&limit=2&offset=1") == api.jobs["alice"][::-1][1:3]
+    assert listed("owner=bob", "bob") == listed("state=pending", "bob") == api.jobs["bob"][::-1]
+    theirs = api.call("GET", "/v1/jobs?owner=alice", api.tokens["bob"])
+    assert theirs.status == 403 and b"owner=bob" in theirs.body
+    for query, field in [
+        ("state=done", b"state"),
+        ("queue=Batch", b"queue"),
+        ("owner=" + "x" * 65, b"owner"),
+    ]:
+        refused = api.call("GET", f"/v1/jobs?{query}", ADMIN)
+        assert refused.status == 422 and field in refused.body
+
+
 @pytest.mark.parametrize(
     ("query", "page"),
     [

@@ -1,14 +1,18 @@
 """The owners' index lists each owner's jobs newest first, as a walk through every job
 would, while jobs come and go (pruned) between its reads; a kept summary is the one made
-afresh, whatever changed since it was kept."""
+afresh, whatever changed since it was kept; a page asked of an owner, a state and a queue
+is that page of the summaries that match, made afresh."""
 
 from __future__ import annotations
+
+import json
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shoal.master.listings import Owners, Summaries
-from shoal.model import JobRecord, JobSpec, TaskRecord, TaskState
+from shoal.master.ledger import Ledger
+from shoal.master.listings import JobQuery, Listings, Owners, Summaries
+from shoal.model import JobRecord, JobSpec, JobState, TaskRecord, TaskState
 from shoal.views import JobView
 
 OWNERS = ["alice", "bob", "carol"]
@@ -95,3 +99,44 @@ def test_a_large_job_killed_once_all_its_tasks_ended_is_summarized_afresh() -> N
     assert b'"state":"complete"' in summaries.encoded({1: job}, job, tasks)
     job.killed = True  # the same counts of states: only the kill tells the summaries apart
     assert b'"state":"killed"' in summaries.encoded({1: job}, job, tasks)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(OWNERS),
+            st.sampled_from(["default", "batch"]),
+            st.lists(st.sampled_from(list(TaskState)), min_size=1, max_size=3),  # its tasks' states
+            st.booleans(),  # killed
+        ),
+        max_size=25,
+    ),
+    st.lists(
+        st.tuples(
+            st.sampled_from([None, *OWNERS]),
+            st.sampled_from([None, *JobState]),
+            st.sampled_from([None, "default", "batch", "none"]),
+            st.integers(0, 12),  # offset
+            st.integers(1, 12),  # limit
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+)
+def test_a_filtered_page_is_that_page_of_the_matching_summaries_made_afresh(jobs: list, asks: list) -> None:
+    records, tasks = [], []
+    for i, (owner, queue, states, killed) in enumerate(jobs, start=1):
+        spec = SPEC.model_copy(update={"queue": queue, "count": len(states)})
+        records.append(JobRecord(id=i, owner=owner, spec=spec, submitted_at=i, killed=killed))
+        tasks += [TaskRecord(id=f"{i}.{t}", job_id=i, index=t, state=s) for t, s in enumerate(states)]
+    ledger = Ledger(jobs=records, tasks=tasks)
+    listings = Listings()
+    for owner, state, queue, offset, limit in asks:
+        summaries = [JobView.summary(job, ledger.tasks_of(job.id)) for job in reversed(records)]
+        matching = [
+            v.model_dump(mode="json")
+            for v in summaries
+            if owner in (None, v.owner) and state in (None, v.state) and queue in (None, v.spec.queue)
+        ]
+        page = listings.page(ledger, JobQuery(owner, state, queue), offset, limit)
+        assert json.loads(page) == matching[offset : offset + limit]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -149,6 +150,10 @@ def test_bad_input_auth_and_ownership(own: LiveCluster) -> None:
 
     cli = cluster.cli("kill", str(job), token=bob)
     assert cli.returncode == 2 and "belongs to another user" in cli.stderr
+    listed = cluster.cli("jobs", "--state", "killed", "--owner", "alice", "--json")
+    assert [j["id"] for j in json.loads(listed.stdout)] == [job]
+    theirs = cluster.cli("jobs", "--owner", "alice", token=bob)
+    assert theirs.returncode == 2 and "owner=bob" in theirs.stderr
 
 
 def test_concurrent_submissions_are_each_acknowledged_once(own: LiveCluster) -> None:

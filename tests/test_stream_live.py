@@ -21,7 +21,7 @@ import pytest
 from shoal.client import ApiError
 from shoal.errors import ShoalError
 from shoal.model import JobSpec, Role
-from shoal.sse import StreamEvent
+from shoal.sse import FOLLOWING, StreamEvent
 from shoal.testing.live import LiveCluster, live_cluster
 
 WAIT = 30.0  # seconds a stream may take to bring what a test waits for
@@ -83,6 +83,13 @@ class Follower:
         self.client.close()
 
 
+def _newest_index(cluster: LiveCluster) -> int:
+    """The master's newest index, as a stream from now says first."""
+    headers = {"Authorization": f"Bearer {cluster.admin_token}"}
+    with httpx.stream("GET", f"{cluster.url}/v1/stream", headers=headers, timeout=WAIT) as response:
+        return int(next(response.iter_lines()).removeprefix(FOLLOWING))
+
+
 def _finished(job_id: int, tasks: int = 1) -> object:
     def enough(events: list[StreamEvent]) -> bool:
         done = {
@@ -111,8 +118,9 @@ def test_a_user_stream_carries_only_their_own_jobs(cluster: LiveCluster) -> None
 def test_a_subscriber_that_reconnects_from_its_last_index_misses_none_and_sees_none_twice(
     cluster: LiveCluster,
 ) -> None:
-    whole = Follower(cluster).start()  # stays connected throughout: the reference
-    first = Follower(cluster, topics=["jobs", "tasks"]).start()
+    since = _newest_index(cluster)  # both from one index: neither may see what the other did not
+    whole = Follower(cluster, index=since).start()  # stays connected throughout: the reference
+    first = Follower(cluster, topics=["jobs", "tasks"], index=since).start()
     with cluster.client() as client:
         one = client.submit(JobSpec(name="one", command=["true"], count=3))
         first.wait_for(_finished(one, 3))

@@ -34,7 +34,7 @@ from shoal.calls import Calls, segment  # noqa: E402
 from shoal.clientfile import ClientConfig, load_client_config  # noqa: E402
 from shoal.errors import ShoalError  # noqa: E402
 from shoal.masters import FAILOVER, MASTERS_PATH, PATIENCE, Masters, Patience, Unreachable  # noqa: E402
-from shoal.model import TASK_RECORD, Caller, JobSpec, Migration, Role, TaskRecord  # noqa: E402
+from shoal.model import TASK_RECORD, Caller, JobSpec, JobState, Migration, Role, TaskRecord  # noqa: E402
 from shoal.node_identity import NodeRemoved  # noqa: E402
 from shoal.service_watch import (  # noqa: E402
     ENDPOINTS,
@@ -133,8 +133,13 @@ class Client:
         body = spec.model_dump(mode="json") if isinstance(spec, JobSpec) else spec
         return Submitted.model_validate(self._call("POST", "/v1/jobs", json=body)).id
 
-    def jobs(self) -> list[JobView]:
-        return _JOBS.validate_python(self._call("GET", "/v1/jobs"))
+    def jobs(
+        self, state: JobState | None = None, owner: str | None = None, queue: str | None = None
+    ) -> list[JobView]:
+        """The newest thousand jobs the token may see; of a state, an owner, a queue if asked."""
+        asked = {"state": state.value if state else None, "owner": owner, "queue": queue}
+        params = {name: value for name, value in asked.items() if value is not None}
+        return _JOBS.validate_python(self._call("GET", "/v1/jobs", params=params))
 
     def job(self, job_id: int, offset: int = 0, limit: int = 1000) -> JobView:
         """The job with tasks `offset` to `offset + limit` (the counts cover them all)."""

@@ -119,7 +119,7 @@ class Strategy(str, enum.Enum):
     LEAST_LOADED = "least-loaded"  # the node with the lowest live CPU utilization
 
 
-_QUEUE_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
+QUEUE_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
 
 # A Unix user name as POSIX has it (the portable filename characters, no leading hyphen),
 # starting with a letter or underscore as useradd requires, at most 32 characters.
@@ -157,7 +157,7 @@ class JobSpec(BaseModel):
         le=365 * 86_400,
         description="seconds a task may run; lets it backfill ahead of a reservation",
     )
-    queue: str = Field("default", pattern=_QUEUE_NAME)
+    queue: str = Field("default", pattern=QUEUE_NAME)
     priority: int = Field(0, ge=0, le=1000, description="higher runs first and may preempt lower")
     preemptible: bool = True
     strategy: Strategy | None = Field(None, description="default: the cluster's")

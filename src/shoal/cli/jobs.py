@@ -23,7 +23,7 @@ from shoal.cli.render import (
     print_json,
 )
 from shoal.client import Client
-from shoal.model import JobSpec, Resources, RestartPolicy, Strategy, TaskState
+from shoal.model import JobSpec, JobState, Resources, RestartPolicy, Strategy, TaskState
 from shoal.views import JobView
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
@@ -153,10 +153,16 @@ def submit(
 
 
 @friendly
-def jobs(as_json: JsonOpt = False) -> None:
-    """List jobs (a user sees their own; admins and readers see all)."""
+def jobs(
+    state: Annotated[JobState | None, typer.Option(help="only jobs in this state")] = None,
+    owner: Annotated[str | None, typer.Option(help="only this owner's jobs")] = None,
+    queue: Annotated[str | None, typer.Option(help="only this queue's jobs")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the newest jobs, a thousand at most (a user sees their own; admins and readers
+    see all)."""
     with Client.from_config() as client:
-        views = client.jobs()
+        views = client.jobs(state, owner, queue)
     print_json(views) if as_json else out.print(jobs_table(views))
 
 

@@ -32,9 +32,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shoal.errors import Forbidden, NotFound, ShoalError
 from shoal.master.deps import CallerDep, MasterDep, caller_in
-from shoal.master.listings import listings_of
+from shoal.master.listings import JobQuery, listings_of
 from shoal.master.server import Master
-from shoal.model import Caller, Role
+from shoal.model import QUEUE_NAME, Caller, JobState, Role
 from shoal.views import JobView
 
 TASKS_SHOWN = 1000  # tasks in a job's view unless asked for another page
@@ -67,11 +67,19 @@ async def list_jobs(
     caller: CallerDep,
     offset: Annotated[int, Query(ge=0, le=OFFSET_MAX, description="jobs skipped, newest first")] = 0,
     limit: Annotated[int, Query(ge=1, le=JOBS_LIMIT_MAX, description="jobs shown")] = JOBS_SHOWN,
+    state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
+    owner: Annotated[str | None, Query(max_length=64, description="only this owner's jobs")] = None,
+    queue: Annotated[str | None, Query(pattern=QUEUE_NAME, description="only this queue's jobs")] = None,
 ) -> Response:
-    """The jobs the caller may see, newest first."""
+    """The jobs the caller may see, newest first: of an owner, in a state, in a queue, when
+    asked. A user sees their own jobs alone."""
+    if caller.role is Role.USER:  # Caller.may_see
+        if owner not in (None, caller.name):
+            raise Forbidden(f"a user lists their own jobs alone: ask for owner={caller.name}, or none")
+        owner = caller.name
     ledger = master.state.ledger
-    owner = caller.name if caller.role is Role.USER else None  # users see their own (Caller.may_see)
-    return Response(listings_of(ledger).page(ledger, owner, offset, limit), media_type=_JSON)
+    query = JobQuery(owner, state, queue)
+    return Response(listings_of(ledger).page(ledger, query, offset, limit), media_type=_JSON)
 
 
 async def view_job(

@@ -1,6 +1,10 @@
 """What `GET /v1/jobs` reads instead of every job: each owner's jobs, newest first, and
 each job's summary as JSON. Pure.
 
+A listing asked of jobs in one state or one queue (`JobQuery`) reads the jobs, or the
+owner's, newest first, until its page is full: a job's state comes from its tasks' and is
+never kept, so such a page may read every job the master keeps (bounded by retention).
+
 `Owners` lets a user's page skip everyone else's jobs. It follows a ledger's jobs (a dict
 in id order, as jobs are added) from what the dict holds, never told of a change. Jobs only
 come with ids above every id before them, so the new ones are those at the end of the dict
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from shoal.master.ledger import Ledger
-from shoal.model import JobRecord, TaskRecord
+from shoal.model import JobRecord, JobState, TaskRecord, job_state
 from shoal.views import JobView, tally
 
 SLACK = 1000  # ids gone the index may hold beyond the jobs' own number before it is made afresh
@@ -86,16 +90,29 @@ class Summaries:
         return data
 
 
+@dataclass(frozen=True, slots=True)
+class JobQuery:
+    """Which jobs a listing holds: an owner's, in a state, in a queue (None: any)."""
+
+    owner: str | None = None
+    state: JobState | None = None
+    queue: str | None = None
+
+
 @dataclass(slots=True)
 class Listings:
     owners: Owners = field(default_factory=Owners)
     summaries: Summaries = field(default_factory=Summaries)
 
-    def page(self, ledger: Ledger, owner: str | None, offset: int, limit: int) -> bytes:
+    def page(self, ledger: Ledger, query: JobQuery, offset: int, limit: int) -> bytes:
         """A page of `GET /v1/jobs` as its JSON array: `limit` jobs from `offset`, newest
-        first, of `owner`'s jobs (None: of all)."""
+        first, of those `query` holds."""
         jobs = ledger.jobs
-        seen = reversed(jobs.values()) if owner is None else self.owners.newest(jobs, owner)
+        seen = reversed(jobs.values()) if query.owner is None else self.owners.newest(jobs, query.owner)
+        if (queue := query.queue) is not None:
+            seen = (job for job in seen if job.spec.queue == queue)
+        if (state := query.state) is not None:
+            seen = (job for job in seen if job_state(job, ledger.tasks_of(job.id)) is state)
         shown = islice(seen, offset, offset + limit)
         encoded = self.summaries.encoded
         return b"[" + b",".join(encoded(jobs, job, ledger.tasks_of(job.id)) for job in shown) + b"]"

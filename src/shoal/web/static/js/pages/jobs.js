@@ -1,8 +1,8 @@
 // Jobs, newest first, a page of 100 at a time (GET /v1/jobs?limit&offset). The stream says
 // which jobs changed: a row shown is fetched again alone (its summary), a new job brings
 // the first page again; never more than a few calls a second, however busy the cluster.
-// Filters are applied here, to the jobs listed a thousand at a time, newest first, until
-// the page is full: the API pages but does not filter.
+// The API filters by state, owner and queue; a name or id asked for is looked for here, in
+// the jobs listed a thousand at a time, newest first, until the page is full.
 import { get, post } from "../api.js";
 import { $, armable, badge, coalesce, confirmed, esc, rendered, report, toast, when } from "../dom.js";
 import { follow } from "../stream.js";
@@ -13,6 +13,7 @@ const ALONE = 20; // rows fetched one by one at most; past that, the page again
 const STATES = ["pending", "running", "complete", "failed", "killed"];
 const TASK_STATES = ["pending", "assigned", "running", "finished", "failed", "killed", "lost", "preempted", "migrated"];
 const FILTERS = ["q", "state", "owner", "queue"];
+const ASKED = ["state", "owner", "queue"]; // of FILTERS, those GET /v1/jobs applies
 
 export const ended = (state) => ["complete", "failed", "killed"].includes(state);
 
@@ -39,13 +40,9 @@ function cells(job, me) {
   );
 }
 
-function matcher(filters) {
-  const q = (filters.q ?? "").toLowerCase();
-  return (job) =>
-    (!q || job.name.toLowerCase().includes(q) || String(job.id) === q) &&
-    (!filters.state || job.state === filters.state) &&
-    (!filters.owner || job.owner === filters.owner) &&
-    (!filters.queue || job.spec.queue === filters.queue);
+function matcher(q) {
+  const lower = q.toLowerCase();
+  return (job) => job.name.toLowerCase().includes(lower) || String(job.id) === q;
 }
 
 export async function mount(main, { me, query, signal }) {
@@ -78,15 +75,16 @@ export async function mount(main, { me, query, signal }) {
 
   const filtering = () => FILTERS.some((f) => filters[f]);
   const fetchPage = async () => {
-    if (!filtering()) {
-      const jobs = await get(`/v1/jobs?limit=${PAGE + 1}&offset=${page * PAGE}`, { signal });
+    const asked = ASKED.filter((f) => filters[f]).map((f) => `&${f}=${encodeURIComponent(filters[f])}`).join("");
+    if (!filters.q) {
+      const jobs = await get(`/v1/jobs?limit=${PAGE + 1}&offset=${page * PAGE}${asked}`, { signal });
       return [jobs.slice(0, PAGE), jobs.length > PAGE, ""];
     }
-    const match = matcher(filters);
+    const match = matcher(filters.q);
     const found = [];
     let offset = 0;
     for (;;) {
-      const jobs = await get(`/v1/jobs?limit=${SCAN}&offset=${offset}`, { signal });
+      const jobs = await get(`/v1/jobs?limit=${SCAN}&offset=${offset}${asked}`, { signal });
       offset += jobs.length;
       found.push(...jobs.filter(match));
       if (jobs.length < SCAN || found.length > (page + 1) * PAGE) break;
@@ -157,7 +155,6 @@ export async function mount(main, { me, query, signal }) {
     topics: ["jobs", "tasks"],
     signal,
     onReset: () => ((stale = true), sync()),
-    onState: (state) => ($("#live").dataset.state = state),
     onEvents: (events) => {
       for (const { job, type } of events) {
         if (filtering()) stale = true; // a job may come to match, or no more
