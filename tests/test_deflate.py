@@ -4,6 +4,7 @@ a whole, and carries the Adler-32 of it all; Accept-Encoding is read as RFC 9110
 from __future__ import annotations
 
 import asyncio
+import random
 import zlib
 from collections.abc import AsyncIterator
 
@@ -18,6 +19,13 @@ chunks = st.lists(st.binary(max_size=4096) | st.sampled_from([b"", b"id: 1\n\n" 
 
 @given(st.binary(max_size=2048), st.binary(max_size=2048))
 def test_two_adler32s_combine_into_that_of_the_bytes_joined(first: bytes, second: bytes) -> None:
+    combined = adler32_combine(zlib.adler32(first), zlib.adler32(second), len(second))
+    assert combined == zlib.adler32(first + second)
+
+
+@pytest.mark.parametrize("size", [65_520, 65_521, 65_522, 200_000, 1 << 20])
+def test_adler32s_combine_past_the_modulus_of_the_second_length(size: int) -> None:
+    first, second = random.Random(size).randbytes(100), random.Random(-size).randbytes(size)
     combined = adler32_combine(zlib.adler32(first), zlib.adler32(second), len(second))
     assert combined == zlib.adler32(first + second)
 
@@ -75,9 +83,11 @@ def test_a_piece_refers_to_nothing_before_it_and_one_made_again_is_the_same() ->
         ("deflate;q=0.5, *;q=0", True),
         ("deflate;q=oops", False),
         (" , ;q=1, deflate ; q = 0.8 ", True),
+        ("identity, deflate;q=0.1", False),  # identity named, and weighed more
+        ("deflate, identity;q=0.5", True),
     ],
 )
-def test_accept_encoding_lets_deflate_in_when_named_or_starred_with_a_weight_above_zero(
+def test_accept_encoding_lets_deflate_in_when_named_or_starred_and_weighed_no_less_than_identity(
     header: str, taken: bool
 ) -> None:
     assert accepts_deflate(header) is taken

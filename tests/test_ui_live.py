@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shoal.config import MasterSettings
 from shoal.model import JobSpec, JobState, Role, TaskState
 from shoal.testing.live import LiveCluster, live_cluster, wait_for
 
@@ -223,6 +224,8 @@ def test_the_jobs_page_lists_the_state_owner_and_queue_asked(page: Page, cluster
                 query,
             )
         page.shot("sifted")
+        page.open("#/jobs?queue=Nope")  # no queue could be named so: the page says why, no error
+        page.until(lambda d: "queue" in page.text("#empty") and not page.text("#rows"), "the reason shown")
     finally:
         with cluster.client() as c:
             c.kill(waiting)
@@ -366,20 +369,23 @@ def test_queues_say_what_each_holds_and_what_waits(cluster: LiveCluster) -> None
     assert theirs["running"] == 1 and theirs["users"] == []  # the totals, but not who holds them
 
 
+MOST = MasterSettings.model_fields["streams_per_caller"].default  # the cluster's: not set otherwise
+
+
 def test_a_refused_stream_says_why_on_the_page_and_goes_live_once_it_may(
     page: Page, cluster: LiveCluster
 ) -> None:
     token = _token(cluster, "ui-crowded", Role.USER)
     with httpx.Client(timeout=WAIT, limits=httpx.Limits(max_connections=None)) as http:
         held = []
-        for _ in range(64):  # the master's streams_per_caller: the page's own is one too many
+        for _ in range(MOST):  # the page's own is one too many
             request = http.build_request(
                 "GET", f"{cluster.url}/v1/stream", headers={"Authorization": f"Bearer {token}"}
             )
             held.append(http.send(request, stream=True))
         assert all(r.status_code == 200 for r in held)
         page.log_in(token)
-        page.until(lambda d: "ui-crowded holds 64 streams" in page.text("#live-why"), "the refusal's reason")
+        page.until(lambda d: f"ui-crowded holds {MOST} streams" in page.text("#live-why"), "the reason")
         assert "trying again" in page.text("#live-why")
         assert page.driver.execute_script("return document.getElementById('live').dataset.state") == "lost"
         page.shot("refused")

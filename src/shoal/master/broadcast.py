@@ -69,9 +69,10 @@ class Broadcast:
         # (index, newest index, filter) -> the chunk. Emptied at each wake, when the newest
         # index moves on.
         self._made: dict[tuple[int, int, Filter], _Chunk] = {}
-        # The same chunks compressed, for the streams that take them so (shoal.master.deflate):
-        # frames -> their piece, emptied at each wake as well.
-        self._pieces: dict[bytes, Piece] = {}
+        # The frames of those chunks compressed, for the streams that take them so
+        # (shoal.master.deflate): frames -> their piece (None until a stream asks), emptied at
+        # each wake as well.
+        self._pieces: dict[bytes, Piece | None] = {}
 
     def changed(self, changes: Persist, ledger: Ledger) -> None:
         def owner_of(job_id: int) -> str | None:
@@ -130,14 +131,16 @@ class Broadcast:
             )
             if len(self._made) < SHARED:  # a catch-up from far back is its own, not kept
                 self._made[key] = made
+                self._pieces.setdefault(made.frames, None)
         return made
 
     def piece_of(self, frames: bytes) -> Piece:
-        """`frames` compressed: once for every stream that is sent them between two wakes."""
-        if (piece := self._pieces.get(frames)) is None:
-            piece = squeeze(frames)
-            if len(self._pieces) < SHARED:
-                self._pieces[frames] = piece
+        """`frames` compressed: once for every stream they are sent to between two wakes, when
+        they are a chunk kept for sharing; afresh otherwise (a catch-up, a keep-alive)."""
+        if frames not in self._pieces:
+            return squeeze(frames)
+        if (piece := self._pieces[frames]) is None:
+            piece = self._pieces[frames] = squeeze(frames)
         return piece
 
     def close(self) -> None:

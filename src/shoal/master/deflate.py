@@ -53,9 +53,9 @@ async def deflating(chunks: AsyncIterator[bytes], piece_of: Callable[[bytes], Pi
     """`chunks` as one zlib stream, each chunk a piece `piece_of` gives (made once for the
     readers that share it). The stream's end is written only when `chunks` ends: a reader
     gone mid-way is sent nothing more."""
-    yield HEADER
-    adler = 1  # of no bytes
     async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+        yield HEADER
+        adler = 1  # of no bytes
         async for chunk in chunks:
             piece = piece_of(chunk)
             adler = adler32_combine(adler, piece.adler, piece.size)
@@ -64,8 +64,9 @@ async def deflating(chunks: AsyncIterator[bytes], piece_of: Callable[[bytes], Pi
 
 
 def accepts_deflate(accept_encoding: str) -> bool:
-    """Whether an Accept-Encoding header (RFC 9110) lets `deflate` in: named, or `*`, with a
-    weight above zero (a coding it names outweighs `*`)."""
+    """Whether an Accept-Encoding header (RFC 9110, its lines joined with commas) lets
+    `deflate` in: named, or `*`, with a weight above zero (a coding it names outweighs `*`),
+    and no lower than `identity`'s when that is named."""
     weights: dict[str, float] = {}
     for item in accept_encoding.split(","):
         coding, *params = (part.strip() for part in item.split(";"))
@@ -79,4 +80,5 @@ def accepts_deflate(accept_encoding: str) -> bool:
                     weight = 0.0  # a weight it cannot read: not taken as a yes
         if coding:
             weights[coding.lower()] = weight
-    return weights.get("deflate", weights.get("*", 0.0)) > 0
+    deflate = weights.get("deflate", weights.get("*", 0.0))
+    return deflate > 0 and deflate >= weights.get("identity", 0.0)

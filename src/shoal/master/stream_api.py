@@ -85,8 +85,13 @@ async def stream(
         user=caller.name if caller.role is Role.USER else None,
     )
     frames = while_token_holds(request, broadcast.follow(cursor, which, caller.name))
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Vary": "Accept-Encoding"}
-    if accepts_deflate(request.headers.get("accept-encoding", "")):
+    # no-transform: a proxy must not compress it again, nor hold it back to.
+    headers = {
+        "Cache-Control": "no-cache, no-transform",
+        "X-Accel-Buffering": "no",
+        "Vary": "Accept-Encoding",
+    }
+    if accepts_deflate(",".join(request.headers.getlist("accept-encoding"))):
         frames = deflating(frames, broadcast.piece_of)
         headers["Content-Encoding"] = "deflate"
     return StreamingResponse(frames, media_type="text/event-stream", headers=headers)

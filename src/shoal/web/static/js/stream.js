@@ -111,7 +111,11 @@ export function follow({ topics = [], job = null, node = null, signal, onEvents,
         await read(response);
         lost = null;
       } catch (error) {
-        if (signal.aborted || error.status === 401 || error.status === 403) break;
+        if (signal.aborted) break;
+        if (error.status === 401 || error.status === 403) {
+          showState("lost", error.message); // not tried again: the token no longer may
+          break;
+        }
         failures += 1;
         lost = error;
       }

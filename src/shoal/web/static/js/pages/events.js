@@ -88,7 +88,7 @@ export async function mount(main, { me, query, signal }) {
       job: job === null ? null : Number(job),
       signal: mine.signal,
       onReset: listMoves,
-        onEvents: (events) => {
+      onEvents: (events) => {
         events.filter((e) => e.topic === "migrations").forEach(onMove);
         if ($("#paused").checked) return;
         const shown = events.filter((e) => topics.includes(e.topic)).slice(-FEED);

@@ -65,6 +65,12 @@ export async function mount(main, { me, query, signal }) {
     </table>
     <p id="empty" class="muted" hidden>No jobs.</p>`;
   const form = $("#filters");
+  if (me.role === "user") {
+    // The API lists a user's own jobs alone: no other owner to ask for.
+    filters.owner = "";
+    form.elements.owner.disabled = true;
+    form.elements.owner.placeholder = me.name;
+  }
   for (const f of FILTERS) form.elements[f].value = filters[f];
   const body = $("#rows");
   const rows = new Map(); // job id -> row
@@ -91,12 +97,13 @@ export async function mount(main, { me, query, signal }) {
     }
     return [found.slice(page * PAGE, (page + 1) * PAGE), found.length > (page + 1) * PAGE, ` of ${offset} jobs looked at`];
   };
-  const draw = (jobs, scanned) => {
+  const draw = (jobs, scanned, why = "No jobs.") => {
     body.innerHTML = jobs.map((j) => `<tr data-job="${j.id}">${cells(j, me)}</tr>`).join("");
     rows.clear();
     [...body.rows].forEach((row, i) => rows.set(jobs[i].id, row));
     newest = page === 0 ? (jobs[0]?.id ?? 0) : Infinity; // new jobs show on the first page only
     $("#empty").hidden = jobs.length > 0;
+    $("#empty").textContent = why;
     $("#where").textContent = jobs.length ? `${page * PAGE + 1}–${page * PAGE + jobs.length}${scanned}` : "";
     $("#newer").disabled = page === 0;
     $("#older").disabled = !more;
@@ -104,7 +111,15 @@ export async function mount(main, { me, query, signal }) {
   const list = async () => {
     stale = false;
     dirty.clear();
-    const [jobs, hasMore, scanned] = await fetchPage();
+    let found;
+    try {
+      found = await fetchPage();
+    } catch (error) {
+      if (error.status !== 422) throw error;
+      more = false; // a filter the API refuses (a queue no queue could be named): it says why
+      return draw([], "", `No jobs: ${error.message}.`);
+    }
+    const [jobs, hasMore, scanned] = found;
     more = hasMore;
     draw(jobs, scanned);
   };
