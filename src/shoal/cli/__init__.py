@@ -41,7 +41,11 @@ COMMANDS: dict[str, Entry] = {
         "jobs", "run", "Run a command on the cluster as if it were local: output back, exit code kept."
     ),
     "submit": Entry("jobs", "submit", "Submit a job described in a file."),
-    "jobs": Entry("jobs", "jobs", "List jobs (a user sees their own; admins and readers see all)."),
+    "jobs": Entry(
+        "jobs",
+        "jobs",
+        "List the newest jobs, a thousand at most (a user sees their own; admins and readers see all).",
+    ),
     "job": Entry("jobs", "job", "Show one job and its tasks, with why pending tasks wait."),
     "logs": Entry("jobs", "logs", "Print a task's output."),
     "kill": Entry("jobs", "kill", "Kill every task of a job (SIGTERM, then SIGKILL after its grace)."),
