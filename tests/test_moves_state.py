@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from shoal.checks import TASK_CHECK, CheckResult, CheckStatus
 from shoal.core.rebalance import RebalancePolicy
-from shoal.master.events import Drain, FromAgent, RebalanceNow, Reply, Send, Submit, Tick
+from shoal.master.events import Drain, FromAgent, Persist, RebalanceNow, Reply, Send, Submit, Tick
 from shoal.master.moves import Rebalancing
 from shoal.master.state import MasterState
 from shoal.model import JobSpec, RunUsage, TaskRecord, TaskState, Usage
@@ -170,6 +170,20 @@ def test_make_before_break_starts_the_new_copy_and_stops_the_old_only_once_it_se
     assert event.duration == 3 and event.node == copy.node
     # The table holds the task once, on its new node.
     assert h.state.ledger.allocated("n1").cpus == 0 and h.state.ledger.allocated(copy.node).cpus == 1
+
+
+def test_what_a_new_copys_checks_say_is_kept_as_the_tasks_other_changes_are() -> None:
+    """A master that restarts while the new copy starts knows what its checks last said."""
+    h = Harness(policy=RebalancePolicy(cooldown=0))
+    [job] = only_n1(h, SERVICE)
+    task = h.state.ledger.tasks_of(job)[0]
+    h.request(Drain(7, "n1", True, h.now))
+    copy = task.successor
+    assert copy is not None
+    report = FromAgent(copy.node, RunReports(reports=[_run(task.id, 1, healthy=False)]), h.now)
+    kept = [t for c in h.state.handle(report) if isinstance(c, Persist) for t in c.tasks if t.id == task.id]
+    assert kept and kept[-1].successor is not None
+    assert kept[-1].successor.checks[TASK_CHECK].status is CheckStatus.CRITICAL
 
 
 def test_a_new_copy_that_never_serves_is_given_up_and_the_task_stays() -> None:

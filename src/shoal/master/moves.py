@@ -9,7 +9,7 @@ through a plan.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -295,7 +295,9 @@ class MoveDesk:
     def successor_report(self, task: TaskRecord, report: RunReport, now: float) -> None:
         copy = task.successor
         assert copy is not None
-        copy.checks = dict(report.checks)
+        if report.checks != copy.checks:  # kept as any change of the task: a restart knows them
+            copy = replace(copy, checks=dict(report.checks))
+            self.ledger.update(task, successor=copy)
         state, why = report.state, report.message
         if state is TaskState.RUNNING and serves(self.ledger.jobs[task.job_id].spec.checks, copy.checks):
             self._take_over(task, now)
