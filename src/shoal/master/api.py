@@ -35,7 +35,7 @@ from shoal.master.deps import (
 from shoal.master.events import Drain, FrameworkCall, KillJob, Principal, RebalanceNow, Submit
 from shoal.master.ha import FollowerGate
 from shoal.master.history_api import router as history_router
-from shoal.master.job_reads import FastReads, list_jobs, view_job, view_of
+from shoal.master.job_reads import FastReads, job_of, list_jobs, view_job, view_of
 from shoal.master.limits import LimitPolicy, Limits
 from shoal.master.metrics import instrument
 from shoal.master.node_access import blob_reader, blob_writer, serve_agent
@@ -191,8 +191,7 @@ def _routes(app: FastAPI, run_as: RunAs) -> None:
 
     @app.post("/v1/jobs/{job_id}/kill", response_model=JobView)
     async def kill(job_id: int, master: MasterDep, caller: Annotated[Caller, Depends(writer)]) -> Response:
-        view = view_of(master, caller, job_id)
-        if not caller.may_change(view.owner):
+        if not caller.may_change(job_of(master, caller, job_id).owner):
             raise Forbidden(f"a {caller.role.value} token cannot kill job {job_id}")
         await master.request(lambda req, now: KillJob(req, job_id, now))
         return Response(view_of(master, caller, job_id).model_dump_json(), media_type="application/json")

@@ -7,13 +7,14 @@ time (`now`); a `request` number ties an awaited event to the `Reply` that answe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from shoal.checks import CheckStatus
 from shoal.errors import ShoalError
 from shoal.framework import protocol as p
-from shoal.model import Caller, JobRecord, JobSpec, Migration, NodeRecord, TaskRecord
+from shoal.model import TASK_RECORD, Caller, JobRecord, JobSpec, Migration, NodeRecord, TaskRecord
 from shoal.services import Endpoint, Registration, RegistrationRecord
 from shoal.wire import Ack, Heartbeat, Kill, Launch, Register, RunReports, Welcome
 
@@ -170,7 +171,7 @@ Event = Request | FromAgent | AgentGone | Tick | StreamClosed | MastersSeen
 # --- commands -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # not slots: it keeps its jobs' and tasks' JSON once made (below)
 class Persist:
     jobs: tuple[JobRecord, ...] = ()
     tasks: tuple[TaskRecord, ...] = ()
@@ -185,6 +186,16 @@ class Persist:
     forgotten_registrations: tuple[str, ...] = ()  # their ids: deregistered or lapsed
     # The next id of each kind, so an id is never given twice, even once its record is pruned.
     counters: tuple[tuple[str, int], ...] = ()
+
+    @cached_property
+    def job_docs(self) -> tuple[str, ...]:
+        """Each of `jobs` as JSON: made once, for the store and the event stream alike."""
+        return tuple(j.model_dump_json() for j in self.jobs)
+
+    @cached_property
+    def task_docs(self) -> tuple[bytes, ...]:
+        """Each of `tasks` as JSON: made once, for the store and the event stream alike."""
+        return tuple(TASK_RECORD.dump_json(t) for t in self.tasks)
 
 
 @dataclass(frozen=True, slots=True)

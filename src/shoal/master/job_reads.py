@@ -34,7 +34,7 @@ from shoal.errors import Forbidden, NotFound, ShoalError
 from shoal.master.deps import CallerDep, MasterDep, caller_in
 from shoal.master.listings import JobQuery, listings_of
 from shoal.master.server import Master
-from shoal.model import QUEUE_NAME, Caller, JobState, Role
+from shoal.model import QUEUE_NAME, Caller, JobRecord, JobState, Role
 from shoal.views import JobView
 
 TASKS_SHOWN = 1000  # tasks in a job's view unless asked for another page
@@ -45,15 +45,21 @@ TASKS_LIMIT_MAX = 100_000
 _JSON = "application/json"
 
 
-def view_of(
-    master: Master, caller: Caller, job_id: int, offset: int = 0, limit: int = TASKS_SHOWN
-) -> JobView:
-    """Job `job_id` with a page of its tasks, as `caller` may see it."""
+def job_of(master: Master, caller: Caller, job_id: int) -> JobRecord:
+    """Job `job_id`, if `caller` may see it."""
     job = master.state.ledger.jobs.get(job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
     if not caller.may_see(job.owner):
         raise Forbidden(f"job {job_id} belongs to another user")
+    return job
+
+
+def view_of(
+    master: Master, caller: Caller, job_id: int, offset: int = 0, limit: int = TASKS_SHOWN
+) -> JobView:
+    """Job `job_id` with a page of its tasks, as `caller` may see it."""
+    job = job_of(master, caller, job_id)
     return JobView.detail(
         job,
         master.state.ledger.tasks_of(job_id),

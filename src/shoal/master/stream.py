@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from shoal.master.events import Persist
-from shoal.model import TASK_RECORD, JobRecord, TaskRecord
+from shoal.model import JobRecord, TaskRecord
 from shoal.sse import TOPICS
 
 PUBLIC = frozenset({"nodes", "services"})  # topics a user sees whole: the cluster's own
@@ -194,15 +194,14 @@ def record_changes(
 ) -> None:
     """The events of one batch of the ledger's changes. `owner_of`: a job's owner (None when
     the job is gone: the event is then for admins and readers)."""
-    for job in changes.jobs:
+    for job, doc in zip(changes.jobs, changes.job_docs, strict=True):
         known.owners[job.id] = job.owner
-        log.append("jobs", "changed", job.model_dump_json().encode(), at, job=job.id, owner=job.owner)
+        log.append("jobs", "changed", doc.encode(), at, job=job.id, owner=job.owner)
     for job_id in changes.forgotten_jobs:  # past retention: gone with its tasks
         owner = known.owners.pop(job_id, None)
         log.append("jobs", "removed", {"id": job_id}, at, job=job_id, owner=owner)
-    for task in changes.tasks:
+    for task, record in zip(changes.tasks, changes.task_docs, strict=True):
         owner = owner_of(task.job_id)
-        record = TASK_RECORD.dump_json(task)
         left = known.left(task)
         log.append("tasks", "changed", record, at, job=task.job_id, node=task.node, left=left, owner=owner)
     for node in changes.nodes:

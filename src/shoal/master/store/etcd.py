@@ -190,8 +190,8 @@ def _upsert(table: dict[Any, Any], key: Any, value: Any) -> None:
 def _entry(changes: Persist) -> dict[str, list[Any]]:
     """A Persist as a log entry: its tables, empty ones left out."""
     tables = {
-        "jobs": [[j.id, j.model_dump_json()] for j in changes.jobs],
-        "tasks": [[t.id, t.job_id, TASK_RECORD.dump_json(t)] for t in changes.tasks],
+        "jobs": [[j.id, doc] for j, doc in zip(changes.jobs, changes.job_docs, strict=True)],
+        "tasks": [[t.id, t.job_id, doc] for t, doc in zip(changes.tasks, changes.task_docs, strict=True)],
         "nodes": [[n.name, n.model_dump_json()] for n in changes.nodes],
         "frameworks": [[f.id, f.model_dump_json()] for f in changes.frameworks],
         "updates": [[s.uuid, framework, s.model_dump_json()] for framework, s in changes.updates],

@@ -142,11 +142,11 @@ class SqliteStore:
         try:
             db.executemany(
                 "INSERT OR REPLACE INTO jobs VALUES (?, ?)",
-                [(j.id, j.model_dump_json()) for j in changes.jobs],
+                zip((j.id for j in changes.jobs), changes.job_docs, strict=True),
             )
             db.executemany(
                 "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?)",
-                [(t.id, t.job_id, TASK_RECORD.dump_json(t)) for t in changes.tasks],
+                [(t.id, t.job_id, doc) for t, doc in zip(changes.tasks, changes.task_docs, strict=True)],
             )
             db.executemany(
                 "INSERT OR REPLACE INTO nodes VALUES (?, ?)",
