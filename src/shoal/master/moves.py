@@ -9,7 +9,7 @@ through a plan.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -296,7 +296,7 @@ class MoveDesk:
         copy = task.successor
         assert copy is not None
         if report.checks != copy.checks:  # kept as any change of the task: a restart knows them
-            copy = replace(copy, checks=dict(report.checks))
+            copy.checks = dict(report.checks)
             self.ledger.update(task, successor=copy)
         state, why = report.state, report.message
         if state is TaskState.RUNNING and serves(self.ledger.jobs[task.job_id].spec.checks, copy.checks):
